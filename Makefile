@@ -1,0 +1,46 @@
+# Two entry points: `make demo` (set up, build the embedded default, run every stage)
+# and `make test` (set up, run the tests). Everything lives in .venv.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+INFL   := $(VENV)/bin/infl
+DEMO   ?= runs/demo
+
+.PHONY: setup demo test bench clean
+.DELETE_ON_ERROR:
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# The CPU wheel first (it lies on the build machine's disk); GPU users keep their own CUDA build.
+	$(PY) -m pip install -q torch==2.13.0 || $(PY) -m pip install -q "torch>=2.4"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+# The embedded default: a tiny GPT-2 trained on the Python docs shipped with CPython (pydoc_data).
+$(DEMO)/model/config.json: | setup
+	$(INFL) make-demo --out $(DEMO)
+
+$(DEMO)/factors.zarr/COMPLETE.json: $(DEMO)/model/config.json
+	$(INFL) fit-factors --config sample_configs/demo.yaml
+
+$(DEMO)/queries.zarr/COMPLETE.json: $(DEMO)/factors.zarr/COMPLETE.json $(DEMO)/queries.jsonl
+	$(INFL) build-query --config sample_configs/demo.yaml
+
+$(DEMO)/scores.zarr/COMPLETE.json: $(DEMO)/queries.zarr/COMPLETE.json $(DEMO)/corpus.jsonl
+	$(INFL) score --config sample_configs/demo.yaml
+
+demo: $(DEMO)/scores.zarr/COMPLETE.json
+	$(INFL) layerwise --config sample_configs/demo.yaml
+	$(INFL) topk --config sample_configs/demo.yaml
+
+test: setup
+	$(PY) -m pytest
+
+bench: setup
+	$(PY) benchmarks/bench_stages.py
+
+clean:
+	rm -rf runs

@@ -1,0 +1,3 @@
+from infl.cli import app
+
+app(prog_name="infl")

@@ -1,0 +1,292 @@
+"""The `infl` command line: parse, validate, call one stage, map errors to exit codes.
+
+Exit codes: 0 done or up to date; 1 bad input or a mismatch between artifacts; 2 usage (Typer);
+75 the artifact is locked by another run. torch is imported only inside commands, so `--help`
+stays fast.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Callable, Optional
+
+import typer
+import yaml
+
+from infl.console import err, log, set_quiet
+from infl.errors import InflError
+
+app = typer.Typer(
+    name="infl",
+    help="Trace a language model's outputs back to the training sequences that influenced them "
+    "(influence functions with EK-FAC).",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+    rich_markup_mode="markdown",
+)
+
+
+def _load_config(ctx: typer.Context, path: Optional[Path]) -> Optional[Path]:
+    """Fill the command's defaults from the YAML section named after it: CLI flags still win."""
+    if path is None:
+        return None
+    try:
+        document = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise typer.BadParameter(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(document, dict):
+        raise typer.BadParameter(f"{path} must hold a mapping of command sections")
+    section = document.get(ctx.info_name) or {}
+    section = {str(k).replace("-", "_"): v for k, v in section.items()}
+    known = {p.name for p in ctx.command.params}
+    unknown = sorted(set(section) - known)
+    if unknown:
+        raise typer.BadParameter(f"unknown keys in section {ctx.info_name!r}: {unknown}")
+    ctx.default_map = {**(ctx.default_map or {}), **section}
+    return path
+
+
+ConfigOpt = Annotated[
+    Optional[Path],
+    typer.Option("--config", "-c", is_eager=True, callback=_load_config, exists=True, dir_okay=False,
+                 help="YAML file with one section per command; flags given on the command line win."),
+]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Only errors on stderr.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Recompute even if the output is up to date or was made from other inputs.")]
+DeviceOpt = Annotated[str, typer.Option(help="cpu or cuda[:N].")]
+BatchOpt = Annotated[int, typer.Option(help="Sequences per forward/backward pass (memory, not results).")]
+CorpusOpt = Annotated[
+    Optional[list[Path]], typer.Option("--corpus", help="Training corpus: .jsonl (id, text) or .txt files; repeatable.")
+]
+MoreCorpusArg = Annotated[Optional[list[Path]], typer.Argument(help="More corpus files (after --corpus).", show_default=False)]
+SplitOpt = Annotated[str, typer.Option(help="For .txt files: 'lines' (one sequence per line) or 'windows' of --max-length tokens.")]
+TextFieldOpt = Annotated[str, typer.Option(help="JSONL field holding the text.")]
+IdFieldOpt = Annotated[str, typer.Option(help="JSONL field holding the id (line number when absent).")]
+
+
+def _need(value, flag: str):
+    if value is None or value == []:
+        raise typer.BadParameter(f"{flag} is required (on the command line or in --config)")
+    return value
+
+
+def _finish(call: Callable[[], object], quiet: bool) -> object:
+    """Run a stage; print its one-line outcome or error; exit with the documented code."""
+    set_quiet(quiet)
+    try:
+        result = call()
+    except InflError as e:
+        err.print(f"[red]error:[/] {e}", highlight=False)
+        if e.hint:
+            err.print(f"[dim]hint: {e.hint}[/]", highlight=False)
+        raise typer.Exit(e.exit_code) from None
+    message = getattr(result, "message", None)
+    if message:
+        log(message)
+    return result
+
+
+@app.command("fit-factors")
+def fit_factors(
+    model: Annotated[Optional[Path], typer.Option(help="Local model directory (save_pretrained).")] = None,
+    corpus: CorpusOpt = None,
+    more_corpus: MoreCorpusArg = None,
+    out: Annotated[Optional[Path], typer.Option(help="Factors artifact to write (.zarr).")] = None,
+    strategy: Annotated[str, typer.Option(help="ekfac | kfac | diagonal | identity.")] = "ekfac",
+    modules: Annotated[str, typer.Option(help="mlp (the paper's choice) | all | a regex over module names.")] = "mlp",
+    damping: Annotated[str, typer.Option(help="auto (= --damping-scale x mean eigenvalue, per module) or an absolute value.")] = "auto",
+    damping_scale: Annotated[float, typer.Option(help="Scale of the automatic damping.")] = 0.1,
+    max_length: Annotated[Optional[int], typer.Option(help="Truncate sequences to N tokens (default: the model's context).")] = None,
+    max_sequences: Annotated[Optional[int], typer.Option(help="Fit on the first N sequences only.")] = None,
+    split: SplitOpt = "lines",
+    text_field: TextFieldOpt = "text",
+    id_field: IdFieldOpt = "id",
+    seed: Annotated[int, typer.Option(help="Seed of the sampled labels (each sequence draws from its own stream).")] = 0,
+    batch_size: BatchOpt = 8,
+    device: DeviceOpt = "cpu",
+    dtype: Annotated[str, typer.Option(help="float32 | bfloat16 (model weights; statistics stay float32/64).")] = "float32",
+    force: ForceOpt = False,
+    quiet: QuietOpt = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Fit EK-FAC curvature factors on a corpus: the expensive step, done once per model.
+
+    Example: `infl fit-factors --model ./my-model --corpus train.jsonl --out runs/factors.zarr`
+    """
+    from infl.config import FitConfig
+    from infl.stages import fit_factors as stage
+
+    def call():
+        cfg = FitConfig(
+            model=_need(model, "--model"), corpus=tuple(_need((corpus or []) + (more_corpus or []), "--corpus")),
+            out=_need(out, "--out"), strategy=strategy, modules=modules, damping=damping, damping_scale=damping_scale,
+            max_length=max_length, max_sequences=max_sequences, split=split, text_field=text_field, id_field=id_field,
+            seed=seed, dtype=dtype, batch_size=batch_size, device=device, force=force,
+        )
+        return stage.run(cfg)
+
+    _finish(call, quiet)
+
+
+@app.command("build-query")
+def build_query(
+    factors: Annotated[Optional[Path], typer.Option(help="Factors artifact from fit-factors.")] = None,
+    queries: Annotated[Optional[Path], typer.Option(help='JSONL with {"id", "prompt", "completion"} per line.')] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Queries artifact to write (.zarr).")] = None,
+    model: Annotated[Optional[Path], typer.Option(help="The factors' model at another path (checked by fingerprint).")] = None,
+    rank: Annotated[str, typer.Option(help="Rank of the stored preconditioned gradients, or 'full'.")] = "32",
+    batch_size: BatchOpt = 8,
+    device: DeviceOpt = "cpu",
+    force: ForceOpt = False,
+    quiet: QuietOpt = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Precondition the gradients of log p(completion | prompt) with the fitted curvature.
+
+    Example: `infl build-query --factors runs/factors.zarr --queries queries.jsonl --out runs/q.zarr`
+    """
+    from infl.config import QueryConfig, parse_rank
+    from infl.stages import build_query as stage
+
+    def call():
+        cfg = QueryConfig(
+            factors=_need(factors, "--factors"), queries=_need(queries, "--queries"), out=_need(out, "--out"),
+            model=model, rank=parse_rank(rank), batch_size=batch_size, device=device, force=force,
+        )
+        return stage.run(cfg)
+
+    _finish(call, quiet)
+
+
+@app.command("score")
+def score(
+    queries: Annotated[Optional[Path], typer.Option(help="Queries artifact from build-query.")] = None,
+    corpus: CorpusOpt = None,
+    more_corpus: MoreCorpusArg = None,
+    out: Annotated[Optional[Path], typer.Option(help="Scores artifact to write (.zarr).")] = None,
+    model: Annotated[Optional[Path], typer.Option(help="The queries' model at another path (checked by fingerprint).")] = None,
+    max_length: Annotated[Optional[int], typer.Option(help="Truncate sequences to N tokens (default: the model's context).")] = None,
+    split: SplitOpt = "lines",
+    text_field: TextFieldOpt = "text",
+    id_field: IdFieldOpt = "id",
+    chunk_size: Annotated[int, typer.Option(help="Training sequences per chunk (unit of work and of resume).")] = 512,
+    batch_size: BatchOpt = 8,
+    device: DeviceOpt = "cpu",
+    force: ForceOpt = False,
+    quiet: QuietOpt = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Score every training sequence against every query (total and per module).
+
+    Example: `infl score --queries runs/q.zarr --corpus train.jsonl --out runs/scores.zarr`
+    """
+    from infl.config import ScoreConfig
+    from infl.stages import score as stage
+
+    def call():
+        cfg = ScoreConfig(
+            queries=_need(queries, "--queries"), corpus=tuple(_need((corpus or []) + (more_corpus or []), "--corpus")),
+            out=_need(out, "--out"), model=model, max_length=max_length, split=split, text_field=text_field,
+            id_field=id_field, chunk_size=chunk_size, batch_size=batch_size, device=device, force=force,
+        )
+        return stage.run(cfg)
+
+    _finish(call, quiet)
+
+
+ScoresOpt = Annotated[Optional[Path], typer.Option(help="Scores artifact from score.")]
+KOpt = Annotated[int, typer.Option("-k", "--k", help="Sequences per query.")]
+QueryOpt = Annotated[Optional[list[str]], typer.Option("--query", help="Only this query id (repeatable).")]
+NegativeOpt = Annotated[bool, typer.Option("--negative", help="The most negative instead of the most positive.")]
+TrainSizeOpt = Annotated[
+    Optional[int], typer.Option(help="Training set size N: show per-copy nats (influence / N) instead of the derivative.")
+]
+
+
+def _unit(train_size: Optional[int]) -> str:
+    return f"nats per copy (N = {train_size})" if train_size else "nats per unit upweight"
+
+
+def _check_format(fmt: str, allowed: tuple[str, ...]) -> str:
+    if fmt not in allowed:
+        raise typer.BadParameter(f"--format must be one of {', '.join(allowed)}, not {fmt!r}")
+    return fmt
+
+
+@app.command("topk")
+def topk(
+    scores: ScoresOpt = None,
+    k: KOpt = 10,
+    query: QueryOpt = None,
+    negative: NegativeOpt = False,
+    train_size: TrainSizeOpt = None,
+    format: Annotated[str, typer.Option("--format", help="table | json | jsonl | markdown.")] = "table",
+    quiet: QuietOpt = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Show, per query, the k training sequences with the largest influence.
+
+    Example: `infl topk --scores runs/scores.zarr -k 5 --format json`
+    """
+    from rich.console import Console
+
+    from infl.config import TopkConfig
+    from infl.report import TOPK_FORMATS, render_topk
+    from infl.stages import topk as stage
+
+    fmt = _check_format(format, TOPK_FORMATS)
+
+    def call():
+        hits = stage.run(TopkConfig(_need(scores, "--scores"), k, tuple(query or ()), negative, train_size))
+        render_topk(hits, fmt, _unit(train_size), Console(soft_wrap=fmt != "table"))
+
+    _finish(call, quiet)
+
+
+@app.command("layerwise")
+def layerwise(
+    scores: ScoresOpt = None,
+    k: KOpt = 10,
+    query: QueryOpt = None,
+    negative: NegativeOpt = False,
+    train_size: TrainSizeOpt = None,
+    format: Annotated[str, typer.Option("--format", help="table | csv | json.")] = "table",
+    quiet: QuietOpt = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Split the influence of each query's top-k sequences across layers (rows) and sequences (columns).
+
+    Example: `infl layerwise --scores runs/scores.zarr --query q1 -k 5`
+    """
+    from rich.console import Console
+
+    from infl.config import LayerwiseConfig
+    from infl.report import LAYERWISE_FORMATS, render_layerwise
+    from infl.stages import layerwise as stage
+
+    fmt = _check_format(format, LAYERWISE_FORMATS)
+
+    def call():
+        tables = stage.run(LayerwiseConfig(_need(scores, "--scores"), k, tuple(query or ()), negative, train_size))
+        render_layerwise(tables, fmt, _unit(train_size), Console())
+
+    _finish(call, quiet)
+
+
+@app.command("make-demo")
+def make_demo(
+    out: Annotated[Path, typer.Option(help="Directory for the model, corpus.jsonl and queries.jsonl.")] = Path("runs/demo"),
+    size: Annotated[str, typer.Option(help="default | test (smaller, for the test suite).")] = "default",
+    seed: Annotated[int, typer.Option(help="Training seed.")] = 0,
+    quiet: QuietOpt = False,
+) -> None:
+    """Build the embedded default: a tiny GPT-2 trained on the Python docs that ship with CPython.
+
+    Example: `infl make-demo --out runs/demo` (cached: a second run returns at once)
+    """
+    from infl.demo import build_demo
+
+    if size not in ("default", "test"):
+        raise typer.BadParameter(f"--size must be default or test, not {size!r}")
+    _finish(lambda: build_demo(out, size=size, seed=seed), quiet)
+    log(f"embedded default ready in {out}")

@@ -1,0 +1,155 @@
+"""Resolved configuration of each stage: frozen dataclasses validated on construction.
+
+Fields marked `semantic=False` cannot change results (batch size, device, --force) and are left
+out of artifact fingerprints; everything else is stored in the artifact it produces.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from infl.errors import BadInput
+
+__all__ = ["FitConfig", "QueryConfig", "ScoreConfig", "TopkConfig", "LayerwiseConfig", "parse_damping", "parse_rank"]
+
+STRATEGIES = ("ekfac", "kfac", "diagonal", "identity")
+
+
+def _runtime(default):
+    return field(default=default, metadata={"semantic": False})
+
+
+def parse_damping(value: str | float) -> str | float:
+    """'auto' (0.1 x mean eigenvalue per module, scaled by --damping-scale) or an absolute value >= 0."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    try:
+        number = float(value)
+    except ValueError:
+        raise BadInput(f"--damping must be 'auto' or a number, not {value!r}") from None
+    if not number >= 0:
+        raise BadInput(f"--damping must be >= 0, not {number}")
+    return number
+
+
+def parse_rank(value: str | int) -> int | None:
+    """A positive rank, or None for 'full'."""
+    if isinstance(value, str) and value.strip().lower() == "full":
+        return None
+    try:
+        rank = int(value)
+    except ValueError:
+        raise BadInput(f"--rank must be a positive integer or 'full', not {value!r}") from None
+    if rank < 1:
+        raise BadInput(f"--rank must be >= 1, not {rank}")
+    return rank
+
+
+def _check_device(device: str) -> None:
+    if not (device == "cpu" or device.startswith("cuda")):
+        raise BadInput(f"--device must be cpu or cuda[:N], not {device!r}")
+
+
+@dataclass(frozen=True)
+class _Run:
+    """Options every computing stage shares."""
+
+    batch_size: int = _runtime(8)
+    device: str = _runtime("cpu")
+    force: bool = _runtime(False)
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise BadInput(f"--batch-size must be >= 1, not {self.batch_size}")
+        _check_device(self.device)
+
+
+@dataclass(frozen=True)
+class FitConfig(_Run):
+    model: Path = Path()
+    corpus: tuple[Path, ...] = ()
+    out: Path = Path()
+    strategy: str = "ekfac"
+    modules: str = "mlp"
+    damping: str | float = "auto"
+    damping_scale: float = 0.1
+    max_length: int | None = None  # None: the model's context length
+    max_sequences: int | None = None  # fit on the first N sequences of the corpus
+    split: str = "lines"
+    text_field: str = "text"
+    id_field: str = "id"
+    seed: int = 0
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.strategy not in STRATEGIES:
+            raise BadInput(f"--strategy must be one of {', '.join(STRATEGIES)}, not {self.strategy!r}")
+        if not self.corpus:
+            raise BadInput("--corpus names no file")
+        if self.damping_scale <= 0:
+            raise BadInput(f"--damping-scale must be > 0, not {self.damping_scale}")
+        if self.max_length is not None and self.max_length < 2:
+            raise BadInput(f"--max-length must be >= 2, not {self.max_length}")
+        if self.max_sequences is not None and self.max_sequences < 1:
+            raise BadInput(f"--max-sequences must be >= 1, not {self.max_sequences}")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise BadInput(f"--dtype must be float32 or bfloat16, not {self.dtype!r}")
+        object.__setattr__(self, "damping", parse_damping(self.damping))
+
+
+@dataclass(frozen=True)
+class QueryConfig(_Run):
+    factors: Path = Path()
+    queries: Path = Path()
+    out: Path = Path()
+    model: Path | None = field(default=None, metadata={"semantic": False})  # checked by fingerprint
+    rank: int | None = 32  # None: full matrices
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.rank is not None and self.rank < 1:
+            raise BadInput(f"--rank must be >= 1, not {self.rank}")
+
+
+@dataclass(frozen=True)
+class ScoreConfig(_Run):
+    queries: Path = Path()
+    corpus: tuple[Path, ...] = ()
+    out: Path = Path()
+    model: Path | None = field(default=None, metadata={"semantic": False})  # checked by fingerprint
+    max_length: int | None = None
+    split: str = "lines"
+    text_field: str = "text"
+    id_field: str = "id"
+    chunk_size: int = 512  # training sequences per chunk: the unit of work and of resume
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.corpus:
+            raise BadInput("--corpus names no file")
+        if self.chunk_size < 1:
+            raise BadInput(f"--chunk-size must be >= 1, not {self.chunk_size}")
+        if self.max_length is not None and self.max_length < 2:
+            raise BadInput(f"--max-length must be >= 2, not {self.max_length}")
+
+
+@dataclass(frozen=True)
+class TopkConfig:
+    scores: Path
+    k: int = 10
+    query: tuple[str, ...] = ()
+    negative: bool = False
+    train_size: int | None = None  # report per-copy nats: influence / N
+
+    def __post_init__(self) -> None:
+        if self.k < 1:
+            raise BadInput(f"-k must be >= 1, not {self.k}")
+        if self.train_size is not None and self.train_size < 1:
+            raise BadInput(f"--train-size must be >= 1, not {self.train_size}")
+
+
+@dataclass(frozen=True)
+class LayerwiseConfig(TopkConfig):
+    pass

@@ -1,0 +1,256 @@
+"""Corpus and query readers, tokenisation, truncation and batching.
+
+A corpus is one or more shards: JSONL (one record per line, `id` and `text` fields, names
+configurable) or plain text (one sequence per line, or the whole file cut into windows of
+`max_length` tokens). Every record keeps a locator (shard, start, end) so reports can show its
+text later without copying the corpus into the scores artifact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from infl.errors import BadInput
+
+__all__ = [
+    "Shard",
+    "Corpus",
+    "Queries",
+    "read_corpus",
+    "read_queries",
+    "read_text",
+    "collate",
+    "shard_format",
+    "file_sha256",
+]
+
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One corpus file as provenance: where it is, what it held, how it was read."""
+
+    path: str
+    size: int
+    sha256: str
+    format: str  # jsonl | lines | windows
+    n_records: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Corpus:
+    shards: list[Shard]
+    ids: list[str]
+    tokens: list[list[int]]
+    locators: np.ndarray  # [N, 3] int64: shard index, start, end (bytes; characters for windows)
+    n_truncated: int = 0
+    text_field: str = "text"
+
+
+@dataclass
+class Queries:
+    ids: list[str]
+    prompts: list[str]
+    completions: list[str]
+    tokens: list[list[int]]
+    n_prompt: list[int] = field(default_factory=list)  # tokens before the completion starts
+
+
+def shard_format(path: Path, split: str) -> str:
+    if path.suffix in (".jsonl", ".json"):
+        return "jsonl"
+    if split not in ("lines", "windows"):
+        raise BadInput(f"--split must be 'lines' or 'windows', not {split!r}")
+    return split
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(_read_bytes(path)).hexdigest()
+
+
+def _read_bytes(path: Path) -> bytes:
+    if not path.is_file():
+        raise BadInput(f"{path}: no such file")
+    return path.read_bytes()
+
+
+def _lines(data: bytes):
+    """(line number from 1, start byte, end byte, line bytes) for every line of a file."""
+    start = 0
+    for number, line in enumerate(data.splitlines(keepends=True), 1):
+        yield number, start, start + len(line), line
+        start += len(line)
+
+
+def _json_record(path: Path, number: int, line: bytes) -> dict:
+    try:
+        record = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BadInput(f"{path}:{number}: malformed JSON ({e.msg if hasattr(e, 'msg') else e})") from e
+    if not isinstance(record, dict):
+        raise BadInput(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+    return record
+
+
+def _field(path: Path, number: int, record: dict, name: str) -> str:
+    if name not in record:
+        raise BadInput(f"{path}:{number}: no {name!r} field", hint="set the field name with --text-field/--id-field")
+    value = record[name]
+    if not isinstance(value, str):
+        raise BadInput(f"{path}:{number}: field {name!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+def read_corpus(
+    paths: list[Path],
+    tokenizer,
+    max_length: int,
+    split: str = "lines",
+    text_field: str = "text",
+    id_field: str = "id",
+) -> Corpus:
+    """Read, tokenise and truncate every shard; ids must be unique across shards."""
+    shards: list[Shard] = []
+    ids: list[str] = []
+    tokens: list[list[int] | None] = []  # None until the texts are tokenised in one batch below
+    texts: dict[int, str] = {}  # record position -> text
+    locators: list[tuple[int, int, int]] = []
+    for index, path in enumerate(paths):
+        path = Path(path)
+        data = _read_bytes(path)
+        fmt = shard_format(path, split)
+        before = len(ids)
+        if fmt == "jsonl":
+            for number, start, end, line in _lines(data):
+                if not line.strip():
+                    continue
+                record = _json_record(path, number, line)
+                raw_id = record.get(id_field)
+                ids.append(str(raw_id) if raw_id is not None else f"{path.name}:{number}")
+                texts[len(tokens)] = _field(path, number, record, text_field)
+                tokens.append(None)
+                locators.append((index, start, end))
+        elif fmt == "lines":
+            for number, start, end, line in _lines(data):
+                text = _decode(path, line).rstrip("\r\n")
+                if text.strip():
+                    ids.append(f"{path.name}:{number}")
+                    texts[len(tokens)] = text
+                    tokens.append(None)
+                    locators.append((index, start, end))
+        else:
+            text = _decode(path, data)
+            encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+            token_ids, offsets = encoding["input_ids"], encoding["offset_mapping"]
+            for w, lo in enumerate(range(0, len(token_ids), max_length)):
+                hi = min(lo + max_length, len(token_ids))
+                ids.append(f"{path.name}:w{w}")
+                tokens.append(token_ids[lo:hi])
+                locators.append((index, offsets[lo][0], offsets[hi - 1][1]))
+        shards.append(
+            Shard(str(path.resolve()), len(data), hashlib.sha256(data).hexdigest(), fmt, len(ids) - before)
+        )
+    if not ids:
+        raise BadInput(f"the corpus {', '.join(map(str, paths))} holds no sequence")
+    seen: set[str] = set()
+    for sequence_id in ids:
+        if sequence_id in seen:
+            raise BadInput(f"training sequence id {sequence_id!r} appears twice in the corpus")
+        seen.add(sequence_id)
+    if texts:
+        encoded = tokenizer(list(texts.values()), add_special_tokens=True)["input_ids"]
+        for position, token_ids in zip(texts, encoded):
+            tokens[position] = token_ids
+    n_truncated = sum(len(t) > max_length for t in tokens)
+    tokens = [t[:max_length] for t in tokens]
+    return Corpus(shards, ids, tokens, np.asarray(locators, dtype=np.int64).reshape(-1, 3), n_truncated, text_field)
+
+
+def _decode(path: Path, data: bytes) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BadInput(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
+
+
+def read_text(shard: Shard, start: int, end: int, text_field: str = "text") -> str:
+    """The text of one record, read back through its locator."""
+    path = Path(shard.path)
+    if not path.is_file():
+        return f"<{path} is gone>"
+    if shard.format == "windows":
+        return path.read_text(encoding="utf-8")[start:end]
+    with path.open("rb") as f:
+        f.seek(start)
+        line = f.read(end - start)
+    if shard.format == "jsonl":
+        try:
+            return json.loads(line)[text_field]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            return f"<{path} changed since it was scored>"
+    return line.decode("utf-8", errors="replace").rstrip("\r\n")
+
+
+def read_queries(path: Path, tokenizer, max_length: int) -> Queries:
+    """`{"id", "prompt", "completion"}` per line. The text is tokenised as a whole and the
+    completion is every token that ends after the prompt's last character."""
+    data = _read_bytes(path)
+    queries = Queries([], [], [], [], [])
+    for number, _, _, line in _lines(data):
+        if not line.strip():
+            continue
+        record = _json_record(path, number, line)
+        prompt = _field(path, number, record, "prompt")
+        completion = _field(path, number, record, "completion")
+        query_id = str(record.get("id", f"{path.name}:{number}"))
+        if not completion:
+            raise BadInput(f"{path}:{number}: query {query_id!r} has an empty completion")
+        encoding = tokenizer(prompt + completion, add_special_tokens=True, return_offsets_mapping=True)
+        token_ids = encoding["input_ids"]
+        ends = [end for _, end in encoding["offset_mapping"]]
+        n_prompt = next((i for i, end in enumerate(ends) if end > len(prompt)), len(token_ids))
+        if n_prompt >= len(token_ids):
+            raise BadInput(f"{path}:{number}: query {query_id!r}: the completion adds no token")
+        if n_prompt == 0:
+            raise BadInput(f"{path}:{number}: query {query_id!r} needs a non-empty prompt")
+        if len(token_ids) > max_length:
+            raise BadInput(
+                f"{path}:{number}: query {query_id!r} has {len(token_ids)} tokens, more than the context of {max_length}"
+            )
+        if query_id in queries.ids:
+            raise BadInput(f"{path}:{number}: query id {query_id!r} appears twice")
+        queries.ids.append(query_id)
+        queries.prompts.append(prompt)
+        queries.completions.append(completion)
+        queries.tokens.append(token_ids)
+        queries.n_prompt.append(n_prompt)
+    if not queries.ids:
+        raise BadInput(f"{path} holds no query")
+    return queries
+
+
+def collate(token_lists: list[list[int]], pad_id: int, device: str | torch.device = "cpu", n_ignore: list[int] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Right-padded input_ids [B, T], attention_mask [B, T], labels [B, T] (-100 on padding and on
+    the first `n_ignore[b]` tokens of sequence b)."""
+    T = max(len(t) for t in token_lists)
+    input_ids = torch.full((len(token_lists), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(token_lists), T), dtype=torch.long)
+    for b, t in enumerate(token_lists):
+        input_ids[b, : len(t)] = torch.tensor(t, dtype=torch.long)
+        mask[b, : len(t)] = 1
+    labels = input_ids.masked_fill(mask == 0, IGNORE)
+    if n_ignore is not None:
+        for b, n in enumerate(n_ignore):
+            labels[b, :n] = IGNORE
+    return input_ids.to(device), mask.to(device), labels.to(device)

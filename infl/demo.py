@@ -1,0 +1,199 @@
+"""The embedded default: a tiny GPT-2 trained on CPython's bundled documentation, plus queries.
+
+Everything comes from the standard library (`pydoc_data.topics`) and is trained here, so the demo
+needs no download. `build_demo` caches its output: a second call with the same recipe is free.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import re
+import time
+from pathlib import Path
+
+import torch
+from pydoc_data.topics import topics
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+from transformers.utils import logging as hf_logging
+
+from infl.console import log, progress
+
+__all__ = ["build_demo", "passages", "SIZES"]
+
+EOT = "<|endoftext|>"
+SIZES: dict[str, dict] = {
+    "default": {"vocab": 4096, "n_embd": 128, "n_layer": 4, "n_head": 4, "epochs": 8, "n_verbatim": 4, "n_written": 4},
+    "test": {"vocab": 1024, "n_embd": 64, "n_layer": 2, "n_head": 2, "epochs": 12, "n_verbatim": 3, "n_written": 2},
+}
+TRAIN = {"max_len": 128, "batch": 16, "lr": 3e-3, "weight_decay": 0.01, "warmup": 0.05, "clip": 1.0}
+N_TEST_PASSAGES = 250
+# Hand-written queries whose answers the docs state in other words (no single source passage).
+WRITTEN = [
+    ("The while statement is used for", " repeated execution as long as an expression is true."),
+    ("A lambda expression creates", " a small anonymous function."),
+    ("A dictionary maps hashable keys to", " arbitrary values."),
+    ("The break statement", " terminates the nearest enclosing loop and skips its else clause."),
+]
+
+_RULE = re.compile(r"^\s*([*=\-~^+#])\1{2,}\s*$")  # heading underlines
+_BOUNDARY = re.compile(r"(?<=[.!?:;])\s+|\s+(?=>>> )")  # sentence ends and doctest prompts
+_MAX_COST, _MIN_CHARS = 400, 40
+
+
+def _cost(text: str) -> int:
+    # Punctuation-dense text (code, doctests) takes about three times the BPE tokens per char.
+    return len(text) + 2 * sum(not c.isalnum() and not c.isspace() for c in text)
+
+
+def _split(text: str) -> list[str]:
+    """Paragraphs, whitespace collapsed, cut at sentence boundaries into pieces of bounded cost."""
+    out: list[str] = []
+    for para in re.split(r"\n\s*\n", text):
+        lines = [line for line in para.splitlines() if not _RULE.match(line)]
+        if any(line.lstrip().startswith(("+-", "+=")) for line in lines):
+            continue  # ASCII tables collapse into noise
+        para = " ".join(" ".join(lines).split())
+        if len(para) < _MIN_CHARS:
+            continue
+        sentences: list[str] = []
+        for sentence in _BOUNDARY.split(para):
+            words: list[str] = []
+            for word in sentence.split(" "):  # an over-long sentence is cut between words
+                if words and _cost(" ".join([*words, word])) > _MAX_COST:
+                    sentences.append(" ".join(words))
+                    words = []
+                words.append(word)
+            sentences.append(" ".join(words))
+        piece = ""
+        for sentence in sentences:
+            if piece and _cost(piece) + 1 + _cost(sentence) > _MAX_COST:
+                out.append(piece)
+                piece = sentence
+            else:
+                piece = f"{piece} {sentence}" if piece else sentence
+        if len(piece) >= _MIN_CHARS:
+            out.append(piece)
+    return out
+
+
+def passages(size: str = "default") -> list[tuple[str, str]]:
+    """(id, text) training passages in a fixed order; "test" keeps every k-th, about 250."""
+    every = [(f"{topic}/{k}", text) for topic in topics for k, text in enumerate(_split(topics[topic]))]
+    if size == "test":
+        return every[:: max(1, len(every) // N_TEST_PASSAGES)][:N_TEST_PASSAGES]
+    return every
+
+
+def _tokenizer(texts: list[str], vocab: int) -> PreTrainedTokenizerFast:
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab, special_tokens=[EOT], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    bpe.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=EOT, bos_token=EOT, pad_token=EOT, unk_token=EOT)
+
+
+def _train(model: GPT2LMHeadModel, seqs: list[list[int]], pad: int, epochs: int, seed: int) -> float:
+    """AdamW with warmup and cosine decay over shuffled right-padded batches; returns the last epoch's mean loss."""
+    per_epoch = math.ceil(len(seqs) / TRAIN["batch"])
+    steps, warmup = epochs * per_epoch, max(1, int(TRAIN["warmup"] * epochs * per_epoch))
+    opt = torch.optim.AdamW(model.parameters(), lr=TRAIN["lr"], weight_decay=TRAIN["weight_decay"])
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / (steps - warmup)))
+    )
+    order = torch.Generator().manual_seed(seed)  # its own generator: the shuffle does not depend on init
+    model.train()
+    with progress() as bar:
+        task = bar.add_task("training the demo model", total=steps)
+        for _ in range(epochs):
+            losses = []
+            for idx in torch.randperm(len(seqs), generator=order).split(TRAIN["batch"]):
+                batch = [seqs[i] for i in idx.tolist()]
+                width = max(map(len, batch))
+                ids = torch.tensor([s + [pad] * (width - len(s)) for s in batch])
+                mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in batch])
+                loss = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), TRAIN["clip"])
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+                losses.append(loss.item())
+                bar.update(task, advance=1, description=f"training the demo model (loss {loss.item():.3f})")
+    model.eval()
+    return sum(losses) / len(losses)
+
+
+def _queries(corpus: list[tuple[str, str]], tokenizer, spec: dict, seed: int) -> list[dict]:
+    """Half verbatim (prompt = first half of a passage's words), half hand-written paraphrases."""
+    fits = [
+        (pid, text) for pid, text in corpus
+        if len(text.split(" ")) >= 16 and len(tokenizer(text)["input_ids"]) <= TRAIN["max_len"]
+    ]
+    queries = []
+    for pid, text in random.Random(seed).sample(fits, spec["n_verbatim"]):
+        words = text.split(" ")  # whitespace is collapsed, so prompt + completion == text
+        half = len(words) // 2
+        queries.append({"prompt": " ".join(words[:half]), "completion": " " + " ".join(words[half:]), "source_id": pid})
+    queries += [{"prompt": p, "completion": c, "source_id": None} for p, c in WRITTEN[: spec["n_written"]]]
+    return [{"id": f"q{i}", **q} for i, q in enumerate(queries)]
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+
+
+def build_demo(out: Path, size: str = "default", seed: int = 0) -> Path:
+    """Build (once) and cache the embedded default under `out`; returns `out`."""
+    if size not in SIZES:
+        raise ValueError(f"unknown demo size {size!r}; expected one of {sorted(SIZES)}")
+    out = Path(out)
+    spec, corpus = SIZES[size], passages(size)
+    # The docs differ between Python releases, so the corpus itself is part of the recipe.
+    digest = hashlib.sha256(json.dumps(corpus).encode()).hexdigest()
+    recipe = {"size": size, "seed": seed, "hyperparameters": {**spec, **TRAIN}, "corpus_sha256": digest}
+    meta = out / "DEMO.json"
+    files = [out / "model" / "config.json", out / "model" / "tokenizer.json", out / "corpus.jsonl", out / "queries.jsonl"]
+    if meta.exists() and all(f.exists() for f in files):
+        cached = json.loads(meta.read_text())
+        if {k: cached.get(k) for k in recipe} == recipe:
+            log(f"demo ({size}) already built in {out}")
+            return out
+    meta.unlink(missing_ok=True)  # DEMO.json marks a finished build
+    out.mkdir(parents=True, exist_ok=True)
+    log(f"building the {size} demo in {out}: {len(corpus)} passages of the Python docs")
+
+    start = time.perf_counter()
+    tokenizer = _tokenizer([text for _, text in corpus], spec["vocab"])
+    eot = tokenizer.convert_tokens_to_ids(EOT)
+    seqs = [ids[: TRAIN["max_len"]] for ids in tokenizer([text for _, text in corpus])["input_ids"]]
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        vocab_size=len(tokenizer), n_positions=TRAIN["max_len"], n_embd=spec["n_embd"], n_layer=spec["n_layer"],
+        n_head=spec["n_head"], bos_token_id=eot, eos_token_id=eot, pad_token_id=eot,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,  # the demo should memorise its corpus, not regularise
+    )
+    model = GPT2LMHeadModel(config)
+    model.loss_type = "ForCausalLM"  # the class name matches no loss type, which only warns
+    loss = _train(model, seqs, eot, spec["epochs"], seed)
+    seconds = time.perf_counter() - start
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a tqdm bar for one shard is noise next to ours
+    try:
+        model.save_pretrained(out / "model")
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+    tokenizer.save_pretrained(out / "model")
+    _write_jsonl(out / "corpus.jsonl", [{"id": pid, "text": text} for pid, text in corpus])
+    _write_jsonl(out / "queries.jsonl", _queries(corpus, tokenizer, spec, seed))
+    meta.write_text(json.dumps({**recipe, "final_loss": round(loss, 4), "train_seconds": round(seconds, 1)}, indent=2) + "\n")
+    log(f"demo ({size}) built in {seconds:.0f}s: vocab {len(tokenizer)}, final training loss {loss:.3f}")
+    return out

@@ -1,0 +1,92 @@
+"""Losses, measurements and gradients of tracked modules; query preconditioning and compression.
+
+Training loss of a sequence:  L(z) = -sum_t log p(x_t | x_<t)   (summed, not averaged, over tokens)
+Measurement of a query:       f = log p(completion | prompt)     (completion tokens only)
+Labels follow the Hugging Face layout: labels[b, t] is the target predicted from logits[b, t - 1];
+-100 marks positions that do not count.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from infl.capture import Tap
+
+__all__ = [
+    "IGNORE",
+    "sequence_loss",
+    "sample_labels",
+    "sequence_grads",
+    "low_rank",
+    "capture_batch",
+]
+
+IGNORE = -100
+
+
+def sequence_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Summed next-token cross entropy per sequence. logits: [B, T, V], labels: [B, T] -> [B]."""
+    logits = logits[:, :-1].float()
+    targets = labels[:, 1:]
+    token_loss = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE, reduction="none"
+    )
+    return token_loss.view(targets.shape).sum(1)
+
+
+def sample_labels(logits: Tensor, labels: Tensor, seeds: list[int]) -> Tensor:
+    """Pseudo-labels drawn from the model's own predictive distribution (Gauss-Newton, not empirical
+    Fisher), at the positions where `labels` counts. Each sequence draws from its own generator
+    seeded by `seeds[b]`, so batching, order and resumption cannot change what it draws.
+    """
+    probs = torch.softmax(logits[:, :-1].detach().float(), dim=-1)  # [B, T-1, V]
+    sampled = torch.full_like(labels, IGNORE)
+    for b, seed in enumerate(seeds):
+        keep = labels[b, 1:] != IGNORE
+        if not keep.any():
+            continue
+        generator = torch.Generator(device=logits.device).manual_seed(seed)
+        draws = torch.multinomial(probs[b][keep], 1, generator=generator).squeeze(1)
+        sampled[b, 1:][keep] = draws
+    return sampled
+
+
+def sequence_grads(a: Tensor, s: Tensor) -> Tensor:
+    """Per-sequence weight gradient DW_b = sum_t s_bt a_bt^T. a: [B, T, I], s: [B, T, O] -> [B, O, I]."""
+    return s.transpose(1, 2) @ a
+
+
+def low_rank(P: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor, float]:
+    """Truncated SVD P ~ U diag(sigma) V^T. P: [O, I] -> U [O, R], sigma [R], V [I, R], and the
+    fraction of P's Frobenius norm the rank keeps."""
+    U, sigma, Vh = torch.linalg.svd(P.to(torch.float64), full_matrices=False)
+    total = float(sigma.square().sum())
+    r = min(rank, sigma.numel())
+    kept = (float(sigma[:r].square().sum()) / total) ** 0.5 if total > 0 else 1.0
+    return U[:, :r].to(P.dtype), sigma[:r].to(P.dtype), Vh[:r].T.to(P.dtype), kept
+
+
+def capture_batch(
+    model,
+    tapped: Tap,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    labels: Tensor,
+    seeds: list[int] | None = None,
+) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
+    """One forward and one backward pass: per-sequence losses [B] and, per tracked module,
+    a: [B, T, I] (zero on padding) and s = dL/dy: [B, T, O].
+
+    With `seeds`, the loss uses labels sampled from the model (pseudo-gradients for the curvature);
+    otherwise it uses `labels` (data labels for training gradients, completion labels for queries).
+    """
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    if seeds is not None:
+        labels = sample_labels(logits, labels, seeds)
+    loss = sequence_loss(logits, labels)  # [B]
+    s = tapped.output_grads(loss.sum())
+    keep = attention_mask[..., None].float()
+    a = {name: x * keep for name, x in tapped.inputs.items()}
+    return loss.detach(), a, s

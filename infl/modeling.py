@@ -1,0 +1,181 @@
+"""Load a causal LM and its tokenizer from a local directory, find the modules to track,
+fingerprint model and tokenizer files. Nothing here downloads."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from infl.capture import ModuleSpec
+from infl.errors import BadInput, UnsupportedModel
+
+__all__ = [
+    "load_model",
+    "load_tokenizer",
+    "tracked_modules",
+    "module_specs",
+    "prepare_for_capture",
+    "context_length",
+    "model_fingerprint",
+    "tokenizer_fingerprint",
+]
+
+_MLP_CHILDREN = ("mlp", "feed_forward", "ffn")
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "vocab.txt",
+)
+
+
+def _check_model_dir(path: Path) -> None:
+    if not path.is_dir():
+        raise BadInput(f"{path} is not a local model directory", hint="pass a directory made by save_pretrained")
+    if not (path / "config.json").is_file():
+        raise BadInput(f"{path} has no config.json: not a Hugging Face model directory")
+
+
+def load_model(path: Path, device: str = "cpu", dtype: str = "float32") -> nn.Module:
+    """The model in eval mode, on `device`, in `dtype` (float32 or bfloat16); offline only."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    _check_model_dir(path)
+    transformers.utils.logging.disable_progress_bar()  # our own progress bars only
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise BadInput(f"cannot load a causal LM from {path}: {str(e).splitlines()[0]}") from e
+    return model.to(device).eval()
+
+
+def load_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    _check_model_dir(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise BadInput(f"cannot load a tokenizer from {path}: {str(e).splitlines()[0]}") from e
+    return tokenizer
+
+
+def context_length(model: nn.Module) -> int:
+    config = model.config.get_text_config()
+    for key in ("max_position_embeddings", "n_positions", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    raise UnsupportedModel("the model config states no context length (max_position_embeddings)")
+
+
+def _is_linear(module: nn.Module) -> bool:
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, (nn.Linear, Conv1D))
+
+
+def _spec(name: str, module: nn.Module) -> ModuleSpec:
+    from transformers.pytorch_utils import Conv1D
+
+    if isinstance(module, Conv1D):
+        d_in, d_out, transposed = module.weight.shape[0], module.weight.shape[1], True
+    else:
+        d_out, d_in, transposed = module.out_features, module.in_features, False
+        if tuple(module.weight.shape) != (d_out, d_in):  # packed (e.g. 4-bit) weights
+            raise UnsupportedModel(f"{name}: weight of shape {tuple(module.weight.shape)} is not a plain linear layer")
+    return ModuleSpec(name=name, d_in=d_in, d_out=d_out, bias=module.bias is not None, transposed=transposed)
+
+
+def _decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    n_layers = model.config.get_text_config().num_hidden_layers
+    found = [(p, m) for p, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) == n_layers]
+    if not found:
+        raise UnsupportedModel("no list of decoder blocks found", hint="pass --modules REGEX")
+    return min(found, key=lambda pm: pm[0].count("."))  # the outermost list
+
+
+def _mlp_names(model: nn.Module) -> list[str]:
+    prefix, blocks = _decoder_blocks(model)
+    names = []
+    for i, block in enumerate(blocks):
+        children = dict(block.named_children())
+        key = next((k for k in _MLP_CHILDREN if k in children), None)
+        scope, base = (children[key], f"{prefix}.{i}.{key}") if key else (block, f"{prefix}.{i}")
+        for sub, module in scope.named_modules():
+            if key is None and not re.fullmatch(r"fc\d", sub):
+                continue  # OPT keeps fc1/fc2 directly on the block
+            if sub and _is_linear(module):
+                names.append(f"{base}.{sub}")
+            elif any(p.dim() == 3 for p in module.parameters(recurse=False)):
+                raise UnsupportedModel(f"{base}.{sub}: fused expert weights are not linear layers")
+    return names
+
+
+def tracked_modules(model: nn.Module, selection: str = "mlp") -> list[ModuleSpec]:
+    """`mlp` (the paper's choice), `all` (every linear layer except the output head) or a regex
+    matched against full module names."""
+    if selection == "mlp":
+        names = _mlp_names(model)
+    else:
+        head = model.get_output_embeddings()
+        linears = [(n, m) for n, m in model.named_modules() if _is_linear(m) and m is not head]
+        if selection == "all":
+            names = [n for n, _ in linears]
+        else:
+            try:
+                pattern = re.compile(selection)
+            except re.error as e:
+                raise BadInput(f"--modules {selection!r} is not a valid regex: {e}") from e
+            names = [n for n, _ in linears if pattern.search(n)]
+    if not names:
+        raise UnsupportedModel(f"--modules {selection!r} selects no linear layer of this model")
+    return module_specs(model, names)
+
+
+def module_specs(model: nn.Module, names: list[str]) -> list[ModuleSpec]:
+    """Specs of named linear modules (as recorded in an artifact)."""
+    try:
+        return [_spec(n, model.get_submodule(n)) for n in names]
+    except AttributeError as e:
+        raise UnsupportedModel(f"the model has no module the artifact tracks: {e}") from e
+
+
+def prepare_for_capture(model: nn.Module, specs: list[ModuleSpec]) -> None:
+    """Only the tracked weights require grad: autograd then reaches every tracked output and
+    computes nothing for the frozen rest (no parameter .grad is ever filled: see capture.Tap)."""
+    tracked = {spec.name for spec in specs}
+    for name, module in model.named_modules():
+        for param in module.parameters(recurse=False):
+            param.requires_grad_(name in tracked)
+
+
+def _hash_files(paths: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(paths):
+        digest.update(path.name.encode() + b"\0")
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def model_fingerprint(path: Path) -> str:
+    """sha256 over config.json and the weight files."""
+    _check_model_dir(path)
+    files = [path / "config.json"] + [p for p in path.iterdir() if p.suffix in _WEIGHT_SUFFIXES and p.is_file()]
+    return _hash_files(files)
+
+
+def tokenizer_fingerprint(path: Path) -> str:
+    return _hash_files([path / name for name in _TOKENIZER_FILES if (path / name).is_file()])

@@ -1,0 +1,110 @@
+"""Selection and presentation of results: top-k, rich tables, JSON / JSONL / Markdown / CSV."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from typing import TYPE_CHECKING
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from infl.errors import BadInput
+
+if TYPE_CHECKING:
+    from infl.stages.layerwise import LayerTable
+    from infl.stages.topk import Hit
+
+__all__ = ["select", "query_rows", "render_topk", "render_layerwise", "TOPK_FORMATS", "LAYERWISE_FORMATS"]
+
+TOPK_FORMATS = ("table", "json", "jsonl", "markdown")
+LAYERWISE_FORMATS = ("table", "csv", "json")
+_PREVIEW = 240  # characters of text shown per sequence in a table
+
+
+def select(row: np.ndarray, k: int, negative: bool) -> np.ndarray:
+    """Indices of the k largest (or, with `negative`, smallest) finite scores, best first."""
+    values = -row if negative else row
+    values = np.where(np.isfinite(values), values, -np.inf)
+    k = min(k, len(values))
+    top = np.argpartition(-values, k - 1)[:k]
+    return top[np.lexsort((top, -values[top]))]
+
+
+def query_rows(group, wanted: tuple[str, ...]) -> list[tuple[int, str]]:
+    """(row, id) of the requested queries of a scores artifact (all when none are named)."""
+    ids = [str(x) for x in group["query_ids"][...]]
+    if not wanted:
+        return list(enumerate(ids))
+    for q in wanted:
+        if q not in ids:
+            raise BadInput(f"no query {q!r} in the scores (it has: {', '.join(ids[:8])}{' ...' if len(ids) > 8 else ''})")
+    return [(ids.index(q), q) for q in wanted]
+
+
+def _preview(text: str) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= _PREVIEW else text[: _PREVIEW - 1] + "…"
+
+
+def render_topk(hits: list[Hit], fmt: str, unit: str, console: Console) -> None:
+    """Print hits to stdout (`console`) in `fmt`."""
+    rows = [{"query_id": h.query_id, "rank": h.rank, "train_id": h.train_id, "score": h.score, "text": h.text} for h in hits]
+    if fmt == "json":
+        print(json.dumps(rows, ensure_ascii=False, indent=1))
+    elif fmt == "jsonl":
+        for row in rows:
+            print(json.dumps(row, ensure_ascii=False))
+    elif fmt == "markdown":
+        for query_id in dict.fromkeys(h.query_id for h in hits):
+            print(f"### {query_id}\n\n| rank | train id | influence ({unit}) | text |\n|---:|---|---:|---|")
+            for h in (h for h in hits if h.query_id == query_id):
+                text = _preview(h.text).replace("|", "\\|")
+                print(f"| {h.rank} | {h.train_id} | {h.score:.4g} | {text} |")
+            print()
+    else:
+        for query_id in dict.fromkeys(h.query_id for h in hits):
+            table = Table(title=f"query {query_id}", caption=f"influence in {unit}", show_lines=False)
+            table.add_column("rank", justify="right")
+            table.add_column("train id", overflow="fold")
+            table.add_column("influence", justify="right")
+            table.add_column("text", overflow="fold", ratio=1)
+            for h in (h for h in hits if h.query_id == query_id):
+                table.add_row(str(h.rank), h.train_id, f"{h.score:.4g}", _preview(h.text))
+            console.print(table)
+
+
+def render_layerwise(tables: list[LayerTable], fmt: str, unit: str, console: Console) -> None:
+    if fmt == "json":
+        print(json.dumps([
+            {"query_id": t.query_id, "layers": t.layers, "train_ids": t.train_ids, "totals": t.totals,
+             "values": t.values.tolist(), "unit": unit}
+            for t in tables
+        ], indent=1))
+    elif fmt == "csv":
+        out = io.StringIO()
+        writer = csv.writer(out)
+        writer.writerow(["query_id", "layer", "train_id", "rank", "influence"])
+        for t in tables:
+            for i, layer in enumerate(t.layers):
+                for j, train_id in enumerate(t.train_ids):
+                    writer.writerow([t.query_id, layer, train_id, j + 1, f"{t.values[i, j]:.6g}"])
+        print(out.getvalue(), end="")
+    else:
+        for t in tables:
+            table = Table(title=f"query {t.query_id}: influence by layer ({unit})")
+            table.add_column("layer")
+            for j, train_id in enumerate(t.train_ids):
+                table.add_column(f"#{j + 1} {train_id}", justify="right", overflow="fold")
+            scale = float(np.abs(t.values).max()) or 1.0
+            for i, layer in enumerate(t.layers):
+                cells = []
+                for v in t.values[i]:
+                    strength = min(1.0, abs(v) / scale)
+                    colour = "red" if v > 0 else "blue"
+                    cells.append(f"[{colour}]{v:.3g}[/]" if strength > 0.5 else f"{v:.3g}")
+                table.add_row(layer, *cells)
+            table.add_row("[bold]total[/]", *(f"[bold]{v:.3g}[/]" for v in t.totals))
+            console.print(table)

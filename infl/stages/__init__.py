@@ -1,0 +1,56 @@
+"""Stages: each wires data + model + math + store into one cached artifact (or one report)."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+__all__ = ["Outcome", "semantic_fields", "sequence_seed", "batches_by_length", "model_dir_for"]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a stage did, for the CLI to print and map to an exit code (always 0)."""
+
+    message: str
+    up_to_date: bool = False
+
+
+def semantic_fields(cfg) -> dict:
+    """The config fields that can change results (the others, like batch size, are marked)."""
+    return {
+        f.name: (str(v) if isinstance(v, Path) else [str(x) for x in v] if isinstance(v, tuple) else v)
+        for f in fields(cfg)
+        if f.metadata.get("semantic", True)
+        for v in [getattr(cfg, f.name)]
+    }
+
+
+def sequence_seed(seed: int, sequence_id: str) -> int:
+    """A sequence's own sampling seed, from its id: independent of order, batching and resume."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{sequence_id}".encode()).digest()[:8], "little") >> 1
+
+
+def batches_by_length(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Index batches of similar lengths (less padding); deterministic for given lengths."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def model_dir_for(override: Path | None, provenance: dict) -> Path:
+    """The model an upstream artifact was made with (or `override`, the same model elsewhere),
+    after checking that its files still have the recorded fingerprints."""
+    from infl.errors import IncompatibleArtifact
+    from infl.modeling import model_fingerprint, tokenizer_fingerprint
+
+    path = Path(provenance["model"]) if override is None else override
+    found = model_fingerprint(path)
+    if found != provenance["model_fingerprint"]:
+        raise IncompatibleArtifact(
+            f"model {path} (fingerprint {found[:12]}) is not the model these artifacts were made with "
+            f"(fingerprint {provenance['model_fingerprint'][:12]}, from {provenance['model']})"
+        )
+    if tokenizer_fingerprint(path) != provenance["tokenizer_fingerprint"]:
+        raise IncompatibleArtifact(f"the tokenizer in {path} is not the one these artifacts were made with")
+    return path

@@ -1,0 +1,179 @@
+"""The only module that touches Zarr: artifact creation, provenance, completion, chunked arrays.
+
+Every artifact is a Zarr v3 group whose root attributes hold kind, schema, infl version, creation
+time, the resolved config, provenance and a fingerprint of all of it. `COMPLETE.json`, written
+last and atomically, marks a finished artifact (and is the file a Makefile can depend on).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec
+
+from infl import __version__
+from infl.errors import BadInput, IncompatibleArtifact
+
+__all__ = [
+    "SCHEMA",
+    "fingerprint",
+    "jsonable",
+    "State",
+    "state",
+    "create",
+    "open_group",
+    "open_complete",
+    "mark_complete",
+    "write_array",
+    "create_array",
+    "changed_keys",
+]
+
+SCHEMA = 1
+COMPLETE = "COMPLETE.json"
+_COMPRESSOR = BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
+
+
+def jsonable(obj: Any) -> Any:
+    """A JSON-safe copy (paths to str, tuples to lists); NaN is refused, it is not JSON."""
+    return json.loads(json.dumps(obj, default=str, allow_nan=False))
+
+
+def fingerprint(obj: Any) -> str:
+    """sha256 of the canonical JSON of `obj`."""
+    return hashlib.sha256(json.dumps(jsonable(obj), sort_keys=True).encode()).hexdigest()
+
+
+class State:
+    ABSENT, PARTIAL, COMPLETE = "absent", "partial", "complete"
+
+
+def _read_attrs(path: Path) -> dict | None:
+    meta = path / "zarr.json"
+    if not meta.is_file():
+        return None
+    try:
+        return json.loads(meta.read_text()).get("attributes", {})
+    except json.JSONDecodeError:
+        return None
+
+
+def changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested dicts (what made a fingerprint change)."""
+    keys = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += changed_keys(a, b, f"{prefix}{key}.")
+        elif a != b:
+            keys.append(f"{prefix}{key}")
+    return keys
+
+
+def state(path: Path, kind: str, attrs: dict, force: bool) -> str:
+    """Where the artifact at `path` stands for a run that would write `attrs` (with a fingerprint).
+
+    Same fingerprint and complete: COMPLETE (nothing to do). Same fingerprint, unfinished:
+    PARTIAL (resume). Absent: ABSENT. Anything else is refused unless `force`, in which case the
+    old artifact is removed: a run never silently overwrites an artifact made from other inputs.
+    """
+    if not path.exists():
+        return State.ABSENT
+    old = _read_attrs(path)
+    if old is None or old.get("kind") != kind:
+        if force and old is not None:
+            shutil.rmtree(path)
+            return State.ABSENT
+        what = "a" if old is None else f"a {old.get('kind')!r}"
+        raise BadInput(f"{path} exists and is not {'an' if kind[0] in 'aeiou' else 'a'} {kind} artifact (it is {what} path)",
+                       hint="choose another --out" + ("" if old is None else " or pass --force"))
+    if old.get("fingerprint") == attrs["fingerprint"]:
+        return State.COMPLETE if (path / COMPLETE).is_file() else State.PARTIAL
+    if force:
+        shutil.rmtree(path)
+        return State.ABSENT
+    changed = changed_keys(
+        {"config": old.get("config", {}), "provenance": old.get("provenance", {})},
+        {"config": attrs.get("config", {}), "provenance": attrs.get("provenance", {})},
+    )
+    raise IncompatibleArtifact(
+        f"{path} was made from other inputs (changed: {', '.join(changed[:6]) or 'schema'})",
+        hint="pass --force to recompute it, or choose another --out",
+    )
+
+
+def create(path: Path, kind: str, attrs: dict) -> zarr.Group:
+    """A new, empty artifact with its root attributes."""
+    if path.exists():
+        shutil.rmtree(path)
+    group = zarr.open_group(str(path), mode="w")
+    group.attrs.update(
+        jsonable(
+            {"kind": kind, "schema": SCHEMA, "infl_version": __version__, "created": _now(), **attrs}
+        )
+    )
+    return group
+
+
+def open_group(path: Path, mode: str = "r") -> zarr.Group:
+    return zarr.open_group(str(path), mode=mode, use_consolidated=False)
+
+
+def open_complete(path: Path, kind: str) -> zarr.Group:
+    """A finished artifact of `kind`, read only; a clear error otherwise."""
+    attrs = _read_attrs(path) if path.exists() else None
+    if attrs is None:
+        raise BadInput(f"{path}: no such {kind} artifact")
+    if attrs.get("kind") != kind:
+        raise IncompatibleArtifact(f"{path} is a {attrs.get('kind')!r} artifact, not {kind}")
+    if attrs.get("schema") != SCHEMA:
+        raise IncompatibleArtifact(f"{path} has schema {attrs.get('schema')}, this infl reads schema {SCHEMA}")
+    if not (path / COMPLETE).is_file():
+        raise IncompatibleArtifact(f"{path} is unfinished", hint=f"re-run the command that writes it")
+    return open_group(path)
+
+
+def mark_complete(path: Path, fingerprint_: str) -> None:
+    """Publish COMPLETE.json atomically (temp file, fsync, rename)."""
+    tmp = path / f".{COMPLETE}.tmp"
+    with tmp.open("w") as f:
+        json.dump({"fingerprint": fingerprint_, "finished": _now()}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path / COMPLETE)
+
+
+def create_array(group: zarr.Group, name: str, shape: tuple[int, ...], chunks: tuple[int, ...], dtype, fill_value=None):
+    return group.create_array(
+        name,
+        shape=shape,
+        chunks=chunks,
+        dtype=dtype,
+        fill_value=fill_value,
+        compressors=_COMPRESSOR if np.dtype(dtype).kind == "f" else "auto",
+        config={"write_empty_chunks": True},
+    )
+
+
+def write_array(group: zarr.Group, name: str, data: np.ndarray, chunks: tuple[int, ...] | None = None):
+    """Write a whole array at once (factors, queries: small enough to write in one go)."""
+    data = np.asarray(data)
+    if data.dtype.kind in "UO":
+        data = data.astype(np.dtypes.StringDType())
+        array = group.create_array(name, shape=data.shape, chunks=chunks or data.shape or (1,), dtype=str)
+    else:
+        array = create_array(group, name, data.shape, chunks or tuple(max(1, d) for d in data.shape), data.dtype)
+    array[...] = data
+    return array
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

@@ -1,0 +1,84 @@
+"""Tiny random models of three architectures, a word-level tokenizer, and small corpora, all built
+in-process (nothing downloads)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+SENTENCES = [
+    "the cat sat on the mat",
+    "a dog ran in the park",
+    "the bird sang a song in the tree",
+    "python lists hold items in order",
+    "a dictionary maps keys to values",
+    "the loop runs while the condition is true",
+    "functions return values to the caller",
+    "the sun rose over the quiet hill",
+    "a class defines methods and attributes",
+    "exceptions stop the normal flow of code",
+    "the river flows to the sea",
+    "strings are sequences of characters",
+]
+QUERIES = [
+    {"id": "q-cat", "prompt": "the cat sat", "completion": " on the mat"},
+    {"id": "q-dict", "prompt": "a dictionary maps", "completion": " keys to values"},
+    {"id": "q-loop", "prompt": "the loop runs while", "completion": " the condition is true"},
+]
+
+
+def make_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(SENTENCES, trainers.WordLevelTrainer(special_tokens=["[UNK]", "[PAD]"]))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]")
+
+
+def make_model(arch: str, vocab_size: int, seed: int = 0):
+    from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    if arch == "gpt2":
+        config = GPT2Config(vocab_size=vocab_size, n_positions=32, n_embd=16, n_layer=2, n_head=2)
+        model = GPT2LMHeadModel(config)
+    elif arch == "llama":
+        config = LlamaConfig(vocab_size=vocab_size, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                             num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)
+        model = LlamaForCausalLM(config)
+    elif arch == "neox":
+        config = GPTNeoXConfig(vocab_size=vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                               num_attention_heads=2, max_position_embeddings=32)
+        model = GPTNeoXForCausalLM(config)
+    else:
+        raise ValueError(arch)
+    return model.eval()
+
+
+def save_model_dir(path: Path, arch: str, seed: int = 0) -> Path:
+    tokenizer = make_tokenizer()
+    model = make_model(arch, len(tokenizer), seed)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory) -> Path:
+    """A session-wide folder with one model directory per architecture, a corpus and queries."""
+    root = tmp_path_factory.mktemp("infl")
+    for arch in ("gpt2", "llama", "neox"):
+        save_model_dir(root / arch, arch)
+    write_jsonl(root / "corpus.jsonl", [{"id": f"s{i}", "text": t} for i, t in enumerate(SENTENCES)])
+    write_jsonl(root / "queries.jsonl", QUERIES)
+    return root
