@@ -99,8 +99,18 @@ def _tokenizer(texts: list[str], vocab: int) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=EOT, bos_token=EOT, pad_token=EOT, unk_token=EOT)
 
 
+def _batches(seqs: list[list[int]], order: torch.Generator) -> list[list[list[int]]]:
+    """Shuffled batches; lengths are sorted within windows of 8 batches so little compute goes on padding."""
+    size, perm = TRAIN["batch"], torch.randperm(len(seqs), generator=order).tolist()
+    batches = []
+    for w in range(0, len(perm), 8 * size):
+        window = sorted(perm[w : w + 8 * size], key=lambda i: len(seqs[i]))
+        batches += [[seqs[i] for i in window[j : j + size]] for j in range(0, len(window), size)]
+    return [batches[k] for k in torch.randperm(len(batches), generator=order).tolist()]
+
+
 def _train(model: GPT2LMHeadModel, seqs: list[list[int]], pad: int, epochs: int, seed: int) -> float:
-    """AdamW with warmup and cosine decay over shuffled right-padded batches; returns the last epoch's mean loss."""
+    """AdamW with warmup and cosine decay over shuffled right-padded batches; returns the last epoch's loss per token."""
     per_epoch = math.ceil(len(seqs) / TRAIN["batch"])
     steps, warmup = epochs * per_epoch, max(1, int(TRAIN["warmup"] * epochs * per_epoch))
     opt = torch.optim.AdamW(model.parameters(), lr=TRAIN["lr"], weight_decay=TRAIN["weight_decay"])
@@ -112,22 +122,22 @@ def _train(model: GPT2LMHeadModel, seqs: list[list[int]], pad: int, epochs: int,
     with progress() as bar:
         task = bar.add_task("training the demo model", total=steps)
         for _ in range(epochs):
-            losses = []
-            for idx in torch.randperm(len(seqs), generator=order).split(TRAIN["batch"]):
-                batch = [seqs[i] for i in idx.tolist()]
+            total, count = 0.0, 0
+            for batch in _batches(seqs, order):
                 width = max(map(len, batch))
                 ids = torch.tensor([s + [pad] * (width - len(s)) for s in batch])
                 mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in batch])
                 loss = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
+                n = int(mask[:, 1:].sum())  # predicted tokens: the first of each sequence has no target
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), TRAIN["clip"])
                 opt.step()
                 sched.step()
                 opt.zero_grad(set_to_none=True)
-                losses.append(loss.item())
+                total, count = total + loss.item() * n, count + n
                 bar.update(task, advance=1, description=f"training the demo model (loss {loss.item():.3f})")
     model.eval()
-    return sum(losses) / len(losses)
+    return total / count
 
 
 def _queries(corpus: list[tuple[str, str]], tokenizer, spec: dict, seed: int) -> list[dict]:

@@ -89,17 +89,13 @@ def state(path: Path, kind: str, attrs: dict, force: bool) -> str:
         return State.ABSENT
     old = _read_attrs(path)
     if old is None or old.get("kind") != kind:
-        if force and old is not None:
-            shutil.rmtree(path)
-            return State.ABSENT
-        what = "a" if old is None else f"a {old.get('kind')!r}"
-        raise BadInput(f"{path} exists and is not {'an' if kind[0] in 'aeiou' else 'a'} {kind} artifact (it is {what} path)",
-                       hint="choose another --out" + ("" if old is None else " or pass --force"))
-    if old.get("fingerprint") == attrs["fingerprint"]:
-        return State.COMPLETE if (path / COMPLETE).is_file() else State.PARTIAL
+        what = "a plain" if old is None else f"a {old.get('kind')!r}"
+        raise BadInput(f"{path} exists and is not a {kind} artifact (it is {what} path)", hint="choose another --out")
     if force:
         shutil.rmtree(path)
         return State.ABSENT
+    if old.get("fingerprint") == attrs["fingerprint"]:
+        return State.COMPLETE if (path / COMPLETE).is_file() else State.PARTIAL
     changed = changed_keys(
         {"config": old.get("config", {}), "provenance": old.get("provenance", {})},
         {"config": attrs.get("config", {}), "provenance": attrs.get("provenance", {})},

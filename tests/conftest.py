@@ -45,7 +45,7 @@ def make_model(arch: str, vocab_size: int, seed: int = 0):
 
     torch.manual_seed(seed)
     if arch == "gpt2":
-        config = GPT2Config(vocab_size=vocab_size, n_positions=32, n_embd=16, n_layer=2, n_head=2)
+        config = GPT2Config(vocab_size=vocab_size, n_positions=32, n_embd=16, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0)
         model = GPT2LMHeadModel(config)
     elif arch == "llama":
         config = LlamaConfig(vocab_size=vocab_size, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
@@ -82,3 +82,28 @@ def workdir(tmp_path_factory) -> Path:
     write_jsonl(root / "corpus.jsonl", [{"id": f"s{i}", "text": t} for i, t in enumerate(SENTENCES)])
     write_jsonl(root / "queries.jsonl", QUERIES)
     return root
+
+
+def linear_layout_grad(module) -> torch.Tensor:
+    """A linear module's .grad in Linear layout [O, I (+1 bias column)]; Conv1D's weight is [I, O]."""
+    from transformers.pytorch_utils import Conv1D
+
+    weight = module.weight.grad.T if isinstance(module, Conv1D) else module.weight.grad
+    if module.bias is None:
+        return weight.clone()
+    return torch.cat([weight, module.bias.grad[:, None]], dim=1)
+
+
+def autograd_grads(model, names: list[str], token_ids: list[int], labels: list[int] | None = None) -> dict[str, torch.Tensor]:
+    """Brute force: the gradient of one unpadded sequence's summed loss (labels: HF layout,
+    -100 ignored; default the tokens themselves) w.r.t. each named module's weights."""
+    from infl.gradients import sequence_loss
+
+    ids = torch.tensor([token_ids])
+    target = ids.clone() if labels is None else torch.tensor([labels])
+    for p in model.parameters():
+        p.requires_grad_(True)
+        p.grad = None
+    loss = sequence_loss(model(input_ids=ids).logits, target).sum()
+    loss.backward()
+    return {n: linear_layout_grad(model.get_submodule(n)).double() for n in names}
