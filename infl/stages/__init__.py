@@ -6,7 +6,7 @@ import hashlib
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-__all__ = ["Outcome", "semantic_fields", "sequence_seed", "batches_by_length", "model_dir_for"]
+__all__ = ["Outcome", "semantic_fields", "sequence_seed", "batches_by_length", "model_dir_for", "read_query_bank"]
 
 
 @dataclass(frozen=True)
@@ -54,3 +54,24 @@ def model_dir_for(override: Path | None, provenance: dict) -> Path:
     if tokenizer_fingerprint(path) != provenance["tokenizer_fingerprint"]:
         raise IncompatibleArtifact(f"the tokenizer in {path} is not the one these artifacts were made with")
     return path
+
+
+def read_query_bank(group, device: str):
+    """The preconditioned query gradients of a queries artifact, as tensors on `device`."""
+    import numpy as np
+    import torch
+
+    from infl.scoring import QueryBank
+
+    bank = {"modules": list(group.attrs["modules"]), "full": {}, "low_rank": {}}
+    for name in bank["modules"]:
+        sub = group[f"modules/{name}"]
+
+        def load(key, sub=sub):
+            return torch.from_numpy(np.asarray(sub[key][...])).to(device)
+
+        if sub.attrs["form"] == "full":
+            bank["full"][name] = load("P")
+        else:
+            bank["low_rank"][name] = (load("U"), load("sigma"), load("V"))
+    return QueryBank(**bank)

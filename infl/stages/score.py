@@ -13,43 +13,14 @@ import time
 import numpy as np
 import torch
 
-from infl import data, gradients, modeling, scoring, store
+from infl import data, gradients, modeling, store
 from infl.capture import tap
 from infl.config import ScoreConfig
 from infl.console import log, progress
 from infl.errors import BadInput
-from infl.stages import Outcome, batches_by_length, model_dir_for, semantic_fields
+from infl.stages import Outcome, batches_by_length, model_dir_for, read_query_bank, semantic_fields
 
-__all__ = ["run", "PreconditionedQueries"]
-
-
-class PreconditionedQueries:
-    """The per-module preconditioned query gradients of a queries artifact, on a device."""
-
-    def __init__(self, group, device: str):
-        self.modules: list[str] = list(group.attrs["modules"])
-        self.full: dict[str, torch.Tensor] = {}  # name -> P [Q, O, I]
-        self.low_rank: dict[str, tuple[torch.Tensor, ...]] = {}  # name -> U [Q,O,R], sigma [Q,R], V [Q,I,R]
-        for name in self.modules:
-            sub = group[f"modules/{name}"]
-
-            def load(key, sub=sub):
-                return torch.from_numpy(np.asarray(sub[key][...])).to(device)
-
-            if sub.attrs["form"] == "full":
-                self.full[name] = load("P")
-            else:
-                self.low_rank[name] = (load("U"), load("sigma"), load("V"))
-
-    def scores(self, a: dict[str, torch.Tensor], s: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Per-module influence of a batch: [M, Q, B]."""
-        out = []
-        for name in self.modules:
-            if name in self.full:
-                out.append(scoring.full_scores(self.full[name], gradients.sequence_grads(a[name], s[name])))
-            else:
-                out.append(scoring.low_rank_token_scores(*self.low_rank[name], a[name], s[name]).sum(-1))
-        return torch.stack(out)
+__all__ = ["run"]
 
 
 def run(cfg: ScoreConfig) -> Outcome:
@@ -104,7 +75,7 @@ def run(cfg: ScoreConfig) -> Outcome:
     model = modeling.load_model(model_dir, cfg.device, qprov["dtype"])
     specs = modeling.module_specs(model, queries.attrs["modules"])
     modeling.prepare_for_capture(model, specs)
-    preconditioned = PreconditionedQueries(queries, cfg.device)
+    bank = read_query_bank(queries, cfg.device)
     pad_id = tokenizer.pad_token_id or 0
     with progress() as bar, tap(model, specs) as tapped:
         task = bar.add_task("score", total=N, completed=N - sum(min(C, N - c * C) for c in pending))
@@ -114,7 +85,7 @@ def run(cfg: ScoreConfig) -> Outcome:
             for batch in batches_by_length([len(t) for t in corpus.tokens[lo:hi]], cfg.batch_size):
                 input_ids, mask, labels = data.collate([corpus.tokens[lo + i] for i in batch], pad_id, cfg.device)
                 _, a, s = gradients.capture_batch(model, tapped, input_ids, mask, labels)
-                block[:, :, batch] = preconditioned.scores(a, s).cpu()
+                block[:, :, batch] = bank.scores(a, s)[0].cpu()
                 bar.advance(task, len(batch))
             _check_finite(block, corpus.ids[lo:hi])
             group["per_module"][:, :, lo:hi] = block.numpy()

@@ -1,0 +1,145 @@
+"""The command line: every stage on three architectures, up-to-date reruns, configs, and bad input
+that gets a one-line error and a non-zero exit without losing what was written."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+from conftest import QUERIES, save_model_dir, write_jsonl
+from typer.testing import CliRunner
+
+from infl.cli import app
+
+runner = CliRunner()
+
+
+def infl(*args: str):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def pipeline(workdir, out, arch="gpt2", *extra_fit):
+    for args in (
+        ["fit-factors", "--model", workdir / arch, "--corpus", workdir / "corpus.jsonl", "--out", out / "f.zarr", *extra_fit],
+        ["build-query", "--factors", out / "f.zarr", "--queries", workdir / "queries.jsonl", "--out", out / "q.zarr"],
+        ["score", "--queries", out / "q.zarr", "--corpus", workdir / "corpus.jsonl", "--out", out / "s.zarr"],
+    ):
+        result = infl(*args)
+        assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "neox"])
+def test_every_stage_runs_on_each_architecture(workdir, tmp_path, arch):
+    pipeline(workdir, tmp_path, arch)
+    result = infl("topk", "--scores", tmp_path / "s.zarr", "-k", "3", "--format", "json")
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    assert len(rows) == 3 * len(QUERIES)
+    assert set(rows[0]) >= {"query_id", "rank", "train_id", "score", "text"}
+    for q in QUERIES:
+        ranked = [r for r in rows if r["query_id"] == q["id"]]
+        assert [r["rank"] for r in ranked] == [1, 2, 3]
+        assert ranked[0]["score"] >= ranked[1]["score"] >= ranked[2]["score"]
+    layers = infl("layerwise", "--scores", tmp_path / "s.zarr", "-k", "2", "--format", "json", "--query", "q-cat")
+    assert layers.exit_code == 0, layers.output
+    (table,) = json.loads(layers.stdout)
+    assert len(table["layers"]) == 2  # two decoder blocks
+    sums = [sum(col) for col in zip(*table["values"])]
+    assert sums == pytest.approx(table["totals"], rel=1e-4)  # layers sum to each sequence's total
+
+
+def test_outputs_in_every_format(workdir, tmp_path):
+    pipeline(workdir, tmp_path)
+    scores = tmp_path / "s.zarr"
+    table = infl("topk", "--scores", scores, "-k", "2")
+    assert table.exit_code == 0 and "q-cat" in table.stdout
+    lines = infl("topk", "--scores", scores, "-k", "2", "--format", "jsonl", "--negative").stdout.splitlines()
+    rows = [json.loads(line) for line in lines]
+    assert rows[0]["score"] <= rows[1]["score"]  # the most negative first
+    markdown = infl("topk", "--scores", scores, "-k", "2", "--format", "markdown", "--query", "q-dict").stdout
+    assert markdown.startswith("### q-dict") and "| 1 |" in markdown
+    per_copy = json.loads(infl("topk", "--scores", scores, "-k", "1", "--format", "json", "--train-size", "100").stdout)
+    plain = json.loads(infl("topk", "--scores", scores, "-k", "1", "--format", "json").stdout)
+    assert per_copy[0]["score"] == pytest.approx(plain[0]["score"] / 100)
+    csv = infl("layerwise", "--scores", scores, "-k", "2", "--format", "csv").stdout.splitlines()
+    assert csv[0] == "query_id,layer,train_id,rank,influence" and len(csv) == 1 + len(QUERIES) * 2 * 2
+    assert infl("layerwise", "--scores", scores, "-k", "2").exit_code == 0
+
+
+def test_rerun_is_up_to_date_and_changes_are_refused(workdir, tmp_path):
+    pipeline(workdir, tmp_path)
+    mtime = (tmp_path / "s.zarr" / "COMPLETE.json").stat().st_mtime_ns
+    again = infl("score", "--queries", tmp_path / "q.zarr", "--corpus", workdir / "corpus.jsonl", "--out", tmp_path / "s.zarr")
+    assert again.exit_code == 0 and "up to date" in again.output
+    assert (tmp_path / "s.zarr" / "COMPLETE.json").stat().st_mtime_ns == mtime
+    changed = infl("fit-factors", "--model", workdir / "gpt2", "--corpus", workdir / "corpus.jsonl",
+                   "--out", tmp_path / "f.zarr", "--damping", "0.5")
+    assert changed.exit_code == 1 and "config.damping" in changed.output and "--force" in changed.output
+    assert (tmp_path / "f.zarr" / "COMPLETE.json").is_file()  # nothing lost
+    forced = infl("fit-factors", "--model", workdir / "gpt2", "--corpus", workdir / "corpus.jsonl",
+                  "--out", tmp_path / "f.zarr", "--damping", "0.5", "--force")
+    assert forced.exit_code == 0, forced.output
+
+
+def test_config_file_fills_options_and_flags_win(workdir, tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump({"fit-factors": {
+        "model": str(workdir / "gpt2"), "corpus": [str(workdir / "corpus.jsonl")], "out": str(tmp_path / "f.zarr"),
+        "strategy": "kfac", "max-length": 8}}))
+    result = infl("fit-factors", "--config", cfg, "--strategy", "diagonal")
+    assert result.exit_code == 0, result.output
+    attrs = json.loads((tmp_path / "f.zarr" / "zarr.json").read_text())["attributes"]
+    assert attrs["config"]["strategy"] == "diagonal" and attrs["config"]["max_length"] == 8
+    cfg.write_text(yaml.safe_dump({"fit-factors": {"dampin": 0.1}}))
+    typo = infl("fit-factors", "--config", cfg)
+    assert typo.exit_code == 2 and "dampin" in typo.output
+
+
+def one_line_error(result, code=1) -> str:
+    assert result.exit_code == code, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.output
+    return errors[0]
+
+
+def test_bad_input_gets_one_line_errors(workdir, tmp_path):
+    fit = ["fit-factors", "--model", workdir / "gpt2", "--out", tmp_path / "f.zarr", "--corpus"]
+    assert "no such file" in one_line_error(infl(*fit, tmp_path / "missing.jsonl"))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "a", "text": "the cat"}\n{"id": "b", "text": \n')
+    assert "bad.jsonl:2" in one_line_error(infl(*fit, bad))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    assert "holds no sequence" in one_line_error(infl(*fit, empty))
+    dup = write_jsonl(tmp_path / "dup.jsonl", [{"id": "x", "text": "a cat"}, {"id": "x", "text": "a dog"}])
+    assert "appears twice" in one_line_error(infl(*fit, dup))
+    notext = write_jsonl(tmp_path / "notext.jsonl", [{"id": "x", "body": "a cat"}])
+    assert "'text'" in one_line_error(infl(*fit, notext))
+    assert "not a local model directory" in one_line_error(
+        infl("fit-factors", "--model", tmp_path / "nomodel", "--corpus", workdir / "corpus.jsonl", "--out", tmp_path / "f.zarr"))
+    too_long = infl(*fit, workdir / "corpus.jsonl", "--max-length", "1000")
+    assert "exceeds the model's context" in one_line_error(too_long)
+    assert not (tmp_path / "f.zarr").exists()
+    assert infl("fit-factors", "--corpus", workdir / "corpus.jsonl").exit_code == 2  # usage: no --model
+
+
+def test_queries_from_another_model_are_refused(workdir, tmp_path):
+    pipeline(workdir, tmp_path)
+    other = save_model_dir(tmp_path / "other", "gpt2", seed=1)
+    result = infl("score", "--queries", tmp_path / "q.zarr", "--corpus", workdir / "corpus.jsonl",
+                  "--out", tmp_path / "s2.zarr", "--model", other)
+    line = one_line_error(result)
+    q_fp = json.loads((tmp_path / "q.zarr" / "zarr.json").read_text())["attributes"]["provenance"]["model_fingerprint"]
+    assert q_fp[:12] in line and "fingerprint" in line
+    bad_queries = write_jsonl(tmp_path / "q.jsonl", [{"id": "x", "prompt": "the cat", "completion": ""}])
+    assert "empty completion" in one_line_error(
+        infl("build-query", "--factors", tmp_path / "f.zarr", "--queries", bad_queries, "--out", tmp_path / "q2.zarr"))
+    assert "no query 'nope'" in one_line_error(infl("topk", "--scores", tmp_path / "s.zarr", "--query", "nope"))
+    assert "not scores" in one_line_error(infl("topk", "--scores", tmp_path / "q.zarr"))
+
+
+def test_python_dash_m_and_help():
+    result = subprocess.run([sys.executable, "-m", "infl", "score", "--help"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "Example" in result.stdout
