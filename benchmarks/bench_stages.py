@@ -20,7 +20,8 @@ import torch
 from infl import data, modeling
 from infl.config import FitConfig, QueryConfig, ScoreConfig
 from infl.demo import build_demo
-from infl.stages import batches_by_length, build_query, fit_factors, score
+from infl.engine import batches_by_length
+from infl.stages import build_query, fit_factors, score
 from infl.gradients import sequence_loss
 
 

@@ -84,7 +84,14 @@ def _split(text: str) -> list[str]:
 
 def passages(size: str = "default") -> list[tuple[str, str]]:
     """(id, text) training passages in a fixed order; "test" keeps every k-th, about 250."""
-    every = [(f"{topic}/{k}", text) for topic in topics for k, text in enumerate(_split(topics[topic]))]
+    # Several topics repeat the same paragraphs: keep the first copy, so a verbatim query has one source.
+    seen: set[str] = set()
+    every = [
+        (f"{topic}/{k}", text)
+        for topic in topics
+        for k, text in enumerate(_split(topics[topic]))
+        if not (text in seen or seen.add(text))
+    ]
     if size == "test":
         return every[:: max(1, len(every) // N_TEST_PASSAGES)][:N_TEST_PASSAGES]
     return every

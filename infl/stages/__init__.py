@@ -6,7 +6,7 @@ import hashlib
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-__all__ = ["Outcome", "semantic_fields", "sequence_seed", "batches_by_length", "model_dir_for", "read_query_bank"]
+__all__ = ["Outcome", "semantic_fields", "sequence_seed", "model_dir_for", "read_query_bank"]
 
 
 @dataclass(frozen=True)
@@ -30,12 +30,6 @@ def semantic_fields(cfg) -> dict:
 def sequence_seed(seed: int, sequence_id: str) -> int:
     """A sequence's own sampling seed, from its id: independent of order, batching and resume."""
     return int.from_bytes(hashlib.sha256(f"{seed}:{sequence_id}".encode()).digest()[:8], "little") >> 1
-
-
-def batches_by_length(lengths: list[int], batch_size: int) -> list[list[int]]:
-    """Index batches of similar lengths (less padding); deterministic for given lengths."""
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
 def model_dir_for(override: Path | None, provenance: dict) -> Path:

@@ -11,14 +11,14 @@ import time
 import numpy as np
 import torch
 
-from infl import curvature, data, gradients, modeling, store
-from infl.capture import ModuleSpec, tap
+from infl import curvature, data, engine, gradients, modeling, store
+from infl.capture import ModuleSpec
 from infl.config import QueryConfig
 from infl.console import log, progress
 from infl.errors import BadInput
 from infl.stages import Outcome, model_dir_for, semantic_fields
 
-__all__ = ["run", "query_gradients"]
+__all__ = ["run", "read_curvatures", "check_finite_queries"]
 
 
 def run(cfg: QueryConfig) -> Outcome:
@@ -49,7 +49,13 @@ def run(cfg: QueryConfig) -> Outcome:
     modeling.prepare_for_capture(model, specs)
     log(f"preconditioning {len(queries.ids)} queries over {len(specs)} modules")
 
-    measurement, grads = query_gradients(model, specs, queries, tokenizer.pad_token_id or 0, cfg.batch_size, cfg.device)
+    with progress() as bar:
+        task = bar.add_task("query gradients", total=len(queries.ids))
+        measurement, grads = engine.query_gradients(
+            model, specs, queries.tokens, queries.n_prompt, tokenizer.pad_token_id or 0, cfg.batch_size, cfg.device,
+            on_batch=lambda n: bar.advance(task, n),
+        )
+    check_finite_queries(queries.ids, measurement, grads)
     group = store.create(cfg.out, "queries", attrs)
     group.attrs["modules"] = [spec.name for spec in specs]
     store.write_array(group, "ids", np.array(queries.ids, dtype=object))
@@ -64,28 +70,6 @@ def run(cfg: QueryConfig) -> Outcome:
             bar.advance(task)
     store.mark_complete(cfg.out, attrs["fingerprint"])
     return Outcome(f"wrote {cfg.out}: {len(queries.ids)} queries ({time.perf_counter() - started:.1f} s)")
-
-
-def query_gradients(model, specs: list[ModuleSpec], queries: data.Queries, pad_id: int, batch_size: int, device: str):
-    """Measurements f = log p(completion | prompt) [Q] and gradients of -f per module [Q, O, I]."""
-    measurement = torch.zeros(len(queries.ids), dtype=torch.float64)
-    grads = {spec.name: torch.zeros(len(queries.ids), *spec.shape) for spec in specs}
-    with progress() as bar, tap(model, specs) as tapped:
-        task = bar.add_task("query gradients", total=len(queries.ids))
-        for lo in range(0, len(queries.ids), batch_size):
-            rows = list(range(lo, min(lo + batch_size, len(queries.ids))))
-            input_ids, mask, labels = data.collate(
-                [queries.tokens[i] for i in rows], pad_id, device, n_ignore=[queries.n_prompt[i] for i in rows]
-            )
-            loss, a, s = gradients.capture_batch(model, tapped, input_ids, mask, labels)
-            for name in grads:
-                grads[name][lo : lo + len(rows)] = gradients.sequence_grads(a[name], s[name]).cpu()
-            measurement[lo : lo + len(rows)] = -loss.double().cpu()
-            bar.advance(task, len(rows))
-    for i, query_id in enumerate(queries.ids):
-        if not torch.isfinite(measurement[i]) or not all(torch.isfinite(g[i]).all() for g in grads.values()):
-            raise BadInput(f"query {query_id!r}: non-finite log-probability or gradient")
-    return measurement, grads
 
 
 def _write_preconditioned(sub, P: torch.Tensor, rank: int | None) -> None:
@@ -119,3 +103,9 @@ def read_curvatures(group) -> tuple[list[ModuleSpec], dict[str, curvature.Curvat
 
         curvatures[name] = curvature.Curvature(load("Lambda"), float(at["damping"]), load("Q_A"), load("Q_S"))
     return specs, curvatures
+
+
+def check_finite_queries(ids: list[str], measurement: torch.Tensor, grads: dict[str, torch.Tensor]) -> None:
+    for i, query_id in enumerate(ids):
+        if not torch.isfinite(measurement[i]) or not all(torch.isfinite(g[i]).all() for g in grads.values()):
+            raise BadInput(f"query {query_id!r}: non-finite log-probability or gradient")

@@ -13,13 +13,12 @@ import time
 import numpy as np
 import torch
 
-from infl import curvature, data, modeling, store
+from infl import curvature, data, engine, modeling, store
 from infl.capture import ModuleSpec, tap
 from infl.config import FitConfig
 from infl.console import log, progress
 from infl.errors import BadInput
-from infl.gradients import capture_batch
-from infl.stages import Outcome, batches_by_length, semantic_fields, sequence_seed
+from infl.stages import Outcome, semantic_fields, sequence_seed
 
 __all__ = ["run"]
 
@@ -98,14 +97,14 @@ class _Sweep:
 
     def __init__(self, model, specs: list[ModuleSpec], tokens, seeds, pad_id: int, cfg: FitConfig):
         self.model, self.specs, self.tokens, self.seeds, self.pad_id, self.cfg = model, specs, tokens, seeds, pad_id, cfg
-        self.batches = batches_by_length([len(t) for t in tokens], cfg.batch_size)
 
     def _each_batch(self, description: str):
         with progress() as bar, tap(self.model, self.specs) as tapped:
             task = bar.add_task(description, total=len(self.tokens))
-            for batch in self.batches:
-                input_ids, mask, labels = data.collate([self.tokens[i] for i in batch], self.pad_id, self.cfg.device)
-                loss, a, s = capture_batch(self.model, tapped, input_ids, mask, labels, [self.seeds[i] for i in batch])
+            cfg = self.cfg
+            for batch, mask, loss, a, s in engine.sweep(
+                self.model, tapped, self.tokens, self.pad_id, cfg.batch_size, cfg.device, seeds=self.seeds
+            ):
                 if not torch.isfinite(loss).all() or not all(torch.isfinite(x).all() for x in s.values()):
                     raise BadInput("non-finite loss or gradient while fitting", hint="check the model weights and --dtype")
                 yield mask, a, s

@@ -13,12 +13,11 @@ import time
 import numpy as np
 import torch
 
-from infl import data, gradients, modeling, store
-from infl.capture import tap
+from infl import data, engine, modeling, store
 from infl.config import ScoreConfig
 from infl.console import log, progress
 from infl.errors import BadInput
-from infl.stages import Outcome, batches_by_length, model_dir_for, read_query_bank, semantic_fields
+from infl.stages import Outcome, model_dir_for, read_query_bank, semantic_fields
 
 __all__ = ["run"]
 
@@ -77,16 +76,14 @@ def run(cfg: ScoreConfig) -> Outcome:
     modeling.prepare_for_capture(model, specs)
     bank = read_query_bank(queries, cfg.device)
     pad_id = tokenizer.pad_token_id or 0
-    with progress() as bar, tap(model, specs) as tapped:
+    with progress() as bar:
         task = bar.add_task("score", total=N, completed=N - sum(min(C, N - c * C) for c in pending))
         for c in pending:
             lo, hi = c * C, min((c + 1) * C, N)
-            block = torch.zeros(M, Q, hi - lo)
-            for batch in batches_by_length([len(t) for t in corpus.tokens[lo:hi]], cfg.batch_size):
-                input_ids, mask, labels = data.collate([corpus.tokens[lo + i] for i in batch], pad_id, cfg.device)
-                _, a, s = gradients.capture_batch(model, tapped, input_ids, mask, labels)
-                block[:, :, batch] = bank.scores(a, s)[0].cpu()
-                bar.advance(task, len(batch))
+            block, _ = engine.score_sequences(
+                model, specs, bank, corpus.tokens[lo:hi], pad_id, cfg.batch_size, cfg.device,
+                on_batch=lambda n: bar.advance(task, n),
+            )  # [M, Q, hi - lo]
             _check_finite(block, corpus.ids[lo:hi])
             group["per_module"][:, :, lo:hi] = block.numpy()
             group["total"][:, lo:hi] = block.sum(0).numpy()

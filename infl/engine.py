@@ -1,0 +1,98 @@
+"""The loop every stage shares: run the model over token sequences with the tracked modules tapped,
+batch by batch, and turn what was captured into gradients or scores. Tensors in, tensors out; no
+files, no progress bars (callers report progress through `on_batch`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import Tensor, nn
+
+from infl import data
+from infl.capture import ModuleSpec, Tap, tap
+from infl.gradients import capture_batch, sequence_grads
+from infl.scoring import QueryBank
+
+__all__ = ["batches_by_length", "sweep", "query_gradients", "score_sequences"]
+
+
+def batches_by_length(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Index batches of similar lengths (less padding); deterministic for given lengths."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def sweep(
+    model: nn.Module,
+    tapped: Tap,
+    tokens: list[list[int]],
+    pad_id: int,
+    batch_size: int,
+    device: str,
+    n_ignore: list[int] | None = None,
+    seeds: list[int] | None = None,
+) -> Iterator[tuple[list[int], Tensor, Tensor, dict[str, Tensor], dict[str, Tensor]]]:
+    """(indices, attention mask, per-sequence loss, a, s) for each batch of `tokens`.
+
+    `n_ignore[i]`: leading tokens of sequence i that carry no loss (a query's prompt);
+    `seeds[i]`: sample sequence i's labels from the model with this seed (pseudo-gradients).
+    """
+    for batch in batches_by_length([len(t) for t in tokens], batch_size):
+        input_ids, mask, labels = data.collate(
+            [tokens[i] for i in batch], pad_id, device, None if n_ignore is None else [n_ignore[i] for i in batch]
+        )
+        loss, a, s = capture_batch(model, tapped, input_ids, mask, labels, None if seeds is None else [seeds[i] for i in batch])
+        yield batch, mask, loss, a, s
+
+
+def query_gradients(
+    model: nn.Module,
+    specs: list[ModuleSpec],
+    tokens: list[list[int]],
+    n_prompt: list[int],
+    pad_id: int,
+    batch_size: int,
+    device: str,
+    on_batch: Callable[[int], None] = lambda n: None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Measurements f = log p(completion | prompt) [Q] and the gradients of -f per module [Q, O, I]."""
+    measurement = torch.zeros(len(tokens), dtype=torch.float64)
+    grads = {spec.name: torch.zeros(len(tokens), *spec.shape) for spec in specs}
+    with tap(model, specs) as tapped:
+        for batch, _, loss, a, s in sweep(model, tapped, tokens, pad_id, batch_size, device, n_ignore=n_prompt):
+            for name in grads:
+                grads[name][batch] = sequence_grads(a[name], s[name]).cpu()
+            measurement[batch] = -loss.double().cpu()
+            on_batch(len(batch))
+    return measurement, grads
+
+
+def score_sequences(
+    model: nn.Module,
+    specs: list[ModuleSpec],
+    bank: QueryBank,
+    tokens: list[list[int]],
+    pad_id: int,
+    batch_size: int,
+    device: str,
+    per_token: bool = False,
+    on_batch: Callable[[int], None] = lambda n: None,
+) -> tuple[Tensor, Tensor | None]:
+    """Influence of each sequence (data labels) on each query: per module [M, Q, n] and, if asked,
+    per token [Q, n, T] with T the longest sequence (zero past a sequence's end)."""
+    M, n = len(bank.modules), len(tokens)
+    per_module = None
+    token_terms = torch.zeros(0, n, max(map(len, tokens))) if per_token else None
+    with tap(model, specs) as tapped:
+        for batch, _, _, a, s in sweep(model, tapped, tokens, pad_id, batch_size, device):
+            scores, terms = bank.scores(a, s, per_token)
+            if per_module is None:
+                per_module = torch.zeros(M, scores.shape[1], n)
+                if per_token:
+                    token_terms = torch.zeros(scores.shape[1], n, token_terms.shape[2])
+            per_module[:, :, batch] = scores.float().cpu()
+            if per_token:
+                token_terms[:, batch, : terms.shape[2]] = terms.float().cpu()
+            on_batch(len(batch))
+    return per_module, token_terms
