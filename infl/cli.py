@@ -170,6 +170,9 @@ def score(
     text_field: TextFieldOpt = "text",
     id_field: IdFieldOpt = "id",
     chunk_size: Annotated[int, typer.Option(help="Training sequences per chunk (unit of work and of resume).")] = 512,
+    per_token: Annotated[bool, typer.Option("--per-token", help="Also store every token's term (they sum to the score).")] = False,
+    self_influence: Annotated[bool, typer.Option("--self", help="Score each sequence against itself (needs --factors).")] = False,
+    factors: Annotated[Optional[Path], typer.Option(help="Factors artifact, for --self.")] = None,
     batch_size: BatchOpt = 8,
     device: DeviceOpt = "cpu",
     force: ForceOpt = False,
@@ -179,15 +182,18 @@ def score(
     """Score every training sequence against every query (total and per module).
 
     Example: `infl score --queries runs/q.zarr --corpus train.jsonl --out runs/scores.zarr`
+
+    Self-influence (outliers, mislabeled data): `infl score --self --factors runs/factors.zarr --corpus train.jsonl --out runs/self.zarr`
     """
     from infl.config import ScoreConfig
     from infl.stages import score as stage
 
     def call():
         cfg = ScoreConfig(
-            queries=_need(queries, "--queries"), corpus=tuple(_need((corpus or []) + (more_corpus or []), "--corpus")),
+            queries=queries, corpus=tuple(_need((corpus or []) + (more_corpus or []), "--corpus")),
             out=_need(out, "--out"), model=model, max_length=max_length, split=split, text_field=text_field,
-            id_field=id_field, chunk_size=chunk_size, batch_size=batch_size, device=device, force=force,
+            id_field=id_field, chunk_size=chunk_size, per_token=per_token, self_influence=self_influence,
+            factors=factors, batch_size=batch_size, device=device, force=force,
         )
         return stage.run(cfg)
 
@@ -220,13 +226,18 @@ def topk(
     query: QueryOpt = None,
     negative: NegativeOpt = False,
     train_size: TrainSizeOpt = None,
-    format: Annotated[str, typer.Option("--format", help="table | json | jsonl | markdown.")] = "table",
+    tokens: Annotated[bool, typer.Option("--tokens", help="Shade each sequence's tokens by their influence (red +, blue -).")] = False,
+    refine: Annotated[Optional[int], typer.Option(help="Re-score the N best candidates per query with full-rank query gradients.")] = None,
+    self_influence: Annotated[bool, typer.Option("--self", help="The scores are self-influence (from `score --self`).")] = False,
+    format: Annotated[str, typer.Option("--format", help="table | json | jsonl | markdown | html.")] = "table",
     quiet: QuietOpt = False,
     config: ConfigOpt = None,
 ) -> None:
     """Show, per query, the k training sequences with the largest influence.
 
     Example: `infl topk --scores runs/scores.zarr -k 5 --format json`
+
+    With token shading and full-rank re-scoring: `infl topk --scores runs/scores.zarr -k 5 --tokens --refine 100`
     """
     from rich.console import Console
 
@@ -237,7 +248,8 @@ def topk(
     fmt = _check_format(format, TOPK_FORMATS)
 
     def call():
-        hits = stage.run(TopkConfig(_need(scores, "--scores"), k, tuple(query or ()), negative, train_size))
+        hits = stage.run(TopkConfig(_need(scores, "--scores"), k, tuple(query or ()), negative, train_size,
+                                    tokens, refine, self_influence))
         render_topk(hits, fmt, _unit(train_size), Console(soft_wrap=fmt != "table"))
 
     _finish(call, quiet)

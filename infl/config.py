@@ -115,7 +115,7 @@ class QueryConfig(_Run):
 
 @dataclass(frozen=True)
 class ScoreConfig(_Run):
-    queries: Path = Path()
+    queries: Path | None = None
     corpus: tuple[Path, ...] = ()
     out: Path = Path()
     model: Path | None = field(default=None, metadata={"semantic": False})  # checked by fingerprint
@@ -124,6 +124,9 @@ class ScoreConfig(_Run):
     text_field: str = "text"
     id_field: str = "id"
     chunk_size: int = 512  # training sequences per chunk: the unit of work and of resume
+    per_token: bool = False  # also store each token's term (bfloat16)
+    self_influence: bool = False  # score each sequence against itself, with `factors`
+    factors: Path | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -133,6 +136,13 @@ class ScoreConfig(_Run):
             raise BadInput(f"--chunk-size must be >= 1, not {self.chunk_size}")
         if self.max_length is not None and self.max_length < 2:
             raise BadInput(f"--max-length must be >= 2, not {self.max_length}")
+        if self.self_influence:
+            if self.factors is None or self.queries is not None:
+                raise BadInput("--self scores the corpus against itself: give --factors, not --queries")
+            if self.per_token:
+                raise BadInput("--per-token is not available with --self")
+        elif self.queries is None:
+            raise BadInput("--queries is required (or --self with --factors)")
 
 
 @dataclass(frozen=True)
@@ -142,8 +152,13 @@ class TopkConfig:
     query: tuple[str, ...] = ()
     negative: bool = False
     train_size: int | None = None  # report per-copy nats: influence / N
+    tokens: bool = False  # per-token influence of each hit
+    refine: int | None = None  # re-score this many candidates per query at full rank
+    self_influence: bool = False  # the scores are self-influence (score --self)
 
     def __post_init__(self) -> None:
+        if self.refine is not None and self.refine < 1:
+            raise BadInput(f"--refine must be >= 1, not {self.refine}")
         if self.k < 1:
             raise BadInput(f"-k must be >= 1, not {self.k}")
         if self.train_size is not None and self.train_size < 1:

@@ -29,6 +29,8 @@ __all__ = [
     "collate",
     "shard_format",
     "file_sha256",
+    "add_query",
+    "token_pieces",
 ]
 
 IGNORE = -100
@@ -203,41 +205,55 @@ def read_text(shard: Shard, start: int, end: int, text_field: str = "text") -> s
 
 
 def read_queries(path: Path, tokenizer, max_length: int) -> Queries:
-    """`{"id", "prompt", "completion"}` per line. The text is tokenised as a whole and the
-    completion is every token that ends after the prompt's last character."""
+    """`{"id", "prompt", "completion"}` per line, tokenised (see add_query)."""
     data = _read_bytes(path)
     queries = Queries([], [], [], [], [])
     for number, _, _, line in _lines(data):
         if not line.strip():
             continue
         record = _json_record(path, number, line)
-        prompt = _field(path, number, record, "prompt")
-        completion = _field(path, number, record, "completion")
         query_id = str(record.get("id", f"{path.name}:{number}"))
-        if not completion:
-            raise BadInput(f"{path}:{number}: query {query_id!r} has an empty completion")
-        encoding = tokenizer(prompt + completion, add_special_tokens=True, return_offsets_mapping=True)
-        token_ids = encoding["input_ids"]
-        ends = [end for _, end in encoding["offset_mapping"]]
-        n_prompt = next((i for i, end in enumerate(ends) if end > len(prompt)), len(token_ids))
-        if n_prompt >= len(token_ids):
-            raise BadInput(f"{path}:{number}: query {query_id!r}: the completion adds no token")
-        if n_prompt == 0:
-            raise BadInput(f"{path}:{number}: query {query_id!r} needs a non-empty prompt")
-        if len(token_ids) > max_length:
-            raise BadInput(
-                f"{path}:{number}: query {query_id!r} has {len(token_ids)} tokens, more than the context of {max_length}"
-            )
-        if query_id in queries.ids:
-            raise BadInput(f"{path}:{number}: query id {query_id!r} appears twice")
-        queries.ids.append(query_id)
-        queries.prompts.append(prompt)
-        queries.completions.append(completion)
-        queries.tokens.append(token_ids)
-        queries.n_prompt.append(n_prompt)
+        prompt, completion = _field(path, number, record, "prompt"), _field(path, number, record, "completion")
+        add_query(queries, query_id, prompt, completion, tokenizer, max_length, where=f"{path}:{number}: ")
     if not queries.ids:
         raise BadInput(f"{path} holds no query")
     return queries
+
+
+def add_query(queries: Queries, query_id: str, prompt: str, completion: str, tokenizer, max_length: int, where: str = "") -> None:
+    """Tokenise prompt + completion as one text (as the model would read it); the completion is
+    every token that ends after the prompt's last character."""
+    if not completion:
+        raise BadInput(f"{where}query {query_id!r} has an empty completion")
+    encoding = tokenizer(prompt + completion, add_special_tokens=True, return_offsets_mapping=True)
+    token_ids = encoding["input_ids"]
+    ends = [end for _, end in encoding["offset_mapping"]]
+    n_prompt = next((i for i, end in enumerate(ends) if end > len(prompt)), len(token_ids))
+    if n_prompt >= len(token_ids):
+        raise BadInput(f"{where}query {query_id!r}: the completion adds no token")
+    if n_prompt == 0:
+        raise BadInput(f"{where}query {query_id!r} needs a non-empty prompt")
+    if len(token_ids) > max_length:
+        raise BadInput(f"{where}query {query_id!r} has {len(token_ids)} tokens, more than the context of {max_length}")
+    if query_id in queries.ids:
+        raise BadInput(f"{where}query id {query_id!r} appears twice")
+    queries.ids.append(query_id)
+    queries.prompts.append(prompt)
+    queries.completions.append(completion)
+    queries.tokens.append(token_ids)
+    queries.n_prompt.append(n_prompt)
+
+
+def token_pieces(text: str, tokenizer, max_length: int) -> tuple[list[int], list[str]]:
+    """A sequence's tokens as scored (special tokens, truncation) and the text each one covers,
+    including the whitespace before the next token."""
+    encoding = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
+    ids, offsets = encoding["input_ids"][:max_length], encoding["offset_mapping"][:max_length]
+    pieces = []
+    for i, (start, end) in enumerate(offsets):
+        following = next((s for s, e in offsets[i + 1 :] if e > s), None)
+        pieces.append(text[start:following] if end > start and following is not None else text[start:end])
+    return ids, pieces
 
 
 def collate(token_lists: list[list[int]], pad_id: int, device: str | torch.device = "cpu", n_ignore: list[int] | None = None) -> tuple[Tensor, Tensor, Tensor]:

@@ -12,9 +12,10 @@ from torch import Tensor, nn
 from infl import data
 from infl.capture import ModuleSpec, Tap, tap
 from infl.gradients import capture_batch, sequence_grads
+from infl.curvature import Curvature, precondition
 from infl.scoring import QueryBank
 
-__all__ = ["batches_by_length", "sweep", "query_gradients", "score_sequences"]
+__all__ = ["batches_by_length", "sweep", "query_gradients", "score_sequences", "self_influence"]
 
 
 def batches_by_length(lengths: list[int], batch_size: int) -> list[list[int]]:
@@ -96,3 +97,25 @@ def score_sequences(
                 token_terms[:, batch, : terms.shape[2]] = terms.float().cpu()
             on_batch(len(batch))
     return per_module, token_terms
+
+
+def self_influence(
+    model: nn.Module,
+    specs: list[ModuleSpec],
+    curvatures: dict[str, Curvature],
+    tokens: list[list[int]],
+    pad_id: int,
+    batch_size: int,
+    device: str,
+    on_batch: Callable[[int], None] = lambda n: None,
+) -> tuple[Tensor, None]:
+    """Each sequence's influence on its own loss, grad L(z)^T (G + damping I)^-1 grad L(z),
+    per module: [M, 1, n]. High values flag outliers and mislabeled data."""
+    out = torch.zeros(len(specs), 1, len(tokens))
+    with tap(model, specs) as tapped:
+        for batch, _, _, a, s in sweep(model, tapped, tokens, pad_id, batch_size, device):
+            for m, spec in enumerate(specs):
+                dw = sequence_grads(a[spec.name], s[spec.name])  # [B, O, I]
+                out[m, 0, batch] = (precondition(dw, curvatures[spec.name]) * dw).sum((1, 2)).float().cpu()
+            on_batch(len(batch))
+    return out, None

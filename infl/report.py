@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import html
 import io
 import json
 from typing import TYPE_CHECKING
@@ -10,6 +11,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from infl.errors import BadInput
 
@@ -19,7 +21,7 @@ if TYPE_CHECKING:
 
 __all__ = ["select", "query_rows", "render_topk", "render_layerwise", "TOPK_FORMATS", "LAYERWISE_FORMATS"]
 
-TOPK_FORMATS = ("table", "json", "jsonl", "markdown")
+TOPK_FORMATS = ("table", "json", "jsonl", "markdown", "html")
 LAYERWISE_FORMATS = ("table", "csv", "json")
 _PREVIEW = 240  # characters of text shown per sequence in a table
 
@@ -49,30 +51,82 @@ def _preview(text: str) -> str:
     return text if len(text) <= _PREVIEW else text[: _PREVIEW - 1] + "…"
 
 
+def _hit_row(h: Hit) -> dict:
+    row = {"query_id": h.query_id, "rank": h.rank, "train_id": h.train_id, "score": h.score, "text": h.text}
+    if h.refined is not None:
+        row["refined_score"] = h.refined
+    if h.tokens is not None:
+        row["tokens"] = [[piece, value] for piece, value in h.tokens]
+    return row
+
+
+def _shade(value: float, scale: float) -> float:
+    return min(1.0, abs(value) / scale) if scale > 0 else 0.0
+
+
+def _rich_tokens(tokens) -> Text:
+    """Tokens on a background from white to red (positive) or blue (negative)."""
+    scale = max((abs(v) for _, v in tokens), default=0.0)
+    text = Text()
+    for piece, value in tokens:
+        x = _shade(value, scale)
+        fade = int(255 * (1 - 0.8 * x))
+        colour = f"rgb(255,{fade},{fade})" if value > 0 else f"rgb({fade},{fade},255)"
+        text.append(piece, style=f"black on {colour}" if x > 0.05 else "")
+    return text
+
+
+def _html_tokens(tokens) -> str:
+    scale = max((abs(v) for _, v in tokens), default=0.0)
+    spans = []
+    for piece, value in tokens:
+        rgb = "255,0,0" if value > 0 else "0,0,255"
+        spans.append(f'<span title="{value:.4g}" style="background:rgba({rgb},{0.8 * _shade(value, scale):.2f})">'
+                     f"{html.escape(piece)}</span>")
+    return "".join(spans)
+
+
 def render_topk(hits: list[Hit], fmt: str, unit: str, console: Console) -> None:
     """Print hits to stdout (`console`) in `fmt`."""
-    rows = [{"query_id": h.query_id, "rank": h.rank, "train_id": h.train_id, "score": h.score, "text": h.text} for h in hits]
+    queries = list(dict.fromkeys(h.query_id for h in hits))
+    refined = any(h.refined is not None for h in hits)
     if fmt == "json":
-        print(json.dumps(rows, ensure_ascii=False, indent=1))
+        print(json.dumps([_hit_row(h) for h in hits], ensure_ascii=False, indent=1))
     elif fmt == "jsonl":
-        for row in rows:
-            print(json.dumps(row, ensure_ascii=False))
-    elif fmt == "markdown":
-        for query_id in dict.fromkeys(h.query_id for h in hits):
-            print(f"### {query_id}\n\n| rank | train id | influence ({unit}) | text |\n|---:|---|---:|---|")
+        for h in hits:
+            print(json.dumps(_hit_row(h), ensure_ascii=False))
+    elif fmt in ("markdown", "html"):
+        out = ["<!doctype html><meta charset='utf-8'><body style='font-family:sans-serif'>"] if fmt == "html" else []
+        for query_id in queries:
+            head = f"influence ({unit})" + (" | full rank" if refined else "")
+            if fmt == "html":
+                out.append(f"<h3>{html.escape(query_id)}</h3><table border='1' cellpadding='4'>"
+                           f"<tr><th>rank</th><th>train id</th><th>{head}</th><th>text</th></tr>")
+            else:
+                out.append(f"### {query_id}\n\n| rank | train id | {head} | text |\n|---:|---|---:|{'---:|' if refined else ''}---|")
             for h in (h for h in hits if h.query_id == query_id):
-                text = _preview(h.text).replace("|", "\\|")
-                print(f"| {h.rank} | {h.train_id} | {h.score:.4g} | {text} |")
-            print()
+                number = f"{h.score:.4g}" + (f" | {h.refined:.4g}" if refined else "")
+                if fmt == "html":
+                    text = _html_tokens(h.tokens) if h.tokens else html.escape(h.text)
+                    out.append(f"<tr><td>{h.rank}</td><td>{html.escape(h.train_id)}</td><td>"
+                               f"{number.replace(' | ', '</td><td>')}</td><td>{text}</td></tr>")
+                else:
+                    text = _html_tokens(h.tokens) if h.tokens else _preview(h.text).replace("|", "\\|")
+                    out.append(f"| {h.rank} | {h.train_id} | {number} | {text.replace(chr(10), ' ')} |")
+            out.append("</table>" if fmt == "html" else "")
+        print("\n".join(out))
     else:
-        for query_id in dict.fromkeys(h.query_id for h in hits):
-            table = Table(title=f"query {query_id}", caption=f"influence in {unit}", show_lines=False)
+        for query_id in queries:
+            table = Table(title=f"query {query_id}", caption=f"influence in {unit}", show_lines=any(h.tokens for h in hits))
             table.add_column("rank", justify="right")
             table.add_column("train id", overflow="fold")
             table.add_column("influence", justify="right")
+            if refined:
+                table.add_column("full rank", justify="right")
             table.add_column("text", overflow="fold", ratio=1)
             for h in (h for h in hits if h.query_id == query_id):
-                table.add_row(str(h.rank), h.train_id, f"{h.score:.4g}", _preview(h.text))
+                numbers = [f"{h.score:.4g}"] + ([f"{h.refined:.4g}"] if refined else [])
+                table.add_row(str(h.rank), h.train_id, *numbers, _rich_tokens(h.tokens) if h.tokens else _preview(h.text))
             console.print(table)
 
 

@@ -35,6 +35,9 @@ __all__ = [
     "write_array",
     "create_array",
     "changed_keys",
+    "create_bf16_array",
+    "write_bf16",
+    "read_bf16",
 ]
 
 SCHEMA = 1
@@ -169,6 +172,25 @@ def write_array(group: zarr.Group, name: str, data: np.ndarray, chunks: tuple[in
         array = create_array(group, name, data.shape, chunks or tuple(max(1, d) for d in data.shape), data.dtype)
     array[...] = data
     return array
+
+
+def create_bf16_array(group: zarr.Group, name: str, shape: tuple[int, ...], chunks: tuple[int, ...]):
+    """bfloat16 stored as its uint16 bits (zarr has no bfloat16): float32's range, half its size."""
+    array = create_array(group, name, shape, chunks, "uint16", 0)
+    array.attrs["logical_dtype"] = "bfloat16"
+    return array
+
+
+def write_bf16(array, where, values: np.ndarray) -> None:
+    """Round float32 to the nearest bfloat16 (ties to even) and store its bits."""
+    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+    rounded = bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))
+    array[where] = (rounded >> np.uint32(16)).astype(np.uint16)
+
+
+def read_bf16(array, where) -> np.ndarray:
+    bits = np.asarray(array[where], dtype=np.uint16)
+    return (bits.astype(np.uint32) << np.uint32(16)).view(np.float32)
 
 
 def _now() -> str:

@@ -143,3 +143,44 @@ def test_queries_from_another_model_are_refused(workdir, tmp_path):
 def test_python_dash_m_and_help():
     result = subprocess.run([sys.executable, "-m", "infl", "score", "--help"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "Example" in result.stdout
+
+
+def test_topk_tokens_and_full_rank_refinement(workdir, tmp_path):
+    pipeline(workdir, tmp_path)  # rank-32 queries: stored full for these tiny modules
+    low = tmp_path / "low"
+    low.mkdir()
+    assert infl("build-query", "--factors", tmp_path / "f.zarr", "--queries", workdir / "queries.jsonl",
+                "--out", low / "q.zarr", "--rank", "1").exit_code == 0
+    assert infl("score", "--queries", low / "q.zarr", "--corpus", workdir / "corpus.jsonl", "--out", low / "s.zarr",
+                "--per-token").exit_code == 0
+    full = {(r["query_id"], r["train_id"]): r["score"]
+            for r in json.loads(infl("topk", "--scores", tmp_path / "s.zarr", "-k", "20", "--format", "json").stdout)}
+    result = infl("topk", "--scores", low / "s.zarr", "-k", "3", "--refine", "6", "--format", "json")
+    assert result.exit_code == 0, result.output
+    refined = json.loads(result.stdout)
+    for r in refined:  # the refined score is the full-rank score
+        assert r["refined_score"] == pytest.approx(full[(r["query_id"], r["train_id"])], rel=1e-3)
+    for q in QUERIES:
+        got = [r["refined_score"] for r in refined if r["query_id"] == q["id"]]
+        assert got == sorted(got, reverse=True)  # re-ranked by the full-rank score
+    stored = json.loads(infl("topk", "--scores", low / "s.zarr", "-k", "2", "--tokens", "--format", "json").stdout)
+    assert infl("score", "--queries", low / "q.zarr", "--corpus", workdir / "corpus.jsonl",
+                "--out", low / "plain.zarr").exit_code == 0
+    computed = json.loads(infl("topk", "--scores", low / "plain.zarr", "-k", "2", "--tokens", "--format", "json").stdout)
+    for a, b in zip(stored, computed):  # stored (bfloat16) and on-demand per-token terms agree
+        assert [p for p, _ in a["tokens"]] == [p for p, _ in b["tokens"]]
+        assert "".join(p for p, _ in a["tokens"]) == a["text"]
+        assert [v for _, v in a["tokens"]] == pytest.approx([v for _, v in b["tokens"]], rel=2e-2, abs=1e-2 * abs(a["score"]))
+        assert sum(v for _, v in b["tokens"]) == pytest.approx(b["score"], rel=1e-3)
+    page = infl("topk", "--scores", low / "s.zarr", "-k", "1", "--tokens", "--format", "html").stdout
+    assert page.startswith("<!doctype html>") and "background:rgba(255,0,0" in page
+
+
+def test_self_influence_from_the_command_line(workdir, tmp_path):
+    pipeline(workdir, tmp_path)
+    result = infl("score", "--self", "--factors", tmp_path / "f.zarr", "--corpus", workdir / "corpus.jsonl", "--out", tmp_path / "self.zarr")
+    assert result.exit_code == 0, result.output
+    rows = json.loads(infl("topk", "--scores", tmp_path / "self.zarr", "--self", "-k", "3", "--format", "json").stdout)
+    assert [r["query_id"] for r in rows] == ["self"] * 3 and rows[0]["score"] >= rows[2]["score"] > 0
+    assert "not self-influence" in one_line_error(infl("topk", "--scores", tmp_path / "s.zarr", "--self"))
+    assert infl("score", "--self", "--corpus", workdir / "corpus.jsonl", "--out", tmp_path / "x.zarr").exit_code == 1

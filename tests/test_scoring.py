@@ -10,7 +10,7 @@ from infl import curvature as curv
 from infl import modeling, store
 from infl.config import FitConfig, QueryConfig, ScoreConfig
 from infl.stages import build_query, fit_factors, score
-from infl.stages.build_query import read_curvatures
+from infl.stages import factor_specs, read_curvatures
 from test_curvature import dense_inverse
 
 
@@ -26,7 +26,7 @@ def brute_force_scores(model_dir, factors_group):
     """[M, Q, N] influence: vec(grad L_q)^T (G + damping I)^-1 vec(grad L_z), all explicit."""
     tokenizer = make_tokenizer()
     model = modeling.load_model(model_dir).double()
-    specs, curvatures = read_curvatures(factors_group)
+    specs, curvatures = factor_specs(factors_group), read_curvatures(factors_group)
     names = [s.name for s in specs]
     train = [autograd_grads(model, names, tokenizer(t)["input_ids"]) for t in SENTENCES]
     queries = []
@@ -89,7 +89,7 @@ def test_positive_influence_means_a_step_on_the_sequence_raises_the_measurement(
     factors, queries, scores = run_pipeline(workdir, tmp_path)
     total = np.asarray(scores["total"][...])
     tokenizer = make_tokenizer()
-    specs, curvatures = read_curvatures(factors)
+    specs, curvatures = factor_specs(factors), read_curvatures(factors)
 
     @torch.no_grad()
     def measurement(model, q):
@@ -113,3 +113,38 @@ def test_positive_influence_means_a_step_on_the_sequence_raises_the_measurement(
         change = measurement(model, QUERIES[q]) - before
         assert np.sign(change) == np.sign(total[q, zi])
         assert change / eta == pytest.approx(float(total[q, zi]), rel=0.02)
+
+
+def test_self_influence_equals_explicit_computation(workdir, tmp_path):
+    factors, _, _ = run_pipeline(workdir, tmp_path)
+    score.run(ScoreConfig(self_influence=True, factors=tmp_path / "f.zarr", corpus=(workdir / "corpus.jsonl",),
+                          out=tmp_path / "self.zarr", batch_size=5))
+    scores = store.open_complete(tmp_path / "self.zarr", "scores")
+    tokenizer = make_tokenizer()
+    model = modeling.load_model(workdir / "gpt2").double()
+    specs, curvatures = factor_specs(factors), read_curvatures(factors)
+    names = [s.name for s in specs]
+    expected = torch.zeros(len(SENTENCES), dtype=torch.float64)
+    for zi, text in enumerate(SENTENCES):
+        grads = autograd_grads(model, names, tokenizer(text)["input_ids"])
+        for name in names:
+            g = grads[name].flatten()
+            expected[zi] += g @ dense_inverse(curvatures[name]) @ g
+    assert list(scores["query_ids"][...]) == ["self"]
+    total = torch.from_numpy(np.asarray(scores["total"][0])).double()
+    assert (total > 0).all()  # g^T (G + damping I)^-1 g > 0
+    torch.testing.assert_close(total, expected, rtol=2e-3, atol=0)
+
+
+@pytest.mark.parametrize("rank", [None, 2])
+def test_per_token_terms_sum_to_the_scores(workdir, tmp_path, rank):
+    run_pipeline(workdir, tmp_path, rank=rank)
+    score.run(ScoreConfig(queries=tmp_path / "q.zarr", corpus=(workdir / "corpus.jsonl",), out=tmp_path / "t.zarr",
+                          per_token=True, chunk_size=5, batch_size=4))
+    scores = store.open_complete(tmp_path / "t.zarr", "scores")
+    tokens = store.read_bf16(scores["per_token"], ...)  # [Q, N, T], bfloat16 precision
+    total = np.asarray(scores["total"][...])
+    np.testing.assert_allclose(tokens.sum(-1), total, rtol=0, atol=2e-2 * np.abs(tokens).sum(-1).max())
+    lengths = [len(make_tokenizer()(t)["input_ids"]) for t in SENTENCES]
+    for zi, n in enumerate(lengths):
+        assert not tokens[:, zi, n:].any()  # nothing past a sequence's end

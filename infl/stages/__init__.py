@@ -6,7 +6,7 @@ import hashlib
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-__all__ = ["Outcome", "semantic_fields", "sequence_seed", "model_dir_for", "read_query_bank"]
+__all__ = ["Outcome", "semantic_fields", "sequence_seed", "model_dir_for", "read_query_bank", "read_curvatures", "factor_specs"]
 
 
 @dataclass(frozen=True)
@@ -69,3 +69,33 @@ def read_query_bank(group, device: str):
         else:
             bank["low_rank"][name] = (load("U"), load("sigma"), load("V"))
     return QueryBank(**bank)
+
+
+def factor_specs(group):
+    """The tracked modules recorded in a factors artifact."""
+    from infl.capture import ModuleSpec
+
+    specs = []
+    for name in group.attrs["modules"]:
+        at = group[f"modules/{name}"].attrs
+        specs.append(ModuleSpec(name, at["d_in"], at["d_out"], at["bias"], at["transposed"]))
+    return specs
+
+
+def read_curvatures(group, device: str = "cpu") -> dict:
+    """name -> damped Curvature, from a factors artifact."""
+    import numpy as np
+    import torch
+
+    from infl.curvature import Curvature
+
+    curvatures = {}
+    for name in group.attrs["modules"]:
+        sub = group[f"modules/{name}"]
+        keys = set(sub.array_keys())
+
+        def load(key, sub=sub, keys=keys):
+            return torch.from_numpy(np.asarray(sub[key][...])).to(device) if key in keys else None
+
+        curvatures[name] = Curvature(load("Lambda"), float(sub.attrs["damping"]), load("Q_A"), load("Q_S"))
+    return curvatures

@@ -12,13 +12,12 @@ import numpy as np
 import torch
 
 from infl import curvature, data, engine, gradients, modeling, store
-from infl.capture import ModuleSpec
 from infl.config import QueryConfig
 from infl.console import log, progress
 from infl.errors import BadInput
-from infl.stages import Outcome, model_dir_for, semantic_fields
+from infl.stages import Outcome, factor_specs, model_dir_for, read_curvatures, semantic_fields
 
-__all__ = ["run", "read_curvatures", "check_finite_queries"]
+__all__ = ["run", "check_finite_queries"]
 
 
 def run(cfg: QueryConfig) -> Outcome:
@@ -35,14 +34,15 @@ def run(cfg: QueryConfig) -> Outcome:
         "queries_file": str(cfg.queries.resolve()),
         "queries_sha256": data.file_sha256(cfg.queries),
         "max_length": fprov["max_length"],
-        "dtype": factors.attrs["config"]["dtype"],
+        "dtype": fprov["dtype"],
     }
     attrs = {"config": semantic_fields(cfg), "provenance": provenance}
     attrs["fingerprint"] = store.fingerprint(attrs)
     if store.state(cfg.out, "queries", attrs, cfg.force) == store.State.COMPLETE:
         return Outcome(f"{cfg.out} is up to date", up_to_date=True)
 
-    specs, curvatures = read_curvatures(factors)
+    curvatures = read_curvatures(factors)
+    specs = factor_specs(factors)
     tokenizer = modeling.load_tokenizer(model_dir)
     queries = data.read_queries(cfg.queries, tokenizer, fprov["max_length"])
     model = modeling.load_model(model_dir, cfg.device, provenance["dtype"])
@@ -87,22 +87,6 @@ def _write_preconditioned(sub, P: torch.Tensor, rank: int | None) -> None:
     store.write_array(sub, "sigma", torch.stack(sigma).numpy().astype(np.float32))
     store.write_array(sub, "V", torch.stack(V).numpy().astype(np.float32), chunks=(1, I, rank))
     store.write_array(sub, "kept", np.asarray(kept, dtype=np.float32))
-
-
-def read_curvatures(group) -> tuple[list[ModuleSpec], dict[str, curvature.Curvature]]:
-    """Module specs and damped curvatures from a factors artifact."""
-    specs, curvatures = [], {}
-    for name in group.attrs["modules"]:
-        sub = group[f"modules/{name}"]
-        at = sub.attrs
-        specs.append(ModuleSpec(name, at["d_in"], at["d_out"], at["bias"], at["transposed"]))
-        keys = set(sub.array_keys())
-
-        def load(key, sub=sub, keys=keys):
-            return torch.from_numpy(np.asarray(sub[key][...])) if key in keys else None
-
-        curvatures[name] = curvature.Curvature(load("Lambda"), float(at["damping"]), load("Q_A"), load("Q_S"))
-    return specs, curvatures
 
 
 def check_finite_queries(ids: list[str], measurement: torch.Tensor, grads: dict[str, torch.Tensor]) -> None:

@@ -36,6 +36,7 @@ def run(cfg: FitConfig) -> Outcome:
         "tokenizer_fingerprint": modeling.tokenizer_fingerprint(cfg.model),
         "corpus": [shard.to_dict() for shard in corpus.shards],
         "max_length": max_length,
+        "dtype": cfg.dtype,
     }
     config = semantic_fields(cfg)
     attrs = {"config": config, "provenance": provenance}

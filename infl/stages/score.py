@@ -17,31 +17,38 @@ from infl import data, engine, modeling, store
 from infl.config import ScoreConfig
 from infl.console import log, progress
 from infl.errors import BadInput
-from infl.stages import Outcome, model_dir_for, read_query_bank, semantic_fields
+from infl.stages import Outcome, model_dir_for, read_curvatures, read_query_bank, semantic_fields
 
 __all__ = ["run"]
 
 
 def run(cfg: ScoreConfig) -> Outcome:
     started = time.perf_counter()
-    queries = store.open_complete(cfg.queries, "queries")
-    qprov = queries.attrs["provenance"]
-    model_dir = model_dir_for(cfg.model, qprov)
+    if cfg.self_influence:  # each sequence against itself: the factors are the only parent
+        source = store.open_complete(cfg.factors, "factors")
+        parent = {"factors": str(cfg.factors.resolve()), "factors_fingerprint": source.attrs["fingerprint"]}
+    else:
+        source = store.open_complete(cfg.queries, "queries")
+        parent = {
+            "factors_fingerprint": source.attrs["provenance"]["factors_fingerprint"],
+            "queries": str(cfg.queries.resolve()),
+            "queries_fingerprint": source.attrs["fingerprint"],
+        }
+    sprov = source.attrs["provenance"]
+    model_dir = model_dir_for(cfg.model, sprov)
     tokenizer = modeling.load_tokenizer(model_dir)
-    max_length = qprov["max_length"] if cfg.max_length is None else cfg.max_length
-    if max_length > qprov["max_length"]:
-        raise BadInput(f"--max-length {max_length} exceeds the model's context of {qprov['max_length']} tokens")
+    max_length = sprov["max_length"] if cfg.max_length is None else cfg.max_length
+    if max_length > sprov["max_length"]:
+        raise BadInput(f"--max-length {max_length} exceeds the model's context of {sprov['max_length']} tokens")
     corpus = data.read_corpus(list(cfg.corpus), tokenizer, max_length, cfg.split, cfg.text_field, cfg.id_field)
     provenance = {
         "model": str(model_dir.resolve()),
-        "model_fingerprint": qprov["model_fingerprint"],
-        "tokenizer_fingerprint": qprov["tokenizer_fingerprint"],
-        "factors_fingerprint": qprov["factors_fingerprint"],
-        "queries": str(cfg.queries.resolve()),
-        "queries_fingerprint": queries.attrs["fingerprint"],
+        "model_fingerprint": sprov["model_fingerprint"],
+        "tokenizer_fingerprint": sprov["tokenizer_fingerprint"],
+        **parent,
         "corpus": [shard.to_dict() for shard in corpus.shards],
         "max_length": max_length,
-        "dtype": qprov["dtype"],
+        "dtype": sprov["dtype"],
     }
     attrs = {"config": semantic_fields(cfg), "provenance": provenance}
     attrs["fingerprint"] = store.fingerprint(attrs)
@@ -49,16 +56,19 @@ def run(cfg: ScoreConfig) -> Outcome:
     if status == store.State.COMPLETE:
         return Outcome(f"{cfg.out} is up to date", up_to_date=True)
 
-    query_ids = np.asarray(queries["ids"][...])
-    Q, N, M = len(query_ids), len(corpus.ids), len(queries.attrs["modules"])
+    modules = list(source.attrs["modules"])
+    query_ids = np.array(["self"]) if cfg.self_influence else np.asarray(source["ids"][...])
+    Q, N, M, T = len(query_ids), len(corpus.ids), len(modules), max_length
     C = cfg.chunk_size
     n_chunks = -(-N // C)
     if status == store.State.ABSENT:
         group = store.create(cfg.out, "scores", attrs)
-        group.attrs["modules"] = list(queries.attrs["modules"])
+        group.attrs["modules"] = modules
         group.attrs["unit"] = "nats per unit upweight (d log p(completion) / d epsilon); divide by N for one copy"
         store.create_array(group, "total", (Q, N), (Q, C), "float32", float("nan"))
         store.create_array(group, "per_module", (M, Q, N), (M, Q, C), "float32", float("nan"))
+        if cfg.per_token:
+            store.create_bf16_array(group, "per_token", (Q, N, T), (Q, C, T))
         store.create_array(group, "done", (n_chunks,), (1,), "bool", False)
         store.write_array(group, "query_ids", query_ids.astype(object))
         store.write_array(group, "train_ids", np.array(corpus.ids, dtype=object), chunks=(C,))
@@ -69,27 +79,39 @@ def run(cfg: ScoreConfig) -> Outcome:
     pending = [c for c in range(n_chunks) if not done[c]]
     if corpus.n_truncated:
         log(f"{corpus.n_truncated} of {N} sequences truncated to {max_length} tokens")
-    log(f"scoring {N} sequences x {Q} queries over {M} modules ({n_chunks - len(pending)} of {n_chunks} chunks done)")
+    what = "self-influence" if cfg.self_influence else f"{Q} queries"
+    log(f"scoring {N} sequences x {what} over {M} modules ({n_chunks - len(pending)} of {n_chunks} chunks done)")
 
-    model = modeling.load_model(model_dir, cfg.device, qprov["dtype"])
-    specs = modeling.module_specs(model, queries.attrs["modules"])
+    model = modeling.load_model(model_dir, cfg.device, sprov["dtype"])
+    specs = modeling.module_specs(model, modules)
     modeling.prepare_for_capture(model, specs)
-    bank = read_query_bank(queries, cfg.device)
+    if cfg.self_influence:
+        curvatures = read_curvatures(source, cfg.device)
+    else:
+        bank = read_query_bank(source, cfg.device)
     pad_id = tokenizer.pad_token_id or 0
     with progress() as bar:
         task = bar.add_task("score", total=N, completed=N - sum(min(C, N - c * C) for c in pending))
         for c in pending:
             lo, hi = c * C, min((c + 1) * C, N)
-            block, _ = engine.score_sequences(
-                model, specs, bank, corpus.tokens[lo:hi], pad_id, cfg.batch_size, cfg.device,
-                on_batch=lambda n: bar.advance(task, n),
-            )  # [M, Q, hi - lo]
+            tokens = corpus.tokens[lo:hi]
+            advance = lambda n: bar.advance(task, n)  # noqa: E731
+            if cfg.self_influence:
+                block, terms = engine.self_influence(model, specs, curvatures, tokens, pad_id, cfg.batch_size, cfg.device, advance)
+            else:
+                block, terms = engine.score_sequences(
+                    model, specs, bank, tokens, pad_id, cfg.batch_size, cfg.device, cfg.per_token, advance
+                )  # [M, Q, hi - lo], [Q, hi - lo, T_batch]
             _check_finite(block, corpus.ids[lo:hi])
             group["per_module"][:, :, lo:hi] = block.numpy()
             group["total"][:, lo:hi] = block.sum(0).numpy()
+            if cfg.per_token:
+                padded = np.zeros((Q, hi - lo, T), dtype=np.float32)
+                padded[:, :, : terms.shape[2]] = terms.numpy()
+                store.write_bf16(group["per_token"], (slice(None), slice(lo, hi), slice(None)), padded)
             group["done"][c] = True  # after the data: a chunk is done only once its scores are on disk
     store.mark_complete(cfg.out, attrs["fingerprint"])
-    return Outcome(f"wrote {cfg.out}: {Q} queries x {N} sequences ({time.perf_counter() - started:.1f} s)")
+    return Outcome(f"wrote {cfg.out}: {what} x {N} sequences ({time.perf_counter() - started:.1f} s)")
 
 
 def _check_finite(block: torch.Tensor, ids: list[str]) -> None:
