@@ -53,6 +53,7 @@ ConfigOpt = Annotated[
 ]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Only errors on stderr.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Recompute even if the output is up to date or was made from other inputs.")]
+WaitOpt = Annotated[bool, typer.Option("--wait", help="If another run is writing the output, wait for it instead of exiting with 75.")]
 DeviceOpt = Annotated[str, typer.Option(help="cpu or cuda[:N].")]
 BatchOpt = Annotated[int, typer.Option(help="Sequences per forward/backward pass (memory, not results).")]
 CorpusOpt = Annotated[
@@ -106,6 +107,7 @@ def fit_factors(
     device: DeviceOpt = "cpu",
     dtype: Annotated[str, typer.Option(help="float32 | bfloat16 (model weights; statistics stay float32/64).")] = "float32",
     force: ForceOpt = False,
+    wait: WaitOpt = False,
     quiet: QuietOpt = False,
     config: ConfigOpt = None,
 ) -> None:
@@ -121,7 +123,7 @@ def fit_factors(
             model=_need(model, "--model"), corpus=tuple(_need((corpus or []) + (more_corpus or []), "--corpus")),
             out=_need(out, "--out"), strategy=strategy, modules=modules, damping=damping, damping_scale=damping_scale,
             max_length=max_length, max_sequences=max_sequences, split=split, text_field=text_field, id_field=id_field,
-            seed=seed, dtype=dtype, batch_size=batch_size, device=device, force=force,
+            seed=seed, dtype=dtype, batch_size=batch_size, device=device, force=force, wait=wait,
         )
         return stage.run(cfg)
 
@@ -135,9 +137,11 @@ def build_query(
     out: Annotated[Optional[Path], typer.Option(help="Queries artifact to write (.zarr).")] = None,
     model: Annotated[Optional[Path], typer.Option(help="The factors' model at another path (checked by fingerprint).")] = None,
     rank: Annotated[str, typer.Option(help="Rank of the stored preconditioned gradients, or 'full'.")] = "32",
+    svd: Annotated[str, typer.Option(help="auto (exact up to min(O, I) = 1024, else randomized) | exact | randomized.")] = "auto",
     batch_size: BatchOpt = 8,
     device: DeviceOpt = "cpu",
     force: ForceOpt = False,
+    wait: WaitOpt = False,
     quiet: QuietOpt = False,
     config: ConfigOpt = None,
 ) -> None:
@@ -151,7 +155,7 @@ def build_query(
     def call():
         cfg = QueryConfig(
             factors=_need(factors, "--factors"), queries=_need(queries, "--queries"), out=_need(out, "--out"),
-            model=model, rank=parse_rank(rank), batch_size=batch_size, device=device, force=force,
+            model=model, rank=parse_rank(rank), svd=svd, batch_size=batch_size, device=device, force=force, wait=wait,
         )
         return stage.run(cfg)
 
@@ -176,6 +180,7 @@ def score(
     batch_size: BatchOpt = 8,
     device: DeviceOpt = "cpu",
     force: ForceOpt = False,
+    wait: WaitOpt = False,
     quiet: QuietOpt = False,
     config: ConfigOpt = None,
 ) -> None:
@@ -193,7 +198,7 @@ def score(
             queries=queries, corpus=tuple(_need((corpus or []) + (more_corpus or []), "--corpus")),
             out=_need(out, "--out"), model=model, max_length=max_length, split=split, text_field=text_field,
             id_field=id_field, chunk_size=chunk_size, per_token=per_token, self_influence=self_influence,
-            factors=factors, batch_size=batch_size, device=device, force=force,
+            factors=factors, batch_size=batch_size, device=device, force=force, wait=wait,
         )
         return stage.run(cfg)
 
@@ -302,3 +307,31 @@ def make_demo(
         raise typer.BadParameter(f"--size must be default or test, not {size!r}")
     _finish(lambda: build_demo(out, size=size, seed=seed), quiet)
     log(f"embedded default ready in {out}")
+
+
+@app.command("info")
+def info(
+    artifact: Annotated[Path, typer.Argument(help="A factors, queries or scores artifact (.zarr).")],
+    format: Annotated[str, typer.Option("--format", help="table | json.")] = "table",
+) -> None:
+    """Describe an artifact: kind, schema, creation time, config, provenance, progress, size, parents.
+
+    Example: `infl info runs/scores.zarr --format json`
+    """
+    import json
+
+    from rich.console import Console
+
+    from infl.report import render_info
+    from infl.stages import info as stage
+
+    fmt = _check_format(format, ("table", "json"))
+
+    def call():
+        described = stage.run(artifact)
+        if fmt == "json":
+            print(json.dumps(described, indent=1))
+        else:
+            render_info(described, Console())
+
+    _finish(call, False)

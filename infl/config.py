@@ -58,6 +58,7 @@ class _Run:
     batch_size: int = _runtime(8)
     device: str = _runtime("cpu")
     force: bool = _runtime(False)
+    wait: bool = _runtime(False)  # wait for another run's lock instead of failing
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -106,9 +107,12 @@ class QueryConfig(_Run):
     out: Path = Path()
     model: Path | None = field(default=None, metadata={"semantic": False})  # checked by fingerprint
     rank: int | None = 32  # None: full matrices
+    svd: str = "auto"  # exact | randomized | auto (exact up to min(O, I) = 1024)
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.svd not in ("auto", "exact", "randomized"):
+            raise BadInput(f"--svd must be auto, exact or randomized, not {self.svd!r}")
         if self.rank is not None and self.rank < 1:
             raise BadInput(f"--rank must be >= 1, not {self.rank}")
 

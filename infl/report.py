@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from infl.stages.layerwise import LayerTable
     from infl.stages.topk import Hit
 
-__all__ = ["select", "query_rows", "render_topk", "render_layerwise", "TOPK_FORMATS", "LAYERWISE_FORMATS"]
+__all__ = ["select", "query_rows", "render_topk", "render_layerwise", "render_info", "TOPK_FORMATS", "LAYERWISE_FORMATS"]
 
 TOPK_FORMATS = ("table", "json", "jsonl", "markdown", "html")
 LAYERWISE_FORMATS = ("table", "csv", "json")
@@ -162,3 +162,25 @@ def render_layerwise(tables: list[LayerTable], fmt: str, unit: str, console: Con
                 table.add_row(layer, *cells)
             table.add_row("[bold]total[/]", *(f"[bold]{v:.3g}[/]" for v in t.totals))
             console.print(table)
+
+
+def render_info(described: dict, console: Console) -> None:
+    table = Table(title=f"{described['kind']} artifact {described['path']}", show_header=False)
+    table.add_column("key", style="bold")
+    table.add_column("value", overflow="fold")
+    progress = described["progress"]
+    rows = [
+        ("status", "complete" if described["complete"] else "unfinished"),
+        ("progress", f"{progress['chunks_done']} / {progress['chunks']} chunks"),
+        ("size", f"{described['size_bytes'] / 2**20:.2f} MiB"),
+        ("created", f"{described['created']} (infl {described['infl_version']}, schema {described['schema']})"),
+        ("fingerprint", described["fingerprint"] or ""),
+        ("modules", f"{len(described['modules'])}: {', '.join(described['modules'][:4])}{' ...' if len(described['modules']) > 4 else ''}"),
+        *((f"parent {k}", str(v)) for k, v in described["parents"].items()),
+        *((f"config.{k}", json.dumps(v)) for k, v in described["config"].items()),
+    ]
+    for shard in described["provenance"].get("corpus", []):
+        rows.append(("corpus", f"{shard['path']} ({shard['n_records']} records, sha256 {shard['sha256'][:12]})"))
+    for key, value in rows:
+        table.add_row(key, value)
+    console.print(table)

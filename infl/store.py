@@ -7,11 +7,15 @@ last and atomically, marks a finished artifact (and is the file a Makefile can d
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+import socket
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +24,13 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from infl import __version__
-from infl.errors import BadInput, IncompatibleArtifact
+from infl.errors import ArtifactLocked, BadInput, IncompatibleArtifact
 
 __all__ = [
     "SCHEMA",
     "fingerprint",
     "jsonable",
+    "exclusive",
     "State",
     "state",
     "create",
@@ -53,6 +58,30 @@ def jsonable(obj: Any) -> Any:
 def fingerprint(obj: Any) -> str:
     """sha256 of the canonical JSON of `obj`."""
     return hashlib.sha256(json.dumps(jsonable(obj), sort_keys=True).encode()).hexdigest()
+
+
+@contextmanager
+def exclusive(path: Path, wait: bool = False) -> Iterator[None]:
+    """Hold `<artifact>.lock` (flock) while writing the artifact: a second writer fails at once with
+    the holder's pid and host (or waits, with `wait`). The kernel drops the lock when its holder
+    dies, however it dies, so a stale lock is never a problem; the file itself is never deleted."""
+    lock_path = path.with_name(path.name + ".lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise ArtifactLocked(f"{path} is being written by {holder}", hint="retry later, or pass --wait") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 class State:
@@ -98,7 +127,11 @@ def state(path: Path, kind: str, attrs: dict, force: bool) -> str:
         shutil.rmtree(path)
         return State.ABSENT
     if old.get("fingerprint") == attrs["fingerprint"]:
-        return State.COMPLETE if (path / COMPLETE).is_file() else State.PARTIAL
+        if (path / COMPLETE).is_file():
+            return State.COMPLETE
+        for stray in path.rglob("*.partial"):  # a write interrupted before zarr's atomic rename
+            stray.unlink()
+        return State.PARTIAL
     changed = changed_keys(
         {"config": old.get("config", {}), "provenance": old.get("provenance", {})},
         {"config": attrs.get("config", {}), "provenance": attrs.get("provenance", {})},

@@ -184,3 +184,16 @@ def test_self_influence_from_the_command_line(workdir, tmp_path):
     assert [r["query_id"] for r in rows] == ["self"] * 3 and rows[0]["score"] >= rows[2]["score"] > 0
     assert "not self-influence" in one_line_error(infl("topk", "--scores", tmp_path / "s.zarr", "--self"))
     assert infl("score", "--self", "--corpus", workdir / "corpus.jsonl", "--out", tmp_path / "x.zarr").exit_code == 1
+
+
+def test_info_describes_an_artifact(workdir, tmp_path):
+    pipeline(workdir, tmp_path)
+    result = infl("info", tmp_path / "s.zarr", "--format", "json")
+    assert result.exit_code == 0, result.output
+    described = json.loads(result.stdout)
+    assert described["kind"] == "scores" and described["complete"] is True
+    assert described["progress"] == {"chunks_done": 1, "chunks": 1}
+    assert described["parents"]["queries"] == str((tmp_path / "q.zarr").resolve())
+    assert described["provenance"]["corpus"][0]["n_records"] == 12 and described["size_bytes"] > 0
+    assert infl("info", tmp_path / "f.zarr").exit_code == 0
+    assert "no infl artifact" in one_line_error(infl("info", tmp_path))

@@ -1,6 +1,7 @@
 """The scoring kernels on random tensors: low rank == dense reconstruction, per-token terms sum
 to the totals, and the many-query switch to forming DW changes nothing."""
 
+import pytest
 import torch
 
 from infl.gradients import low_rank, sequence_grads
@@ -30,7 +31,7 @@ def test_low_rank_and_full_kernels_agree():
     # full rank: the SVD is exact
     U, sigma, V, kept = low_rank(P[0], 10)
     torch.testing.assert_close(U @ torch.diag(sigma) @ V.T, P[0])
-    assert kept == 1.0
+    assert kept == pytest.approx(1.0, abs=1e-12)
 
 
 def test_query_bank_paths_agree_and_tokens_sum_to_totals():
@@ -48,3 +49,13 @@ def test_query_bank_paths_agree_and_tokens_sum_to_totals():
     torch.testing.assert_close(wide_totals[0, :3], totals[0])
     _, wide_tokens = wide.scores({"m": a}, {"m": s}, per_token=True)
     torch.testing.assert_close(wide_tokens[:3], tokens)
+
+
+def test_randomized_svd_matches_exact_on_a_low_rank_matrix():
+    g = torch.Generator().manual_seed(0)
+    P = torch.randn(40, 3, generator=g, dtype=torch.float64) @ torch.randn(3, 30, generator=g, dtype=torch.float64)
+    P += 1e-6 * torch.randn(40, 30, generator=g, dtype=torch.float64)
+    U, sigma, V, kept = low_rank(P, 3, "exact")
+    Ur, sr, Vr, kept_r = low_rank(P, 3, "randomized")
+    torch.testing.assert_close(Ur @ torch.diag(sr) @ Vr.T, U @ torch.diag(sigma) @ V.T, atol=1e-8, rtol=1e-6)
+    assert kept_r == pytest.approx(kept, rel=1e-12) and kept > 0.999999

@@ -21,6 +21,11 @@ __all__ = ["run", "check_finite_queries"]
 
 
 def run(cfg: QueryConfig) -> Outcome:
+    with store.exclusive(cfg.out, cfg.wait):  # one writer per artifact
+        return _run(cfg)
+
+
+def _run(cfg: QueryConfig) -> Outcome:
     started = time.perf_counter()
     factors = store.open_complete(cfg.factors, "factors")
     fprov = factors.attrs["provenance"]
@@ -66,13 +71,13 @@ def run(cfg: QueryConfig) -> Outcome:
         task = bar.add_task("precondition", total=len(specs))
         for spec in specs:
             P = curvature.precondition(grads[spec.name], curvatures[spec.name])  # [Q, O, I]
-            _write_preconditioned(group.create_group(f"modules/{spec.name}"), P, cfg.rank)
+            _write_preconditioned(group.create_group(f"modules/{spec.name}"), P, cfg.rank, cfg.svd)
             bar.advance(task)
     store.mark_complete(cfg.out, attrs["fingerprint"])
     return Outcome(f"wrote {cfg.out}: {len(queries.ids)} queries ({time.perf_counter() - started:.1f} s)")
 
 
-def _write_preconditioned(sub, P: torch.Tensor, rank: int | None) -> None:
+def _write_preconditioned(sub, P: torch.Tensor, rank: int | None, svd: str) -> None:
     """Full P [Q, O, I], or its rank-R SVD U [Q, O, R], sigma [Q, R], V [Q, I, R] and the fraction of
     each query's Frobenius norm kept, when R < min(O, I)."""
     Q, O, I = P.shape
@@ -80,9 +85,11 @@ def _write_preconditioned(sub, P: torch.Tensor, rank: int | None) -> None:
         sub.attrs["form"] = "full"
         store.write_array(sub, "P", P.numpy().astype(np.float32), chunks=(1, O, I))
         return
-    U, sigma, V, kept = zip(*(gradients.low_rank(P[q], rank) for q in range(Q)))
+    method = svd if svd != "auto" else ("exact" if min(O, I) <= 1024 else "randomized")
+    U, sigma, V, kept = zip(*(gradients.low_rank(P[q], rank, method) for q in range(Q)))
     sub.attrs["form"] = "low_rank"
     sub.attrs["rank"] = rank
+    sub.attrs["svd"] = method
     store.write_array(sub, "U", torch.stack(U).numpy().astype(np.float32), chunks=(1, O, rank))
     store.write_array(sub, "sigma", torch.stack(sigma).numpy().astype(np.float32))
     store.write_array(sub, "V", torch.stack(V).numpy().astype(np.float32), chunks=(1, I, rank))

@@ -24,6 +24,11 @@ __all__ = ["run"]
 
 
 def run(cfg: FitConfig) -> Outcome:
+    with store.exclusive(cfg.out, cfg.wait):  # one writer per artifact
+        return _run(cfg)
+
+
+def _run(cfg: FitConfig) -> Outcome:
     started = time.perf_counter()
     tokenizer = modeling.load_tokenizer(cfg.model)
     model = modeling.load_model(cfg.model, cfg.device, cfg.dtype)

@@ -23,6 +23,11 @@ __all__ = ["run"]
 
 
 def run(cfg: ScoreConfig) -> Outcome:
+    with store.exclusive(cfg.out, cfg.wait):  # one writer per artifact
+        return _run(cfg)
+
+
+def _run(cfg: ScoreConfig) -> Outcome:
     started = time.perf_counter()
     if cfg.self_influence:  # each sequence against itself: the factors are the only parent
         source = store.open_complete(cfg.factors, "factors")

@@ -1,0 +1,48 @@
+"""Killed runs resume to identical results; one writer per artifact."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+from conftest import SENTENCES, write_jsonl
+
+from infl import store
+from test_cli import infl, one_line_error, pipeline
+
+
+def test_score_killed_midway_resumes_to_identical_scores(workdir, tmp_path):
+    pipeline(workdir, tmp_path)
+    corpus = write_jsonl(tmp_path / "big.jsonl", [{"id": f"s{i}", "text": SENTENCES[i % 12] + f" {i % 7}"} for i in range(240)])
+    args = ["score", "--queries", tmp_path / "q.zarr", "--corpus", corpus, "--chunk-size", "4", "--batch-size", "2"]
+    assert infl(*args, "--out", tmp_path / "ref.zarr").exit_code == 0
+
+    out = tmp_path / "killed.zarr"
+    cmd = [sys.executable, "-m", "infl", *map(str, args), "--out", str(out), "--quiet"]
+    proc = subprocess.Popen(cmd, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list((out / "done" / "c").glob("*"))) < 5:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = np.asarray(store.open_group(out)["done"][...])
+    assert 5 <= done.sum() < len(done) and not (out / "COMPLETE.json").exists()  # really killed midway
+
+    resumed = infl(*args, "--out", out)
+    assert resumed.exit_code == 0, resumed.output
+    assert f"{int(done.sum())} of {len(done)} chunks done" in resumed.output
+    ref, got = store.open_complete(tmp_path / "ref.zarr", "scores"), store.open_complete(out, "scores")
+    for key in ("total", "per_module"):
+        np.testing.assert_array_equal(np.asarray(got[key][...]), np.asarray(ref[key][...]))  # bit for bit
+
+
+def test_a_second_writer_is_refused_with_exit_75(workdir, tmp_path):
+    pipeline(workdir, tmp_path)
+    with store.exclusive(tmp_path / "s2.zarr"):
+        result = infl("score", "--queries", tmp_path / "q.zarr", "--corpus", workdir / "corpus.jsonl", "--out", tmp_path / "s2.zarr")
+        line = one_line_error(result, code=75)
+        assert f"pid {os.getpid()}" in line
+    result = infl("score", "--queries", tmp_path / "q.zarr", "--corpus", workdir / "corpus.jsonl", "--out", tmp_path / "s2.zarr")
+    assert result.exit_code == 0, result.output  # released when the holder is done
