@@ -169,7 +169,7 @@ def open_complete(path: Path, kind: str) -> zarr.Group:
     if attrs.get("schema") != SCHEMA:
         raise IncompatibleArtifact(f"{path} has schema {attrs.get('schema')}, this infl reads schema {SCHEMA}")
     if not (path / COMPLETE).is_file():
-        raise IncompatibleArtifact(f"{path} is unfinished", hint=f"re-run the command that writes it")
+        raise IncompatibleArtifact(f"{path} is unfinished", hint="re-run the command that writes it")
     return open_group(path)
 
 

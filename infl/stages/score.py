@@ -66,6 +66,8 @@ def _run(cfg: ScoreConfig) -> Outcome:
     Q, N, M, T = len(query_ids), len(corpus.ids), len(modules), max_length
     C = cfg.chunk_size
     n_chunks = -(-N // C)
+    if status == store.State.PARTIAL and "done" not in store.open_group(cfg.out):
+        status = store.State.ABSENT  # killed while the arrays were being created: start over
     if status == store.State.ABSENT:
         group = store.create(cfg.out, "scores", attrs)
         group.attrs["modules"] = modules
@@ -74,10 +76,10 @@ def _run(cfg: ScoreConfig) -> Outcome:
         store.create_array(group, "per_module", (M, Q, N), (M, Q, C), "float32", float("nan"))
         if cfg.per_token:
             store.create_bf16_array(group, "per_token", (Q, N, T), (Q, C, T))
-        store.create_array(group, "done", (n_chunks,), (1,), "bool", False)
         store.write_array(group, "query_ids", query_ids.astype(object))
         store.write_array(group, "train_ids", np.array(corpus.ids, dtype=object), chunks=(C,))
         store.write_array(group, "locators", corpus.locators, chunks=(C, 3))
+        store.create_array(group, "done", (n_chunks,), (1,), "bool", False)  # last: its presence means ready
     else:
         group = store.open_group(cfg.out, mode="r+")
     done = np.asarray(group["done"][...])

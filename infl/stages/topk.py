@@ -49,7 +49,7 @@ def run(cfg: TopkConfig) -> list[Hit]:
     scale = 1.0 / cfg.train_size if cfg.train_size else 1.0
     rows = query_rows(group, cfg.query)
     candidates = {}
-    for row, query_id in rows:
+    for row, _ in rows:
         scores = np.asarray(group["total"][row, :], dtype=np.float64)
         candidates[row] = (select(scores, max(cfg.k, cfg.refine or 0), cfg.negative), scores)
     refined = _refine(group, rows, {r: c[0] for r, c in candidates.items()}) if cfg.refine else {}
