@@ -296,6 +296,7 @@ def make_demo(
     size: Annotated[str, typer.Option(help="default | test (smaller, for the test suite).")] = "default",
     seed: Annotated[int, typer.Option(help="Training seed.")] = 0,
     quiet: QuietOpt = False,
+    config: ConfigOpt = None,
 ) -> None:
     """Build the embedded default: a tiny GPT-2 trained on the Python docs that ship with CPython.
 
@@ -313,6 +314,7 @@ def make_demo(
 def info(
     artifact: Annotated[Path, typer.Argument(help="A factors, queries or scores artifact (.zarr).")],
     format: Annotated[str, typer.Option("--format", help="table | json.")] = "table",
+    config: ConfigOpt = None,
 ) -> None:
     """Describe an artifact: kind, schema, creation time, config, provenance, progress, size, parents.
 

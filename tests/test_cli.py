@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import yaml
-from conftest import QUERIES, save_model_dir, write_jsonl
+from conftest import QUERIES, SENTENCES, save_model_dir, write_jsonl
 from typer.testing import CliRunner
 
 from infl.cli import app
@@ -197,3 +197,31 @@ def test_info_describes_an_artifact(workdir, tmp_path):
     assert described["provenance"]["corpus"][0]["n_records"] == 12 and described["size_bytes"] > 0
     assert infl("info", tmp_path / "f.zarr").exit_code == 0
     assert "no infl artifact" in one_line_error(infl("info", tmp_path))
+
+
+def test_text_corpora_by_lines_and_by_windows(workdir, tmp_path):
+    from conftest import make_tokenizer
+
+    from infl import data
+
+
+    txt = tmp_path / "notes.txt"
+    txt.write_text("\n".join(SENTENCES[:6]) + "\n\n")  # a blank line is no sequence
+    tokenizer = make_tokenizer()
+    lines = data.read_corpus([txt], tokenizer, 32)
+    assert lines.ids == [f"notes.txt:{i}" for i in range(1, 7)]
+    windows = data.read_corpus([txt], tokenizer, 5, split="windows")
+    n_tokens = sum(len(tokenizer(s)["input_ids"]) for s in SENTENCES[:6])
+    assert [len(t) for t in windows.tokens] == [5] * (n_tokens // 5) + ([n_tokens % 5] if n_tokens % 5 else [])
+    shard = windows.shards[0]
+    first = data.read_text(shard, *windows.locators[0][1:])
+    assert first.split() == SENTENCES[0].split()[:5]  # the text a window covers, read back through its locator
+    truncated = data.read_corpus([txt], tokenizer, 4)
+    assert truncated.n_truncated == 6 and max(len(t) for t in truncated.tokens) == 4
+
+    pipeline(workdir, tmp_path)
+    result = infl("score", "--queries", tmp_path / "q.zarr", "--corpus", txt, "--split", "windows",
+                  "--max-length", "5", "--out", tmp_path / "w.zarr")
+    assert result.exit_code == 0, result.output
+    rows = json.loads(infl("topk", "--scores", tmp_path / "w.zarr", "-k", "1", "--format", "json").stdout)
+    assert all(r["train_id"].startswith("notes.txt:w") and r["text"] for r in rows)
