@@ -20,10 +20,12 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 # The embedded default: a tiny GPT-2 trained on the Python docs shipped with CPython (pydoc_data).
-$(DEMO)/model/config.json: | setup
+$(DEMO)/DEMO.json: | setup
 	$(INFL) make-demo --out $(DEMO)
 
-$(DEMO)/factors.zarr/COMPLETE.json: $(DEMO)/model/config.json
+$(DEMO)/corpus.jsonl $(DEMO)/queries.jsonl: $(DEMO)/DEMO.json
+
+$(DEMO)/factors.zarr/COMPLETE.json: $(DEMO)/DEMO.json
 	$(INFL) fit-factors --config sample_configs/demo.yaml
 
 $(DEMO)/queries.zarr/COMPLETE.json: $(DEMO)/factors.zarr/COMPLETE.json $(DEMO)/queries.jsonl
