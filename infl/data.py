@@ -244,10 +244,10 @@ def add_query(queries: Queries, query_id: str, prompt: str, completion: str, tok
     queries.n_prompt.append(n_prompt)
 
 
-def token_pieces(text: str, tokenizer, max_length: int) -> tuple[list[int], list[str]]:
-    """A sequence's tokens as scored (special tokens, truncation) and the text each one covers,
-    including the whitespace before the next token."""
-    encoding = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
+def token_pieces(text: str, tokenizer, max_length: int, windows: bool = False) -> tuple[list[int], list[str]]:
+    """A sequence's tokens as scored (special tokens except for windows, truncation) and the text
+    each one covers, including the whitespace before the next token."""
+    encoding = tokenizer(text, add_special_tokens=not windows, return_offsets_mapping=True)
     ids, offsets = encoding["input_ids"][:max_length], encoding["offset_mapping"][:max_length]
     pieces = []
     for i, (start, end) in enumerate(offsets):

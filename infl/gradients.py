@@ -47,9 +47,9 @@ def sample_labels(logits: Tensor, labels: Tensor, seeds: list[int]) -> Tensor:
         keep = labels[b, 1:] != IGNORE
         if not keep.any():
             continue
-        generator = torch.Generator(device=logits.device).manual_seed(seed)
+        generator = torch.Generator().manual_seed(seed)  # on the CPU: the same draws on every device
         cdf = probs[b][keep].cumsum(-1)  # inverse-CDF draw: much cheaper than torch.multinomial
-        u = torch.rand(cdf.shape[0], 1, generator=generator, device=logits.device) * cdf[:, -1:]
+        u = torch.rand(cdf.shape[0], 1, generator=generator).to(cdf.device) * cdf[:, -1:]
         draws = torch.searchsorted(cdf, u).squeeze(1).clamp_max(cdf.shape[1] - 1)
         sampled[b, 1:][keep] = draws
     return sampled

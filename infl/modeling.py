@@ -50,6 +50,10 @@ def load_model(path: Path, device: str = "cpu", dtype: str = "float32") -> nn.Mo
     from transformers import AutoModelForCausalLM
 
     _check_model_dir(path)
+    if device.startswith("cuda"):
+        index = int(device.split(":")[1]) if ":" in device else 0
+        if not torch.cuda.is_available() or index >= torch.cuda.device_count():
+            raise BadInput(f"--device {device}: no such CUDA device here ({torch.cuda.device_count()} visible)")
     transformers.utils.logging.disable_progress_bar()  # our own progress bars only
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     try:

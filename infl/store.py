@@ -120,9 +120,16 @@ def state(path: Path, kind: str, attrs: dict, force: bool) -> str:
     if not path.exists():
         return State.ABSENT
     old = _read_attrs(path)
-    if old is None or old.get("kind") != kind:
-        what = "a plain" if old is None else f"a {old.get('kind')!r}"
-        raise BadInput(f"{path} exists and is not a {kind} artifact (it is {what} path)", hint="choose another --out")
+    if old is None or "kind" not in old:
+        # a create killed before its attributes were written leaves a Zarr group without a kind
+        remnant = (path / "zarr.json").is_file() or (path.is_dir() and not any(path.iterdir()))
+        if force and remnant:
+            shutil.rmtree(path)
+            return State.ABSENT
+        raise BadInput(f"{path} exists and is not a {kind} artifact",
+                       hint="pass --force to replace an unfinished artifact" if remnant else "choose another --out")
+    if old["kind"] != kind:
+        raise BadInput(f"{path} exists and is a {old['kind']!r} artifact, not {kind}", hint="choose another --out")
     if force:
         shutil.rmtree(path)
         return State.ABSENT
@@ -146,13 +153,8 @@ def create(path: Path, kind: str, attrs: dict) -> zarr.Group:
     """A new, empty artifact with its root attributes."""
     if path.exists():
         shutil.rmtree(path)
-    group = zarr.open_group(str(path), mode="w")
-    group.attrs.update(
-        jsonable(
-            {"kind": kind, "schema": SCHEMA, "infl_version": __version__, "created": _now(), **attrs}
-        )
-    )
-    return group
+    meta = {"kind": kind, "schema": SCHEMA, "infl_version": __version__, "created": _now(), **attrs}
+    return zarr.open_group(str(path), mode="w", attributes=jsonable(meta))  # attributes in the group's first write
 
 
 def open_group(path: Path, mode: str = "r") -> zarr.Group:

@@ -225,3 +225,17 @@ def test_text_corpora_by_lines_and_by_windows(workdir, tmp_path):
     assert result.exit_code == 0, result.output
     rows = json.loads(infl("topk", "--scores", tmp_path / "w.zarr", "-k", "1", "--format", "json").stdout)
     assert all(r["train_id"].startswith("notes.txt:w") and r["text"] for r in rows)
+
+
+def test_unfinished_remnants_and_missing_devices(workdir, tmp_path):
+    import zarr
+
+    zarr.open_group(str(tmp_path / "f.zarr"), mode="w")  # a create killed before its attributes
+    fit = ["fit-factors", "--model", workdir / "gpt2", "--corpus", workdir / "corpus.jsonl", "--out", tmp_path / "f.zarr"]
+    assert "not a factors artifact" in one_line_error(infl(*fit))
+    assert infl(*fit, "--force").exit_code == 0
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "keep.txt").write_text("user data")
+    refused = infl(*fit[:-1], tmp_path / "data", "--force")  # --force never removes a directory that is not ours
+    assert refused.exit_code == 1 and (tmp_path / "data" / "keep.txt").is_file()
+    assert "no such CUDA device" in one_line_error(infl(*fit[:-1], tmp_path / "g.zarr", "--device", "cuda:99"))

@@ -32,11 +32,24 @@ class Hit:
 
 
 def texts_of(group, indices: np.ndarray) -> list[str]:
+    return [text for text, _ in _records(group, indices)]
+
+
+def _records(group, indices: np.ndarray) -> list[tuple[str, bool]]:
+    """(text, whether it is a window of a text file) of each scored sequence, via its locator."""
     shards = [data.Shard(**s) for s in group.attrs["provenance"]["corpus"]]
     text_field = group.attrs["config"].get("text_field", "text")
     order = np.sort(indices)
     by_index = dict(zip(order.tolist(), np.asarray(group["locators"].oindex[order, :]).tolist()))
-    return [data.read_text(shards[by_index[i][0]], by_index[i][1], by_index[i][2], text_field) for i in indices.tolist()]
+    return [
+        (data.read_text(shards[shard], start, end, text_field), shards[shard].format == "windows")
+        for shard, start, end in (by_index[i] for i in indices.tolist())
+    ]
+
+
+def _tokens_of(group, tokenizer, max_length: int, indices: np.ndarray) -> list[tuple[list[int], list[str]]]:
+    """Token ids and text pieces of scored sequences, tokenised as `score` tokenised them."""
+    return [data.token_pieces(text, tokenizer, max_length, windows) for text, windows in _records(group, indices)]
 
 
 def run(cfg: TopkConfig) -> list[Hit]:
@@ -79,7 +92,8 @@ def _with_tokens(group, hits: list[Hit], rows, scale: float) -> list[Hit]:
     for just these sequences."""
     prov = group.attrs["provenance"]
     model_dir, tokenizer = _model_and_tokenizer(group)
-    pieces = {h.index: data.token_pieces(h.text, tokenizer, prov["max_length"]) for h in hits}
+    indices = np.array(sorted({h.index for h in hits}))
+    pieces = dict(zip(indices.tolist(), _tokens_of(group, tokenizer, prov["max_length"], indices)))
     row_of = {query_id: row for row, query_id in rows}
     if "per_token" in group:
         terms = {(h.query_id, h.index): store.read_bf16(group["per_token"], (row_of[h.query_id], h.index)) for h in hits}
@@ -119,13 +133,14 @@ def _refine(group, rows, candidates: dict[int, np.ndarray]) -> dict[int, np.ndar
     wanted = data.Queries([], [], [], [], [])
     ids, prompts, completions = (np.asarray(queries[k][...]) for k in ("ids", "prompts", "completions"))
     for row, _ in rows:
-        data.add_query(wanted, str(ids[row]), str(prompts[row]), str(completions[row]), tokenizer, prov["max_length"])
+        data.add_query(wanted, str(ids[row]), str(prompts[row]), str(completions[row]), tokenizer,
+                       queries.attrs["provenance"]["max_length"])  # as build-query tokenised them
     pad_id = tokenizer.pad_token_id or 0
     _, grads = engine.query_gradients(model, specs, wanted.tokens, wanted.n_prompt, pad_id, 8, "cpu")
     curvatures = read_curvatures(factors)
     bank = QueryBank([s.name for s in specs], full={n: curvature.precondition(g, curvatures[n]) for n, g in grads.items()})
     indices = sorted(set(np.concatenate(list(candidates.values())).tolist()))
-    token_lists = _tokens_of(group, tokenizer, prov["max_length"], np.asarray(indices))
+    token_lists = [ids for ids, _ in _tokens_of(group, tokenizer, prov["max_length"], np.asarray(indices))]
     with progress() as bar:
         task = bar.add_task("refine at full rank", total=len(indices))
         per_module, _ = engine.score_sequences(model, specs, bank, token_lists, pad_id, 8, "cpu",
@@ -133,8 +148,3 @@ def _refine(group, rows, candidates: dict[int, np.ndarray]) -> dict[int, np.ndar
     total = per_module.sum(0).double().numpy()  # [len(rows), n]
     column = {i: j for j, i in enumerate(indices)}
     return {row: total[q, [column[i] for i in candidates[row].tolist()]] for q, (row, _) in enumerate(rows)}
-
-
-def _tokens_of(group, tokenizer, max_length: int, indices: np.ndarray) -> list[list[int]]:
-    texts = texts_of(group, indices)
-    return [ids for ids, _ in (data.token_pieces(t, tokenizer, max_length) for t in texts)]
