@@ -103,6 +103,7 @@ def fit_factors(
     text_field: TextFieldOpt = "text",
     id_field: IdFieldOpt = "id",
     seed: Annotated[int, typer.Option(help="Seed of the sampled labels (each sequence draws from its own stream).")] = 0,
+    chunk_size: Annotated[int, typer.Option(help="Sequences between checkpoints: a killed fit resumes from the last one.")] = 512,
     batch_size: BatchOpt = 8,
     device: DeviceOpt = "cpu",
     dtype: Annotated[str, typer.Option(help="float32 | bfloat16 (model weights; statistics stay float32/64).")] = "float32",
@@ -123,7 +124,7 @@ def fit_factors(
             model=_need(model, "--model"), corpus=tuple(_need((corpus or []) + (more_corpus or []), "--corpus")),
             out=_need(out, "--out"), strategy=strategy, modules=modules, damping=damping, damping_scale=damping_scale,
             max_length=max_length, max_sequences=max_sequences, split=split, text_field=text_field, id_field=id_field,
-            seed=seed, dtype=dtype, batch_size=batch_size, device=device, force=force, wait=wait,
+            seed=seed, dtype=dtype, chunk_size=chunk_size, batch_size=batch_size, device=device, force=force, wait=wait,
         )
         return stage.run(cfg)
 

@@ -82,6 +82,7 @@ class FitConfig(_Run):
     id_field: str = "id"
     seed: int = 0
     dtype: str = "float32"
+    chunk_size: int = _runtime(512)  # sequences between checkpoints (the unit of resume)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -95,6 +96,8 @@ class FitConfig(_Run):
             raise BadInput(f"--max-length must be >= 2, not {self.max_length}")
         if self.max_sequences is not None and self.max_sequences < 1:
             raise BadInput(f"--max-sequences must be >= 1, not {self.max_sequences}")
+        if self.chunk_size < 1:
+            raise BadInput(f"--chunk-size must be >= 1, not {self.chunk_size}")
         if self.dtype not in ("float32", "bfloat16"):
             raise BadInput(f"--dtype must be float32 or bfloat16, not {self.dtype!r}")
         object.__setattr__(self, "damping", parse_damping(self.damping))

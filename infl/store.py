@@ -41,6 +41,7 @@ __all__ = [
     "create_array",
     "changed_keys",
     "create_bf16_array",
+    "delete",
     "write_bf16",
     "read_bf16",
 ]
@@ -197,9 +198,16 @@ def create_array(group: zarr.Group, name: str, shape: tuple[int, ...], chunks: t
     )
 
 
+def delete(group: zarr.Group, name: str) -> None:
+    if name in group:
+        del group[name]
+
+
 def write_array(group: zarr.Group, name: str, data: np.ndarray, chunks: tuple[int, ...] | None = None):
-    """Write a whole array at once (factors, queries: small enough to write in one go)."""
+    """Write a whole array at once (factors, queries: small enough to write in one go), replacing
+    an array of the same name."""
     data = np.asarray(data)
+    delete(group, name)
     if data.dtype.kind in "UO":
         data = data.astype(np.dtypes.StringDType())
         array = group.create_array(name, shape=data.shape, chunks=chunks or data.shape or (1,), dtype=str)

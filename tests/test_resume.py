@@ -46,3 +46,40 @@ def test_a_second_writer_is_refused_with_exit_75(workdir, tmp_path):
         assert f"pid {os.getpid()}" in line
     result = infl("score", "--queries", tmp_path / "q.zarr", "--corpus", workdir / "corpus.jsonl", "--out", tmp_path / "s2.zarr")
     assert result.exit_code == 0, result.output  # released when the holder is done
+
+
+def _checkpoint(out):
+    import json
+
+    try:
+        return json.loads((out / "zarr.json").read_text())["attributes"].get("checkpoint", {})
+    except (FileNotFoundError, ValueError):
+        return {}
+
+
+def test_fit_killed_in_either_pass_resumes_to_identical_factors(workdir, tmp_path):
+    corpus = write_jsonl(tmp_path / "big.jsonl", [{"id": f"s{i}", "text": SENTENCES[i % 12] + f" {i % 7}"} for i in range(240)])
+    args = ["fit-factors", "--model", workdir / "gpt2", "--corpus", corpus, "--chunk-size", "8", "--batch-size", "4"]
+    assert infl(*args, "--out", tmp_path / "ref.zarr").exit_code == 0
+    ref = store.open_complete(tmp_path / "ref.zarr", "factors")
+
+    for kill_in in ("covariances", "eigenvalues"):
+        out = tmp_path / f"killed-{kill_in}.zarr"
+        proc = subprocess.Popen([sys.executable, "-m", "infl", *map(str, args), "--out", str(out), "--quiet"],
+                                start_new_session=True)
+        deadline = time.time() + 120
+        while time.time() < deadline and not (_checkpoint(out).get("pass") == kill_in and _checkpoint(out).get("chunk", 0) >= 3):
+            time.sleep(0.01)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        assert _checkpoint(out)["pass"] == kill_in and not (out / "COMPLETE.json").exists()  # killed midway
+        resumed = infl(*args, "--out", out)
+        assert resumed.exit_code == 0, resumed.output
+        got = store.open_complete(out, "factors")
+        for name in ref.attrs["modules"]:
+            sub_ref, sub_got = ref[f"modules/{name}"], got[f"modules/{name}"]
+            assert sorted(sub_got.array_keys()) == sorted(sub_ref.array_keys())
+            for key in sub_ref.array_keys():
+                np.testing.assert_array_equal(np.asarray(sub_got[key][...]), np.asarray(sub_ref[key][...]), err_msg=f"{name}/{key}")
+            assert dict(sub_got.attrs) == dict(sub_ref.attrs)
+        assert "checkpoint" not in got  # the running sums are gone once the fit is complete
