@@ -123,7 +123,7 @@ class QueryConfig(_Run):
 @dataclass(frozen=True)
 class ScoreConfig(_Run):
     queries: Path | None = None
-    corpus: tuple[Path, ...] = ()
+    corpus: tuple[Path, ...] = field(default=(), metadata={"semantic": False})  # fingerprinted by content
     out: Path = Path()
     model: Path | None = field(default=None, metadata={"semantic": False})  # checked by fingerprint
     max_length: int | None = None

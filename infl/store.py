@@ -40,6 +40,8 @@ __all__ = [
     "write_array",
     "create_array",
     "changed_keys",
+    "read_attrs",
+    "COMPLETE",
     "create_bf16_array",
     "delete",
     "write_bf16",
@@ -89,7 +91,7 @@ class State:
     ABSENT, PARTIAL, COMPLETE = "absent", "partial", "complete"
 
 
-def _read_attrs(path: Path) -> dict | None:
+def read_attrs(path: Path) -> dict | None:
     meta = path / "zarr.json"
     if not meta.is_file():
         return None
@@ -120,7 +122,7 @@ def state(path: Path, kind: str, attrs: dict, force: bool) -> str:
     """
     if not path.exists():
         return State.ABSENT
-    old = _read_attrs(path)
+    old = read_attrs(path)
     if old is None or "kind" not in old:
         # a create killed before its attributes were written leaves a Zarr group without a kind
         remnant = (path / "zarr.json").is_file() or (path.is_dir() and not any(path.iterdir()))
@@ -164,7 +166,7 @@ def open_group(path: Path, mode: str = "r") -> zarr.Group:
 
 def open_complete(path: Path, kind: str) -> zarr.Group:
     """A finished artifact of `kind`, read only; a clear error otherwise."""
-    attrs = _read_attrs(path) if path.exists() else None
+    attrs = read_attrs(path) if path.exists() else None
     if attrs is None:
         raise BadInput(f"{path}: no such {kind} artifact")
     if attrs.get("kind") != kind:

@@ -83,3 +83,26 @@ def test_fit_killed_in_either_pass_resumes_to_identical_factors(workdir, tmp_pat
                 np.testing.assert_array_equal(np.asarray(sub_got[key][...]), np.asarray(sub_ref[key][...]), err_msg=f"{name}/{key}")
             assert dict(sub_got.attrs) == dict(sub_ref.attrs)
         assert "checkpoint" not in got  # the running sums are gone once the fit is complete
+
+
+def test_a_new_corpus_shard_is_appended_and_equals_a_run_from_scratch(workdir, tmp_path):
+    pipeline(workdir, tmp_path)
+    first = write_jsonl(tmp_path / "a.jsonl", [{"id": f"a{i}", "text": t} for i, t in enumerate(SENTENCES[:7])])
+    second = write_jsonl(tmp_path / "b.jsonl", [{"id": f"b{i}", "text": t} for i, t in enumerate(SENTENCES[7:])])
+    common = ["score", "--queries", tmp_path / "q.zarr", "--chunk-size", "3"]
+    assert infl(*common, "--corpus", first, second, "--out", tmp_path / "scratch.zarr").exit_code == 0
+    assert infl(*common, "--corpus", first, "--out", tmp_path / "grown.zarr").exit_code == 0
+    grown = infl(*common, "--corpus", second, "--out", tmp_path / "grown.zarr")
+    assert grown.exit_code == 0, grown.output
+    assert "adding 5 sequences" in grown.output and "2 of 4 chunks done" in grown.output  # chunk 2 was partial
+    scratch, got = store.open_complete(tmp_path / "scratch.zarr", "scores"), store.open_complete(tmp_path / "grown.zarr", "scores")
+    for key in ("total", "per_module", "train_ids", "locators"):
+        np.testing.assert_array_equal(np.asarray(got[key][...]), np.asarray(scratch[key][...]))
+    again = infl(*common, "--corpus", second, "--out", tmp_path / "grown.zarr")
+    assert again.exit_code == 0 and "up to date" in again.output
+
+    dup = write_jsonl(tmp_path / "c.jsonl", [{"id": "a1", "text": "a repeated id"}])
+    assert "appears twice" in one_line_error(infl(*common, "--corpus", dup, "--out", tmp_path / "grown.zarr"))
+    first.write_text(first.read_text().replace("cat", "dog"))
+    changed = infl(*common, "--corpus", second, "--out", tmp_path / "grown.zarr")
+    assert "changed since" in one_line_error(changed)

@@ -9,6 +9,7 @@ Work is done chunk by chunk along the training axis; a chunk's scores are writte
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -16,7 +17,7 @@ import torch
 from infl import data, engine, modeling, store
 from infl.config import ScoreConfig
 from infl.console import log, progress
-from infl.errors import BadInput
+from infl.errors import BadInput, IncompatibleArtifact
 from infl.stages import Outcome, model_dir_for, read_curvatures, read_query_bank, semantic_fields
 
 __all__ = ["run"]
@@ -45,18 +46,26 @@ def _run(cfg: ScoreConfig) -> Outcome:
     max_length = sprov["max_length"] if cfg.max_length is None else cfg.max_length
     if max_length > sprov["max_length"]:
         raise BadInput(f"--max-length {max_length} exceeds the model's context of {sprov['max_length']} tokens")
-    corpus = data.read_corpus(list(cfg.corpus), tokenizer, max_length, cfg.split, cfg.text_field, cfg.id_field)
     provenance = {
         "model": str(model_dir.resolve()),
         "model_fingerprint": sprov["model_fingerprint"],
         "tokenizer_fingerprint": sprov["tokenizer_fingerprint"],
         **parent,
-        "corpus": [shard.to_dict() for shard in corpus.shards],
         "max_length": max_length,
         "dtype": sprov["dtype"],
     }
     attrs = {"config": semantic_fields(cfg), "provenance": provenance}
+    base = store.fingerprint(attrs)  # everything but the corpus: a corpus may grow shard by shard
+    old = store.read_attrs(cfg.out) if cfg.out.exists() else None
+    extending = not cfg.force and old is not None and old.get("kind") == "scores" and old.get("base_fingerprint") == base
+    stored = [shard["path"] for shard in old["provenance"]["corpus"]] if extending else []
+    paths = [Path(p) for p in stored] + [p for p in cfg.corpus if str(p.resolve()) not in stored]
+    corpus = data.read_corpus(paths, tokenizer, max_length, cfg.split, cfg.text_field, cfg.id_field)
+    attrs["provenance"]["corpus"] = [shard.to_dict() for shard in corpus.shards]
+    attrs["base_fingerprint"] = base
     attrs["fingerprint"] = store.fingerprint(attrs)
+    if extending and attrs["fingerprint"] != old["fingerprint"]:
+        _extend(cfg, old, attrs, corpus)
     status = store.state(cfg.out, "scores", attrs, cfg.force)
     if status == store.State.COMPLETE:
         return Outcome(f"{cfg.out} is up to date", up_to_date=True)
@@ -119,6 +128,37 @@ def _run(cfg: ScoreConfig) -> Outcome:
             group["done"][c] = True  # after the data: a chunk is done only once its scores are on disk
     store.mark_complete(cfg.out, attrs["fingerprint"])
     return Outcome(f"wrote {cfg.out}: {what} x {N} sequences ({time.perf_counter() - started:.1f} s)")
+
+
+def _extend(cfg: ScoreConfig, old: dict, attrs: dict, corpus: data.Corpus) -> None:
+    """Grow a scores artifact to a corpus that adds shards after the ones it holds: new columns get
+    `done` False, and so does a last chunk that was only partly filled, so only they are computed.
+    Each step can be repeated, so a run killed during the growth grows again on the next try."""
+    before = old["provenance"]["corpus"]
+    now = attrs["provenance"]["corpus"]
+    for i, shard in enumerate(before):
+        if now[i]["sha256"] != shard["sha256"]:
+            raise IncompatibleArtifact(
+                f"corpus shard {shard['path']} changed since {cfg.out} was scored (its sha256 differs)",
+                hint="pass --force to rescore everything, or choose another --out",
+            )
+    (cfg.out / store.COMPLETE).unlink(missing_ok=True)
+    group = store.open_group(cfg.out, mode="r+")
+    N_old, N, C = group["total"].shape[1], len(corpus.ids), cfg.chunk_size
+    for name in ("total", "per_module", "per_token"):
+        if name in group:
+            shape = list(group[name].shape)
+            shape[1 if name != "per_module" else 2] = N
+            group[name].resize(tuple(shape))
+    for name, values in (("train_ids", np.array(corpus.ids, dtype=object)), ("locators", corpus.locators)):
+        group[name].resize((N, *group[name].shape[1:]))
+        group[name][N_old:] = values[N_old:].astype(np.dtypes.StringDType()) if name == "train_ids" else values[N_old:]
+    done = group["done"]
+    first_new = N_old // C  # a partly filled last chunk is computed again, with its new sequences
+    done.resize((-(-N // C),))
+    done[first_new:] = False
+    group.attrs.update(store.jsonable(attrs))  # last: the artifact now describes the grown corpus
+    log(f"adding {N - N_old} sequences from {len(now) - len(before)} new corpus shard(s) to {cfg.out}")
 
 
 def _check_finite(block: torch.Tensor, ids: list[str]) -> None:
