@@ -338,3 +338,38 @@ def info(
             render_info(described, Console())
 
     _finish(call, False)
+
+
+@app.command("verify")
+def verify(
+    artifact: Annotated[Path, typer.Argument(help="A factors, queries or scores artifact (.zarr).")],
+    format: Annotated[str, typer.Option("--format", help="table | json.")] = "table",
+    config: ConfigOpt = None,
+) -> None:
+    """Check that every chunk marked done is readable, finite and matches its checksum. Bad score
+    chunks are marked not done, so the next `infl score` recomputes them. Exit 1 if any is bad.
+
+    Example: `infl verify runs/scores.zarr`
+    """
+    import json
+    from dataclasses import asdict
+
+    from infl.errors import BadInput
+    from infl.stages import verify as stage
+
+    fmt = _check_format(format, ("table", "json"))
+
+    def call():
+        report = stage.run(artifact)
+        if fmt == "json":
+            print(json.dumps(asdict(report), indent=1))
+        else:
+            for bad in report.bad:
+                where = f"chunk {bad['chunk']} (sequences {bad['sequences'][0]}..{bad['sequences'][1] - 1})" if "chunk" in bad else bad["array"]
+                err.print(f"{where}: {bad['problem']}", highlight=False)
+        if report.bad:
+            fix = "run `infl score` again to recompute them" if report.kind == "scores" else "rebuild it with --force"
+            raise BadInput(f"{artifact}: {len(report.bad)} of {report.checked} checked parts are bad; {fix}")
+        log(f"{artifact}: all {report.checked} checked parts are sound")
+
+    _finish(call, False)

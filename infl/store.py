@@ -44,6 +44,9 @@ __all__ = [
     "COMPLETE",
     "create_bf16_array",
     "delete",
+    "read",
+    "chunk_digest",
+    "CHUNKED",
     "write_bf16",
     "read_bf16",
 ]
@@ -198,6 +201,28 @@ def create_array(group: zarr.Group, name: str, shape: tuple[int, ...], chunks: t
         compressors=_COMPRESSOR if np.dtype(dtype).kind == "f" else "auto",
         config={"write_empty_chunks": True},
     )
+
+
+CHUNKED = ("total", "per_module", "per_token")  # scores arrays chunked along the training axis
+
+
+def chunk_digest(group: zarr.Group, lo: int, hi: int) -> str:
+    """sha256 of a scores chunk as stored (read back from disk), over every chunked array."""
+    digest = hashlib.sha256()
+    for name in CHUNKED:
+        if name in group:
+            axis = 2 if name == "per_module" else 1
+            index = (slice(None),) * axis + (slice(lo, hi),)
+            digest.update(np.ascontiguousarray(group[name][index]).tobytes())
+    return digest.hexdigest()
+
+
+def read(array, index, orthogonal: bool = False) -> np.ndarray:
+    """array[index] (or array.oindex[index]); a chunk that cannot be decoded is a one-line error."""
+    try:
+        return np.asarray(array.oindex[index] if orthogonal else array[index])
+    except (RuntimeError, ValueError) as e:
+        raise IncompatibleArtifact(f"{array.store_path} is damaged ({e})", hint="run `infl verify` on it, then the stage again") from e
 
 
 def delete(group: zarr.Group, name: str) -> None:

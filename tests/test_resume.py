@@ -106,3 +106,26 @@ def test_a_new_corpus_shard_is_appended_and_equals_a_run_from_scratch(workdir, t
     first.write_text(first.read_text().replace("cat", "dog"))
     changed = infl(*common, "--corpus", second, "--out", tmp_path / "grown.zarr")
     assert "changed since" in one_line_error(changed)
+
+
+def test_verify_finds_a_corrupted_chunk_and_score_recomputes_it(workdir, tmp_path):
+    pipeline(workdir, tmp_path)
+    args = ["score", "--queries", tmp_path / "q.zarr", "--corpus", workdir / "corpus.jsonl", "--chunk-size", "4",
+            "--out", tmp_path / "v.zarr"]
+    assert infl(*args).exit_code == 0
+    before = np.asarray(store.open_complete(tmp_path / "v.zarr", "scores")["total"][...])
+    assert infl("verify", tmp_path / "v.zarr").exit_code == 0
+    assert infl("verify", tmp_path / "f.zarr").exit_code == 0 and infl("verify", tmp_path / "q.zarr").exit_code == 0
+
+    chunk_file = tmp_path / "v.zarr" / "total" / "c" / "0" / "1"  # sequences 4..7
+    chunk_file.write_bytes(chunk_file.read_bytes()[:-7])  # truncated on disk
+    assert "is damaged" in one_line_error(infl("topk", "--scores", tmp_path / "v.zarr"))  # never served
+    result = infl("verify", tmp_path / "v.zarr", "--format", "json")
+    assert result.exit_code == 1
+    report = __import__("json").loads(result.stdout)
+    assert [b["chunk"] for b in report["bad"]] == [1] and report["checked"] == 3
+    assert not (tmp_path / "v.zarr" / "COMPLETE.json").exists()
+    again = infl(*args)
+    assert again.exit_code == 0 and "2 of 3 chunks done" in again.output
+    np.testing.assert_array_equal(np.asarray(store.open_complete(tmp_path / "v.zarr", "scores")["total"][...]), before)
+    assert infl("verify", tmp_path / "v.zarr").exit_code == 0

@@ -39,9 +39,9 @@ def run(cfg: LayerwiseConfig) -> list[LayerTable]:
     scale = 1.0 / cfg.train_size if cfg.train_size else 1.0
     tables = []
     for row, query_id in query_rows(group, cfg.query):
-        totals = np.asarray(group["total"][row, :], dtype=np.float64) * scale
+        totals = store.read(group["total"], (row, slice(None))).astype(np.float64) * scale
         top = np.sort(select(totals, cfg.k, cfg.negative))
-        per_module = np.asarray(group["per_module"].oindex[:, row, top], dtype=np.float64) * scale  # [M, k]
+        per_module = store.read(group["per_module"], (slice(None), row, top), orthogonal=True).astype(np.float64) * scale
         order = np.argsort(-totals[top] if not cfg.negative else totals[top], kind="stable")
         top, per_module = top[order], per_module[:, order]
         train_ids = [str(t) for t in group["train_ids"].oindex[top]]

@@ -88,6 +88,7 @@ def _run(cfg: ScoreConfig) -> Outcome:
         store.write_array(group, "query_ids", query_ids.astype(object))
         store.write_array(group, "train_ids", np.array(corpus.ids, dtype=object), chunks=(C,))
         store.write_array(group, "locators", corpus.locators, chunks=(C, 3))
+        store.write_array(group, "checksums", np.full(n_chunks, "", dtype=object), chunks=(1,))
         store.create_array(group, "done", (n_chunks,), (1,), "bool", False)  # last: its presence means ready
     else:
         group = store.open_group(cfg.out, mode="r+")
@@ -125,6 +126,7 @@ def _run(cfg: ScoreConfig) -> Outcome:
                 padded = np.zeros((Q, hi - lo, T), dtype=np.float32)
                 padded[:, :, : terms.shape[2]] = terms.numpy()
                 store.write_bf16(group["per_token"], (slice(None), slice(lo, hi), slice(None)), padded)
+            group["checksums"][c] = store.chunk_digest(group, lo, hi)  # for `infl verify`
             group["done"][c] = True  # after the data: a chunk is done only once its scores are on disk
     store.mark_complete(cfg.out, attrs["fingerprint"])
     return Outcome(f"wrote {cfg.out}: {what} x {N} sequences ({time.perf_counter() - started:.1f} s)")
@@ -145,7 +147,7 @@ def _extend(cfg: ScoreConfig, old: dict, attrs: dict, corpus: data.Corpus) -> No
     (cfg.out / store.COMPLETE).unlink(missing_ok=True)
     group = store.open_group(cfg.out, mode="r+")
     N_old, N, C = group["total"].shape[1], len(corpus.ids), cfg.chunk_size
-    for name in ("total", "per_module", "per_token"):
+    for name in store.CHUNKED:
         if name in group:
             shape = list(group[name].shape)
             shape[1 if name != "per_module" else 2] = N
@@ -153,10 +155,10 @@ def _extend(cfg: ScoreConfig, old: dict, attrs: dict, corpus: data.Corpus) -> No
     for name, values in (("train_ids", np.array(corpus.ids, dtype=object)), ("locators", corpus.locators)):
         group[name].resize((N, *group[name].shape[1:]))
         group[name][N_old:] = values[N_old:].astype(np.dtypes.StringDType()) if name == "train_ids" else values[N_old:]
-    done = group["done"]
     first_new = N_old // C  # a partly filled last chunk is computed again, with its new sequences
-    done.resize((-(-N // C),))
-    done[first_new:] = False
+    group["checksums"].resize((-(-N // C),))
+    group["done"].resize((-(-N // C),))
+    group["done"][first_new:] = False
     group.attrs.update(store.jsonable(attrs))  # last: the artifact now describes the grown corpus
     log(f"adding {N - N_old} sequences from {len(now) - len(before)} new corpus shard(s) to {cfg.out}")
 

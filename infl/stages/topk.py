@@ -63,7 +63,7 @@ def run(cfg: TopkConfig) -> list[Hit]:
     rows = query_rows(group, cfg.query)
     candidates = {}
     for row, _ in rows:
-        scores = np.asarray(group["total"][row, :], dtype=np.float64)
+        scores = store.read(group["total"], (row, slice(None))).astype(np.float64)
         candidates[row] = (select(scores, max(cfg.k, cfg.refine or 0), cfg.negative), scores)
     refined = _refine(group, rows, {r: c[0] for r, c in candidates.items()}) if cfg.refine else {}
 
