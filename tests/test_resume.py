@@ -118,7 +118,11 @@ def test_verify_finds_a_corrupted_chunk_and_score_recomputes_it(workdir, tmp_pat
     assert infl("verify", tmp_path / "f.zarr").exit_code == 0 and infl("verify", tmp_path / "q.zarr").exit_code == 0
 
     chunk_file = tmp_path / "v.zarr" / "total" / "c" / "0" / "1"  # sequences 4..7
-    chunk_file.write_bytes(chunk_file.read_bytes()[:-7])  # truncated on disk
+    chunk_file.write_bytes(chunk_file.read_bytes()[:-7])  # truncated on disk: still decodes, wrong values
+    result = infl("verify", tmp_path / "v.zarr", "--format", "json")
+    assert result.exit_code == 1 and "checksum mismatch" in result.stdout
+    assert infl(*args).exit_code == 0  # recomputed
+    chunk_file.write_bytes(b"not a compressed chunk")  # garbage: cannot be decoded
     assert "is damaged" in one_line_error(infl("topk", "--scores", tmp_path / "v.zarr"))  # never served
     result = infl("verify", tmp_path / "v.zarr", "--format", "json")
     assert result.exit_code == 1
