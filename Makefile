@@ -46,3 +46,21 @@ bench: setup
 
 clean:
 	rm -rf runs
+
+# A nightly rescoring chain (see README, "Running from cron"): the factors are fitted once; each night
+# new corpus shards in $(SHARDS) are appended to the scores and only they are computed. Every target
+# is the artifact's COMPLETE.json stamp; `make -B` is harmless because each stage skips finished work.
+NIGHTLY ?= runs/nightly
+SHARDS  ?= $(sort $(wildcard data/shards/*.jsonl))
+
+$(NIGHTLY)/factors.zarr/COMPLETE.json: $(DEMO)/DEMO.json
+	$(INFL) fit-factors --model $(DEMO)/model --corpus $(DEMO)/corpus.jsonl --out $(NIGHTLY)/factors.zarr --quiet
+
+$(NIGHTLY)/queries.zarr/COMPLETE.json: $(NIGHTLY)/factors.zarr/COMPLETE.json $(DEMO)/queries.jsonl
+	$(INFL) build-query --factors $(NIGHTLY)/factors.zarr --queries $(DEMO)/queries.jsonl --out $(NIGHTLY)/queries.zarr --quiet
+
+.PHONY: nightly
+nightly: $(NIGHTLY)/queries.zarr/COMPLETE.json
+	$(INFL) --log-format json score --queries $(NIGHTLY)/queries.zarr --corpus $(DEMO)/corpus.jsonl $(SHARDS) --out $(NIGHTLY)/scores.zarr
+	$(INFL) verify $(NIGHTLY)/scores.zarr --format json > $(NIGHTLY)/verify.json
+	$(INFL) topk --scores $(NIGHTLY)/scores.zarr -k 10 --format jsonl > $(NIGHTLY)/topk.jsonl

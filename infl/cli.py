@@ -13,7 +13,7 @@ from typing import Annotated, Callable, Optional
 import typer
 import yaml
 
-from infl.console import err, log, set_quiet
+from infl.console import err, log, log_error, set_json_logs, set_quiet
 from infl.errors import InflError
 
 app = typer.Typer(
@@ -24,6 +24,17 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
     rich_markup_mode="markdown",
 )
+
+
+@app.callback()
+def main(
+    log_format: Annotated[str, typer.Option("--log-format", envvar="INFL_LOG_FORMAT",
+                                            help="text | json (one object per line on stderr, no progress bars).")] = "text",
+) -> None:
+    """Trace a language model's outputs back to the training sequences that influenced them."""
+    if log_format not in ("text", "json"):
+        raise typer.BadParameter(f"--log-format must be text or json, not {log_format!r}")
+    set_json_logs(log_format == "json")
 
 
 def _load_config(ctx: typer.Context, path: Optional[Path]) -> Optional[Path]:
@@ -77,9 +88,7 @@ def _finish(call: Callable[[], object], quiet: bool) -> object:
     try:
         result = call()
     except InflError as e:
-        err.print(f"[red]error:[/] {e}", highlight=False)
-        if e.hint:
-            err.print(f"[dim]hint: {e.hint}[/]", highlight=False)
+        log_error(str(e), e.hint, e.exit_code)
         raise typer.Exit(e.exit_code) from None
     message = getattr(result, "message", None)
     if message:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import time
 
 from rich.console import Console
 from rich.progress import (
@@ -14,10 +16,11 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-__all__ = ["err", "is_main_process", "progress", "set_quiet", "log"]
+__all__ = ["err", "is_main_process", "progress", "set_quiet", "set_json_logs", "log", "log_error"]
 
 err = Console(stderr=True, soft_wrap=True)
 _quiet = False
+_json = False  # one JSON object per line on stderr, no progress bars (cron logs)
 
 
 def is_main_process() -> bool:
@@ -30,9 +33,33 @@ def set_quiet(quiet: bool) -> None:
     _quiet = quiet
 
 
+def set_json_logs(enabled: bool) -> None:
+    global _json
+    _json = enabled
+
+
+def _emit(level: str, message: str, **extra) -> None:
+    record = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "level": level, "message": message, **extra}
+    print(json.dumps(record), file=err.file, flush=True)
+
+
 def log(message: str) -> None:
-    if is_main_process() and not _quiet:
-        err.print(message)
+    if not is_main_process() or _quiet:
+        return
+    if _json:
+        _emit("info", message)
+    else:
+        err.print(message, highlight=False)
+
+
+def log_error(message: str, hint: str = "", exit_code: int = 1) -> None:
+    """Errors are printed even with --quiet."""
+    if _json:
+        _emit("error", message, hint=hint, exit_code=exit_code)
+        return
+    err.print(f"[red]error:[/] {message}", highlight=False)
+    if hint:
+        err.print(f"[dim]hint: {hint}[/]", highlight=False)
 
 
 def progress() -> Progress:
@@ -43,6 +70,6 @@ def progress() -> Progress:
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         console=err,
-        disable=_quiet or not is_main_process(),
+        disable=_quiet or _json or not is_main_process(),
         transient=False,
     )

@@ -239,3 +239,16 @@ def test_unfinished_remnants_and_missing_devices(workdir, tmp_path):
     refused = infl(*fit[:-1], tmp_path / "data", "--force")  # --force never removes a directory that is not ours
     assert refused.exit_code == 1 and (tmp_path / "data" / "keep.txt").is_file()
     assert "no such CUDA device" in one_line_error(infl(*fit[:-1], tmp_path / "g.zarr", "--device", "cuda:99"))
+
+
+def test_json_logs_for_cron(workdir, tmp_path):
+    result = runner.invoke(app, ["--log-format", "json", "fit-factors", "--model", str(workdir / "gpt2"),
+                                 "--corpus", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "f.zarr")])
+    assert result.exit_code == 1
+    (line,) = [json.loads(x) for x in result.output.splitlines() if x.startswith("{")]
+    assert line["level"] == "error" and "no such file" in line["message"] and line["exit_code"] == 1
+    ok = runner.invoke(app, ["--log-format", "json", "fit-factors", "--model", str(workdir / "gpt2"),
+                             "--corpus", str(workdir / "corpus.jsonl"), "--out", str(tmp_path / "f.zarr")])
+    assert ok.exit_code == 0
+    records = [json.loads(x) for x in ok.output.splitlines() if x.strip()]  # nothing but JSON lines, no bars
+    assert records[-1]["level"] == "info" and "wrote" in records[-1]["message"]
