@@ -148,6 +148,7 @@ def build_query(
     model: Annotated[Optional[Path], typer.Option(help="The factors' model at another path (checked by fingerprint).")] = None,
     rank: Annotated[str, typer.Option(help="Rank of the stored preconditioned gradients, or 'full'.")] = "32",
     svd: Annotated[str, typer.Option(help="auto (exact up to min(O, I) = 1024, else randomized) | exact | randomized.")] = "auto",
+    append: Annotated[bool, typer.Option("--append", help="Add these queries to an existing queries artifact (score then computes only them).")] = False,
     batch_size: BatchOpt = 8,
     device: DeviceOpt = "cpu",
     force: ForceOpt = False,
@@ -165,7 +166,7 @@ def build_query(
     def call():
         cfg = QueryConfig(
             factors=_need(factors, "--factors"), queries=_need(queries, "--queries"), out=_need(out, "--out"),
-            model=model, rank=parse_rank(rank), svd=svd, batch_size=batch_size, device=device, force=force, wait=wait,
+            model=model, rank=parse_rank(rank), svd=svd, append=append, batch_size=batch_size, device=device, force=force, wait=wait,
         )
         return stage.run(cfg)
 

@@ -106,11 +106,12 @@ class FitConfig(_Run):
 @dataclass(frozen=True)
 class QueryConfig(_Run):
     factors: Path = Path()
-    queries: Path = Path()
+    queries: Path = field(default=Path(), metadata={"semantic": False})  # fingerprinted by content
     out: Path = Path()
     model: Path | None = field(default=None, metadata={"semantic": False})  # checked by fingerprint
     rank: int | None = 32  # None: full matrices
     svd: str = "auto"  # exact | randomized | auto (exact up to min(O, I) = 1024)
+    append: bool = _runtime(False)  # add this file's queries to an existing artifact
 
     def __post_init__(self) -> None:
         super().__post_init__()

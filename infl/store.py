@@ -44,6 +44,7 @@ __all__ = [
     "COMPLETE",
     "create_bf16_array",
     "delete",
+    "append_rows",
     "read",
     "chunk_digest",
     "CHUNKED",
@@ -206,13 +207,13 @@ def create_array(group: zarr.Group, name: str, shape: tuple[int, ...], chunks: t
 CHUNKED = ("total", "per_module", "per_token")  # scores arrays chunked along the training axis
 
 
-def chunk_digest(group: zarr.Group, lo: int, hi: int) -> str:
-    """sha256 of a scores chunk as stored (read back from disk), over every chunked array."""
+def chunk_digest(group: zarr.Group, q_lo: int, q_hi: int, lo: int, hi: int) -> str:
+    """sha256 of a scores cell (queries q_lo..q_hi x sequences lo..hi) as stored, read back from disk."""
     digest = hashlib.sha256()
     for name in CHUNKED:
         if name in group:
-            axis = 2 if name == "per_module" else 1
-            index = (slice(None),) * axis + (slice(lo, hi),)
+            axis = 1 if name == "per_module" else 0
+            index = (slice(None),) * axis + (slice(q_lo, q_hi), slice(lo, hi))
             digest.update(np.ascontiguousarray(group[name][index]).tobytes())
     return digest.hexdigest()
 
@@ -223,6 +224,17 @@ def read(array, index, orthogonal: bool = False) -> np.ndarray:
         return np.asarray(array.oindex[index] if orthogonal else array[index])
     except (RuntimeError, ValueError) as e:
         raise IncompatibleArtifact(f"{array.store_path} is damaged ({e})", hint="run `infl verify` on it, then the stage again") from e
+
+
+def append_rows(group: zarr.Group, name: str, values: np.ndarray, start: int, chunks: tuple[int, ...] | None = None) -> None:
+    """Write `values` as rows start.. of array `name`: a new array when start is 0, else the array
+    grows along its first axis (queries appended to a queries artifact)."""
+    if start == 0:
+        write_array(group, name, values, chunks)
+        return
+    array = group[name]
+    array.resize((start + len(values), *array.shape[1:]))
+    array[start:] = values.astype(np.dtypes.StringDType()) if values.dtype.kind in "UO" else values
 
 
 def delete(group: zarr.Group, name: str) -> None:

@@ -23,11 +23,11 @@ def test_score_killed_midway_resumes_to_identical_scores(workdir, tmp_path):
     cmd = [sys.executable, "-m", "infl", *map(str, args), "--out", str(out), "--quiet"]
     proc = subprocess.Popen(cmd, start_new_session=True)
     deadline = time.time() + 120
-    while time.time() < deadline and len(list((out / "done" / "c").glob("*"))) < 5:
+    while time.time() < deadline and len(list((out / "done" / "c").glob("*/*"))) < 5:
         time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    done = np.asarray(store.open_group(out)["done"][...])
+    done = np.asarray(store.open_group(out)["done"][...])[0]  # one query block
     assert 5 <= done.sum() < len(done) and not (out / "COMPLETE.json").exists()  # really killed midway
 
     resumed = infl(*args, "--out", out)
@@ -133,3 +133,33 @@ def test_verify_finds_a_corrupted_chunk_and_score_recomputes_it(workdir, tmp_pat
     assert again.exit_code == 0 and "2 of 3 chunks done" in again.output
     np.testing.assert_array_equal(np.asarray(store.open_complete(tmp_path / "v.zarr", "scores")["total"][...]), before)
     assert infl("verify", tmp_path / "v.zarr").exit_code == 0
+
+
+def test_appended_queries_are_scored_alone_and_match_a_run_from_scratch(workdir, tmp_path):
+    from conftest import QUERIES
+
+    pipeline(workdir, tmp_path)  # all three queries at once: the reference
+    first = write_jsonl(tmp_path / "q1.jsonl", QUERIES[:2])
+    second = write_jsonl(tmp_path / "q2.jsonl", QUERIES[2:])
+    build = ["build-query", "--factors", tmp_path / "f.zarr", "--out", tmp_path / "qa.zarr", "--queries"]
+    assert infl(*build, first).exit_code == 0
+    score = ["score", "--queries", tmp_path / "qa.zarr", "--corpus", workdir / "corpus.jsonl", "--chunk-size", "5",
+             "--out", tmp_path / "sa.zarr"]
+    assert infl(*score).exit_code == 0
+    assert "other inputs" in one_line_error(infl(*build, second))  # without --append: refused, nothing lost
+    appended = infl(*build, second, "--append")
+    assert appended.exit_code == 0 and "appended 1 queries" in appended.output
+    assert "up to date" in infl(*build, second, "--append").output
+    assert "already in" in one_line_error(infl(*build, write_jsonl(tmp_path / "q3.jsonl", QUERIES[:1]), "--append"))
+
+    before = np.asarray(store.open_complete(tmp_path / "sa.zarr", "scores")["total"][...])
+    grown = infl(*score)
+    assert grown.exit_code == 0 and "adding 1 queries" in grown.output, grown.output
+    got = store.open_complete(tmp_path / "sa.zarr", "scores")
+    ref = store.open_complete(tmp_path / "s.zarr", "scores")
+    total = np.asarray(got["total"][...])
+    np.testing.assert_array_equal(total[:2], before)  # the first block is kept as it was
+    assert list(got["query_ids"][...]) == list(ref["query_ids"][...])
+    np.testing.assert_allclose(total, np.asarray(ref["total"][...]), rtol=1e-5, atol=1e-4 * np.abs(total).max())
+    assert infl("verify", tmp_path / "sa.zarr").exit_code == 0
+    assert "up to date" in infl(*score).output

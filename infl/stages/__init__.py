@@ -50,8 +50,9 @@ def model_dir_for(override: Path | None, provenance: dict) -> Path:
     return path
 
 
-def read_query_bank(group, device: str):
-    """The preconditioned query gradients of a queries artifact, as tensors on `device`."""
+def read_query_bank(group, device: str, rows: list[int] | None = None):
+    """The preconditioned query gradients of a queries artifact (all, or the given rows), as
+    tensors on `device`."""
     import numpy as np
     import torch
 
@@ -62,7 +63,8 @@ def read_query_bank(group, device: str):
         sub = group[f"modules/{name}"]
 
         def load(key, sub=sub):
-            return torch.from_numpy(np.asarray(sub[key][...])).to(device)
+            values = sub[key][...] if rows is None else sub[key].oindex[sorted(rows)]
+            return torch.from_numpy(np.asarray(values)).to(device)
 
         if sub.attrs["form"] == "full":
             bank["full"][name] = load("P")

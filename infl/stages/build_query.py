@@ -14,7 +14,7 @@ import torch
 from infl import curvature, data, engine, gradients, modeling, store
 from infl.config import QueryConfig
 from infl.console import log, progress
-from infl.errors import BadInput
+from infl.errors import BadInput, IncompatibleArtifact
 from infl.stages import Outcome, factor_specs, model_dir_for, read_curvatures, semantic_fields
 
 __all__ = ["run", "check_finite_queries"]
@@ -36,20 +36,35 @@ def _run(cfg: QueryConfig) -> Outcome:
         "tokenizer_fingerprint": fprov["tokenizer_fingerprint"],
         "factors": str(cfg.factors.resolve()),
         "factors_fingerprint": factors.attrs["fingerprint"],
-        "queries_file": str(cfg.queries.resolve()),
-        "queries_sha256": data.file_sha256(cfg.queries),
         "max_length": fprov["max_length"],
         "dtype": fprov["dtype"],
     }
     attrs = {"config": semantic_fields(cfg), "provenance": provenance}
+    base = store.fingerprint(attrs)  # everything but the query files: a batch may be appended later
+    new_file = {"path": str(cfg.queries.resolve()), "sha256": data.file_sha256(cfg.queries)}
+    old = store.read_attrs(cfg.out) if cfg.out.exists() else None
+    appending = cfg.append and not cfg.force and old is not None and old.get("base_fingerprint") == base
+    if cfg.append and old is not None and not appending and not cfg.force:
+        raise IncompatibleArtifact(f"cannot append to {cfg.out}: it was made from other factors or options",
+                                   hint="use the same --factors, --rank and --svd, or another --out")
+    files = old["provenance"]["queries_files"] if appending else []
+    if appending and new_file["sha256"] in {f["sha256"] for f in files}:
+        return Outcome(f"{cfg.out} is up to date (it holds {cfg.queries})", up_to_date=True)
+    attrs["provenance"]["queries_files"] = files + [new_file]
+    attrs["base_fingerprint"] = base
     attrs["fingerprint"] = store.fingerprint(attrs)
-    if store.state(cfg.out, "queries", attrs, cfg.force) == store.State.COMPLETE:
+    if not appending and store.state(cfg.out, "queries", attrs, cfg.force) == store.State.COMPLETE:
         return Outcome(f"{cfg.out} is up to date", up_to_date=True)
 
     curvatures = read_curvatures(factors)
     specs = factor_specs(factors)
     tokenizer = modeling.load_tokenizer(model_dir)
     queries = data.read_queries(cfg.queries, tokenizer, fprov["max_length"])
+    if appending:  # rows past the last block are leftovers of a killed append: overwritten below
+        held = store.open_group(cfg.out)
+        clash = sorted(set(queries.ids) & {str(x) for x in held["ids"][: held.attrs["blocks"][-1]]})
+        if clash:
+            raise BadInput(f"query id {clash[0]!r} is already in {cfg.out}", hint="give appended queries new ids")
     model = modeling.load_model(model_dir, cfg.device, provenance["dtype"])
     modeling.prepare_for_capture(model, specs)
     log(f"preconditioning {len(queries.ids)} queries over {len(specs)} modules")
@@ -61,39 +76,50 @@ def _run(cfg: QueryConfig) -> Outcome:
             on_batch=lambda n: bar.advance(task, n),
         )
     check_finite_queries(queries.ids, measurement, grads)
-    group = store.create(cfg.out, "queries", attrs)
-    group.attrs["modules"] = [spec.name for spec in specs]
-    store.write_array(group, "ids", np.array(queries.ids, dtype=object))
-    store.write_array(group, "prompts", np.array(queries.prompts, dtype=object))
-    store.write_array(group, "completions", np.array(queries.completions, dtype=object))
-    store.write_array(group, "measurement", measurement.numpy().astype(np.float32))
+    if appending:
+        (cfg.out / store.COMPLETE).unlink(missing_ok=True)
+        group = store.open_group(cfg.out, mode="r+")
+        blocks = list(group.attrs["blocks"])
+    else:
+        group = store.create(cfg.out, "queries", attrs)
+        group.attrs["modules"] = [spec.name for spec in specs]
+        blocks = [0]
+    Q_old = blocks[-1]
+    rows = {"ids": np.array(queries.ids, dtype=object), "prompts": np.array(queries.prompts, dtype=object),
+            "completions": np.array(queries.completions, dtype=object),
+            "measurement": measurement.numpy().astype(np.float32)}
+    for name, values in rows.items():
+        store.append_rows(group, name, values, Q_old)
     with progress() as bar:
         task = bar.add_task("precondition", total=len(specs))
         for spec in specs:
             P = curvature.precondition(grads[spec.name], curvatures[spec.name])  # [Q, O, I]
-            _write_preconditioned(group.create_group(f"modules/{spec.name}"), P, cfg.rank, cfg.svd)
+            path = f"modules/{spec.name}"
+            sub = group[path] if path in group else group.create_group(path)
+            _write_preconditioned(sub, P, cfg.rank, cfg.svd, Q_old)
             bar.advance(task)
+    # a block is a batch of queries added together: scores track what is done per block and chunk
+    group.attrs.update(store.jsonable({**attrs, "blocks": blocks + [Q_old + len(queries.ids)]}))
     store.mark_complete(cfg.out, attrs["fingerprint"])
-    return Outcome(f"wrote {cfg.out}: {len(queries.ids)} queries ({time.perf_counter() - started:.1f} s)")
+    verb = "appended" if appending else "wrote"
+    return Outcome(f"{verb} {len(queries.ids)} queries to {cfg.out} ({time.perf_counter() - started:.1f} s)")
 
 
-def _write_preconditioned(sub, P: torch.Tensor, rank: int | None, svd: str) -> None:
+def _write_preconditioned(sub, P: torch.Tensor, rank: int | None, svd: str, Q_old: int) -> None:
     """Full P [Q, O, I], or its rank-R SVD U [Q, O, R], sigma [Q, R], V [Q, I, R] and the fraction of
-    each query's Frobenius norm kept, when R < min(O, I)."""
+    each query's Frobenius norm kept, when R < min(O, I). Rows go after the first `Q_old`."""
     Q, O, I = P.shape
     if rank is None or rank >= min(O, I):
         sub.attrs["form"] = "full"
-        store.write_array(sub, "P", P.numpy().astype(np.float32), chunks=(1, O, I))
+        store.append_rows(sub, "P", P.numpy().astype(np.float32), Q_old, chunks=(1, O, I))
         return
     method = svd if svd != "auto" else ("exact" if min(O, I) <= 1024 else "randomized")
     U, sigma, V, kept = zip(*(gradients.low_rank(P[q], rank, method) for q in range(Q)))
-    sub.attrs["form"] = "low_rank"
-    sub.attrs["rank"] = rank
-    sub.attrs["svd"] = method
-    store.write_array(sub, "U", torch.stack(U).numpy().astype(np.float32), chunks=(1, O, rank))
-    store.write_array(sub, "sigma", torch.stack(sigma).numpy().astype(np.float32))
-    store.write_array(sub, "V", torch.stack(V).numpy().astype(np.float32), chunks=(1, I, rank))
-    store.write_array(sub, "kept", np.asarray(kept, dtype=np.float32))
+    sub.attrs.update({"form": "low_rank", "rank": rank, "svd": method})
+    store.append_rows(sub, "U", torch.stack(U).numpy().astype(np.float32), Q_old, chunks=(1, O, rank))
+    store.append_rows(sub, "sigma", torch.stack(sigma).numpy().astype(np.float32), Q_old, chunks=(1, rank))
+    store.append_rows(sub, "V", torch.stack(V).numpy().astype(np.float32), Q_old, chunks=(1, I, rank))
+    store.append_rows(sub, "kept", np.asarray(kept, dtype=np.float32), Q_old, chunks=(1024,))
 
 
 def check_finite_queries(ids: list[str], measurement: torch.Tensor, grads: dict[str, torch.Tensor]) -> None:

@@ -24,7 +24,7 @@ def run(path: Path) -> dict:
     complete = (path / "COMPLETE.json").is_file()
     if "done" in group:
         done = np.asarray(group["done"][...])
-        progress = {"chunks_done": int(done.sum()), "chunks": int(done.size)}
+        progress = {"chunks_done": int(done.all(0).sum()), "chunks": int(done.shape[-1])}
     else:
         progress = {"chunks_done": int(complete), "chunks": 1}
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())

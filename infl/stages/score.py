@@ -33,13 +33,15 @@ def _run(cfg: ScoreConfig) -> Outcome:
     if cfg.self_influence:  # each sequence against itself: the factors are the only parent
         source = store.open_complete(cfg.factors, "factors")
         parent = {"factors": str(cfg.factors.resolve()), "factors_fingerprint": source.attrs["fingerprint"]}
+        query_ids, blocks = ["self"], [0, 1]
     else:
         source = store.open_complete(cfg.queries, "queries")
         parent = {
             "factors_fingerprint": source.attrs["provenance"]["factors_fingerprint"],
             "queries": str(cfg.queries.resolve()),
-            "queries_fingerprint": source.attrs["fingerprint"],
+            "queries_base_fingerprint": source.attrs["base_fingerprint"],
         }
+        query_ids, blocks = [str(x) for x in source["ids"][...]], list(source.attrs["blocks"])
     sprov = source.attrs["provenance"]
     model_dir = model_dir_for(cfg.model, sprov)
     tokenizer = modeling.load_tokenizer(model_dir)
@@ -55,23 +57,25 @@ def _run(cfg: ScoreConfig) -> Outcome:
         "dtype": sprov["dtype"],
     }
     attrs = {"config": semantic_fields(cfg), "provenance": provenance}
-    base = store.fingerprint(attrs)  # everything but the corpus: a corpus may grow shard by shard
+    base = store.fingerprint(attrs)  # all but the corpus shards and the query blocks, which may grow
     old = store.read_attrs(cfg.out) if cfg.out.exists() else None
     extending = not cfg.force and old is not None and old.get("kind") == "scores" and old.get("base_fingerprint") == base
     stored = [shard["path"] for shard in old["provenance"]["corpus"]] if extending else []
     paths = [Path(p) for p in stored] + [p for p in cfg.corpus if str(p.resolve()) not in stored]
     corpus = data.read_corpus(paths, tokenizer, max_length, cfg.split, cfg.text_field, cfg.id_field)
     attrs["provenance"]["corpus"] = [shard.to_dict() for shard in corpus.shards]
+    if not cfg.self_influence:
+        attrs["provenance"]["queries_fingerprint"] = source.attrs["fingerprint"]
     attrs["base_fingerprint"] = base
+    attrs["query_blocks"] = blocks
     attrs["fingerprint"] = store.fingerprint(attrs)
     if extending and attrs["fingerprint"] != old["fingerprint"]:
-        _extend(cfg, old, attrs, corpus)
+        _extend(cfg, old, attrs, corpus, query_ids)
     status = store.state(cfg.out, "scores", attrs, cfg.force)
     if status == store.State.COMPLETE:
         return Outcome(f"{cfg.out} is up to date", up_to_date=True)
 
     modules = list(source.attrs["modules"])
-    query_ids = np.array(["self"]) if cfg.self_influence else np.asarray(source["ids"][...])
     Q, N, M, T = len(query_ids), len(corpus.ids), len(modules), max_length
     C = cfg.chunk_size
     n_chunks = -(-N // C)
@@ -85,15 +89,15 @@ def _run(cfg: ScoreConfig) -> Outcome:
         store.create_array(group, "per_module", (M, Q, N), (M, Q, C), "float32", float("nan"))
         if cfg.per_token:
             store.create_bf16_array(group, "per_token", (Q, N, T), (Q, C, T))
-        store.write_array(group, "query_ids", query_ids.astype(object))
+        store.write_array(group, "query_ids", np.array(query_ids, dtype=object))
         store.write_array(group, "train_ids", np.array(corpus.ids, dtype=object), chunks=(C,))
         store.write_array(group, "locators", corpus.locators, chunks=(C, 3))
-        store.write_array(group, "checksums", np.full(n_chunks, "", dtype=object), chunks=(1,))
-        store.create_array(group, "done", (n_chunks,), (1,), "bool", False)  # last: its presence means ready
+        store.write_array(group, "checksums", np.full((len(blocks) - 1, n_chunks), "", dtype=object), chunks=(1, 1))
+        store.create_array(group, "done", (len(blocks) - 1, n_chunks), (1, 1), "bool", False)  # last: ready
     else:
         group = store.open_group(cfg.out, mode="r+")
-    done = np.asarray(group["done"][...])
-    pending = [c for c in range(n_chunks) if not done[c]]
+    done = np.asarray(group["done"][...])  # [query blocks, chunks]
+    pending = [c for c in range(n_chunks) if not done[:, c].all()]
     if corpus.n_truncated:
         log(f"{corpus.n_truncated} of {N} sequences truncated to {max_length} tokens")
     what = "self-influence" if cfg.self_influence else f"{Q} queries"
@@ -102,65 +106,85 @@ def _run(cfg: ScoreConfig) -> Outcome:
     model = modeling.load_model(model_dir, cfg.device, sprov["dtype"])
     specs = modeling.module_specs(model, modules)
     modeling.prepare_for_capture(model, specs)
-    if cfg.self_influence:
-        curvatures = read_curvatures(source, cfg.device)
-    else:
-        bank = read_query_bank(source, cfg.device)
+    curvatures = read_curvatures(source, cfg.device) if cfg.self_influence else None
+    banks: dict[tuple[int, ...], object] = {}  # query blocks pending together -> their QueryBank
     pad_id = tokenizer.pad_token_id or 0
     with progress() as bar:
         task = bar.add_task("score", total=N, completed=N - sum(min(C, N - c * C) for c in pending))
         for c in pending:
             lo, hi = c * C, min((c + 1) * C, N)
+            todo = tuple(b for b in range(len(blocks) - 1) if not done[b, c])
+            rows = [q for b in todo for q in range(blocks[b], blocks[b + 1])]
             tokens = corpus.tokens[lo:hi]
             advance = lambda n: bar.advance(task, n)  # noqa: E731
             if cfg.self_influence:
                 block, terms = engine.self_influence(model, specs, curvatures, tokens, pad_id, cfg.batch_size, cfg.device, advance)
             else:
+                if todo not in banks:
+                    banks[todo] = read_query_bank(source, cfg.device, rows)
                 block, terms = engine.score_sequences(
-                    model, specs, bank, tokens, pad_id, cfg.batch_size, cfg.device, cfg.per_token, advance
-                )  # [M, Q, hi - lo], [Q, hi - lo, T_batch]
+                    model, specs, banks[todo], tokens, pad_id, cfg.batch_size, cfg.device, cfg.per_token, advance
+                )  # [M, rows, hi - lo], [rows, hi - lo, T_batch]
             _check_finite(block, corpus.ids[lo:hi])
-            group["per_module"][:, :, lo:hi] = block.numpy()
-            group["total"][:, lo:hi] = block.sum(0).numpy()
-            if cfg.per_token:
-                padded = np.zeros((Q, hi - lo, T), dtype=np.float32)
-                padded[:, :, : terms.shape[2]] = terms.numpy()
-                store.write_bf16(group["per_token"], (slice(None), slice(lo, hi), slice(None)), padded)
-            group["checksums"][c] = store.chunk_digest(group, lo, hi)  # for `infl verify`
-            group["done"][c] = True  # after the data: a chunk is done only once its scores are on disk
+            at = 0
+            for b in todo:
+                q_lo, q_hi = blocks[b], blocks[b + 1]
+                part = slice(at, at + q_hi - q_lo)
+                at += q_hi - q_lo
+                group["per_module"][:, q_lo:q_hi, lo:hi] = block[:, part].numpy()
+                group["total"][q_lo:q_hi, lo:hi] = block[:, part].sum(0).numpy()
+                if cfg.per_token:
+                    padded = np.zeros((q_hi - q_lo, hi - lo, T), dtype=np.float32)
+                    padded[:, :, : terms.shape[2]] = terms[part].numpy()
+                    store.write_bf16(group["per_token"], (slice(q_lo, q_hi), slice(lo, hi), slice(None)), padded)
+                group["checksums"][b, c] = store.chunk_digest(group, q_lo, q_hi, lo, hi)  # for `infl verify`
+                group["done"][b, c] = True  # after the data: done only once its scores are on disk
     store.mark_complete(cfg.out, attrs["fingerprint"])
     return Outcome(f"wrote {cfg.out}: {what} x {N} sequences ({time.perf_counter() - started:.1f} s)")
 
 
-def _extend(cfg: ScoreConfig, old: dict, attrs: dict, corpus: data.Corpus) -> None:
-    """Grow a scores artifact to a corpus that adds shards after the ones it holds: new columns get
-    `done` False, and so does a last chunk that was only partly filled, so only they are computed.
-    Each step can be repeated, so a run killed during the growth grows again on the next try."""
-    before = old["provenance"]["corpus"]
-    now = attrs["provenance"]["corpus"]
+def _extend(cfg: ScoreConfig, old: dict, attrs: dict, corpus: data.Corpus, query_ids: list[str]) -> None:
+    """Grow a scores artifact to more corpus shards and/or more query blocks: new cells get `done`
+    False (and so does a last chunk that was only partly filled), so only they are computed. Every
+    step can be repeated, so a run killed during the growth grows again on the next try."""
+    before, now = old["provenance"]["corpus"], attrs["provenance"]["corpus"]
     for i, shard in enumerate(before):
         if now[i]["sha256"] != shard["sha256"]:
             raise IncompatibleArtifact(
                 f"corpus shard {shard['path']} changed since {cfg.out} was scored (its sha256 differs)",
                 hint="pass --force to rescore everything, or choose another --out",
             )
-    (cfg.out / store.COMPLETE).unlink(missing_ok=True)
+    old_blocks, blocks = old["query_blocks"], attrs["query_blocks"]
     group = store.open_group(cfg.out, mode="r+")
-    N_old, N, C = group["total"].shape[1], len(corpus.ids), cfg.chunk_size
+    held = [str(x) for x in group["query_ids"][...]][: old_blocks[-1]]
+    if blocks[: len(old_blocks)] != old_blocks or query_ids[: len(held)] != held:
+        raise IncompatibleArtifact(f"the queries of {cfg.out} were rebuilt, not appended to",
+                                   hint="pass --force to rescore everything, or choose another --out")
+    (cfg.out / store.COMPLETE).unlink(missing_ok=True)
+    Q_old, N_old = old_blocks[-1], group["train_ids"].shape[0]
+    Q, N, C = len(query_ids), len(corpus.ids), cfg.chunk_size
     for name in store.CHUNKED:
         if name in group:
             shape = list(group[name].shape)
-            shape[1 if name != "per_module" else 2] = N
+            axis = 1 if name == "per_module" else 0
+            shape[axis], shape[axis + 1] = Q, N
             group[name].resize(tuple(shape))
-    for name, values in (("train_ids", np.array(corpus.ids, dtype=object)), ("locators", corpus.locators)):
-        group[name].resize((N, *group[name].shape[1:]))
-        group[name][N_old:] = values[N_old:].astype(np.dtypes.StringDType()) if name == "train_ids" else values[N_old:]
+    for name, values in (("train_ids", np.array(corpus.ids, dtype=object)), ("locators", corpus.locators),
+                         ("query_ids", np.array(query_ids, dtype=object))):
+        start = Q_old if name == "query_ids" else N_old
+        if len(values) > start:
+            store.append_rows(group, name, values[start:], start)
+    shape = (len(blocks) - 1, -(-N // C))
     first_new = N_old // C  # a partly filled last chunk is computed again, with its new sequences
-    group["checksums"].resize((-(-N // C),))
-    group["done"].resize((-(-N // C),))
-    group["done"][first_new:] = False
-    group.attrs.update(store.jsonable(attrs))  # last: the artifact now describes the grown corpus
-    log(f"adding {N - N_old} sequences from {len(now) - len(before)} new corpus shard(s) to {cfg.out}")
+    group["checksums"].resize(shape)
+    group["done"].resize(shape)
+    group["done"][:, first_new:] = False
+    group["done"][len(old_blocks) - 1 :, :] = False
+    group.attrs.update(store.jsonable(attrs))  # last: the artifact now describes the grown inputs
+    if N > N_old:
+        log(f"adding {N - N_old} sequences from {len(now) - len(before)} new corpus shard(s) to {cfg.out}")
+    if Q > Q_old:
+        log(f"adding {Q - Q_old} queries to {cfg.out}")
 
 
 def _check_finite(block: torch.Tensor, ids: list[str]) -> None:

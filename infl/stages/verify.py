@@ -42,27 +42,27 @@ def run(path: Path) -> Report:
 
 
 def _verify_chunks(path: Path, group, attrs: dict, report: Report) -> None:
-    done = np.asarray(group["done"][...])
+    done = np.asarray(group["done"][...])  # [query blocks, chunks]
     checksums = np.asarray(group["checksums"][...])
-    N, C = group["train_ids"].shape[0], attrs["config"]["chunk_size"]
+    blocks, N, C = attrs["query_blocks"], group["train_ids"].shape[0], attrs["config"]["chunk_size"]
     with progress() as bar:
         task = bar.add_task("verify", total=int(done.sum()))
-        for c in np.flatnonzero(done).tolist():
-            lo, hi = c * C, min((c + 1) * C, N)
-            problem = _chunk_problem(group, lo, hi, str(checksums[c]))
+        for b, c in zip(*np.nonzero(done)):
+            lo, hi = int(c) * C, min((int(c) + 1) * C, N)
+            problem = _chunk_problem(group, blocks[b], blocks[b + 1], lo, hi, str(checksums[b, c]))
             if problem:
-                report.bad.append({"chunk": c, "sequences": [lo, hi], "problem": problem})
-                group["done"][c] = False  # recomputed by the next `infl score`
+                report.bad.append({"chunk": int(c), "query_block": int(b), "sequences": [lo, hi], "problem": problem})
+                group["done"][b, c] = False  # recomputed by the next `infl score`
             report.checked += 1
             bar.advance(task)
     if report.bad:
         (path / store.COMPLETE).unlink(missing_ok=True)
 
 
-def _chunk_problem(group, lo: int, hi: int, checksum: str) -> str:
+def _chunk_problem(group, q_lo: int, q_hi: int, lo: int, hi: int, checksum: str) -> str:
     try:
-        digest = store.chunk_digest(group, lo, hi)
-        total = np.asarray(group["total"][:, lo:hi])
+        digest = store.chunk_digest(group, q_lo, q_hi, lo, hi)
+        total = np.asarray(group["total"][q_lo:q_hi, lo:hi])
     except Exception as e:  # noqa: BLE001 - any decoding failure means the chunk is unreadable
         return f"unreadable ({type(e).__name__})"
     if not np.isfinite(total).all():
