@@ -220,10 +220,14 @@ def chunk_digest(group: zarr.Group, q_lo: int, q_hi: int, lo: int, hi: int) -> s
 
 def read(array, index, orthogonal: bool = False) -> np.ndarray:
     """array[index] (or array.oindex[index]); a chunk that cannot be decoded is a one-line error."""
+    hint = "run `infl verify` on it, then the stage again"
     try:
-        return np.asarray(array.oindex[index] if orthogonal else array[index])
+        values = np.asarray(array.oindex[index] if orthogonal else array[index])
     except (RuntimeError, ValueError) as e:
-        raise IncompatibleArtifact(f"{array.store_path} is damaged ({e})", hint="run `infl verify` on it, then the stage again") from e
+        raise IncompatibleArtifact(f"{array.store_path} is damaged ({e})", hint=hint) from e
+    if values.dtype.kind == "f" and np.isnan(values).any():  # a lost chunk file reads as the NaN fill
+        raise IncompatibleArtifact(f"{array.store_path} is damaged (a chunk is missing)", hint=hint)
+    return values
 
 
 def append_rows(group: zarr.Group, name: str, values: np.ndarray, start: int, chunks: tuple[int, ...] | None = None) -> None:

@@ -124,6 +124,10 @@ def test_verify_finds_a_corrupted_chunk_and_score_recomputes_it(workdir, tmp_pat
     assert infl(*args).exit_code == 0  # recomputed
     chunk_file.write_bytes(b"not a compressed chunk")  # garbage: cannot be decoded
     assert "is damaged" in one_line_error(infl("topk", "--scores", tmp_path / "v.zarr"))  # never served
+    moved = chunk_file.with_name("moved")
+    chunk_file.rename(moved)  # lost: would read as NaN
+    assert "a chunk is missing" in one_line_error(infl("layerwise", "--scores", tmp_path / "v.zarr"))
+    moved.rename(chunk_file)
     result = infl("verify", tmp_path / "v.zarr", "--format", "json")
     assert result.exit_code == 1
     report = __import__("json").loads(result.stdout)
