@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import shutil
 import threading
 import time
@@ -23,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+import readme_block
 
 from bench_stages import forward_backward_seconds
 from infl import store
@@ -135,9 +136,7 @@ def main() -> None:
     report = "\n".join(lines)
     print(report)
     if args.readme:
-        readme = Path(__file__).with_name("README.md")
-        block = f"<!-- scoring:begin -->\n{report}\n<!-- scoring:end -->"
-        readme.write_text(re.sub(r"<!-- scoring:begin -->.*<!-- scoring:end -->", block, readme.read_text(), flags=re.S))
+        readme_block.update("scoring", report)
 
 
 if __name__ == "__main__":

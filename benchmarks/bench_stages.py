@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import argparse
 import platform
-import re
 import shutil
 import time
 from pathlib import Path
 
 import torch
+
+import readme_block
 
 from infl import data, modeling
 from infl.config import FitConfig, QueryConfig, ScoreConfig
@@ -89,10 +90,7 @@ def main() -> None:
     report = "\n".join(lines)
     print(report)
     if args.readme:
-        readme = Path(__file__).with_name("README.md")
-        text = readme.read_text()
-        block = f"<!-- stages:begin -->\n{report}\n<!-- stages:end -->"
-        readme.write_text(re.sub(r"<!-- stages:begin -->.*<!-- stages:end -->", block, text, flags=re.S))
+        readme_block.update("stages", report)
 
 
 if __name__ == "__main__":

@@ -15,12 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import re
 import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
+
+import readme_block
 from torch.func import functional_call, grad, jacrev
 
 from infl import modeling, store
@@ -145,9 +146,7 @@ def main() -> None:
               f"(MLP weights and biases of a 2-layer, 16-wide GPT-2); mean over queries.\n\n" + "\n".join(lines))
     print(report)
     if args.readme:
-        readme = Path(__file__).with_name("README.md")
-        block = f"<!-- exact:begin -->\n{report}\n<!-- exact:end -->"
-        readme.write_text(re.sub(r"<!-- exact:begin -->.*<!-- exact:end -->", block, readme.read_text(), flags=re.S))
+        readme_block.update("exact", report)
 
 
 if __name__ == "__main__":

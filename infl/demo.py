@@ -23,7 +23,7 @@ from transformers.utils import logging as hf_logging
 
 from infl.console import log, progress
 
-__all__ = ["build_demo", "passages", "SIZES"]
+__all__ = ["build_demo", "passages", "retrain", "SIZES"]
 
 EOT = "<|endoftext|>"
 SIZES: dict[str, dict] = {
@@ -165,6 +165,19 @@ def _queries(corpus: list[tuple[str, str]], seqs: list[list[int]], spec: dict, s
         queries.append({"prompt": " ".join(words[:half]), "completion": " " + " ".join(words[half:]), "source_id": pid})
     queries += [{"prompt": p, "completion": c, "source_id": None} for p, c in WRITTEN[: spec["n_written"]]]
     return [{"id": f"q{i}", **q} for i, q in enumerate(queries)]
+
+
+def retrain(demo: Path, texts: list[str], seed: int = 0, epochs: int | None = None) -> GPT2LMHeadModel:
+    """The demo's recipe on other training texts (a subset, for retraining benchmarks), from the
+    same initial weights as the demo model; `epochs` overrides the recipe's (for smoke tests)."""
+    recipe = json.loads((Path(demo) / "DEMO.json").read_text())
+    config = GPT2Config.from_pretrained(Path(demo) / "model")
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(Path(demo) / "model")
+    seqs = tokenizer(texts, truncation=True)["input_ids"]
+    torch.manual_seed(recipe["seed"])
+    model = GPT2LMHeadModel(config)  # the same initial weights: the same seed, config and init order
+    _train(model, seqs, config.eos_token_id, epochs or recipe["hyperparameters"]["epochs"], seed)
+    return model
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
