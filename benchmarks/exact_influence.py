@@ -52,7 +52,7 @@ def build(out: Path, sentences: list[str]) -> Path:
                                        bos_token_id=0, eos_token_id=0, resid_pdrop=0, embd_pdrop=0, attn_pdrop=0))
     ids = torch.tensor([tokenizer(s)["input_ids"] for s in sentences])  # all the same length
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for step in range(400):
+    for _ in range(400):
         batch = ids[torch.randint(0, len(ids), (32,))]
         loss = sequence_loss(model(input_ids=batch).logits, batch).mean()
         opt.zero_grad()

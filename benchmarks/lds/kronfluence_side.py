@@ -26,7 +26,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import readme_block  # noqa: E402
-from lds import STRATEGIES, lds, load_corpus, spearman  # noqa: E402
+from lds import lds, spearman  # noqa: E402
 
 from infl import data, modeling, store  # noqa: E402
 from infl.config import FitConfig, QueryConfig, ScoreConfig  # noqa: E402
