@@ -252,3 +252,25 @@ def test_json_logs_for_cron(workdir, tmp_path):
     assert ok.exit_code == 0
     records = [json.loads(x) for x in ok.output.splitlines() if x.strip()]  # nothing but JSON lines, no bars
     assert records[-1]["level"] == "info" and "wrote" in records[-1]["message"]
+
+
+def test_model_fingerprints_remember_large_files_by_size_and_mtime(workdir, tmp_path, monkeypatch):
+    import os
+    import shutil
+
+    from infl import modeling
+
+    monkeypatch.setenv("INFL_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(modeling, "CACHE_MIN_BYTES", 0)
+    model = shutil.copytree(workdir / "gpt2", tmp_path / "gpt2")
+    first = modeling.model_fingerprint(model)
+    assert (tmp_path / "cache" / "file_hashes.json").is_file()
+    weights = next(model.glob("*.safetensors"))
+    st = weights.stat()
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert modeling.model_fingerprint(model) == first  # same size and mtime: the remembered hash (git's contract)
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 1))
+    assert modeling.model_fingerprint(model) != first  # touched: hashed again
