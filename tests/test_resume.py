@@ -167,3 +167,52 @@ def test_appended_queries_are_scored_alone_and_match_a_run_from_scratch(workdir,
     np.testing.assert_allclose(total, np.asarray(ref["total"][...]), rtol=1e-5, atol=1e-4 * np.abs(total).max())
     assert infl("verify", tmp_path / "sa.zarr").exit_code == 0
     assert "up to date" in infl(*score).output
+
+
+def test_a_growth_killed_midway_is_finished_or_undone_by_the_next_run(workdir, tmp_path):
+    pipeline(workdir, tmp_path)
+    first = write_jsonl(tmp_path / "a.jsonl", [{"id": f"a{i}", "text": t} for i, t in enumerate(SENTENCES[:7])])
+    second = write_jsonl(tmp_path / "b.jsonl", [{"id": f"b{i}", "text": t} for i, t in enumerate(SENTENCES[7:])])
+    common = ["score", "--queries", tmp_path / "q.zarr", "--chunk-size", "3"]
+    assert infl(*common, "--corpus", first, second, "--out", tmp_path / "scratch.zarr").exit_code == 0
+    assert infl(*common, "--corpus", first, "--out", tmp_path / "g.zarr").exit_code == 0
+    alone = np.asarray(store.open_complete(tmp_path / "g.zarr", "scores")["total"][...])
+
+    def half_grown():  # what a kill inside the growth leaves: some arrays grown, old attributes, no stamp
+        group = store.open_group(tmp_path / "g.zarr", mode="r+")
+        group["train_ids"].resize((12,))
+        group["total"].resize((3, 12))
+        (tmp_path / "g.zarr" / "COMPLETE.json").unlink(missing_ok=True)
+
+    half_grown()
+    assert infl(*common, "--corpus", first, "--out", tmp_path / "g.zarr").exit_code == 0  # the old inputs again
+    got = store.open_complete(tmp_path / "g.zarr", "scores")
+    assert got["total"].shape == (3, 7) and got["train_ids"].shape == (7,)
+    np.testing.assert_array_equal(np.asarray(got["total"][...]), alone)
+    half_grown()
+    assert infl(*common, "--corpus", second, "--out", tmp_path / "g.zarr").exit_code == 0  # the growth, again
+    got, ref = store.open_complete(tmp_path / "g.zarr", "scores"), store.open_complete(tmp_path / "scratch.zarr", "scores")
+    for key in ("total", "per_module", "train_ids", "locators"):
+        np.testing.assert_array_equal(np.asarray(got[key][...]), np.asarray(ref[key][...]))
+
+
+def test_fit_resumed_with_another_chunk_size_counts_every_sequence_once(workdir, tmp_path):
+    corpus = write_jsonl(tmp_path / "big.jsonl", [{"id": f"s{i}", "text": SENTENCES[i % 12] + f" {i % 7}"} for i in range(240)])
+    args = ["fit-factors", "--model", workdir / "gpt2", "--corpus", corpus, "--batch-size", "4"]
+    assert infl(*args, "--out", tmp_path / "ref.zarr", "--chunk-size", "8").exit_code == 0
+    out = tmp_path / "k.zarr"
+    proc = subprocess.Popen([sys.executable, "-m", "infl", *map(str, args), "--chunk-size", "8", "--out", str(out), "--quiet"],
+                            start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and _checkpoint(out).get("chunk", 0) < 3:
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert _checkpoint(out).get("pass") == "covariances"
+    assert infl(*args, "--out", out, "--chunk-size", "5").exit_code == 0
+    ref, got = store.open_complete(tmp_path / "ref.zarr", "factors"), store.open_complete(out, "factors")
+    for name in ref.attrs["modules"]:
+        assert got[f"modules/{name}"].attrs["n_tokens"] == ref[f"modules/{name}"].attrs["n_tokens"]
+        for key in ("A_sum", "S_sum", "Lambda"):
+            a, b = np.asarray(got[f"modules/{name}/{key}"][...]), np.asarray(ref[f"modules/{name}/{key}"][...])
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * np.abs(b).max())

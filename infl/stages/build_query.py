@@ -43,12 +43,15 @@ def _run(cfg: QueryConfig) -> Outcome:
     base = store.fingerprint(attrs)  # everything but the query files: a batch may be appended later
     new_file = {"path": str(cfg.queries.resolve()), "sha256": data.file_sha256(cfg.queries)}
     old = store.read_attrs(cfg.out) if cfg.out.exists() else None
-    appending = cfg.append and not cfg.force and old is not None and old.get("base_fingerprint") == base
-    if cfg.append and old is not None and not appending and not cfg.force:
+    finished = old is not None and "blocks" in old  # a first build killed early has no blocks yet: rebuilt below
+    appending = cfg.append and not cfg.force and finished and old.get("base_fingerprint") == base
+    if cfg.append and finished and not appending and not cfg.force:
         raise IncompatibleArtifact(f"cannot append to {cfg.out}: it was made from other factors or options",
                                    hint="use the same --factors, --rank and --svd, or another --out")
     files = old["provenance"]["queries_files"] if appending else []
     if appending and new_file["sha256"] in {f["sha256"] for f in files}:
+        if not (cfg.out / store.COMPLETE).is_file():  # killed after its last write: only the stamp is missing
+            store.mark_complete(cfg.out, old["fingerprint"])
         return Outcome(f"{cfg.out} is up to date (it holds {cfg.queries})", up_to_date=True)
     attrs["provenance"]["queries_files"] = files + [new_file]
     attrs["base_fingerprint"] = base

@@ -98,9 +98,9 @@ def _run(cfg: FitConfig) -> Outcome:
         else:
             f["damping"] = float(cfg.damping)
         _write_module(group, spec, {"Lambda": f["Lambda"], "damping": f["damping"]})
-    passes.discard()
     group.attrs["checkpoint"] = {"pass": "done"}
     store.mark_complete(cfg.out, attrs["fingerprint"])
+    passes.discard()  # after COMPLETE: a kill while deleting leaves harmless leftovers, never a dangling slot
     return Outcome(f"wrote {cfg.out}: {cfg.strategy} factors for {len(specs)} modules ({time.perf_counter() - started:.1f} s)")
 
 
@@ -135,15 +135,15 @@ class _Passes:
         }
         on_device = {m: {k: t.to(device) for k, t in keys.items()} for m, keys in sums.items()}
         n_tokens = checkpoint.get("n_tokens", 0) if resume else 0
-        start = checkpoint["chunk"] if resume else 0
+        start = checkpoint["position"] if resume else 0  # sequences already added (whatever --chunk-size was)
         bases = {m: tuple(None if q is None else q.float().to(device) for q in qs) for m, qs in (bases or {}).items()}
         description = {"covariances": "covariances", "eigenvalues": "eigenvalue correction"}[name]
         if name == "eigenvalues" and all(q[0] is None for q in bases.values()):
             description = "diagonal"
         with progress() as bar, tap(self.model, self.specs) as tapped:
-            task = bar.add_task(description, total=n, completed=min(n, start * C))
-            for c in range(start, -(-n // C)):
-                lo, hi = c * C, min((c + 1) * C, n)
+            task = bar.add_task(description, total=n, completed=start)
+            for c, lo in enumerate(range(start, n, C), checkpoint.get("chunk", 0) if resume else 0):
+                hi = min(lo + C, n)
                 for batch, mask, loss, a, s in engine.sweep(
                     self.model, tapped, self.tokens[lo:hi], self.pad_id, cfg.batch_size, device, seeds=self.seeds[lo:hi]
                 ):
@@ -159,15 +159,15 @@ class _Passes:
                         else:
                             curvature.lambda_update(acc["Lambda_sum"], a[m], s[m], *bases[m])
                     bar.advance(task, len(batch))
-                self._save(name, c + 1, n_tokens, on_device)
+                self._save(name, c + 1, hi, n_tokens, on_device)
         return {m: {k: t.cpu() for k, t in keys.items()} for m, keys in on_device.items()}, {"n_tokens": n_tokens}
 
-    def _save(self, name: str, chunk: int, n_tokens: int, sums) -> None:
+    def _save(self, name: str, chunk: int, position: int, n_tokens: int, sums) -> None:
         slot = chunk % 2
         for m, keys in sums.items():
             for k, t in keys.items():
                 store.write_array(self.group, f"checkpoint/{slot}/{m}/{k}", t.cpu().numpy())
-        self.group.attrs["checkpoint"] = {"pass": name, "chunk": chunk, "slot": slot, "n_tokens": n_tokens}
+        self.group.attrs["checkpoint"] = {"pass": name, "chunk": chunk, "position": position, "slot": slot, "n_tokens": n_tokens}
 
     def _load(self, slot: int, module: str, key: str) -> torch.Tensor:
         return torch.from_numpy(np.asarray(self.group[f"checkpoint/{slot}/{module}/{key}"][...]))

@@ -8,6 +8,7 @@ Work is done chunk by chunk along the training axis; a chunk's scores are writte
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
@@ -60,6 +61,9 @@ def _run(cfg: ScoreConfig) -> Outcome:
     base = store.fingerprint(attrs)  # all but the corpus shards and the query blocks, which may grow
     old = store.read_attrs(cfg.out) if cfg.out.exists() else None
     extending = not cfg.force and old is not None and old.get("kind") == "scores" and old.get("base_fingerprint") == base
+    if extending and "done" not in store.open_group(cfg.out):  # its first run died while creating it
+        shutil.rmtree(cfg.out)
+        extending, old = False, None
     stored = [shard["path"] for shard in old["provenance"]["corpus"]] if extending else []
     paths = [Path(p) for p in stored] + [p for p in cfg.corpus if str(p.resolve()) not in stored]
     corpus = data.read_corpus(paths, tokenizer, max_length, cfg.split, cfg.text_field, cfg.id_field)
@@ -96,6 +100,9 @@ def _run(cfg: ScoreConfig) -> Outcome:
         store.create_array(group, "done", (len(blocks) - 1, n_chunks), (1, 1), "bool", False)  # last: ready
     else:
         group = store.open_group(cfg.out, mode="r+")
+        Q_arr, N_arr = group["total"].shape
+        if (Q_arr, N_arr) != (Q, N):  # a growth was killed and these are the inputs from before it
+            _conform(group, corpus, query_ids, blocks, C, min(N, N_arr), min(Q, Q_arr))
     done = np.asarray(group["done"][...])  # [query blocks, chunks]
     pending = [c for c in range(n_chunks) if not done[:, c].all()]
     if corpus.n_truncated:
@@ -161,30 +168,40 @@ def _extend(cfg: ScoreConfig, old: dict, attrs: dict, corpus: data.Corpus, query
         raise IncompatibleArtifact(f"the queries of {cfg.out} were rebuilt, not appended to",
                                    hint="pass --force to rescore everything, or choose another --out")
     (cfg.out / store.COMPLETE).unlink(missing_ok=True)
-    Q_old, N_old = old_blocks[-1], group["train_ids"].shape[0]
-    Q, N, C = len(query_ids), len(corpus.ids), cfg.chunk_size
+    # sizes from the old attributes (written last), never from arrays a killed growth may have resized
+    N_old, Q_old = sum(shard["n_records"] for shard in before), old_blocks[-1]
+    N, Q = len(corpus.ids), len(query_ids)
+    _conform(group, corpus, query_ids, attrs["query_blocks"], cfg.chunk_size, N_old, Q_old)
+    group.attrs.update(store.jsonable(attrs))  # last: the artifact now describes the grown inputs
+    if N > N_old:
+        log(f"adding {N - N_old} sequences from {len(now) - len(before)} new corpus shard(s) to {cfg.out}")
+    if Q > Q_old:
+        log(f"adding {Q - Q_old} queries to {cfg.out}")
+
+
+def _conform(group, corpus: data.Corpus, query_ids: list[str], blocks: list[int], C: int, N_valid: int, Q_valid: int) -> None:
+    """Size every array for this corpus and these queries; cells past the first N_valid sequences
+    or Q_valid queries (and a chunk that straddles N_valid) are marked not done. Idempotent."""
+    N, Q = len(corpus.ids), len(query_ids)
     for name in store.CHUNKED:
         if name in group:
             shape = list(group[name].shape)
             axis = 1 if name == "per_module" else 0
             shape[axis], shape[axis + 1] = Q, N
             group[name].resize(tuple(shape))
-    for name, values in (("train_ids", np.array(corpus.ids, dtype=object)), ("locators", corpus.locators),
-                         ("query_ids", np.array(query_ids, dtype=object))):
-        start = Q_old if name == "query_ids" else N_old
+    for name, values, start in (("train_ids", np.array(corpus.ids, dtype=object), N_valid),
+                                ("locators", corpus.locators, N_valid),
+                                ("query_ids", np.array(query_ids, dtype=object), Q_valid)):
+        group[name].resize((len(values), *group[name].shape[1:]))
         if len(values) > start:
             store.append_rows(group, name, values[start:], start)
     shape = (len(blocks) - 1, -(-N // C))
-    first_new = N_old // C  # a partly filled last chunk is computed again, with its new sequences
     group["checksums"].resize(shape)
     group["done"].resize(shape)
-    group["done"][:, first_new:] = False
-    group["done"][len(old_blocks) - 1 :, :] = False
-    group.attrs.update(store.jsonable(attrs))  # last: the artifact now describes the grown inputs
-    if N > N_old:
-        log(f"adding {N - N_old} sequences from {len(now) - len(before)} new corpus shard(s) to {cfg.out}")
-    if Q > Q_old:
-        log(f"adding {Q - Q_old} queries to {cfg.out}")
+    if N != N_valid:
+        group["done"][:, min(N, N_valid) // C :] = False  # a partly filled chunk is computed again
+    if Q != Q_valid:
+        group["done"][sum(hi <= min(Q, Q_valid) for hi in blocks[1:]) :, :] = False
 
 
 def _check_finite(block: torch.Tensor, ids: list[str]) -> None:

@@ -35,6 +35,8 @@ def run(path: Path) -> Report:
         group = store.open_group(path, mode="r+")
         report = Report(str(path), attrs["kind"])
         if attrs["kind"] == "scores":
+            if "done" not in group:
+                raise BadInput(f"{path} is unfinished: its run stopped before any chunk", hint="re-run `infl score`")
             _verify_chunks(path, group, attrs, report)
         else:
             _verify_arrays(group, report)
