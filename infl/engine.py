@@ -82,16 +82,14 @@ def score_sequences(
 ) -> tuple[Tensor, Tensor | None]:
     """Influence of each sequence (data labels) on each query: per module [M, Q, n] and, if asked,
     per token [Q, n, T] with T the longest sequence (zero past a sequence's end)."""
-    M, n = len(bank.modules), len(tokens)
-    per_module = None
-    token_terms = torch.zeros(0, n, max(map(len, tokens))) if per_token else None
+    M, n, T = len(bank.modules), len(tokens), max(map(len, tokens))
+    per_module = token_terms = None  # allocated at the first batch, which tells the number of queries
     with tap(model, specs) as tapped:
         for batch, _, _, a, s in sweep(model, tapped, tokens, pad_id, batch_size, device):
             scores, terms = bank.scores(a, s, per_token)
             if per_module is None:
                 per_module = torch.zeros(M, scores.shape[1], n)
-                if per_token:
-                    token_terms = torch.zeros(scores.shape[1], n, token_terms.shape[2])
+                token_terms = torch.zeros(scores.shape[1], n, T) if per_token else None
             per_module[:, :, batch] = scores.float().cpu()
             if per_token:
                 token_terms[:, batch, : terms.shape[2]] = terms.float().cpu()
