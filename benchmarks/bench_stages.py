@@ -35,7 +35,7 @@ def timed(fn) -> float:
 def forward_backward_seconds(model_dir: Path, corpus: Path, batch_size: int) -> tuple[float, int]:
     tokenizer = modeling.load_tokenizer(model_dir)
     model = modeling.load_model(model_dir)
-    seqs = data.read_corpus([corpus], tokenizer, modeling.context_length(model))
+    seqs = data.read_corpus([corpus], tokenizer, modeling.context_length(model_dir))
     start = time.perf_counter()
     n_tokens = 0
     for batch in batches_by_length([len(t) for t in seqs.tokens], batch_size):

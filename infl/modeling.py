@@ -76,8 +76,12 @@ def load_tokenizer(path: Path):
     return tokenizer
 
 
-def context_length(model: nn.Module) -> int:
-    config = model.config.get_text_config()
+def context_length(path: Path) -> int:
+    """The model's context length, from its config.json alone (no weights are loaded)."""
+    from transformers import AutoConfig
+
+    _check_model_dir(path)
+    config = AutoConfig.from_pretrained(path, local_files_only=True).get_text_config()
     for key in ("max_position_embeddings", "n_positions", "seq_length"):
         value = getattr(config, key, None)
         if isinstance(value, int) and value > 0:

@@ -31,10 +31,8 @@ def run(cfg: FitConfig) -> Outcome:
 def _run(cfg: FitConfig) -> Outcome:
     started = time.perf_counter()
     tokenizer = modeling.load_tokenizer(cfg.model)
-    model = modeling.load_model(cfg.model, cfg.device, cfg.dtype)
-    max_length = _max_length(cfg.max_length, modeling.context_length(model))
+    max_length = _max_length(cfg.max_length, modeling.context_length(cfg.model))
     corpus = data.read_corpus(list(cfg.corpus), tokenizer, max_length, cfg.split, cfg.text_field, cfg.id_field)
-    specs = modeling.tracked_modules(model, cfg.modules)
     provenance = {
         "model": str(cfg.model.resolve()),
         "model_fingerprint": modeling.model_fingerprint(cfg.model),
@@ -50,6 +48,8 @@ def _run(cfg: FitConfig) -> Outcome:
     if status == store.State.COMPLETE:
         return Outcome(f"{cfg.out} is up to date", up_to_date=True)
 
+    model = modeling.load_model(cfg.model, cfg.device, cfg.dtype)  # only now: an up-to-date rerun needs no weights
+    specs = modeling.tracked_modules(model, cfg.modules)
     n = len(corpus.ids) if cfg.max_sequences is None else min(cfg.max_sequences, len(corpus.ids))
     group = store.open_group(cfg.out, mode="r+") if status == store.State.PARTIAL else None
     if group is None or "checkpoint" not in group.attrs:
