@@ -172,6 +172,11 @@ def test_topk_tokens_and_full_rank_refinement(workdir, tmp_path):
         assert "".join(p for p, _ in a["tokens"]) == a["text"]
         assert [v for _, v in a["tokens"]] == pytest.approx([v for _, v in b["tokens"]], rel=2e-2, abs=1e-2 * abs(a["score"]))
         assert sum(v for _, v in b["tokens"]) == pytest.approx(b["score"], rel=1e-3)
+    one = json.loads(infl("topk", "--scores", low / "plain.zarr", "-k", "2", "--tokens", "--format", "json",
+                          "--query", "q-dict").stdout)  # on demand for one query: the same terms
+    for a, b in zip(one, [r for r in computed if r["query_id"] == "q-dict"], strict=True):
+        assert [p for p, _ in a["tokens"]] == [p for p, _ in b["tokens"]]
+        assert [v for _, v in a["tokens"]] == pytest.approx([v for _, v in b["tokens"]], rel=1e-5, abs=1e-6 * abs(b["score"]))
     page = infl("topk", "--scores", low / "s.zarr", "-k", "1", "--tokens", "--format", "html").stdout
     assert page.startswith("<!doctype html>") and "background:rgba(255,0,0" in page
 

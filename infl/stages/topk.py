@@ -14,7 +14,7 @@ from infl.console import progress
 from infl.errors import BadInput
 from infl.report import query_rows, select
 from infl.scoring import QueryBank
-from infl.stages import factor_specs, model_dir_for, read_curvatures, read_query_bank
+from infl.stages import model_dir_for, read_curvatures, read_query_bank
 
 __all__ = ["Hit", "run", "texts_of"]
 
@@ -65,7 +65,10 @@ def run(cfg: TopkConfig) -> list[Hit]:
     for row, _ in rows:
         scores = store.read(group["total"], (row, slice(None))).astype(np.float64)
         candidates[row] = (select(scores, max(cfg.k, cfg.refine or 0), cfg.negative), scores)
-    refined = _refine(group, rows, {r: c[0] for r, c in candidates.items()}) if cfg.refine else {}
+    if cfg.refine or cfg.tokens:  # the scores' model, its fingerprint checked once
+        model_dir = model_dir_for(None, group.attrs["provenance"])
+        tokenizer = modeling.load_tokenizer(model_dir)
+    refined = _refine(group, rows, {r: c[0] for r, c in candidates.items()}, model_dir, tokenizer) if cfg.refine else {}
 
     hits = []
     for row, query_id in rows:
@@ -78,32 +81,32 @@ def run(cfg: TopkConfig) -> list[Hit]:
         for rank, (i, text) in enumerate(zip(top.tolist(), texts_of(group, top)), 1):
             hits.append(Hit(query_id, rank, train_ids[i], i, float(scores[i]) * scale, text,
                             refined=full[i] * scale if cfg.refine else None))
-    return _with_tokens(group, hits, rows, scale) if cfg.tokens else hits
+    return _with_tokens(group, hits, rows, scale, model_dir, tokenizer) if cfg.tokens else hits
 
 
-def _model_and_tokenizer(group):
-    prov = group.attrs["provenance"]
-    model_dir = model_dir_for(None, prov)
-    return model_dir, modeling.load_tokenizer(model_dir)
+def _capture_model(model_dir: Path, dtype: str, modules: list[str]):
+    """The model on the CPU, ready to capture the tracked `modules`: (model, specs)."""
+    model = modeling.load_model(model_dir, "cpu", dtype)
+    specs = modeling.module_specs(model, modules)
+    modeling.prepare_for_capture(model, specs)
+    return model, specs
 
 
-def _with_tokens(group, hits: list[Hit], rows, scale: float) -> list[Hit]:
+def _with_tokens(group, hits: list[Hit], rows, scale: float, model_dir: Path, tokenizer) -> list[Hit]:
     """Per-token terms of every hit: stored ones if `score --per-token` kept them, else computed now
-    for just these sequences."""
+    for just these sequences and queries."""
     prov = group.attrs["provenance"]
-    model_dir, tokenizer = _model_and_tokenizer(group)
-    indices = np.array(sorted({h.index for h in hits}))
-    pieces = dict(zip(indices.tolist(), _tokens_of(group, tokenizer, prov["max_length"], indices)))
-    row_of = {query_id: row for row, query_id in rows}
+    indices = sorted({h.index for h in hits})
+    pieces = dict(zip(indices, _tokens_of(group, tokenizer, prov["max_length"], np.asarray(indices))))
     if "per_token" in group:
+        row_of = {query_id: row for row, query_id in rows}
         terms = {(h.query_id, h.index): store.read_bf16(group["per_token"], (row_of[h.query_id], h.index)) for h in hits}
     else:
         queries = store.open_complete(Path(prov["queries"]), "queries")
-        bank = read_query_bank(queries, "cpu")
-        indices = sorted(pieces)
-        model = modeling.load_model(model_dir, "cpu", prov["dtype"])
-        specs = modeling.module_specs(model, bank.modules)
-        modeling.prepare_for_capture(model, specs)
+        wanted = sorted({row for row, _ in rows})
+        bank = read_query_bank(queries, "cpu", wanted)  # the asked queries only
+        row_of = {query_id: wanted.index(row) for row, query_id in rows}
+        model, specs = _capture_model(model_dir, prov["dtype"], bank.modules)
         with progress() as bar:
             task = bar.add_task("token influence", total=len(indices))
             _, token_terms = engine.score_sequences(
@@ -120,16 +123,13 @@ def _with_tokens(group, hits: list[Hit], rows, scale: float) -> list[Hit]:
     return out
 
 
-def _refine(group, rows, candidates: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
+def _refine(group, rows, candidates: dict[int, np.ndarray], model_dir: Path, tokenizer) -> dict[int, np.ndarray]:
     """Full-rank scores of each query's candidates: the query gradients are preconditioned again
     without truncation (the factors are the queries' own) and dotted with the candidates' gradients."""
     prov = group.attrs["provenance"]
     queries = store.open_complete(Path(prov["queries"]), "queries")
     factors = store.open_complete(Path(queries.attrs["provenance"]["factors"]), "factors")
-    model_dir, tokenizer = _model_and_tokenizer(group)
-    model = modeling.load_model(model_dir, "cpu", prov["dtype"])
-    specs = factor_specs(factors)
-    modeling.prepare_for_capture(model, specs)
+    model, specs = _capture_model(model_dir, prov["dtype"], list(factors.attrs["modules"]))
     wanted = data.Queries([], [], [], [], [])
     ids, prompts, completions = (np.asarray(queries[k][...]) for k in ("ids", "prompts", "completions"))
     for row, _ in rows:
