@@ -13,6 +13,16 @@ from infl import store
 from test_cli import infl, one_line_error, pipeline
 
 
+def kill_when(args, until, timeout: float = 120.0) -> None:
+    """Run `infl ARGS` in a subprocess and SIGKILL it (and its children) as soon as `until()` holds."""
+    proc = subprocess.Popen([sys.executable, "-m", "infl", *map(str, args), "--quiet"], start_new_session=True)
+    deadline = time.time() + timeout
+    while time.time() < deadline and not until():
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
 def test_score_killed_midway_resumes_to_identical_scores(workdir, tmp_path):
     pipeline(workdir, tmp_path)
     corpus = write_jsonl(tmp_path / "big.jsonl", [{"id": f"s{i}", "text": SENTENCES[i % 12] + f" {i % 7}"} for i in range(240)])
@@ -20,13 +30,7 @@ def test_score_killed_midway_resumes_to_identical_scores(workdir, tmp_path):
     assert infl(*args, "--out", tmp_path / "ref.zarr").exit_code == 0
 
     out = tmp_path / "killed.zarr"
-    cmd = [sys.executable, "-m", "infl", *map(str, args), "--out", str(out), "--quiet"]
-    proc = subprocess.Popen(cmd, start_new_session=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and len(list((out / "done" / "c").glob("*/*"))) < 5:
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_when([*args, "--out", out], lambda: len(list((out / "done" / "c").glob("*/*"))) >= 5)
     done = np.asarray(store.open_group(out)["done"][...])[0]  # one query block
     assert 5 <= done.sum() < len(done) and not (out / "COMPLETE.json").exists()  # really killed midway
 
@@ -65,13 +69,8 @@ def test_fit_killed_in_either_pass_resumes_to_identical_factors(workdir, tmp_pat
 
     for kill_in in ("covariances", "eigenvalues"):
         out = tmp_path / f"killed-{kill_in}.zarr"
-        proc = subprocess.Popen([sys.executable, "-m", "infl", *map(str, args), "--out", str(out), "--quiet"],
-                                start_new_session=True)
-        deadline = time.time() + 120
-        while time.time() < deadline and not (_checkpoint(out).get("pass") == kill_in and _checkpoint(out).get("chunk", 0) >= 3):
-            time.sleep(0.01)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        kill_when([*args, "--out", out],
+                  lambda: _checkpoint(out).get("pass") == kill_in and _checkpoint(out).get("chunk", 0) >= 3)  # noqa: B023
         assert _checkpoint(out)["pass"] == kill_in and not (out / "COMPLETE.json").exists()  # killed midway
         resumed = infl(*args, "--out", out)
         assert resumed.exit_code == 0, resumed.output
@@ -201,13 +200,7 @@ def test_fit_resumed_with_another_chunk_size_counts_every_sequence_once(workdir,
     args = ["fit-factors", "--model", workdir / "gpt2", "--corpus", corpus, "--batch-size", "4"]
     assert infl(*args, "--out", tmp_path / "ref.zarr", "--chunk-size", "8").exit_code == 0
     out = tmp_path / "k.zarr"
-    proc = subprocess.Popen([sys.executable, "-m", "infl", *map(str, args), "--chunk-size", "8", "--out", str(out), "--quiet"],
-                            start_new_session=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and _checkpoint(out).get("chunk", 0) < 3:
-        time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_when([*args, "--chunk-size", "8", "--out", out], lambda: _checkpoint(out).get("chunk", 0) >= 3)
     assert _checkpoint(out).get("pass") == "covariances"
     assert infl(*args, "--out", out, "--chunk-size", "5").exit_code == 0
     ref, got = store.open_complete(tmp_path / "ref.zarr", "factors"), store.open_complete(out, "factors")
