@@ -21,12 +21,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
-
 import readme_block
-
+import torch
 from bench_stages import forward_backward_seconds
-from infl import store
+
+from infl import artifacts
 from infl.config import FitConfig, QueryConfig, ScoreConfig
 from infl.demo import build_demo
 from infl.stages import build_query, fit_factors, score
@@ -81,7 +80,7 @@ def spearman(x: np.ndarray, y: np.ndarray) -> float:
 
 
 def totals(path: Path) -> np.ndarray:
-    return np.asarray(store.open_complete(path, "scores")["total"][...], dtype=np.float64)
+    return np.asarray(artifacts.open_complete(path, "scores")["total"][...], dtype=np.float64)
 
 
 def main() -> None:

@@ -14,16 +14,15 @@ import shutil
 import time
 from pathlib import Path
 
-import torch
-
 import readme_block
+import torch
 
 from infl import data, modeling
 from infl.config import FitConfig, QueryConfig, ScoreConfig
 from infl.demo import build_demo
 from infl.engine import batches_by_length
-from infl.stages import build_query, fit_factors, score
 from infl.gradients import sequence_loss
+from infl.stages import build_query, fit_factors, score
 
 
 def timed(fn) -> float:

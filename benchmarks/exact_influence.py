@@ -19,12 +19,11 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import torch
-
 import readme_block
+import torch
 from torch.func import functional_call, grad, jacrev
 
-from infl import modeling, store
+from infl import artifacts, modeling
 from infl.config import FitConfig, QueryConfig, ScoreConfig
 from infl.gradients import sequence_loss
 from infl.stages import build_query, fit_factors, score
@@ -149,7 +148,7 @@ def main() -> None:
         fit_factors.run(FitConfig(model=model_dir, corpus=(fit_corpus,), out=d / "f.zarr", strategy=strategy))
         build_query.run(QueryConfig(factors=d / "f.zarr", queries=qfile, out=d / "q.zarr", rank=None))
         score.run(ScoreConfig(queries=d / "q.zarr", corpus=(corpus,), out=d / "s.zarr"))
-        ours = np.asarray(store.open_complete(d / "s.zarr", "scores")["total"][...], dtype=np.float64)
+        ours = np.asarray(artifacts.open_complete(d / "s.zarr", "scores")["total"][...], dtype=np.float64)
         pearson = np.mean([np.corrcoef(ours[q], exact[q])[0, 1] for q in range(len(queries))])
         rho = np.mean([spearman(ours[q], exact[q]) for q in range(len(queries))])
         top1 = np.mean([np.argmax(ours[q]) == np.argmax(exact[q]) for q in range(len(queries))])

@@ -7,13 +7,14 @@ stays fast.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated, Callable, Optional
 
 import typer
 import yaml
 
-from infl.console import err, log, log_error, set_json_logs, set_quiet
+from infl.console import err, is_main_process, log, log_error, set_json_logs, set_quiet
 from infl.errors import InflError
 
 app = typer.Typer(
@@ -82,13 +83,19 @@ def _need(value, flag: str):
     return value
 
 
-def _finish(call: Callable[[], object], quiet: bool) -> object:
-    """Run a stage; print its one-line outcome or error; exit with the documented code."""
+def _finish(call: Callable[[], object], quiet: bool, every_rank: bool = True) -> object:
+    """Run a stage; print its one-line outcome or error; exit with the documented code.
+
+    Under torchrun a writing stage runs on every rank; a reading command (`every_rank=False`)
+    runs on the main rank only and the other ranks exit 0 at once."""
     set_quiet(quiet)
+    if not every_rank and not is_main_process():
+        return None
     try:
         result = call()
     except InflError as e:
-        log_error(str(e), e.hint, e.exit_code)
+        if not e.silent:
+            log_error(str(e), e.hint, e.exit_code)
         raise typer.Exit(e.exit_code) from None
     message = getattr(result, "message", None)
     if message:
@@ -255,20 +262,18 @@ def topk(
 
     With token shading and full-rank re-scoring: `infl topk --scores runs/scores.zarr -k 5 --tokens --refine 100`
     """
-    from rich.console import Console
-
     from infl.config import TopkConfig
-    from infl.report import TOPK_FORMATS, render_topk
+    from infl.report import TOPK
     from infl.stages import topk as stage
 
-    fmt = _check_format(format, TOPK_FORMATS)
+    fmt = _check_format(format, tuple(TOPK))
 
     def call():
         hits = stage.run(TopkConfig(_need(scores, "--scores"), k, tuple(query or ()), negative, train_size,
                                     tokens, refine, self_influence))
-        render_topk(hits, fmt, _unit(train_size), Console(soft_wrap=fmt != "table"))
+        sys.stdout.write(TOPK[fmt](hits, _unit(train_size)))
 
-    _finish(call, quiet)
+    _finish(call, quiet, every_rank=False)
 
 
 @app.command("layerwise")
@@ -286,19 +291,17 @@ def layerwise(
 
     Example: `infl layerwise --scores runs/scores.zarr --query q1 -k 5`
     """
-    from rich.console import Console
-
     from infl.config import LayerwiseConfig
-    from infl.report import LAYERWISE_FORMATS, render_layerwise
+    from infl.report import LAYERWISE
     from infl.stages import layerwise as stage
 
-    fmt = _check_format(format, LAYERWISE_FORMATS)
+    fmt = _check_format(format, tuple(LAYERWISE))
 
     def call():
         tables = stage.run(LayerwiseConfig(_need(scores, "--scores"), k, tuple(query or ()), negative, train_size))
-        render_layerwise(tables, fmt, _unit(train_size), Console())
+        sys.stdout.write(LAYERWISE[fmt](tables, _unit(train_size)))
 
-    _finish(call, quiet)
+    _finish(call, quiet, every_rank=False)
 
 
 @app.command("make-demo")
@@ -317,7 +320,7 @@ def make_demo(
 
     if size not in ("default", "test"):
         raise typer.BadParameter(f"--size must be default or test, not {size!r}")
-    _finish(lambda: build_demo(out, size=size, seed=seed), quiet)
+    _finish(lambda: build_demo(out, size=size, seed=seed), quiet, every_rank=False)
     log(f"embedded default ready in {out}")
 
 
@@ -333,8 +336,6 @@ def info(
     """
     import json
 
-    from rich.console import Console
-
     from infl.report import render_info
     from infl.stages import info as stage
 
@@ -342,12 +343,9 @@ def info(
 
     def call():
         described = stage.run(artifact)
-        if fmt == "json":
-            print(json.dumps(described, indent=1))
-        else:
-            render_info(described, Console())
+        sys.stdout.write(json.dumps(described, indent=1) + "\n" if fmt == "json" else render_info(described))
 
-    _finish(call, False)
+    _finish(call, False, every_rank=False)
 
 
 @app.command("verify")
@@ -382,4 +380,4 @@ def verify(
             raise BadInput(f"{artifact}: {len(report.bad)} of {report.checked} checked parts are bad; {fix}")
         log(f"{artifact}: all {report.checked} checked parts are sound")
 
-    _finish(call, False)
+    _finish(call, False, every_rank=False)

@@ -9,12 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from infl import curvature  # the registry only: no torch
 from infl.errors import BadInput
 
 __all__ = ["FitConfig", "QueryConfig", "ScoreConfig", "TopkConfig", "LayerwiseConfig", "parse_damping", "parse_rank"]
-
-STRATEGIES = ("ekfac", "kfac", "diagonal", "identity")
-
 
 def _runtime(default):
     return field(default=default, metadata={"semantic": False})
@@ -86,8 +84,8 @@ class FitConfig(_Run):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.strategy not in STRATEGIES:
-            raise BadInput(f"--strategy must be one of {', '.join(STRATEGIES)}, not {self.strategy!r}")
+        if self.strategy not in curvature.NAMES:
+            raise BadInput(f"--strategy must be one of {', '.join(curvature.NAMES)}, not {self.strategy!r}")
         if not self.corpus:
             raise BadInput("--corpus names no file")
         if self.damping_scale <= 0:

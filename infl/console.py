@@ -28,6 +28,11 @@ def is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+def _rank_prefix() -> str:
+    """'rank R: ' in a torchrun group of more than one process, else ''."""
+    return f"rank {os.environ['RANK']}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+
+
 def set_quiet(quiet: bool) -> None:
     global _quiet
     _quiet = quiet
@@ -53,7 +58,8 @@ def log(message: str) -> None:
 
 
 def log_error(message: str, hint: str = "", exit_code: int = 1) -> None:
-    """Errors are printed even with --quiet."""
+    """Errors are printed even with --quiet, by any rank (named when there are several)."""
+    message = _rank_prefix() + message
     if _json:
         _emit("error", message, hint=hint, exit_code=exit_code)
         return

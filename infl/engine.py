@@ -7,12 +7,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from infl import data
-from infl.capture import ModuleSpec, Tap, tap
+from infl.capture import Tap, tap
+from infl.curvature.base import Curvature, precondition
 from infl.gradients import capture_batch, sequence_grads
-from infl.curvature import Curvature, precondition
+from infl.runtime import Runtime
 from infl.scoring import QueryBank
 
 __all__ = ["batches_by_length", "sweep", "query_gradients", "score_sequences", "self_influence"]
@@ -25,12 +26,9 @@ def batches_by_length(lengths: list[int], batch_size: int) -> list[list[int]]:
 
 
 def sweep(
-    model: nn.Module,
+    rt: Runtime,
     tapped: Tap,
     tokens: list[list[int]],
-    pad_id: int,
-    batch_size: int,
-    device: str,
     n_ignore: list[int] | None = None,
     seeds: list[int] | None = None,
 ) -> Iterator[tuple[list[int], Tensor, Tensor, dict[str, Tensor], dict[str, Tensor]]]:
@@ -39,29 +37,25 @@ def sweep(
     `n_ignore[i]`: leading tokens of sequence i that carry no loss (a query's prompt);
     `seeds[i]`: sample sequence i's labels from the model with this seed (pseudo-gradients).
     """
-    for batch in batches_by_length([len(t) for t in tokens], batch_size):
+    for batch in batches_by_length([len(t) for t in tokens], rt.batch_size):
         input_ids, mask, labels = data.collate(
-            [tokens[i] for i in batch], pad_id, device, None if n_ignore is None else [n_ignore[i] for i in batch]
+            [tokens[i] for i in batch], rt.pad_id, rt.device, None if n_ignore is None else [n_ignore[i] for i in batch]
         )
-        loss, a, s = capture_batch(model, tapped, input_ids, mask, labels, None if seeds is None else [seeds[i] for i in batch])
+        loss, a, s = capture_batch(rt.model, tapped, input_ids, mask, labels, None if seeds is None else [seeds[i] for i in batch])
         yield batch, mask, loss, a, s
 
 
 def query_gradients(
-    model: nn.Module,
-    specs: list[ModuleSpec],
+    rt: Runtime,
     tokens: list[list[int]],
     n_prompt: list[int],
-    pad_id: int,
-    batch_size: int,
-    device: str,
     on_batch: Callable[[int], None] = lambda n: None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Measurements f = log p(completion | prompt) [Q] and the gradients of -f per module [Q, O, I]."""
     measurement = torch.zeros(len(tokens), dtype=torch.float64)
-    grads = {spec.name: torch.zeros(len(tokens), *spec.shape) for spec in specs}
-    with tap(model, specs) as tapped:
-        for batch, _, loss, a, s in sweep(model, tapped, tokens, pad_id, batch_size, device, n_ignore=n_prompt):
+    grads = {spec.name: torch.zeros(len(tokens), *spec.shape) for spec in rt.specs}
+    with tap(rt.model, rt.specs) as tapped:
+        for batch, _, loss, a, s in sweep(rt, tapped, tokens, n_ignore=n_prompt):
             for name in grads:
                 grads[name][batch] = sequence_grads(a[name], s[name]).cpu()
             measurement[batch] = -loss.double().cpu()
@@ -70,13 +64,9 @@ def query_gradients(
 
 
 def score_sequences(
-    model: nn.Module,
-    specs: list[ModuleSpec],
+    rt: Runtime,
     bank: QueryBank,
     tokens: list[list[int]],
-    pad_id: int,
-    batch_size: int,
-    device: str,
     per_token: bool = False,
     on_batch: Callable[[int], None] = lambda n: None,
 ) -> tuple[Tensor, Tensor | None]:
@@ -84,8 +74,8 @@ def score_sequences(
     per token [Q, n, T] with T the longest sequence (zero past a sequence's end)."""
     M, n, T = len(bank.modules), len(tokens), max(map(len, tokens))
     per_module = token_terms = None  # allocated at the first batch, which tells the number of queries
-    with tap(model, specs) as tapped:
-        for batch, _, _, a, s in sweep(model, tapped, tokens, pad_id, batch_size, device):
+    with tap(rt.model, rt.specs) as tapped:
+        for batch, _, _, a, s in sweep(rt, tapped, tokens):
             scores, terms = bank.scores(a, s, per_token)
             if per_module is None:
                 per_module = torch.zeros(M, scores.shape[1], n)
@@ -98,21 +88,17 @@ def score_sequences(
 
 
 def self_influence(
-    model: nn.Module,
-    specs: list[ModuleSpec],
+    rt: Runtime,
     curvatures: dict[str, Curvature],
     tokens: list[list[int]],
-    pad_id: int,
-    batch_size: int,
-    device: str,
     on_batch: Callable[[int], None] = lambda n: None,
 ) -> tuple[Tensor, None]:
     """Each sequence's influence on its own loss, grad L(z)^T (G + damping I)^-1 grad L(z),
     per module: [M, 1, n]. High values flag outliers and mislabeled data."""
-    out = torch.zeros(len(specs), 1, len(tokens))
-    with tap(model, specs) as tapped:
-        for batch, _, _, a, s in sweep(model, tapped, tokens, pad_id, batch_size, device):
-            for m, spec in enumerate(specs):
+    out = torch.zeros(len(rt.specs), 1, len(tokens))
+    with tap(rt.model, rt.specs) as tapped:
+        for batch, _, _, a, s in sweep(rt, tapped, tokens):
+            for m, spec in enumerate(rt.specs):
                 dw = sequence_grads(a[spec.name], s[spec.name])  # [B, O, I]
                 out[m, 0, batch] = (precondition(dw, curvatures[spec.name]) * dw).sum((1, 2)).float().cpu()
             on_batch(len(batch))

@@ -9,6 +9,7 @@ class InflError(Exception):
     """Base class: anything the user can fix. The CLI prints it on one line and exits `exit_code`."""
 
     exit_code = 1
+    silent = False  # already reported (by the main rank of a torchrun group)
 
     def __init__(self, message: str, hint: str = ""):
         super().__init__(message)

@@ -5,8 +5,10 @@ import pytest
 import torch
 from conftest import SENTENCES, make_tokenizer
 
-from infl import curvature, modeling, store
+from infl import artifacts, modeling
 from infl.config import FitConfig
+from infl.curvature import base as curvature
+from infl.curvature.ekfac import lambda_update
 from infl.gradients import sample_labels, sequence_loss
 from infl.stages import fit_factors, sequence_seed
 
@@ -54,7 +56,7 @@ def test_one_token_ekfac_inverse_is_the_exact_gauss_newton_inverse():
     eig_A, Q_A = curvature.eigh(A)
     eig_S, Q_S = curvature.eigh(S)
     Lambda = torch.zeros(O, I, dtype=torch.float64)
-    curvature.lambda_update(Lambda, a, s, Q_A, Q_S)
+    lambda_update(Lambda, a, s, Q_A, Q_S)
     c = curvature.Curvature(Lambda, curvature.relative_damping(Lambda), Q_A, Q_S)
 
     g = (s[0, 0][:, None] * a[0, 0][None, :]).flatten()  # vec(s a^T), row-major
@@ -68,7 +70,7 @@ def test_one_token_ekfac_inverse_is_the_exact_gauss_newton_inverse():
 def _fit(tmp_path, model_dir, corpus, strategy="ekfac", batch_size=3, name="f.zarr"):
     cfg = FitConfig(model=model_dir, corpus=(corpus,), out=tmp_path / name, strategy=strategy, batch_size=batch_size)
     fit_factors.run(cfg)
-    return store.open_complete(cfg.out, "factors")
+    return artifacts.open_complete(cfg.out, "factors")
 
 
 def _module(group, name):

@@ -3,9 +3,9 @@
 import json
 
 import pytest
+from test_cli import infl
 
 from infl.demo import build_demo
-from test_cli import infl
 
 
 @pytest.fixture(scope="session")

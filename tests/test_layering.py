@@ -1,5 +1,6 @@
-"""The import boundaries of the package: math knows nothing of files or the CLI, and the CLI
-imports no torch at start-up (so `infl --help` stays fast)."""
+"""The import boundaries of the package: math knows nothing of files or the CLI, only the artifact
+modules touch Zarr, only the driver touches torch.distributed, and the CLI imports no torch at
+start-up (so `infl --help` stays fast)."""
 
 import ast
 import subprocess
@@ -9,15 +10,22 @@ from pathlib import Path
 import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "infl"
+CURVATURE = {"torch", "infl.curvature"}
+ARTIFACTS = {"zarr", "numpy", "infl.__version__", "infl.errors", "infl.artifacts"}
 ALLOWED = {
-    "curvature": {"torch"},
+    "curvature/__init__": {"infl.errors"},  # the registry: no torch
+    **{f"curvature/{p.stem}": CURVATURE for p in (PKG / "curvature").glob("*.py") if p.stem != "__init__"},
     "scoring": {"torch"},
     "capture": {"torch"},
     "gradients": {"torch", "infl.capture", "infl.curvature"},
-    "store": {"zarr", "numpy", "infl", "infl.errors"},
+    **{f"artifacts/{p.stem}": ARTIFACTS for p in (PKG / "artifacts").glob("*.py")},
+    "driver": {"torch", "infl.errors"},
+    "runtime": {"torch", "infl.modeling", "infl.capture"},
+    **{f"analysis/{p.stem}": {"numpy", "infl.artifacts", "infl.errors"} for p in (PKG / "analysis").glob("*.py")},
+    "report/__init__": {"rich", "numpy", "infl.analysis"},
     "console": {"rich"},
     "errors": set(),
-    "config": {"infl.errors"},
+    "config": {"infl.errors", "infl.curvature"},
     "cli": {"typer", "yaml", "rich", "infl.console", "infl.errors", "infl.config", "infl.report", "infl.stages", "infl.demo"},
 }
 
@@ -28,7 +36,7 @@ def imports_of(path: Path) -> set[str]:
         if isinstance(node, ast.Import):
             names |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and node.module != "__future__":
-            names.add(node.module)
+            names |= {f"infl.{a.name}" for a in node.names} if node.module == "infl" else {node.module}
     return {n for n in names if n.split(".")[0] not in sys.stdlib_module_names}
 
 
@@ -39,12 +47,26 @@ def test_module_imports_stay_inside_their_layer(module):
     assert not outside, f"infl.{module} imports {sorted(outside)}"
 
 
-def test_stages_never_import_the_cli_or_each_other():
+def test_only_artifacts_touch_zarr_and_only_the_driver_touches_torch_distributed():
+    for path in PKG.rglob("*.py"):
+        used = imports_of(path)
+        where = path.relative_to(PKG).as_posix()
+        if any(u.split(".")[0] == "zarr" for u in used):
+            assert where.startswith("artifacts/"), f"{where} imports zarr"
+        if any(u.startswith("torch.distributed") for u in used):
+            assert where == "driver.py", f"{where} imports torch.distributed"
+
+
+def test_stages_never_import_the_cli_or_each_other_and_stay_short():
     for path in (PKG / "stages").glob("*.py"):
         used = imports_of(path)
         assert "infl.cli" not in used
         others = {u for u in used if u.startswith("infl.stages.")}
         assert not others, f"{path.name} imports {others}"
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef):
+                length = node.end_lineno - node.lineno + 1
+                assert length <= 60, f"{path.name}: {node.name} is {length} lines long"
 
 
 def test_cli_starts_without_torch():

@@ -8,9 +8,9 @@ import time
 
 import numpy as np
 from conftest import SENTENCES, write_jsonl
-
-from infl import store
 from test_cli import infl, one_line_error, pipeline
+
+from infl import artifacts
 
 
 def kill_when(args, until, timeout: float = 120.0) -> None:
@@ -31,20 +31,20 @@ def test_score_killed_midway_resumes_to_identical_scores(workdir, tmp_path):
 
     out = tmp_path / "killed.zarr"
     kill_when([*args, "--out", out], lambda: len(list((out / "done" / "c").glob("*/*"))) >= 5)
-    done = np.asarray(store.open_group(out)["done"][...])[0]  # one query block
+    done = np.asarray(artifacts.open_group(out)["done"][...])[0]  # one query block
     assert 5 <= done.sum() < len(done) and not (out / "COMPLETE.json").exists()  # really killed midway
 
     resumed = infl(*args, "--out", out)
     assert resumed.exit_code == 0, resumed.output
     assert f"{int(done.sum())} of {len(done)} chunks done" in resumed.output
-    ref, got = store.open_complete(tmp_path / "ref.zarr", "scores"), store.open_complete(out, "scores")
+    ref, got = artifacts.open_complete(tmp_path / "ref.zarr", "scores"), artifacts.open_complete(out, "scores")
     for key in ("total", "per_module"):
         np.testing.assert_array_equal(np.asarray(got[key][...]), np.asarray(ref[key][...]))  # bit for bit
 
 
 def test_a_second_writer_is_refused_with_exit_75(workdir, tmp_path):
     pipeline(workdir, tmp_path)
-    with store.exclusive(tmp_path / "s2.zarr"):
+    with artifacts.lock(tmp_path / "s2.zarr"):
         result = infl("score", "--queries", tmp_path / "q.zarr", "--corpus", workdir / "corpus.jsonl", "--out", tmp_path / "s2.zarr")
         line = one_line_error(result, code=75)
         assert f"pid {os.getpid()}" in line
@@ -53,28 +53,33 @@ def test_a_second_writer_is_refused_with_exit_75(workdir, tmp_path):
 
 
 def _checkpoint(out):
+    """The fit's current pass and how many sequences its ranks have added in it so far."""
     import json
 
     try:
-        return json.loads((out / "zarr.json").read_text())["attributes"].get("checkpoint", {})
-    except (FileNotFoundError, ValueError):
+        fit = json.loads((out / "zarr.json").read_text())["attributes"].get("fit", {})
+        ranks = (out / "checkpoint" / f"g{fit.get('generation', 0)}").glob("r*/zarr.json")
+        added = sum(hi - lo for meta in ranks for lo, hi in json.loads(meta.read_text())["attributes"].get("done", []))
+    except (FileNotFoundError, ValueError, KeyError):
         return {}
+    return {"pass": fit.get("pass"), "sequences": added}
 
 
 def test_fit_killed_in_either_pass_resumes_to_identical_factors(workdir, tmp_path):
     corpus = write_jsonl(tmp_path / "big.jsonl", [{"id": f"s{i}", "text": SENTENCES[i % 12] + f" {i % 7}"} for i in range(240)])
     args = ["fit-factors", "--model", workdir / "gpt2", "--corpus", corpus, "--chunk-size", "8", "--batch-size", "4"]
     assert infl(*args, "--out", tmp_path / "ref.zarr").exit_code == 0
-    ref = store.open_complete(tmp_path / "ref.zarr", "factors")
+    ref = artifacts.open_complete(tmp_path / "ref.zarr", "factors")
 
     for kill_in in ("covariances", "eigenvalues"):
         out = tmp_path / f"killed-{kill_in}.zarr"
         kill_when([*args, "--out", out],
-                  lambda: _checkpoint(out).get("pass") == kill_in and _checkpoint(out).get("chunk", 0) >= 3)  # noqa: B023
-        assert _checkpoint(out)["pass"] == kill_in and not (out / "COMPLETE.json").exists()  # killed midway
+                  lambda: _checkpoint(out).get("pass") == kill_in and _checkpoint(out).get("sequences", 0) >= 3 * 8)  # noqa: B023
+        assert _checkpoint(out)["pass"] == kill_in and _checkpoint(out)["sequences"] < 240  # killed midway
+        assert not (out / "COMPLETE.json").exists()
         resumed = infl(*args, "--out", out)
         assert resumed.exit_code == 0, resumed.output
-        got = store.open_complete(out, "factors")
+        got = artifacts.open_complete(out, "factors")
         for name in ref.attrs["modules"]:
             sub_ref, sub_got = ref[f"modules/{name}"], got[f"modules/{name}"]
             assert sorted(sub_got.array_keys()) == sorted(sub_ref.array_keys())
@@ -94,7 +99,7 @@ def test_a_new_corpus_shard_is_appended_and_equals_a_run_from_scratch(workdir, t
     grown = infl(*common, "--corpus", second, "--out", tmp_path / "grown.zarr")
     assert grown.exit_code == 0, grown.output
     assert "adding 5 sequences" in grown.output and "2 of 4 chunks done" in grown.output  # chunk 2 was partial
-    scratch, got = store.open_complete(tmp_path / "scratch.zarr", "scores"), store.open_complete(tmp_path / "grown.zarr", "scores")
+    scratch, got = artifacts.open_complete(tmp_path / "scratch.zarr", "scores"), artifacts.open_complete(tmp_path / "grown.zarr", "scores")
     for key in ("total", "per_module", "train_ids", "locators"):
         np.testing.assert_array_equal(np.asarray(got[key][...]), np.asarray(scratch[key][...]))
     again = infl(*common, "--corpus", second, "--out", tmp_path / "grown.zarr")
@@ -112,7 +117,7 @@ def test_verify_finds_a_corrupted_chunk_and_score_recomputes_it(workdir, tmp_pat
     args = ["score", "--queries", tmp_path / "q.zarr", "--corpus", workdir / "corpus.jsonl", "--chunk-size", "4",
             "--out", tmp_path / "v.zarr"]
     assert infl(*args).exit_code == 0
-    before = np.asarray(store.open_complete(tmp_path / "v.zarr", "scores")["total"][...])
+    before = np.asarray(artifacts.open_complete(tmp_path / "v.zarr", "scores")["total"][...])
     assert infl("verify", tmp_path / "v.zarr").exit_code == 0
     assert infl("verify", tmp_path / "f.zarr").exit_code == 0 and infl("verify", tmp_path / "q.zarr").exit_code == 0
 
@@ -134,7 +139,7 @@ def test_verify_finds_a_corrupted_chunk_and_score_recomputes_it(workdir, tmp_pat
     assert not (tmp_path / "v.zarr" / "COMPLETE.json").exists()
     again = infl(*args)
     assert again.exit_code == 0 and "2 of 3 chunks done" in again.output
-    np.testing.assert_array_equal(np.asarray(store.open_complete(tmp_path / "v.zarr", "scores")["total"][...]), before)
+    np.testing.assert_array_equal(np.asarray(artifacts.open_complete(tmp_path / "v.zarr", "scores")["total"][...]), before)
     assert infl("verify", tmp_path / "v.zarr").exit_code == 0
 
 
@@ -155,11 +160,11 @@ def test_appended_queries_are_scored_alone_and_match_a_run_from_scratch(workdir,
     assert "up to date" in infl(*build, second, "--append").output
     assert "already in" in one_line_error(infl(*build, write_jsonl(tmp_path / "q3.jsonl", QUERIES[:1]), "--append"))
 
-    before = np.asarray(store.open_complete(tmp_path / "sa.zarr", "scores")["total"][...])
+    before = np.asarray(artifacts.open_complete(tmp_path / "sa.zarr", "scores")["total"][...])
     grown = infl(*score)
     assert grown.exit_code == 0 and "adding 1 queries" in grown.output, grown.output
-    got = store.open_complete(tmp_path / "sa.zarr", "scores")
-    ref = store.open_complete(tmp_path / "s.zarr", "scores")
+    got = artifacts.open_complete(tmp_path / "sa.zarr", "scores")
+    ref = artifacts.open_complete(tmp_path / "s.zarr", "scores")
     total = np.asarray(got["total"][...])
     np.testing.assert_array_equal(total[:2], before)  # the first block is kept as it was
     assert list(got["query_ids"][...]) == list(ref["query_ids"][...])
@@ -175,22 +180,22 @@ def test_a_growth_killed_midway_is_finished_or_undone_by_the_next_run(workdir, t
     common = ["score", "--queries", tmp_path / "q.zarr", "--chunk-size", "3"]
     assert infl(*common, "--corpus", first, second, "--out", tmp_path / "scratch.zarr").exit_code == 0
     assert infl(*common, "--corpus", first, "--out", tmp_path / "g.zarr").exit_code == 0
-    alone = np.asarray(store.open_complete(tmp_path / "g.zarr", "scores")["total"][...])
+    alone = np.asarray(artifacts.open_complete(tmp_path / "g.zarr", "scores")["total"][...])
 
     def half_grown():  # what a kill inside the growth leaves: some arrays grown, old attributes, no stamp
-        group = store.open_group(tmp_path / "g.zarr", mode="r+")
+        group = artifacts.open_group(tmp_path / "g.zarr", mode="r+")
         group["train_ids"].resize((12,))
         group["total"].resize((3, 12))
         (tmp_path / "g.zarr" / "COMPLETE.json").unlink(missing_ok=True)
 
     half_grown()
     assert infl(*common, "--corpus", first, "--out", tmp_path / "g.zarr").exit_code == 0  # the old inputs again
-    got = store.open_complete(tmp_path / "g.zarr", "scores")
+    got = artifacts.open_complete(tmp_path / "g.zarr", "scores")
     assert got["total"].shape == (3, 7) and got["train_ids"].shape == (7,)
     np.testing.assert_array_equal(np.asarray(got["total"][...]), alone)
     half_grown()
     assert infl(*common, "--corpus", second, "--out", tmp_path / "g.zarr").exit_code == 0  # the growth, again
-    got, ref = store.open_complete(tmp_path / "g.zarr", "scores"), store.open_complete(tmp_path / "scratch.zarr", "scores")
+    got, ref = artifacts.open_complete(tmp_path / "g.zarr", "scores"), artifacts.open_complete(tmp_path / "scratch.zarr", "scores")
     for key in ("total", "per_module", "train_ids", "locators"):
         np.testing.assert_array_equal(np.asarray(got[key][...]), np.asarray(ref[key][...]))
 
@@ -200,10 +205,10 @@ def test_fit_resumed_with_another_chunk_size_counts_every_sequence_once(workdir,
     args = ["fit-factors", "--model", workdir / "gpt2", "--corpus", corpus, "--batch-size", "4"]
     assert infl(*args, "--out", tmp_path / "ref.zarr", "--chunk-size", "8").exit_code == 0
     out = tmp_path / "k.zarr"
-    kill_when([*args, "--chunk-size", "8", "--out", out], lambda: _checkpoint(out).get("chunk", 0) >= 3)
+    kill_when([*args, "--chunk-size", "8", "--out", out], lambda: _checkpoint(out).get("sequences", 0) >= 3 * 8)
     assert _checkpoint(out).get("pass") == "covariances"
     assert infl(*args, "--out", out, "--chunk-size", "5").exit_code == 0
-    ref, got = store.open_complete(tmp_path / "ref.zarr", "factors"), store.open_complete(out, "factors")
+    ref, got = artifacts.open_complete(tmp_path / "ref.zarr", "factors"), artifacts.open_complete(out, "factors")
     for name in ref.attrs["modules"]:
         assert got[f"modules/{name}"].attrs["n_tokens"] == ref[f"modules/{name}"].attrs["n_tokens"]
         for key in ("A_sum", "S_sum", "Lambda"):

@@ -5,13 +5,14 @@ import numpy as np
 import pytest
 import torch
 from conftest import QUERIES, SENTENCES, autograd_grads, make_tokenizer
-
-from infl import curvature as curv
-from infl import modeling, store
-from infl.config import FitConfig, QueryConfig, ScoreConfig
-from infl.stages import build_query, fit_factors, score
-from infl.stages import factor_specs, read_curvatures
 from test_curvature import dense_inverse
+
+from infl import artifacts, modeling
+from infl.artifacts.factors import FactorsArtifact
+from infl.artifacts.scores import read_bf16_bits
+from infl.config import FitConfig, QueryConfig, ScoreConfig
+from infl.curvature import base as curv
+from infl.stages import build_query, curvatures, fit_factors, module_specs, score
 
 
 def run_pipeline(workdir, tmp_path, arch="gpt2", strategy="ekfac", rank=None, chunk_size=5):
@@ -19,14 +20,20 @@ def run_pipeline(workdir, tmp_path, arch="gpt2", strategy="ekfac", rank=None, ch
     fit_factors.run(FitConfig(model=model_dir, corpus=(workdir / "corpus.jsonl",), out=tmp_path / "f.zarr", strategy=strategy))
     build_query.run(QueryConfig(factors=tmp_path / "f.zarr", queries=workdir / "queries.jsonl", out=tmp_path / "q.zarr", rank=rank))
     score.run(ScoreConfig(queries=tmp_path / "q.zarr", corpus=(workdir / "corpus.jsonl",), out=tmp_path / "s.zarr", chunk_size=chunk_size, batch_size=4))
-    return [store.open_complete(tmp_path / n, kind) for n, kind in (("f.zarr", "factors"), ("q.zarr", "queries"), ("s.zarr", "scores"))]
+    return [artifacts.open_complete(tmp_path / n, kind) for n, kind in (("f.zarr", "factors"), ("q.zarr", "queries"), ("s.zarr", "scores"))]
+
+
+def _factors(group):
+    """Module specs and damped curvatures of a factors artifact opened as a Zarr group."""
+    factors = FactorsArtifact(None, group)
+    return module_specs(factors), curvatures(factors)
 
 
 def brute_force_scores(model_dir, factors_group):
     """[M, Q, N] influence: vec(grad L_q)^T (G + damping I)^-1 vec(grad L_z), all explicit."""
     tokenizer = make_tokenizer()
     model = modeling.load_model(model_dir).double()
-    specs, curvatures = factor_specs(factors_group), read_curvatures(factors_group)
+    specs, curvatures_ = _factors(factors_group)
     names = [s.name for s in specs]
     train = [autograd_grads(model, names, tokenizer(t)["input_ids"]) for t in SENTENCES]
     queries = []
@@ -36,7 +43,7 @@ def brute_force_scores(model_dir, factors_group):
         queries.append(autograd_grads(model, names, ids, [-100] * n_prompt + ids[n_prompt:]))  # grad of -f
     out = torch.zeros(len(names), len(QUERIES), len(SENTENCES), dtype=torch.float64)
     for m, name in enumerate(names):
-        c = curvatures[name]
+        c = curvatures_[name]
         inverse = dense_inverse(c) if c.Q_A is not None else torch.diag(1.0 / (c.Lambda.double().flatten() + c.damping))
         for qi, qg in enumerate(queries):
             p = inverse @ qg[name].flatten()
@@ -89,7 +96,7 @@ def test_positive_influence_means_a_step_on_the_sequence_raises_the_measurement(
     factors, queries, scores = run_pipeline(workdir, tmp_path)
     total = np.asarray(scores["total"][...])
     tokenizer = make_tokenizer()
-    specs, curvatures = factor_specs(factors), read_curvatures(factors)
+    specs, curvatures_ = _factors(factors)
 
     @torch.no_grad()
     def measurement(model, q):
@@ -106,7 +113,7 @@ def test_positive_influence_means_a_step_on_the_sequence_raises_the_measurement(
         eta = 1e-3 / abs(total[q, zi])
         with torch.no_grad():
             for spec in specs:
-                step = -eta * curv.precondition(grads[spec.name], curvatures[spec.name])  # [O, I]
+                step = -eta * curv.precondition(grads[spec.name], curvatures_[spec.name])  # [O, I]
                 module = model.get_submodule(spec.name)
                 module.weight += step[:, : spec.d_in].T if spec.transposed else step[:, : spec.d_in]
                 module.bias += step[:, spec.d_in]
@@ -119,17 +126,17 @@ def test_self_influence_equals_explicit_computation(workdir, tmp_path):
     factors, _, _ = run_pipeline(workdir, tmp_path)
     score.run(ScoreConfig(self_influence=True, factors=tmp_path / "f.zarr", corpus=(workdir / "corpus.jsonl",),
                           out=tmp_path / "self.zarr", batch_size=5))
-    scores = store.open_complete(tmp_path / "self.zarr", "scores")
+    scores = artifacts.open_complete(tmp_path / "self.zarr", "scores")
     tokenizer = make_tokenizer()
     model = modeling.load_model(workdir / "gpt2").double()
-    specs, curvatures = factor_specs(factors), read_curvatures(factors)
+    specs, curvatures_ = _factors(factors)
     names = [s.name for s in specs]
     expected = torch.zeros(len(SENTENCES), dtype=torch.float64)
     for zi, text in enumerate(SENTENCES):
         grads = autograd_grads(model, names, tokenizer(text)["input_ids"])
         for name in names:
             g = grads[name].flatten()
-            expected[zi] += g @ dense_inverse(curvatures[name]) @ g
+            expected[zi] += g @ dense_inverse(curvatures_[name]) @ g
     assert list(scores["query_ids"][...]) == ["self"]
     total = torch.from_numpy(np.asarray(scores["total"][0])).double()
     assert (total > 0).all()  # g^T (G + damping I)^-1 g > 0
@@ -141,8 +148,8 @@ def test_per_token_terms_sum_to_the_scores(workdir, tmp_path, rank):
     run_pipeline(workdir, tmp_path, rank=rank)
     score.run(ScoreConfig(queries=tmp_path / "q.zarr", corpus=(workdir / "corpus.jsonl",), out=tmp_path / "t.zarr",
                           per_token=True, chunk_size=5, batch_size=4))
-    scores = store.open_complete(tmp_path / "t.zarr", "scores")
-    tokens = store.read_bf16(scores["per_token"], ...)  # [Q, N, T], bfloat16 precision
+    scores = artifacts.open_complete(tmp_path / "t.zarr", "scores")
+    tokens = read_bf16_bits(scores["per_token"][...])  # [Q, N, T], bfloat16 precision
     total = np.asarray(scores["total"][...])
     np.testing.assert_allclose(tokens.sum(-1), total, rtol=0, atol=2e-2 * np.abs(tokens).sum(-1).max())
     lengths = [len(make_tokenizer()(t)["input_ids"]) for t in SENTENCES]

@@ -5,7 +5,12 @@ import pytest
 import torch
 
 from infl.gradients import low_rank, sequence_grads
-from infl.scoring import QueryBank, full_scores, full_token_scores, low_rank_token_scores
+from infl.scoring import (
+    QueryBank,
+    full_scores,
+    full_token_scores,
+    low_rank_token_scores,
+)
 
 
 def random_batch(B=3, T=5, I=7, O=6, seed=0):

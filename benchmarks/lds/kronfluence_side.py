@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import readme_block  # noqa: E402
 from lds import lds, spearman  # noqa: E402
 
-from infl import data, modeling, store  # noqa: E402
+from infl import artifacts, data, modeling  # noqa: E402
 from infl.config import FitConfig, QueryConfig, ScoreConfig  # noqa: E402
 from infl.stages import build_query, fit_factors, score  # noqa: E402
 
@@ -150,7 +150,7 @@ def main() -> None:
         score.run(ScoreConfig(queries=out / f"side-{rank}.q.zarr", corpus=(demo / "corpus.jsonl",),
                               out=out / f"side-{rank}.s.zarr", batch_size=args.batch_size, force=True))
         infl_score[rank] = time.perf_counter() - t
-        ours[rank] = np.asarray(store.open_complete(out / f"side-{rank}.s.zarr", "scores")["total"][...], dtype=np.float64)
+        ours[rank] = np.asarray(artifacts.open_complete(out / f"side-{rank}.s.zarr", "scores")["total"][...], dtype=np.float64)
 
     outcomes = [json.loads(p.read_text()) for p in sorted((out / "truth").glob("*.json"), key=lambda p: int(p.stem))]
     masks = np.zeros((len(outcomes), len(corpus.ids)))

@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/
 import readme_block  # noqa: E402
 
-from infl import data, modeling, store
+from infl import artifacts, data, modeling
 from infl.config import FitConfig, QueryConfig, ScoreConfig
 from infl.demo import build_demo, retrain
 from infl.stages import build_query, fit_factors, score
@@ -123,7 +123,7 @@ def evaluate(demo: Path, out: Path, readme: bool, batch_size: int) -> str:
         build_query.run(QueryConfig(factors=out / f"{strategy}.f.zarr", queries=out / "queries.jsonl", out=d / "q.zarr", rank=rank))
         score.run(ScoreConfig(queries=d / "q.zarr", corpus=(corpus_file,), out=d / "s.zarr", batch_size=batch_size))
         t2 = time.perf_counter()
-        scores = np.asarray(store.open_complete(d / "s.zarr", "scores")["total"][...], dtype=np.float64)
+        scores = np.asarray(artifacts.open_complete(d / "s.zarr", "scores")["total"][...], dtype=np.float64)
         mean, lo, hi = lds(scores, masks, f, rng)
         planted = [(q, r["source_id"]) for q, r in enumerate(qrows) if r.get("source_id")]
         first = sum(ids[int(np.argmax(scores[q]))] == src for q, src in planted)

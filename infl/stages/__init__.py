@@ -1,20 +1,18 @@
-"""Stages: each wires data + model + math + store into one cached artifact (or one report)."""
+"""Stages: each wires data + runtime + math + one artifact kind into a cached artifact (or a report).
+
+A writing stage is a `driver.Stage`: plan on the main rank, compute and commit its units on every
+rank, publish. The helpers here turn what artifacts store into what the math takes.
+"""
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from pathlib import Path
 
-__all__ = ["Outcome", "semantic_fields", "sequence_seed", "model_dir_for", "read_query_bank", "read_curvatures", "factor_specs"]
+from infl.driver import Outcome
 
-
-@dataclass(frozen=True)
-class Outcome:
-    """What a stage did, for the CLI to print and map to an exit code (always 0)."""
-
-    message: str
-    up_to_date: bool = False
+__all__ = ["Outcome", "semantic_fields", "sequence_seed", "model_dir_for", "query_bank", "curvatures", "module_specs"]
 
 
 def semantic_fields(cfg) -> dict:
@@ -28,7 +26,7 @@ def semantic_fields(cfg) -> dict:
 
 
 def sequence_seed(seed: int, sequence_id: str) -> int:
-    """A sequence's own sampling seed, from its id: independent of order, batching and resume."""
+    """A sequence's own sampling seed, from its id: independent of order, batching, rank and resume."""
     return int.from_bytes(hashlib.sha256(f"{seed}:{sequence_id}".encode()).digest()[:8], "little") >> 1
 
 
@@ -50,54 +48,38 @@ def model_dir_for(override: Path | None, provenance: dict) -> Path:
     return path
 
 
-def read_query_bank(group, device: str, rows: list[int] | None = None):
-    """The preconditioned query gradients of a queries artifact (all, or the given rows), as
-    tensors on `device`."""
-    import numpy as np
+def query_bank(queries, device: str = "cpu", rows: list[int] | None = None):
+    """The preconditioned query gradients of a queries artifact (all, or `rows`) as a QueryBank."""
     import torch
 
     from infl.scoring import QueryBank
 
-    bank = {"modules": list(group.attrs["modules"]), "full": {}, "low_rank": {}}
-    for name in bank["modules"]:
-        sub = group[f"modules/{name}"]
-
-        def load(key, sub=sub):
-            values = sub[key][...] if rows is None else sub[key].oindex[sorted(rows)]
-            return torch.from_numpy(np.asarray(values)).to(device)
-
-        if sub.attrs["form"] == "full":
-            bank["full"][name] = load("P")
+    full, low_rank = {}, {}
+    for name in queries.modules:
+        arrays = {k: torch.from_numpy(v).to(device) for k, v in queries.preconditioned(name, rows).items()}
+        if "P" in arrays:
+            full[name] = arrays["P"]
         else:
-            bank["low_rank"][name] = (load("U"), load("sigma"), load("V"))
-    return QueryBank(**bank)
+            low_rank[name] = (arrays["U"], arrays["sigma"], arrays["V"])
+    return QueryBank(queries.modules, full, low_rank)
 
 
-def factor_specs(group):
+def curvatures(factors, device: str = "cpu") -> dict:
+    """name -> damped Curvature, from a factors artifact, as its strategy stored it."""
+    import torch
+
+    from infl import curvature
+
+    strategy = curvature.get(factors.config["strategy"])
+    out = {}
+    for name in factors.modules:
+        arrays = {k: torch.from_numpy(v).to(device) for k, v in factors.read_module(name, strategy.stored).items()}
+        out[name] = strategy.curvature(arrays, float(factors.module_attrs(name)["damping"]))
+    return out
+
+
+def module_specs(factors) -> list:
     """The tracked modules recorded in a factors artifact."""
     from infl.capture import ModuleSpec
 
-    specs = []
-    for name in group.attrs["modules"]:
-        at = group[f"modules/{name}"].attrs
-        specs.append(ModuleSpec(name, at["d_in"], at["d_out"], at["bias"], at["transposed"]))
-    return specs
-
-
-def read_curvatures(group, device: str = "cpu") -> dict:
-    """name -> damped Curvature, from a factors artifact."""
-    import numpy as np
-    import torch
-
-    from infl.curvature import Curvature
-
-    curvatures = {}
-    for name in group.attrs["modules"]:
-        sub = group[f"modules/{name}"]
-        keys = set(sub.array_keys())
-
-        def load(key, sub=sub, keys=keys):
-            return torch.from_numpy(np.asarray(sub[key][...])).to(device) if key in keys else None
-
-        curvatures[name] = Curvature(load("Lambda"), float(sub.attrs["damping"]), load("Q_A"), load("Q_S"))
-    return curvatures
+    return [ModuleSpec(**factors.spec(name)) for name in factors.modules]

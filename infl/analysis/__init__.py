@@ -1,0 +1,1 @@
+"""Analyses of finished artifacts (read only): the results view and, later, the paper's analyses."""

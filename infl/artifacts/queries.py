@@ -1,0 +1,151 @@
+"""queries.zarr: preconditioned query gradients, in blocks of queries added together.
+
+Layout:
+  attrs            kind, schema, config, provenance (+ queries_files), base_fingerprint, fingerprint,
+                   modules, blocks ([0, Q1, Q1 + Q2, ...]: written last, it says which rows are done)
+  ids, prompts, completions [Q] str; measurement [Q] float32 (log p(completion) at the weights)
+  modules/<name>/  attrs form (full | low_rank), rank, svd
+                   full: P [Q, O, I]; low_rank: U [Q, O, R], sigma [Q, R], V [Q, I, R], kept [Q]
+                   (the fraction of the query's Frobenius norm the rank keeps)
+
+Rows are chunked one query each, so ranks that build different queries write different files.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from infl.artifacts import Artifact, State, fingerprint, read_attrs
+from infl.errors import IncompatibleArtifact
+
+__all__ = ["QueriesArtifact", "BuildPlan"]
+
+_TEXTS = ("ids", "prompts", "completions")
+
+
+class BuildPlan:
+    """What build-query must do: nothing (`up_to_date`), or write rows `start`.. (a new artifact
+    when `start` is 0, an appended block otherwise)."""
+
+    def __init__(self, up_to_date: bool, appending: bool, attrs: dict, start: int = 0, blocks: list[int] | None = None):
+        self.up_to_date, self.appending, self.attrs, self.start = up_to_date, appending, attrs, start
+        self.blocks = blocks or [0]
+
+
+class QueriesArtifact(Artifact):
+    kind = "queries"
+
+    @classmethod
+    def plan_build(cls, path: Path, attrs: dict, new_file: dict, append: bool, force: bool) -> BuildPlan:
+        """The append rules. `attrs` describe everything but the query files (its fingerprint is
+        the base: a block may be appended to an artifact with the same base)."""
+        base = fingerprint(attrs)
+        old = read_attrs(path) if path.exists() else None
+        finished = old is not None and "blocks" in old  # a first build killed early has no blocks: rebuilt
+        appending = append and not force and finished and old.get("base_fingerprint") == base
+        if append and finished and not appending and not force:
+            raise IncompatibleArtifact(f"cannot append to {path}: it was made from other factors or options",
+                                       hint="use the same --factors, --rank and --svd, or another --out")
+        files = old["provenance"]["queries_files"] if appending else []
+        attrs = {**attrs, "provenance": {**attrs["provenance"], "queries_files": files + [new_file]}, "base_fingerprint": base}
+        if appending and new_file["sha256"] in {f["sha256"] for f in files}:
+            held = cls.open_for_writing(path)
+            if not held.complete:  # killed after its last write: only the stamp is missing
+                held.publish()
+            return BuildPlan(True, True, old)
+        attrs["fingerprint"] = fingerprint(attrs)
+        if not appending and cls.state(path, attrs, force) == State.COMPLETE:
+            return BuildPlan(True, False, attrs)
+        if appending:
+            return BuildPlan(False, True, attrs, old["blocks"][-1], list(old["blocks"]))
+        return BuildPlan(False, False, attrs)
+
+    @classmethod
+    def for_build(cls, path: Path, plan: BuildPlan, modules: list[str]):
+        if plan.appending:
+            art = cls.open_for_writing(path)
+            art.unpublish()
+            return art
+        art = cls.create(path, plan.attrs)
+        art.update_attrs({"modules": modules})
+        return art
+
+    def held_ids(self) -> list[str]:
+        """Ids of the finished blocks (rows past them are leftovers of a killed append)."""
+        return self._strings("ids", slice(0, self.blocks[-1]))
+
+    def reserve(self, start: int, ids: list[str], prompts: list[str], completions: list[str]) -> None:
+        """Main rank: the texts of rows start.. and room for their measurements."""
+        for name, values in zip(_TEXTS, (ids, prompts, completions)):
+            values = np.array(values, dtype=object)
+            if start == 0:
+                self._write(name, values)
+            else:
+                self._resize_rows(name, start)
+                self._set_rows(name, start, values)
+        n = start + len(ids)
+        if start == 0:
+            self._create("measurement", (n,), (1024,), "float32", float("nan"))
+        else:
+            self._resize_rows("measurement", n)
+
+    def reserve_module(self, name: str, shape: tuple[int, int], rank: int | None, svd: str, n: int) -> str:
+        """Main rank: room for rows ..n of a module, full or rank-R; returns the form."""
+        O, I = shape
+        sub = self._sub(f"modules/{name}")
+        if rank is None or rank >= min(O, I):
+            form, arrays = "full", {"P": ((O, I), (1, O, I))}
+        else:
+            form = "low_rank"
+            arrays = {"U": ((O, rank), (1, O, rank)), "sigma": ((rank,), (1, rank)), "V": ((I, rank), (1, I, rank)),
+                      "kept": ((), (1024,))}
+        sub.attrs.update({"form": form} if form == "full" else {"form": form, "rank": rank, "svd": svd})
+        for key, (row_shape, chunks) in arrays.items():
+            if key in sub:
+                self._resize_rows(key, n, where=sub)
+            else:
+                self._create(key, (n, *row_shape), chunks, "float32", float("nan"), where=sub)
+        return form
+
+    def module_attrs(self, name: str) -> dict:
+        """form (full | low_rank) and, for low rank, rank and svd."""
+        return dict(self.group[f"modules/{name}"].attrs)
+
+    def write_rows(self, name: str, start: int, arrays: dict[str, np.ndarray]) -> None:
+        """Rows start.. of a module's arrays (P, or U, sigma, V, kept)."""
+        sub = self.group[f"modules/{name}"]
+        for key, values in arrays.items():
+            sub[key][start : start + len(values)] = np.asarray(values, dtype=np.float32)
+
+    def write_measurements(self, start: int, values: np.ndarray) -> None:
+        self.group["measurement"][start : start + len(values)] = np.asarray(values, dtype=np.float32)
+
+    def finish(self, attrs: dict, blocks: list[int]) -> None:
+        """The rows of the new block are written: they now count (the attributes go last)."""
+        self.update_attrs({**attrs, "blocks": blocks})
+        self.publish()
+
+    # -- read view ------------------------------------------------------------------------------
+
+    @property
+    def blocks(self) -> list[int]:
+        return list(self.group.attrs["blocks"])
+
+    @property
+    def base_fingerprint(self) -> str:
+        return self.group.attrs["base_fingerprint"]
+
+    def ids(self) -> list[str]:
+        return self._strings("ids")
+
+    def texts(self, row: int) -> tuple[str, str, str]:
+        """(id, prompt, completion) of one query."""
+        return tuple(str(self.group[name][row]) for name in _TEXTS)
+
+    def preconditioned(self, name: str, rows: list[int] | None = None) -> dict[str, np.ndarray]:
+        """A module's stored gradients of all queries or of `rows`: {"P"} or {"U", "sigma", "V"}."""
+        keys = ("P",) if self.module_attrs(name)["form"] == "full" else ("U", "sigma", "V")
+        index = slice(None) if rows is None else sorted(rows)
+        return {k: self._read(f"modules/{name}/{k}", index, orthogonal=rows is not None) for k in keys}

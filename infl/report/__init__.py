@@ -1,0 +1,197 @@
+"""Renderers: results as text in each output format, looked up in `{format: renderer}` tables
+(TOPK, LAYERWISE); they return text and never print, so pages can combine them."""
+
+from __future__ import annotations
+
+import csv
+import html
+import io
+import json
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from infl.analysis.results import Hit, LayerTable
+
+__all__ = ["TOPK", "LAYERWISE", "render_info", "as_text"]
+
+_PREVIEW = 240  # characters of text shown per sequence in a table
+
+
+def as_text(*renderables) -> str:
+    """Rich renderables as the text a terminal would show (plain when stdout is not a terminal)."""
+    screen = Console()
+    console = Console(file=io.StringIO(), width=screen.width, force_terminal=screen.is_terminal,
+                      color_system=screen.color_system)
+    for r in renderables:
+        console.print(r)
+    return console.file.getvalue()
+
+
+def _preview(text: str) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= _PREVIEW else text[: _PREVIEW - 1] + "…"
+
+
+def _hit_row(h: Hit) -> dict:
+    row = {"query_id": h.query_id, "rank": h.rank, "train_id": h.train_id, "score": h.score, "text": h.text}
+    if h.refined is not None:
+        row["refined_score"] = h.refined
+    if h.tokens is not None:
+        row["tokens"] = [[piece, value] for piece, value in h.tokens]
+    return row
+
+
+def _shade(value: float, scale: float) -> float:
+    return min(1.0, abs(value) / scale) if scale > 0 else 0.0
+
+
+def _rich_tokens(tokens) -> Text:
+    """Tokens on a background from white to red (positive) or blue (negative)."""
+    scale = max((abs(v) for _, v in tokens), default=0.0)
+    text = Text()
+    for piece, value in tokens:
+        x = _shade(value, scale)
+        fade = int(255 * (1 - 0.8 * x))
+        colour = f"rgb(255,{fade},{fade})" if value > 0 else f"rgb({fade},{fade},255)"
+        text.append(piece, style=f"black on {colour}" if x > 0.05 else "")
+    return text
+
+
+def _html_tokens(tokens) -> str:
+    scale = max((abs(v) for _, v in tokens), default=0.0)
+    spans = []
+    for piece, value in tokens:
+        rgb = "255,0,0" if value > 0 else "0,0,255"
+        spans.append(f'<span title="{value:.4g}" style="background:rgba({rgb},{0.8 * _shade(value, scale):.2f})">'
+                     f"{html.escape(piece)}</span>")
+    return "".join(spans)
+
+
+def _queries(hits: list[Hit]) -> list[str]:
+    return list(dict.fromkeys(h.query_id for h in hits))
+
+
+def _topk_json(hits: list[Hit], unit: str) -> str:
+    return json.dumps([_hit_row(h) for h in hits], ensure_ascii=False, indent=1) + "\n"
+
+
+def _topk_jsonl(hits: list[Hit], unit: str) -> str:
+    return "".join(json.dumps(_hit_row(h), ensure_ascii=False) + "\n" for h in hits)
+
+
+def _topk_markdown(hits: list[Hit], unit: str) -> str:
+    refined = any(h.refined is not None for h in hits)
+    out = []
+    for query_id in _queries(hits):
+        head = f"influence ({unit})" + (" | full rank" if refined else "")
+        out.append(f"### {query_id}\n\n| rank | train id | {head} | text |\n|---:|---|---:|{'---:|' if refined else ''}---|")
+        for h in (h for h in hits if h.query_id == query_id):
+            number = f"{h.score:.4g}" + (f" | {h.refined:.4g}" if refined else "")
+            text = _html_tokens(h.tokens) if h.tokens else _preview(h.text).replace("|", "\\|")
+            out.append(f"| {h.rank} | {h.train_id} | {number} | {text.replace(chr(10), ' ')} |")
+        out.append("")
+    return "\n".join(out) + "\n"
+
+
+def _topk_html(hits: list[Hit], unit: str) -> str:
+    refined = any(h.refined is not None for h in hits)
+    out = ["<!doctype html><meta charset='utf-8'><body style='font-family:sans-serif'>"]
+    for query_id in _queries(hits):
+        head = f"influence ({unit})" + (" | full rank" if refined else "")
+        out.append(f"<h3>{html.escape(query_id)}</h3><table border='1' cellpadding='4'>"
+                   f"<tr><th>rank</th><th>train id</th><th>{head}</th><th>text</th></tr>")
+        for h in (h for h in hits if h.query_id == query_id):
+            number = f"{h.score:.4g}" + (f" | {h.refined:.4g}" if refined else "")
+            text = _html_tokens(h.tokens) if h.tokens else html.escape(h.text)
+            out.append(f"<tr><td>{h.rank}</td><td>{html.escape(h.train_id)}</td><td>"
+                       f"{number.replace(' | ', '</td><td>')}</td><td>{text}</td></tr>")
+        out.append("</table>")
+    return "\n".join(out) + "\n"
+
+
+def _topk_table(hits: list[Hit], unit: str) -> str:
+    refined = any(h.refined is not None for h in hits)
+    tables = []
+    for query_id in _queries(hits):
+        table = Table(title=f"query {query_id}", caption=f"influence in {unit}", show_lines=any(h.tokens for h in hits))
+        table.add_column("rank", justify="right")
+        table.add_column("train id", overflow="fold")
+        table.add_column("influence", justify="right")
+        if refined:
+            table.add_column("full rank", justify="right")
+        table.add_column("text", overflow="fold", ratio=1)
+        for h in (h for h in hits if h.query_id == query_id):
+            numbers = [f"{h.score:.4g}"] + ([f"{h.refined:.4g}"] if refined else [])
+            table.add_row(str(h.rank), h.train_id, *numbers, _rich_tokens(h.tokens) if h.tokens else _preview(h.text))
+        tables.append(table)
+    return as_text(*tables)
+
+
+TOPK = {"table": _topk_table, "json": _topk_json, "jsonl": _topk_jsonl, "markdown": _topk_markdown, "html": _topk_html}
+
+
+def _layers_json(tables: list[LayerTable], unit: str) -> str:
+    return json.dumps([
+        {"query_id": t.query_id, "layers": t.layers, "train_ids": t.train_ids, "totals": t.totals,
+         "values": t.values.tolist(), "unit": unit}
+        for t in tables
+    ], indent=1) + "\n"
+
+
+def _layers_csv(tables: list[LayerTable], unit: str) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["query_id", "layer", "train_id", "rank", "influence"])
+    for t in tables:
+        for i, layer in enumerate(t.layers):
+            for j, train_id in enumerate(t.train_ids):
+                writer.writerow([t.query_id, layer, train_id, j + 1, f"{t.values[i, j]:.6g}"])
+    return out.getvalue()
+
+
+def _layers_table(tables: list[LayerTable], unit: str) -> str:
+    out = []
+    for t in tables:
+        table = Table(title=f"query {t.query_id}: influence by layer ({unit})")
+        table.add_column("layer")
+        for j, train_id in enumerate(t.train_ids):
+            table.add_column(f"#{j + 1} {train_id}", justify="right", overflow="fold")
+        scale = float(np.abs(t.values).max()) or 1.0
+        for i, layer in enumerate(t.layers):
+            cells = []
+            for v in t.values[i]:
+                strength = min(1.0, abs(v) / scale)
+                colour = "red" if v > 0 else "blue"
+                cells.append(f"[{colour}]{v:.3g}[/]" if strength > 0.5 else f"{v:.3g}")
+            table.add_row(layer, *cells)
+        table.add_row("[bold]total[/]", *(f"[bold]{v:.3g}[/]" for v in t.totals))
+        out.append(table)
+    return as_text(*out)
+
+
+LAYERWISE = {"table": _layers_table, "csv": _layers_csv, "json": _layers_json}
+
+
+def render_info(described: dict) -> str:
+    table = Table(title=f"{described['kind']} artifact {described['path']}", show_header=False)
+    table.add_column("key", style="bold")
+    table.add_column("value", overflow="fold")
+    progress = described["progress"]
+    rows = [
+        ("status", "complete" if described["complete"] else "unfinished"),
+        ("progress", f"{progress['chunks_done']} / {progress['chunks']} chunks"),
+        ("size", f"{described['size_bytes'] / 2**20:.2f} MiB"),
+        ("created", f"{described['created']} (infl {described['infl_version']}, schema {described['schema']})"),
+        ("fingerprint", described["fingerprint"] or ""),
+        ("modules", f"{len(described['modules'])}: {', '.join(described['modules'][:4])}{' ...' if len(described['modules']) > 4 else ''}"),
+        *((f"parent {k}", str(v)) for k, v in described["parents"].items()),
+        *((f"config.{k}", json.dumps(v)) for k, v in described["config"].items()),
+    ]
+    for shard in described["provenance"].get("corpus", []):
+        rows.append(("corpus", f"{shard['path']} ({shard['n_records']} records, sha256 {shard['sha256'][:12]})"))
+    for key, value in rows:
+        table.add_row(key, value)
+    return as_text(table)

@@ -1,0 +1,47 @@
+"""What a computing stage needs of the model, built once per process: the model on its device,
+the tracked modules, the tokenizer, the dtype and the batch size."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from infl import modeling
+from infl.capture import ModuleSpec
+
+__all__ = ["Runtime"]
+
+
+@dataclass
+class Runtime:
+    model: nn.Module
+    specs: list[ModuleSpec]
+    tokenizer: Any
+    device: str
+    dtype: str
+    batch_size: int
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_token_id or 0
+
+    @property
+    def modules(self) -> list[str]:
+        return [spec.name for spec in self.specs]
+
+    @classmethod
+    def load(cls, model_dir: Path, modules: str | list[str], device: str = "cpu", dtype: str = "float32",
+             batch_size: int = 8, tokenizer=None) -> Runtime:
+        """`modules`: a selection (`mlp`, `all`, a regex) for a new fit, or the names an artifact
+        recorded. Only the tracked weights require grad (see modeling.prepare_for_capture)."""
+        tokenizer = tokenizer if tokenizer is not None else modeling.load_tokenizer(model_dir)
+        model = modeling.load_model(model_dir, device, dtype)
+        if isinstance(modules, str):
+            specs = modeling.tracked_modules(model, modules)
+        else:
+            specs = modeling.module_specs(model, modules)
+        modeling.prepare_for_capture(model, specs)
+        return cls(model, specs, tokenizer, device, dtype, batch_size)
