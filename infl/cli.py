@@ -94,8 +94,9 @@ def _finish(call: Callable[[], object], quiet: bool, every_rank: bool = True) ->
     try:
         result = call()
     except InflError as e:
-        if not e.silent:
-            log_error(str(e), e.hint, e.exit_code)
+        if e.silent:  # the main rank reports it and exits with its code: torchrun names it the root cause
+            raise typer.Exit(0) from None
+        log_error(str(e), e.hint, e.exit_code)
         raise typer.Exit(e.exit_code) from None
     message = getattr(result, "message", None)
     if message:

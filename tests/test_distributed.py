@@ -1,0 +1,171 @@
+"""torchrun: two gloo processes on the CPU give the results of one, share one lock, and a killed
+rank or group resumes (with another number of processes) to the same results."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+
+import numpy as np
+import pytest
+from conftest import QUERIES, SENTENCES, write_jsonl
+
+from infl import artifacts
+from test_cli import infl, pipeline
+
+pytestmark = pytest.mark.slow
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node"]
+
+
+def torchrun(n: int, *args, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([*TORCHRUN, str(n), "-m", "infl", *map(str, args)], capture_output=True, text=True,
+                            timeout=300, env=env)
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def corpus(workdir, tmp_path_factory):
+    rows = [{"id": f"s{i}", "text": SENTENCES[i % 12] + f" {i % 7}"} for i in range(90)]
+    return write_jsonl(tmp_path_factory.mktemp("corpus") / "big.jsonl", rows)
+
+
+def stages(workdir, corpus, out):
+    return [
+        ["fit-factors", "--model", workdir / "gpt2", "--corpus", corpus, "--out", out / "f.zarr", "--chunk-size", "8", "--batch-size", "4"],
+        ["build-query", "--factors", out / "f.zarr", "--queries", workdir / "queries.jsonl", "--out", out / "q.zarr", "--batch-size", "1"],
+        ["score", "--queries", out / "q.zarr", "--corpus", corpus, "--out", out / "s.zarr", "--chunk-size", "7"],
+    ]
+
+
+def arrays(path, kind) -> dict[str, np.ndarray]:
+    """Every array of a finished artifact, by its path inside it."""
+    group = artifacts.open_complete(path, kind)
+    with warnings.catch_warnings():  # COMPLETE.json is not a Zarr node
+        warnings.simplefilter("ignore")
+        return {array.path: np.asarray(array[...]) for _, array in group.members(max_depth=None) if hasattr(array, "dtype")}
+
+
+def assert_same(got: dict, ref: dict) -> None:
+    assert sorted(got) == sorted(ref)
+    for key, value in ref.items():
+        if value.dtype.kind == "f":
+            np.testing.assert_allclose(got[key], value, rtol=1e-5, atol=1e-6 * np.abs(value).max(), err_msg=key)
+        else:
+            np.testing.assert_array_equal(got[key], value, err_msg=key)
+
+
+def topk(scores) -> list:
+    return [(r["query_id"], r["train_id"]) for r in json.loads(infl("topk", "--scores", scores, "-k", "5", "--format", "json").stdout)]
+
+
+@pytest.fixture(scope="module")
+def reference(workdir, corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("one")
+    for args in stages(workdir, corpus, out):
+        result = infl(*args)
+        assert result.exit_code == 0, result.output
+    return out
+
+
+def test_two_processes_give_the_results_of_one(workdir, corpus, reference, tmp_path):
+    for args, kind in zip(stages(workdir, corpus, tmp_path), ("factors", "queries", "scores")):
+        result = torchrun(2, *args)
+        assert result.stderr.count("wrote ") == 1  # the main rank reports
+        assert_same(arrays(args[args.index("--out") + 1], kind), arrays(reference / f"{kind[0]}.zarr", kind))
+    assert topk(tmp_path / "s.zarr") == topk(reference / "s.zarr")
+    again = torchrun(2, *stages(workdir, corpus, tmp_path)[2])
+    assert again.stderr.count("is up to date") == 1
+    shown = torchrun(2, "topk", "--scores", tmp_path / "s.zarr", "-k", "1", "--format", "jsonl")
+    assert len(shown.stdout.splitlines()) == len(QUERIES)  # printed by one rank
+
+
+def _rank_pids(launcher: subprocess.Popen) -> dict[int, int]:
+    """rank -> pid of the launcher's workers (read from their environment)."""
+    pids = {}
+    for pid in subprocess.run(["pgrep", "-P", str(launcher.pid)], capture_output=True, text=True).stdout.split():
+        try:
+            env = dict(kv.split("=", 1) for kv in open(f"/proc/{pid}/environ").read().split("\0") if "=" in kv)
+        except OSError:
+            continue
+        if "RANK" in env:
+            pids[int(env["RANK"])] = int(pid)
+    return pids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return open(f"/proc/{pid}/stat").read().split(") ")[1][0] != "Z"
+    except OSError:
+        return False
+
+
+def _launch(n: int, args) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([*TORCHRUN, str(n), "-m", "infl", *map(str, args)], env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _wait_for(until, timeout: float = 240.0) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and not until():
+        time.sleep(0.02)
+    assert until(), "timed out"
+
+
+def test_a_killed_rank_leaves_finished_chunks_and_one_process_completes_them(workdir, corpus, reference, tmp_path):
+    args = stages(workdir, corpus, reference)[2][:-2] + ["--chunk-size", "2", "--out", tmp_path / "s.zarr"]
+    launcher = _launch(2, args)
+    out = tmp_path / "s.zarr"
+    _wait_for(lambda: len(list((out / "done" / "c").glob("*/*"))) >= 6)
+    os.kill(_rank_pids(launcher)[1], signal.SIGKILL)
+    assert launcher.wait(timeout=120) != 0  # torchrun stops the group
+    done = np.asarray(artifacts.open_group(out)["done"][...])[0]
+    assert 6 <= done.sum() < len(done) and not (out / "COMPLETE.json").exists()
+    resumed = infl(*args)
+    assert resumed.exit_code == 0, resumed.output
+    assert f"{int(done.sum())} of {len(done)} chunks done" in resumed.output
+    ref = artifacts.open_complete(reference / "s.zarr", "scores")
+    got = artifacts.open_complete(out, "scores")
+    np.testing.assert_allclose(np.asarray(got["total"][...]), np.asarray(ref["total"][...]), rtol=1e-5, atol=1e-4)
+
+
+def _fit_progress(out) -> int:
+    try:
+        fit = json.loads((out / "zarr.json").read_text())["attributes"]["fit"]
+        metas = (out / "checkpoint" / f"g{fit['generation']}").glob("r*/zarr.json")
+        return sum(hi - lo for m in metas for lo, hi in json.loads(m.read_text())["attributes"].get("done", []))
+    except (OSError, KeyError, ValueError):
+        return 0
+
+
+def test_a_killed_group_resumes_its_fit_with_one_process(workdir, corpus, reference, tmp_path):
+    args = stages(workdir, corpus, tmp_path)[0]
+    launcher = _launch(2, args)
+    out = tmp_path / "f.zarr"
+    _wait_for(lambda: _fit_progress(out) >= 24)  # both ranks have checkpointed chunks of pass 1
+    workers = list(_rank_pids(launcher).values())
+    for pid in [*workers, launcher.pid]:  # the workers have sessions of their own
+        os.kill(pid, signal.SIGKILL)
+    launcher.wait()
+    _wait_for(lambda: not any(_alive(pid) for pid in workers))  # and with them their lock
+    assert not (out / "COMPLETE.json").exists()
+    resumed = infl(*args)
+    assert resumed.exit_code == 0, resumed.output
+    assert_same(arrays(out, "factors"), arrays(reference / "f.zarr", "factors"))
+
+
+def test_a_second_group_is_locked_out(workdir, corpus, reference, tmp_path):
+    pipeline(workdir, tmp_path)
+    args = ["score", "--queries", tmp_path / "q.zarr", "--corpus", corpus, "--out", tmp_path / "locked.zarr"]
+    with artifacts.lock(tmp_path / "locked.zarr"):
+        result = torchrun(2, *args, check=False)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: rank 0: {tmp_path / 'locked.zarr'} is being written by pid {os.getpid()} on {os.uname().nodename}"]
+    assert "exitcode  : 75" in result.stderr  # torchrun's report names the main rank's code
