@@ -12,9 +12,9 @@ import warnings
 import numpy as np
 import pytest
 from conftest import QUERIES, SENTENCES, write_jsonl
+from test_cli import infl, pipeline
 
 from infl import artifacts
-from test_cli import infl, pipeline
 
 pytestmark = pytest.mark.slow
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node"]
