@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 INFL   := $(VENV)/bin/infl
 DEMO   ?= runs/demo
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test test-fast bench clean
 .DELETE_ON_ERROR:
 
 $(VENV)/.installed: pyproject.toml
@@ -40,6 +40,10 @@ demo: $(DEMO)/scores.zarr/COMPLETE.json
 
 test: setup
 	$(PY) -m pytest
+
+# the everyday suite: everything but the tests marked slow (torchrun, retraining harness)
+test-fast: setup
+	$(PY) -m pytest -m "not slow"
 
 bench: setup
 	$(PY) benchmarks/bench_stages.py

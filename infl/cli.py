@@ -7,6 +7,7 @@ stays fast.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Callable, Optional
@@ -20,7 +21,8 @@ from infl.errors import InflError
 app = typer.Typer(
     name="infl",
     help="Trace a language model's outputs back to the training sequences that influenced them "
-    "(influence functions with EK-FAC).",
+    "(influence functions with EK-FAC).\n\n"
+    "Every stage also runs on many processes: `torchrun --nproc_per_node N -m infl STAGE ...`",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
     rich_markup_mode="markdown",
@@ -98,6 +100,10 @@ def _finish(call: Callable[[], object], quiet: bool, every_rank: bool = True) ->
             raise typer.Exit(0) from None
         log_error(str(e), e.hint, e.exit_code)
         raise typer.Exit(e.exit_code) from None
+    except Exception as e:  # a bug or a library's error: in a torchrun group, say which rank it hit
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            log_error(f"{type(e).__name__}: {e}")
+        raise
     message = getattr(result, "message", None)
     if message:
         log(message)
@@ -254,6 +260,8 @@ def topk(
     refine: Annotated[Optional[int], typer.Option(help="Re-score the N best candidates per query with full-rank query gradients.")] = None,
     self_influence: Annotated[bool, typer.Option("--self", help="The scores are self-influence (from `score --self`).")] = False,
     format: Annotated[str, typer.Option("--format", help="table | json | jsonl | markdown | html.")] = "table",
+    batch_size: Annotated[int, typer.Option(help="Sequences per pass for --tokens (when not stored) and --refine.")] = 8,
+    device: DeviceOpt = "cpu",
     quiet: QuietOpt = False,
     config: ConfigOpt = None,
 ) -> None:
@@ -271,7 +279,8 @@ def topk(
 
     def call():
         hits = stage.run(TopkConfig(_need(scores, "--scores"), k, tuple(query or ()), negative, train_size,
-                                    tokens, refine, self_influence))
+                                    tokens=tokens, refine=refine, self_influence=self_influence,
+                                    batch_size=batch_size, device=device))
         sys.stdout.write(TOPK[fmt](hits, _unit(train_size)))
 
     _finish(call, quiet, every_rank=False)

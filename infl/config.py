@@ -152,19 +152,16 @@ class ScoreConfig(_Run):
 
 
 @dataclass(frozen=True)
-class TopkConfig:
+class LayerwiseConfig:
+    """Which sequences of which queries to show, in which unit."""
+
     scores: Path
     k: int = 10
     query: tuple[str, ...] = ()
     negative: bool = False
     train_size: int | None = None  # report per-copy nats: influence / N
-    tokens: bool = False  # per-token influence of each hit
-    refine: int | None = None  # re-score this many candidates per query at full rank
-    self_influence: bool = False  # the scores are self-influence (score --self)
 
     def __post_init__(self) -> None:
-        if self.refine is not None and self.refine < 1:
-            raise BadInput(f"--refine must be >= 1, not {self.refine}")
         if self.k < 1:
             raise BadInput(f"-k must be >= 1, not {self.k}")
         if self.train_size is not None and self.train_size < 1:
@@ -172,5 +169,17 @@ class TopkConfig:
 
 
 @dataclass(frozen=True)
-class LayerwiseConfig(TopkConfig):
-    pass
+class TopkConfig(LayerwiseConfig):
+    tokens: bool = False  # per-token influence of each hit
+    refine: int | None = None  # re-score this many candidates per query at full rank
+    self_influence: bool = False  # the scores are self-influence (score --self)
+    batch_size: int = 8  # for --tokens computed on demand and --refine
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.refine is not None and self.refine < 1:
+            raise BadInput(f"--refine must be >= 1, not {self.refine}")
+        if self.batch_size < 1:
+            raise BadInput(f"--batch-size must be >= 1, not {self.batch_size}")
+        _check_device(self.device)

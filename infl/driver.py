@@ -55,6 +55,8 @@ class StoppedOnMain(InflError):
 class Stage(Protocol, Generic[P]):
     def lock(self) -> AbstractContextManager: ...  # the output artifact's lock, held by the main rank
 
+    def writing(self) -> AbstractContextManager: ...  # held by every rank while it writes
+
     def plan(self) -> P | Outcome: ...  # main rank, under the lock; an Outcome means nothing to do
 
     def run(self, plan: P, group: Group) -> Any: ...  # every rank: its own units, each committed
@@ -87,7 +89,7 @@ class Group:
 
     def barrier(self) -> None:
         if self.world > 1:
-            _collective(dist.barrier, group=_objects())
+            _collective(dist.barrier, group=_OBJECTS)
 
     def all_reduce_sum(self, *tensors: torch.Tensor) -> None:
         """In-place sums across ranks (callers reduce sums and counts, never means)."""
@@ -100,7 +102,7 @@ class Group:
         if self.world == 1:
             return obj
         box = [obj if self.rank == src else None]
-        _collective(dist.broadcast_object_list, box, src=src, group=_objects())
+        _collective(dist.broadcast_object_list, box, src=src, group=_OBJECTS)
         return box[0]
 
     def gather(self, obj: Any) -> list[Any]:
@@ -108,7 +110,7 @@ class Group:
         if self.world == 1:
             return [obj]
         out = [None] * self.world if self.main else None
-        _collective(dist.gather_object, obj, out, dst=0, group=_objects())
+        _collective(dist.gather_object, obj, out, dst=0, group=_OBJECTS)
         return out or []
 
     def from_main(self, fn, *args) -> Any:
@@ -144,9 +146,12 @@ def group() -> Group:
         return _GROUP
     _GROUP = Group(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")),
                    int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    # torchrun sets OMP_NUM_THREADS=1; share this node's cores between its ranks instead
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _GROUP.local_world))
-    backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+    if os.environ.get("OMP_NUM_THREADS", "1") == "1":  # torchrun's default: share the cores instead
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // _GROUP.local_world))
+    backend = "gloo"
+    if torch.cuda.is_available():
+        backend = "cpu:gloo,cuda:nccl"
+        torch.cuda.set_device(_GROUP.local_rank % torch.cuda.device_count())
     timeout = timedelta(seconds=float(os.environ.get("INFL_DIST_TIMEOUT", 3600)))
     dist.init_process_group(backend, timeout=timeout)
     _OBJECTS = dist.new_group(backend="gloo", timeout=timeout)  # objects and barriers on the CPU
@@ -154,20 +159,21 @@ def group() -> Group:
     return _GROUP
 
 
-def _objects():
-    return _OBJECTS
+_FAILED = False  # a collective failed: tearing the group down could hang (NCCL), so leave it
 
 
 def _leave() -> None:
-    if dist.is_initialized():
+    if dist.is_initialized() and not _FAILED:
         dist.destroy_process_group()
 
 
 def _collective(fn, *args, **kwargs):
+    global _FAILED
     try:
         return fn(*args, **kwargs)
-    except RuntimeError as e:  # gloo/NCCL report a peer that died as a RuntimeError
-        raise PeerFailed("another rank of the group stopped (its error is above)",
+    except RuntimeError as e:  # gloo/NCCL report a peer that died (or a timeout) as a RuntimeError
+        _FAILED = True
+        raise PeerFailed("another rank of the group stopped, or did not answer in time (its error is above)",
                          hint=str(e).splitlines()[0] if str(e) else "") from None
 
 
@@ -183,6 +189,7 @@ def run(stage: Stage) -> Outcome:
         planned = g.from_main(plan)
         if isinstance(planned, Outcome):
             return planned
-        results = g.gather(stage.run(planned, g))
-        g.barrier()
+        with stage.writing():
+            results = g.gather(stage.run(planned, g))
+            g.barrier()
         return g.from_main(stage.publish, planned, results)

@@ -60,14 +60,17 @@ def sequence_grads(a: Tensor, s: Tensor) -> Tensor:
     return s.transpose(1, 2) @ a
 
 
-def low_rank(P: Tensor, rank: int, method: str = "exact") -> tuple[Tensor, Tensor, Tensor, float]:
+def low_rank(P: Tensor, rank: int, method: str = "exact", seed: int = 0) -> tuple[Tensor, Tensor, Tensor, float]:
     """Truncated SVD P ~ U diag(sigma) V^T. P: [O, I] -> U [O, R], sigma [R], V [I, R], and the
     fraction of P's Frobenius norm the rank keeps. `randomized` (Halko et al., 4 power iterations,
-    10 extra columns) costs O(OIR) instead of a full SVD's O(OI min(O, I))."""
+    10 extra columns) costs O(OIR) instead of a full SVD's O(OI min(O, I)); its random test
+    matrix comes from `seed`, so the result does not depend on what ran before."""
     x = P.to(torch.float64)
     r = min(rank, *x.shape)
     if method == "randomized":
-        U, sigma, V = torch.svd_lowrank(x, q=min(r + 10, *x.shape), niter=4)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            U, sigma, V = torch.svd_lowrank(x, q=min(r + 10, *x.shape), niter=4)
     else:
         U, sigma, Vh = torch.linalg.svd(x, full_matrices=False)
         V = Vh.T

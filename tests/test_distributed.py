@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from conftest import QUERIES, SENTENCES, write_jsonl
 from test_cli import infl, pipeline
+from test_resume import fit_progress
 
 from infl import artifacts
 
@@ -135,28 +136,44 @@ def test_a_killed_rank_leaves_finished_chunks_and_one_process_completes_them(wor
     np.testing.assert_allclose(np.asarray(got["total"][...]), np.asarray(ref["total"][...]), rtol=1e-5, atol=1e-4)
 
 
-def _fit_progress(out) -> int:
-    try:
-        fit = json.loads((out / "zarr.json").read_text())["attributes"]["fit"]
-        metas = (out / "checkpoint" / f"g{fit['generation']}").glob("r*/zarr.json")
-        return sum(hi - lo for m in metas for lo, hi in json.loads(m.read_text())["attributes"].get("done", []))
-    except (OSError, KeyError, ValueError):
-        return 0
+def test_a_run_killed_midway_is_finished_by_two_processes(workdir, corpus, reference, tmp_path):
+    from test_resume import kill_when
+
+    args = stages(workdir, corpus, reference)[2][:-2] + ["--chunk-size", "2", "--out", tmp_path / "s.zarr"]
+    out = tmp_path / "s.zarr"
+    kill_when(args, lambda: len(list((out / "done" / "c").glob("*/*"))) >= 6)
+    done = np.asarray(artifacts.open_group(out)["done"][...])[0]
+    assert 6 <= done.sum() < len(done)
+    result = torchrun(2, *args)
+    assert f"{int(done.sum())} of {len(done)} chunks done" in result.stderr
+    ref = artifacts.open_complete(reference / "s.zarr", "scores")
+    got = artifacts.open_complete(out, "scores")
+    np.testing.assert_allclose(np.asarray(got["total"][...]), np.asarray(ref["total"][...]), rtol=1e-5, atol=1e-4)
 
 
-def test_a_killed_group_resumes_its_fit_with_one_process(workdir, corpus, reference, tmp_path):
+def _fit_progress(out, name: str) -> int:
+    """Sequences the ranks have added in pass `name` so far."""
+    progress = fit_progress(out)
+    return progress["sequences"] if progress.get("pass") == name else 0
+
+
+@pytest.mark.parametrize("kill_in,resume_with", [("covariances", 1), ("eigenvalues", 2)])
+def test_a_killed_group_resumes_its_fit_with_any_number_of_processes(workdir, corpus, reference, tmp_path, kill_in, resume_with):
     args = stages(workdir, corpus, tmp_path)[0]
     launcher = _launch(2, args)
     out = tmp_path / "f.zarr"
-    _wait_for(lambda: _fit_progress(out) >= 24)  # both ranks have checkpointed chunks of pass 1
+    _wait_for(lambda: _fit_progress(out, kill_in) >= 24)  # both ranks have checkpointed chunks of this pass
     workers = list(_rank_pids(launcher).values())
     for pid in [*workers, launcher.pid]:  # the workers have sessions of their own
         os.kill(pid, signal.SIGKILL)
     launcher.wait()
     _wait_for(lambda: not any(_alive(pid) for pid in workers))  # and with them their lock
-    assert not (out / "COMPLETE.json").exists()
-    resumed = infl(*args)
-    assert resumed.exit_code == 0, resumed.output
+    assert not (out / "COMPLETE.json").exists() and 24 <= _fit_progress(out, kill_in) < 90
+    if resume_with == 1:
+        resumed = infl(*args)
+        assert resumed.exit_code == 0, resumed.output
+    else:
+        torchrun(resume_with, *args)
     assert_same(arrays(out, "factors"), arrays(reference / "f.zarr", "factors"))
 
 

@@ -1,5 +1,6 @@
 """Killed runs resume to identical results; one writer per artifact."""
 
+import json
 import os
 import signal
 import subprocess
@@ -7,6 +8,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 from conftest import SENTENCES, write_jsonl
 from test_cli import infl, one_line_error, pipeline
 
@@ -52,15 +54,37 @@ def test_a_second_writer_is_refused_with_exit_75(workdir, tmp_path):
     assert result.exit_code == 0, result.output  # released when the holder is done
 
 
-def _checkpoint(out):
-    """The fit's current pass and how many sequences its ranks have added in it so far."""
+def test_a_run_waits_for_writers_of_an_earlier_run(workdir, tmp_path):
+    """Ranks of a group whose main rank died may still write for a moment: a new run refuses."""
+    pipeline(workdir, tmp_path)
+    out = tmp_path / "s2.zarr"
+    code = f"import sys, time; from infl import artifacts\nwith artifacts.writing(__import__('pathlib').Path({str(out)!r})):\n" \
+           "    print('held', flush=True); time.sleep(60)"
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        args = ["score", "--queries", tmp_path / "q.zarr", "--corpus", workdir / "corpus.jsonl", "--out", out]
+        assert "still write it" in one_line_error(infl(*args), code=75)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert infl(*args).exit_code == 0
+
+
+def fit_progress(out) -> dict:
+    """The fit's current pass and how many sequences its ranks have added in it so far (each
+    rank's latest complete checkpoint slot)."""
     import json
 
     try:
         fit = json.loads((out / "zarr.json").read_text())["attributes"].get("fit", {})
-        ranks = (out / "checkpoint" / f"g{fit.get('generation', 0)}").glob("r*/zarr.json")
-        added = sum(hi - lo for meta in ranks for lo, hi in json.loads(meta.read_text())["attributes"].get("done", []))
-    except (FileNotFoundError, ValueError, KeyError):
+        group = artifacts.open_group(out)
+        where = f"checkpoint/g{fit.get('generation', 0)}"
+        added = 0
+        for _, rank in (group[where].groups() if where in group else []):
+            slots = [np.asarray(rank[s]["done"][...]) for s in ("s0", "s1") if s in rank and "done" in rank[s]]
+            added += max((int((d[:, 1] - d[:, 0]).sum()) for d in slots), default=0)
+    except Exception:  # noqa: BLE001 - a checkpoint being written: try again
         return {}
     return {"pass": fit.get("pass"), "sequences": added}
 
@@ -74,8 +98,8 @@ def test_fit_killed_in_either_pass_resumes_to_identical_factors(workdir, tmp_pat
     for kill_in in ("covariances", "eigenvalues"):
         out = tmp_path / f"killed-{kill_in}.zarr"
         kill_when([*args, "--out", out],
-                  lambda: _checkpoint(out).get("pass") == kill_in and _checkpoint(out).get("sequences", 0) >= 3 * 8)  # noqa: B023
-        assert _checkpoint(out)["pass"] == kill_in and _checkpoint(out)["sequences"] < 240  # killed midway
+                  lambda: fit_progress(out).get("pass") == kill_in and fit_progress(out).get("sequences", 0) >= 3 * 8)  # noqa: B023
+        assert fit_progress(out)["pass"] == kill_in and fit_progress(out)["sequences"] < 240  # killed midway
         assert not (out / "COMPLETE.json").exists()
         resumed = infl(*args, "--out", out)
         assert resumed.exit_code == 0, resumed.output
@@ -205,8 +229,8 @@ def test_fit_resumed_with_another_chunk_size_counts_every_sequence_once(workdir,
     args = ["fit-factors", "--model", workdir / "gpt2", "--corpus", corpus, "--batch-size", "4"]
     assert infl(*args, "--out", tmp_path / "ref.zarr", "--chunk-size", "8").exit_code == 0
     out = tmp_path / "k.zarr"
-    kill_when([*args, "--chunk-size", "8", "--out", out], lambda: _checkpoint(out).get("sequences", 0) >= 3 * 8)
-    assert _checkpoint(out).get("pass") == "covariances"
+    kill_when([*args, "--chunk-size", "8", "--out", out], lambda: fit_progress(out).get("sequences", 0) >= 3 * 8)
+    assert fit_progress(out).get("pass") == "covariances"
     assert infl(*args, "--out", out, "--chunk-size", "5").exit_code == 0
     ref, got = artifacts.open_complete(tmp_path / "ref.zarr", "factors"), artifacts.open_complete(out, "factors")
     for name in ref.attrs["modules"]:
@@ -214,3 +238,69 @@ def test_fit_resumed_with_another_chunk_size_counts_every_sequence_once(workdir,
         for key in ("A_sum", "S_sum", "Lambda"):
             a, b = np.asarray(got[f"modules/{name}/{key}"][...]), np.asarray(ref[f"modules/{name}/{key}"][...])
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * np.abs(b).max())
+
+
+def test_an_append_that_stops_early_leaves_the_queries_as_they_were(workdir, tmp_path):
+    """Rows reserved for an append that never computed them do not count: the artifact stays
+    finished and readable, and the next append fills them."""
+    from conftest import QUERIES
+
+    from infl.artifacts.queries import QueriesArtifact
+    from infl.config import QueryConfig
+    from infl.stages.build_query import BuildQuery
+
+    pipeline(workdir, tmp_path)
+    extra = write_jsonl(tmp_path / "more.jsonl", [{"id": "q-sun", "prompt": "the sun rose", "completion": " over the quiet hill"}])
+    stage = BuildQuery(QueryConfig(factors=tmp_path / "f.zarr", queries=extra, out=tmp_path / "q.zarr", append=True))
+    with stage.lock():
+        stage.plan()  # rows reserved; killed before any was computed
+    assert QueriesArtifact.open(tmp_path / "q.zarr").ids() == [q["id"] for q in QUERIES]
+    score = ["score", "--queries", tmp_path / "q.zarr", "--corpus", workdir / "corpus.jsonl", "--out", tmp_path / "s.zarr"]
+    assert "up to date" in infl(*score).output
+    build = ["build-query", "--factors", tmp_path / "f.zarr", "--queries", extra, "--out", tmp_path / "q.zarr", "--append"]
+    assert infl(*build).exit_code == 0
+    grown = infl(*score)
+    assert grown.exit_code == 0 and "adding 1 queries" in grown.output
+    rows = json.loads(infl("topk", "--scores", tmp_path / "s.zarr", "-k", "1", "--format", "json").stdout)
+    assert [r["query_id"] for r in rows] == [q["id"] for q in QUERIES] + ["q-sun"]
+
+
+def test_a_checkpoint_interrupted_midway_leaves_the_previous_one(tmp_path):
+    """A rank stopped while saving (here: a value that cannot be written, after the first module)
+    resumes from its previous save: the slot being written is not valid until its `done` is."""
+    from infl.artifacts.factors import FactorsArtifact
+
+    art = FactorsArtifact.create(tmp_path / "f.zarr", {"fingerprint": "x"})
+    art.begin([{"name": m, "d_in": 2, "d_out": 2, "bias": False, "transposed": False} for m in ("a", "b")], 40)
+    generation = art.begin_pass("covariances").generation
+    good = {m: {"A_sum": np.full((2, 2), 1.0)} for m in ("a", "b")}
+    art.save_progress(0, generation, good, [[0, 8]], 50)
+    art.save_progress(0, generation, {m: {"A_sum": np.full((2, 2), 2.0)} for m in ("a", "b")}, [[0, 16]], 100)
+    broken = {"a": {"A_sum": np.full((2, 2), 3.0)}, "b": {"A_sum": object()}}
+    with pytest.raises(Exception):  # noqa: B017 - any failure while writing
+        art.save_progress(0, generation, broken, [[0, 24]], 150)
+    state = art.begin_pass("covariances")  # the resume's merge
+    assert state.done == [[0, 16]] and state.n_tokens == 100
+    for m in ("a", "b"):
+        np.testing.assert_array_equal(state.sums[m]["A_sum"], np.full((2, 2), 2.0))
+
+
+def test_attributes_are_updated_in_one_write(tmp_path, monkeypatch):
+    """zarr's `attrs.update` writes the metadata once per key: a kill in between once left a rank's
+    checkpoint pointing at a new slot with an old list of what it held. Attributes change in one
+    atomic write."""
+    from zarr.storage import LocalStore
+
+    from infl.artifacts.factors import FactorsArtifact
+
+    art = FactorsArtifact.create(tmp_path / "f.zarr", {"fingerprint": "x"})
+    writes = []
+    original = LocalStore.set
+
+    async def counting(self, key, value):
+        writes.append(key)
+        return await original(self, key, value)
+
+    monkeypatch.setattr(LocalStore, "set", counting)
+    art.update_attrs({"a": 1, "b": [1, 2], "c": {"d": 3}})
+    assert writes == ["zarr.json"]

@@ -155,3 +155,18 @@ def test_per_token_terms_sum_to_the_scores(workdir, tmp_path, rank):
     lengths = [len(make_tokenizer()(t)["input_ids"]) for t in SENTENCES]
     for zi, n in enumerate(lengths):
         assert not tokens[:, zi, n:].any()  # nothing past a sequence's end
+
+
+def test_randomized_svd_does_not_depend_on_the_batch(workdir, tmp_path):
+    fit_factors.run(FitConfig(model=workdir / "gpt2", corpus=(workdir / "corpus.jsonl",), out=tmp_path / "f.zarr"))
+    groups = []
+    for batch_size in (1, 3):
+        out = tmp_path / f"q{batch_size}.zarr"
+        build_query.run(QueryConfig(factors=tmp_path / "f.zarr", queries=workdir / "queries.jsonl", out=out, rank=2,
+                                    svd="randomized", batch_size=batch_size))
+        groups.append(artifacts.open_complete(out, "queries"))
+    for name in groups[0].attrs["modules"]:
+        assert groups[0][f"modules/{name}"].attrs["svd"] == "randomized"
+        for key in ("U", "sigma", "V"):  # each query's random test matrix is its own
+            np.testing.assert_array_equal(np.asarray(groups[0][f"modules/{name}/{key}"][...]),
+                                          np.asarray(groups[1][f"modules/{name}/{key}"][...]))

@@ -38,6 +38,7 @@ __all__ = [
     "jsonable",
     "changed_keys",
     "lock",
+    "writing",
     "read_attrs",
     "open_group",
     "open_complete",
@@ -72,20 +73,33 @@ def changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
     return keys
 
 
-@contextmanager
-def lock(path: Path, wait: bool = False) -> Iterator[None]:
-    """Hold `<artifact>.lock` (flock) while writing the artifact: a second writer fails at once with
-    the holder's pid and host (or waits, with `wait`). The kernel drops the lock when its holder
-    dies, however it dies, so a stale lock is never a problem; the file itself is never deleted."""
+def _lock_path(path: Path) -> Path:
     lock_path = path.with_name(path.name + ".lock")
     lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a+") as f:
+    return lock_path
+
+
+@contextmanager
+def lock(path: Path, wait: bool = False) -> Iterator[None]:
+    """Hold `<artifact>.lock` (flock) while writing the artifact: a second run fails at once with
+    the holder's pid and host (or waits, with `wait`). The kernel drops the lock when its holder
+    dies, however it dies, so a stale lock is never a problem; the file itself is never deleted.
+
+    It also makes sure that no process of an earlier run still writes (see `writing`): when the
+    main rank of a torchrun group dies first, its other ranks may run on for a moment."""
+    with open(_lock_path(path), "a+") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
             f.seek(0)
             holder = f.read().strip() or "another process"
             raise ArtifactLocked(f"{path} is being written by {holder}", hint="retry later, or pass --wait") from None
+        try:
+            fcntl.lockf(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB), 1, 1)  # no writer left
+        except OSError:
+            fcntl.flock(f, fcntl.LOCK_UN)
+            raise ArtifactLocked(f"{path}: processes of an earlier run still write it", hint="retry later, or pass --wait") from None
+        fcntl.lockf(f, fcntl.LOCK_UN, 1, 1)
         f.seek(0)
         f.truncate()
         f.write(f"pid {os.getpid()} on {socket.gethostname()}")
@@ -94,6 +108,18 @@ def lock(path: Path, wait: bool = False) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@contextmanager
+def writing(path: Path) -> Iterator[None]:
+    """Held by every process (every rank) while it writes the artifact: a shared POSIX record lock
+    on byte 1 of the lock file, which `lock` checks is free before a new run plans."""
+    with open(_lock_path(path), "a+") as f:
+        fcntl.lockf(f, fcntl.LOCK_SH, 1, 1)
+        try:
+            yield
+        finally:
+            fcntl.lockf(f, fcntl.LOCK_UN, 1, 1)
 
 
 class State:
@@ -224,7 +250,7 @@ class Artifact:
         return dict(self.group.attrs)
 
     def update_attrs(self, values: dict) -> None:
-        self.group.attrs.update(jsonable(values))
+        _set_attrs(self.group, values)
 
     @property
     def provenance(self) -> dict:
@@ -304,6 +330,12 @@ class Artifact:
     def verify(self, on_progress=lambda: None) -> tuple[int, list[dict]]:
         """(parts checked, bad parts): every array readable and finite."""
         return _verify_arrays(self.group)
+
+
+def _set_attrs(node, values: dict) -> None:
+    """Update attributes in one metadata write: `attrs.update` writes once per key, so a kill in
+    between would leave some keys new and others old."""
+    node.update_attributes(jsonable(values))
 
 
 def _verify_arrays(group: zarr.Group) -> tuple[int, list[dict]]:

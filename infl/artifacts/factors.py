@@ -6,13 +6,14 @@ Layout:
   modules/<name>/  attrs d_in, d_out, bias, transposed, damping, n_tokens, n_sequences;
                    arrays as the strategy produced them: *_sum in float64 (a fit can be extended),
                    everything else (Q_A, eig_A, Q_S, eig_S, Lambda) in float32
-  checkpoint/g<G>/r<R>/s<slot>/<module>/<key>   running sums of rank R in generation G
+  checkpoint/g<G>/r<R>/s<0|1>/  running sums of rank R in generation G: <module>/<key>, n_tokens, done
 
 A fit passes over the corpus one or more times. During a pass every rank saves its running sums
-after each chunk, in two alternating slots, and only then records in its own subgroup's attributes
-which slot is current and which sequence ranges it has added: a rank killed at any moment leaves
-a consistent state. A resumed pass (with any number of ranks) first merges every rank's state into
-one state of the next generation, then switches the root attribute to it.
+after each chunk into one of two slots, alternating, each slot holding its sums, its token count
+and the sequence ranges it has added (`done`, written last: a slot without it is incomplete): a
+rank killed at any moment leaves its previous slot intact. A resumed pass (with any number of
+ranks) first merges every rank's latest slot into one state of the next generation, then switches
+the root attribute to it.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from infl.artifacts import Artifact
+from infl.artifacts import Artifact, _set_attrs
 
 __all__ = ["FactorsArtifact", "PassState"]
 
@@ -29,12 +30,15 @@ _SPEC_KEYS = ("d_in", "d_out", "bias", "transposed")
 
 
 class PassState:
-    """What a fit pass has added so far: sequence ranges [lo, hi), token count, sums per module."""
+    """What a fit pass has added so far: sequence ranges [lo, hi), token count, sums per module,
+    and the checkpoint generation the ranks of this run save into."""
 
-    def __init__(self, done: list[list[int]] | None = None, n_tokens: int = 0, sums: dict | None = None):
+    def __init__(self, done: list[list[int]] | None = None, n_tokens: int = 0, sums: dict | None = None,
+                 generation: int = 0):
         self.done = _merge_ranges(done or [])
         self.n_tokens = n_tokens
         self.sums = sums  # module -> key -> np.ndarray, or None: start from zero
+        self.generation = generation
 
     def pending(self, n: int, chunk_size: int) -> list[tuple[int, int]]:
         """The sequence ranges not yet added, cut into chunks of at most `chunk_size`."""
@@ -44,6 +48,16 @@ class PassState:
                 out.append((start, min(start + chunk_size, lo, n)))
             at = max(at, hi)
         return out
+
+
+def _latest(rank_group):
+    """The rank's valid slot that has added the most sequences (None if neither is valid)."""
+    valid = []
+    for name in ("s0", "s1"):
+        if name in rank_group and "done" in rank_group[name]:
+            slot = rank_group[name]
+            valid.append((int(np.diff(np.asarray(slot["done"][...]), axis=1).sum()), slot))
+    return max(valid, key=lambda v: v[0])[1] if valid else None
 
 
 def _merge_ranges(ranges: list[list[int]]) -> list[list[int]]:
@@ -62,7 +76,7 @@ class FactorsArtifact(Artifact):
     def begin(self, specs: list[dict], n_sequences: int) -> None:
         """Record the tracked modules (their d_in, d_out, bias, transposed) of a new fit."""
         for spec in specs:
-            self._sub(f"modules/{spec['name']}").attrs.update({k: spec[k] for k in _SPEC_KEYS})
+            _set_attrs(self._sub(f"modules/{spec['name']}"), {k: spec[k] for k in _SPEC_KEYS})
         self.update_attrs({"modules": [s["name"] for s in specs], "n_sequences": n_sequences, "fit": {"finished": []}})
 
     @property
@@ -87,16 +101,16 @@ class FactorsArtifact(Artifact):
         """Write (or replace) some of a module's factors; only the module's owner calls this."""
         sub = self._sub(f"modules/{name}")
         if attrs:
-            sub.attrs.update(attrs)
+            _set_attrs(sub, attrs)
         for key, values in arrays.items():
             dtype = np.float64 if key.endswith("_sum") else np.float32
             self._write(key, np.asarray(values, dtype=dtype), where=sub)
 
     def read_module(self, name: str, keys: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
-        """A module's arrays (all, or those of `keys` that exist)."""
+        """A module's arrays: those of `keys` that exist, or all but the running sums."""
         sub = self.group[f"modules/{name}"]
         present = set(sub.array_keys())
-        wanted = present if keys is None else [k for k in keys if k in present]
+        wanted = [k for k in present if not k.endswith("_sum")] if keys is None else [k for k in keys if k in present]
         return {k: self._read(f"modules/{name}/{k}") for k in wanted}
 
     # -- passes and checkpoints -----------------------------------------------------------------
@@ -119,7 +133,7 @@ class FactorsArtifact(Artifact):
                 del self.group["checkpoint"]
             self.update_attrs({"fit": {"finished": fit["finished"], "pass": name, "generation": 0}})
             self._sub("checkpoint/g0")
-            return PassState()
+            return PassState(generation=0)
         old = fit["generation"]
         merged = self._merged(old)
         new = old + 1
@@ -127,41 +141,51 @@ class FactorsArtifact(Artifact):
             del self.group[f"checkpoint/g{new}"]
         self._sub(f"checkpoint/g{new}")
         if merged.sums is not None:
-            self.save_progress(0, merged.sums, merged.done, merged.n_tokens, generation=new)
+            self.save_progress(0, new, merged.sums, merged.done, merged.n_tokens)
         self.update_attrs({"fit": {**fit, "generation": new}})  # the switch: from now on only g<new> counts
         del self.group[f"checkpoint/g{old}"]
+        merged.generation = new
         return merged
 
     def _merged(self, generation: int) -> PassState:
         states = []
         where = f"checkpoint/g{generation}"
-        for rank_name, sub in (self.group[where].groups() if where in self.group else []):
-            if "slot" in sub.attrs:
-                states.append((rank_name, dict(sub.attrs)))
+        for _, rank in (self.group[where].groups() if where in self.group else []):
+            slot = _latest(rank)
+            if slot is not None:
+                states.append(slot)
         if not states:
             return PassState()
         sums: dict = {}
-        for rank_name, at in states:
-            slot = self.group[f"{where}/{rank_name}/s{at['slot']}"]
+        done, n_tokens = [], 0
+        for slot in states:
+            done += np.asarray(slot["done"][...]).tolist()
+            n_tokens += int(np.asarray(slot["n_tokens"][...])[0])
             for module, keys in slot.groups():
                 for key, array in keys.arrays():
                     values = np.asarray(array[...])
                     mine = sums.setdefault(module, {})
                     mine[key] = values if key not in mine else mine[key] + values
-        done = [r for _, at in states for r in at["done"]]
-        return PassState(done, sum(int(at["n_tokens"]) for _, at in states), sums)
+        return PassState(done, n_tokens, sums)
 
-    def save_progress(self, rank: int, sums: dict[str, dict[str, np.ndarray]], done: list, n_tokens: int,
-                      generation: int | None = None) -> None:
-        """A rank's running sums after a chunk: data to the slot not in use, then the pointer."""
-        generation = self.group.attrs["fit"]["generation"] if generation is None else generation
-        sub = self._sub(f"checkpoint/g{generation}/r{rank}")
-        slot = 1 - int(sub.attrs.get("slot", 1))
+    def save_progress(self, rank: int, generation: int, sums: dict[str, dict[str, np.ndarray]], done: list,
+                      n_tokens: int) -> None:
+        """A rank's running sums after a chunk, into the slot that does not hold its latest state.
+        The slot is first marked invalid (its `done` removed), then filled, and `done` is written
+        last: a slot is valid only once complete, whenever the rank is killed."""
+        rank_group = self._sub(f"checkpoint/g{generation}/r{rank}")
+        latest = _latest(rank_group)
+        name = "s1" if latest is not None and latest.path.endswith("/s0") else "s0"
+        slot = self._sub(f"checkpoint/g{generation}/r{rank}/{name}")
+        for key in ("done", "n_tokens"):
+            if key in slot:
+                del slot[key]
         for module, keys in sums.items():
-            where = self._sub(f"checkpoint/g{generation}/r{rank}/s{slot}/{module}")
+            where = self._sub(f"checkpoint/g{generation}/r{rank}/{name}/{module}")
             for key, values in keys.items():
                 self._write(key, values, where=where)
-        sub.attrs.update({"slot": slot, "done": _merge_ranges(done), "n_tokens": int(n_tokens)})
+        self._write("n_tokens", np.asarray([n_tokens], dtype=np.int64), where=slot)
+        self._write("done", np.asarray(_merge_ranges(done), dtype=np.int64).reshape(-1, 2), where=slot)
 
     def discard_checkpoints(self) -> None:
         """After COMPLETE: a kill while deleting leaves harmless leftovers, never a dangling slot."""

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from infl.artifacts import Artifact, State, fingerprint, read_attrs
+from infl.artifacts import Artifact, State, _set_attrs, fingerprint, read_attrs
 from infl.errors import IncompatibleArtifact
 
 __all__ = ["QueriesArtifact", "BuildPlan"]
@@ -52,7 +52,7 @@ class QueriesArtifact(Artifact):
         attrs = {**attrs, "provenance": {**attrs["provenance"], "queries_files": files + [new_file]}, "base_fingerprint": base}
         if appending and new_file["sha256"] in {f["sha256"] for f in files}:
             held = cls.open_for_writing(path)
-            if not held.complete:  # killed after its last write: only the stamp is missing
+            if not held.complete:  # a first build killed after its last write: only the stamp is missing
                 held.publish()
             return BuildPlan(True, True, old)
         attrs["fingerprint"] = fingerprint(attrs)
@@ -64,10 +64,10 @@ class QueriesArtifact(Artifact):
 
     @classmethod
     def for_build(cls, path: Path, plan: BuildPlan, modules: list[str]):
+        """A new artifact, or the finished one to append to: it stays finished (and readable)
+        while the new rows are written, since rows past the last block do not count."""
         if plan.appending:
-            art = cls.open_for_writing(path)
-            art.unpublish()
-            return art
+            return cls.open_for_writing(path)
         art = cls.create(path, plan.attrs)
         art.update_attrs({"modules": modules})
         return art
@@ -101,7 +101,7 @@ class QueriesArtifact(Artifact):
             form = "low_rank"
             arrays = {"U": ((O, rank), (1, O, rank)), "sigma": ((rank,), (1, rank)), "V": ((I, rank), (1, I, rank)),
                       "kept": ((), (1024,))}
-        sub.attrs.update({"form": form} if form == "full" else {"form": form, "rank": rank, "svd": svd})
+        _set_attrs(sub, {"form": form} if form == "full" else {"form": form, "rank": rank, "svd": svd})
         for key, (row_shape, chunks) in arrays.items():
             if key in sub:
                 self._resize_rows(key, n, where=sub)
@@ -138,7 +138,7 @@ class QueriesArtifact(Artifact):
         return self.group.attrs["base_fingerprint"]
 
     def ids(self) -> list[str]:
-        return self._strings("ids")
+        return self._strings("ids", slice(0, self.blocks[-1]))
 
     def texts(self, row: int) -> tuple[str, str, str]:
         """(id, prompt, completion) of one query."""
@@ -147,5 +147,5 @@ class QueriesArtifact(Artifact):
     def preconditioned(self, name: str, rows: list[int] | None = None) -> dict[str, np.ndarray]:
         """A module's stored gradients of all queries or of `rows`: {"P"} or {"U", "sigma", "V"}."""
         keys = ("P",) if self.module_attrs(name)["form"] == "full" else ("U", "sigma", "V")
-        index = slice(None) if rows is None else sorted(rows)
+        index = slice(0, self.blocks[-1]) if rows is None else sorted(rows)
         return {k: self._read(f"modules/{name}/{k}", index, orthogonal=rows is not None) for k in keys}

@@ -154,15 +154,15 @@ class ScoresArtifact(Artifact):
         done = self.done_mask()
         return [(c, tuple(int(b) for b in np.flatnonzero(~done[:, c]))) for c in range(done.shape[1]) if not done[:, c].all()]
 
-    def write_cell(self, b: int, c: int, per_module: np.ndarray, per_token: np.ndarray | None = None) -> None:
-        """One query block x one chunk: the scores [M, q, n] (and per-token terms [q, n, T]), then
-        their checksum, then the done bit."""
+    def write_cell(self, b: int, c: int, per_module: np.ndarray, total: np.ndarray, per_token: np.ndarray | None = None) -> None:
+        """One query block x one chunk: the scores per module [M, q, n] and in total [q, n] (and
+        per-token terms [q, n, T]), then their checksum, then the done bit."""
         blocks, C = self.group.attrs["query_blocks"], self.group.attrs["config"]["chunk_size"]
         q_lo, q_hi = blocks[b], blocks[b + 1]
         lo = c * C
         hi = lo + per_module.shape[2]
         self.group["per_module"][:, q_lo:q_hi, lo:hi] = per_module
-        self.group["total"][q_lo:q_hi, lo:hi] = per_module.sum(0)
+        self.group["total"][q_lo:q_hi, lo:hi] = total
         if per_token is not None:
             T = self.group["per_token"].shape[2]
             padded = np.zeros((q_hi - q_lo, hi - lo, T), dtype=np.float32)

@@ -12,7 +12,36 @@ from pathlib import Path
 
 from infl.driver import Outcome
 
-__all__ = ["Outcome", "semantic_fields", "sequence_seed", "model_dir_for", "query_bank", "curvatures", "module_specs"]
+__all__ = ["Outcome", "WritingStage", "check_unchanged", "semantic_fields", "sequence_seed", "model_dir_for", "query_bank", "curvatures", "module_specs"]
+
+
+class WritingStage:
+    """What every writing stage shares: its config, and the locks of its output artifact."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.planned_corpus = None  # what the main rank read while planning, if it reads a corpus
+
+    def lock(self):
+        """Held by the main rank for the whole run: one run per artifact."""
+        from infl.artifacts import lock
+
+        return lock(self.cfg.out, self.cfg.wait)
+
+    def writing(self):
+        """Held by every rank while it writes."""
+        from infl.artifacts import writing
+
+        return writing(self.cfg.out)
+
+
+def check_unchanged(corpus, planned: tuple[str, ...]) -> None:
+    """A rank read the corpus shards the main rank planned with (their sha256)."""
+    from infl.errors import BadInput
+
+    for shard, sha in zip(corpus.shards, planned, strict=True):
+        if shard.sha256 != sha:
+            raise BadInput(f"corpus shard {shard.path} changed while this run was starting")
 
 
 def semantic_fields(cfg) -> dict:

@@ -8,6 +8,7 @@ The unit of work is a batch of queries; under torchrun the batches are split acr
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,6 @@ import numpy as np
 import torch
 
 from infl import data, engine, gradients, modeling
-from infl.artifacts import lock
 from infl.artifacts.factors import FactorsArtifact
 from infl.artifacts.queries import QueriesArtifact
 from infl.config import QueryConfig
@@ -26,7 +26,7 @@ from infl.driver import Group, Outcome
 from infl.driver import run as drive
 from infl.errors import BadInput
 from infl.runtime import Runtime
-from infl.stages import curvatures, model_dir_for, semantic_fields
+from infl.stages import WritingStage, curvatures, model_dir_for, semantic_fields
 
 __all__ = ["run", "BuildQuery", "check_finite_queries"]
 
@@ -47,13 +47,7 @@ class QueryPlan:
     started: float
 
 
-class BuildQuery:
-    def __init__(self, cfg: QueryConfig):
-        self.cfg = cfg
-
-    def lock(self):
-        return lock(self.cfg.out, self.cfg.wait)
-
+class BuildQuery(WritingStage):
     def plan(self) -> QueryPlan | Outcome:
         cfg, started = self.cfg, time.perf_counter()
         factors = FactorsArtifact.open(cfg.factors)
@@ -116,7 +110,8 @@ class BuildQuery:
                 for name, G in grads.items():
                     P = precondition(G, curv[name])  # [q, O, I]
                     at = layouts[name]
-                    arrays = _compressed(P, at["rank"], at["svd"]) if at["form"] == "low_rank" else {"P": P.numpy()}
+                    arrays = (_compressed(P, at["rank"], at["svd"], queries.ids[lo:hi], name) if at["form"] == "low_rank"
+                              else {"P": P.numpy()})
                     kept_rows = arrays.pop("kept", None)
                     art.write_rows(name, plan.start + lo, arrays)
                     if kept_rows is not None:
@@ -136,11 +131,16 @@ class BuildQuery:
         return Outcome(f"{verb} {plan.n} queries to {self.cfg.out} ({time.perf_counter() - plan.started:.1f} s)")
 
 
-def _compressed(P: torch.Tensor, rank: int, method: str) -> dict[str, np.ndarray]:
-    """Each query's rank-R SVD: U [q, O, R], sigma [q, R], V [q, I, R] and the norm fraction kept."""
-    U, sigma, V, kept = zip(*(gradients.low_rank(P[q], rank, method) for q in range(P.shape[0])))
+def _compressed(P: torch.Tensor, rank: int, method: str, ids: list[str], module: str) -> dict[str, np.ndarray]:
+    """Each query's rank-R SVD: U [q, O, R], sigma [q, R], V [q, I, R] and the norm fraction kept.
+    A randomized SVD is seeded by query and module: the same whatever the batch or the rank."""
+    U, sigma, V, kept = zip(*(gradients.low_rank(P[q], rank, method, _seed(ids[q], module)) for q in range(P.shape[0])))
     return {"U": torch.stack(U).numpy(), "sigma": torch.stack(sigma).numpy(), "V": torch.stack(V).numpy(),
             "kept": np.asarray(kept, dtype=np.float32)}
+
+
+def _seed(query_id: str, module: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{query_id}:{module}".encode()).digest()[:8], "little") >> 1
 
 
 def check_finite_queries(ids: list[str], measurement: torch.Tensor, grads: dict[str, torch.Tensor]) -> None:

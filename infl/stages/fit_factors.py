@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from infl import curvature, data, engine, modeling
-from infl.artifacts import State, fingerprint, lock
+from infl.artifacts import State, fingerprint
 from infl.artifacts.factors import FactorsArtifact, PassState
 from infl.capture import ModuleSpec, tap
 from infl.config import FitConfig
@@ -25,7 +25,7 @@ from infl.driver import Group, Outcome
 from infl.driver import run as drive
 from infl.errors import BadInput
 from infl.runtime import Runtime
-from infl.stages import semantic_fields, sequence_seed
+from infl.stages import WritingStage, check_unchanged, semantic_fields, sequence_seed
 
 __all__ = ["run", "FitFactors"]
 
@@ -42,13 +42,7 @@ class FitPlan:
     started: float
 
 
-class FitFactors:
-    def __init__(self, cfg: FitConfig):
-        self.cfg = cfg
-
-    def lock(self):
-        return lock(self.cfg.out, self.cfg.wait)
-
+class FitFactors(WritingStage):
     def _corpus(self, max_length: int) -> data.Corpus:
         cfg = self.cfg
         return data.read_corpus(list(cfg.corpus), modeling.load_tokenizer(cfg.model), max_length, cfg.split,
@@ -70,18 +64,20 @@ class FitFactors:
         attrs["fingerprint"] = fingerprint(attrs)
         state = FactorsArtifact.state(cfg.out, attrs, cfg.force)
         if state == State.COMPLETE:
+            FactorsArtifact.open_for_writing(cfg.out).discard_checkpoints()  # a kill right after COMPLETE
             return Outcome(f"{cfg.out} is up to date", up_to_date=True)
         FactorsArtifact.for_fit(cfg.out, attrs, state)  # weights are loaded only now, by every rank
         n = len(corpus.ids) if cfg.max_sequences is None else min(cfg.max_sequences, len(corpus.ids))
         if corpus.n_truncated:
             log(f"{corpus.n_truncated} of {len(corpus.ids)} sequences truncated to {max_length} tokens")
+        self.planned_corpus = corpus  # the main rank need not read it twice
         return FitPlan(max_length, n, tuple(s.sha256 for s in corpus.shards), started)
 
     def run(self, plan: FitPlan, g: Group) -> None:
         cfg = self.cfg
         rt = Runtime.load(cfg.model, cfg.modules, g.device(cfg.device), cfg.dtype, cfg.batch_size)
-        corpus = self._corpus(plan.max_length)
-        _check_unchanged(corpus, plan.shards)
+        corpus = self.planned_corpus or self._corpus(plan.max_length)
+        check_unchanged(corpus, plan.shards)
         n = plan.n_sequences
         g.from_main(self._begin, rt.specs, n)
         art = FactorsArtifact.open_for_writing(cfg.out)
@@ -110,12 +106,6 @@ def _max_length(requested: int | None, context: int) -> int:
     if requested > context:
         raise BadInput(f"--max-length {requested} exceeds the model's context of {context} tokens")
     return requested
-
-
-def _check_unchanged(corpus: data.Corpus, planned: tuple[str, ...]) -> None:
-    for shard, sha in zip(corpus.shards, planned):
-        if shard.sha256 != sha:
-            raise BadInput(f"corpus shard {shard.path} changed while this run was starting")
 
 
 class _Fit:
@@ -157,7 +147,7 @@ class _Fit:
         out = {}
         for spec in self.rt.specs:
             arrays = art.read_module(spec.name)
-            out[spec.name] = {k: torch.from_numpy(v).to(self.rt.device) for k, v in arrays.items() if not k.endswith("_sum")}
+            out[spec.name] = {k: torch.from_numpy(v).to(self.rt.device) for k, v in arrays.items()}
         return out
 
     def _pass(self, strategy, name: str, factors: dict) -> tuple[dict, int]:
@@ -170,7 +160,7 @@ class _Fit:
 
         def begin():
             kept["state"] = self.art.begin_pass(name)
-            return kept["state"].done, kept["state"].n_tokens, self.art.group.attrs["fit"]["generation"]
+            return kept["state"].done, kept["state"].n_tokens, kept["state"].generation
 
         done, n_tokens, generation = g.from_main(begin)
         start = kept["state"].sums if g.main else None
@@ -193,8 +183,8 @@ class _Fit:
                         strategy.update(name, sums[spec.name], a[spec.name], s[spec.name], factors.get(spec.name, {}))
                     bar.advance(task, len(batch))
                 added.append([lo, hi])
-                self.art.save_progress(g.rank, {m: {k: t.cpu().numpy() for k, t in keys.items()} for m, keys in sums.items()},
-                                       added, n_tokens, generation)
+                self.art.save_progress(g.rank, generation, {m: {k: t.cpu().numpy() for k, t in keys.items()}
+                                                            for m, keys in sums.items()}, added, n_tokens)
         count = torch.tensor([n_tokens], dtype=torch.int64)
         g.all_reduce_sum(count, *(t for keys in sums.values() for t in keys.values()))
         return sums, int(count)

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from infl import data, engine, modeling
-from infl.artifacts import fingerprint, lock
+from infl.artifacts import fingerprint
 from infl.artifacts.factors import FactorsArtifact
 from infl.artifacts.queries import QueriesArtifact
 from infl.artifacts.scores import Layout, ScoresArtifact
@@ -26,7 +26,14 @@ from infl.driver import Group, Outcome
 from infl.driver import run as drive
 from infl.errors import BadInput, IncompatibleArtifact
 from infl.runtime import Runtime
-from infl.stages import curvatures, model_dir_for, query_bank, semantic_fields
+from infl.stages import (
+    WritingStage,
+    check_unchanged,
+    curvatures,
+    model_dir_for,
+    query_bank,
+    semantic_fields,
+)
 
 __all__ = ["run", "Score"]
 
@@ -49,13 +56,7 @@ class ScorePlan:
     started: float
 
 
-class Score:
-    def __init__(self, cfg: ScoreConfig):
-        self.cfg = cfg
-
-    def lock(self):
-        return lock(self.cfg.out, self.cfg.wait)
-
+class Score(WritingStage):
     def _source(self):
         """The parent artifact: the queries, or the factors for self-influence."""
         cfg = self.cfg
@@ -112,6 +113,7 @@ class Score:
         if corpus.n_truncated:
             log(f"{corpus.n_truncated} of {len(corpus.ids)} sequences truncated to {max_length} tokens")
         what = "self-influence" if cfg.self_influence else f"{len(query_ids)} queries"
+        self.planned_corpus = corpus  # the main rank need not read it twice
         log(f"scoring {len(corpus.ids)} sequences x {what} over {len(source.modules)} modules "
             f"({layout.n_chunks - len(pending)} of {layout.n_chunks} chunks done)")
         return ScorePlan(model_dir, tuple(paths), tuple(s.sha256 for s in corpus.shards), max_length, sprov["dtype"],
@@ -126,9 +128,8 @@ class Score:
         cfg = self.cfg
         device = g.device(cfg.device)
         rt = Runtime.load(plan.model_dir, plan.modules, device, plan.dtype, cfg.batch_size)
-        corpus = self._corpus(plan.corpus, rt.tokenizer, plan.max_length)
-        if tuple(s.sha256 for s in corpus.shards) != plan.shards:
-            raise BadInput("a corpus shard changed while this run was starting")
+        corpus = self.planned_corpus or self._corpus(plan.corpus, rt.tokenizer, plan.max_length)
+        check_unchanged(corpus, plan.shards)
         source = self._source()
         curv = curvatures(source, device) if cfg.self_influence else None
         art = ScoresArtifact.open_for_writing(cfg.out)
@@ -152,7 +153,8 @@ class Score:
                 for b in todo:
                     part = slice(at, at + blocks[b + 1] - blocks[b])
                     at = part.stop
-                    art.write_cell(b, c, block[:, part].numpy(), terms[part].numpy() if cfg.per_token else None)
+                    cell = block[:, part]  # [M, q, n]
+                    art.write_cell(b, c, cell.numpy(), cell.sum(0).numpy(), terms[part].numpy() if cfg.per_token else None)
 
     def publish(self, plan: ScorePlan, results: list) -> Outcome:
         art = ScoresArtifact.open_for_writing(self.cfg.out)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from infl import data, engine
+from infl import data, engine, modeling
 from infl.analysis.results import Hit, query_rows, select
 from infl.artifacts.factors import FactorsArtifact
 from infl.artifacts.queries import QueriesArtifact
@@ -55,11 +55,8 @@ def run(cfg: TopkConfig) -> list[Hit]:
     for row, _ in rows:
         totals = scores.total(row)
         candidates[row] = (select(totals, max(cfg.k, cfg.refine or 0), cfg.negative), totals)
-    rt = None
-    if cfg.refine or cfg.tokens:  # the scores' model, its fingerprint checked once, on the CPU
-        model_dir = model_dir_for(None, scores.provenance)
-        rt = Runtime.load(model_dir, scores.modules, "cpu", scores.provenance["dtype"], batch_size=8)
-    refined = _refine(scores, rows, {r: c[0] for r, c in candidates.items()}, rt) if cfg.refine else {}
+    model = _Model(cfg, scores) if cfg.refine or cfg.tokens else None
+    refined = _refine(scores, rows, {r: c[0] for r, c in candidates.items()}, model.runtime()) if cfg.refine else {}
 
     hits = []
     for row, query_id in rows:
@@ -71,20 +68,37 @@ def run(cfg: TopkConfig) -> list[Hit]:
         for rank, (i, train_id, text) in enumerate(zip(top.tolist(), scores.train_ids(top), texts_of(scores, top)), 1):
             hits.append(Hit(query_id, rank, train_id, i, float(totals[i]) * scale, text,
                             refined=full[i] * scale if cfg.refine else None))
-    return _with_tokens(scores, hits, rows, scale, rt) if cfg.tokens else hits
+    return _with_tokens(scores, hits, rows, scale, model) if cfg.tokens else hits
 
 
-def _with_tokens(scores: ScoresArtifact, hits: list[Hit], rows, scale: float, rt: Runtime) -> list[Hit]:
+class _Model:
+    """The scores' model, its fingerprint checked once; the weights are loaded only if needed."""
+
+    def __init__(self, cfg: TopkConfig, scores: ScoresArtifact):
+        self.cfg, self.scores = cfg, scores
+        self.model_dir = model_dir_for(None, scores.provenance)
+        self.tokenizer = modeling.load_tokenizer(self.model_dir)
+        self._runtime = None
+
+    def runtime(self) -> Runtime:
+        if self._runtime is None:
+            self._runtime = Runtime.load(self.model_dir, self.scores.modules, self.cfg.device,
+                                         self.scores.provenance["dtype"], self.cfg.batch_size, self.tokenizer)
+        return self._runtime
+
+
+def _with_tokens(scores: ScoresArtifact, hits: list[Hit], rows, scale: float, model: _Model) -> list[Hit]:
     """Per-token terms of every hit: stored ones if `score --per-token` kept them, else computed now
     for just these sequences and queries."""
     indices = sorted({h.index for h in hits})
-    pieces = dict(zip(indices, _tokens_of(scores, rt.tokenizer, scores.provenance["max_length"], np.asarray(indices))))
+    pieces = dict(zip(indices, _tokens_of(scores, model.tokenizer, scores.provenance["max_length"], np.asarray(indices))))
     if scores.has_per_token:
         row_of = {query_id: row for row, query_id in rows}
         terms = {(h.query_id, h.index): scores.per_token(row_of[h.query_id], h.index) for h in hits}
     else:
         wanted = sorted({row for row, _ in rows})
-        bank = query_bank(QueriesArtifact.open(Path(scores.provenance["queries"])), "cpu", wanted)  # the asked queries only
+        rt = model.runtime()
+        bank = query_bank(QueriesArtifact.open(Path(scores.provenance["queries"])), rt.device, wanted)  # the asked ones
         row_of = {query_id: wanted.index(row) for row, query_id in rows}
         with progress() as bar:
             task = bar.add_task("token influence", total=len(indices))
@@ -110,7 +124,7 @@ def _refine(scores: ScoresArtifact, rows, candidates: dict[int, np.ndarray], rt:
         data.add_query(wanted, *queries.texts(row), rt.tokenizer, queries.provenance["max_length"])  # as build-query did
     _, grads = engine.query_gradients(rt, wanted.tokens, wanted.n_prompt)
     curv = curvatures(factors)
-    bank = QueryBank(rt.modules, full={n: precondition(g, curv[n]) for n, g in grads.items()})
+    bank = QueryBank(rt.modules, full={n: precondition(g, curv[n]).to(rt.device) for n, g in grads.items()})
     indices = sorted(set(np.concatenate(list(candidates.values())).tolist()))
     token_lists = [ids for ids, _ in _tokens_of(scores, rt.tokenizer, scores.provenance["max_length"], np.asarray(indices))]
     with progress() as bar:
