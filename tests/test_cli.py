@@ -235,10 +235,14 @@ def test_text_corpora_by_lines_and_by_windows(workdir, tmp_path):
 def test_unfinished_remnants_and_missing_devices(workdir, tmp_path):
     import zarr
 
-    zarr.open_group(str(tmp_path / "f.zarr"), mode="w")  # a create killed before its attributes
+    zarr.open_group(str(tmp_path / "f.zarr"), mode="w")  # a user's own Zarr store: infl writes kind first
+    (tmp_path / "f.zarr" / "notes.txt").write_text("user data")
     fit = ["fit-factors", "--model", workdir / "gpt2", "--corpus", workdir / "corpus.jsonl", "--out", tmp_path / "f.zarr"]
-    assert "not a factors artifact" in one_line_error(infl(*fit))
-    assert infl(*fit, "--force").exit_code == 0
+    assert "not made by infl" in one_line_error(infl(*fit))
+    assert "not made by infl" in one_line_error(infl(*fit, "--force"))  # --force replaces only infl's artifacts
+    assert (tmp_path / "f.zarr" / "notes.txt").is_file() and (tmp_path / "f.zarr" / "zarr.json").is_file()
+    (tmp_path / "empty.zarr").mkdir()  # an empty directory (or a create killed before its first write)
+    assert infl(*fit[:-1], tmp_path / "empty.zarr").exit_code == 0
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "keep.txt").write_text("user data")
     refused = infl(*fit[:-1], tmp_path / "data", "--force")  # --force never removes a directory that is not ours
@@ -279,3 +283,17 @@ def test_model_fingerprints_remember_large_files_by_size_and_mtime(workdir, tmp_
     assert modeling.model_fingerprint(model) == first  # same size and mtime: the remembered hash (git's contract)
     os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 1))
     assert modeling.model_fingerprint(model) != first  # touched: hashed again
+
+
+def test_odd_output_paths_get_one_line_errors_and_nothing_is_written(workdir, tmp_path, monkeypatch):
+    (tmp_path / "real.zarr").mkdir()
+    (tmp_path / "link.zarr").symlink_to(tmp_path / "real.zarr")
+    (tmp_path / "file.zarr").write_text("not a directory")
+    monkeypatch.chdir(tmp_path)
+    fit = ["fit-factors", "--model", workdir / "gpt2", "--corpus", workdir / "corpus.jsonl", "--force", "--out"]
+    for out, message in ((".", "name the artifact's own directory"), ("/", "name the artifact's own directory"),
+                         ("real.zarr/..", "name the artifact's own directory"), ("link.zarr", "is a symlink"),
+                         ("file.zarr", "is not a directory")):
+        assert message in one_line_error(infl(*fit, out)), out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.zarr", "link.zarr", "real.zarr"]  # no lock files
+    assert not any((tmp_path / "real.zarr").iterdir())

@@ -73,7 +73,19 @@ def changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
     return keys
 
 
+def check_out(path: Path) -> None:
+    """A path a run may write an artifact at: a directory of its own, never `.`, `/`, `..` or a
+    symlink, and never a file."""
+    if path.name in ("", ".", ".."):
+        raise BadInput(f"--out {path}: name the artifact's own directory, e.g. runs/scores.zarr")
+    if path.is_symlink():
+        raise BadInput(f"--out {path} is a symlink: give the artifact's real path")
+    if path.exists() and not path.is_dir():
+        raise BadInput(f"--out {path} exists and is not a directory")
+
+
 def _lock_path(path: Path) -> Path:
+    check_out(path)
     lock_path = path.with_name(path.name + ".lock")
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     return lock_path
@@ -187,17 +199,14 @@ class Artifact:
         PARTIAL (resume). Absent: ABSENT. Anything else is refused unless `force`, in which case the
         old artifact is removed: a run never silently overwrites an artifact made from other inputs.
         """
-        if not path.exists():
+        check_out(path)
+        if not path.exists() or not any(path.iterdir()):  # an empty directory: nothing to lose
             return State.ABSENT
         old = read_attrs(path)
-        if old is None or "kind" not in old:
-            # a create killed before its attributes were written leaves a Zarr group without a kind
-            remnant = (path / "zarr.json").is_file() or (path.is_dir() and not any(path.iterdir()))
-            if force and remnant:
-                shutil.rmtree(path)
-                return State.ABSENT
-            raise BadInput(f"{path} exists and is not a {cls.kind} artifact",
-                           hint="pass --force to replace an unfinished artifact" if remnant else "choose another --out")
+        if old is None or "kind" not in old or "schema" not in old:
+            # infl writes kind and schema in an artifact's first write: this is someone else's
+            raise BadInput(f"{path} exists and was not made by infl: it is left as it is, whatever the flags",
+                           hint="choose another --out")
         if old["kind"] != cls.kind:
             raise BadInput(f"{path} exists and is a {old['kind']!r} artifact, not {cls.kind}", hint="choose another --out")
         if force:

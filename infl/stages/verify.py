@@ -30,6 +30,7 @@ class Report:
 
 
 def run(path: Path) -> Report:
+    path = path.resolve()  # `infl verify .` inside an artifact
     attrs = read_attrs(path) if path.exists() else None
     if not attrs or attrs.get("kind") not in _KINDS:
         raise BadInput(f"{path}: no infl artifact here")
