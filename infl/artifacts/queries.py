@@ -72,10 +72,6 @@ class QueriesArtifact(Artifact):
         art.update_attrs({"modules": modules})
         return art
 
-    def held_ids(self) -> list[str]:
-        """Ids of the finished blocks (rows past them are leftovers of a killed append)."""
-        return self._strings("ids", slice(0, self.blocks[-1]))
-
     def reserve(self, start: int, ids: list[str], prompts: list[str], completions: list[str]) -> None:
         """Main rank: the texts of rows start.. and room for their measurements."""
         for name, values in zip(_TEXTS, (ids, prompts, completions)):
@@ -138,6 +134,7 @@ class QueriesArtifact(Artifact):
         return self.group.attrs["base_fingerprint"]
 
     def ids(self) -> list[str]:
+        """Ids of the finished blocks (rows past them are leftovers of a killed append)."""
         return self._strings("ids", slice(0, self.blocks[-1]))
 
     def texts(self, row: int) -> tuple[str, str, str]:

@@ -71,7 +71,7 @@ class BuildQuery(WritingStage):
                            up_to_date=True)
         queries = data.read_queries(cfg.queries, modeling.load_tokenizer(model_dir), fprov["max_length"])
         if built.appending:
-            clash = sorted(set(queries.ids) & set(QueriesArtifact.open_for_writing(cfg.out).held_ids()))
+            clash = sorted(set(queries.ids) & set(QueriesArtifact.open_for_writing(cfg.out).ids()))
             if clash:
                 raise BadInput(f"query id {clash[0]!r} is already in {cfg.out}", hint="give appended queries new ids")
         art = QueriesArtifact.for_build(cfg.out, built, factors.modules)
