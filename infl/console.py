@@ -15,6 +15,7 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.text import Text
 
 __all__ = ["err", "is_main_process", "progress", "set_quiet", "set_json_logs", "log", "log_error"]
 
@@ -54,18 +55,19 @@ def log(message: str) -> None:
     if _json:
         _emit("info", message)
     else:
-        err.print(message, highlight=False)
+        err.print(Text(message), highlight=False)  # a Text: paths and ids are shown as written, never as markup
 
 
 def log_error(message: str, hint: str = "", exit_code: int = 1) -> None:
-    """Errors are printed even with --quiet, by any rank (named when there are several)."""
-    message = _rank_prefix() + message
+    """Errors are printed even with --quiet, by any rank (named when there are several), on one
+    line (a multi-line message from a library is joined), as literal text (never markup)."""
+    message = _rank_prefix() + " ".join(message.splitlines())
     if _json:
         _emit("error", message, hint=hint, exit_code=exit_code)
         return
-    err.print(f"[red]error:[/] {message}", highlight=False)
+    err.print(Text.assemble(("error:", "red"), " ", message), highlight=False)
     if hint:
-        err.print(f"[dim]hint: {hint}[/]", highlight=False)
+        err.print(Text(f"hint: {hint}", style="dim"), highlight=False)
 
 
 def progress() -> Progress:

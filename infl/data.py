@@ -114,6 +114,22 @@ def _field(path: Path, number: int, record: dict, name: str) -> str:
     return value
 
 
+def _encode(tokenizer, text: str | list[str], **kwargs):
+    """The tokenizer's encoding, without its warning that a sequence is longer than the model's
+    maximum: infl truncates (corpus) or refuses (queries) such sequences itself, and says so."""
+    return tokenizer(text, verbose=False, **kwargs)
+
+
+def _record_id(path: Path, number: int, record: dict, name: str) -> str:
+    """The record's id, or `file:line` when it has none; a blank id names nothing and is refused."""
+    value = record.get(name)
+    if value is None:
+        return f"{path.name}:{number}"
+    if not str(value).strip():
+        raise BadInput(f"{path}:{number}: field {name!r} is empty", hint="give every record a non-blank id, or none")
+    return str(value)
+
+
 def read_corpus(
     paths: list[Path],
     tokenizer,
@@ -138,9 +154,11 @@ def read_corpus(
                 if not line.strip():
                     continue
                 record = _json_record(path, number, line)
-                raw_id = record.get(id_field)
-                ids.append(str(raw_id) if raw_id is not None else f"{path.name}:{number}")
-                texts[len(tokens)] = _field(path, number, record, text_field)
+                ids.append(_record_id(path, number, record, id_field))
+                text = _field(path, number, record, text_field)
+                if not text.strip():  # no tokens to score (a blank line of a .txt file is skipped instead)
+                    raise BadInput(f"{path}:{number}: field {text_field!r} is empty")
+                texts[len(tokens)] = text
                 tokens.append(None)
                 locators.append((index, start, end))
         elif fmt == "lines":
@@ -153,7 +171,7 @@ def read_corpus(
                     locators.append((index, start, end))
         else:
             text = _decode(path, data)
-            encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+            encoding = _encode(tokenizer, text, add_special_tokens=False, return_offsets_mapping=True)
             token_ids, offsets = encoding["input_ids"], encoding["offset_mapping"]
             for w, lo in enumerate(range(0, len(token_ids), max_length)):
                 hi = min(lo + max_length, len(token_ids))
@@ -171,7 +189,7 @@ def read_corpus(
             raise BadInput(f"training sequence id {sequence_id!r} appears twice in the corpus")
         seen.add(sequence_id)
     if texts:
-        encoded = tokenizer(list(texts.values()), add_special_tokens=True)["input_ids"]
+        encoded = _encode(tokenizer, list(texts.values()), add_special_tokens=True)["input_ids"]
         for position, token_ids in zip(texts, encoded):
             tokens[position] = token_ids
     n_truncated = sum(len(t) > max_length for t in tokens)
@@ -212,7 +230,7 @@ def read_queries(path: Path, tokenizer, max_length: int) -> Queries:
         if not line.strip():
             continue
         record = _json_record(path, number, line)
-        query_id = str(record.get("id", f"{path.name}:{number}"))
+        query_id = _record_id(path, number, record, "id")
         prompt, completion = _field(path, number, record, "prompt"), _field(path, number, record, "completion")
         add_query(queries, query_id, prompt, completion, tokenizer, max_length, where=f"{path}:{number}: ")
     if not queries.ids:
@@ -225,7 +243,7 @@ def add_query(queries: Queries, query_id: str, prompt: str, completion: str, tok
     every token that ends after the prompt's last character."""
     if not completion:
         raise BadInput(f"{where}query {query_id!r} has an empty completion")
-    encoding = tokenizer(prompt + completion, add_special_tokens=True, return_offsets_mapping=True)
+    encoding = _encode(tokenizer, prompt + completion, add_special_tokens=True, return_offsets_mapping=True)
     token_ids = encoding["input_ids"]
     ends = [end for _, end in encoding["offset_mapping"]]
     n_prompt = next((i for i, end in enumerate(ends) if end > len(prompt)), len(token_ids))
@@ -247,7 +265,7 @@ def add_query(queries: Queries, query_id: str, prompt: str, completion: str, tok
 def token_pieces(text: str, tokenizer, max_length: int, windows: bool = False) -> tuple[list[int], list[str]]:
     """A sequence's tokens as scored (special tokens except for windows, truncation) and the text
     each one covers, including the whitespace before the next token."""
-    encoding = tokenizer(text, add_special_tokens=not windows, return_offsets_mapping=True)
+    encoding = _encode(tokenizer, text, add_special_tokens=not windows, return_offsets_mapping=True)
     ids, offsets = encoding["input_ids"][:max_length], encoding["offset_mapping"][:max_length]
     pieces = []
     for i, (start, end) in enumerate(offsets):

@@ -7,6 +7,7 @@ import csv
 import html
 import io
 import json
+import re
 
 import numpy as np
 from rich.console import Console
@@ -33,6 +34,22 @@ def as_text(*renderables) -> str:
 def _preview(text: str) -> str:
     text = " ".join(text.split())
     return text if len(text) <= _PREVIEW else text[: _PREVIEW - 1] + "…"
+
+
+# User text (ids, training texts, paths) reaches rich tables only as Text objects, never as str:
+# a str cell or title is parsed as markup, so "[/foo]" would crash the table and "[i]" vanish.
+def _id(value: str) -> str:
+    """An id on one line: a newline or tab (any unprintable character) is shown escaped, as repr would."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in value)
+
+
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]|~])")
+
+
+def _markdown(value: str) -> str:
+    """Literal text in a Markdown table cell or heading: raw HTML escaped, Markdown syntax and the
+    cell separator `|` backslash-escaped, whitespace (newlines too) collapsed to single spaces."""
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", html.escape(" ".join(value.split()), quote=False))
 
 
 def _hit_row(h: Hit) -> dict:
@@ -87,11 +104,11 @@ def _topk_markdown(hits: list[Hit], unit: str) -> str:
     out = []
     for query_id in _queries(hits):
         head = f"influence ({unit})" + (" | full rank" if refined else "")
-        out.append(f"### {query_id}\n\n| rank | train id | {head} | text |\n|---:|---|---:|{'---:|' if refined else ''}---|")
+        out.append(f"### {_markdown(_id(query_id))}\n\n| rank | train id | {head} | text |\n|---:|---|---:|{'---:|' if refined else ''}---|")
         for h in (h for h in hits if h.query_id == query_id):
             number = f"{h.score:.4g}" + (f" | {h.refined:.4g}" if refined else "")
-            text = _html_tokens(h.tokens) if h.tokens else _preview(h.text).replace("|", "\\|")
-            out.append(f"| {h.rank} | {h.train_id} | {number} | {text.replace(chr(10), ' ')} |")
+            text = _html_tokens(h.tokens).replace("|", "&#124;") if h.tokens else _markdown(_preview(h.text))
+            out.append(f"| {h.rank} | {_markdown(_id(h.train_id))} | {number} | {text.replace(chr(10), ' ')} |")
         out.append("")
     return "\n".join(out) + "\n"
 
@@ -116,7 +133,7 @@ def _topk_table(hits: list[Hit], unit: str) -> str:
     refined = any(h.refined is not None for h in hits)
     tables = []
     for query_id in _queries(hits):
-        table = Table(title=f"query {query_id}", caption=f"influence in {unit}", show_lines=any(h.tokens for h in hits))
+        table = Table(title=Text(f"query {_id(query_id)}", style="table.title"), caption=f"influence in {unit}", show_lines=any(h.tokens for h in hits))
         table.add_column("rank", justify="right")
         table.add_column("train id", overflow="fold")
         table.add_column("influence", justify="right")
@@ -125,7 +142,7 @@ def _topk_table(hits: list[Hit], unit: str) -> str:
         table.add_column("text", overflow="fold", ratio=1)
         for h in (h for h in hits if h.query_id == query_id):
             numbers = [f"{h.score:.4g}"] + ([f"{h.refined:.4g}"] if refined else [])
-            table.add_row(str(h.rank), h.train_id, *numbers, _rich_tokens(h.tokens) if h.tokens else _preview(h.text))
+            table.add_row(str(h.rank), Text(_id(h.train_id)), *numbers, _rich_tokens(h.tokens) if h.tokens else Text(_preview(h.text)))
         tables.append(table)
     return as_text(*tables)
 
@@ -155,10 +172,10 @@ def _layers_csv(tables: list[LayerTable], unit: str) -> str:
 def _layers_table(tables: list[LayerTable], unit: str) -> str:
     out = []
     for t in tables:
-        table = Table(title=f"query {t.query_id}: influence by layer ({unit})")
+        table = Table(title=Text(f"query {_id(t.query_id)}: influence by layer ({unit})", style="table.title"))
         table.add_column("layer")
         for j, train_id in enumerate(t.train_ids):
-            table.add_column(f"#{j + 1} {train_id}", justify="right", overflow="fold")
+            table.add_column(Text(f"#{j + 1} {_id(train_id)}"), justify="right", overflow="fold")
         scale = float(np.abs(t.values).max()) or 1.0
         for i, layer in enumerate(t.layers):
             cells = []
@@ -166,7 +183,7 @@ def _layers_table(tables: list[LayerTable], unit: str) -> str:
                 strength = min(1.0, abs(v) / scale)
                 colour = "red" if v > 0 else "blue"
                 cells.append(f"[{colour}]{v:.3g}[/]" if strength > 0.5 else f"{v:.3g}")
-            table.add_row(layer, *cells)
+            table.add_row(Text(layer), *cells)
         table.add_row("[bold]total[/]", *(f"[bold]{v:.3g}[/]" for v in t.totals))
         out.append(table)
     return as_text(*out)
@@ -176,7 +193,7 @@ LAYERWISE = {"table": _layers_table, "csv": _layers_csv, "json": _layers_json}
 
 
 def render_info(described: dict) -> str:
-    table = Table(title=f"{described['kind']} artifact {described['path']}", show_header=False)
+    table = Table(title=Text(f"{described['kind']} artifact {described['path']}", style="table.title"), show_header=False)
     table.add_column("key", style="bold")
     table.add_column("value", overflow="fold")
     progress = described["progress"]
@@ -193,5 +210,5 @@ def render_info(described: dict) -> str:
     for shard in described["provenance"].get("corpus", []):
         rows.append(("corpus", f"{shard['path']} ({shard['n_records']} records, sha256 {shard['sha256'][:12]})"))
     for key, value in rows:
-        table.add_row(key, value)
+        table.add_row(Text(key), Text(value))  # paths and config values, shown as written
     return as_text(table)

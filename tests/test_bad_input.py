@@ -1,0 +1,239 @@
+"""Issue #12: bad input gets one `error:` line on stderr (a JSON line under --log-format json), the
+documented exit code (1 bad input, 2 usage), no traceback and nothing written; user text (ids,
+training texts, paths) is shown literally in every output format."""
+
+import json
+import logging
+import re
+import shutil
+
+import pytest
+import yaml
+from conftest import QUERIES, SENTENCES, make_tokenizer, write_jsonl
+from typer.testing import CliRunner
+
+from infl.cli import app
+
+runner = CliRunner()
+
+
+def infl(*args, env=None):
+    return runner.invoke(app, [str(a) for a in args], env=env)
+
+
+def pipeline(model, corpus, queries, out):
+    for args in (
+        ["fit-factors", "--model", model, "--corpus", corpus, "--out", out / "f.zarr"],
+        ["build-query", "--factors", out / "f.zarr", "--queries", queries, "--out", out / "q.zarr"],
+        ["score", "--queries", out / "q.zarr", "--corpus", corpus, "--out", out / "s.zarr"],
+    ):
+        result = infl(*args)
+        assert result.exit_code == 0, result.output
+    return out / "s.zarr"
+
+
+def single_error(result, code: int, log_format: str) -> str:
+    """The one error message of a failed run, after checking exit code, stderr and no traceback."""
+    assert result.exit_code == code, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    assert "Traceback" not in result.output and not result.stdout
+    lines = result.stderr.splitlines()
+    if log_format == "json":
+        records = [json.loads(line) for line in lines if line.strip()]  # every stderr line is JSON
+        (error,) = [r for r in records if r["level"] == "error"]
+        assert error["exit_code"] == code
+        return error["message"]
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr
+    assert all(line.startswith(("error:", "hint:")) for line in lines if line.strip()), result.stderr
+    return errors[0]
+
+
+def _without_tokenizer(w, t):
+    bare = t / "bare-model"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(w / "gpt2" / name, bare / name)
+    return bare
+
+
+def _yaml(t, document: str):
+    (t / "run.yaml").write_text(document)
+    return t / "run.yaml"
+
+
+def _fit(w, t, corpus=None, model=None):
+    return ["fit-factors", "--model", model or w / "gpt2", "--corpus", corpus or w / "corpus.jsonl", "--out", t / "out.zarr"]
+
+
+def _no_model(t, *extra):  # options checked before anything is loaded: these paths need not exist
+    return ["fit-factors", "--model", t / "no-model", "--corpus", t / "no.jsonl", "--out", t / "out.zarr", *extra]
+
+
+def _queries(t, rows):
+    return ["build-query", "--factors", t / "no-factors.zarr", "--queries", write_jsonl(t / "q.jsonl", rows),
+            "--out", t / "out.zarr"]
+
+
+CASES = {  # name: (arguments from (workdir, tmp_path), exit code, part of the message)
+    # 1. a model directory without tokenizer files
+    "no tokenizer files": (lambda w, t: _fit(w, t, model=_without_tokenizer(w, t)), 1, "bare-model has no tokenizer files"),
+    # 2. --config that is not a mapping of mappings, or not YAML
+    "config section is a list": (lambda w, t: ["fit-factors", "--config", _yaml(t, "fit-factors:\n  - a\n")], 2,
+                                 "section 'fit-factors' must be a mapping"),
+    "config section is a number": (lambda w, t: ["fit-factors", "--config", _yaml(t, "fit-factors: 3\n")], 2,
+                                   "section 'fit-factors' must be a mapping"),
+    "config is a list": (lambda w, t: ["fit-factors", "--config", _yaml(t, "- fit-factors\n")], 2,
+                         "must hold a mapping of command sections"),
+    "config is not YAML": (lambda w, t: ["fit-factors", "--config", _yaml(t, "fit-factors: [\n")], 2,
+                           "run.yaml:2: not valid YAML"),
+    "config has an unknown key": (lambda w, t: ["fit-factors", "--config", _yaml(t, yaml.safe_dump({"fit-factors": {"dampin": 1}}))],
+                                  2, "dampin"),
+    # 4. option values out of range: usage errors, found before any model or file is read
+    "chunk size 0": (lambda w, t: _no_model(t, "--chunk-size", "0"), 2, "--chunk-size must be >= 1"),
+    "batch size 0": (lambda w, t: _no_model(t, "--batch-size", "0"), 2, "--batch-size must be >= 1"),
+    "max length 1": (lambda w, t: _no_model(t, "--max-length", "1"), 2, "--max-length must be >= 2"),
+    "negative damping": (lambda w, t: _no_model(t, "--damping", "-1"), 2, "--damping must be >= 0"),
+    "unknown strategy": (lambda w, t: _no_model(t, "--strategy", "newton"), 2, "--strategy must be one of"),
+    "rank 0": (lambda w, t: _queries(t, QUERIES) + ["--rank", "0"], 2, "--rank must be >= 1"),
+    "score chunk size 0": (lambda w, t: ["score", "--queries", t / "q.zarr", "--corpus", t / "no.jsonl",
+                                         "--out", t / "out.zarr", "--chunk-size", "0"], 2, "--chunk-size must be >= 1"),
+    "k 0": (lambda w, t: ["topk", "--scores", t / "no-scores.zarr", "-k", "0"], 2, "-k must be >= 1"),
+    "negative train size": (lambda w, t: ["topk", "--scores", t / "no-scores.zarr", "--train-size", "-5"], 2,
+                            "--train-size must be >= 1"),
+    "refine 0": (lambda w, t: ["topk", "--scores", t / "no-scores.zarr", "--refine", "0"], 2, "--refine must be >= 1"),
+    "layerwise k 0": (lambda w, t: ["layerwise", "--scores", t / "no-scores.zarr", "-k", "0"], 2, "-k must be >= 1"),
+    "k not a number": (lambda w, t: ["topk", "--scores", t / "no-scores.zarr", "-k", "many"], 2, "'-k'"),
+    "unknown option": (lambda w, t: _no_model(t, "--dampin", "1"), 2, "No such option: --dampin"),
+    # 5. blank ids and empty texts, named by file:line
+    "empty corpus id": (lambda w, t: _fit(w, t, write_jsonl(t / "c.jsonl", [{"id": "a", "text": "the cat"}, {"id": "", "text": "a dog"}])),
+                        1, "c.jsonl:2: field 'id' is empty"),
+    "blank corpus id": (lambda w, t: _fit(w, t, write_jsonl(t / "c.jsonl", [{"id": " \t", "text": "a dog"}])),
+                        1, "c.jsonl:1: field 'id' is empty"),
+    "empty corpus text": (lambda w, t: _fit(w, t, write_jsonl(t / "c.jsonl", [{"id": "a", "text": "the cat"}, {"id": "b", "text": ""}])),
+                          1, "c.jsonl:2: field 'text' is empty"),
+    "blank corpus text": (lambda w, t: _fit(w, t, write_jsonl(t / "c.jsonl", [{"id": "a", "text": " \n "}])),
+                          1, "c.jsonl:1: field 'text' is empty"),
+}
+
+
+@pytest.fixture(scope="module")
+def factors(workdir, tmp_path_factory):
+    """A factors artifact on the shared tiny GPT-2, for the queries cases."""
+    out = tmp_path_factory.mktemp("factors") / "f.zarr"
+    result = infl("fit-factors", "--model", workdir / "gpt2", "--corpus", workdir / "corpus.jsonl", "--out", out)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+QUERY_CASES = {  # name: (rows of queries.jsonl, part of the message)
+    "empty query id": ([QUERIES[0], {**QUERIES[1], "id": ""}], "q.jsonl:2: field 'id' is empty"),
+    "blank query id": ([{**QUERIES[0], "id": "  "}], "q.jsonl:1: field 'id' is empty"),
+    "empty prompt": ([{"id": "x", "prompt": "", "completion": " on the mat"}], "q.jsonl:1: query 'x' needs a non-empty prompt"),
+    "empty completion": ([{"id": "x", "prompt": "the cat", "completion": ""}], "q.jsonl:1: query 'x' has an empty completion"),
+}
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_gets_one_line_the_exit_code_and_writes_nothing(workdir, tmp_path, case, log_format):
+    arguments, code, message = CASES[case]
+    result = infl("--log-format", log_format, *arguments(workdir, tmp_path))
+    assert message in single_error(result, code, log_format)
+    assert not (tmp_path / "out.zarr").exists()
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+@pytest.mark.parametrize("case", sorted(QUERY_CASES))
+def test_bad_queries_are_named_by_file_and_line(factors, tmp_path, case, log_format):
+    rows, message = QUERY_CASES[case]
+    result = infl("--log-format", log_format, "build-query", "--factors", factors,
+                  "--queries", write_jsonl(tmp_path / "q.jsonl", rows), "--out", tmp_path / "out.zarr")
+    assert message in single_error(result, 1, log_format)
+    assert not (tmp_path / "out.zarr").exists()
+
+
+MARKUP = "[/foo] and [i]x[/i]"  # rich markup: the first crashed the table, the second vanished from it
+ODD_IDS = {"[b]bold[/b]": "[b]bold[/b]", "line\nbreak": "line\\nbreak", "tab\there": "tab\\there",
+           "<script>alert(1)</script>": "<script>alert(1)</script>"}
+
+
+@pytest.fixture(scope="module")
+def odd_scores(workdir, tmp_path_factory):
+    """Scores of a corpus whose texts and ids hold markup, HTML and control characters."""
+    root = tmp_path_factory.mktemp("odd")
+    texts = [f"the cat {MARKUP} sat", "<script>alert(1)</script> the dog", *SENTENCES[:2]]
+    rows = [{"id": i, "text": t} for i, t in zip(ODD_IDS, texts)]
+    corpus = write_jsonl(root / "corpus.jsonl", rows)
+    queries = write_jsonl(root / "queries.jsonl", [{**QUERIES[0], "id": "[red]q[/red]"}])
+    return pipeline(workdir / "gpt2", corpus, queries, root)
+
+
+def test_markup_and_control_characters_are_shown_literally_in_tables(odd_scores):
+    wide = {"COLUMNS": "300"}  # one table row per line, nothing folded
+    result = infl("topk", "--scores", odd_scores, "-k", "4", env=wide)
+    assert result.exit_code == 0, result.output
+    assert MARKUP in result.stdout and "query [red]q[/red]" in result.stdout
+    rows = [line for line in result.stdout.splitlines() if "│" in line]
+    for shown in ODD_IDS.values():  # each id literally, a newline or tab escaped: on the one line of its row
+        assert any(shown in row for row in rows), (shown, result.stdout)
+    layers = infl("layerwise", "--scores", odd_scores, "-k", "4", env=wide)
+    assert layers.exit_code == 0, layers.output
+    assert "[b]bold[/b]" in layers.stdout and "line\\nbreak" in layers.stdout and "query [red]q[/red]" in layers.stdout
+
+
+def test_markdown_escapes_ids_and_raw_html(odd_scores):
+    result = infl("topk", "--scores", odd_scores, "-k", "4", "--format", "markdown")
+    assert result.exit_code == 0, result.output
+    page = result.stdout
+    assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page  # in the text and in an id
+    assert page.startswith("### \\[red\\]q\\[/red\\]")
+    assert "\\[/foo\\] and \\[i\\]x\\[/i\\]" in page and "line\\\\nbreak" in page
+    for line in page.splitlines()[4:8]:  # each hit is one table row of four cells: five unescaped "|"
+        assert len(re.findall(r"(?<!\\)\|", line)) == 5, line
+
+
+def test_messages_show_paths_literally(workdir, tmp_path):
+    odd = tmp_path / "[i]x[" / "]y"  # ".../[i]x[/]y": "[/]" closes nothing (it crashed), "[i]" vanished
+    odd.mkdir(parents=True)
+    result = infl(*_fit(workdir, tmp_path, odd / "missing.jsonl"))
+    assert f"{odd}/missing.jsonl: no such file" in single_error(result, 1, "text")
+
+
+@pytest.fixture
+def length_warnings():
+    """What transformers logs about sequences longer than the tokenizer's model_max_length."""
+    records = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())
+    logger = logging.getLogger("transformers")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING)
+    yield lambda: [r for r in records if "Token indices sequence length" in r]
+    logger.removeHandler(handler)
+    logger.setLevel(level)
+
+
+def test_long_inputs_get_no_transformers_length_warning(tmp_path, length_warnings):
+    from infl import data
+    from infl.errors import BadInput
+
+    def tokenizer():
+        tok = make_tokenizer()
+        tok.model_max_length = 4  # shorter than every input below (the warning comes once per tokenizer)
+        return tok
+
+    txt = tmp_path / "long.txt"
+    txt.write_text(" ".join(SENTENCES) + "\n")
+    lines = data.read_corpus([txt], tokenizer(), 8)
+    assert lines.n_truncated == 1  # infl truncates, and says so
+    data.read_corpus([txt], tokenizer(), 8, split="windows")
+    data.read_queries(write_jsonl(tmp_path / "q.jsonl", QUERIES), tokenizer(), 32)
+    with pytest.raises(BadInput, match="more than the context"):  # infl refuses, and says so
+        data.read_queries(write_jsonl(tmp_path / "long.jsonl", [{"id": "x", "prompt": SENTENCES[0], "completion": " " + SENTENCES[1]}]),
+                          tokenizer(), 8)
+    data.token_pieces(SENTENCES[2], tokenizer(), 8)
+    assert length_warnings() == []
+    tokenizer()(SENTENCES[2])  # the warning these calls avoid, as a plain call logs it
+    assert len(length_warnings()) == 1
