@@ -18,11 +18,11 @@ import readme_block
 import torch
 
 from infl import data, modeling
-from infl.config import FitConfig, QueryConfig, ScoreConfig
+from infl.config import FitConfig, QueryConfig, ScoreConfig, TopkConfig
 from infl.demo import build_demo
 from infl.engine import batches_by_length
 from infl.gradients import sequence_loss
-from infl.stages import build_query, fit_factors, score
+from infl.stages import build_query, fit_factors, score, topk, verify
 
 
 def timed(fn) -> float:
@@ -68,6 +68,10 @@ def main() -> None:
         queries=args.out / "queries.zarr", corpus=(corpus,), out=args.out / "scores.zarr", batch_size=bs)))))
     rows.append(("score, no-op rerun", timed(lambda: score.run(ScoreConfig(
         queries=args.out / "queries.zarr", corpus=(corpus,), out=args.out / "scores.zarr", batch_size=bs)))))
+    rows.append(("topk -k 10 (every chunk it reads checked)", timed(lambda: topk.run(TopkConfig(
+        scores=args.out / "scores.zarr")))))
+    rows.append(("verify factors + queries + scores (every chunk)", sum(
+        timed(lambda name=name: verify.run(args.out / name)) for name in ("factors.zarr", "queries.zarr", "scores.zarr"))))
     fwd_bwd, n_tokens = forward_backward_seconds(model, corpus, bs)
     rows.append(("plain forward+backward, same tokens", fwd_bwd))
     n_queries = sum(1 for line in queries.read_text().splitlines() if line.strip())

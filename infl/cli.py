@@ -7,18 +7,50 @@ stays fast.
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Callable, Optional
+from typing import Annotated, Callable, Optional, TypeVar
 
 import typer
 import yaml
+from typer.core import TyperGroup
 
 from infl.console import err, is_main_process, log, log_error, set_json_logs, set_quiet
-from infl.errors import InflError
+from infl.errors import BadInput, InflError
+
+C = TypeVar("C")
+
+
+@contextmanager
+def _one_line_usage_errors():
+    """A usage error (unknown option, bad value, bad --config) is reported as every other error is:
+    one `error:` line (a JSON line under --log-format json), exit 2; not Typer's framed panel,
+    which wraps a long path over several lines. Typer's click exceptions derive from TyperException."""
+    try:
+        yield
+    except typer.TyperException as e:
+        if type(e).__name__ == "NoArgsIsHelpError":  # `infl` alone: Typer shows the help
+            raise
+        ctx = getattr(e, "ctx", None)
+        log_error(e.format_message(), f"see `{ctx.command_path} --help`" if ctx else "", e.exit_code)
+        raise typer.Exit(e.exit_code) from None
+
+
+class _Group(TyperGroup):
+    def make_context(self, *args, **kwargs):  # the options before the command
+        with _one_line_usage_errors():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx):  # the command's own options, and everything it raises as usage
+        with _one_line_usage_errors():
+            return super().invoke(ctx)
+
 
 app = typer.Typer(
+    cls=_Group,
     name="infl",
     help="Trace a language model's outputs back to the training sequences that influenced them "
     "(influence functions with EK-FAC).\n\n"
@@ -45,12 +77,19 @@ def _load_config(ctx: typer.Context, path: Optional[Path]) -> Optional[Path]:
     if path is None:
         return None
     try:
-        document = yaml.safe_load(path.read_text()) or {}
+        document = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, UnicodeDecodeError) as e:
+        raise typer.BadParameter(f"cannot read {path}: {e}") from None
     except yaml.YAMLError as e:
-        raise typer.BadParameter(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        raise typer.BadParameter(f"{where}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
     if not isinstance(document, dict):
-        raise typer.BadParameter(f"{path} must hold a mapping of command sections")
+        raise typer.BadParameter(f"{path} must hold a mapping of command sections (got {type(document).__name__})")
     section = document.get(ctx.info_name) or {}
+    if not isinstance(section, dict):
+        raise typer.BadParameter(f"{path}: section {ctx.info_name!r} must be a mapping of options "
+                                 f"(got {type(section).__name__})")
     section = {str(k).replace("-", "_"): v for k, v in section.items()}
     known = {p.name for p in ctx.command.params}
     unknown = sorted(set(section) - known)
@@ -85,7 +124,20 @@ def _need(value, flag: str):
     return value
 
 
-def _finish(call: Callable[[], object], quiet: bool, every_rank: bool = True) -> object:
+def _config(make: Callable[[], C]) -> C:
+    """A stage's config, built before anything is loaded. The config checks its own values (for the
+    Python API too); on the command line a value it refuses is an option's: a usage error, exit 2."""
+    try:
+        return make()
+    except BadInput as e:
+        raise typer.BadParameter(str(e)) from None
+
+
+# A full disk, a read-only file system, a missing permission: the user's to fix, not a bug.
+_STORAGE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def _finish(call: Callable[[], object], quiet: bool, every_rank: bool = True, out: Path | None = None) -> object:
     """Run a stage; print its one-line outcome or error; exit with the documented code.
 
     Under torchrun a writing stage runs on every rank; a reading command (`every_rank=False`)
@@ -100,6 +152,13 @@ def _finish(call: Callable[[], object], quiet: bool, every_rank: bool = True) ->
             raise typer.Exit(0) from None
         log_error(str(e), e.hint, e.exit_code)
         raise typer.Exit(e.exit_code) from None
+    except OSError as e:
+        if e.errno not in _STORAGE_ERRORS:
+            raise
+        full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+        log_error(f"cannot write {out or e.filename or 'the output'}: {e.strerror}",
+                  "free some space and run the same command again: it resumes where it stopped" if full else "", 1)
+        raise typer.Exit(1) from None
     except Exception as e:  # a bug or a library's error: in a torchrun group, say which rank it hit
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             log_error(f"{type(e).__name__}: {e}")
@@ -142,16 +201,13 @@ def fit_factors(
     from infl.config import FitConfig
     from infl.stages import fit_factors as stage
 
-    def call():
-        cfg = FitConfig(
-            model=_need(model, "--model"), corpus=tuple(_need((corpus or []) + (more_corpus or []), "--corpus")),
-            out=_need(out, "--out"), strategy=strategy, modules=modules, damping=damping, damping_scale=damping_scale,
-            max_length=max_length, max_sequences=max_sequences, split=split, text_field=text_field, id_field=id_field,
-            seed=seed, dtype=dtype, chunk_size=chunk_size, batch_size=batch_size, device=device, force=force, wait=wait,
-        )
-        return stage.run(cfg)
-
-    _finish(call, quiet)
+    cfg = _config(lambda: FitConfig(
+        model=_need(model, "--model"), corpus=tuple(_need((corpus or []) + (more_corpus or []), "--corpus")),
+        out=_need(out, "--out"), strategy=strategy, modules=modules, damping=damping, damping_scale=damping_scale,
+        max_length=max_length, max_sequences=max_sequences, split=split, text_field=text_field, id_field=id_field,
+        seed=seed, dtype=dtype, chunk_size=chunk_size, batch_size=batch_size, device=device, force=force, wait=wait,
+    ))
+    _finish(lambda: stage.run(cfg), quiet, out=cfg.out)
 
 
 @app.command("build-query")
@@ -177,14 +233,11 @@ def build_query(
     from infl.config import QueryConfig, parse_rank
     from infl.stages import build_query as stage
 
-    def call():
-        cfg = QueryConfig(
-            factors=_need(factors, "--factors"), queries=_need(queries, "--queries"), out=_need(out, "--out"),
-            model=model, rank=parse_rank(rank), svd=svd, append=append, batch_size=batch_size, device=device, force=force, wait=wait,
-        )
-        return stage.run(cfg)
-
-    _finish(call, quiet)
+    cfg = _config(lambda: QueryConfig(
+        factors=_need(factors, "--factors"), queries=_need(queries, "--queries"), out=_need(out, "--out"),
+        model=model, rank=parse_rank(rank), svd=svd, append=append, batch_size=batch_size, device=device, force=force, wait=wait,
+    ))
+    _finish(lambda: stage.run(cfg), quiet, out=cfg.out)
 
 
 @app.command("score")
@@ -218,16 +271,13 @@ def score(
     from infl.config import ScoreConfig
     from infl.stages import score as stage
 
-    def call():
-        cfg = ScoreConfig(
-            queries=queries, corpus=tuple(_need((corpus or []) + (more_corpus or []), "--corpus")),
-            out=_need(out, "--out"), model=model, max_length=max_length, split=split, text_field=text_field,
-            id_field=id_field, chunk_size=chunk_size, per_token=per_token, self_influence=self_influence,
-            factors=factors, batch_size=batch_size, device=device, force=force, wait=wait,
-        )
-        return stage.run(cfg)
-
-    _finish(call, quiet)
+    cfg = _config(lambda: ScoreConfig(
+        queries=queries, corpus=tuple(_need((corpus or []) + (more_corpus or []), "--corpus")),
+        out=_need(out, "--out"), model=model, max_length=max_length, split=split, text_field=text_field,
+        id_field=id_field, chunk_size=chunk_size, per_token=per_token, self_influence=self_influence,
+        factors=factors, batch_size=batch_size, device=device, force=force, wait=wait,
+    ))
+    _finish(lambda: stage.run(cfg), quiet, out=cfg.out)
 
 
 ScoresOpt = Annotated[Optional[Path], typer.Option(help="Scores artifact from score.")]
@@ -259,6 +309,7 @@ def topk(
     tokens: Annotated[bool, typer.Option("--tokens", help="Shade each sequence's tokens by their influence (red +, blue -).")] = False,
     refine: Annotated[Optional[int], typer.Option(help="Re-score the N best candidates per query with full-rank query gradients.")] = None,
     self_influence: Annotated[bool, typer.Option("--self", help="The scores are self-influence (from `score --self`).")] = False,
+    text: Annotated[bool, typer.Option("--text/--no-text", help="Show each hit's text, read back from its corpus shard once its sha256 is checked.")] = True,
     format: Annotated[str, typer.Option("--format", help="table | json | jsonl | markdown | html.")] = "table",
     batch_size: Annotated[int, typer.Option(help="Sequences per pass for --tokens (when not stored) and --refine.")] = 8,
     device: DeviceOpt = "cpu",
@@ -277,11 +328,12 @@ def topk(
 
     fmt = _check_format(format, tuple(TOPK))
 
+    cfg = _config(lambda: TopkConfig(_need(scores, "--scores"), k, tuple(query or ()), negative, train_size,
+                                     tokens=tokens, refine=refine, self_influence=self_influence,
+                                     batch_size=batch_size, device=device, text=text))
+
     def call():
-        hits = stage.run(TopkConfig(_need(scores, "--scores"), k, tuple(query or ()), negative, train_size,
-                                    tokens=tokens, refine=refine, self_influence=self_influence,
-                                    batch_size=batch_size, device=device))
-        sys.stdout.write(TOPK[fmt](hits, _unit(train_size)))
+        sys.stdout.write(TOPK[fmt](stage.run(cfg), _unit(train_size)))
 
     _finish(call, quiet, every_rank=False)
 
@@ -307,9 +359,10 @@ def layerwise(
 
     fmt = _check_format(format, tuple(LAYERWISE))
 
+    cfg = _config(lambda: LayerwiseConfig(_need(scores, "--scores"), k, tuple(query or ()), negative, train_size))
+
     def call():
-        tables = stage.run(LayerwiseConfig(_need(scores, "--scores"), k, tuple(query or ()), negative, train_size))
-        sys.stdout.write(LAYERWISE[fmt](tables, _unit(train_size)))
+        sys.stdout.write(LAYERWISE[fmt](stage.run(cfg), _unit(train_size)))
 
     _finish(call, quiet, every_rank=False)
 
@@ -364,15 +417,17 @@ def verify(
     format: Annotated[str, typer.Option("--format", help="table | json.")] = "table",
     config: ConfigOpt = None,
 ) -> None:
-    """Check that every chunk marked done is readable, finite and matches its checksum. Bad score
-    chunks are marked not done, so the next `infl score` recomputes them. Exit 1 if any is bad.
+    """Check an artifact whole: finished, its attributes as it was finished with, and every chunk
+    of every array readable, finite and matching its checksum. Bad score chunks are marked not
+    done, so the next `infl score` recomputes them. Exit 1 if anything is wrong.
 
     Example: `infl verify runs/scores.zarr`
     """
     import json
     from dataclasses import asdict
 
-    from infl.errors import BadInput
+    from rich.text import Text
+
     from infl.stages import verify as stage
 
     fmt = _check_format(format, ("table", "json"))
@@ -383,11 +438,16 @@ def verify(
             print(json.dumps(asdict(report), indent=1))
         else:
             for bad in report.bad:
-                where = f"chunk {bad['chunk']} (sequences {bad['sequences'][0]}..{bad['sequences'][1] - 1})" if "chunk" in bad else bad["array"]
-                err.print(f"{where}: {bad['problem']}", highlight=False)
+                where = bad.get("array", "the artifact")
+                if "chunk" in bad:
+                    where += f" chunk {'.'.join(map(str, bad['chunk']))}"
+                if "sequences" in bad:
+                    where += f" (sequences {bad['sequences'][0]}..{bad['sequences'][1] - 1})"
+                err.print(Text(f"{where}: {bad['problem']}"))
         if report.bad:
-            fix = "run `infl score` again to recompute them" if report.kind == "scores" else "rebuild it with --force"
-            raise BadInput(f"{artifact}: {len(report.bad)} of {report.checked} checked parts are bad; {fix}")
-        log(f"{artifact}: all {report.checked} checked parts are sound")
+            fix = ("run `infl score` again to recompute them" if report.repaired and all("sequences" in bad for bad in report.bad)
+                   else "run the command that wrote it again" + ("" if report.bad[0].get("problem", "").startswith("unfinished") else " with --force"))
+            raise BadInput(f"{artifact}: {len(report.bad)} problem(s) in {report.checked} checked arrays; {fix}")
+        log(f"{artifact}: sound ({report.checked} arrays checked, every chunk against its checksum)")
 
     _finish(call, False, every_rank=False)

@@ -1,7 +1,8 @@
 """Resolved configuration of each stage: frozen dataclasses validated on construction.
 
-Fields marked `semantic=False` cannot change results (batch size, device, --force) and are left
-out of artifact fingerprints; everything else is stored in the artifact it produces.
+Fields marked `semantic=False` cannot change results (batch size, device, --force) or say where a
+file is (paths: inputs are fingerprinted by content instead) and are left out of artifact
+fingerprints; everything else is stored in the artifact it produces.
 """
 
 from __future__ import annotations
@@ -15,6 +16,12 @@ from infl.errors import BadInput
 __all__ = ["FitConfig", "QueryConfig", "ScoreConfig", "TopkConfig", "LayerwiseConfig", "parse_damping", "parse_rank"]
 
 def _runtime(default):
+    return field(default=default, metadata={"semantic": False})
+
+
+def _location(default):
+    """A path: where an input or output is, not what it holds. Inputs are fingerprinted by content
+    (in the provenance), so the same files named another way, or moved, give the same artifact."""
     return field(default=default, metadata={"semantic": False})
 
 
@@ -44,6 +51,11 @@ def parse_rank(value: str | int) -> int | None:
     return rank
 
 
+def _check_split(split: str) -> None:
+    if split not in ("lines", "windows"):
+        raise BadInput(f"--split must be lines or windows, not {split!r}")
+
+
 def _check_device(device: str) -> None:
     if not (device == "cpu" or device.startswith("cuda")):
         raise BadInput(f"--device must be cpu or cuda[:N], not {device!r}")
@@ -66,9 +78,9 @@ class _Run:
 
 @dataclass(frozen=True)
 class FitConfig(_Run):
-    model: Path = Path()
-    corpus: tuple[Path, ...] = ()
-    out: Path = Path()
+    model: Path = _location(Path())
+    corpus: tuple[Path, ...] = _location(())
+    out: Path = _location(Path())
     strategy: str = "ekfac"
     modules: str = "mlp"
     damping: str | float = "auto"
@@ -96,6 +108,7 @@ class FitConfig(_Run):
             raise BadInput(f"--max-sequences must be >= 1, not {self.max_sequences}")
         if self.chunk_size < 1:
             raise BadInput(f"--chunk-size must be >= 1, not {self.chunk_size}")
+        _check_split(self.split)
         if self.dtype not in ("float32", "bfloat16"):
             raise BadInput(f"--dtype must be float32 or bfloat16, not {self.dtype!r}")
         object.__setattr__(self, "damping", parse_damping(self.damping))
@@ -103,10 +116,10 @@ class FitConfig(_Run):
 
 @dataclass(frozen=True)
 class QueryConfig(_Run):
-    factors: Path = Path()
-    queries: Path = field(default=Path(), metadata={"semantic": False})  # fingerprinted by content
-    out: Path = Path()
-    model: Path | None = field(default=None, metadata={"semantic": False})  # checked by fingerprint
+    factors: Path = _location(Path())
+    queries: Path = _location(Path())
+    out: Path = _location(Path())
+    model: Path | None = _location(None)  # checked by fingerprint
     rank: int | None = 32  # None: full matrices
     svd: str = "auto"  # exact | randomized | auto (exact up to min(O, I) = 1024)
     append: bool = _runtime(False)  # add this file's queries to an existing artifact
@@ -121,10 +134,10 @@ class QueryConfig(_Run):
 
 @dataclass(frozen=True)
 class ScoreConfig(_Run):
-    queries: Path | None = None
-    corpus: tuple[Path, ...] = field(default=(), metadata={"semantic": False})  # fingerprinted by content
-    out: Path = Path()
-    model: Path | None = field(default=None, metadata={"semantic": False})  # checked by fingerprint
+    queries: Path | None = _location(None)
+    corpus: tuple[Path, ...] = _location(())
+    out: Path = _location(Path())
+    model: Path | None = _location(None)  # checked by fingerprint
     max_length: int | None = None
     split: str = "lines"
     text_field: str = "text"
@@ -132,7 +145,7 @@ class ScoreConfig(_Run):
     chunk_size: int = 512  # training sequences per chunk: the unit of work and of resume
     per_token: bool = False  # also store each token's term (bfloat16)
     self_influence: bool = False  # score each sequence against itself, with `factors`
-    factors: Path | None = None
+    factors: Path | None = _location(None)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -140,6 +153,7 @@ class ScoreConfig(_Run):
             raise BadInput("--corpus names no file")
         if self.chunk_size < 1:
             raise BadInput(f"--chunk-size must be >= 1, not {self.chunk_size}")
+        _check_split(self.split)
         if self.max_length is not None and self.max_length < 2:
             raise BadInput(f"--max-length must be >= 2, not {self.max_length}")
         if self.self_influence:
@@ -175,11 +189,14 @@ class TopkConfig(LayerwiseConfig):
     self_influence: bool = False  # the scores are self-influence (score --self)
     batch_size: int = 8  # for --tokens computed on demand and --refine
     device: str = "cpu"
+    text: bool = True  # show each hit's text (read back from its corpus shard, which is checked first)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.refine is not None and self.refine < 1:
             raise BadInput(f"--refine must be >= 1, not {self.refine}")
+        if self.tokens and not self.text:
+            raise BadInput("--tokens shows each hit's text: it cannot be used with --no-text")
         if self.batch_size < 1:
             raise BadInput(f"--batch-size must be >= 1, not {self.batch_size}")
         _check_device(self.device)

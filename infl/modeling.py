@@ -4,8 +4,6 @@ fingerprint model and tokenizer files. Nothing here downloads."""
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 import re
 from pathlib import Path
 
@@ -14,6 +12,7 @@ from torch import nn
 
 from infl.capture import ModuleSpec
 from infl.errors import BadInput, UnsupportedModel
+from infl.hashing import file_sha256
 
 __all__ = [
     "load_model",
@@ -28,15 +27,8 @@ __all__ = [
 
 _MLP_CHILDREN = ("mlp", "feed_forward", "ffn")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
-_TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.model",
-    "vocab.txt",
-)
+_VOCABULARY_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model", "vocab.txt")  # one of them holds the vocabulary
+_TOKENIZER_FILES = (*_VOCABULARY_FILES, "tokenizer_config.json", "special_tokens_map.json", "merges.txt")
 
 
 def _check_model_dir(path: Path) -> None:
@@ -69,6 +61,10 @@ def load_tokenizer(path: Path):
     from transformers import AutoTokenizer
 
     _check_model_dir(path)
+    if not any((path / name).is_file() for name in _VOCABULARY_FILES):
+        # transformers >= 5 does not fail here: it builds an empty tokenizer from config.json alone
+        raise BadInput(f"{path} has no tokenizer files ({', '.join(_VOCABULARY_FILES)})",
+                       hint="save the tokenizer into the model directory: tokenizer.save_pretrained(DIR)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as e:
@@ -170,48 +166,10 @@ def prepare_for_capture(model: nn.Module, specs: list[ModuleSpec]) -> None:
             param.requires_grad_(name in tracked)
 
 
-CACHE_MIN_BYTES = 16 << 20  # smaller files are hashed every time: it costs less than the cache
-
-
-def _cache_path() -> Path:
-    root = os.environ.get("INFL_CACHE_DIR") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "infl")
-    return Path(root).expanduser() / "file_hashes.json"
-
-
-def _file_sha256(path: Path) -> str:
-    """sha256 of a file's content; large files are remembered by (path, size, mtime), as git does,
-    so that a no-op rerun does not read gigabytes of weights again."""
-    st = path.stat()
-    key = f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
-    cache_file = _cache_path()
-    cached = {}
-    if st.st_size >= CACHE_MIN_BYTES:
-        try:
-            cached = json.loads(cache_file.read_text())
-        except (OSError, ValueError):
-            cached = {}
-        if key in cached:
-            return cached[key]
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    value = digest.hexdigest()
-    if st.st_size >= CACHE_MIN_BYTES:
-        try:
-            cache_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({**cached, key: value}))
-            os.replace(tmp, cache_file)  # a cache that cannot be written only costs time
-        except OSError:
-            pass
-    return value
-
-
 def _hash_files(paths: list[Path]) -> str:
     digest = hashlib.sha256()
     for path in sorted(paths):
-        digest.update(path.name.encode() + b"\0" + _file_sha256(path).encode())
+        digest.update(path.name.encode() + b"\0" + file_sha256(path).encode())
     return digest.hexdigest()
 
 

@@ -188,7 +188,7 @@ def test_self_influence_from_the_command_line(workdir, tmp_path):
     rows = json.loads(infl("topk", "--scores", tmp_path / "self.zarr", "--self", "-k", "3", "--format", "json").stdout)
     assert [r["query_id"] for r in rows] == ["self"] * 3 and rows[0]["score"] >= rows[2]["score"] > 0
     assert "not self-influence" in one_line_error(infl("topk", "--scores", tmp_path / "s.zarr", "--self"))
-    assert infl("score", "--self", "--corpus", workdir / "corpus.jsonl", "--out", tmp_path / "x.zarr").exit_code == 1
+    assert infl("score", "--self", "--corpus", workdir / "corpus.jsonl", "--out", tmp_path / "x.zarr").exit_code == 2  # usage
 
 
 def test_info_describes_an_artifact(workdir, tmp_path):
@@ -267,10 +267,10 @@ def test_model_fingerprints_remember_large_files_by_size_and_mtime(workdir, tmp_
     import os
     import shutil
 
-    from infl import modeling
+    from infl import hashing, modeling
 
     monkeypatch.setenv("INFL_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(modeling, "CACHE_MIN_BYTES", 0)
+    monkeypatch.setattr(hashing, "CACHE_MIN_BYTES", 0)
     model = shutil.copytree(workdir / "gpt2", tmp_path / "gpt2")
     first = modeling.model_fingerprint(model)
     assert (tmp_path / "cache" / "file_hashes.json").is_file()

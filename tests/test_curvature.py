@@ -75,7 +75,7 @@ def _fit(tmp_path, model_dir, corpus, strategy="ekfac", batch_size=3, name="f.za
 
 def _module(group, name):
     sub = group[f"modules/{name}"]
-    return {k: torch.from_numpy(np.asarray(sub[k][...])).double() for k in sub.array_keys()}, dict(sub.attrs)
+    return {k: torch.from_numpy(np.asarray(sub[k][...])).double() for k in sub.array_keys() if not k.endswith(".sha256")}, dict(sub.attrs)
 
 
 def _brute_force_statistics(model_dir, names):

@@ -25,6 +25,7 @@ ALLOWED = {
     "report/__init__": {"rich", "numpy", "infl.analysis"},
     "console": {"rich"},
     "errors": set(),
+    "hashing": set(),
     "config": {"infl.errors", "infl.curvature"},
     "cli": {"typer", "yaml", "rich", "infl.console", "infl.errors", "infl.config", "infl.report", "infl.stages", "infl.demo"},
 }

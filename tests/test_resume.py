@@ -107,7 +107,7 @@ def test_fit_killed_in_either_pass_resumes_to_identical_factors(workdir, tmp_pat
         for name in ref.attrs["modules"]:
             sub_ref, sub_got = ref[f"modules/{name}"], got[f"modules/{name}"]
             assert sorted(sub_got.array_keys()) == sorted(sub_ref.array_keys())
-            for key in sub_ref.array_keys():
+            for key in (k for k in sub_ref.array_keys() if not k.endswith(".sha256")):  # digests differ by uid
                 np.testing.assert_array_equal(np.asarray(sub_got[key][...]), np.asarray(sub_ref[key][...]), err_msg=f"{name}/{key}")
             assert dict(sub_got.attrs) == dict(sub_ref.attrs)
         assert "checkpoint" not in got  # the running sums are gone once the fit is complete
@@ -148,18 +148,18 @@ def test_verify_finds_a_corrupted_chunk_and_score_recomputes_it(workdir, tmp_pat
     chunk_file = tmp_path / "v.zarr" / "total" / "c" / "0" / "1"  # sequences 4..7
     chunk_file.write_bytes(chunk_file.read_bytes()[:-7])  # truncated on disk: still decodes, wrong values
     result = infl("verify", tmp_path / "v.zarr", "--format", "json")
-    assert result.exit_code == 1 and "checksum mismatch" in result.stdout
+    assert result.exit_code == 1 and "does not match its checksum" in result.stdout
     assert infl(*args).exit_code == 0  # recomputed
     chunk_file.write_bytes(b"not a compressed chunk")  # garbage: cannot be decoded
     assert "is damaged" in one_line_error(infl("topk", "--scores", tmp_path / "v.zarr"))  # never served
     moved = chunk_file.with_name("moved")
     chunk_file.rename(moved)  # lost: would read as NaN
-    assert "a chunk is missing" in one_line_error(infl("layerwise", "--scores", tmp_path / "v.zarr"))
+    assert "does not match its checksum" in one_line_error(infl("layerwise", "--scores", tmp_path / "v.zarr"))
     moved.rename(chunk_file)
     result = infl("verify", tmp_path / "v.zarr", "--format", "json")
     assert result.exit_code == 1
     report = __import__("json").loads(result.stdout)
-    assert [b["chunk"] for b in report["bad"]] == [1] and report["checked"] == 3
+    assert [(b["array"], b["sequences"]) for b in report["bad"]] == [("total", [4, 8])]
     assert not (tmp_path / "v.zarr" / "COMPLETE.json").exists()
     again = infl(*args)
     assert again.exit_code == 0 and "2 of 3 chunks done" in again.output

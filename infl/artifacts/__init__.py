@@ -1,10 +1,12 @@
 """The only code that touches Zarr: what every artifact kind shares.
 
-An artifact is a Zarr v3 group whose root attributes hold kind, schema, infl version, creation
-time, the resolved config, provenance and a fingerprint of all of it. `COMPLETE.json`, written
-last and atomically, marks a finished artifact (and is the file a Makefile can depend on). One
-module per kind (`factors`, `queries`, `scores`) owns that kind's arrays and attribute names; the
-helpers here are theirs, never a stage's.
+An artifact is a Zarr v3 group whose root attributes hold kind, schema, a random uid, infl
+version, creation time, the resolved config, provenance and a fingerprint of what it was made from.
+Every chunk of every array carries a digest (see `integrity`) that its reader checks.
+`COMPLETE.json`, written last and atomically, marks a finished artifact (and is the file a Makefile
+can depend on); it holds the fingerprint and a digest of every node's attributes, which `open`
+checks. One module per kind (`factors`, `queries`, `scores`) owns that kind's arrays and attribute
+names; the helpers here are theirs, never a stage's.
 """
 
 from __future__ import annotations
@@ -13,10 +15,10 @@ import fcntl
 import hashlib
 import json
 import os
+import secrets
 import shutil
 import socket
 import time
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,6 +29,7 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from infl import __version__
+from infl.artifacts import integrity
 from infl.errors import ArtifactLocked, BadInput, IncompatibleArtifact
 
 __all__ = [
@@ -35,6 +38,7 @@ __all__ = [
     "Artifact",
     "State",
     "fingerprint",
+    "identity_fingerprint",
     "jsonable",
     "changed_keys",
     "lock",
@@ -45,7 +49,7 @@ __all__ = [
     "describe",
 ]
 
-SCHEMA = 1
+SCHEMA = 2  # 2: per-chunk digests, a manifest in COMPLETE.json, fingerprints without paths
 COMPLETE = "COMPLETE.json"
 _COMPRESSOR = BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
 _DAMAGED_HINT = "run `infl verify` on it, then the stage again"
@@ -59,6 +63,26 @@ def jsonable(obj: Any) -> Any:
 def fingerprint(obj: Any) -> str:
     """sha256 of the canonical JSON of `obj`."""
     return hashlib.sha256(json.dumps(jsonable(obj), sort_keys=True).encode()).hexdigest()
+
+
+# Where a parent file or directory is, as opposed to what it holds: recorded (so that a reader can
+# find it), never fingerprinted, so that the same inputs named another way, or moved, are the same.
+LOCATIONS = ("model", "factors", "queries", "path")
+# The root attributes that say what an artifact was made from (the others say how far it got).
+IDENTITY = ("config", "provenance", "base_fingerprint", "query_blocks")
+
+
+def _without_locations(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _without_locations(v) for k, v in obj.items() if not (k in LOCATIONS and isinstance(v, str))}
+    if isinstance(obj, list):
+        return [_without_locations(v) for v in obj]
+    return obj
+
+
+def identity_fingerprint(attrs: dict) -> str:
+    """The fingerprint of what an artifact is made from: its identity attributes, without paths."""
+    return fingerprint(_without_locations({k: attrs[k] for k in IDENTITY if k in attrs}))
 
 
 def changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -82,6 +106,9 @@ def check_out(path: Path) -> None:
         raise BadInput(f"--out {path} is a symlink: give the artifact's real path")
     if path.exists() and not path.is_dir():
         raise BadInput(f"--out {path} exists and is not a directory")
+    inside = next((p for p in path.absolute().parents if (p / "zarr.json").is_file()), None)
+    if inside is not None:  # writing there would change that store (an infl artifact's manifest)
+        raise BadInput(f"--out {path} is inside the Zarr store {inside}", hint="put artifacts side by side")
 
 
 def _lock_path(path: Path) -> Path:
@@ -95,21 +122,29 @@ def _lock_path(path: Path) -> Path:
 def lock(path: Path, wait: bool = False) -> Iterator[None]:
     """Hold `<artifact>.lock` (flock) while writing the artifact: a second run fails at once with
     the holder's pid and host (or waits, with `wait`). The kernel drops the lock when its holder
-    dies, however it dies, so a stale lock is never a problem; the file itself is never deleted.
+    dies, however it dies, so a stale lock is never a problem.
 
     It also makes sure that no process of an earlier run still writes (see `writing`): when the
-    main rank of a torchrun group dies first, its other ranks may run on for a moment."""
-    with open(_lock_path(path), "a+") as f:
+    main rank of a torchrun group dies first, its other ranks may run on for a moment. The file
+    is removed on the way out unless such a process still holds it; a run that opened it just
+    before finds it unlinked once it holds the lock, and opens it again."""
+    lock_path = _lock_path(path)
+    while True:
+        f = open(lock_path, "a+")
         try:
             fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
             f.seek(0)
             holder = f.read().strip() or "another process"
+            f.close()
             raise ArtifactLocked(f"{path} is being written by {holder}", hint="retry later, or pass --wait") from None
+        if _same_file(f, lock_path):
+            break
+        f.close()  # its holder removed it while we waited: lock the file that is there now
+    with f:
         try:
             fcntl.lockf(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB), 1, 1)  # no writer left
         except OSError:
-            fcntl.flock(f, fcntl.LOCK_UN)
             raise ArtifactLocked(f"{path}: processes of an earlier run still write it", hint="retry later, or pass --wait") from None
         fcntl.lockf(f, fcntl.LOCK_UN, 1, 1)
         f.seek(0)
@@ -119,7 +154,19 @@ def lock(path: Path, wait: bool = False) -> Iterator[None]:
         try:
             yield
         finally:
+            try:
+                fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 1)  # no rank of this run writes any more
+                lock_path.unlink(missing_ok=True)
+            except OSError:
+                pass  # a rank still writes: the file stays, so that the next run sees it
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _same_file(f, path: Path) -> bool:
+    try:
+        return os.fstat(f.fileno()).st_ino == path.stat().st_ino
+    except FileNotFoundError:
+        return False
 
 
 @contextmanager
@@ -139,14 +186,19 @@ class State:
 
 
 def read_attrs(path: Path) -> dict | None:
-    """The root attributes of the Zarr group at `path`, or None if there is none."""
+    """The root attributes of the Zarr group at `path`, or None if there is none; a zarr.json that
+    cannot be parsed is an error (never taken for "no artifact here")."""
     meta = path / "zarr.json"
     if not meta.is_file():
         return None
     try:
-        return json.loads(meta.read_text()).get("attributes", {})
-    except json.JSONDecodeError:
-        return None
+        attrs = json.loads(meta.read_text()).get("attributes", {})
+    except (OSError, ValueError, AttributeError):
+        raise IncompatibleArtifact(f"{meta} is damaged (not a Zarr group's metadata)",
+                                   hint="if this is an infl artifact, delete it and run the command that made it") from None
+    if not isinstance(attrs, dict):
+        raise IncompatibleArtifact(f"{meta} is damaged (its attributes are not a mapping)")
+    return attrs
 
 
 def open_group(path: Path, mode: str = "r") -> zarr.Group:
@@ -176,6 +228,8 @@ class Artifact:
     prepare (up to date, resume, refuse, replace), create, publish, and reading helpers."""
 
     kind: ClassVar[str]
+    transient: ClassVar[tuple[str, ...]] = ()  # subtrees of resume state, not part of the result
+    markers: ClassVar[tuple[str, ...]] = ()  # arrays that mark work done (written last, checked by verify)
 
     def __init__(self, path: Path, group: zarr.Group):
         self.path, self.group = path, group
@@ -184,8 +238,13 @@ class Artifact:
 
     @classmethod
     def open(cls, path: Path):
-        """A finished artifact of this kind, read only."""
-        return cls(path, open_complete(path, cls.kind))
+        """A finished artifact of this kind, read only, whose attributes are those it was finished
+        with (they, and the set of its arrays, match the manifest digest in COMPLETE.json)."""
+        art = cls(path, open_complete(path, cls.kind))
+        problem = art._attributes_problem()
+        if problem:
+            raise IncompatibleArtifact(f"{path}: {problem}", hint="recompute it with the command that wrote it (--force)")
+        return art
 
     @classmethod
     def open_for_writing(cls, path: Path):
@@ -214,13 +273,16 @@ class Artifact:
             return State.ABSENT
         if old.get("fingerprint") == attrs["fingerprint"]:
             if (path / COMPLETE).is_file():
+                problem = cls(path, open_group(path))._attributes_problem()
+                if problem:  # never "up to date" when its readers would refuse it
+                    raise IncompatibleArtifact(f"{path}: {problem}", hint="pass --force to recompute it")
                 return State.COMPLETE
             for stray in path.rglob("*.partial"):  # a write interrupted before zarr's atomic rename
                 stray.unlink()
             return State.PARTIAL
         changed = changed_keys(
-            {"config": old.get("config", {}), "provenance": old.get("provenance", {})},
-            {"config": attrs.get("config", {}), "provenance": attrs.get("provenance", {})},
+            _without_locations({"config": old.get("config", {}), "provenance": old.get("provenance", {})}),
+            _without_locations({"config": attrs.get("config", {}), "provenance": attrs.get("provenance", {})}),
         )
         raise IncompatibleArtifact(
             f"{path} was made from other inputs (changed: {', '.join(changed[:6]) or 'schema'})",
@@ -232,14 +294,17 @@ class Artifact:
         """A new, empty artifact with its root attributes (in the group's first write)."""
         if path.exists():
             shutil.rmtree(path)
-        meta = {"kind": cls.kind, "schema": SCHEMA, "infl_version": __version__, "created": _now(), **attrs}
+        meta = {"kind": cls.kind, "schema": SCHEMA, "uid": secrets.token_hex(16), "infl_version": __version__,
+                "created": _now(), **attrs}
         return cls(path, zarr.open_group(str(path), mode="w", attributes=jsonable(meta)))
 
     def publish(self) -> None:
-        """Write COMPLETE.json atomically (temp file, fsync, rename): the artifact is finished."""
+        """Write COMPLETE.json atomically (temp file, fsync, rename): the artifact is finished, with
+        these attributes and these arrays."""
         tmp = self.path / f".{COMPLETE}.tmp"
         with tmp.open("w") as f:
-            json.dump({"fingerprint": self.attrs["fingerprint"], "finished": _now()}, f)
+            json.dump({"fingerprint": self.attrs["fingerprint"], "finished": _now(),
+                       "manifest": integrity.manifest_digest(self.path, self.attrs, self.transient)}, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path / COMPLETE)
@@ -251,6 +316,25 @@ class Artifact:
     @property
     def complete(self) -> bool:
         return (self.path / COMPLETE).is_file()
+
+    def _attributes_problem(self) -> str:
+        """What is wrong with the root attributes and the manifest of a finished artifact, or ''."""
+        attrs = self.attrs
+        if identity_fingerprint(attrs) != attrs.get("fingerprint"):
+            return "its attributes were edited: they no longer match its fingerprint"
+        try:
+            stamp = json.loads((self.path / COMPLETE).read_text())
+        except (OSError, ValueError):
+            return f"{COMPLETE} is unreadable"
+        if stamp.get("fingerprint") != attrs["fingerprint"]:
+            return f"{COMPLETE} was written for other inputs (fingerprint {str(stamp.get('fingerprint'))[:12]})"
+        try:
+            manifest = integrity.manifest_digest(self.path, attrs, self.transient)
+        except integrity.Unreadable as e:
+            return str(e)
+        if stamp.get("manifest") != manifest:
+            return "an attribute or an array was changed, added or removed since it was finished"
+        return ""
 
     # -- attributes ---------------------------------------------------------------------------
 
@@ -273,6 +357,16 @@ class Artifact:
     def fingerprint(self) -> str:
         return self.group.attrs["fingerprint"]
 
+    def made_as(self, recorded: str) -> bool:
+        """Whether this is the artifact a child recorded as its parent (by fingerprint)."""
+        return self.fingerprint == recorded
+
+    @property
+    def uid(self) -> str:
+        if not hasattr(self, "_uid"):
+            self._uid = self.group.attrs["uid"]
+        return self._uid
+
     @property
     def modules(self) -> list[str]:
         return list(self.group.attrs["modules"])
@@ -284,51 +378,98 @@ class Artifact:
         return self.group[path] if path in self.group else self.group.create_group(path)
 
     def _create(self, name: str, shape: tuple[int, ...], chunks: tuple[int, ...], dtype, fill_value=None, where=None):
-        return (self.group if where is None else where).create_array(
+        """An empty array (chunks not yet written have no digest) and its digest array."""
+        array = (self.group if where is None else where).create_array(
             name, shape=shape, chunks=chunks, dtype=dtype, fill_value=fill_value,
             compressors=_COMPRESSOR if np.dtype(dtype).kind == "f" else "auto",
             config={"write_empty_chunks": True},
         )
+        integrity.digest_array(self.group, array, create=True)
+        return array
 
     def _write(self, name: str, data, chunks: tuple[int, ...] | None = None, where=None) -> None:
-        """Write a whole array at once, replacing an array of the same name."""
+        """Write a whole array at once (then its digests), replacing an array of the same name."""
         where = self.group if where is None else where
         data = np.asarray(data)
-        if name in where:
-            del where[name]
+        try:
+            array = where[name]
+        except KeyError:
+            array = None
+        same = array is not None and (array.shape, array.dtype) == (data.shape, data.dtype) and data.dtype.kind not in "UO"
+        if same and array.chunks == (chunks or tuple(max(1, d) for d in data.shape)):
+            array[...] = data  # the same array again (a checkpoint slot): overwritten in place
+            integrity.seal(self.group, self.uid, array, None, data)
+            return
+        for old in (name, name + integrity.SUFFIX):
+            if old in where:
+                del where[old]
         if data.dtype.kind in "UO":
             data = data.astype(np.dtypes.StringDType())
             array = where.create_array(name, shape=data.shape, chunks=chunks or data.shape or (1,), dtype=str)
         else:
             array = self._create(name, data.shape, chunks or tuple(max(1, d) for d in data.shape), data.dtype, where=where)
         array[...] = data
+        integrity.seal(self.group, self.uid, array, None, data)
+
+    def _array(self, name: str, where=None):
+        try:
+            return (self.group if where is None else where)[name]
+        except KeyError:
+            raise IncompatibleArtifact(f"{self.path}: array {name} is missing", hint=_DAMAGED_HINT) from None
+        except (ValueError, OSError, TypeError) as e:  # a damaged zarr.json of the array
+            raise IncompatibleArtifact(f"{self.path}: the metadata of array {name} is damaged ({type(e).__name__})",
+                                       hint=_DAMAGED_HINT) from None
+
+    def _put(self, name: str, index: tuple[slice, ...], values, where=None) -> None:
+        """array[index] = values (a box of slices), then the digests of the chunks it touched."""
+        array = self._array(name, where)
+        values = np.asarray(values)
+        if values.dtype.kind in "UO":
+            values = values.astype(np.dtypes.StringDType())
+        index = tuple(slice(*s.indices(n)[:2]) for s, n in zip(index + (slice(None),) * (array.ndim - len(index)), array.shape))
+        array[index] = values
+        integrity.seal(self.group, self.uid, array, index, np.broadcast_to(values, tuple(s.stop - s.start for s in index)))
+
+    def _resize(self, name: str, shape: tuple[int, ...], where=None) -> None:
+        """Resize an array and its digests; a chunk at the edge that had a digest is sealed again."""
+        array = self._array(name, where)
+        old = array.shape
+        if tuple(shape) == old:
+            return
+        array.resize(tuple(shape))
+        integrity.digest_array(self.group, array, create=True)  # resized to the new chunk grid
+        integrity.reseal_boundary(self.group, self.uid, array, old)
 
     def _resize_rows(self, name: str, n: int, where=None) -> None:
-        array = (self.group if where is None else where)[name]
-        array.resize((n, *array.shape[1:]))
+        array = self._array(name, where)
+        self._resize(name, (n, *array.shape[1:]), where)
 
     def _set_rows(self, name: str, start: int, values, where=None) -> None:
         """Rows start.. of an existing array, which grows to hold them."""
-        array = (self.group if where is None else where)[name]
+        array = self._array(name, where)
         values = np.asarray(values)
         if array.shape[0] < start + len(values):
-            array.resize((start + len(values), *array.shape[1:]))
-        array[start : start + len(values)] = values.astype(np.dtypes.StringDType()) if values.dtype.kind in "UO" else values
+            self._resize(name, (start + len(values), *array.shape[1:]), where)
+        self._put(name, (slice(start, start + len(values)),), values, where)
 
-    def _read(self, name: str, index=..., orthogonal: bool = False) -> np.ndarray:
-        """array[index] (or array.oindex[index]); a chunk that cannot be decoded or is missing is a
-        one-line error, never served."""
-        array = self.group[name]
-        try:
-            values = np.asarray(array.oindex[index] if orthogonal else array[index])
-        except (RuntimeError, ValueError) as e:
-            raise IncompatibleArtifact(f"{array.store_path} is damaged ({e})", hint=_DAMAGED_HINT) from e
-        if values.dtype.kind == "f" and np.isnan(values).any():  # a lost chunk file reads as the NaN fill
-            raise IncompatibleArtifact(f"{array.store_path} is damaged (a chunk is missing)", hint=_DAMAGED_HINT)
-        return values
+    def _read(self, name: str, index=..., orthogonal: bool = True) -> np.ndarray:
+        """array.oindex[index], every chunk it touches checked against its digest: a chunk that is
+        missing, damaged or was never written is a one-line error, never served. Checked twice
+        before it is called damaged: a writer may be replacing a chunk and its digest right now."""
+        array = self._array(name)
+        for attempt in (1, 2):
+            try:
+                return integrity.checked_read(self.group, self.uid, array, index)
+            except integrity.Damaged as e:
+                if attempt == 2:
+                    raise IncompatibleArtifact(f"{self.path}/{e}", hint=_DAMAGED_HINT) from None
+                time.sleep(0.05)
+            except (RuntimeError, ValueError, KeyError, OSError) as e:  # undecodable chunk, or broken metadata
+                raise IncompatibleArtifact(f"{self.path}/{array.path} is damaged ({type(e).__name__}: {e})",
+                                           hint=_DAMAGED_HINT) from None
 
     def _strings(self, name: str, index=...) -> list[str]:
-        return [str(x) for x in np.asarray(self.group[name][index])]
+        return [str(x) for x in np.ravel(self._read(name, index))]
 
     # -- verify ---------------------------------------------------------------------------------
 
@@ -336,9 +477,39 @@ class Artifact:
         """Parts marked done, where the kind tracks them (for progress bars)."""
         return None
 
-    def verify(self, on_progress=lambda: None) -> tuple[int, list[dict]]:
-        """(parts checked, bad parts): every array readable and finite."""
-        return _verify_arrays(self.group)
+    def data_arrays(self) -> list:
+        """Every array that holds results (digests, markers and resume state aside). Raises
+        integrity.Unreadable."""
+        return [self.group[path] for path, meta in integrity.nodes(self.path, self.transient)
+                if meta.get("node_type") == "array" and path not in self.markers]
+
+    def may_be_unwritten(self, array, coords: tuple[int, ...]) -> bool:
+        """Whether a chunk may hold no data in this artifact as it stands."""
+        return not self.complete
+
+    def verify(self, on_progress=lambda: None, repair: bool = True) -> tuple[int, list[dict]]:
+        """(arrays checked, problems): the attributes against the fingerprint and the manifest, that
+        the artifact is finished, and every chunk of every array against its digest. `repair` lets
+        a kind mark what it can recompute."""
+        bad = []
+        if identity_fingerprint(self.attrs) != self.attrs.get("fingerprint"):
+            bad.append({"problem": "its attributes were edited: they no longer match its fingerprint"})
+        elif not self.complete:
+            bad.append({"problem": "unfinished: run the command that writes it again to finish it"})
+        elif problem := self._attributes_problem():
+            bad.append({"problem": problem})
+        checked = 0
+        try:
+            arrays = self.data_arrays()
+        except integrity.Unreadable as e:
+            return checked, bad if {"problem": str(e)} in bad else [*bad, {"problem": str(e)}]
+        for array in arrays:
+            for coords, problem in integrity.chunk_problems(self.group, self.uid, array,
+                                                            lambda c, a=array: self.may_be_unwritten(a, c)):
+                bad.append({"array": array.path, "chunk": list(coords), "problem": problem})
+            checked += 1
+            on_progress()
+        return checked, bad
 
 
 def _set_attrs(node, values: dict) -> None:
@@ -347,37 +518,20 @@ def _set_attrs(node, values: dict) -> None:
     node.update_attributes(jsonable(values))
 
 
-def _verify_arrays(group: zarr.Group) -> tuple[int, list[dict]]:
-    checked, bad = 0, []
-    with warnings.catch_warnings():  # COMPLETE.json and other plain files are not Zarr nodes
-        warnings.simplefilter("ignore")
-        arrays, groups = list(group.arrays()), list(group.groups())
-    for _, array in arrays:
-        checked += 1
-        try:
-            values = np.asarray(array[...])
-        except Exception as e:  # noqa: BLE001 - any decoding failure means the array is unreadable
-            bad.append({"array": array.path, "problem": f"unreadable ({type(e).__name__})"})
-            continue
-        if values.dtype.kind == "f" and not np.isfinite(values).all():
-            bad.append({"array": array.path, "problem": "not finite"})
-    for _, sub in groups:
-        more, worse = _verify_arrays(sub)
-        checked, bad = checked + more, bad + worse
-    return checked, bad
-
-
 def describe(path: Path) -> dict:
     """What an artifact is, how it was made, how far it got and what it was made from."""
-    if not (path / "zarr.json").is_file():
+    attrs = read_attrs(path)
+    if attrs is None:
         raise BadInput(f"{path}: no infl artifact here")
-    group = open_group(path)
-    attrs = dict(group.attrs)
     if "kind" not in attrs:
         raise BadInput(f"{path} is a Zarr group but not an infl artifact")
+    group = open_group(path)
     complete = (path / COMPLETE).is_file()
     if "done" in group:
-        done = np.asarray(group["done"][...])
+        try:
+            done = np.asarray(group["done"][...])
+        except (ValueError, OSError, RuntimeError):
+            raise IncompatibleArtifact(f"{path}/done is damaged", hint=_DAMAGED_HINT) from None
         progress = {"chunks_done": int(done.all(0).sum()), "chunks": int(done.shape[-1])}
     else:
         progress = {"chunks_done": int(complete), "chunks": 1}

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from infl.artifacts import Artifact, _set_attrs
+from infl.artifacts import Artifact, _set_attrs, integrity
+from infl.errors import IncompatibleArtifact
 
 __all__ = ["FactorsArtifact", "PassState"]
 
@@ -50,13 +51,17 @@ class PassState:
         return out
 
 
-def _latest(rank_group):
+def _latest(art, rank_group):
     """The rank's valid slot that has added the most sequences (None if neither is valid)."""
     valid = []
     for name in ("s0", "s1"):
         if name in rank_group and "done" in rank_group[name]:
             slot = rank_group[name]
-            valid.append((int(np.diff(np.asarray(slot["done"][...]), axis=1).sum()), slot))
+            try:
+                done = art._read(f"{slot.path}/done")
+            except IncompatibleArtifact:  # killed between `done` and its digest: not valid
+                continue
+            valid.append((int(np.diff(done, axis=1).sum()), slot))
     return max(valid, key=lambda v: v[0])[1] if valid else None
 
 
@@ -72,6 +77,7 @@ def _merge_ranges(ranges: list[list[int]]) -> list[list[int]]:
 
 class FactorsArtifact(Artifact):
     kind = "factors"
+    transient = ("checkpoint",)
 
     def begin(self, specs: list[dict], n_sequences: int) -> None:
         """Record the tracked modules (their d_in, d_out, bias, transposed) of a new fit."""
@@ -109,7 +115,7 @@ class FactorsArtifact(Artifact):
     def read_module(self, name: str, keys: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
         """A module's arrays: those of `keys` that exist, or all but the running sums."""
         sub = self.group[f"modules/{name}"]
-        present = set(sub.array_keys())
+        present = {k for k in sub.array_keys() if not integrity.is_digest(k)}
         wanted = [k for k in present if not k.endswith("_sum")] if keys is None else [k for k in keys if k in present]
         return {k: self._read(f"modules/{name}/{k}") for k in wanted}
 
@@ -151,7 +157,7 @@ class FactorsArtifact(Artifact):
         states = []
         where = f"checkpoint/g{generation}"
         for _, rank in (self.group[where].groups() if where in self.group else []):
-            slot = _latest(rank)
+            slot = _latest(self, rank)
             if slot is not None:
                 states.append(slot)
         if not states:
@@ -159,11 +165,13 @@ class FactorsArtifact(Artifact):
         sums: dict = {}
         done, n_tokens = [], 0
         for slot in states:
-            done += np.asarray(slot["done"][...]).tolist()
-            n_tokens += int(np.asarray(slot["n_tokens"][...])[0])
+            done += self._read(f"{slot.path}/done").tolist()
+            n_tokens += int(self._read(f"{slot.path}/n_tokens")[0])
             for module, keys in slot.groups():
-                for key, array in keys.arrays():
-                    values = np.asarray(array[...])
+                for key in keys.array_keys():
+                    if integrity.is_digest(key):
+                        continue
+                    values = self._read(f"{keys.path}/{key}")
                     mine = sums.setdefault(module, {})
                     mine[key] = values if key not in mine else mine[key] + values
         return PassState(done, n_tokens, sums)
@@ -174,10 +182,10 @@ class FactorsArtifact(Artifact):
         The slot is first marked invalid (its `done` removed), then filled, and `done` is written
         last: a slot is valid only once complete, whenever the rank is killed."""
         rank_group = self._sub(f"checkpoint/g{generation}/r{rank}")
-        latest = _latest(rank_group)
+        latest = _latest(self, rank_group)
         name = "s1" if latest is not None and latest.path.endswith("/s0") else "s0"
         slot = self._sub(f"checkpoint/g{generation}/r{rank}/{name}")
-        for key in ("done", "n_tokens"):
+        for key in ("done", "n_tokens", "done" + integrity.SUFFIX, "n_tokens" + integrity.SUFFIX):
             if key in slot:
                 del slot[key]
         for module, keys in sums.items():

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from infl.artifacts import Artifact, State, _set_attrs, fingerprint, read_attrs
+from infl.artifacts import Artifact, State, _set_attrs, identity_fingerprint, read_attrs
 from infl.errors import IncompatibleArtifact
 
 __all__ = ["QueriesArtifact", "BuildPlan"]
@@ -41,7 +41,7 @@ class QueriesArtifact(Artifact):
     def plan_build(cls, path: Path, attrs: dict, new_file: dict, append: bool, force: bool) -> BuildPlan:
         """The append rules. `attrs` describe everything but the query files (its fingerprint is
         the base: a block may be appended to an artifact with the same base)."""
-        base = fingerprint(attrs)
+        base = identity_fingerprint(attrs)
         old = read_attrs(path) if path.exists() else None
         finished = old is not None and "blocks" in old  # a first build killed early has no blocks: rebuilt
         appending = append and not force and finished and old.get("base_fingerprint") == base
@@ -55,7 +55,7 @@ class QueriesArtifact(Artifact):
             if not held.complete:  # a first build killed after its last write: only the stamp is missing
                 held.publish()
             return BuildPlan(True, True, old)
-        attrs["fingerprint"] = fingerprint(attrs)
+        attrs["fingerprint"] = identity_fingerprint(attrs)
         if not appending and cls.state(path, attrs, force) == State.COMPLETE:
             return BuildPlan(True, False, attrs)
         if appending:
@@ -111,12 +111,11 @@ class QueriesArtifact(Artifact):
 
     def write_rows(self, name: str, start: int, arrays: dict[str, np.ndarray]) -> None:
         """Rows start.. of a module's arrays (P, or U, sigma, V, kept)."""
-        sub = self.group[f"modules/{name}"]
         for key, values in arrays.items():
-            sub[key][start : start + len(values)] = np.asarray(values, dtype=np.float32)
+            self._put(f"modules/{name}/{key}", (slice(start, start + len(values)),), np.asarray(values, dtype=np.float32))
 
     def write_measurements(self, start: int, values: np.ndarray) -> None:
-        self.group["measurement"][start : start + len(values)] = np.asarray(values, dtype=np.float32)
+        self._put("measurement", (slice(start, start + len(values)),), np.asarray(values, dtype=np.float32))
 
     def finish(self, attrs: dict, blocks: list[int]) -> None:
         """The rows of the new block are written: they now count (the attributes go last)."""
@@ -133,16 +132,27 @@ class QueriesArtifact(Artifact):
     def base_fingerprint(self) -> str:
         return self.group.attrs["base_fingerprint"]
 
+    def made_as(self, recorded: str) -> bool:
+        """This artifact, or it before some of its blocks were appended (appends never change the
+        rows before them): a child made from the first blocks can still use it."""
+        attrs, files = self.attrs, self.provenance["queries_files"]
+        return any(identity_fingerprint({**attrs, "provenance": {**attrs["provenance"], "queries_files": files[:k]}}) == recorded
+                   for k in range(len(files), 0, -1))
+
     def ids(self) -> list[str]:
         """Ids of the finished blocks (rows past them are leftovers of a killed append)."""
         return self._strings("ids", slice(0, self.blocks[-1]))
 
     def texts(self, row: int) -> tuple[str, str, str]:
         """(id, prompt, completion) of one query."""
-        return tuple(str(self.group[name][row]) for name in _TEXTS)
+        return tuple(str(self._read(name, row)) for name in _TEXTS)
 
     def preconditioned(self, name: str, rows: list[int] | None = None) -> dict[str, np.ndarray]:
         """A module's stored gradients of all queries or of `rows`: {"P"} or {"U", "sigma", "V"}."""
         keys = ("P",) if self.module_attrs(name)["form"] == "full" else ("U", "sigma", "V")
         index = slice(0, self.blocks[-1]) if rows is None else sorted(rows)
-        return {k: self._read(f"modules/{name}/{k}", index, orthogonal=rows is not None) for k in keys}
+        return {k: self._read(f"modules/{name}/{k}", index) for k in keys}
+
+    def may_be_unwritten(self, array, coords: tuple[int, ...]) -> bool:
+        """Rows past the last block are leftovers of a killed append: they do not count."""
+        return not self.complete or coords[0] * array.chunks[0] >= self.blocks[-1]

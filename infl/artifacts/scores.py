@@ -5,8 +5,8 @@ Layout:
                fingerprint, query_blocks, modules, unit
   total [Q, N], per_module [M, Q, N] float32; per_token [Q, N, T] bfloat16 bits (optional)
   query_ids [Q], train_ids [N], locators [N, 3] (corpus shard, start, end)
-  done, checksums [query blocks, chunks]: a cell (a block of queries x a chunk of sequences) is
-  written, then its sha256, then its done bit
+  done [query blocks, chunks]: a cell (a block of queries x a chunk of sequences) is written, then
+  the digests of the Zarr chunks it touched, then its done bit
 
 Chunked along the training axis: a chunk of sequences is the unit of work, of resume and of
 distribution. All pending query blocks of a chunk are computed and written together, so two
@@ -15,7 +15,6 @@ ranks never write the same Zarr chunk.
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 from pathlib import Path
 
@@ -45,6 +44,7 @@ class Layout:
 
 class ScoresArtifact(Artifact):
     kind = "scores"
+    markers = ("done",)
 
     # -- planning (main rank) -------------------------------------------------------------------
 
@@ -90,7 +90,6 @@ class ScoresArtifact(Artifact):
         art._write("query_ids", np.array(layout.query_ids, dtype=object))
         art._write("train_ids", np.array(layout.train_ids, dtype=object), chunks=(C,))
         art._write("locators", layout.locators, chunks=(C, 3))
-        art._write("checksums", np.full((len(layout.blocks) - 1, layout.n_chunks), "", dtype=object), chunks=(1, 1))
         art._create("done", (len(layout.blocks) - 1, layout.n_chunks), (1, 1), "bool", False)  # last: ready
         return art
 
@@ -124,16 +123,14 @@ class ScoresArtifact(Artifact):
                 shape = list(self.group[name].shape)
                 axis = 1 if name == "per_module" else 0
                 shape[axis], shape[axis + 1] = Q, N
-                self.group[name].resize(tuple(shape))
+                self._resize(name, tuple(shape))
         for name, values, start in (("train_ids", np.array(layout.train_ids, dtype=object), N_valid),
                                     ("locators", layout.locators, N_valid),
                                     ("query_ids", np.array(layout.query_ids, dtype=object), Q_valid)):
             self._resize_rows(name, len(values))
             if len(values) > start:
                 self._set_rows(name, start, values[start:])
-        shape = (len(layout.blocks) - 1, layout.n_chunks)
-        self.group["checksums"].resize(shape)
-        self.group["done"].resize(shape)
+        self.group["done"].resize((len(layout.blocks) - 1, layout.n_chunks))
         if N != N_valid:
             self.group["done"][:, min(N, N_valid) // C :] = False  # a partly filled chunk is computed again
         if Q != Q_valid:
@@ -156,30 +153,16 @@ class ScoresArtifact(Artifact):
 
     def write_cell(self, b: int, c: int, per_module: np.ndarray, total: np.ndarray, per_token: np.ndarray | None = None) -> None:
         """One query block x one chunk: the scores per module [M, q, n] and in total [q, n] (and
-        per-token terms [q, n, T]), then their checksum, then the done bit."""
+        per-token terms [q, n, T]) with their digests, then the done bit."""
         blocks, C = self.group.attrs["query_blocks"], self.group.attrs["config"]["chunk_size"]
-        q_lo, q_hi = blocks[b], blocks[b + 1]
-        lo = c * C
-        hi = lo + per_module.shape[2]
-        self.group["per_module"][:, q_lo:q_hi, lo:hi] = per_module
-        self.group["total"][q_lo:q_hi, lo:hi] = total
+        q, n = slice(blocks[b], blocks[b + 1]), slice(c * C, c * C + per_module.shape[2])
+        self._put("per_module", (slice(None), q, n), per_module)
+        self._put("total", (q, n), total)
         if per_token is not None:
-            T = self.group["per_token"].shape[2]
-            padded = np.zeros((q_hi - q_lo, hi - lo, T), dtype=np.float32)
+            padded = np.zeros((q.stop - q.start, n.stop - n.start, self.group["per_token"].shape[2]), dtype=np.float32)
             padded[:, :, : per_token.shape[2]] = per_token
-            self.group["per_token"][q_lo:q_hi, lo:hi, :] = _to_bf16_bits(padded)
-        self.group["checksums"][b, c] = self._digest(q_lo, q_hi, lo, hi)  # for `infl verify`
-        self.group["done"][b, c] = True  # after the data: done only once its scores are on disk
-
-    def _digest(self, q_lo: int, q_hi: int, lo: int, hi: int) -> str:
-        """sha256 of a cell as stored, read back from disk."""
-        digest = hashlib.sha256()
-        for name in CHUNKED:
-            if name in self.group:
-                axis = 1 if name == "per_module" else 0
-                index = (slice(None),) * axis + (slice(q_lo, q_hi), slice(lo, hi))
-                digest.update(np.ascontiguousarray(self.group[name][index]).tobytes())
-        return digest.hexdigest()
+            self._put("per_token", (q, n), _to_bf16_bits(padded))
+        self.group["done"][b, c] = True  # last: done only once its scores and digests are on disk
 
     # -- read view ------------------------------------------------------------------------------
 
@@ -206,7 +189,7 @@ class ScoresArtifact(Artifact):
 
     def locators(self, indices: np.ndarray) -> list[tuple[int, int, int]]:
         order = np.sort(indices)
-        rows = self._read("locators", (order, slice(None)), orthogonal=True).tolist() if len(order) else []
+        rows = self._read("locators", (order, slice(None))).tolist() if len(order) else []
         by_index = dict(zip(order.tolist(), rows))
         return [tuple(by_index[i]) for i in np.asarray(indices).tolist()]
 
@@ -216,48 +199,39 @@ class ScoresArtifact(Artifact):
 
     def per_module(self, row: int, columns: np.ndarray) -> np.ndarray:
         """[M, len(columns)] per-module scores of one query (columns sorted)."""
-        return self._read("per_module", (slice(None), row, columns), orthogonal=True).astype(np.float64)
+        return self._read("per_module", (slice(None), row, columns)).astype(np.float64)
 
     def per_token(self, row: int, index: int) -> np.ndarray:
         """[T] per-token terms of one query and sequence (bfloat16 precision, as float32)."""
-        return read_bf16_bits(self.group["per_token"][row, index])
+        return read_bf16_bits(self._read("per_token", (row, index)))
 
     # -- verify ---------------------------------------------------------------------------------
 
-    def verify(self, on_progress=lambda: None) -> tuple[int, list[dict]]:
-        """Every cell marked done is readable, finite and matches its checksum; bad cells are
+    def may_be_unwritten(self, array, coords: tuple[int, ...]) -> bool:
+        """A chunk of scores is written once a cell of its training chunk is done."""
+        name = array.path
+        if name not in CHUNKED:
+            return False
+        return not self.done_mask()[:, coords[2 if name == "per_module" else 1]].any()
+
+    def verify(self, on_progress=lambda: None, repair: bool = True) -> tuple[int, list[dict]]:
+        """Everything `Artifact.verify` checks; with `repair`, a bad chunk of scores has its cells
         marked not done and the artifact loses its COMPLETE stamp, so the next `infl score`
         recomputes just them."""
-        done = self.done_mask()
-        checksums = np.asarray(self.group["checksums"][...])
-        blocks, N, C = self.group.attrs["query_blocks"], self.n_sequences, self.config["chunk_size"]
-        checked, bad = 0, []
-        for b, c in zip(*np.nonzero(done)):
-            lo, hi = int(c) * C, min((int(c) + 1) * C, N)
-            problem = self._cell_problem(blocks[b], blocks[b + 1], lo, hi, str(checksums[b, c]))
-            if problem:
-                bad.append({"chunk": int(c), "query_block": int(b), "sequences": [lo, hi], "problem": problem})
-                self.group["done"][b, c] = False
-            checked += 1
-            on_progress()
-        if bad:
+        checked, bad = super().verify(on_progress)
+        C, N = self.config["chunk_size"], self.n_sequences
+        for problem in bad:
+            if problem.get("array") in CHUNKED:
+                c = problem["chunk"][2 if problem["array"] == "per_module" else 1]
+                problem["sequences"] = [c * C, min((c + 1) * C, N)]
+                if repair:
+                    self.group["done"][:, c] = False
+        if repair and any(problem.get("array") in CHUNKED for problem in bad):
             self.unpublish()
         return checked, bad
 
     def n_done(self) -> int:
         return int(self.done_mask().sum())
-
-    def _cell_problem(self, q_lo: int, q_hi: int, lo: int, hi: int, checksum: str) -> str:
-        try:
-            digest = self._digest(q_lo, q_hi, lo, hi)
-            total = np.asarray(self.group["total"][q_lo:q_hi, lo:hi])
-        except Exception as e:  # noqa: BLE001 - any decoding failure means the cell is unreadable
-            return f"unreadable ({type(e).__name__})"
-        if not np.isfinite(total).all():
-            return "not finite"
-        if digest != checksum:
-            return "checksum mismatch"
-        return ""
 
 
 def _to_bf16_bits(values: np.ndarray) -> np.ndarray:

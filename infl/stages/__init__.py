@@ -12,7 +12,7 @@ from pathlib import Path
 
 from infl.driver import Outcome
 
-__all__ = ["Outcome", "WritingStage", "check_unchanged", "semantic_fields", "sequence_seed", "model_dir_for", "query_bank", "curvatures", "module_specs"]
+__all__ = ["Outcome", "WritingStage", "open_parent", "check_unchanged", "semantic_fields", "sequence_seed", "model_dir_for", "query_bank", "curvatures", "module_specs"]
 
 
 class WritingStage:
@@ -33,6 +33,23 @@ class WritingStage:
         from infl.artifacts import writing
 
         return writing(self.cfg.out)
+
+
+def open_parent(cls, child, key: str):
+    """The parent artifact `child` recorded under `key` (its path and fingerprint), refused unless
+    it is still the one the child was made from: a parent rebuilt in place is never used. A
+    parent no longer at its path is looked for next to the child (artifacts moved together)."""
+    from infl.errors import IncompatibleArtifact
+
+    path, recorded = Path(child.provenance[key]), child.provenance[f"{key}_fingerprint"]
+    if not path.exists() and (child.path.parent / path.name).exists():
+        path = child.path.parent / path.name
+    parent = cls.open(path)
+    if not parent.made_as(recorded):
+        raise IncompatibleArtifact(
+            f"{path} (fingerprint {parent.fingerprint[:12]}) is not the {key} artifact {child.path} was made from "
+            f"(fingerprint {recorded[:12]}): it was rebuilt since", hint=f"recompute {child.path}")
+    return parent
 
 
 def check_unchanged(corpus, planned: tuple[str, ...]) -> None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from infl import curvature, data, engine, modeling
-from infl.artifacts import State, fingerprint
+from infl.artifacts import State, identity_fingerprint
 from infl.artifacts.factors import FactorsArtifact, PassState
 from infl.capture import ModuleSpec, tap
 from infl.config import FitConfig
@@ -61,7 +61,7 @@ class FitFactors(WritingStage):
             "dtype": cfg.dtype,
         }
         attrs = {"config": semantic_fields(cfg), "provenance": provenance}
-        attrs["fingerprint"] = fingerprint(attrs)
+        attrs["fingerprint"] = identity_fingerprint(attrs)
         state = FactorsArtifact.state(cfg.out, attrs, cfg.force)
         if state == State.COMPLETE:
             FactorsArtifact.open_for_writing(cfg.out).discard_checkpoints()  # a kill right after COMPLETE

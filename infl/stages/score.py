@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from infl import data, engine, modeling
-from infl.artifacts import fingerprint
+from infl.artifacts import identity_fingerprint
 from infl.artifacts.factors import FactorsArtifact
 from infl.artifacts.queries import QueriesArtifact
 from infl.artifacts.scores import Layout, ScoresArtifact
@@ -89,7 +89,7 @@ class Score(WritingStage):
             "dtype": sprov["dtype"],
         }
         attrs = {"config": semantic_fields(cfg), "provenance": provenance}
-        base = fingerprint(attrs)  # all but the corpus shards and the query blocks, which may grow
+        base = identity_fingerprint(attrs)  # all but the corpus shards and the query blocks, which may grow
         old = ScoresArtifact.grown_from(cfg.out, base, cfg.force)
         stored = [shard["path"] for shard in old["provenance"]["corpus"]] if old else []
         paths = [Path(p) for p in stored] + [p for p in cfg.corpus if str(p.resolve()) not in stored]
@@ -98,7 +98,7 @@ class Score(WritingStage):
         if not cfg.self_influence:
             attrs["provenance"]["queries_fingerprint"] = source.fingerprint
         attrs.update({"base_fingerprint": base, "query_blocks": blocks})
-        attrs["fingerprint"] = fingerprint(attrs)
+        attrs["fingerprint"] = identity_fingerprint(attrs)
         layout = Layout(query_ids, blocks, source.modules, corpus.ids, corpus.locators, cfg.chunk_size, cfg.per_token, max_length)
         art = ScoresArtifact.prepare(cfg.out, attrs, old, layout, cfg.force)
         if art is None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from infl import data, engine, modeling
+from infl import data, engine, hashing, modeling
 from infl.analysis.results import Hit, query_rows, select
 from infl.artifacts.factors import FactorsArtifact
 from infl.artifacts.queries import QueriesArtifact
@@ -19,7 +19,7 @@ from infl.curvature.base import precondition
 from infl.errors import BadInput
 from infl.runtime import Runtime
 from infl.scoring import QueryBank
-from infl.stages import curvatures, model_dir_for, query_bank
+from infl.stages import curvatures, model_dir_for, open_parent, query_bank
 
 __all__ = ["run", "texts_of"]
 
@@ -29,13 +29,31 @@ def texts_of(scores: ScoresArtifact, indices: np.ndarray) -> list[str]:
 
 
 def _records(scores: ScoresArtifact, indices: np.ndarray) -> list[tuple[str, bool]]:
-    """(text, whether it is a window of a text file) of each scored sequence, via its locator."""
+    """(text, whether it is a window of a text file) of each scored sequence, via its locator,
+    from corpus shards that still hold what was scored."""
     shards = [data.Shard(**s) for s in scores.provenance["corpus"]]
     text_field = scores.config.get("text_field", "text")
+    locators = scores.locators(indices)
+    for shard in sorted({shard for shard, _, _ in locators}):
+        _check_shard(shards[shard], scores)
     return [
         (data.read_text(shards[shard], start, end, text_field), shards[shard].format == "windows")
-        for shard, start, end in scores.locators(indices)
+        for shard, start, end in locators
     ]
+
+
+def _check_shard(shard: data.Shard, scores: ScoresArtifact) -> None:
+    """A text is read back by byte offset: only from a shard with the size and sha256 it had when
+    it was scored (the hash of a large shard is remembered by size and mtime)."""
+    path = Path(shard.path)
+    if not path.is_file():
+        problem = "is missing"
+    elif path.stat().st_size != shard.size or hashing.file_sha256(path) != shard.sha256:
+        problem = "changed since it was scored"
+    else:
+        return
+    raise BadInput(f"corpus shard {path} {problem}, so {scores.path} cannot show its texts",
+                   hint="restore the shard, or pass --no-text to show ids and scores only")
 
 
 def _tokens_of(scores: ScoresArtifact, tokenizer, max_length: int, indices: np.ndarray) -> list[tuple[list[int], list[str]]]:
@@ -65,7 +83,8 @@ def run(cfg: TopkConfig) -> list[Hit]:
             top = top[np.argsort(-refined[row] if not cfg.negative else refined[row], kind="stable")]
             full = dict(zip(candidates[row][0].tolist(), refined[row].tolist()))
         top = top[: cfg.k]
-        for rank, (i, train_id, text) in enumerate(zip(top.tolist(), scores.train_ids(top), texts_of(scores, top)), 1):
+        texts = texts_of(scores, top) if cfg.text else [""] * len(top)
+        for rank, (i, train_id, text) in enumerate(zip(top.tolist(), scores.train_ids(top), texts), 1):
             hits.append(Hit(query_id, rank, train_id, i, float(totals[i]) * scale, text,
                             refined=full[i] * scale if cfg.refine else None))
     return _with_tokens(scores, hits, rows, scale, model) if cfg.tokens else hits
@@ -98,7 +117,7 @@ def _with_tokens(scores: ScoresArtifact, hits: list[Hit], rows, scale: float, mo
     else:
         wanted = sorted({row for row, _ in rows})
         rt = model.runtime()
-        bank = query_bank(QueriesArtifact.open(Path(scores.provenance["queries"])), rt.device, wanted)  # the asked ones
+        bank = query_bank(open_parent(QueriesArtifact, scores, "queries"), rt.device, wanted)  # the asked ones
         row_of = {query_id: wanted.index(row) for row, query_id in rows}
         with progress() as bar:
             task = bar.add_task("token influence", total=len(indices))
@@ -117,8 +136,8 @@ def _with_tokens(scores: ScoresArtifact, hits: list[Hit], rows, scale: float, mo
 def _refine(scores: ScoresArtifact, rows, candidates: dict[int, np.ndarray], rt: Runtime) -> dict[int, np.ndarray]:
     """Full-rank scores of each query's candidates: the query gradients are preconditioned again
     without truncation (the factors are the queries' own) and dotted with the candidates' gradients."""
-    queries = QueriesArtifact.open(Path(scores.provenance["queries"]))
-    factors = FactorsArtifact.open(Path(queries.provenance["factors"]))
+    queries = open_parent(QueriesArtifact, scores, "queries")
+    factors = open_parent(FactorsArtifact, queries, "factors")
     wanted = data.Queries([], [], [], [], [])
     for row, _ in rows:
         data.add_query(wanted, *queries.texts(row), rt.tokenizer, queries.provenance["max_length"])  # as build-query did

@@ -1,15 +1,18 @@
-"""verify: check that every part an artifact calls done is readable, finite and unchanged.
+"""verify: check an artifact whole, as a reader checks the parts it reads.
 
-Scores cells carry a sha256 written before their `done` bit; a cell that fails is marked not done
-and the artifact loses its COMPLETE stamp, so the next `infl score` recomputes just that cell
-instead of serving it. Factors and queries are checked whole (readable and finite)."""
+That it is finished; that its attributes still give its fingerprint and match the manifest in
+COMPLETE.json; that every chunk of every array is readable, finite and matches its digest. A bad
+scores chunk has its cells marked not done and the artifact loses its COMPLETE stamp, so the next
+`infl score` recomputes just them instead of serving them."""
 
 from __future__ import annotations
 
+import errno
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from infl.artifacts import lock, read_attrs
+from infl.artifacts import integrity, lock, open_group, read_attrs
 from infl.artifacts.factors import FactorsArtifact
 from infl.artifacts.queries import QueriesArtifact
 from infl.artifacts.scores import ScoresArtifact
@@ -26,7 +29,8 @@ class Report:
     path: str
     kind: str
     checked: int = 0
-    bad: list[dict] = field(default_factory=list)  # {"chunk" or "array": ..., "problem": ...}
+    bad: list[dict] = field(default_factory=list)  # {"array", "chunk", ("sequences"), "problem"} or {"problem"}
+    repaired: bool = True  # bad scores chunks were marked for recomputation (not on a read-only copy)
 
 
 def run(path: Path) -> Report:
@@ -34,11 +38,22 @@ def run(path: Path) -> Report:
     attrs = read_attrs(path) if path.exists() else None
     if not attrs or attrs.get("kind") not in _KINDS:
         raise BadInput(f"{path}: no infl artifact here")
-    with lock(path):
-        art = _KINDS[attrs["kind"]].open_for_writing(path)
+    cls = _KINDS[attrs["kind"]]
+    with ExitStack() as held:
+        try:
+            held.enter_context(lock(path))
+            art, writable = cls.open_for_writing(path), True
+        except OSError as e:  # a read-only copy: check it all the same, but repair nothing
+            if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+                raise
+            art, writable = cls(path, open_group(path)), False
         if attrs["kind"] == "scores" and not art.started:
             raise BadInput(f"{path} is unfinished: its run stopped before any chunk", hint="re-run `infl score`")
+        try:
+            total = len(art.data_arrays())
+        except integrity.Unreadable:
+            total = None  # verify names the node
         with progress() as bar:
-            task = bar.add_task("verify", total=art.n_done())
-            checked, bad = art.verify(lambda: bar.advance(task))
-    return Report(str(path), attrs["kind"], checked, bad)
+            task = bar.add_task("verify", total=total)
+            checked, bad = art.verify(lambda: bar.advance(task), repair=writable)
+    return Report(str(path), attrs["kind"], checked, bad, repaired=writable)
