@@ -438,14 +438,14 @@ def verify(
             print(json.dumps(asdict(report), indent=1))
         else:
             for bad in report.bad:
-                where = bad.get("array", "the artifact")
+                where = bad.get("array", "")
                 if "chunk" in bad:
                     where += f" chunk {'.'.join(map(str, bad['chunk']))}"
                 if "sequences" in bad:
                     where += f" (sequences {bad['sequences'][0]}..{bad['sequences'][1] - 1})"
-                err.print(Text(f"{where}: {bad['problem']}"))
+                err.print(Text(f"{where}: {bad['problem']}" if where else bad["problem"]))
         if report.bad:
-            fix = ("run `infl score` again to recompute them" if report.repaired and all("sequences" in bad for bad in report.bad)
+            fix = ("run `infl score` again to recompute them" if report.repaired and all(bad.get("recomputable") for bad in report.bad)
                    else "run the command that wrote it again" + ("" if report.bad[0].get("problem", "").startswith("unfinished") else " with --force"))
             raise BadInput(f"{artifact}: {len(report.bad)} problem(s) in {report.checked} checked arrays; {fix}")
         log(f"{artifact}: sound ({report.checked} arrays checked, every chunk against its checksum)")

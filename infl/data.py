@@ -209,8 +209,8 @@ def read_text(shard: Shard, start: int, end: int, text_field: str = "text") -> s
     path = Path(shard.path)
     if not path.is_file():
         return f"<{path} is gone>"
-    if shard.format == "windows":
-        return path.read_text(encoding="utf-8")[start:end]
+    if shard.format == "windows":  # offsets are characters of the decoded bytes, as scored (no newline translation)
+        return _decode(path, path.read_bytes())[start:end]
     with path.open("rb") as f:
         f.seek(start)
         line = f.read(end - start)

@@ -5,7 +5,7 @@ import json
 import shutil
 
 import pytest
-from conftest import QUERIES, SENTENCES, write_jsonl
+from conftest import QUERIES, SENTENCES, make_tokenizer, write_jsonl
 from test_cli import infl, one_line_error, pipeline
 
 MODULE = "transformer.h.0.mlp.c_fc"
@@ -170,6 +170,8 @@ METADATA = {
     "an array's zarr.json, truncated": ("s.zarr/total/zarr.json", "truncate", ["topk", "layerwise", "score", "verify"]),
     "the root zarr.json, truncated": ("s.zarr/zarr.json", "truncate", ["info", "topk", "score", "verify"]),
     "a factors chunk that cannot be decoded": (f"f.zarr/modules/{MODULE}/Q_A/c/0/0", "garbage", ["build", "verify"]),
+    "an array's shape, edited to drop a chunk": ("s.zarr/total/zarr.json", "shrink", ["topk", "score", "verify"]),
+    "COMPLETE.json that is not an object": ("s.zarr/COMPLETE.json", "list", ["topk", "score", "verify"]),
 }
 
 
@@ -177,7 +179,12 @@ METADATA = {
 def test_damaged_metadata_and_chunks_get_one_line_errors(workdir, copy, case):
     target, how, commands = METADATA[case]
     path = copy / target
-    path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2] if how == "truncate" else b"not a chunk")
+    if how == "shrink":
+        meta = json.loads(path.read_text())
+        meta["shape"][-1] = 8  # of 12 sequences: the last chunk is gone, the first still matches its digest
+        path.write_text(json.dumps(meta))
+    else:
+        path.write_bytes({"truncate": path.read_bytes()[: len(path.read_bytes()) // 2], "list": b"[]"}.get(how, b"not a chunk"))
     before = {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()}
     runs = {
         "topk": lambda: infl("topk", "--scores", copy / "s.zarr"),
@@ -270,3 +277,42 @@ def test_no_lock_file_is_left_and_none_is_made_inside_another_artifact(workdir, 
     assert "inside the Zarr store" in one_line_error(inside)
     assert infl("verify", copy / "f.zarr").exit_code == 0
     assert sorted(p.name for p in copy.glob("*.lock")) == [] and not list((copy / "q.zarr").glob("*.lock"))
+
+
+def test_a_lost_done_bit_is_found_and_recomputed(workdir, copy):
+    args = ["score", "--queries", copy / "q.zarr", "--corpus", workdir / "corpus.jsonl", "--chunk-size", "8", "--out", copy / "s.zarr"]
+    (copy / "s.zarr" / "done" / "c" / "0" / "1").unlink()  # reads as not done, although the artifact is finished
+    assert "marked not done" in one_line_error(infl("topk", "--scores", copy / "s.zarr"))
+    checked = infl("verify", copy / "s.zarr")
+    assert checked.exit_code == 1 and "infl score" in checked.output  # marked for recomputation
+    again = infl(*args)
+    assert again.exit_code == 0 and "1 of 2 chunks done" in again.output, again.output
+    assert infl("verify", copy / "s.zarr").exit_code == 0
+
+
+def test_windows_of_a_crlf_text_are_read_back_as_scored(tmp_path):
+    from infl import data
+
+    path = tmp_path / "crlf.txt"
+    path.write_bytes("\r\n".join(SENTENCES).encode())
+    corpus = data.read_corpus([path], make_tokenizer(), 6, split="windows")
+    decoded = path.read_bytes().decode()
+    shard = corpus.shards[0]
+    for _, start, end in corpus.locators:
+        assert data.read_text(shard, int(start), int(end)) == decoded[start:end]  # no newline translation
+    assert "\r" in "".join(data.read_text(shard, int(s), int(e)) for _, s, e in corpus.locators)
+
+
+def test_a_corpus_file_renamed_is_other_inputs(workdir, tmp_path):
+    """Ids of records without one come from the file's name (`name:line`), and labels are sampled by id."""
+    a = tmp_path / "a.txt"
+    a.write_text("".join(t + "\n" for t in SENTENCES))
+    b = tmp_path / "sub" / "b.txt"
+    b.parent.mkdir()
+    b.write_bytes(a.read_bytes())
+    fit = ["fit-factors", "--model", workdir / "gpt2", "--out", tmp_path / "f.zarr"]
+    assert infl(*fit, "--corpus", a).exit_code == 0
+    moved = tmp_path / "sub" / "a.txt"
+    moved.write_bytes(a.read_bytes())
+    assert "up to date" in infl(*fit, "--corpus", moved).output  # same name elsewhere: the same ids
+    assert "made from other inputs" in one_line_error(infl(*fit, "--corpus", b))

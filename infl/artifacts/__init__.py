@@ -67,6 +67,7 @@ def fingerprint(obj: Any) -> str:
 
 # Where a parent file or directory is, as opposed to what it holds: recorded (so that a reader can
 # find it), never fingerprinted, so that the same inputs named another way, or moved, are the same.
+# A file's own name is kept: ids of records without one are derived from it (`name:line`).
 LOCATIONS = ("model", "factors", "queries", "path")
 # The root attributes that say what an artifact was made from (the others say how far it got).
 IDENTITY = ("config", "provenance", "base_fingerprint", "query_blocks")
@@ -74,7 +75,8 @@ IDENTITY = ("config", "provenance", "base_fingerprint", "query_blocks")
 
 def _without_locations(obj: Any) -> Any:
     if isinstance(obj, dict):
-        return {k: _without_locations(v) for k, v in obj.items() if not (k in LOCATIONS and isinstance(v, str))}
+        return {k: Path(v).name if k == "path" else _without_locations(v) for k, v in obj.items()
+                if not (k in LOCATIONS and k != "path" and isinstance(v, str))}
     if isinstance(obj, list):
         return [_without_locations(v) for v in obj]
     return obj
@@ -230,6 +232,7 @@ class Artifact:
     kind: ClassVar[str]
     transient: ClassVar[tuple[str, ...]] = ()  # subtrees of resume state, not part of the result
     markers: ClassVar[tuple[str, ...]] = ()  # arrays that mark work done (written last, checked by verify)
+    grows_when_finished: ClassVar[bool] = False  # rows are appended while it stays readable (shapes not in the manifest)
 
     def __init__(self, path: Path, group: zarr.Group):
         self.path, self.group = path, group
@@ -304,7 +307,7 @@ class Artifact:
         tmp = self.path / f".{COMPLETE}.tmp"
         with tmp.open("w") as f:
             json.dump({"fingerprint": self.attrs["fingerprint"], "finished": _now(),
-                       "manifest": integrity.manifest_digest(self.path, self.attrs, self.transient)}, f)
+                       "manifest": self._manifest()}, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path / COMPLETE)
@@ -325,15 +328,24 @@ class Artifact:
         try:
             stamp = json.loads((self.path / COMPLETE).read_text())
         except (OSError, ValueError):
+            stamp = None
+        if not isinstance(stamp, dict):
             return f"{COMPLETE} is unreadable"
         if stamp.get("fingerprint") != attrs["fingerprint"]:
             return f"{COMPLETE} was written for other inputs (fingerprint {str(stamp.get('fingerprint'))[:12]})"
         try:
-            manifest = integrity.manifest_digest(self.path, attrs, self.transient)
+            manifest = self._manifest()
         except integrity.Unreadable as e:
             return str(e)
         if stamp.get("manifest") != manifest:
             return "an attribute or an array was changed, added or removed since it was finished"
+        return self._completeness_problem()
+
+    def _manifest(self) -> str:
+        return integrity.manifest_digest(self.path, self.attrs, self.transient, shapes=not self.grows_when_finished)
+
+    def _completeness_problem(self) -> str:
+        """What a finished artifact of this kind lacks (arrays too short, work not marked done), or ''."""
         return ""
 
     # -- attributes ---------------------------------------------------------------------------

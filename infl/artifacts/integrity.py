@@ -214,10 +214,11 @@ def nodes(root: Path, skip: tuple[str, ...] = ()) -> list[tuple[str, dict]]:
     return out
 
 
-def manifest_digest(root: Path, attrs: dict, skip: tuple[str, ...] = ()) -> str:
-    """sha256 over the root attributes and every node's attributes and kind: an edited attribute
-    (a damping, a block boundary), a removed or added array changes it. Raises Unreadable."""
+def manifest_digest(root: Path, attrs: dict, skip: tuple[str, ...] = (), shapes: bool = True) -> str:
+    """sha256 over the root attributes and every node's metadata (attributes, kind, and for arrays
+    dtype, chunks, codecs and, with `shapes`, shape): an edited attribute (a damping, a block
+    boundary), a resized, removed or added array changes it. Raises Unreadable."""
     manifest = {"": attrs}
     for path, meta in nodes(root, skip):
-        manifest[path] = {"attributes": meta.get("attributes", {}), "node_type": meta.get("node_type")}
+        manifest[path] = {k: v for k, v in meta.items() if shapes or k != "shape"}
     return hashlib.sha256(json.dumps(manifest, sort_keys=True, default=str).encode()).hexdigest()

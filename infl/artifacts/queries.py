@@ -36,6 +36,7 @@ class BuildPlan:
 
 class QueriesArtifact(Artifact):
     kind = "queries"
+    grows_when_finished = True
 
     @classmethod
     def plan_build(cls, path: Path, attrs: dict, new_file: dict, append: bool, force: bool) -> BuildPlan:
@@ -152,6 +153,13 @@ class QueriesArtifact(Artifact):
         keys = ("P",) if self.module_attrs(name)["form"] == "full" else ("U", "sigma", "V")
         index = slice(0, self.blocks[-1]) if rows is None else sorted(rows)
         return {k: self._read(f"modules/{name}/{k}", index) for k in keys}
+
+    def _completeness_problem(self) -> str:
+        n = self.blocks[-1]
+        for array in self.data_arrays():
+            if array.shape[0] < n:
+                return f"array {array.path} holds {array.shape[0]} rows, not the {n} queries it should"
+        return ""
 
     def may_be_unwritten(self, array, coords: tuple[int, ...]) -> bool:
         """Rows past the last block are leftovers of a killed append: they do not count."""

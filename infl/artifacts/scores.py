@@ -45,6 +45,7 @@ class Layout:
 class ScoresArtifact(Artifact):
     kind = "scores"
     markers = ("done",)
+    _NOT_DONE = "some of its cells are marked not done"
 
     # -- planning (main rank) -------------------------------------------------------------------
 
@@ -144,7 +145,12 @@ class ScoresArtifact(Artifact):
         return "done" in self.group
 
     def done_mask(self) -> np.ndarray:
-        return np.asarray(self.group["done"][...])  # [query blocks, chunks]
+        """[query blocks, chunks]: which cells are done (a lost chunk of it reads as not done)."""
+        try:
+            return np.asarray(self.group["done"][...])
+        except (RuntimeError, ValueError, OSError) as e:
+            raise IncompatibleArtifact(f"{self.path}/done is damaged ({type(e).__name__})",
+                                       hint="pass --force to recompute it") from None
 
     def pending(self) -> list[tuple[int, tuple[int, ...]]]:
         """(chunk, query blocks not done in it) for every chunk with work left."""
@@ -207,10 +213,15 @@ class ScoresArtifact(Artifact):
 
     # -- verify ---------------------------------------------------------------------------------
 
+    def _completeness_problem(self) -> str:
+        if not self.done_mask().all():  # `done` is a marker, outside the digests
+            return self._NOT_DONE
+        return ""
+
     def may_be_unwritten(self, array, coords: tuple[int, ...]) -> bool:
         """A chunk of scores is written once a cell of its training chunk is done."""
         name = array.path
-        if name not in CHUNKED:
+        if name not in CHUNKED or self.complete:
             return False
         return not self.done_mask()[:, coords[2 if name == "per_module" else 1]].any()
 
@@ -223,10 +234,12 @@ class ScoresArtifact(Artifact):
         for problem in bad:
             if problem.get("array") in CHUNKED:
                 c = problem["chunk"][2 if problem["array"] == "per_module" else 1]
-                problem["sequences"] = [c * C, min((c + 1) * C, N)]
+                problem.update(sequences=[c * C, min((c + 1) * C, N)], recomputable=True)
                 if repair:
                     self.group["done"][:, c] = False
-        if repair and any(problem.get("array") in CHUNKED for problem in bad):
+            elif problem["problem"] == self._NOT_DONE:
+                problem["recomputable"] = True
+        if repair and any(problem.get("recomputable") for problem in bad):
             self.unpublish()
         return checked, bad
 

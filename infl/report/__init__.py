@@ -32,7 +32,7 @@ def as_text(*renderables) -> str:
 
 
 def _preview(text: str) -> str:
-    text = " ".join(text.split())
+    text = _id(" ".join(text.split()))  # no terminal control sequence reaches the screen
     return text if len(text) <= _PREVIEW else text[: _PREVIEW - 1] + "…"
 
 
