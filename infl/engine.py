@@ -16,7 +16,7 @@ from infl.gradients import capture_batch, sequence_grads
 from infl.runtime import Runtime
 from infl.scoring import QueryBank
 
-__all__ = ["batches_by_length", "sweep", "query_gradients", "score_sequences", "self_influence"]
+__all__ = ["batches_by_length", "sweep", "query_gradients", "score_sequences", "self_influence", "compressed_gradients"]
 
 
 def batches_by_length(lengths: list[int], batch_size: int) -> list[list[int]]:
@@ -103,3 +103,23 @@ def self_influence(
                 out[m, 0, batch] = (precondition(dw, curvatures[spec.name]) * dw).sum((1, 2)).float().cpu()
             on_batch(len(batch))
     return out, None
+
+
+def compressed_gradients(
+    rt: Runtime,
+    compress: dict[str, Callable[[Tensor, Tensor], Tensor]],
+    tokens: list[list[int]],
+    on_batch: Callable[[int], None] = lambda n: None,
+) -> dict[str, Tensor]:
+    """Each sequence's gradient (data labels) compressed per module by `compress[name](a, s)`
+    (a: [B, T, I], s: [B, T, O] -> [B, K]): name -> [n, K] (see infl.indexing)."""
+    out: dict[str, Tensor] = {}
+    with tap(rt.model, rt.specs) as tapped:
+        for batch, _, _, a, s in sweep(rt, tapped, tokens):
+            for name, fn in compress.items():
+                values = fn(a[name], s[name]).float().cpu()
+                if name not in out:
+                    out[name] = torch.zeros(len(tokens), values.shape[1])
+                out[name][batch] = values
+            on_batch(len(batch))
+    return out

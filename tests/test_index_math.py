@@ -1,0 +1,110 @@
+"""The compressed index against brute force: explicit eigenbasis gradients, explicit sketches, and
+exact EK-FAC scores on a tiny model (issue #9, step 1: the math)."""
+
+import numpy as np
+import torch
+from conftest import SENTENCES, make_tokenizer
+from test_scoring_math import random_batch
+
+from infl import indexing
+from infl.curvature.base import Curvature, eigh, precondition
+from infl.gradients import sequence_grads
+
+
+def random_curvature(O=6, I=7, seed=1) -> Curvature:
+    g = torch.Generator().manual_seed(seed)
+    A, S = torch.randn(I, I, generator=g, dtype=torch.float64), torch.randn(O, O, generator=g, dtype=torch.float64)
+    _, Q_A = eigh(A @ A.T)
+    _, Q_S = eigh(S @ S.T)
+    Lambda = torch.rand(O, I, generator=g, dtype=torch.float64) ** 3  # a spread of eigenvalues
+    return Curvature(Lambda, 0.05, Q_A, Q_S)
+
+
+def test_all_coordinates_give_the_exact_score_and_k_of_them_the_explicit_sum():
+    a, s = random_batch()
+    curv = random_curvature()
+    G = torch.randn(4, 6, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(2))  # query gradients
+    P = precondition(G, curv)
+    dw = sequence_grads(a, s)
+    exact = torch.einsum("qoi,boi->qb", P, dw)
+
+    everything = indexing.top_coordinates(curv.Lambda, 10**6)
+    assert len(everything) == 42
+    index = indexing.eigen_coordinates(a, s, curv.Q_A, curv.Q_S, everything)
+    torch.testing.assert_close(indexing.query_coordinates(P, curv.Q_A, curv.Q_S, everything) @ index.T, exact)
+
+    k = 9
+    flat = indexing.top_coordinates(curv.Lambda, k)
+    largest = np.argsort(-curv.Lambda.numpy().ravel(), kind="stable")[:k]
+    assert sorted(flat.tolist()) == sorted(largest.tolist())
+    g_explicit = (curv.Q_S.T @ dw @ curv.Q_A).flatten(1)  # [B, O I]
+    c_explicit = ((curv.Q_S.T @ G @ curv.Q_A) / (curv.Lambda + curv.damping)).flatten(1)  # [Q, O I]
+    expected = c_explicit[:, largest] @ g_explicit[:, largest].T
+    got = indexing.query_coordinates(P, curv.Q_A, curv.Q_S, flat) @ indexing.eigen_coordinates(a, s, curv.Q_A, curv.Q_S, flat).T
+    torch.testing.assert_close(got, expected)
+
+
+def test_sparse_coordinates_are_each_sequences_largest_whitened_terms():
+    a, s = random_batch()
+    curv = random_curvature()
+    G = torch.randn(3, 6, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    P = precondition(G, curv)
+    whiten = (curv.Lambda + curv.damping).rsqrt()
+    u = ((curv.Q_S.T @ sequence_grads(a, s) @ curv.Q_A) * whiten).flatten(1)  # [B, 42], explicit
+    v = ((curv.Q_S.T @ P @ curv.Q_A) / whiten).flatten(1)  # [Q, 42]
+    exact = torch.einsum("qoi,boi->qb", P, sequence_grads(a, s))
+    torch.testing.assert_close(v @ u.T, exact)  # whitening on both sides changes nothing
+    values, indices = indexing.sparse_coordinates(a, s, curv.Q_A, curv.Q_S, whiten, 42)
+    torch.testing.assert_close(indexing.sparse_scores(v, values, indices), exact)  # all kept
+    values, indices = indexing.sparse_coordinates(a, s, curv.Q_A, curv.Q_S, whiten, 5)
+    for b in range(u.shape[0]):
+        largest = np.argsort(-u[b].abs().numpy(), kind="stable")[:5]
+        assert sorted(indices[b].tolist()) == sorted(largest.tolist())
+        expected = v[:, largest] @ u[b, largest]
+        torch.testing.assert_close(indexing.sparse_scores(v, values, indices)[:, b], expected)
+
+
+def test_a_projection_is_the_explicit_sketch_and_unbiased():
+    a, s = random_batch()
+    P = torch.randn(2, 6, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    dw = sequence_grads(a, s)
+    R_S, R_A = indexing.projections((6, 7), 3, 4, seed=5)
+    explicit = torch.einsum("qxy,bxy->qb", R_S.T @ P @ R_A, R_S.T @ dw @ R_A)
+    got = indexing.projected_queries(P, R_A, R_S) @ indexing.projected_gradients(a, s, R_A, R_S).T
+    torch.testing.assert_close(got, explicit)
+    again = indexing.projections((6, 7), 3, 4, seed=5)
+    assert torch.equal(again[0], R_S) and torch.equal(again[1], R_A)  # seeded
+    mean = sum(indexing.projected_queries(P, *indexing.projections((6, 7), 3, 4, seed)[::-1])
+               @ indexing.projected_gradients(a, s, *indexing.projections((6, 7), 3, 4, seed)[::-1]).T
+               for seed in range(4000)) / 4000
+    exact = torch.einsum("qoi,boi->qb", P, dw)
+    assert torch.allclose(mean, exact, atol=0.1 * exact.abs().max())  # E[R R^T] = I on both sides
+
+
+def test_full_index_scores_equal_exact_scores_on_a_tiny_model(tmp_path):
+    from conftest import save_model_dir
+
+    from infl import engine
+    from infl.runtime import Runtime
+    from infl.scoring import QueryBank
+
+    model_dir = save_model_dir(tmp_path / "gpt2", "gpt2")
+    rt = Runtime.load(model_dir, "mlp", batch_size=3)
+    tok = make_tokenizer()
+    tokens = [tok(t)["input_ids"] for t in SENTENCES[:7]]
+    query_tokens, n_prompt = [tok("the cat sat on the mat")["input_ids"]], [3]
+    curv = {}
+    for spec in rt.specs:  # any PSD factors will do: the identity is exact for every curvature
+        c = random_curvature(*spec.shape, seed=len(curv))
+        curv[spec.name] = Curvature(c.Lambda.float(), c.damping, c.Q_A.float(), c.Q_S.float())
+    _, grads = engine.query_gradients(rt, query_tokens, n_prompt)
+    P = {n: precondition(g.double(), Curvature(curv[n].Lambda.double(), curv[n].damping, curv[n].Q_A.double(),
+                                               curv[n].Q_S.double())).float() for n, g in grads.items()}
+    exact, _ = engine.score_sequences(rt, QueryBank(rt.modules, full=P), tokens)  # [M, 1, n]
+    flat = {n: indexing.top_coordinates(curv[n].Lambda, 10**9) for n in rt.modules}
+    index = engine.compressed_gradients(
+        rt, {n: (lambda a, s, n=n: indexing.eigen_coordinates(a, s, curv[n].Q_A, curv[n].Q_S, flat[n])) for n in rt.modules},
+        tokens)
+    for m, n in enumerate(rt.modules):
+        got = indexing.query_coordinates(P[n], curv[n].Q_A, curv[n].Q_S, flat[n]) @ index[n].T
+        torch.testing.assert_close(got, exact[m], rtol=1e-4, atol=1e-4 * float(exact[m].abs().max()))
