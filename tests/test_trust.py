@@ -316,3 +316,16 @@ def test_a_corpus_file_renamed_is_other_inputs(workdir, tmp_path):
     moved.write_bytes(a.read_bytes())
     assert "up to date" in infl(*fit, "--corpus", moved).output  # same name elsewhere: the same ids
     assert "made from other inputs" in one_line_error(infl(*fit, "--corpus", b))
+
+
+def test_an_artifact_of_another_schema_is_refused_with_a_way_out(workdir, copy):
+    for name in ("f.zarr", "s.zarr"):
+        meta = json.loads((copy / name / "zarr.json").read_text())
+        meta["attributes"]["schema"] = 1
+        (copy / name / "zarr.json").write_text(json.dumps(meta))
+    fit = ["fit-factors", "--model", workdir / "gpt2", "--corpus", workdir / "corpus.jsonl", "--out", copy / "f.zarr"]
+    refused = infl(*fit)
+    assert "schema 1" in one_line_error(refused) and "--force" in refused.output
+    read = infl("topk", "--scores", copy / "s.zarr")
+    assert "schema 1" in one_line_error(read) and "--force" in read.output
+    assert infl(*fit, "--force").exit_code == 0

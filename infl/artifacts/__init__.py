@@ -215,7 +215,8 @@ def open_complete(path: Path, kind: str) -> zarr.Group:
     if attrs.get("kind") != kind:
         raise IncompatibleArtifact(f"{path} is a {attrs.get('kind')!r} artifact, not {kind}")
     if attrs.get("schema") != SCHEMA:
-        raise IncompatibleArtifact(f"{path} has schema {attrs.get('schema')}, this infl reads schema {SCHEMA}")
+        raise IncompatibleArtifact(f"{path} has schema {attrs.get('schema')}, this infl reads schema {SCHEMA}",
+                                   hint="run the command that made it again with --force")
     if not (path / COMPLETE).is_file():
         raise IncompatibleArtifact(f"{path} is unfinished", hint="re-run the command that writes it")
     return open_group(path)
@@ -271,6 +272,9 @@ class Artifact:
                            hint="choose another --out")
         if old["kind"] != cls.kind:
             raise BadInput(f"{path} exists and is a {old['kind']!r} artifact, not {cls.kind}", hint="choose another --out")
+        if old["schema"] != SCHEMA and not force:
+            raise IncompatibleArtifact(f"{path} was made by another infl (schema {old['schema']}, this one writes {SCHEMA})",
+                                       hint="pass --force to recompute it")
         if force:
             shutil.rmtree(path)
             return State.ABSENT
