@@ -89,6 +89,9 @@ def test_edited_attributes_are_refused(workdir, copy):
 
     shutil.rmtree(copy / "s.zarr" / "per_module")
     assert "changed, added or removed" in one_line_error(infl("layerwise", "--scores", copy / "s.zarr"))
+    described = json.loads(infl("info", copy / "s.zarr", "--format", "json").stdout)
+    assert described["complete"] and "changed, added or removed" in described["problem"]  # info says so too
+    assert "damaged:" in infl("info", copy / "s.zarr").output
 
 
 def test_verify_says_an_unfinished_artifact_is_not_sound(copy):

@@ -324,6 +324,11 @@ class Artifact:
     def complete(self) -> bool:
         return (self.path / COMPLETE).is_file()
 
+    def problem(self) -> str:
+        """What a reader of this finished artifact would refuse ('' if nothing): attributes edited
+        since it was finished, a changed manifest, missing work."""
+        return self._attributes_problem()
+
     def _attributes_problem(self) -> str:
         """What is wrong with the root attributes and the manifest of a finished artifact, or ''."""
         attrs = self.attrs

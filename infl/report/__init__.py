@@ -198,7 +198,8 @@ def render_info(described: dict) -> str:
     table.add_column("value", overflow="fold")
     progress = described["progress"]
     rows = [
-        ("status", "complete" if described["complete"] else "unfinished"),
+        ("status", ("complete" if not described.get("problem") else f"damaged: {described['problem']}")
+                   if described["complete"] else "unfinished"),
         ("progress", f"{progress['chunks_done']} / {progress['chunks']} chunks"),
         ("size", f"{described['size_bytes'] / 2**20:.2f} MiB"),
         ("created", f"{described['created']} (infl {described['infl_version']}, schema {described['schema']})"),

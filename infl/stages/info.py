@@ -4,10 +4,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from infl.artifacts import describe
+from infl.artifacts import describe, open_group
+from infl.artifacts.factors import FactorsArtifact
+from infl.artifacts.queries import QueriesArtifact
+from infl.artifacts.scores import ScoresArtifact
 
 __all__ = ["run"]
 
+_KINDS = {cls.kind: cls for cls in (FactorsArtifact, QueriesArtifact, ScoresArtifact)}
+
 
 def run(path: Path) -> dict:
-    return describe(path)
+    """`describe`, plus what its readers would refuse in a finished artifact (`problem`, '' if none)."""
+    described = describe(path)
+    kind = _KINDS.get(described["kind"])
+    described["problem"] = kind(path, open_group(path)).problem() if kind and described["complete"] else ""
+    return described
