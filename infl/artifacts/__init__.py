@@ -245,7 +245,7 @@ class Artifact:
         """A finished artifact of this kind, read only, whose attributes are those it was finished
         with (they, and the set of its arrays, match the manifest digest in COMPLETE.json)."""
         art = cls(path, open_complete(path, cls.kind))
-        problem = art._attributes_problem()
+        problem = art.problem()
         if problem:
             raise IncompatibleArtifact(f"{path}: {problem}", hint="recompute it with the command that wrote it (--force)")
         return art
@@ -280,7 +280,7 @@ class Artifact:
             return State.ABSENT
         if old.get("fingerprint") == attrs["fingerprint"]:
             if (path / COMPLETE).is_file():
-                problem = cls(path, open_group(path))._attributes_problem()
+                problem = cls(path, open_group(path)).problem()
                 if problem:  # never "up to date" when its readers would refuse it
                     raise IncompatibleArtifact(f"{path}: {problem}", hint="pass --force to recompute it")
                 return State.COMPLETE
@@ -324,16 +324,17 @@ class Artifact:
     def complete(self) -> bool:
         return (self.path / COMPLETE).is_file()
 
+    def _fingerprint_problem(self) -> str:
+        if identity_fingerprint(self.attrs) != self.attrs.get("fingerprint"):
+            return "its attributes were edited: they no longer match its fingerprint"
+        return ""
+
     def problem(self) -> str:
         """What a reader of this finished artifact would refuse ('' if nothing): attributes edited
         since it was finished, a changed manifest, missing work."""
-        return self._attributes_problem()
-
-    def _attributes_problem(self) -> str:
-        """What is wrong with the root attributes and the manifest of a finished artifact, or ''."""
+        if fingerprint_problem := self._fingerprint_problem():
+            return fingerprint_problem
         attrs = self.attrs
-        if identity_fingerprint(attrs) != attrs.get("fingerprint"):
-            return "its attributes were edited: they no longer match its fingerprint"
         try:
             stamp = json.loads((self.path / COMPLETE).read_text())
         except (OSError, ValueError):
@@ -416,8 +417,9 @@ class Artifact:
             array = where[name]
         except KeyError:
             array = None
-        same = array is not None and (array.shape, array.dtype) == (data.shape, data.dtype) and data.dtype.kind not in "UO"
-        if same and array.chunks == (chunks or tuple(max(1, d) for d in data.shape)):
+        chunks = chunks or (data.shape or (1,) if data.dtype.kind in "UO" else tuple(max(1, d) for d in data.shape))
+        same = array is not None and (array.shape, array.dtype, array.chunks) == (data.shape, data.dtype, chunks)
+        if same and data.dtype.kind not in "UO":
             array[...] = data  # the same array again (a checkpoint slot): overwritten in place
             integrity.seal(self.group, self.uid, array, None, data)
             return
@@ -426,9 +428,9 @@ class Artifact:
                 del where[old]
         if data.dtype.kind in "UO":
             data = data.astype(np.dtypes.StringDType())
-            array = where.create_array(name, shape=data.shape, chunks=chunks or data.shape or (1,), dtype=str)
+            array = where.create_array(name, shape=data.shape, chunks=chunks, dtype=str)
         else:
-            array = self._create(name, data.shape, chunks or tuple(max(1, d) for d in data.shape), data.dtype, where=where)
+            array = self._create(name, data.shape, chunks, data.dtype, where=where)
         array[...] = data
         integrity.seal(self.group, self.uid, array, None, data)
 
@@ -473,7 +475,7 @@ class Artifact:
             self._resize(name, (start + len(values), *array.shape[1:]), where)
         self._put(name, (slice(start, start + len(values)),), values, where)
 
-    def _read(self, name: str, index=..., orthogonal: bool = True) -> np.ndarray:
+    def _read(self, name: str, index=...) -> np.ndarray:
         """array.oindex[index], every chunk it touches checked against its digest: a chunk that is
         missing, damaged or was never written is a one-line error, never served. Checked twice
         before it is called damaged: a writer may be replacing a chunk and its digest right now."""
@@ -512,13 +514,9 @@ class Artifact:
         """(arrays checked, problems): the attributes against the fingerprint and the manifest, that
         the artifact is finished, and every chunk of every array against its digest. `repair` lets
         a kind mark what it can recompute."""
-        bad = []
-        if identity_fingerprint(self.attrs) != self.attrs.get("fingerprint"):
-            bad.append({"problem": "its attributes were edited: they no longer match its fingerprint"})
-        elif not self.complete:
-            bad.append({"problem": "unfinished: run the command that writes it again to finish it"})
-        elif problem := self._attributes_problem():
-            bad.append({"problem": problem})
+        problem = (self.problem() if self.complete else
+                   self._fingerprint_problem() or "unfinished: run the command that writes it again to finish it")
+        bad = [{"problem": problem}] if problem else []
         checked = 0
         try:
             arrays = self.data_arrays()

@@ -201,17 +201,22 @@ def nodes(root: Path, skip: tuple[str, ...] = ()) -> list[tuple[str, dict]]:
     subtrees in `skip` aside), read from the zarr.json files themselves: one damaged node is named,
     it does not hide the others. Raises Unreadable."""
     out = []
-    for meta in sorted(root.rglob("zarr.json")):
-        path = meta.parent.relative_to(root).as_posix()
-        if path == "." or is_digest(path) or any(path == s or path.startswith(s + "/") for s in skip):
-            continue
-        if any(is_digest(part) for part in path.split("/")):
-            continue
-        try:
-            out.append((path, json.loads(meta.read_text())))
-        except (OSError, ValueError) as e:
-            raise Unreadable(f"{path}/zarr.json cannot be read ({type(e).__name__})") from None
-    return out
+    groups = [root]  # only groups are descended into: an array's directory holds its chunks, maybe many
+    while groups:
+        for child in sorted(p for p in groups.pop().iterdir() if p.is_dir()):
+            path = child.relative_to(root).as_posix()
+            if is_digest(path) or path in skip or not (child / "zarr.json").is_file():
+                continue
+            try:
+                meta = json.loads((child / "zarr.json").read_text())
+            except (OSError, ValueError) as e:
+                raise Unreadable(f"{path}/zarr.json cannot be read ({type(e).__name__})") from None
+            if not isinstance(meta, dict):
+                raise Unreadable(f"{path}/zarr.json cannot be read (not a mapping)")
+            out.append((path, meta))
+            if meta.get("node_type") == "group":
+                groups.append(child)
+    return sorted(out, key=lambda node: node[0])
 
 
 def manifest_digest(root: Path, attrs: dict, skip: tuple[str, ...] = (), shapes: bool = True) -> str:

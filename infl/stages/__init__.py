@@ -12,7 +12,7 @@ from pathlib import Path
 
 from infl.driver import Outcome
 
-__all__ = ["Outcome", "WritingStage", "open_parent", "check_unchanged", "semantic_fields", "sequence_seed", "model_dir_for", "query_bank", "curvatures", "module_specs"]
+__all__ = ["Outcome", "WritingStage", "artifact_class", "open_parent", "check_unchanged", "semantic_fields", "sequence_seed", "model_dir_for", "query_bank", "curvatures", "module_specs"]
 
 
 class WritingStage:
@@ -33,6 +33,15 @@ class WritingStage:
         from infl.artifacts import writing
 
         return writing(self.cfg.out)
+
+
+def artifact_class(kind: str | None):
+    """The artifact class of a kind's name (`factors`, `queries`, `scores`), or None."""
+    from infl.artifacts.factors import FactorsArtifact
+    from infl.artifacts.queries import QueriesArtifact
+    from infl.artifacts.scores import ScoresArtifact
+
+    return {cls.kind: cls for cls in (FactorsArtifact, QueriesArtifact, ScoresArtifact)}.get(kind)
 
 
 def open_parent(cls, child, key: str):
@@ -71,9 +80,10 @@ def semantic_fields(cfg) -> dict:
     }
 
 
-def sequence_seed(seed: int, sequence_id: str) -> int:
-    """A sequence's own sampling seed, from its id: independent of order, batching, rank and resume."""
-    return int.from_bytes(hashlib.sha256(f"{seed}:{sequence_id}".encode()).digest()[:8], "little") >> 1
+def sequence_seed(*parts) -> int:
+    """A seed of its own for what `parts` name (a seed and a sequence id; a query id and a module):
+    independent of order, batching, rank and resume."""
+    return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:8], "little") >> 1
 
 
 def model_dir_for(override: Path | None, provenance: dict) -> Path:

@@ -8,7 +8,6 @@ The unit of work is a batch of queries; under torchrun the batches are split acr
 
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,13 @@ from infl.driver import Group, Outcome
 from infl.driver import run as drive
 from infl.errors import BadInput
 from infl.runtime import Runtime
-from infl.stages import WritingStage, curvatures, model_dir_for, semantic_fields
+from infl.stages import (
+    WritingStage,
+    curvatures,
+    model_dir_for,
+    semantic_fields,
+    sequence_seed,
+)
 
 __all__ = ["run", "BuildQuery", "check_finite_queries"]
 
@@ -134,13 +139,9 @@ class BuildQuery(WritingStage):
 def _compressed(P: torch.Tensor, rank: int, method: str, ids: list[str], module: str) -> dict[str, np.ndarray]:
     """Each query's rank-R SVD: U [q, O, R], sigma [q, R], V [q, I, R] and the norm fraction kept.
     A randomized SVD is seeded by query and module: the same whatever the batch or the rank."""
-    U, sigma, V, kept = zip(*(gradients.low_rank(P[q], rank, method, _seed(ids[q], module)) for q in range(P.shape[0])))
+    U, sigma, V, kept = zip(*(gradients.low_rank(P[q], rank, method, sequence_seed(ids[q], module)) for q in range(P.shape[0])))
     return {"U": torch.stack(U).numpy(), "sigma": torch.stack(sigma).numpy(), "V": torch.stack(V).numpy(),
             "kept": np.asarray(kept, dtype=np.float32)}
-
-
-def _seed(query_id: str, module: str) -> int:
-    return int.from_bytes(hashlib.sha256(f"{query_id}:{module}".encode()).digest()[:8], "little") >> 1
 
 
 def check_finite_queries(ids: list[str], measurement: torch.Tensor, grads: dict[str, torch.Tensor]) -> None:

@@ -5,18 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from infl.artifacts import describe, open_group
-from infl.artifacts.factors import FactorsArtifact
-from infl.artifacts.queries import QueriesArtifact
-from infl.artifacts.scores import ScoresArtifact
+from infl.stages import artifact_class
 
 __all__ = ["run"]
-
-_KINDS = {cls.kind: cls for cls in (FactorsArtifact, QueriesArtifact, ScoresArtifact)}
 
 
 def run(path: Path) -> dict:
     """`describe`, plus what its readers would refuse in a finished artifact (`problem`, '' if none)."""
     described = describe(path)
-    kind = _KINDS.get(described["kind"])
+    kind = artifact_class(described["kind"])
     described["problem"] = kind(path, open_group(path)).problem() if kind and described["complete"] else ""
     return described

@@ -13,15 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from infl.artifacts import integrity, lock, open_group, read_attrs
-from infl.artifacts.factors import FactorsArtifact
-from infl.artifacts.queries import QueriesArtifact
-from infl.artifacts.scores import ScoresArtifact
 from infl.console import progress
 from infl.errors import BadInput
+from infl.stages import artifact_class
 
 __all__ = ["Report", "run"]
-
-_KINDS = {cls.kind: cls for cls in (FactorsArtifact, QueriesArtifact, ScoresArtifact)}
 
 
 @dataclass
@@ -36,9 +32,9 @@ class Report:
 def run(path: Path) -> Report:
     path = path.resolve()  # `infl verify .` inside an artifact
     attrs = read_attrs(path) if path.exists() else None
-    if not attrs or attrs.get("kind") not in _KINDS:
+    cls = artifact_class(attrs.get("kind")) if attrs else None
+    if cls is None:
         raise BadInput(f"{path}: no infl artifact here")
-    cls = _KINDS[attrs["kind"]]
     with ExitStack() as held:
         try:
             held.enter_context(lock(path))
