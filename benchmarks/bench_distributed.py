@@ -75,10 +75,7 @@ def main() -> None:
         f"- scores of 2 processes against 1: max |difference| / max |score| = {agreement:.1e}; "
         f"identical top-10 for every query: {same_top}",
     ]
-    report = "\n".join(lines)
-    print(report)
-    if args.readme:
-        readme_block.update("distributed", report)
+    readme_block.publish("distributed", lines, args.readme)
 
 
 if __name__ == "__main__":

@@ -135,10 +135,7 @@ def main() -> None:
         f"- exact pass over the corpus for the same {len(queries.ids)} queries: {exact_s:.2f} s; "
         f"index pass (K = {biggest}, forward+backward and gather): {index_pass_s:.2f} s",
     ]
-    report = "\n".join(lines)
-    print(report)
-    if args.readme:
-        readme_block.update("index", report)
+    readme_block.publish("index", lines, args.readme)
 
 
 if __name__ == "__main__":

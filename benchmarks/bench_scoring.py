@@ -132,10 +132,7 @@ def main() -> None:
     rho16 = np.mean([spearman(bf16[q], ref[q]) for q in range(len(ref))])
     lines += ["", f"(d) bfloat16 model (factors refitted in bf16), 64 queries at rank 32: Spearman against float32 "
               f"**{rho16:.4f}**, score {seconds16:.2f} s (bf16 matmuls are slow on this CPU; the point is accuracy)."]
-    report = "\n".join(lines)
-    print(report)
-    if args.readme:
-        readme_block.update("scoring", report)
+    readme_block.publish("scoring", lines, args.readme)
 
 
 if __name__ == "__main__":

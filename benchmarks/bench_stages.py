@@ -90,10 +90,7 @@ def main() -> None:
         f"- score / plain forward+backward: **{score_s / fwd_bwd:.2f}x**",
         f"- fit-factors / plain forward+backward: **{fit_s / fwd_bwd:.2f}x** (two passes with sampled labels)",
     ]
-    report = "\n".join(lines)
-    print(report)
-    if args.readme:
-        readme_block.update("stages", report)
+    readme_block.publish("stages", lines, args.readme)
 
 
 if __name__ == "__main__":

@@ -156,11 +156,9 @@ def main() -> None:
         lines.append(f"| {strategy} | {pearson:.3f} | {rho:.3f} | {top1:.2f} | {block_r:.3f} |")
     agree = np.mean([np.corrcoef(blocks[q], exact[q])[0, 1] for q in range(len(queries))])
     lines.append(f"| exact block-diagonal | {agree:.3f} | | | 1 |")
-    report = (f"{len(train)} training sentences, {len(queries)} queries, 4,256 tracked parameters "
-              f"(MLP weights and biases of a 2-layer, 16-wide GPT-2); mean over queries.\n\n" + "\n".join(lines))
-    print(report)
-    if args.readme:
-        readme_block.update("exact", report)
+    header = (f"{len(train)} training sentences, {len(queries)} queries, 4,256 tracked parameters "
+              f"(MLP weights and biases of a 2-layer, 16-wide GPT-2); mean over queries.")
+    readme_block.publish("exact", [header, "", *lines], args.readme)
 
 
 if __name__ == "__main__":

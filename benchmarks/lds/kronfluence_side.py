@@ -167,11 +167,9 @@ def main() -> None:
                      f"| {infl_fit:.1f} / {timings['fit']:.1f} | {infl_score[rank]:.1f} / {timings[rank]:.1f} |")
     import kronfluence
 
-    report = (f"kronfluence {getattr(kronfluence, '__version__', '1.0.1')}, torch {torch.__version__}, {len(outcomes)} retrained "
-              f"subsets, {len(queries.ids)} queries, {len(corpus.ids)} sequences.\n\n" + "\n".join(lines))
-    print(report)
-    if args.readme:
-        readme_block.update("kronfluence", report)
+    header = (f"kronfluence {getattr(kronfluence, '__version__', '1.0.1')}, torch {torch.__version__}, {len(outcomes)} retrained "
+              f"subsets, {len(queries.ids)} queries, {len(corpus.ids)} sequences.")
+    readme_block.publish("kronfluence", [header, "", *lines], args.readme)
 
 
 if __name__ == "__main__":

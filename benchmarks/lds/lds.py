@@ -130,12 +130,9 @@ def evaluate(demo: Path, out: Path, readme: bool, batch_size: int) -> str:
         lines.append(f"| {strategy} | {rank or 'full'} | {mean:.3f} | [{lo:.3f}, {hi:.3f}] | {first}/{len(planted)} "
                      f"| {t1 - t0:.1f} | {t2 - t1:.1f} |")
     seconds = sum(o["seconds"] for o in outcomes)
-    report = (f"{len(outcomes)} retrained models on random halves of {len(corpus)} sequences "
-              f"({seconds / 60:.1f} min of training in all), {len(qrows)} queries.\n\n" + "\n".join(lines))
-    print(report)
-    if readme:
-        readme_block.update("lds", report)
-    return report
+    header = (f"{len(outcomes)} retrained models on random halves of {len(corpus)} sequences "
+              f"({seconds / 60:.1f} min of training in all), {len(qrows)} queries.")
+    return readme_block.publish("lds", [header, "", *lines], readme)
 
 
 def main() -> None:
