@@ -240,6 +240,54 @@ def build_query(
     _finish(lambda: stage.run(cfg), quiet, out=cfg.out)
 
 
+@app.command("index")
+def index(
+    factors: Annotated[Optional[Path], typer.Option(help="Factors artifact from fit-factors (ekfac or kfac).")] = None,
+    corpus: CorpusOpt = None,
+    more_corpus: MoreCorpusArg = None,
+    out: Annotated[Optional[Path], typer.Option(help="Index artifact to write (.zarr).")] = None,
+    model: Annotated[Optional[Path], typer.Option(help="The factors' model at another path (checked by fingerprint).")] = None,
+    index_dim: Annotated[str, typer.Option(help="Eigenbasis coordinates kept per module, or 'full' (exact scores).")] = "4096",
+    index_dtype: Annotated[str, typer.Option(help="float16 (scaled per sequence) | float32.")] = "float16",
+    max_length: Annotated[Optional[int], typer.Option(help="Truncate sequences to N tokens (default: the model's context).")] = None,
+    split: SplitOpt = "lines",
+    text_field: TextFieldOpt = "text",
+    id_field: IdFieldOpt = "id",
+    chunk_size: Annotated[int, typer.Option(help="Training sequences per chunk (unit of work and of resume).")] = 512,
+    batch_size: BatchOpt = 8,
+    device: DeviceOpt = "cpu",
+    force: ForceOpt = False,
+    wait: WaitOpt = False,
+    quiet: QuietOpt = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Store a compressed, curvature-aware gradient of every training sequence, once: then
+    `score --index` answers each new batch of queries without the model or a corpus pass.
+
+    Example: `infl index --factors runs/factors.zarr --corpus train.jsonl --out runs/index.zarr`
+    """
+    from infl.config import IndexConfig
+    from infl.stages import index as stage
+
+    cfg = _config(lambda: IndexConfig(
+        factors=_need(factors, "--factors"), corpus=tuple(_need((corpus or []) + (more_corpus or []), "--corpus")),
+        out=_need(out, "--out"), model=model, index_dim=_dim(index_dim), index_dtype=index_dtype, max_length=max_length,
+        split=split, text_field=text_field, id_field=id_field, chunk_size=chunk_size, batch_size=batch_size,
+        device=device, force=force, wait=wait,
+    ))
+    _finish(lambda: stage.run(cfg), quiet, out=cfg.out)
+
+
+def _dim(value: str) -> int | None:
+    """--index-dim: a positive integer, or None for 'full'."""
+    if value.strip().lower() == "full":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise typer.BadParameter(f"--index-dim must be a positive integer or 'full', not {value!r}") from None
+
+
 @app.command("score")
 def score(
     queries: Annotated[Optional[Path], typer.Option(help="Queries artifact from build-query.")] = None,
@@ -255,6 +303,7 @@ def score(
     per_token: Annotated[bool, typer.Option("--per-token", help="Also store every token's term (they sum to the score).")] = False,
     self_influence: Annotated[bool, typer.Option("--self", help="Score each sequence against itself (needs --factors).")] = False,
     factors: Annotated[Optional[Path], typer.Option(help="Factors artifact, for --self.")] = None,
+    index: Annotated[Optional[Path], typer.Option(help="Score from this gradient index (infl index) instead of a corpus pass.")] = None,
     batch_size: BatchOpt = 8,
     device: DeviceOpt = "cpu",
     force: ForceOpt = False,
@@ -267,12 +316,15 @@ def score(
     Example: `infl score --queries runs/q.zarr --corpus train.jsonl --out runs/scores.zarr`
 
     Self-influence (outliers, mislabeled data): `infl score --self --factors runs/factors.zarr --corpus train.jsonl --out runs/self.zarr`
+
+    From an index, without the model: `infl score --index runs/index.zarr --queries runs/q.zarr --out runs/scores.zarr`
     """
     from infl.config import ScoreConfig
     from infl.stages import score as stage
 
+    files = (corpus or []) + (more_corpus or [])
     cfg = _config(lambda: ScoreConfig(
-        queries=queries, corpus=tuple(_need((corpus or []) + (more_corpus or []), "--corpus")),
+        queries=queries, corpus=tuple(files if index is not None else _need(files, "--corpus")), index=index,
         out=_need(out, "--out"), model=model, max_length=max_length, split=split, text_field=text_field,
         id_field=id_field, chunk_size=chunk_size, per_token=per_token, self_influence=self_influence,
         factors=factors, batch_size=batch_size, device=device, force=force, wait=wait,

@@ -13,7 +13,7 @@ from pathlib import Path
 from infl import curvature  # the registry only: no torch
 from infl.errors import BadInput
 
-__all__ = ["FitConfig", "QueryConfig", "ScoreConfig", "TopkConfig", "LayerwiseConfig", "parse_damping", "parse_rank"]
+__all__ = ["FitConfig", "QueryConfig", "IndexConfig", "ScoreConfig", "TopkConfig", "LayerwiseConfig", "parse_damping", "parse_rank"]
 
 def _runtime(default):
     return field(default=default, metadata={"semantic": False})
@@ -133,6 +133,35 @@ class QueryConfig(_Run):
 
 
 @dataclass(frozen=True)
+class IndexConfig(_Run):
+    factors: Path = _location(Path())
+    corpus: tuple[Path, ...] = _location(())
+    out: Path = _location(Path())
+    model: Path | None = _location(None)  # checked by fingerprint
+    index_dim: int | None = 4096  # coordinates kept per module; None: all of them (exact scores)
+    index_dtype: str = "float16"
+    max_length: int | None = None
+    split: str = "lines"
+    text_field: str = "text"
+    id_field: str = "id"
+    chunk_size: int = 512  # sequences per chunk: the unit of work and of resume
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.corpus:
+            raise BadInput("--corpus names no file")
+        if self.index_dim is not None and self.index_dim < 1:
+            raise BadInput(f"--index-dim must be >= 1 or 'full', not {self.index_dim}")
+        if self.index_dtype not in ("float16", "float32"):
+            raise BadInput(f"--index-dtype must be float16 or float32, not {self.index_dtype!r}")
+        if self.chunk_size < 1:
+            raise BadInput(f"--chunk-size must be >= 1, not {self.chunk_size}")
+        _check_split(self.split)
+        if self.max_length is not None and self.max_length < 2:
+            raise BadInput(f"--max-length must be >= 2, not {self.max_length}")
+
+
+@dataclass(frozen=True)
 class ScoreConfig(_Run):
     queries: Path | None = _location(None)
     corpus: tuple[Path, ...] = _location(())
@@ -146,10 +175,17 @@ class ScoreConfig(_Run):
     per_token: bool = False  # also store each token's term (bfloat16)
     self_influence: bool = False  # score each sequence against itself, with `factors`
     factors: Path | None = _location(None)
+    index: Path | None = _location(None)  # score from a gradient index instead of the model and corpus
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not self.corpus:
+        if self.index is not None:
+            if self.corpus:
+                raise BadInput("--index holds its corpus: give --index or --corpus, not both")
+            if self.per_token or self.self_influence or self.max_length is not None:
+                raise BadInput("--index scores whole sequences of the index's corpus: "
+                               "--per-token, --self and --max-length need --corpus")
+        elif not self.corpus:
             raise BadInput("--corpus names no file")
         if self.chunk_size < 1:
             raise BadInput(f"--chunk-size must be >= 1, not {self.chunk_size}")

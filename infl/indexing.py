@@ -6,10 +6,14 @@ In a module's eigenbasis the EK-FAC score is a sum over coordinates (see curvatu
 
 with G_q the query's gradient, so P_q = Q_S c_q Q_A^T. Two ways to keep K numbers per sequence:
 
-- `top`: the K coordinates with the largest corrected eigenvalues Lambda, the same for every
-  sequence. Lambda_ij is the mean of g_z[ij]^2 over the fitted corpus, so a coordinate's share of
-  a score is about Lambda / (Lambda + damping): the kept ones carry most of it, and with K = O x I
-  the index score is the exact score.
+- `top`: the K coordinates with the largest eigenvalues, the same for every sequence. Lambda_ij
+  is the mean of g_z[ij]^2 over the fitted corpus, so a coordinate's share of a score is about
+  Lambda / (Lambda + damping): the kept ones carry most of it, and with K = O x I the index score
+  is the exact score. The index ranks coordinates by the K-FAC eigenvalues eig_S[i] eig_A[j]
+  (known after the covariance pass) rather than by the corrected Lambda: on the embedded default
+  both selections agree to 0.001 in Spearman at every K (benchmarks/README.md), and the index
+  then depends on the factors' eigenbases only, not on the corrected eigenvalues or the damping.
+  Stored in float16 with one scale per sequence and module (raw values reach 1e5).
 - `projection`: seeded Gaussian sketches R_S [O, k_s], R_A [I, k_a] (K = k_s k_a), as LoGra does:
   g_z ~ R_S^T DW_z R_A, c_q ~ R_S^T P_q R_A; unbiased, but its error falls only as 1/sqrt(K).
 - `sparse`: each sequence keeps its own K largest whitened coordinates u_z = g_z / sqrt(Lambda +
@@ -27,8 +31,9 @@ import warnings
 import torch
 from torch import Tensor
 
-__all__ = ["top_coordinates", "eigen_coordinates", "query_coordinates", "projections", "projected_gradients",
-           "projected_queries", "sparse_coordinates", "sparse_scores"]
+__all__ = ["top_coordinates", "index_coordinates", "eigen_coordinates", "query_coordinates", "low_rank_query_coordinates",
+           "encode", "index_scores", "projections", "projected_gradients", "projected_queries", "sparse_coordinates",
+           "sparse_scores"]
 
 
 def top_coordinates(Lambda: Tensor, k: int) -> Tensor:
@@ -37,6 +42,11 @@ def top_coordinates(Lambda: Tensor, k: int) -> Tensor:
     k = min(k, flat.numel())
     order = torch.sort(flat, descending=True, stable=True).indices[:k]
     return torch.sort(order).values
+
+
+def index_coordinates(eig_S: Tensor, eig_A: Tensor, k: int) -> Tensor:
+    """The index's k coordinates of a module: the largest K-FAC eigenvalues eig_S[i] eig_A[j]."""
+    return top_coordinates(torch.outer(eig_S.double(), eig_A.double()), k)
 
 
 def eigen_coordinates(a: Tensor, s: Tensor, Q_A: Tensor, Q_S: Tensor, flat: Tensor) -> Tensor:
@@ -52,6 +62,36 @@ def query_coordinates(P: Tensor, Q_A: Tensor, Q_S: Tensor, flat: Tensor) -> Tens
     """c_q = Q_S^T P_q Q_A at the flat indices, from preconditioned queries P: [Q, O, I] -> [Q, K]."""
     x = Q_S.T.to(torch.float64) @ P.to(torch.float64) @ Q_A.to(torch.float64)
     return x.flatten(1)[:, flat].to(P.dtype)
+
+
+def low_rank_query_coordinates(U: Tensor, sigma: Tensor, V: Tensor, Q_A: Tensor, Q_S: Tensor, flat: Tensor) -> Tensor:
+    """c_q = Q_S^T U diag(sigma) V^T Q_A at the flat indices, from rank-R queries (U: [Q, O, R],
+    sigma: [Q, R], V: [Q, I, R]) -> [Q, K], without forming [Q, O, I] when K R is smaller."""
+    O, I, R = U.shape[1], V.shape[1], U.shape[2]
+    left = (Q_S.T.to(torch.float64) @ U.to(torch.float64)) * sigma.to(torch.float64)[:, None, :]  # [Q, O, R]
+    right = Q_A.T.to(torch.float64) @ V.to(torch.float64)  # [Q, I, R]
+    rows, cols = flat // I, flat % I
+    out = torch.empty(U.shape[0], len(flat), dtype=torch.float64)
+    for q in range(U.shape[0]):  # one query at a time: [K, R] or [O, I] at most
+        if len(flat) * R < O * I:
+            out[q] = (left[q, rows] * right[q, cols]).sum(1)
+        else:
+            out[q] = (left[q] @ right[q].T).flatten()[flat]
+    return out.to(U.dtype)
+
+
+def encode(values: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Rows of `values` [B, K] as (values / scale in `dtype`, scale [B] float32), scale = each row's
+    largest magnitude, so that float16 holds gradients of any size (an all-zero row has scale 1)."""
+    scale = values.abs().amax(1).float()
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return (values / scale[:, None].to(values.dtype)).to(dtype), scale
+
+
+def index_scores(c: Tensor, values: Tensor, scale: Tensor) -> Tensor:
+    """sum_k c[q, k] values[z, k] scale[z]: queries c [Q, K], encoded rows values [N, K] with
+    their scales [N] -> [Q, N] (in c's dtype)."""
+    return (c @ values.to(c.dtype).T) * scale.to(c.dtype)
 
 
 def projections(shape: tuple[int, int], k_s: int, k_a: int, seed: int) -> tuple[Tensor, Tensor]:

@@ -108,3 +108,21 @@ def test_full_index_scores_equal_exact_scores_on_a_tiny_model(tmp_path):
     for m, n in enumerate(rt.modules):
         got = indexing.query_coordinates(P[n], curv[n].Q_A, curv[n].Q_S, flat[n]) @ index[n].T
         torch.testing.assert_close(got, exact[m], rtol=1e-4, atol=1e-4 * float(exact[m].abs().max()))
+
+
+def test_low_rank_queries_and_float16_rows_give_the_same_coordinates_and_scores():
+    curv = random_curvature()
+    g = torch.Generator().manual_seed(6)
+    U, sigma, V = torch.randn(3, 6, 2, generator=g), torch.rand(3, 2, generator=g) + 0.5, torch.randn(3, 7, 2, generator=g)
+    P = U @ torch.diag_embed(sigma) @ V.transpose(1, 2)
+    Q_A, Q_S = curv.Q_A.float(), curv.Q_S.float()
+    for k in (5, 42):  # gathered from thin factors (K R < O I), or from the expanded matrix
+        flat = indexing.top_coordinates(curv.Lambda, k)
+        torch.testing.assert_close(indexing.low_rank_query_coordinates(U, sigma, V, Q_A, Q_S, flat),
+                                   indexing.query_coordinates(P, Q_A, Q_S, flat), rtol=1e-5, atol=1e-5)
+    rows = torch.randn(4, 9, generator=g) * torch.tensor([1e-3, 1.0, 1e5, 0.0])[:, None]  # any size, and a zero row
+    values, scale = indexing.encode(rows, torch.float16)
+    assert values.dtype == torch.float16 and bool(torch.isfinite(values).all()) and scale[3] == 1
+    c = torch.randn(2, 9, generator=g)
+    error = (indexing.index_scores(c, values, scale) - c @ rows.T).abs()
+    assert bool((error <= 1e-3 * c.norm(dim=1)[:, None] * rows.norm(dim=1)[None, :]).all())  # relative to each row's size

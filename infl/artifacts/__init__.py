@@ -68,7 +68,7 @@ def fingerprint(obj: Any) -> str:
 # Where a parent file or directory is, as opposed to what it holds: recorded (so that a reader can
 # find it), never fingerprinted, so that the same inputs named another way, or moved, are the same.
 # A file's own name is kept: ids of records without one are derived from it (`name:line`).
-LOCATIONS = ("model", "factors", "queries", "path")
+LOCATIONS = ("model", "factors", "queries", "index", "path")
 # The root attributes that say what an artifact was made from (the others say how far it got).
 IDENTITY = ("config", "provenance", "base_fingerprint", "query_blocks")
 
@@ -494,6 +494,10 @@ class Artifact:
     def _strings(self, name: str, index=...) -> list[str]:
         return [str(x) for x in np.ravel(self._read(name, index))]
 
+    def facts(self) -> dict:
+        """What `info` shows of this kind beyond what every artifact has (name -> value)."""
+        return {}
+
     # -- verify ---------------------------------------------------------------------------------
 
     def n_done(self) -> int | None:
@@ -551,7 +555,7 @@ def describe(path: Path) -> dict:
             done = np.asarray(group["done"][...])
         except (ValueError, OSError, RuntimeError):
             raise IncompatibleArtifact(f"{path}/done is damaged", hint=_DAMAGED_HINT) from None
-        progress = {"chunks_done": int(done.all(0).sum()), "chunks": int(done.shape[-1])}
+        progress = {"chunks_done": int(done.reshape(-1, done.shape[-1]).all(0).sum()), "chunks": int(done.shape[-1])}
     else:
         progress = {"chunks_done": int(complete), "chunks": 1}
     provenance = attrs.get("provenance", {})
@@ -568,5 +572,5 @@ def describe(path: Path) -> dict:
         "modules": attrs.get("modules", []),
         "config": attrs.get("config", {}),
         "provenance": provenance,
-        "parents": {k: provenance[k] for k in ("factors", "queries", "model") if k in provenance},
+        "parents": {k: provenance[k] for k in ("factors", "queries", "index", "model") if k in provenance},
     }

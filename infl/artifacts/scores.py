@@ -15,12 +15,12 @@ ranks never write the same Zarr chunk.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
 
-from infl.artifacts import Artifact, State, read_attrs
+from infl.artifacts import State
+from infl.artifacts.chunked import ChunkedArtifact
 from infl.errors import IncompatibleArtifact
 
 __all__ = ["ScoresArtifact", "Layout", "read_bf16_bits"]
@@ -42,24 +42,11 @@ class Layout:
         return -(-len(self.train_ids) // self.chunk_size)
 
 
-class ScoresArtifact(Artifact):
+class ScoresArtifact(ChunkedArtifact):
     kind = "scores"
-    markers = ("done",)
     _NOT_DONE = "some of its cells are marked not done"
 
     # -- planning (main rank) -------------------------------------------------------------------
-
-    @classmethod
-    def grown_from(cls, path: Path, base: str, force: bool) -> dict | None:
-        """The attributes of an existing artifact that this run extends (same base fingerprint:
-        same parents and options, perhaps more shards or query blocks), or None."""
-        old = read_attrs(path) if path.exists() and not force else None
-        if old is None or old.get("kind") != cls.kind or old.get("base_fingerprint") != base:
-            return None
-        if not cls.open_for_writing(path).started:  # its first run died while creating it
-            shutil.rmtree(path)
-            return None
-        return old
 
     @classmethod
     def prepare(cls, path: Path, attrs: dict, old: dict | None, layout: Layout, force: bool):
@@ -98,13 +85,7 @@ class ScoresArtifact(Artifact):
         """Grow to more corpus shards and/or more query blocks: new cells get `done` False (and so
         does a last chunk that was only partly filled), so only they are computed. Every step can
         be repeated, so a run killed during the growth grows again on the next try."""
-        before, now = old["provenance"]["corpus"], attrs["provenance"]["corpus"]
-        for i, shard in enumerate(before):
-            if now[i]["sha256"] != shard["sha256"]:
-                raise IncompatibleArtifact(
-                    f"corpus shard {shard['path']} changed since {self.path} was scored (its sha256 differs)",
-                    hint="pass --force to rescore everything, or choose another --out",
-                )
+        self._check_old_shards(old, attrs)
         old_blocks, blocks = old["query_blocks"], attrs["query_blocks"]
         held = self._strings("query_ids")[: old_blocks[-1]]
         if blocks[: len(old_blocks)] != old_blocks or layout.query_ids[: len(held)] != held:
@@ -112,7 +93,7 @@ class ScoresArtifact(Artifact):
                                        hint="pass --force to rescore everything, or choose another --out")
         self.unpublish()
         # sizes from the old attributes (written last), never from arrays a killed growth may have resized
-        self._conform(layout, sum(shard["n_records"] for shard in before), old_blocks[-1])
+        self._conform(layout, sum(shard["n_records"] for shard in old["provenance"]["corpus"]), old_blocks[-1])
         self.update_attrs(attrs)  # last: the artifact now describes the grown inputs
 
     def _conform(self, layout: Layout, N_valid: int, Q_valid: int) -> None:
@@ -125,12 +106,10 @@ class ScoresArtifact(Artifact):
                 axis = 1 if name == "per_module" else 0
                 shape[axis], shape[axis + 1] = Q, N
                 self._resize(name, tuple(shape))
-        for name, values, start in (("train_ids", np.array(layout.train_ids, dtype=object), N_valid),
-                                    ("locators", layout.locators, N_valid),
-                                    ("query_ids", np.array(layout.query_ids, dtype=object), Q_valid)):
-            self._resize_rows(name, len(values))
-            if len(values) > start:
-                self._set_rows(name, start, values[start:])
+        self._conform_rows(layout.train_ids, layout.locators, N_valid)
+        self._resize_rows("query_ids", Q)
+        if Q > Q_valid:
+            self._set_rows("query_ids", Q_valid, np.array(layout.query_ids[Q_valid:], dtype=object))
         self.group["done"].resize((len(layout.blocks) - 1, layout.n_chunks))
         if N != N_valid:
             self.group["done"][:, min(N, N_valid) // C :] = False  # a partly filled chunk is computed again
@@ -138,19 +117,6 @@ class ScoresArtifact(Artifact):
             self.group["done"][sum(hi <= min(Q, Q_valid) for hi in layout.blocks[1:]) :, :] = False
 
     # -- units of work --------------------------------------------------------------------------
-
-    @property
-    def started(self) -> bool:
-        """Whether every array exists (`done` is created last)."""
-        return "done" in self.group
-
-    def done_mask(self) -> np.ndarray:
-        """[query blocks, chunks]: which cells are done (a lost chunk of it reads as not done)."""
-        try:
-            return np.asarray(self.group["done"][...])
-        except (RuntimeError, ValueError, OSError) as e:
-            raise IncompatibleArtifact(f"{self.path}/done is damaged ({type(e).__name__})",
-                                       hint="pass --force to recompute it") from None
 
     def pending(self) -> list[tuple[int, tuple[int, ...]]]:
         """(chunk, query blocks not done in it) for every chunk with work left."""
@@ -180,24 +146,8 @@ class ScoresArtifact(Artifact):
     def has_per_token(self) -> bool:
         return "per_token" in self.group
 
-    @property
-    def n_sequences(self) -> int:
-        return self.group["train_ids"].shape[0]
-
     def query_ids(self) -> list[str]:
         return self._strings("query_ids")
-
-    def train_ids(self, indices: np.ndarray) -> list[str]:
-        """Ids of the sequences at `indices` (any order)."""
-        order = np.sort(indices)
-        by_index = dict(zip(order.tolist(), self._strings("train_ids", order) if len(order) else []))
-        return [by_index[i] for i in np.asarray(indices).tolist()]
-
-    def locators(self, indices: np.ndarray) -> list[tuple[int, int, int]]:
-        order = np.sort(indices)
-        rows = self._read("locators", (order, slice(None))).tolist() if len(order) else []
-        by_index = dict(zip(order.tolist(), rows))
-        return [tuple(by_index[i]) for i in np.asarray(indices).tolist()]
 
     def total(self, row: int) -> np.ndarray:
         """[N] scores of one query (float64)."""
@@ -211,40 +161,15 @@ class ScoresArtifact(Artifact):
         """[T] per-token terms of one query and sequence (bfloat16 precision, as float32)."""
         return read_bf16_bits(self._read("per_token", (row, index)))
 
-    # -- verify ---------------------------------------------------------------------------------
+    def facts(self) -> dict:
+        if "index" not in self.provenance:
+            return {}
+        return {"scored from": f"the index {self.provenance['index']} ({self.config['index_dim'] or 'all'} coordinates "
+                               f"per module, {self.config['index_dtype']}): {self.provenance['compression']}"}
 
-    def _completeness_problem(self) -> str:
-        if not self.done_mask().all():  # `done` is a marker, outside the digests
-            return self._NOT_DONE
-        return ""
-
-    def may_be_unwritten(self, array, coords: tuple[int, ...]) -> bool:
-        """A chunk of scores is written once a cell of its training chunk is done."""
-        name = array.path
-        if name not in CHUNKED or self.complete:
-            return False
-        return not self.done_mask()[:, coords[2 if name == "per_module" else 1]].any()
-
-    def verify(self, on_progress=lambda: None, repair: bool = True) -> tuple[int, list[dict]]:
-        """Everything `Artifact.verify` checks; with `repair`, a bad chunk of scores has its cells
-        marked not done and the artifact loses its COMPLETE stamp, so the next `infl score`
-        recomputes just them."""
-        checked, bad = super().verify(on_progress)
-        C, N = self.config["chunk_size"], self.n_sequences
-        for problem in bad:
-            if problem.get("array") in CHUNKED:
-                c = problem["chunk"][2 if problem["array"] == "per_module" else 1]
-                problem.update(sequences=[c * C, min((c + 1) * C, N)], recomputable=True)
-                if repair:
-                    self.group["done"][:, c] = False
-            elif problem["problem"] == self._NOT_DONE:
-                problem["recomputable"] = True
-        if repair and any(problem.get("recomputable") for problem in bad):
-            self.unpublish()
-        return checked, bad
-
-    def n_done(self) -> int:
-        return int(self.done_mask().sum())
+    @staticmethod
+    def _sequence_axis(name: str) -> int | None:
+        return {"total": 1, "per_module": 2, "per_token": 1}.get(name)
 
 
 def _to_bf16_bits(values: np.ndarray) -> np.ndarray:

@@ -205,6 +205,7 @@ def render_info(described: dict) -> str:
         ("created", f"{described['created']} (infl {described['infl_version']}, schema {described['schema']})"),
         ("fingerprint", described["fingerprint"] or ""),
         ("modules", f"{len(described['modules'])}: {', '.join(described['modules'][:4])}{' ...' if len(described['modules']) > 4 else ''}"),
+        *((k, str(v)) for k, v in described.get("facts", {}).items()),
         *((f"parent {k}", str(v)) for k, v in described["parents"].items()),
         *((f"config.{k}", json.dumps(v)) for k, v in described["config"].items()),
     ]

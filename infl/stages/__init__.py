@@ -36,12 +36,13 @@ class WritingStage:
 
 
 def artifact_class(kind: str | None):
-    """The artifact class of a kind's name (`factors`, `queries`, `scores`), or None."""
+    """The artifact class of a kind's name (`factors`, `queries`, `index`, `scores`), or None."""
     from infl.artifacts.factors import FactorsArtifact
+    from infl.artifacts.index import IndexArtifact
     from infl.artifacts.queries import QueriesArtifact
     from infl.artifacts.scores import ScoresArtifact
 
-    return {cls.kind: cls for cls in (FactorsArtifact, QueriesArtifact, ScoresArtifact)}.get(kind)
+    return {cls.kind: cls for cls in (FactorsArtifact, QueriesArtifact, IndexArtifact, ScoresArtifact)}.get(kind)
 
 
 def open_parent(cls, child, key: str):

@@ -14,5 +14,7 @@ def run(path: Path) -> dict:
     """`describe`, plus what its readers would refuse in a finished artifact (`problem`, '' if none)."""
     described = describe(path)
     kind = artifact_class(described["kind"])
-    described["problem"] = kind(path, open_group(path)).problem() if kind and described["complete"] else ""
+    art = kind(path, open_group(path)) if kind else None
+    described["problem"] = art.problem() if art and described["complete"] else ""
+    described["facts"] = art.facts() if art and described["complete"] and not described["problem"] else {}
     return described

@@ -13,11 +13,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from infl import data, engine, modeling
+from infl import data, engine, indexing, modeling
 from infl.artifacts import identity_fingerprint
 from infl.artifacts.factors import FactorsArtifact
+from infl.artifacts.index import IndexArtifact
 from infl.artifacts.queries import QueriesArtifact
 from infl.artifacts.scores import Layout, ScoresArtifact
 from infl.config import ScoreConfig
@@ -31,6 +33,7 @@ from infl.stages import (
     check_unchanged,
     curvatures,
     model_dir_for,
+    open_parent,
     query_bank,
     semantic_fields,
 )
@@ -44,7 +47,7 @@ def run(cfg: ScoreConfig) -> Outcome:
 
 @dataclass(frozen=True)
 class ScorePlan:
-    model_dir: Path
+    model_dir: Path | None  # None: scored from an index
     corpus: tuple[Path, ...]  # every shard, old ones first
     shards: tuple[str, ...]  # their sha256, as planned
     max_length: int
@@ -54,6 +57,7 @@ class ScorePlan:
     pending: list[tuple[int, tuple[int, ...]]]  # (chunk, query blocks to do in it)
     what: str
     started: float
+    n_sequences: int
 
 
 class Score(WritingStage):
@@ -75,25 +79,24 @@ class Score(WritingStage):
                 "queries_base_fingerprint": source.base_fingerprint,
             }
             query_ids, blocks = source.ids(), source.blocks
-        sprov = source.provenance
-        model_dir = model_dir_for(cfg.model, sprov)
-        max_length = sprov["max_length"] if cfg.max_length is None else cfg.max_length
-        if max_length > sprov["max_length"]:
-            raise BadInput(f"--max-length {max_length} exceeds the model's context of {sprov['max_length']} tokens")
-        provenance = {
-            "model": str(model_dir.resolve()),
-            "model_fingerprint": sprov["model_fingerprint"],
-            "tokenizer_fingerprint": sprov["tokenizer_fingerprint"],
-            **parent,
-            "max_length": max_length,
-            "dtype": sprov["dtype"],
-        }
-        attrs = {"config": semantic_fields(cfg), "provenance": provenance}
+        index = IndexArtifact.open(cfg.index) if cfg.index is not None else None
+        provenance, model_dir = self._provenance(source, parent, index)
+        max_length = provenance["max_length"]
+        config = semantic_fields(cfg)
+        if index is not None:  # the corpus was read as the index read it
+            config.update({k: index.config[k] for k in ("split", "text_field", "id_field", "index_dim", "index_dtype")})
+        attrs = {"config": config, "provenance": provenance}
         base = identity_fingerprint(attrs)  # all but the corpus shards and the query blocks, which may grow
         old = ScoresArtifact.grown_from(cfg.out, base, cfg.force)
-        stored = [shard["path"] for shard in old["provenance"]["corpus"]] if old else []
-        paths = [Path(p) for p in stored] + [p for p in cfg.corpus if str(p.resolve()) not in stored]
-        corpus = self._corpus(paths, modeling.load_tokenizer(model_dir), max_length)
+        if index is not None:
+            paths = ()
+            corpus = data.Corpus([data.Shard(**shard) for shard in index.provenance["corpus"]], index.all_train_ids(), [],
+                                 index.all_locators())
+            attrs["provenance"]["index_fingerprint"] = index.fingerprint
+        else:
+            stored = [shard["path"] for shard in old["provenance"]["corpus"]] if old else []
+            paths = tuple(Path(p) for p in stored) + tuple(p for p in cfg.corpus if str(p.resolve()) not in stored)
+            corpus = self._corpus(paths, modeling.load_tokenizer(model_dir), max_length)
         attrs["provenance"]["corpus"] = [shard.to_dict() for shard in corpus.shards]
         if not cfg.self_influence:
             attrs["provenance"]["queries_fingerprint"] = source.fingerprint
@@ -106,7 +109,8 @@ class Score(WritingStage):
         if old and old["fingerprint"] != attrs["fingerprint"]:
             N_old, Q_old = sum(s["n_records"] for s in old["provenance"]["corpus"]), old["query_blocks"][-1]
             if len(corpus.ids) > N_old:
-                log(f"adding {len(corpus.ids) - N_old} sequences from {len(paths) - len(stored)} new corpus shard(s) to {cfg.out}")
+                log(f"adding {len(corpus.ids) - N_old} sequences from {len(corpus.shards) - len(old['provenance']['corpus'])} "
+                    f"new corpus shard(s) to {cfg.out}")
             if len(query_ids) > Q_old:
                 log(f"adding {len(query_ids) - Q_old} queries to {cfg.out}")
         pending = art.pending()
@@ -114,10 +118,33 @@ class Score(WritingStage):
             log(f"{corpus.n_truncated} of {len(corpus.ids)} sequences truncated to {max_length} tokens")
         what = "self-influence" if cfg.self_influence else f"{len(query_ids)} queries"
         self.planned_corpus = corpus  # the main rank need not read it twice
-        log(f"scoring {len(corpus.ids)} sequences x {what} over {len(source.modules)} modules "
-            f"({layout.n_chunks - len(pending)} of {layout.n_chunks} chunks done)")
-        return ScorePlan(model_dir, tuple(paths), tuple(s.sha256 for s in corpus.shards), max_length, sprov["dtype"],
-                         source.modules, blocks, pending, what, started)
+        log(f"scoring {len(corpus.ids)} sequences x {what} over {len(source.modules)} modules"
+            f"{f' from the index {cfg.index}' if index else ''} ({layout.n_chunks - len(pending)} of {layout.n_chunks} chunks done)")
+        return ScorePlan(model_dir, paths, tuple(s.sha256 for s in corpus.shards), max_length, provenance["dtype"],
+                         source.modules, blocks, pending, what, started, len(corpus.ids))
+
+    def _provenance(self, source, parent: dict, index: IndexArtifact | None) -> tuple[dict, Path | None]:
+        """What the scores are made from, and the model to load (None: scored from `index`)."""
+        cfg = self.cfg
+        if index is not None:
+            index.check_factors(parent["factors_fingerprint"], f"the queries {cfg.queries}")
+            sprov, model_dir, max_length = index.provenance, None, index.provenance["max_length"]
+            parent = {**parent, "index": str(cfg.index.resolve()), "index_base_fingerprint": index.attrs["base_fingerprint"],
+                      "compression": sprov["compression"]}
+        else:
+            sprov = source.provenance
+            model_dir = model_dir_for(cfg.model, sprov)
+            max_length = sprov["max_length"] if cfg.max_length is None else cfg.max_length
+            if max_length > sprov["max_length"]:
+                raise BadInput(f"--max-length {max_length} exceeds the model's context of {sprov['max_length']} tokens")
+        return {
+            "model": str(model_dir.resolve()) if model_dir else sprov["model"],
+            "model_fingerprint": sprov["model_fingerprint"],
+            "tokenizer_fingerprint": sprov["tokenizer_fingerprint"],
+            **parent,
+            "max_length": max_length,
+            "dtype": sprov["dtype"],
+        }, model_dir
 
     def _corpus(self, paths, tokenizer, max_length: int) -> data.Corpus:
         cfg = self.cfg
@@ -127,28 +154,17 @@ class Score(WritingStage):
         """Every rank: score its chunks and commit each one (data, checksum, done bit)."""
         cfg = self.cfg
         device = g.device(cfg.device)
-        rt = Runtime.load(plan.model_dir, plan.modules, device, plan.dtype, cfg.batch_size)
-        corpus = self.planned_corpus or self._corpus(plan.corpus, rt.tokenizer, plan.max_length)
-        check_unchanged(corpus, plan.shards)
-        source = self._source()
-        curv = curvatures(source, device) if cfg.self_influence else None
+        scorer = _FromIndex(cfg, device) if cfg.index is not None else _FromModel(self, plan, device)
         art = ScoresArtifact.open_for_writing(cfg.out)
-        banks: dict[tuple[int, ...], object] = {}  # query blocks pending together -> their QueryBank
-        C, N, blocks = cfg.chunk_size, len(corpus.ids), plan.blocks
+        C, N, blocks = cfg.chunk_size, plan.n_sequences, plan.blocks
         mine = g.mine(plan.pending)
         with progress() as bar:
             task = bar.add_task("score", total=sum(min(C, N - c * C) for c, _ in mine))
             for c, todo in mine:
                 lo, hi = c * C, min((c + 1) * C, N)
-                tokens = corpus.tokens[lo:hi]
-                advance = lambda n: bar.advance(task, n)  # noqa: E731
-                if cfg.self_influence:
-                    block, terms = engine.self_influence(rt, curv, tokens, advance)
-                else:
-                    if todo not in banks:
-                        banks[todo] = query_bank(source, device, [q for b in todo for q in range(blocks[b], blocks[b + 1])])
-                    block, terms = engine.score_sequences(rt, banks[todo], tokens, cfg.per_token, advance)
-                _check_finite(block, corpus.ids[lo:hi])  # [M, rows, hi - lo], [rows, hi - lo, T_batch]
+                rows = [q for b in todo for q in range(blocks[b], blocks[b + 1])]
+                block, terms = scorer.scores(todo, rows, lo, hi, lambda n: bar.advance(task, n))
+                _check_finite(block, scorer.ids(lo, hi))  # [M, rows, hi - lo], [rows, hi - lo, T_batch]
                 at = 0
                 for b in todo:
                     part = slice(at, at + blocks[b + 1] - blocks[b])
@@ -164,6 +180,68 @@ class Score(WritingStage):
         art.publish()
         return Outcome(f"wrote {self.cfg.out}: {plan.what} x {art.n_sequences} sequences "
                        f"({time.perf_counter() - plan.started:.1f} s)")
+
+
+class _FromModel:
+    """Scores of a chunk from a forward and backward pass over its sequences."""
+
+    def __init__(self, stage: Score, plan: ScorePlan, device: str):
+        cfg = self.cfg = stage.cfg
+        self.rt = Runtime.load(plan.model_dir, plan.modules, device, plan.dtype, cfg.batch_size)
+        self.corpus = stage.planned_corpus or stage._corpus(plan.corpus, self.rt.tokenizer, plan.max_length)
+        check_unchanged(self.corpus, plan.shards)
+        self.source = stage._source()
+        self.curv = curvatures(self.source, device) if cfg.self_influence else None
+        self.banks: dict[tuple[int, ...], object] = {}  # query blocks pending together -> their QueryBank
+
+    def ids(self, lo: int, hi: int) -> list[str]:
+        return self.corpus.ids[lo:hi]
+
+    def scores(self, todo, rows, lo, hi, advance) -> tuple[torch.Tensor, torch.Tensor | None]:
+        tokens = self.corpus.tokens[lo:hi]
+        if self.cfg.self_influence:
+            return engine.self_influence(self.rt, self.curv, tokens, advance)
+        if todo not in self.banks:
+            self.banks[todo] = query_bank(self.source, self.rt.device, rows)
+        return engine.score_sequences(self.rt, self.banks[todo], tokens, self.cfg.per_token, advance)
+
+
+class _FromIndex:
+    """Scores of a chunk from the index rows of its sequences: one matrix product per module, with
+    the queries moved to the index's coordinates (c_q = Q_S^T P_q Q_A there); no model."""
+
+    def __init__(self, cfg: ScoreConfig, device: str):
+        self.index, self.device = IndexArtifact.open(cfg.index), device
+        self.queries = QueriesArtifact.open(cfg.queries)
+        factors = open_parent(FactorsArtifact, self.queries, "factors")
+        self.bases = {name: {k: torch.from_numpy(v).to(device) for k, v in factors.read_module(name, ("Q_A", "Q_S")).items()}
+                      for name in self.queries.modules}
+        self.flat = {name: torch.from_numpy(self.index.coordinates(name)).to(device) for name in self.queries.modules}
+        self.banks: dict[tuple[int, ...], dict[str, torch.Tensor]] = {}
+
+    def ids(self, lo: int, hi: int) -> list[str]:
+        return self.index.train_ids(np.arange(lo, hi))
+
+    def _bank(self, rows: list[int]) -> dict[str, torch.Tensor]:
+        bank = {}
+        for name in self.queries.modules:
+            stored = {k: torch.from_numpy(v).to(self.device) for k, v in self.queries.preconditioned(name, rows).items()}
+            Q, flat = self.bases[name], self.flat[name]
+            if "P" in stored:
+                bank[name] = indexing.query_coordinates(stored["P"], Q["Q_A"], Q["Q_S"], flat)
+            else:
+                bank[name] = indexing.low_rank_query_coordinates(stored["U"], stored["sigma"], stored["V"], Q["Q_A"], Q["Q_S"], flat)
+        return bank
+
+    def scores(self, todo, rows, lo, hi, advance) -> tuple[torch.Tensor, None]:
+        if todo not in self.banks:
+            self.banks[todo] = self._bank(rows)
+        out = []
+        for name, c in self.banks[todo].items():
+            values, scale = (torch.from_numpy(x).to(self.device) for x in self.index.rows(name, lo, hi))
+            out.append(indexing.index_scores(c.float(), values, scale).cpu())
+        advance(hi - lo)
+        return torch.stack(out), None
 
 
 def _check_finite(block: torch.Tensor, ids: list[str]) -> None:

@@ -1,0 +1,181 @@
+"""The gradient index from the command line (issue #9): `infl index` and `score --index` against
+exact scores and the explicit formula, append and resume against a one-shot build, and refusals."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import QUERIES, SENTENCES, autograd_grads, make_tokenizer, write_jsonl
+from test_cli import infl, pipeline
+from test_resume import kill_when
+
+from infl import artifacts, modeling
+from infl.artifacts.factors import FactorsArtifact
+from infl.artifacts.queries import QueriesArtifact
+
+
+def scores_of(path) -> dict[str, np.ndarray]:
+    group = artifacts.open_complete(path, "scores")
+    return {k: np.asarray(group[k][...]) for k in ("total", "per_module", "train_ids", "query_ids")}
+
+
+def index_arrays(path) -> dict[str, np.ndarray]:
+    """Every result array of a finished index (digests aside: they cover the artifact's own uid)."""
+    group = artifacts.open_complete(path, "index")
+    return {a.path: np.asarray(a[...]) for _, a in group.members(max_depth=None)
+            if hasattr(a, "dtype") and not a.path.endswith(".sha256")}
+
+
+@pytest.fixture(scope="module")
+def built(workdir, tmp_path_factory):
+    """Factors, rank-2 queries and their exact scores on the tiny GPT-2."""
+    out = tmp_path_factory.mktemp("index")
+    for args in (
+        ["fit-factors", "--model", workdir / "gpt2", "--corpus", workdir / "corpus.jsonl", "--out", out / "f.zarr"],
+        ["build-query", "--factors", out / "f.zarr", "--queries", workdir / "queries.jsonl", "--out", out / "q.zarr", "--rank", "2"],
+        ["score", "--queries", out / "q.zarr", "--corpus", workdir / "corpus.jsonl", "--out", out / "s.zarr", "--chunk-size", "5"],
+    ):
+        result = infl(*args)
+        assert result.exit_code == 0, result.output
+    return out
+
+
+def test_a_full_index_gives_the_exact_scores(workdir, built, tmp_path):
+    for dtype, rtol in (("float32", 1e-5), ("float16", 2e-3)):
+        index = infl("index", "--factors", built / "f.zarr", "--corpus", workdir / "corpus.jsonl", "--out", tmp_path / f"{dtype}.zarr",
+                     "--index-dim", "full", "--index-dtype", dtype, "--chunk-size", "5")
+        assert index.exit_code == 0, index.output
+        scored = infl("score", "--index", tmp_path / f"{dtype}.zarr", "--queries", built / "q.zarr", "--out", tmp_path / f"s-{dtype}.zarr")
+        assert scored.exit_code == 0, scored.output
+        got, exact = scores_of(tmp_path / f"s-{dtype}.zarr"), scores_of(built / "s.zarr")
+        for key in ("total", "per_module"):
+            np.testing.assert_allclose(got[key], exact[key], rtol=rtol, atol=rtol * np.abs(exact[key]).max(), err_msg=f"{dtype} {key}")
+        assert list(got["train_ids"]) == list(exact["train_ids"]) and list(got["query_ids"]) == list(exact["query_ids"])
+    # the answer reads like any scores artifact, and says where it came from
+    top = infl("topk", "--scores", tmp_path / "s-float32.zarr", "-k", "2", "--format", "json")
+    assert top.exit_code == 0, top.output
+    exact_top = infl("topk", "--scores", built / "s.zarr", "-k", "2", "--format", "json")
+    assert [r["train_id"] for r in json.loads(top.stdout)] == [r["train_id"] for r in json.loads(exact_top.stdout)]
+    assert infl("verify", tmp_path / "float16.zarr").exit_code == 0
+    info = json.loads(infl("info", tmp_path / "s-float16.zarr", "--format", "json").stdout)
+    assert info["provenance"]["index_fingerprint"] == artifacts.read_attrs(tmp_path / "float16.zarr")["fingerprint"]
+    assert "top-eigen" in info["facts"]["scored from"]
+
+
+def test_a_small_index_is_the_explicit_sum_over_its_coordinates(workdir, built, tmp_path):
+    """K = 7 per module: sum over the 7 largest eig_S x eig_A of (Q_S^T G_q Q_A / (Lambda + damping))
+    times (Q_S^T DW_z Q_A), with autograd's DW_z and the rank-2 query's U diag(sigma) V^T."""
+    assert infl("index", "--factors", built / "f.zarr", "--corpus", workdir / "corpus.jsonl", "--out", tmp_path / "i.zarr",
+                "--index-dim", "7", "--index-dtype", "float32").exit_code == 0
+    assert infl("score", "--index", tmp_path / "i.zarr", "--queries", built / "q.zarr", "--out", tmp_path / "s.zarr").exit_code == 0
+    got = scores_of(tmp_path / "s.zarr")["per_module"]  # [M, Q, N]
+
+    factors, queries = FactorsArtifact.open(built / "f.zarr"), QueriesArtifact.open(built / "q.zarr")
+    model, tokenizer = modeling.load_model(workdir / "gpt2").double(), make_tokenizer()
+    train = [autograd_grads(model, factors.modules, tokenizer(t)["input_ids"]) for t in SENTENCES]
+    for m, name in enumerate(factors.modules):
+        f = {k: torch.from_numpy(v).double() for k, v in factors.read_module(name).items()}
+        largest = np.argsort(-np.outer(f["eig_S"], f["eig_A"]).ravel(), kind="stable")[:7]
+        q = {k: torch.from_numpy(v).double() for k, v in queries.preconditioned(name).items()}
+        P = q["U"] @ torch.diag_embed(q["sigma"]) @ q["V"].transpose(1, 2)  # [Q, O, I], preconditioned
+        c = (f["Q_S"].T @ P @ f["Q_A"]).flatten(1)[:, largest]
+        g = torch.stack([(f["Q_S"].T @ z[name] @ f["Q_A"]).flatten()[largest] for z in train])
+        expected = (c @ g.T).numpy()
+        np.testing.assert_allclose(got[m], expected, rtol=2e-3, atol=2e-4 * np.abs(expected).max(), err_msg=name)
+
+
+def test_appended_shards_and_a_killed_build_give_the_one_shot_index(workdir, built, tmp_path):
+    rows = [{"id": f"s{i}", "text": SENTENCES[i % 12] + f" {i % 7}"} for i in range(240)]
+    first, second = write_jsonl(tmp_path / "a.jsonl", rows[:150]), write_jsonl(tmp_path / "b.jsonl", rows[150:])
+    args = ["index", "--factors", built / "f.zarr", "--index-dim", "16", "--chunk-size", "4", "--batch-size", "2"]
+    assert infl(*args, "--corpus", first, "--corpus", second, "--out", tmp_path / "one.zarr").exit_code == 0
+    one = index_arrays(tmp_path / "one.zarr")
+
+    grown = tmp_path / "grown.zarr"
+    out = tmp_path / "grown.zarr"
+    kill_when([*args, "--corpus", first, "--out", out], lambda: len(list((out / "done" / "c").glob("*"))) >= 5)
+    done = np.asarray(artifacts.open_group(out)["done"][...])
+    assert 5 <= done.sum() < len(done) and not (out / "COMPLETE.json").exists()  # really killed midway
+    resumed = infl(*args, "--corpus", first, "--out", grown)
+    assert resumed.exit_code == 0, resumed.output
+    assert f"{int(done.sum())} of {len(done)} chunks done" in resumed.output
+    appended = infl(*args, "--corpus", first, "--corpus", second, "--out", grown)
+    assert appended.exit_code == 0, appended.output
+    assert "adding 90 sequences from 1 new corpus shard(s)" in appended.output
+    assert "37 of 60 chunks done" in appended.output  # 150 = 37 chunks of 4 and a part-filled one, done again
+    got = index_arrays(grown)
+    assert sorted(got) == sorted(one)
+    for key in one:
+        np.testing.assert_array_equal(got[key], one[key], err_msg=key)
+    assert "is up to date" in infl(*args, "--corpus", first, "--corpus", second, "--out", grown).output
+
+    # scores from the grown index grow with it: only the new chunks are computed
+    q = built / "q.zarr"
+    assert infl("score", "--index", tmp_path / "one.zarr", "--queries", q, "--out", tmp_path / "s-one.zarr").exit_code == 0
+    small = tmp_path / "small.zarr"
+    assert infl(*args, "--corpus", first, "--out", small).exit_code == 0
+    assert infl("score", "--index", small, "--queries", q, "--out", tmp_path / "s.zarr", "--chunk-size", "10").exit_code == 0
+    assert infl(*args, "--corpus", first, "--corpus", second, "--out", small).exit_code == 0
+    again = infl("score", "--index", small, "--queries", q, "--out", tmp_path / "s.zarr", "--chunk-size", "10")
+    assert again.exit_code == 0, again.output
+    assert "adding 90 sequences" in again.output and "15 of 24 chunks done" in again.output
+    expected = scores_of(tmp_path / "s-one.zarr")["total"]
+    np.testing.assert_allclose(scores_of(tmp_path / "s.zarr")["total"], expected, rtol=1e-5, atol=1e-6 * np.abs(expected).max())
+
+
+def test_new_queries_score_only_their_block(workdir, built, tmp_path):
+    assert infl("index", "--factors", built / "f.zarr", "--corpus", workdir / "corpus.jsonl", "--out", tmp_path / "i.zarr").exit_code == 0
+    more = write_jsonl(tmp_path / "more.jsonl", [{"id": "q-more", "prompt": "The dog", "completion": " ran across the park."}])
+    q = tmp_path / "q.zarr"
+    assert infl("build-query", "--factors", built / "f.zarr", "--queries", workdir / "queries.jsonl", "--out", q).exit_code == 0
+    args = ["score", "--index", tmp_path / "i.zarr", "--queries", q, "--out", tmp_path / "s.zarr", "--chunk-size", "5"]
+    assert infl(*args).exit_code == 0
+    before = scores_of(tmp_path / "s.zarr")["total"]
+    assert infl("build-query", "--factors", built / "f.zarr", "--queries", more, "--out", q, "--append").exit_code == 0
+    grown = infl(*args)
+    assert grown.exit_code == 0, grown.output
+    assert "adding 1 queries" in grown.output
+    after = scores_of(tmp_path / "s.zarr")
+    np.testing.assert_array_equal(after["total"][: len(QUERIES)], before)  # the old block was not recomputed
+    assert list(after["query_ids"]) == [q["id"] for q in QUERIES] + ["q-more"]
+    fresh = tmp_path / "fresh.zarr"
+    assert infl("score", "--index", tmp_path / "i.zarr", "--queries", q, "--out", fresh).exit_code == 0
+    expected = scores_of(fresh)["total"]
+    np.testing.assert_allclose(after["total"], expected, rtol=1e-5, atol=1e-6 * np.abs(expected).max())
+
+
+def test_score_index_refuses_an_index_of_other_factors_naming_both(workdir, built, tmp_path):
+    assert infl("index", "--factors", built / "f.zarr", "--corpus", workdir / "corpus.jsonl", "--out", tmp_path / "i.zarr").exit_code == 0
+    (tmp_path / "other").mkdir()
+    other = pipeline(workdir, tmp_path / "other", "gpt2", "--damping", "0.5")  # same model and corpus, other factors
+    result = infl("score", "--index", tmp_path / "i.zarr", "--queries", other / "q.zarr", "--out", tmp_path / "s.zarr")
+    assert result.exit_code == 1
+    index_fp = artifacts.read_attrs(tmp_path / "i.zarr")["provenance"]["factors_fingerprint"]
+    queries_fp = artifacts.read_attrs(other / "q.zarr")["provenance"]["factors_fingerprint"]
+    assert index_fp != queries_fp
+    assert index_fp[:12] in result.output and queries_fp[:12] in result.output
+    assert not (tmp_path / "s.zarr").exists()
+    # an exact answer is not overwritten by one from an index (or the other way round)
+    into_exact = infl("score", "--index", tmp_path / "i.zarr", "--queries", built / "q.zarr", "--out", built / "s.zarr")
+    assert into_exact.exit_code == 1 and "made from other inputs" in into_exact.output
+    both = infl("score", "--index", tmp_path / "i.zarr", "--queries", built / "q.zarr", "--corpus", workdir / "corpus.jsonl",
+                "--out", tmp_path / "t.zarr")
+    assert both.exit_code == 2 and "not both" in both.output
+
+
+def test_an_index_needs_an_eigenbasis_and_reports_its_size(workdir, tmp_path):
+    pipeline(workdir, tmp_path, "gpt2", "--strategy", "diagonal")
+    result = infl("index", "--factors", tmp_path / "f.zarr", "--corpus", workdir / "corpus.jsonl", "--out", tmp_path / "i.zarr")
+    assert result.exit_code == 1 and "eigenbasis" in result.output and not (tmp_path / "i.zarr").exists()
+    assert infl("index", "--factors", tmp_path / "f.zarr", "--index-dim", "0", "--corpus", workdir / "corpus.jsonl",
+                "--out", tmp_path / "i.zarr").exit_code == 2
+
+
+def test_info_reports_bytes_per_sequence(workdir, built, tmp_path):
+    assert infl("index", "--factors", built / "f.zarr", "--corpus", workdir / "corpus.jsonl", "--out", tmp_path / "i.zarr",
+                "--index-dim", "10").exit_code == 0
+    facts = json.loads(infl("info", tmp_path / "i.zarr", "--format", "json").stdout)["facts"]
+    modules = FactorsArtifact.open(built / "f.zarr").modules
+    assert facts["bytes per sequence"].startswith(f"{len(modules) * (10 * 2 + 4)} ")  # float16 values and a scale
+    assert facts["coordinates per module"] == "10"
