@@ -169,6 +169,20 @@ def _finish(call: Callable[[], object], quiet: bool, every_rank: bool = True, ou
     return result
 
 
+IndexDimOpt = Annotated[str, typer.Option(help="Index: eigenbasis coordinates kept per module, or 'full' (exact scores).")]
+IndexDtypeOpt = Annotated[str, typer.Option(help="Index: float16 (scaled per sequence) | float32.")]
+
+
+def _dim(value: str) -> int | None:
+    """--index-dim: a positive integer, or None for 'full'."""
+    if value.strip().lower() == "full":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise typer.BadParameter(f"--index-dim must be a positive integer or 'full', not {value!r}") from None
+
+
 @app.command("fit-factors")
 def fit_factors(
     model: Annotated[Optional[Path], typer.Option(help="Local model directory (save_pretrained).")] = None,
@@ -189,6 +203,9 @@ def fit_factors(
     batch_size: BatchOpt = 8,
     device: DeviceOpt = "cpu",
     dtype: Annotated[str, typer.Option(help="float32 | bfloat16 (model weights; statistics stay float32/64).")] = "float32",
+    index: Annotated[Optional[Path], typer.Option(help="Also write a gradient index of the corpus (as `infl index` would), in the eigenvalue pass.")] = None,
+    index_dim: IndexDimOpt = "4096",
+    index_dtype: IndexDtypeOpt = "float16",
     force: ForceOpt = False,
     wait: WaitOpt = False,
     quiet: QuietOpt = False,
@@ -200,14 +217,18 @@ def fit_factors(
     """
     from infl.config import FitConfig
     from infl.stages import fit_factors as stage
+    from infl.stages import index as index_stage
 
     cfg = _config(lambda: FitConfig(
         model=_need(model, "--model"), corpus=tuple(_need((corpus or []) + (more_corpus or []), "--corpus")),
         out=_need(out, "--out"), strategy=strategy, modules=modules, damping=damping, damping_scale=damping_scale,
         max_length=max_length, max_sequences=max_sequences, split=split, text_field=text_field, id_field=id_field,
         seed=seed, dtype=dtype, chunk_size=chunk_size, batch_size=batch_size, device=device, force=force, wait=wait,
+        index=index, index_dim=_dim(index_dim), index_dtype=index_dtype,
     ))
     _finish(lambda: stage.run(cfg), quiet, out=cfg.out)
+    if cfg.index is not None:  # finishes the index the eigenvalue pass wrote (or builds it, if it wrote none)
+        _finish(lambda: index_stage.run(cfg.index_config()), quiet, out=cfg.index)
 
 
 @app.command("build-query")
@@ -247,8 +268,8 @@ def index(
     more_corpus: MoreCorpusArg = None,
     out: Annotated[Optional[Path], typer.Option(help="Index artifact to write (.zarr).")] = None,
     model: Annotated[Optional[Path], typer.Option(help="The factors' model at another path (checked by fingerprint).")] = None,
-    index_dim: Annotated[str, typer.Option(help="Eigenbasis coordinates kept per module, or 'full' (exact scores).")] = "4096",
-    index_dtype: Annotated[str, typer.Option(help="float16 (scaled per sequence) | float32.")] = "float16",
+    index_dim: IndexDimOpt = "4096",
+    index_dtype: IndexDtypeOpt = "float16",
     max_length: Annotated[Optional[int], typer.Option(help="Truncate sequences to N tokens (default: the model's context).")] = None,
     split: SplitOpt = "lines",
     text_field: TextFieldOpt = "text",
@@ -276,16 +297,6 @@ def index(
         device=device, force=force, wait=wait,
     ))
     _finish(lambda: stage.run(cfg), quiet, out=cfg.out)
-
-
-def _dim(value: str) -> int | None:
-    """--index-dim: a positive integer, or None for 'full'."""
-    if value.strip().lower() == "full":
-        return None
-    try:
-        return int(value)
-    except ValueError:
-        raise typer.BadParameter(f"--index-dim must be a positive integer or 'full', not {value!r}") from None
 
 
 @app.command("score")
@@ -497,7 +508,7 @@ def verify(
                     where += f" (sequences {bad['sequences'][0]}..{bad['sequences'][1] - 1})"
                 err.print(Text(f"{where}: {bad['problem']}" if where else bad["problem"]))
         if report.bad:
-            fix = ("run `infl score` again to recompute them" if report.repaired and all(bad.get("recomputable") for bad in report.bad)
+            fix = (f"run `infl {report.kind}` again to recompute them" if report.repaired and all(bad.get("recomputable") for bad in report.bad)
                    else "run the command that wrote it again" + ("" if report.bad[0].get("problem", "").startswith("unfinished") else " with --force"))
             raise BadInput(f"{artifact}: {len(report.bad)} problem(s) in {report.checked} checked arrays; {fix}")
         log(f"{artifact}: sound ({report.checked} arrays checked, every chunk against its checksum)")

@@ -93,6 +93,9 @@ class FitConfig(_Run):
     seed: int = 0
     dtype: str = "float32"
     chunk_size: int = _runtime(512)  # sequences between checkpoints (the unit of resume)
+    index: Path | None = _location(None)  # also write a gradient index of the corpus (as `infl index` would)
+    index_dim: int | None = _runtime(4096)  # the index's; they do not change the factors
+    index_dtype: str = _runtime("float16")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -112,6 +115,20 @@ class FitConfig(_Run):
         if self.dtype not in ("float32", "bfloat16"):
             raise BadInput(f"--dtype must be float32 or bfloat16, not {self.dtype!r}")
         object.__setattr__(self, "damping", parse_damping(self.damping))
+        if self.index is not None:
+            if self.strategy not in ("ekfac", "kfac"):
+                raise BadInput(f"--index needs a Kronecker eigenbasis: --strategy ekfac or kfac, not {self.strategy}")
+            if self.max_sequences is not None:
+                raise BadInput("--index indexes the whole corpus: it cannot be used with --max-sequences "
+                               "(build the index later with `infl index`)")
+            self.index_config()  # checks the index's own options
+
+    def index_config(self) -> IndexConfig:
+        """The `infl index` run that `--index` stands for: the fit's corpus, read the same way."""
+        return IndexConfig(factors=self.out, corpus=self.corpus, out=self.index, model=self.model,
+                           index_dim=self.index_dim, index_dtype=self.index_dtype, max_length=self.max_length,
+                           split=self.split, text_field=self.text_field, id_field=self.id_field,
+                           chunk_size=self.chunk_size, batch_size=self.batch_size, device=self.device, wait=self.wait)
 
 
 @dataclass(frozen=True)

@@ -31,18 +31,21 @@ def sweep(
     tokens: list[list[int]],
     n_ignore: list[int] | None = None,
     seeds: list[int] | None = None,
-) -> Iterator[tuple[list[int], Tensor, Tensor, dict[str, Tensor], dict[str, Tensor]]]:
-    """(indices, attention mask, per-sequence loss, a, s) for each batch of `tokens`.
+    data_grads: bool = False,
+) -> Iterator[tuple[list[int], Tensor, Tensor, dict[str, Tensor], dict[str, Tensor], dict[str, Tensor] | None]]:
+    """(indices, attention mask, per-sequence loss, a, s, s for the data labels) for each batch of
+    `tokens`.
 
     `n_ignore[i]`: leading tokens of sequence i that carry no loss (a query's prompt);
-    `seeds[i]`: sample sequence i's labels from the model with this seed (pseudo-gradients).
+    `seeds[i]`: sample sequence i's labels from the model with this seed (pseudo-gradients);
+    `data_grads`: with `seeds`, also the data labels' s from the same forward (else None).
     """
     for batch in batches_by_length([len(t) for t in tokens], rt.batch_size):
         input_ids, mask, labels = data.collate(
             [tokens[i] for i in batch], rt.pad_id, rt.device, None if n_ignore is None else [n_ignore[i] for i in batch]
         )
-        loss, a, s = capture_batch(rt.model, tapped, input_ids, mask, labels, None if seeds is None else [seeds[i] for i in batch])
-        yield batch, mask, loss, a, s
+        yield batch, mask, *capture_batch(rt.model, tapped, input_ids, mask, labels,
+                                          None if seeds is None else [seeds[i] for i in batch], data_grads)
 
 
 def query_gradients(
@@ -55,7 +58,7 @@ def query_gradients(
     measurement = torch.zeros(len(tokens), dtype=torch.float64)
     grads = {spec.name: torch.zeros(len(tokens), *spec.shape) for spec in rt.specs}
     with tap(rt.model, rt.specs) as tapped:
-        for batch, _, loss, a, s in sweep(rt, tapped, tokens, n_ignore=n_prompt):
+        for batch, _, loss, a, s, _ in sweep(rt, tapped, tokens, n_ignore=n_prompt):
             for name in grads:
                 grads[name][batch] = sequence_grads(a[name], s[name]).cpu()
             measurement[batch] = -loss.double().cpu()
@@ -75,7 +78,7 @@ def score_sequences(
     M, n, T = len(bank.modules), len(tokens), max(map(len, tokens))
     per_module = token_terms = None  # allocated at the first batch, which tells the number of queries
     with tap(rt.model, rt.specs) as tapped:
-        for batch, _, _, a, s in sweep(rt, tapped, tokens):
+        for batch, _, _, a, s, _ in sweep(rt, tapped, tokens):
             scores, terms = bank.scores(a, s, per_token)
             if per_module is None:
                 per_module = torch.zeros(M, scores.shape[1], n)
@@ -97,7 +100,7 @@ def self_influence(
     per module: [M, 1, n]. High values flag outliers and mislabeled data."""
     out = torch.zeros(len(rt.specs), 1, len(tokens))
     with tap(rt.model, rt.specs) as tapped:
-        for batch, _, _, a, s in sweep(rt, tapped, tokens):
+        for batch, _, _, a, s, _ in sweep(rt, tapped, tokens):
             for m, spec in enumerate(rt.specs):
                 dw = sequence_grads(a[spec.name], s[spec.name])  # [B, O, I]
                 out[m, 0, batch] = (precondition(dw, curvatures[spec.name]) * dw).sum((1, 2)).float().cpu()
@@ -115,7 +118,7 @@ def compressed_gradients(
     (a: [B, T, I], s: [B, T, O] -> [B, K]): name -> [n, K] (see infl.indexing)."""
     out: dict[str, Tensor] = {}
     with tap(rt.model, rt.specs) as tapped:
-        for batch, _, _, a, s in sweep(rt, tapped, tokens):
+        for batch, _, _, a, s, _ in sweep(rt, tapped, tokens):
             for name, fn in compress.items():
                 values = fn(a[name], s[name]).float().cpu()
                 if name not in out:

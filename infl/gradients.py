@@ -87,18 +87,24 @@ def capture_batch(
     attention_mask: Tensor,
     labels: Tensor,
     seeds: list[int] | None = None,
-) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
+    data_grads: bool = False,
+) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor], dict[str, Tensor] | None]:
     """One forward and one backward pass: per-sequence losses [B] and, per tracked module,
     a: [B, T, I] (zero on padding) and s = dL/dy: [B, T, O].
 
     With `seeds`, the loss uses labels sampled from the model (pseudo-gradients for the curvature);
     otherwise it uses `labels` (data labels for training gradients, completion labels for queries).
+    With `seeds` and `data_grads`, a second backward pass through the same forward also gives s
+    for the data labels (last element; None otherwise): both gradients for one forward.
     """
     logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    s_data = None
     if seeds is not None:
+        if data_grads:
+            s_data = tapped.output_grads(sequence_loss(logits, labels).sum(), retain_graph=True)
         labels = sample_labels(logits, labels, seeds)
     loss = sequence_loss(logits, labels)  # [B]
     s = tapped.output_grads(loss.sum())
     keep = attention_mask[..., None].float()
     a = {name: x * keep for name, x in tapped.inputs.items()}
-    return loss.detach(), a, s
+    return loss.detach(), a, s, s_data

@@ -88,6 +88,17 @@ def test_two_processes_give_the_results_of_one(workdir, corpus, reference, tmp_p
     assert len(shown.stdout.splitlines()) == len(QUERIES)  # printed by one rank
 
 
+def test_two_processes_build_and_use_the_index_of_one(workdir, corpus, reference, tmp_path):
+    index = ["index", "--factors", reference / "f.zarr", "--corpus", corpus, "--chunk-size", "8", "--batch-size", "4", "--index-dim", "20"]
+    assert infl(*index, "--out", tmp_path / "one.zarr").exit_code == 0
+    torchrun(2, *index, "--out", tmp_path / "two.zarr")
+    assert_same(arrays(tmp_path / "two.zarr", "index"), arrays(tmp_path / "one.zarr", "index"))
+    scored = ["score", "--index", tmp_path / "one.zarr", "--queries", reference / "q.zarr", "--chunk-size", "7"]
+    assert infl(*scored, "--out", tmp_path / "s1.zarr").exit_code == 0
+    torchrun(2, *scored, "--out", tmp_path / "s2.zarr")
+    assert_same(arrays(tmp_path / "s2.zarr", "scores"), arrays(tmp_path / "s1.zarr", "scores"))
+
+
 def _rank_pids(launcher: subprocess.Popen) -> dict[int, int]:
     """rank -> pid of the launcher's workers (read from their environment)."""
     pids = {}

@@ -179,3 +179,60 @@ def test_info_reports_bytes_per_sequence(workdir, built, tmp_path):
     modules = FactorsArtifact.open(built / "f.zarr").modules
     assert facts["bytes per sequence"].startswith(f"{len(modules) * (10 * 2 + 4)} ")  # float16 values and a scale
     assert facts["coordinates per module"] == "10"
+
+
+@pytest.mark.parametrize("strategy", ["ekfac", "kfac"])
+def test_an_index_written_during_the_fit_is_the_one_infl_index_writes(workdir, tmp_path, strategy):
+    """ekfac writes it in its eigenvalue pass (a second backward through the same forward); kfac
+    has no such pass, and `fit-factors --index` builds it after the fit. Either way: the same rows."""
+    rows = [{"id": f"s{i}", "text": SENTENCES[i % 12] + f" {i % 5}"} for i in range(30)]
+    corpus = write_jsonl(tmp_path / "c.jsonl", rows)
+    fit = ["fit-factors", "--model", workdir / "gpt2", "--corpus", corpus, "--out", tmp_path / "f.zarr", "--strategy", strategy,
+           "--chunk-size", "8", "--batch-size", "4", "--index-dim", "12"]
+    fused = infl(*fit, "--index", tmp_path / "fused.zarr")
+    assert fused.exit_code == 0, fused.output
+    assert ("4 of 4 chunks done" in fused.output) == (strategy == "ekfac")  # nothing left for the index stage
+    again = infl(*fit, "--index", tmp_path / "fused.zarr")
+    assert again.exit_code == 0 and again.output.count("is up to date") == 2
+    alone = infl("index", "--factors", tmp_path / "f.zarr", "--corpus", corpus, "--out", tmp_path / "alone.zarr",
+                 "--chunk-size", "8", "--batch-size", "4", "--index-dim", "12")
+    assert alone.exit_code == 0, alone.output
+    assert artifacts.read_attrs(tmp_path / "fused.zarr")["fingerprint"] == artifacts.read_attrs(tmp_path / "alone.zarr")["fingerprint"]
+    got, expected = index_arrays(tmp_path / "fused.zarr"), index_arrays(tmp_path / "alone.zarr")
+    assert sorted(got) == sorted(expected)
+    for key, value in expected.items():  # the same batches through the same forward: the same numbers
+        np.testing.assert_array_equal(got[key], value, err_msg=key)
+
+
+def test_an_index_refuses_factors_fitted_again(workdir, built, tmp_path):
+    """Two fits of the same inputs agree to rounding, but their eigenvectors may not (signs, near-equal
+    eigenvalues): queries may come from either, the index only from the fit it was built with."""
+    factors = tmp_path / "f.zarr"
+    fit = ["fit-factors", "--model", workdir / "gpt2", "--corpus", workdir / "corpus.jsonl", "--out", factors]
+    assert infl(*fit).exit_code == 0
+    assert infl("index", "--factors", factors, "--corpus", workdir / "corpus.jsonl", "--out", tmp_path / "i.zarr").exit_code == 0
+    assert infl(*fit, "--force").exit_code == 0  # the same inputs, fitted again in place
+    result = infl("score", "--index", tmp_path / "i.zarr", "--queries", built / "q.zarr", "--out", tmp_path / "s.zarr")
+    assert result.exit_code == 1 and "fitted again" in result.output, result.output
+
+
+def test_a_damaged_index_chunk_is_never_served_and_verify_has_it_recomputed(workdir, built, tmp_path):
+    index = ["index", "--factors", built / "f.zarr", "--corpus", workdir / "corpus.jsonl", "--out", tmp_path / "i.zarr",
+             "--chunk-size", "5", "--index-dim", "9"]
+    assert infl(*index).exit_code == 0
+    before = index_arrays(tmp_path / "i.zarr")
+    name = FactorsArtifact.open(built / "f.zarr").modules[1]
+    chunk = tmp_path / "i.zarr" / "modules" / name / "values" / "c" / "1" / "0"
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    scored = infl("score", "--index", tmp_path / "i.zarr", "--queries", built / "q.zarr", "--out", tmp_path / "s.zarr")
+    assert scored.exit_code == 1 and "does not match its checksum" in scored.output
+    checked = infl("verify", tmp_path / "i.zarr")
+    assert checked.exit_code == 1 and "run `infl index` again to recompute them" in checked.output
+    again = infl(*index)
+    assert again.exit_code == 0 and "2 of 3 chunks done" in again.output, again.output
+    after = index_arrays(tmp_path / "i.zarr")
+    for key, value in before.items():
+        np.testing.assert_array_equal(after[key], value, err_msg=key)
+    assert infl("verify", tmp_path / "i.zarr").exit_code == 0

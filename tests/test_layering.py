@@ -16,6 +16,7 @@ ALLOWED = {
     "curvature/__init__": {"infl.errors"},  # the registry: no torch
     **{f"curvature/{p.stem}": CURVATURE for p in (PKG / "curvature").glob("*.py") if p.stem != "__init__"},
     "scoring": {"torch"},
+    "indexing": {"torch"},
     "capture": {"torch"},
     "gradients": {"torch", "infl.capture", "infl.curvature"},
     **{f"artifacts/{p.stem}": ARTIFACTS for p in (PKG / "artifacts").glob("*.py")},

@@ -28,11 +28,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/
 import readme_block  # noqa: E402
 
 from infl import artifacts, data, modeling
-from infl.config import FitConfig, QueryConfig, ScoreConfig
+from infl.config import FitConfig, IndexConfig, QueryConfig, ScoreConfig
 from infl.demo import build_demo, retrain
-from infl.stages import build_query, fit_factors, score
+from infl.stages import build_query, fit_factors, index, score
 
 STRATEGIES = [("identity", 32), ("diagonal", 32), ("kfac", 32), ("ekfac", 32), ("ekfac", None)]
+INDEX_SIZES = (4096, 16384, None)  # `score --index` with the ekfac factors and rank-32 queries
 
 
 def load_corpus(demo: Path) -> list[dict]:
@@ -114,6 +115,14 @@ def evaluate(demo: Path, out: Path, readme: bool, batch_size: int) -> str:
     rng = np.random.default_rng(0)
     lines = ["| strategy | query rank | LDS (mean over queries) | 95 % interval | planted duplicates ranked first | fit s | score s |",
              "|---|---|---:|---|---:|---:|---:|"]
+    planted = [(q, r["source_id"]) for q, r in enumerate(qrows) if r.get("source_id")]
+
+    def row(name: str, rank, scores_path: Path, fit_s: float, score_s: float) -> str:
+        scores = np.asarray(artifacts.open_complete(scores_path, "scores")["total"][...], dtype=np.float64)
+        mean, lo, hi = lds(scores, masks, f, rng)
+        first = sum(ids[int(np.argmax(scores[q]))] == src for q, src in planted)
+        return f"| {name} | {rank or 'full'} | {mean:.3f} | [{lo:.3f}, {hi:.3f}] | {first}/{len(planted)} | {fit_s:.1f} | {score_s:.1f} |"
+
     for strategy, rank in STRATEGIES:
         d = out / f"{strategy}-{rank or 'full'}"
         t0 = time.perf_counter()
@@ -122,13 +131,14 @@ def evaluate(demo: Path, out: Path, readme: bool, batch_size: int) -> str:
         t1 = time.perf_counter()
         build_query.run(QueryConfig(factors=out / f"{strategy}.f.zarr", queries=out / "queries.jsonl", out=d / "q.zarr", rank=rank))
         score.run(ScoreConfig(queries=d / "q.zarr", corpus=(corpus_file,), out=d / "s.zarr", batch_size=batch_size))
-        t2 = time.perf_counter()
-        scores = np.asarray(artifacts.open_complete(d / "s.zarr", "scores")["total"][...], dtype=np.float64)
-        mean, lo, hi = lds(scores, masks, f, rng)
-        planted = [(q, r["source_id"]) for q, r in enumerate(qrows) if r.get("source_id")]
-        first = sum(ids[int(np.argmax(scores[q]))] == src for q, src in planted)
-        lines.append(f"| {strategy} | {rank or 'full'} | {mean:.3f} | [{lo:.3f}, {hi:.3f}] | {first}/{len(planted)} "
-                     f"| {t1 - t0:.1f} | {t2 - t1:.1f} |")
+        lines.append(row(strategy, rank, d / "s.zarr", t1 - t0, time.perf_counter() - t1))
+    for K in INDEX_SIZES:  # fit s: building the index; score s: scoring from it
+        d = out / f"index-{K or 'full'}"
+        t0 = time.perf_counter()
+        index.run(IndexConfig(factors=out / "ekfac.f.zarr", corpus=(corpus_file,), out=d / "i.zarr", index_dim=K, batch_size=batch_size))
+        t1 = time.perf_counter()
+        score.run(ScoreConfig(queries=out / "ekfac-32" / "q.zarr", index=d / "i.zarr", out=d / "s.zarr"))
+        lines.append(row(f"ekfac, index K = {K or 'full'}", 32, d / "s.zarr", t1 - t0, time.perf_counter() - t1))
     seconds = sum(o["seconds"] for o in outcomes)
     header = (f"{len(outcomes)} retrained models on random halves of {len(corpus)} sequences "
               f"({seconds / 60:.1f} min of training in all), {len(qrows)} queries.")

@@ -5,11 +5,18 @@ and what it adds up in each; labels are sampled from the model (pseudo-gradients
 from its own seed. Under torchrun the corpus chunks are split across ranks, the sums and counts are
 all-reduced in float64, and each module's factors are computed and written by one rank (modules
 are dealt round-robin), so eigendecompositions are spread over the group.
+
+With `--index`, the eigenvalue pass also writes the gradient index `infl index` would write: each
+batch's forward serves the sampled-label backward (for Lambda) and a second, data-label backward
+(the training gradient the index stores), so the index costs one extra backward, not a pass. What
+the fused pass could not write (a strategy without that pass, factors already fitted) is then
+written by the index stage, which `infl fit-factors --index` runs next.
 """
 
 from __future__ import annotations
 
 import time
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +24,7 @@ import torch
 from infl import curvature, data, engine, modeling
 from infl.artifacts import State, identity_fingerprint
 from infl.artifacts.factors import FactorsArtifact, PassState
+from infl.artifacts.index import IndexArtifact
 from infl.capture import ModuleSpec, tap
 from infl.config import FitConfig
 from infl.console import log, progress
@@ -25,12 +33,23 @@ from infl.driver import Group, Outcome
 from infl.driver import run as drive
 from infl.errors import BadInput
 from infl.runtime import Runtime
-from infl.stages import WritingStage, check_unchanged, semantic_fields, sequence_seed
+from infl.stages import (
+    IndexRows,
+    WritingStage,
+    check_unchanged,
+    index_attrs,
+    index_layout,
+    semantic_fields,
+    sequence_seed,
+    with_corpus,
+)
 
 __all__ = ["run", "FitFactors"]
 
 
 def run(cfg: FitConfig) -> Outcome:
+    """The fit (and, with `cfg.index`, the index rows its eigenvalue pass can write: the index is
+    finished, or built, by `index.run(cfg.index_config())`, which `infl fit-factors` runs next)."""
     return drive(FitFactors(cfg))
 
 
@@ -40,9 +59,28 @@ class FitPlan:
     n_sequences: int  # the first n sequences of the corpus are fitted
     shards: tuple[str, ...]  # sha256 of each corpus shard, as planned
     started: float
+    index_attrs: dict | None  # the index the eigenvalue pass also writes (--index)
 
 
 class FitFactors(WritingStage):
+    @contextmanager
+    def _both(self, hold):
+        with ExitStack() as held:
+            held.enter_context(hold(self.cfg.out))
+            if self.cfg.index is not None:
+                held.enter_context(hold(self.cfg.index))
+            yield
+
+    def lock(self):
+        from infl.artifacts import lock
+
+        return self._both(lambda path: lock(path, self.cfg.wait))
+
+    def writing(self):
+        from infl.artifacts import writing
+
+        return self._both(writing)
+
     def _corpus(self, max_length: int) -> data.Corpus:
         cfg = self.cfg
         return data.read_corpus(list(cfg.corpus), modeling.load_tokenizer(cfg.model), max_length, cfg.split,
@@ -66,12 +104,16 @@ class FitFactors(WritingStage):
         if state == State.COMPLETE:
             FactorsArtifact.open_for_writing(cfg.out).discard_checkpoints()  # a kill right after COMPLETE
             return Outcome(f"{cfg.out} is up to date", up_to_date=True)
-        FactorsArtifact.for_fit(cfg.out, attrs, state)  # weights are loaded only now, by every rank
+        art = FactorsArtifact.for_fit(cfg.out, attrs, state)  # weights are loaded only now, by every rank
+        index = None
+        if cfg.index is not None:  # refused now, not after a pass, if another artifact is in the way
+            index = with_corpus(index_attrs(cfg.index_config(), art.attrs, cfg.model), corpus)
+            IndexArtifact.state(cfg.index, index, cfg.force)
         n = len(corpus.ids) if cfg.max_sequences is None else min(cfg.max_sequences, len(corpus.ids))
         if corpus.n_truncated:
             log(f"{corpus.n_truncated} of {len(corpus.ids)} sequences truncated to {max_length} tokens")
         self.planned_corpus = corpus  # the main rank need not read it twice
-        return FitPlan(max_length, n, tuple(s.sha256 for s in corpus.shards), started)
+        return FitPlan(max_length, n, tuple(s.sha256 for s in corpus.shards), started, index)
 
     def run(self, plan: FitPlan, g: Group) -> None:
         cfg = self.cfg
@@ -83,8 +125,8 @@ class FitFactors(WritingStage):
         art = FactorsArtifact.open_for_writing(cfg.out)
         log(f"fitting {cfg.strategy} on {n} sequences, {len(rt.specs)} modules of {cfg.model}"
             + (f", {g.world} processes" if g.world > 1 else ""))
-        fit = _Fit(art, rt, corpus.tokens[:n], [sequence_seed(cfg.seed, corpus.ids[i]) for i in range(n)], cfg, g)
-        fit.run(curvature.get(cfg.strategy))
+        fit = _Fit(art, rt, corpus, n, cfg, g)
+        fit.run(curvature.get(cfg.strategy), plan.index_attrs)
 
     def _begin(self, specs: list[ModuleSpec], n: int) -> None:
         art = FactorsArtifact.open_for_writing(self.cfg.out)
@@ -112,17 +154,19 @@ class _Fit:
     """The passes of one fit on this rank: its share of the chunks, the group's sums, the factors
     of the modules it owns."""
 
-    def __init__(self, art: FactorsArtifact, rt: Runtime, tokens, seeds, cfg: FitConfig, g: Group):
-        self.art, self.rt, self.tokens, self.seeds, self.cfg, self.g = art, rt, tokens, seeds, cfg, g
+    def __init__(self, art: FactorsArtifact, rt: Runtime, corpus: data.Corpus, n: int, cfg: FitConfig, g: Group):
+        self.art, self.rt, self.corpus, self.cfg, self.g = art, rt, corpus, cfg, g
+        self.tokens, self.seeds = corpus.tokens[:n], [sequence_seed(cfg.seed, corpus.ids[i]) for i in range(n)]
         self.owned = g.mine(rt.specs)  # this rank computes and writes these modules' factors
 
-    def run(self, strategy) -> None:
+    def run(self, strategy, index_attrs: dict | None) -> None:
         finished = self.art.finished_passes
         for index, name in enumerate(strategy.passes):
             if name in finished:
                 continue
             factors = self._factors_so_far() if index else {}
-            sums, n_tokens = self._pass(strategy, name, factors)
+            rows = self._index_rows(index_attrs, factors) if index_attrs and name == "eigenvalues" else None
+            sums, n_tokens = self._pass(strategy, name, factors, rows)
             last = index == len(strategy.passes) - 1
             for spec in self.owned:
                 learnt = strategy.end_pass(name, {k: t.cpu() for k, t in sums[spec.name].items()}, n_tokens, len(self.tokens))
@@ -141,6 +185,21 @@ class _Fit:
             attrs = {**attrs, "damping": strategy.damping(learnt["Lambda"], self.cfg.damping, self.cfg.damping_scale)}
         self.art.write_module(spec.name, {k: v.numpy() for k, v in learnt.items()}, attrs)
 
+    def _index_rows(self, attrs: dict, factors: dict) -> IndexRows | None:
+        """The index this pass also writes, sized from the eigenvalues just fitted (None: it is
+        complete already)."""
+        cfg = self.cfg.index_config()
+
+        def prepare() -> bool:
+            eigenvalues = {name: {k: factors[name][k].cpu() for k in ("eig_S", "eig_A")} for name in self.rt.modules}
+            layout = index_layout(cfg, eigenvalues, self.corpus)
+            return IndexArtifact.prepare(cfg.out, attrs, None, layout, False) is not None
+
+        if not self.g.from_main(prepare):
+            return None
+        bases = {name: {k: factors[name][k] for k in ("Q_A", "Q_S")} for name in self.rt.modules}
+        return IndexRows(IndexArtifact.open_for_writing(cfg.out), bases, self.rt.device, cfg.index_dtype)
+
     def _factors_so_far(self) -> dict[str, dict[str, torch.Tensor]]:
         """What earlier passes stored (all but the sums), as every rank reads it back: float32."""
         art = FactorsArtifact.open_for_writing(self.cfg.out)  # fresh metadata: other ranks wrote modules
@@ -150,11 +209,12 @@ class _Fit:
             out[spec.name] = {k: torch.from_numpy(v).to(self.rt.device) for k, v in arrays.items()}
         return out
 
-    def _pass(self, strategy, name: str, factors: dict) -> tuple[dict, int]:
+    def _pass(self, strategy, name: str, factors: dict, index: IndexRows | None = None) -> tuple[dict, int]:
         """Sums per module (float64, every rank's added up) and the token count of one pass.
 
         After each chunk the rank's running sums are checkpointed, so a killed run (with any
-        number of ranks) resumes from what every rank had finished."""
+        number of ranks) resumes from what every rank had finished. With `index`, each chunk's
+        index rows (data-label gradients from the same forward) are committed before that."""
         g, rt, n, C = self.g, self.rt, len(self.tokens), self.cfg.chunk_size
         kept = {}
 
@@ -175,13 +235,20 @@ class _Fit:
         with progress() as bar, tap(rt.model, rt.specs) as tapped:
             task = bar.add_task(name, total=sum(hi - lo for lo, hi in mine))
             for lo, hi in mine:
-                for batch, mask, loss, a, s in engine.sweep(rt, tapped, self.tokens[lo:hi], seeds=self.seeds[lo:hi]):
+                rows = {} if index is not None and lo % C == 0 and hi == min(lo + C, n) else None  # aligned with its chunks
+                for batch, mask, loss, a, s, s_data in engine.sweep(rt, tapped, self.tokens[lo:hi], seeds=self.seeds[lo:hi],
+                                                                   data_grads=rows is not None):
                     if not torch.isfinite(loss).all() or not all(torch.isfinite(x).all() for x in s.values()):
                         raise BadInput("non-finite loss or gradient while fitting", hint="check the model weights and --dtype")
                     n_tokens += int(mask.sum())
                     for spec in rt.specs:
                         strategy.update(name, sums[spec.name], a[spec.name], s[spec.name], factors.get(spec.name, {}))
+                        if rows is not None:
+                            values = index.compress[spec.name](a[spec.name], s_data[spec.name]).float().cpu()
+                            rows.setdefault(spec.name, torch.zeros(hi - lo, values.shape[1]))[batch] = values
                     bar.advance(task, len(batch))
+                if rows is not None:
+                    index.write(lo // C, rows, self.corpus.ids[lo:hi])
                 added.append([lo, hi])
                 self.art.save_progress(g.rank, generation, {m: {k: t.cpu().numpy() for k, t in keys.items()}
                                                             for m, keys in sums.items()}, added, n_tokens)

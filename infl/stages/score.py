@@ -32,8 +32,8 @@ from infl.stages import (
     WritingStage,
     check_unchanged,
     curvatures,
+    index_factors,
     model_dir_for,
-    open_parent,
     query_bank,
     semantic_fields,
 )
@@ -128,6 +128,7 @@ class Score(WritingStage):
         cfg = self.cfg
         if index is not None:
             index.check_factors(parent["factors_fingerprint"], f"the queries {cfg.queries}")
+            index_factors(index)  # the fit the index was built with is still there
             sprov, model_dir, max_length = index.provenance, None, index.provenance["max_length"]
             parent = {**parent, "index": str(cfg.index.resolve()), "index_base_fingerprint": index.attrs["base_fingerprint"],
                       "compression": sprov["compression"]}
@@ -213,7 +214,7 @@ class _FromIndex:
     def __init__(self, cfg: ScoreConfig, device: str):
         self.index, self.device = IndexArtifact.open(cfg.index), device
         self.queries = QueriesArtifact.open(cfg.queries)
-        factors = open_parent(FactorsArtifact, self.queries, "factors")
+        factors = index_factors(self.index)  # c_q must be taken in the index's own eigenbases
         self.bases = {name: {k: torch.from_numpy(v).to(device) for k, v in factors.read_module(name, ("Q_A", "Q_S")).items()}
                       for name in self.queries.modules}
         self.flat = {name: torch.from_numpy(self.index.coordinates(name)).to(device) for name in self.queries.modules}

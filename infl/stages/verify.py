@@ -2,8 +2,8 @@
 
 That it is finished; that its attributes still give its fingerprint and match the manifest in
 COMPLETE.json; that every chunk of every array is readable, finite and matches its digest. A bad
-scores chunk has its cells marked not done and the artifact loses its COMPLETE stamp, so the next
-`infl score` recomputes just them instead of serving them."""
+scores (or index) chunk has its cells marked not done and the artifact loses its COMPLETE stamp,
+so the next `infl score` (or `infl index`) recomputes just them instead of serving them."""
 
 from __future__ import annotations
 
@@ -43,8 +43,8 @@ def run(path: Path) -> Report:
             if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
                 raise
             art, writable = cls(path, open_group(path)), False
-        if attrs["kind"] == "scores" and not art.started:
-            raise BadInput(f"{path} is unfinished: its run stopped before any chunk", hint="re-run `infl score`")
+        if attrs["kind"] in ("scores", "index") and not art.started:
+            raise BadInput(f"{path} is unfinished: its run stopped before any chunk", hint=f"re-run `infl {attrs['kind']}`")
         try:
             total = len(art.data_arrays())
         except integrity.Unreadable:
