@@ -203,7 +203,7 @@ def fit_factors(
     batch_size: BatchOpt = 8,
     device: DeviceOpt = "cpu",
     dtype: Annotated[str, typer.Option(help="float32 | bfloat16 (model weights; statistics stay float32/64).")] = "float32",
-    index: Annotated[Optional[Path], typer.Option(help="Also write a gradient index of the corpus (as `infl index` would), in the eigenvalue pass.")] = None,
+    index: Annotated[Optional[Path], typer.Option(help="Also write a gradient index of the corpus (as `infl index` would): in the eigenvalue pass for ekfac, after the fit for kfac.")] = None,
     index_dim: IndexDimOpt = "4096",
     index_dtype: IndexDtypeOpt = "float16",
     force: ForceOpt = False,
@@ -474,6 +474,9 @@ def info(
     _finish(call, False, every_rank=False)
 
 
+_WRITER = {"factors": "fit-factors", "queries": "build-query", "index": "index", "scores": "score"}  # kind -> its command
+
+
 @app.command("verify")
 def verify(
     artifact: Annotated[Path, typer.Argument(help="A factors, queries or scores artifact (.zarr).")],
@@ -508,7 +511,7 @@ def verify(
                     where += f" (sequences {bad['sequences'][0]}..{bad['sequences'][1] - 1})"
                 err.print(Text(f"{where}: {bad['problem']}" if where else bad["problem"]))
         if report.bad:
-            fix = (f"run `infl {report.kind}` again to recompute them" if report.repaired and all(bad.get("recomputable") for bad in report.bad)
+            fix = (f"run `infl {_WRITER[report.kind]}` again to recompute them" if report.repaired and all(bad.get("recomputable") for bad in report.bad)
                    else "run the command that wrote it again" + ("" if report.bad[0].get("problem", "").startswith("unfinished") else " with --force"))
             raise BadInput(f"{artifact}: {len(report.bad)} problem(s) in {report.checked} checked arrays; {fix}")
         log(f"{artifact}: sound ({report.checked} arrays checked, every chunk against its checksum)")

@@ -121,6 +121,8 @@ class FitConfig(_Run):
             if self.max_sequences is not None:
                 raise BadInput("--index indexes the whole corpus: it cannot be used with --max-sequences "
                                "(build the index later with `infl index`)")
+            if self.index.resolve() == self.out.resolve() or self.out.resolve() in self.index.resolve().parents:
+                raise BadInput("--index must be an artifact of its own, not --out or a path inside it")
             self.index_config()  # checks the index's own options
 
     def index_config(self) -> IndexConfig:
@@ -202,6 +204,11 @@ class ScoreConfig(_Run):
             if self.per_token or self.self_influence or self.max_length is not None:
                 raise BadInput("--index scores whole sequences of the index's corpus: "
                                "--per-token, --self and --max-length need --corpus")
+            if self.model is not None or self.factors is not None:
+                raise BadInput("--index needs no --model or --factors: it uses the factors it was built with")
+            if (self.split, self.text_field, self.id_field) != ("lines", "text", "id"):
+                raise BadInput("--index reads its corpus as it was indexed: --split, --text-field and --id-field "
+                               "are options of `infl index`")
         elif not self.corpus:
             raise BadInput("--corpus names no file")
         if self.chunk_size < 1:

@@ -71,7 +71,7 @@ def low_rank_query_coordinates(U: Tensor, sigma: Tensor, V: Tensor, Q_A: Tensor,
     left = (Q_S.T.to(torch.float64) @ U.to(torch.float64)) * sigma.to(torch.float64)[:, None, :]  # [Q, O, R]
     right = Q_A.T.to(torch.float64) @ V.to(torch.float64)  # [Q, I, R]
     rows, cols = flat // I, flat % I
-    out = torch.empty(U.shape[0], len(flat), dtype=torch.float64)
+    out = torch.empty(U.shape[0], len(flat), dtype=torch.float64, device=U.device)
     for q in range(U.shape[0]):  # one query at a time: [K, R] or [O, I] at most
         if len(flat) * R < O * I:
             out[q] = (left[q, rows] * right[q, cols]).sum(1)

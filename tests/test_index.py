@@ -124,6 +124,21 @@ def test_appended_shards_and_a_killed_build_give_the_one_shot_index(workdir, bui
     np.testing.assert_allclose(scores_of(tmp_path / "s.zarr")["total"], expected, rtol=1e-5, atol=1e-6 * np.abs(expected).max())
 
 
+def test_refine_reranks_an_index_answer_with_exact_scores(workdir, built, tmp_path):
+    """A small index ranks roughly; `topk --refine N` rescores its N best with the model (full-rank
+    queries, as for any scores artifact), so the refined scores are the exact answer's."""
+    assert infl("index", "--factors", built / "f.zarr", "--corpus", workdir / "corpus.jsonl", "--out", tmp_path / "i.zarr",
+                "--index-dim", "3").exit_code == 0
+    assert infl("score", "--index", tmp_path / "i.zarr", "--queries", built / "q.zarr", "--out", tmp_path / "s.zarr").exit_code == 0
+    n = len(SENTENCES)
+    refine = ["-k", "3", "--refine", str(n), "--format", "json"]
+    from_index = json.loads(infl("topk", "--scores", tmp_path / "s.zarr", *refine).stdout)
+    exact = json.loads(infl("topk", "--scores", built / "s.zarr", *refine).stdout)
+    assert [(h["query_id"], h["train_id"]) for h in from_index] == [(h["query_id"], h["train_id"]) for h in exact]
+    np.testing.assert_allclose([h["refined_score"] for h in from_index], [h["refined_score"] for h in exact], rtol=1e-5)
+    assert any(a["score"] != pytest.approx(b["score"], rel=1e-3) for a, b in zip(from_index, exact))  # the index alone differs
+
+
 def test_new_queries_score_only_their_block(workdir, built, tmp_path):
     assert infl("index", "--factors", built / "f.zarr", "--corpus", workdir / "corpus.jsonl", "--out", tmp_path / "i.zarr").exit_code == 0
     more = write_jsonl(tmp_path / "more.jsonl", [{"id": "q-more", "prompt": "The dog", "completion": " ran across the park."}])
@@ -236,3 +251,17 @@ def test_a_damaged_index_chunk_is_never_served_and_verify_has_it_recomputed(work
     for key, value in before.items():
         np.testing.assert_array_equal(after[key], value, err_msg=key)
     assert infl("verify", tmp_path / "i.zarr").exit_code == 0
+
+
+def test_scores_refuse_an_index_rebuilt_on_fewer_shards_and_options_it_would_ignore(workdir, built, tmp_path):
+    rows = [{"id": f"s{i}", "text": t} for i, t in enumerate(SENTENCES)]
+    first, second = write_jsonl(tmp_path / "a.jsonl", rows[:6]), write_jsonl(tmp_path / "b.jsonl", rows[6:])
+    index = ["index", "--factors", built / "f.zarr", "--out", tmp_path / "i.zarr", "--index-dim", "5"]
+    scored = ["score", "--index", tmp_path / "i.zarr", "--queries", built / "q.zarr", "--out", tmp_path / "s.zarr"]
+    assert infl(*index, "--corpus", first, "--corpus", second).exit_code == 0 and infl(*scored).exit_code == 0
+    assert infl(*index, "--corpus", first, "--force").exit_code == 0
+    shrunk = infl(*scored)
+    assert shrunk.exit_code == 1 and "no longer have" in shrunk.output, shrunk.output
+    for extra in (["--model", workdir / "gpt2"], ["--text-field", "body"]):
+        ignored = infl(*scored[:-1], tmp_path / "t.zarr", *extra)
+        assert ignored.exit_code == 2 and "--index" in ignored.output, ignored.output

@@ -33,7 +33,10 @@ class ChunkedArtifact(Artifact):
         return old
 
     def _check_old_shards(self, old: dict, attrs: dict) -> None:
-        """Growth only appends shards: the ones already held must be unchanged."""
+        """Growth only appends shards: the ones already held must be there, unchanged."""
+        if len(attrs["provenance"]["corpus"]) < len(old["provenance"]["corpus"]):
+            raise IncompatibleArtifact(f"{self.path} holds corpus shards its inputs no longer have (an index rebuilt on fewer?)",
+                                       hint="pass --force to recompute everything, or choose another --out")
         for i, shard in enumerate(old["provenance"]["corpus"]):
             if attrs["provenance"]["corpus"][i]["sha256"] != shard["sha256"]:
                 raise IncompatibleArtifact(

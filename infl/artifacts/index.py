@@ -24,9 +24,7 @@ from infl.artifacts import State
 from infl.artifacts.chunked import ChunkedArtifact
 from infl.errors import IncompatibleArtifact
 
-__all__ = ["IndexArtifact", "IndexLayout", "DTYPES"]
-
-DTYPES = ("float16", "float32")
+__all__ = ["IndexArtifact", "IndexLayout"]
 
 
 class IndexLayout:
@@ -62,9 +60,10 @@ class IndexArtifact(ChunkedArtifact):
             return None
         if status == State.PARTIAL and cls.open_for_writing(path).started:
             art = cls.open_for_writing(path)
-            N_arr = art.group["train_ids"].shape[0]
-            if N_arr != len(layout.train_ids):  # a growth was killed and these are the inputs from before it
-                art._conform(layout, min(N_arr, len(layout.train_ids)))
+            # a growth killed midway, and these are the inputs from before it: values are resized first
+            rows = {art.group[f"modules/{layout.modules[0]}/values"].shape[0], art.group["train_ids"].shape[0]}
+            if rows != {len(layout.train_ids)}:
+                art._conform(layout, min(*rows, len(layout.train_ids)))
             return art
         return cls._create_for(path, attrs, layout)  # absent, or killed while creating its arrays
 

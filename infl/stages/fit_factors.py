@@ -31,7 +31,7 @@ from infl.console import log, progress
 from infl.curvature.base import ACCUMULATE
 from infl.driver import Group, Outcome
 from infl.driver import run as drive
-from infl.errors import BadInput
+from infl.errors import BadInput, IncompatibleArtifact
 from infl.runtime import Runtime
 from infl.stages import (
     IndexRows,
@@ -108,7 +108,11 @@ class FitFactors(WritingStage):
         index = None
         if cfg.index is not None:  # refused now, not after a pass, if another artifact is in the way
             index = with_corpus(index_attrs(cfg.index_config(), art.attrs, cfg.model), corpus)
-            IndexArtifact.state(cfg.index, index, cfg.force)
+            try:
+                IndexArtifact.state(cfg.index, index, cfg.force)
+            except IncompatibleArtifact as e:  # --force here would refit the factors too
+                raise IncompatibleArtifact(str(e), hint="pass the index options it was made with (--index-dim, --index-dtype, "
+                                           "--chunk-size), another --index, or rebuild it alone: infl index ... --force") from None
         n = len(corpus.ids) if cfg.max_sequences is None else min(cfg.max_sequences, len(corpus.ids))
         if corpus.n_truncated:
             log(f"{corpus.n_truncated} of {len(corpus.ids)} sequences truncated to {max_length} tokens")
@@ -235,7 +239,8 @@ class _Fit:
         with progress() as bar, tap(rt.model, rt.specs) as tapped:
             task = bar.add_task(name, total=sum(hi - lo for lo, hi in mine))
             for lo, hi in mine:
-                rows = {} if index is not None and lo % C == 0 and hi == min(lo + C, n) else None  # aligned with its chunks
+                # an index chunk aligned with this one and not written yet (by a run killed before its checkpoint)
+                rows = {} if index is not None and lo % C == 0 and hi == min(lo + C, n) and not index.art.done_mask()[lo // C] else None
                 for batch, mask, loss, a, s, s_data in engine.sweep(rt, tapped, self.tokens[lo:hi], seeds=self.seeds[lo:hi],
                                                                    data_grads=rows is not None):
                     if not torch.isfinite(loss).all() or not all(torch.isfinite(x).all() for x in s.values()):
