@@ -19,7 +19,8 @@ def test_lds_harness_runs_end_to_end(tmp_path):
     result = subprocess.run([sys.executable, str(HARNESS), "evaluate", *common], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and "strategy" not in line]
-    assert [r.split("|")[1].strip() for r in rows] == ["identity", "diagonal", "kfac", "ekfac", "ekfac"]
+    assert [r.split("|")[1].strip() for r in rows] == ["identity", "diagonal", "kfac", "ekfac", "ekfac",
+                                                       "ekfac, index K = 4096", "ekfac, index K = 16384", "ekfac, index K = full"]
     for row in rows:
         lds = float(row.split("|")[3])
         assert -1.0 <= lds <= 1.0
