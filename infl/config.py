@@ -56,6 +56,15 @@ def _check_split(split: str) -> None:
         raise BadInput(f"--split must be lines or windows, not {split!r}")
 
 
+def _check_reading(max_length: int | None, chunk_size: int, split: str) -> None:
+    """The options of every stage that reads a corpus chunk by chunk."""
+    if max_length is not None and max_length < 2:
+        raise BadInput(f"--max-length must be >= 2, not {max_length}")
+    if chunk_size < 1:
+        raise BadInput(f"--chunk-size must be >= 1, not {chunk_size}")
+    _check_split(split)
+
+
 def _check_device(device: str) -> None:
     if not (device == "cpu" or device.startswith("cuda")):
         raise BadInput(f"--device must be cpu or cuda[:N], not {device!r}")
@@ -105,13 +114,9 @@ class FitConfig(_Run):
             raise BadInput("--corpus names no file")
         if self.damping_scale <= 0:
             raise BadInput(f"--damping-scale must be > 0, not {self.damping_scale}")
-        if self.max_length is not None and self.max_length < 2:
-            raise BadInput(f"--max-length must be >= 2, not {self.max_length}")
         if self.max_sequences is not None and self.max_sequences < 1:
             raise BadInput(f"--max-sequences must be >= 1, not {self.max_sequences}")
-        if self.chunk_size < 1:
-            raise BadInput(f"--chunk-size must be >= 1, not {self.chunk_size}")
-        _check_split(self.split)
+        _check_reading(self.max_length, self.chunk_size, self.split)
         if self.dtype not in ("float32", "bfloat16"):
             raise BadInput(f"--dtype must be float32 or bfloat16, not {self.dtype!r}")
         object.__setattr__(self, "damping", parse_damping(self.damping))
@@ -173,11 +178,7 @@ class IndexConfig(_Run):
             raise BadInput(f"--index-dim must be >= 1 or 'full', not {self.index_dim}")
         if self.index_dtype not in ("float16", "float32"):
             raise BadInput(f"--index-dtype must be float16 or float32, not {self.index_dtype!r}")
-        if self.chunk_size < 1:
-            raise BadInput(f"--chunk-size must be >= 1, not {self.chunk_size}")
-        _check_split(self.split)
-        if self.max_length is not None and self.max_length < 2:
-            raise BadInput(f"--max-length must be >= 2, not {self.max_length}")
+        _check_reading(self.max_length, self.chunk_size, self.split)
 
 
 @dataclass(frozen=True)
@@ -211,11 +212,7 @@ class ScoreConfig(_Run):
                                "are options of `infl index`")
         elif not self.corpus:
             raise BadInput("--corpus names no file")
-        if self.chunk_size < 1:
-            raise BadInput(f"--chunk-size must be >= 1, not {self.chunk_size}")
-        _check_split(self.split)
-        if self.max_length is not None and self.max_length < 2:
-            raise BadInput(f"--max-length must be >= 2, not {self.max_length}")
+        _check_reading(self.max_length, self.chunk_size, self.split)
         if self.self_influence:
             if self.factors is None or self.queries is not None:
                 raise BadInput("--self scores the corpus against itself: give --factors, not --queries")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from infl.driver import Outcome
 
-__all__ = ["Outcome", "WritingStage", "artifact_class", "open_parent", "check_unchanged", "semantic_fields", "sequence_seed",
+__all__ = ["Outcome", "WritingStage", "artifact_class", "open_parent", "corpus_paths", "check_unchanged", "semantic_fields", "sequence_seed",
            "model_dir_for", "query_bank", "COMPRESSION", "index_attrs", "with_corpus", "index_layout", "index_factors",
            "IndexRows", "curvatures", "module_specs"]
 
@@ -62,6 +62,13 @@ def open_parent(cls, child, key: str):
             f"{path} (fingerprint {parent.fingerprint[:12]}) is not the {key} artifact {child.path} was made from "
             f"(fingerprint {recorded[:12]}): it was rebuilt since", hint=f"recompute {child.path}")
     return parent
+
+
+def corpus_paths(old: dict | None, requested: tuple[Path, ...]) -> tuple[Path, ...]:
+    """The shards a chunked artifact (scores, index) is computed over: those it already holds
+    (`old`: its attributes, or None), in their order, then the requested ones it does not hold."""
+    stored = [shard["path"] for shard in old["provenance"]["corpus"]] if old else []
+    return tuple(Path(p) for p in stored) + tuple(p for p in requested if str(p.resolve()) not in stored)
 
 
 def check_unchanged(corpus, planned: tuple[str, ...]) -> None:

@@ -30,6 +30,7 @@ from infl.stages import (
     IndexRows,
     WritingStage,
     check_unchanged,
+    corpus_paths,
     index_attrs,
     index_layout,
     model_dir_for,
@@ -65,26 +66,26 @@ class Index(WritingStage):
         attrs = index_attrs(cfg, factors.attrs, model_dir)
         max_length = attrs["provenance"]["max_length"]
         old = IndexArtifact.grown_from(cfg.out, identity_fingerprint(attrs), cfg.force)
-        stored = [shard["path"] for shard in old["provenance"]["corpus"]] if old else []
-        paths = [Path(p) for p in stored] + [p for p in cfg.corpus if str(p.resolve()) not in stored]
+        paths = corpus_paths(old, cfg.corpus)
         corpus = self._corpus(paths, modeling.load_tokenizer(model_dir), max_length)
         attrs = with_corpus(attrs, corpus)
         eigenvalues = {name: {k: torch.from_numpy(v) for k, v in factors.read_module(name, ("eig_S", "eig_A")).items()}
                        for name in factors.modules}
         layout = index_layout(cfg, eigenvalues, corpus)
-        n_old = sum(s["n_records"] for s in old["provenance"]["corpus"]) if old else 0
+        old_shards = old["provenance"]["corpus"] if old else []
+        n_old = sum(s["n_records"] for s in old_shards)
         art = IndexArtifact.prepare(cfg.out, attrs, old, layout, cfg.force)
         if art is None:
             return Outcome(f"{cfg.out} is up to date", up_to_date=True)
         if old and len(corpus.ids) > n_old:
-            log(f"adding {len(corpus.ids) - n_old} sequences from {len(paths) - len(stored)} new corpus shard(s) to {cfg.out}")
+            log(f"adding {len(corpus.ids) - n_old} sequences from {len(paths) - len(old_shards)} new corpus shard(s) to {cfg.out}")
         if corpus.n_truncated:
             log(f"{corpus.n_truncated} of {len(corpus.ids)} sequences truncated to {max_length} tokens")
         pending = art.pending()
         self.planned_corpus = corpus
         log(f"indexing {len(corpus.ids)} sequences over {len(factors.modules)} modules, "
             f"{art.bytes_per_sequence()} bytes each ({layout.n_chunks - len(pending)} of {layout.n_chunks} chunks done)")
-        return IndexPlan(model_dir, tuple(paths), tuple(s.sha256 for s in corpus.shards), max_length,
+        return IndexPlan(model_dir, paths, tuple(s.sha256 for s in corpus.shards), max_length,
                          factors.provenance["dtype"], factors.modules, pending, started)
 
     def _corpus(self, paths, tokenizer, max_length: int) -> data.Corpus:

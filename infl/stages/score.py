@@ -31,6 +31,7 @@ from infl.runtime import Runtime
 from infl.stages import (
     WritingStage,
     check_unchanged,
+    corpus_paths,
     curvatures,
     index_factors,
     model_dir_for,
@@ -94,8 +95,7 @@ class Score(WritingStage):
                                  index.all_locators())
             attrs["provenance"]["index_fingerprint"] = index.fingerprint
         else:
-            stored = [shard["path"] for shard in old["provenance"]["corpus"]] if old else []
-            paths = tuple(Path(p) for p in stored) + tuple(p for p in cfg.corpus if str(p.resolve()) not in stored)
+            paths = corpus_paths(old, cfg.corpus)
             corpus = self._corpus(paths, modeling.load_tokenizer(model_dir), max_length)
         attrs["provenance"]["corpus"] = [shard.to_dict() for shard in corpus.shards]
         if not cfg.self_influence:
