@@ -4,18 +4,26 @@ For a linear module y = W a (+ b), a sequence's weight gradient is DW = sum_t s_
 trailing 1 appended to a_t when the module has a bias. Hooks never rewrite the model: they are
 attached by a context manager and always removed. GPT-2's Conv1D (weight stored [I, O]) is read
 the same way; only its weight layout differs, which `ModuleSpec.transposed` records.
+
+Memory: a backward pass hands each module's s to the caller as soon as autograd has it (last
+layer first) and frees it after, so one module's s, and one module's float32 copy of a, are
+alive at a time; what is kept for the whole batch is each module's raw input, which the model's
+own activations mostly share. No parameter requires grad: the graph starts at the input
+embeddings, so autograd computes input gradients only, never a weight gradient.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ModuleSpec", "Tap", "tap"]
+__all__ = ["ModuleSpec", "Tap", "tap", "Consumer"]
+
+Consumer = Callable[[str, Tensor, Tensor], None]  # (module name, a [B, T, I], s [B, T, O])
 
 
 @dataclass(frozen=True)
@@ -36,36 +44,62 @@ class ModuleSpec:
 
 @dataclass
 class Tap:
-    """Inputs and outputs of the tracked modules from the last forward pass."""
+    """What the tracked modules saw in the last forward pass, handed out module by module by
+    `backward`."""
 
     specs: Sequence[ModuleSpec]
-    inputs: dict[str, Tensor] = field(default_factory=dict)  # name -> a: [B, T, I] (float32, bias column)
-    outputs: dict[str, Tensor] = field(default_factory=dict)  # name -> y: [B, T, O] (in the graph)
+    raw: dict[str, Tensor] = field(default_factory=dict)  # name -> the module's input [B, T, d_in], as the model made it
+    root: Tensor | None = None  # the input embeddings, where the graph starts
+    mask: Tensor | None = None  # [B, T] attention mask of the batch: a is zero on padding
+    _consume: Consumer | None = None
+    _seen: set[str] = field(default_factory=set)
 
-    def output_grads(self, loss: Tensor, retain_graph: bool = False) -> dict[str, Tensor]:
-        """s = d loss / d y for every tracked module, in one backward pass; no parameter .grad is touched."""
-        names = [spec.name for spec in self.specs]
-        grads = torch.autograd.grad(loss, [self.outputs[n] for n in names], retain_graph=retain_graph)
-        return {n: g.float() for n, g in zip(names, grads)}  # s: [B, T, O]
+    def __post_init__(self) -> None:
+        self._bias = {spec.name: spec.bias for spec in self.specs}
+
+    def a(self, name: str) -> Tensor:
+        """The module's input a_t, float32, with the bias column, zero on padding: [B, T, I]."""
+        x = self.raw[name].float()
+        if self._bias[name]:
+            x = torch.cat([x, x.new_ones(*x.shape[:-1], 1)], dim=-1)
+        return x * self.mask[..., None].to(x.dtype)
+
+    def backward(self, loss: Tensor, consume: Consumer, retain_graph: bool = False) -> None:
+        """One backward pass of `loss`: consume(name, a, s) for every tracked module, s = dloss/dy
+        (float32); a module the loss does not reach gets s = 0."""
+        self._consume, self._seen = consume, set()
+        try:
+            torch.autograd.grad(loss, self.root, retain_graph=retain_graph)
+        finally:
+            self._consume = None
+        for spec in self.specs:
+            if spec.name not in self._seen:
+                a = self.a(spec.name)
+                consume(spec.name, a, a.new_zeros(*a.shape[:-1], spec.d_out))
+
+    def _on_grad(self, name: str, grad: Tensor) -> None:
+        if self._consume is not None:
+            self._seen.add(name)
+            self._consume(name, self.a(name), grad.float())
 
 
 @contextmanager
 def tap(model: nn.Module, specs: Sequence[ModuleSpec]) -> Iterator[Tap]:
-    """Attach forward hooks that record a_t and the output tensor of each module in `specs`.
-
-    The outputs must be part of the autograd graph: the caller makes the tracked weights require
-    grad (see modeling.prepare_for_capture), which is enough for autograd.grad to reach them.
-    """
+    """Attach the hooks: the input embeddings become the graph's leaf, each tracked module records
+    its input and asks for its output's gradient."""
     record = Tap(specs)
-    handles = []
+
+    def on_embeddings(_module, _args, output):
+        record.root = output.detach().requires_grad_()
+        return record.root
+
+    handles = [model.get_input_embeddings().register_forward_hook(on_embeddings)]
     for spec in specs:
 
-        def on_forward(_module, args, output, spec=spec):
-            a = args[0].detach().float()
-            if spec.bias:
-                a = torch.cat([a, a.new_ones(*a.shape[:-1], 1)], dim=-1)
-            record.inputs[spec.name] = a
-            record.outputs[spec.name] = output
+        def on_forward(_module, args, output, name=spec.name):
+            record.raw[name] = args[0].detach()
+            if output.requires_grad:
+                output.register_hook(lambda grad: record._on_grad(name, grad))
 
         handles.append(model.get_submodule(spec.name).register_forward_hook(on_forward))
     try:

@@ -238,7 +238,7 @@ def build_query(
     out: Annotated[Optional[Path], typer.Option(help="Queries artifact to write (.zarr).")] = None,
     model: Annotated[Optional[Path], typer.Option(help="The factors' model at another path (checked by fingerprint).")] = None,
     rank: Annotated[str, typer.Option(help="Rank of the stored preconditioned gradients, or 'full'.")] = "32",
-    svd: Annotated[str, typer.Option(help="auto (exact up to min(O, I) = 1024, else randomized) | exact | randomized.")] = "auto",
+    svd: Annotated[str, typer.Option(help="auto (randomized where 4 (rank + 10) <= min(O, I), else exact) | exact | randomized.")] = "auto",
     append: Annotated[bool, typer.Option("--append", help="Add these queries to an existing queries artifact (score then computes only them).")] = False,
     batch_size: BatchOpt = 8,
     device: DeviceOpt = "cpu",

@@ -145,7 +145,7 @@ class QueryConfig(_Run):
     out: Path = _location(Path())
     model: Path | None = _location(None)  # checked by fingerprint
     rank: int | None = 32  # None: full matrices
-    svd: str = "auto"  # exact | randomized | auto (exact up to min(O, I) = 1024)
+    svd: str = "auto"  # exact | randomized | auto (randomized where 4 (rank + 10) <= min(O, I))
     append: bool = _runtime(False)  # add this file's queries to an existing artifact
 
     def __post_init__(self) -> None:

@@ -5,6 +5,7 @@ files, no progress bars (callers report progress through `on_batch`)."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from functools import partial
 
 import torch
 from torch import Tensor
@@ -29,38 +30,52 @@ def sweep(
     rt: Runtime,
     tapped: Tap,
     tokens: list[list[int]],
+    consume: Callable[[list[int], str, Tensor, Tensor], None],
     n_ignore: list[int] | None = None,
     seeds: list[int] | None = None,
-    data_grads: bool = False,
-) -> Iterator[tuple[list[int], Tensor, Tensor, dict[str, Tensor], dict[str, Tensor], dict[str, Tensor] | None]]:
-    """(indices, attention mask, per-sequence loss, a, s, s for the data labels) for each batch of
-    `tokens`.
+    consume_data: Callable[[list[int], str, Tensor, Tensor], None] | None = None,
+) -> Iterator[tuple[list[int], Tensor, Tensor]]:
+    """(indices, attention mask, per-sequence loss) for each batch of `tokens`, once
+    consume(indices, name, a, s) has run for every tracked module (see infl.capture: one
+    module's gradients are alive at a time).
 
     `n_ignore[i]`: leading tokens of sequence i that carry no loss (a query's prompt);
     `seeds[i]`: sample sequence i's labels from the model with this seed (pseudo-gradients);
-    `data_grads`: with `seeds`, also the data labels' s from the same forward (else None).
+    `consume_data`: with `seeds`, also gets the data labels' s, from the same forward.
     """
     for batch in batches_by_length([len(t) for t in tokens], rt.batch_size):
         input_ids, mask, labels = data.collate(
             [tokens[i] for i in batch], rt.pad_id, rt.device, None if n_ignore is None else [n_ignore[i] for i in batch]
         )
-        yield batch, mask, *capture_batch(rt.model, tapped, input_ids, mask, labels,
-                                          None if seeds is None else [seeds[i] for i in batch], data_grads)
+        loss = capture_batch(rt.model, tapped, input_ids, mask, labels, partial(consume, batch),
+                             None if seeds is None else [seeds[i] for i in batch],
+                             None if consume_data is None else partial(consume_data, batch))
+        yield batch, mask, loss
 
 
 def query_gradients(
     rt: Runtime,
     tokens: list[list[int]],
     n_prompt: list[int],
+    each: Callable[[list[int], str, Tensor], None] | None = None,
     on_batch: Callable[[int], None] = lambda n: None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Measurements f = log p(completion | prompt) [Q] and the gradients of -f per module [Q, O, I]."""
+    """Measurements f = log p(completion | prompt) [Q] and the gradients of -f per module.
+
+    With `each`, every module's gradients of a batch, [b, O, I], go to each(indices, name, G) as
+    autograd finds them, and are dropped after (the result's dict is then empty): the gradients of
+    all modules are never held at once. Otherwise they are returned, [Q, O, I] per module."""
     measurement = torch.zeros(len(tokens), dtype=torch.float64)
-    grads = {spec.name: torch.zeros(len(tokens), *spec.shape) for spec in rt.specs}
+    grads: dict[str, Tensor] = {}
+
+    def keep(batch, name, G):
+        grads.setdefault(name, torch.zeros(len(tokens), *G.shape[1:]))[batch] = G.cpu()
+
+    def consume(batch, name, a, s):
+        (each or keep)(batch, name, sequence_grads(a, s))
+
     with tap(rt.model, rt.specs) as tapped:
-        for batch, _, loss, a, s, _ in sweep(rt, tapped, tokens, n_ignore=n_prompt):
-            for name in grads:
-                grads[name][batch] = sequence_grads(a[name], s[name]).cpu()
+        for batch, _, loss in sweep(rt, tapped, tokens, consume, n_ignore=n_prompt):
             measurement[batch] = -loss.double().cpu()
             on_batch(len(batch))
     return measurement, grads
@@ -75,17 +90,19 @@ def score_sequences(
 ) -> tuple[Tensor, Tensor | None]:
     """Influence of each sequence (data labels) on each query: per module [M, Q, n] and, if asked,
     per token [Q, n, T] with T the longest sequence (zero past a sequence's end)."""
-    M, n, T = len(bank.modules), len(tokens), max(map(len, tokens))
-    per_module = token_terms = None  # allocated at the first batch, which tells the number of queries
+    n, T = len(tokens), max(map(len, tokens))
+    row = {name: m for m, name in enumerate(bank.modules)}
+    per_module = torch.zeros(len(bank.modules), bank.n_queries, n)
+    token_terms = torch.zeros(bank.n_queries, n, T) if per_token else None
+
+    def consume(batch, name, a, s):
+        scores, terms = bank.module_scores(name, a, s, per_token)
+        per_module[row[name], :, batch] = scores.float().cpu()
+        if per_token:
+            token_terms[:, batch, : terms.shape[2]] += terms.float().cpu()
+
     with tap(rt.model, rt.specs) as tapped:
-        for batch, _, _, a, s, _ in sweep(rt, tapped, tokens):
-            scores, terms = bank.scores(a, s, per_token)
-            if per_module is None:
-                per_module = torch.zeros(M, scores.shape[1], n)
-                token_terms = torch.zeros(scores.shape[1], n, T) if per_token else None
-            per_module[:, :, batch] = scores.float().cpu()
-            if per_token:
-                token_terms[:, batch, : terms.shape[2]] = terms.float().cpu()
+        for batch, _, _ in sweep(rt, tapped, tokens, consume):
             on_batch(len(batch))
     return per_module, token_terms
 
@@ -98,12 +115,15 @@ def self_influence(
 ) -> tuple[Tensor, None]:
     """Each sequence's influence on its own loss, grad L(z)^T (G + damping I)^-1 grad L(z),
     per module: [M, 1, n]. High values flag outliers and mislabeled data."""
+    row = {spec.name: m for m, spec in enumerate(rt.specs)}
     out = torch.zeros(len(rt.specs), 1, len(tokens))
+
+    def consume(batch, name, a, s):
+        dw = sequence_grads(a, s)  # [B, O, I]
+        out[row[name], 0, batch] = (precondition(dw, curvatures[name]) * dw).sum((1, 2)).float().cpu()
+
     with tap(rt.model, rt.specs) as tapped:
-        for batch, _, _, a, s, _ in sweep(rt, tapped, tokens):
-            for m, spec in enumerate(rt.specs):
-                dw = sequence_grads(a[spec.name], s[spec.name])  # [B, O, I]
-                out[m, 0, batch] = (precondition(dw, curvatures[spec.name]) * dw).sum((1, 2)).float().cpu()
+        for batch, _, _ in sweep(rt, tapped, tokens, consume):
             on_batch(len(batch))
     return out, None
 
@@ -117,12 +137,13 @@ def compressed_gradients(
     """Each sequence's gradient (data labels) compressed per module by `compress[name](a, s)`
     (a: [B, T, I], s: [B, T, O] -> [B, K]): name -> [n, K] (see infl.indexing)."""
     out: dict[str, Tensor] = {}
+
+    def consume(batch, name, a, s):
+        if name in compress:
+            values = compress[name](a, s).float().cpu()
+            out.setdefault(name, torch.zeros(len(tokens), values.shape[1]))[batch] = values
+
     with tap(rt.model, rt.specs) as tapped:
-        for batch, _, _, a, s, _ in sweep(rt, tapped, tokens):
-            for name, fn in compress.items():
-                values = fn(a[name], s[name]).float().cpu()
-                if name not in out:
-                    out[name] = torch.zeros(len(tokens), values.shape[1])
-                out[name][batch] = values
+        for batch, _, _ in sweep(rt, tapped, tokens, consume):
             on_batch(len(batch))
     return out

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from infl.capture import Tap
+from infl.capture import Consumer, Tap
 
 __all__ = [
     "IGNORE",
@@ -27,12 +27,13 @@ IGNORE = -100
 
 
 def sequence_loss(logits: Tensor, labels: Tensor) -> Tensor:
-    """Summed next-token cross entropy per sequence. logits: [B, T, V], labels: [B, T] -> [B]."""
-    logits = logits[:, :-1].float()
-    targets = labels[:, 1:]
-    token_loss = F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE, reduction="none"
-    )
+    """Summed next-token cross entropy per sequence. logits: [B, T, V], labels: [B, T] -> [B].
+
+    The targets are shifted, not the logits: slicing [B, T, V] would copy it (the vocabulary makes
+    the logits the largest activation of a small model)."""
+    targets = torch.full_like(labels, IGNORE)
+    targets[:, :-1] = labels[:, 1:]
+    token_loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="none")
     return token_loss.view(targets.shape).sum(1)
 
 
@@ -41,14 +42,14 @@ def sample_labels(logits: Tensor, labels: Tensor, seeds: list[int]) -> Tensor:
     Fisher), at the positions where `labels` counts. Each sequence draws from its own generator
     seeded by `seeds[b]`, so batching, order and resumption cannot change what it draws.
     """
-    probs = torch.softmax(logits[:, :-1].detach().float(), dim=-1)  # [B, T-1, V]
     sampled = torch.full_like(labels, IGNORE)
     for b, seed in enumerate(seeds):
         keep = labels[b, 1:] != IGNORE
         if not keep.any():
             continue
         generator = torch.Generator().manual_seed(seed)  # on the CPU: the same draws on every device
-        cdf = probs[b][keep].cumsum(-1)  # inverse-CDF draw: much cheaper than torch.multinomial
+        # inverse-CDF draw, much cheaper than torch.multinomial; one sequence's [T, V] at a time
+        cdf = torch.softmax(logits[b, :-1][keep].detach().float(), dim=-1).cumsum_(-1)
         u = torch.rand(cdf.shape[0], 1, generator=generator).to(cdf.device) * cdf[:, -1:]
         draws = torch.searchsorted(cdf, u).squeeze(1).clamp_max(cdf.shape[1] - 1)
         sampled[b, 1:][keep] = draws
@@ -86,25 +87,26 @@ def capture_batch(
     input_ids: Tensor,
     attention_mask: Tensor,
     labels: Tensor,
+    consume: Consumer,
     seeds: list[int] | None = None,
-    data_grads: bool = False,
-) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor], dict[str, Tensor] | None]:
-    """One forward and one backward pass: per-sequence losses [B] and, per tracked module,
-    a: [B, T, I] (zero on padding) and s = dL/dy: [B, T, O].
+    consume_data: Consumer | None = None,
+) -> Tensor:
+    """One forward and one backward pass: consume(name, a, s) for every tracked module, with
+    a: [B, T, I] (zero on padding) and s = dL/dy: [B, T, O]; returns the per-sequence losses [B].
 
     With `seeds`, the loss uses labels sampled from the model (pseudo-gradients for the curvature);
     otherwise it uses `labels` (data labels for training gradients, completion labels for queries).
-    With `seeds` and `data_grads`, a second backward pass through the same forward also gives s
-    for the data labels (last element; None otherwise): both gradients for one forward.
+    With `seeds` and `consume_data`, a first backward pass through the same forward hands the data
+    labels' s to `consume_data`: both gradients for one forward.
     """
     logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-    s_data = None
+    tapped.mask = attention_mask
     if seeds is not None:
-        if data_grads:
-            s_data = tapped.output_grads(sequence_loss(logits, labels).sum(), retain_graph=True)
+        if consume_data is not None:
+            tapped.backward(sequence_loss(logits, labels).sum(), consume_data, retain_graph=True)
         labels = sample_labels(logits, labels, seeds)
     loss = sequence_loss(logits, labels)  # [B]
-    s = tapped.output_grads(loss.sum())
-    keep = attention_mask[..., None].float()
-    a = {name: x * keep for name, x in tapped.inputs.items()}
-    return loss.detach(), a, s, s_data
+    del logits
+    tapped.backward(loss.sum(), consume)
+    tapped.raw.clear()
+    return loss.detach()

@@ -177,12 +177,9 @@ def module_specs(model: nn.Module, names: list[str]) -> list[ModuleSpec]:
 
 
 def prepare_for_capture(model: nn.Module, specs: list[ModuleSpec]) -> None:
-    """Only the tracked weights require grad: autograd then reaches every tracked output and
-    computes nothing for the frozen rest (no parameter .grad is ever filled: see capture.Tap)."""
-    tracked = {spec.name for spec in specs}
-    for name, module in model.named_modules():
-        for param in module.parameters(recurse=False):
-            param.requires_grad_(name in tracked)
+    """No parameter requires grad: capture starts the graph at the input embeddings (see
+    capture.tap), so autograd computes activation gradients only and fills no .grad."""
+    model.requires_grad_(False)
 
 
 def _hash_files(paths: list[Path]) -> str:

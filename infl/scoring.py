@@ -46,34 +46,44 @@ class QueryBank:
 
     A low-rank module is scored without forming DW while that is cheaper: per batch the low-rank
     path costs 2BT(I+O)QR flops, forming DW 2BTOI plus 2BOIQ for the dot products, so with many
-    queries (QR > OI/(O+I)) the rank-R matrices are expanded once and DW is formed instead.
+    queries (QR > OI/(O+I)) the rank-R matrices are better expanded once and DW formed instead.
+    Expanded matrices take Q O I floats each, so they are expanded only within `expand_bytes`,
+    the modules that gain most first; the others stay low rank (a few times slower at most:
+    the two paths differ by the factor QR(O+I)/(OI) per token).
     """
 
     modules: list[str]
     full: dict[str, Tensor] = field(default_factory=dict)  # name -> P [Q, O, I]
     low_rank: dict[str, tuple[Tensor, Tensor, Tensor]] = field(default_factory=dict)  # U, sigma, V
+    expand_bytes: int = 1 << 30
 
     def __post_init__(self) -> None:
-        for name, (U, sigma, V) in list(self.low_rank.items()):
-            Q, O, R = U.shape
-            I = V.shape[1]
-            if Q * R * (O + I) >= O * I:
-                self.full[name] = (U * sigma[:, None, :]) @ V.transpose(1, 2)
-                del self.low_rank[name]
+        def gain(name: str) -> float:  # low-rank flops per token over expanded ones
+            U, _, V = self.low_rank[name]
+            (Q, O, R), I = U.shape, V.shape[1]
+            return Q * R * (O + I) / (O * I)
 
-    def scores(self, a: dict[str, Tensor], s: dict[str, Tensor], per_token: bool = False) -> tuple[Tensor, Tensor | None]:
-        """Per-module influence [M, Q, B] of a batch and, if asked, per-token terms [Q, B, T]
-        summed over modules."""
-        out, tokens = [], None
-        for name in self.modules:
-            if name in self.low_rank:
-                terms = low_rank_token_scores(*self.low_rank[name], a[name], s[name])
-            elif per_token:
-                terms = full_token_scores(self.full[name], a[name], s[name])
-            else:
-                out.append(full_scores(self.full[name], s[name].transpose(1, 2) @ a[name]))
+        room = self.expand_bytes - sum(P.numel() * P.element_size() for P in self.full.values())
+        for name in sorted(self.low_rank, key=gain, reverse=True):
+            U, sigma, V = self.low_rank[name]
+            size = U.shape[0] * U.shape[1] * V.shape[1] * U.element_size()
+            if gain(name) < 1 or size > room:
                 continue
-            out.append(terms.sum(-1))
-            if per_token:
-                tokens = terms if tokens is None else tokens + terms
-        return torch.stack(out), tokens
+            self.full[name] = (U * sigma[:, None, :]) @ V.transpose(1, 2)
+            del self.low_rank[name]
+            room -= size
+
+    @property
+    def n_queries(self) -> int:
+        P = next(iter(self.full.values()), None)
+        return P.shape[0] if P is not None else next(iter(self.low_rank.values()))[0].shape[0]
+
+    def module_scores(self, name: str, a: Tensor, s: Tensor, per_token: bool = False) -> tuple[Tensor, Tensor | None]:
+        """One module's influence [Q, B] on a batch and, if asked, its per-token terms [Q, B, T]."""
+        if name in self.low_rank:
+            terms = low_rank_token_scores(*self.low_rank[name], a, s)
+        elif per_token:
+            terms = full_token_scores(self.full[name], a, s)
+        else:
+            return full_scores(self.full[name], s.transpose(1, 2) @ a), None
+        return terms.sum(-1), terms if per_token else None

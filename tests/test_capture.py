@@ -34,8 +34,16 @@ def test_captured_gradients_equal_autograd_per_sequence(arch):
     model.zero_grad(set_to_none=True)
     modeling.prepare_for_capture(model, specs)
     input_ids, mask, labels = data.collate(tokens, tokenizer.pad_token_id)
+    a, s, order = {}, {}, []
+
+    def consume(name, a_, s_):
+        a[name], s[name] = a_, s_
+        order.append(name)
+
     with tap(model, specs) as tapped:
-        _, a, s, _ = capture_batch(model, tapped, input_ids, mask, labels)
+        capture_batch(model, tapped, input_ids, mask, labels, consume)
+    assert sorted(order) == sorted(spec.name for spec in specs)  # each module once, as autograd reaches it
+    assert order.index(specs[-1].name) < order.index(specs[0].name)  # last layer first
     for spec in specs:
         dw = sequence_grads(a[spec.name].double(), s[spec.name].double())  # [B, O, I]
         assert dw.shape[1:] == spec.shape

@@ -48,12 +48,17 @@ def test_query_bank_paths_agree_and_tokens_sum_to_totals():
     assert "m" in thin.low_rank
     wide = QueryBank(["m"], low_rank={"m": (U.repeat(4, 1, 1), sigma.repeat(4, 1), V.repeat(4, 1, 1))})
     assert "m" in wide.full  # 12 * 1 * 13 >= 42: expanded, DW is formed
-    totals, tokens = thin.scores({"m": a}, {"m": s}, per_token=True)
-    torch.testing.assert_close(tokens.sum(-1), totals[0])
-    wide_totals, _ = wide.scores({"m": a}, {"m": s})
-    torch.testing.assert_close(wide_totals[0, :3], totals[0])
-    _, wide_tokens = wide.scores({"m": a}, {"m": s}, per_token=True)
+    totals, tokens = thin.module_scores("m", a, s, per_token=True)
+    torch.testing.assert_close(tokens.sum(-1), totals)
+    wide_totals, _ = wide.module_scores("m", a, s)
+    torch.testing.assert_close(wide_totals[:3], totals)
+    _, wide_tokens = wide.module_scores("m", a, s, per_token=True)
     torch.testing.assert_close(wide_tokens[:3], tokens)
+    # with no room for the expanded matrices, the same scores come from the low-rank path
+    tight = QueryBank(["m"], low_rank={"m": (U.repeat(4, 1, 1), sigma.repeat(4, 1), V.repeat(4, 1, 1))},
+                      expand_bytes=12 * 6 * 7 * 8 - 1)
+    assert "m" in tight.low_rank
+    torch.testing.assert_close(tight.module_scores("m", a, s)[0], wide_totals)
 
 
 def test_randomized_svd_matches_exact_on_a_low_rank_matrix():

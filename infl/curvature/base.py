@@ -29,7 +29,12 @@ __all__ = [
     "precondition",
 ]
 
-ACCUMULATE = torch.float64  # sums over millions of tokens
+# Running sums (covariances, eigenvalues) are kept in float32, as each batch's GEMM computes them:
+# rounding grows with the number of batches added, not their size (measured: 2e-6 of the sum's
+# norm after 20,000 batches of 512 tokens, against float64), far below what the approximation
+# itself costs, while float64 sums would double the largest thing a fit holds.
+# Eigendecompositions run in float64.
+ACCUMULATE = torch.float32
 
 
 @dataclass
@@ -82,7 +87,7 @@ class Strategy:
 
 def covariance_update(cov: Tensor, x: Tensor) -> None:
     """cov += x^T x. x: [N, D]; padded rows must already be zero."""
-    cov += (x.T @ x).to(cov.dtype)
+    cov.addmm_(x.T.to(cov.dtype), x.to(cov.dtype))
 
 
 def eigh(cov: Tensor) -> tuple[Tensor, Tensor]:
@@ -104,15 +109,20 @@ def relative_damping(Lambda: Tensor, scale: float = 0.1) -> float:
 
 
 def precondition(V: Tensor, curvature: Curvature) -> Tensor:
-    """(G + damping I)^-1 V for V: [..., O, I] (computed in float64, returned in V's dtype)."""
-    x = V.to(torch.float64)
-    Q_A = None if curvature.Q_A is None else curvature.Q_A.to(torch.float64)
-    Q_S = None if curvature.Q_S is None else curvature.Q_S.to(torch.float64)
+    """(G + damping I)^-1 V for V: [..., O, I], in V's precision (float32 at least).
+
+    float32 is enough: the damping bounds the condition number of G + damping I by
+    1 + max(Lambda) / damping, and tests/test_curvature.py checks the float32 result against float64.
+    """
+    dtype = torch.promote_types(V.dtype, torch.float32)
+    x = V.to(dtype)
+    Q_A = None if curvature.Q_A is None else curvature.Q_A.to(dtype)
+    Q_S = None if curvature.Q_S is None else curvature.Q_S.to(dtype)
     if Q_S is not None:
         x = Q_S.T @ x
     if Q_A is not None:
         x = x @ Q_A
-    x = x / (curvature.Lambda.to(torch.float64) + curvature.damping)
+    x = x / (curvature.Lambda.to(dtype) + curvature.damping)
     if Q_S is not None:
         x = Q_S @ x
     if Q_A is not None:

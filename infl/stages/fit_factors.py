@@ -175,6 +175,7 @@ class _Fit:
             for spec in self.owned:
                 learnt = strategy.end_pass(name, {k: t.cpu() for k, t in sums[spec.name].items()}, n_tokens, len(self.tokens))
                 self._write(strategy, spec, learnt, last, {"n_tokens": n_tokens, "n_sequences": len(self.tokens)})
+            del sums, factors, rows  # before the next pass allocates its own
             self.g.barrier()
             self.g.from_main(self.art.finish_pass, name)
         if not strategy.passes:
@@ -229,28 +230,34 @@ class _Fit:
         done, n_tokens, generation = g.from_main(begin)
         start = kept["state"].sums if g.main else None
         sums = {
-            spec.name: {k: (torch.from_numpy(start[spec.name][k]) if start else torch.zeros(shape, dtype=ACCUMULATE)).to(rt.device)
+            spec.name: {k: (torch.from_numpy(start[spec.name][k]) if start else torch.zeros(shape)).to(rt.device, ACCUMULATE)
                         for k, shape in strategy.sums(name, spec.shape).items()}
             for spec in rt.specs
         }
         mine = g.mine(PassState(done).pending(n, C))
         added = list(done) if g.main else []
         n_tokens = n_tokens if g.main else 0
+        rows: dict | None = None  # the current chunk's index rows, when this pass writes them
+
+        def consume(batch, module, a, s):
+            if not torch.isfinite(s).all():
+                raise BadInput("non-finite loss or gradient while fitting", hint="check the model weights and --dtype")
+            strategy.update(name, sums[module], a, s, factors.get(module, {}))
+
+        def consume_data(batch, module, a, s):
+            values = index.compress[module](a, s).float().cpu()
+            rows.setdefault(module, torch.zeros(hi - lo, values.shape[1]))[batch] = values
+
         with progress() as bar, tap(rt.model, rt.specs) as tapped:
             task = bar.add_task(name, total=sum(hi - lo for lo, hi in mine))
             for lo, hi in mine:
                 # an index chunk aligned with this one and not written yet (by a run killed before its checkpoint)
                 rows = {} if index is not None and lo % C == 0 and hi == min(lo + C, n) and not index.art.done_mask()[lo // C] else None
-                for batch, mask, loss, a, s, s_data in engine.sweep(rt, tapped, self.tokens[lo:hi], seeds=self.seeds[lo:hi],
-                                                                   data_grads=rows is not None):
-                    if not torch.isfinite(loss).all() or not all(torch.isfinite(x).all() for x in s.values()):
+                for batch, mask, loss in engine.sweep(rt, tapped, self.tokens[lo:hi], consume, seeds=self.seeds[lo:hi],
+                                                      consume_data=consume_data if rows is not None else None):
+                    if not torch.isfinite(loss).all():
                         raise BadInput("non-finite loss or gradient while fitting", hint="check the model weights and --dtype")
                     n_tokens += int(mask.sum())
-                    for spec in rt.specs:
-                        strategy.update(name, sums[spec.name], a[spec.name], s[spec.name], factors.get(spec.name, {}))
-                        if rows is not None:
-                            values = index.compress[spec.name](a[spec.name], s_data[spec.name]).float().cpu()
-                            rows.setdefault(spec.name, torch.zeros(hi - lo, values.shape[1]))[batch] = values
                     bar.advance(task, len(batch))
                 if rows is not None:
                     index.write(lo // C, rows, self.corpus.ids[lo:hi])

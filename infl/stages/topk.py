@@ -141,9 +141,16 @@ def _refine(scores: ScoresArtifact, rows, candidates: dict[int, np.ndarray], rt:
     wanted = data.Queries([], [], [], [], [])
     for row, _ in rows:
         data.add_query(wanted, *queries.texts(row), rt.tokenizer, queries.provenance["max_length"])  # as build-query did
-    _, grads = engine.query_gradients(rt, wanted.tokens, wanted.n_prompt)
-    curv = curvatures(factors)
-    bank = QueryBank(rt.modules, full={n: precondition(g, curv[n]).to(rt.device) for n, g in grads.items()})
+    curv, full = curvatures(factors, rt.device), {}
+
+    def keep(batch: list[int], name: str, G) -> None:  # preconditioned as autograd finds each module's gradients
+        P = precondition(G, curv[name])
+        if name not in full:
+            full[name] = P.new_zeros(len(wanted.tokens), *P.shape[1:])
+        full[name][batch] = P
+
+    engine.query_gradients(rt, wanted.tokens, wanted.n_prompt, each=keep)
+    bank = QueryBank(rt.modules, full=full)
     indices = sorted(set(np.concatenate(list(candidates.values())).tolist()))
     token_lists = [ids for ids, _ in _tokens_of(scores, rt.tokenizer, scores.provenance["max_length"], np.asarray(indices))]
     with progress() as bar:
