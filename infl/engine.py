@@ -57,25 +57,24 @@ def query_gradients(
     rt: Runtime,
     tokens: list[list[int]],
     n_prompt: list[int],
-    each: Callable[[list[int], str, Tensor], None] | None = None,
+    each: Callable[[list[int], str, Tensor, Tensor], None] | None = None,
     on_batch: Callable[[int], None] = lambda n: None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Measurements f = log p(completion | prompt) [Q] and the gradients of -f per module.
 
-    With `each`, every module's gradients of a batch, [b, O, I], go to each(indices, name, G) as
-    autograd finds them, and are dropped after (the result's dict is then empty): the gradients of
-    all modules are never held at once. Otherwise they are returned, [Q, O, I] per module."""
+    With `each`, every module's captured a [b, T, I] and s [b, T, O] of a batch go to
+    each(indices, name, a, s) as autograd finds them, and are dropped after (the result's dict is
+    then empty): the gradients of all modules are never held at once. Otherwise the gradients are
+    returned, [Q, O, I] per module."""
     measurement = torch.zeros(len(tokens), dtype=torch.float64)
     grads: dict[str, Tensor] = {}
 
-    def keep(batch, name, G):
+    def keep(batch, name, a, s):
+        G = sequence_grads(a, s)
         grads.setdefault(name, torch.zeros(len(tokens), *G.shape[1:]))[batch] = G.cpu()
 
-    def consume(batch, name, a, s):
-        (each or keep)(batch, name, sequence_grads(a, s))
-
     with tap(rt.model, rt.specs) as tapped:
-        for batch, _, loss in sweep(rt, tapped, tokens, consume, n_ignore=n_prompt):
+        for batch, _, loss in sweep(rt, tapped, tokens, each or keep, n_ignore=n_prompt):
             measurement[batch] = -loss.double().cpu()
             on_batch(len(batch))
     return measurement, grads

@@ -63,21 +63,24 @@ def sequence_grads(a: Tensor, s: Tensor) -> Tensor:
 
 def low_rank(P: Tensor, rank: int, method: str = "exact", seed: int = 0) -> tuple[Tensor, Tensor, Tensor, float]:
     """Truncated SVD P ~ U diag(sigma) V^T. P: [O, I] -> U [O, R], sigma [R], V [I, R], and the
-    fraction of P's Frobenius norm the rank keeps. `randomized` (Halko et al., 4 power iterations,
-    10 extra columns) costs O(OIR) instead of a full SVD's O(OI min(O, I)); its random test
-    matrix comes from `seed`, so the result does not depend on what ran before."""
-    x = P.to(torch.float64)
-    r = min(rank, *x.shape)
+    fraction of P's Frobenius norm the rank keeps. `exact` runs in float64; `randomized` (Halko et
+    al., 4 power iterations, 10 extra columns) costs O(OIR) instead of a full SVD's O(OI min(O, I))
+    and runs in P's precision, float32 at least (on SmolLM2's query gradients at rank 32, float32
+    leaves a residual within 1.0002x of the exact SVD's, at a third of float64's time). Its random
+    test matrix comes from `seed`, so the result does not depend on what ran before."""
+    r = min(rank, *P.shape)
     if method == "randomized":
+        x = P.to(torch.promote_types(P.dtype, torch.float32))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             U, sigma, V = torch.svd_lowrank(x, q=min(r + 10, *x.shape), niter=4)
     else:
+        x = P.to(torch.float64)
         U, sigma, Vh = torch.linalg.svd(x, full_matrices=False)
         V = Vh.T
     U, sigma, V = U[:, :r], sigma[:r], V[:, :r]
-    total = float(x.square().sum())
-    kept = min(1.0, (float(sigma.square().sum()) / total) ** 0.5) if total > 0 else 1.0
+    total = float(x.double().square().sum())
+    kept = min(1.0, (float(sigma.double().square().sum()) / total) ** 0.5) if total > 0 else 1.0
     return U.to(P.dtype), sigma.to(P.dtype), V.to(P.dtype), kept
 
 

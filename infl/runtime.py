@@ -36,7 +36,7 @@ class Runtime:
     def load(cls, model_dir: Path, modules: str | list[str], device: str = "cpu", dtype: str = "float32",
              batch_size: int = 8, tokenizer=None) -> Runtime:
         """`modules`: a selection (`mlp`, `all`, a regex) for a new fit, or the names an artifact
-        recorded. Only the tracked weights require grad (see modeling.prepare_for_capture)."""
+        recorded. No parameter requires grad (see modeling.prepare_for_capture)."""
         tokenizer = tokenizer if tokenizer is not None else modeling.load_tokenizer(model_dir)
         model = modeling.load_model(model_dir, device, dtype)
         if isinstance(modules, str):

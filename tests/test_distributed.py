@@ -57,14 +57,16 @@ def arrays(path, kind) -> dict[str, np.ndarray]:
 def assert_same(got: dict, ref: dict) -> None:
     assert sorted(got) == sorted(ref)
     for key, value in ref.items():
-        if value.dtype.kind == "f":
+        if key.endswith(("/Q_A", "/Q_S")):
+            # eigenvectors of nearly equal eigenvalues turn by rounding / gap, and the rounding of
+            # float32 GEMMs depends on the number of threads: compare what they span, Q diag(eig) Q^T
+            eig = ref[key.replace("/Q_", "/eig_")]
+            expected, found = ((q * eig) @ q.T for q in (value, got[key]))
+            np.testing.assert_allclose(found, expected, rtol=1e-5, atol=1e-6 * np.abs(expected).max(), err_msg=key)
+        elif value.dtype.kind == "f":
             np.testing.assert_allclose(got[key], value, rtol=1e-5, atol=1e-6 * np.abs(value).max(), err_msg=key)
         else:
             np.testing.assert_array_equal(got[key], value, err_msg=key)
-
-
-def topk(scores) -> list:
-    return [(r["query_id"], r["train_id"]) for r in json.loads(infl("topk", "--scores", scores, "-k", "5", "--format", "json").stdout)]
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +83,11 @@ def test_two_processes_give_the_results_of_one(workdir, corpus, reference, tmp_p
         result = torchrun(2, *args)
         assert result.stderr.count("wrote ") == 1  # the main rank reports
         assert_same(arrays(args[args.index("--out") + 1], kind), arrays(reference / f"{kind[0]}.zarr", kind))
-    assert topk(tmp_path / "s.zarr") == topk(reference / "s.zarr")
+    # the same top 5, up to sequences tied within rounding (the corpus repeats its sentences)
+    got, ref = (json.loads(infl("topk", "--scores", path, "-k", "5", "--format", "json").stdout)
+                for path in (tmp_path / "s.zarr", reference / "s.zarr"))
+    assert [h["query_id"] for h in got] == [h["query_id"] for h in ref]
+    np.testing.assert_allclose([h["score"] for h in got], [h["score"] for h in ref], rtol=1e-5)
     again = torchrun(2, *stages(workdir, corpus, tmp_path)[2])
     assert again.stderr.count("is up to date") == 1
     shown = torchrun(2, "topk", "--scores", tmp_path / "s.zarr", "-k", "1", "--format", "jsonl")

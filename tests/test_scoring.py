@@ -162,9 +162,10 @@ def test_randomized_svd_does_not_depend_on_the_batch(workdir, tmp_path):
     # or in a batch
     g = torch.Generator().manual_seed(0)
     P = torch.randn(3, 40, 30, generator=g)
-    alone = build_query._compressed(P[1:2], 4, "randomized", ["b"], "m")
-    batched = build_query._compressed(P, 4, "randomized", ["a", "b", "c"], "m")
-    other_seed = build_query._compressed(P[1:2], 4, "randomized", ["z"], "m")
+    basis = curv.Curvature(torch.zeros(40, 30), 1.0)  # the identity basis: P is X
+    alone = build_query._compressed(P[1:2], 4, "randomized", ["b"], "m", basis)
+    batched = build_query._compressed(P, 4, "randomized", ["a", "b", "c"], "m", basis)
+    other_seed = build_query._compressed(P[1:2], 4, "randomized", ["z"], "m", basis)
     for key in ("U", "sigma", "V"):
         np.testing.assert_array_equal(alone[key][0], batched[key][1])
     assert not np.array_equal(alone["U"], other_seed["U"])

@@ -21,20 +21,30 @@ from torch import Tensor
 
 __all__ = [
     "ACCUMULATE",
+    "accumulate_dtype",
     "Curvature",
     "Strategy",
     "covariance_update",
     "eigh",
     "relative_damping",
     "precondition",
+    "rotate",
+    "damped_in_eigenbasis",
+    "from_eigenbasis",
 ]
 
-# Running sums (covariances, eigenvalues) are kept in float32, as each batch's GEMM computes them:
-# rounding grows with the number of batches added, not their size (measured: 2e-6 of the sum's
-# norm after 20,000 batches of 512 tokens, against float64), far below what the approximation
-# itself costs, while float64 sums would double the largest thing a fit holds.
-# Eigendecompositions run in float64.
+# Running sums are kept in float32, as each batch's GEMM computes them (rounding grows with the
+# number of batches added, not their size: measured 2e-6 of the sum's norm after 20,000 batches
+# of 512 tokens, against float64), except the covariances A and S: their eigenvectors turn by
+# rounding / eigenvalue gap, and float32 sums added in another order (another number of ranks, a
+# resumed run) turned nearly degenerate eigenvectors by 1e-3. Eigendecompositions run in float64.
 ACCUMULATE = torch.float32
+COVARIANCE_ACCUMULATE = torch.float64
+
+
+def accumulate_dtype(key: str) -> torch.dtype:
+    """The dtype a running sum is kept, reduced and checkpointed in."""
+    return COVARIANCE_ACCUMULATE if key in ("A_sum", "S_sum") else ACCUMULATE
 
 
 @dataclass
@@ -87,7 +97,7 @@ class Strategy:
 
 def covariance_update(cov: Tensor, x: Tensor) -> None:
     """cov += x^T x. x: [N, D]; padded rows must already be zero."""
-    cov.addmm_(x.T.to(cov.dtype), x.to(cov.dtype))
+    cov += (x.T @ x).to(cov.dtype)  # the GEMM in x's precision, the sum in the accumulator's
 
 
 def eigh(cov: Tensor) -> tuple[Tensor, Tensor]:
@@ -128,3 +138,37 @@ def precondition(V: Tensor, curvature: Curvature) -> Tensor:
     if Q_A is not None:
         x = x @ Q_A.T
     return x.to(V.dtype)
+
+
+def rotate(a: Tensor, s: Tensor, Q_A: Tensor, Q_S: Tensor) -> Tensor:
+    """Q_S^T DW_b Q_A for every sequence b, DW_b = sum_t s_bt a_bt^T. a: [B, T, I], s: [B, T, O] -> [B, O, I].
+
+    Rotating the tokens first costs 2T(O^2 + I^2) + 2TOI flops, forming DW first 2TOI + 2OI(O + I):
+    take the cheaper one (tokens first wins for short sequences).
+    """
+    T, I, O = a.shape[1], a.shape[2], s.shape[2]
+    if T * (O * O + I * I) < O * I * (O + I):
+        return (s @ Q_S).transpose(1, 2) @ (a @ Q_A)
+    return Q_S.T @ (s.transpose(1, 2) @ a) @ Q_A
+
+
+def damped_in_eigenbasis(a: Tensor, s: Tensor, curvature: Curvature) -> Tensor:
+    """X_b = (Q_S^T DW_b Q_A) / (Lambda + damping): the preconditioned gradient of each sequence in
+    the curvature's eigenbasis, P_b = Q_S X_b Q_A^T (float32 at least). a: [B, T, I], s: [B, T, O].
+
+    Orthogonal bases keep singular values, so a rank-R SVD of X gives P's as U = Q_S U_X,
+    V = Q_A V_X: P itself, 2OI(O + I) flops a query to form, is never needed at low rank."""
+    dtype = torch.promote_types(a.dtype, torch.float32)
+    a, s = a.to(dtype), s.to(dtype)
+    if curvature.Q_A is None:
+        x = s.transpose(1, 2) @ a
+    else:
+        x = rotate(a, s, curvature.Q_A.to(dtype), curvature.Q_S.to(dtype))
+    return x / (curvature.Lambda.to(dtype) + curvature.damping)
+
+
+def from_eigenbasis(X: Tensor, curvature: Curvature) -> Tensor:
+    """Q_S X Q_A^T (the identity for strategies without a basis)."""
+    if curvature.Q_A is None:
+        return X
+    return curvature.Q_S.to(X.dtype) @ X @ curvature.Q_A.T.to(X.dtype)

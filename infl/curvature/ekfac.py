@@ -5,26 +5,15 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from infl.curvature.base import rotate
 from infl.curvature.kfac import KFAC
 
 __all__ = ["EKFAC", "lambda_update"]
 
 
-def _rotate(a: Tensor, s: Tensor, Q_A: Tensor, Q_S: Tensor) -> Tensor:
-    """Q_S^T DW_b Q_A for every sequence b. a: [B, T, I], s: [B, T, O] -> [B, O, I].
-
-    Rotating the tokens first costs 2T(O^2 + I^2) + 2TOI flops, forming DW first 2TOI + 2OI(O + I):
-    take the cheaper one (tokens first wins for short sequences).
-    """
-    T, I, O = a.shape[1], a.shape[2], s.shape[2]
-    if T * (O * O + I * I) < O * I * (O + I):
-        return (s @ Q_S).transpose(1, 2) @ (a @ Q_A)
-    return Q_S.T @ (s.transpose(1, 2) @ a) @ Q_A
-
-
 def lambda_update(Lambda: Tensor, a: Tensor, s: Tensor, Q_A: Tensor, Q_S: Tensor) -> None:
     """Lambda += sum_b (Q_S^T DW_b Q_A)^2, DW_b = sum_t s_bt a_bt^T (EK-FAC correction)."""
-    Lambda += _rotate(a, s, Q_A.to(a.dtype), Q_S.to(s.dtype)).square().sum(0).to(Lambda.dtype)
+    Lambda += rotate(a, s, Q_A.to(a.dtype), Q_S.to(s.dtype)).square().sum(0).to(Lambda.dtype)
 
 
 class EKFAC(KFAC):

@@ -20,7 +20,7 @@ from infl.artifacts.factors import FactorsArtifact
 from infl.artifacts.queries import QueriesArtifact
 from infl.config import QueryConfig
 from infl.console import log, progress
-from infl.curvature.base import precondition
+from infl.curvature.base import damped_in_eigenbasis, from_eigenbasis
 from infl.driver import Group, Outcome
 from infl.driver import run as drive
 from infl.errors import BadInput
@@ -114,18 +114,18 @@ class BuildQuery(WritingStage):
             for lo, hi in mine:
                 ids, kept = queries.ids[lo:hi], {}
 
-                def precondition_and_write(batch: list[int], name: str, G: torch.Tensor) -> None:
+                def precondition_and_write(batch: list[int], name: str, a: torch.Tensor, s: torch.Tensor) -> None:
                     """One module's gradients of one batch, as autograd finds them: never all at once."""
-                    bad = ~torch.isfinite(G).flatten(1).all(1)
+                    X = damped_in_eigenbasis(a, s, curv[name])[torch.as_tensor(np.argsort(batch), device=a.device)]
+                    bad = ~torch.isfinite(X).flatten(1).all(1)  # [q, O, I] in query order
                     if bad.any():
-                        raise BadInput(f"query {ids[batch[int(bad.nonzero()[0])]]!r}: non-finite gradient")
-                    # one query at a time: float32 GEMMs round by shape, and a query's P must not depend on its batch
-                    P = torch.stack([precondition(G[i], curv[name]) for i in np.argsort(batch)])  # [q, O, I], in query order
+                        raise BadInput(f"query {ids[int(bad.nonzero()[0])]!r}: non-finite gradient")
                     at = layouts[name]
-                    arrays = (_compressed(P, at["rank"], at["svd"], ids, name) if at["form"] == "low_rank"
-                              else {"P": P.cpu().numpy()})
-                    if "kept" in arrays:
+                    if at["form"] == "low_rank":
+                        arrays = _compressed(X, at["rank"], at["svd"], ids, name, curv[name])
                         kept[name] = arrays.pop("kept")
+                    else:
+                        arrays = {"P": from_eigenbasis(X, curv[name]).cpu().numpy()}
                     art.write_rows(name, plan.start + lo, arrays)
 
                 measurement, _ = engine.query_gradients(rt, queries.tokens[lo:hi], queries.n_prompt[lo:hi],
@@ -148,9 +148,13 @@ class BuildQuery(WritingStage):
         return Outcome(f"{verb} {plan.n} queries to {self.cfg.out} ({time.perf_counter() - plan.started:.1f} s)")
 
 
-def _compressed(P: torch.Tensor, rank: int, method: str, ids: list[str], module: str) -> dict[str, np.ndarray]:
-    """Each query's rank-R SVD: U [q, O, R], sigma [q, R], V [q, I, R] and the norm fraction kept.
+def _compressed(X: torch.Tensor, rank: int, method: str, ids: list[str], module: str, curvature) -> dict[str, np.ndarray]:
+    """Each query's rank-R SVD, taken in the eigenbasis (X [q, O, I], see damped_in_eigenbasis)
+    and rotated out: U [q, O, R], sigma [q, R], V [q, I, R] of P, and the norm fraction kept.
     A randomized SVD is seeded by query and module: the same whatever the batch or the rank."""
-    U, sigma, V, kept = zip(*(gradients.low_rank(P[q], rank, method, sequence_seed(ids[q], module)) for q in range(P.shape[0])))
-    return {"U": torch.stack(U).cpu().numpy(), "sigma": torch.stack(sigma).cpu().numpy(), "V": torch.stack(V).cpu().numpy(),
+    U, sigma, V, kept = zip(*(gradients.low_rank(X[q], rank, method, sequence_seed(ids[q], module)) for q in range(X.shape[0])))
+    U, V = torch.stack(U), torch.stack(V)
+    if curvature.Q_A is not None:
+        U, V = curvature.Q_S.to(U.dtype) @ U, curvature.Q_A.to(V.dtype) @ V
+    return {"U": U.cpu().numpy(), "sigma": torch.stack(sigma).cpu().numpy(), "V": V.cpu().numpy(),
             "kept": np.asarray(kept, dtype=np.float32)}

@@ -28,7 +28,7 @@ from infl.artifacts.index import IndexArtifact
 from infl.capture import ModuleSpec, tap
 from infl.config import FitConfig
 from infl.console import log, progress
-from infl.curvature.base import ACCUMULATE
+from infl.curvature.base import accumulate_dtype
 from infl.driver import Group, Outcome
 from infl.driver import run as drive
 from infl.errors import BadInput, IncompatibleArtifact
@@ -230,7 +230,7 @@ class _Fit:
         done, n_tokens, generation = g.from_main(begin)
         start = kept["state"].sums if g.main else None
         sums = {
-            spec.name: {k: (torch.from_numpy(start[spec.name][k]) if start else torch.zeros(shape)).to(rt.device, ACCUMULATE)
+            spec.name: {k: (torch.from_numpy(start[spec.name][k]) if start else torch.zeros(shape)).to(rt.device, accumulate_dtype(k))
                         for k, shape in strategy.sums(name, spec.shape).items()}
             for spec in rt.specs
         }

@@ -15,7 +15,7 @@ from infl.artifacts.queries import QueriesArtifact
 from infl.artifacts.scores import ScoresArtifact
 from infl.config import TopkConfig
 from infl.console import progress
-from infl.curvature.base import precondition
+from infl.curvature.base import damped_in_eigenbasis, from_eigenbasis
 from infl.errors import BadInput
 from infl.runtime import Runtime
 from infl.scoring import QueryBank
@@ -143,8 +143,8 @@ def _refine(scores: ScoresArtifact, rows, candidates: dict[int, np.ndarray], rt:
         data.add_query(wanted, *queries.texts(row), rt.tokenizer, queries.provenance["max_length"])  # as build-query did
     curv, full = curvatures(factors, rt.device), {}
 
-    def keep(batch: list[int], name: str, G) -> None:  # preconditioned as autograd finds each module's gradients
-        P = precondition(G, curv[name])
+    def keep(batch: list[int], name: str, a, s) -> None:  # preconditioned as autograd finds each module's gradients
+        P = from_eigenbasis(damped_in_eigenbasis(a, s, curv[name]), curv[name])
         if name not in full:
             full[name] = P.new_zeros(len(wanted.tokens), *P.shape[1:])
         full[name][batch] = P
