@@ -4,8 +4,9 @@ an unfinished fit.
 Layout:
   attrs            kind, schema, config, provenance, fingerprint, modules, n_sequences, fit
   modules/<name>/  attrs d_in, d_out, bias, transposed, damping, n_tokens, n_sequences;
-                   arrays as the strategy produced them: A_sum, S_sum in float64, everything
-                   else (Q_A, eig_A, Q_S, eig_S, Lambda) in float32 (see curvature.base.ACCUMULATE)
+                   arrays as the strategy produced them: running sums (*_sum) in the precision
+                   they were kept in (A_sum, S_sum float64: see curvature.base.accumulate_dtype),
+                   everything else (Q_A, eig_A, Q_S, eig_S, Lambda) in float32
   checkpoint/g<G>/r<R>/s<0|1>/  running sums of rank R in generation G: <module>/<key>, n_tokens, done
 
 A fit passes over the corpus one or more times. During a pass every rank saves its running sums
@@ -109,7 +110,8 @@ class FactorsArtifact(Artifact):
         if attrs:
             _set_attrs(sub, attrs)
         for key, values in arrays.items():
-            dtype = np.float64 if key in ("A_sum", "S_sum") else np.float32
+            # running sums in the precision they were kept in (the strategy's choice), the rest float32
+            dtype = None if key.endswith("_sum") else np.float32
             self._write(key, np.asarray(values, dtype=dtype), where=sub)
 
     def read_module(self, name: str, keys: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:

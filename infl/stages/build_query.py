@@ -86,8 +86,8 @@ class BuildQuery(WritingStage):
             spec = factors.spec(name)
             shape = (spec["d_out"], spec["d_in"] + int(spec["bias"]))
             # randomized where its sketch (rank + 10 columns) is thin beside the matrix: on SmolLM2's
-            # preconditioned query gradients at rank 32 its error is within 1.0001x of the exact SVD's,
-            # at a third of the time (benchmarks/README.md, "Real checkpoint")
+            # preconditioned query gradients at rank 32 (float32) its residual is within 1.0002x of the
+            # exact SVD's, at a third of the time (benchmarks/README.md, "Real checkpoint")
             method = cfg.svd if cfg.svd != "auto" else ("randomized" if cfg.rank and 4 * (cfg.rank + 10) <= min(shape) else "exact")
             art.reserve_module(name, shape, cfg.rank, method, built.start + Q)
         log(f"preconditioning {Q} queries over {len(factors.modules)} modules")
