@@ -109,6 +109,8 @@ ForceOpt = Annotated[bool, typer.Option("--force", help="Recompute even if the o
 WaitOpt = Annotated[bool, typer.Option("--wait", help="If another run is writing the output, wait for it instead of exiting with 75.")]
 DeviceOpt = Annotated[str, typer.Option(help="cpu or cuda[:N].")]
 BatchOpt = Annotated[int, typer.Option(help="Sequences per forward/backward pass (memory, not results).")]
+MemoryOpt = Annotated[Optional[str], typer.Option(
+    help="Memory this process may use, e.g. 16GiB: the stage plans its factors and queries to fit (see `infl plan`).")]
 CorpusOpt = Annotated[
     Optional[list[Path]], typer.Option("--corpus", help="Training corpus: .jsonl (id, text) or .txt files; repeatable.")
 ]
@@ -206,6 +208,9 @@ def fit_factors(
     index: Annotated[Optional[Path], typer.Option(help="Also write a gradient index of the corpus (as `infl index` would): in the eigenvalue pass for ekfac, after the fit for kfac.")] = None,
     index_dim: IndexDimOpt = "4096",
     index_dtype: IndexDtypeOpt = "float16",
+    blocks: Annotated[int, typer.Option(help="Split A and S into K diagonal blocks each (memory / K, eigendecompositions / K^2).")] = 1,
+    partitions: Annotated[Optional[int], typer.Option(help="Fit the modules in P groups, one corpus sweep each (default: what --memory-budget needs, else 1).")] = None,
+    memory_budget: MemoryOpt = None,
     force: ForceOpt = False,
     wait: WaitOpt = False,
     quiet: QuietOpt = False,
@@ -224,7 +229,8 @@ def fit_factors(
         out=_need(out, "--out"), strategy=strategy, modules=modules, damping=damping, damping_scale=damping_scale,
         max_length=max_length, max_sequences=max_sequences, split=split, text_field=text_field, id_field=id_field,
         seed=seed, dtype=dtype, chunk_size=chunk_size, batch_size=batch_size, device=device, force=force, wait=wait,
-        index=index, index_dim=_dim(index_dim), index_dtype=index_dtype,
+        index=index, index_dim=_dim(index_dim), index_dtype=index_dtype, blocks=blocks, partitions=partitions,
+        memory_budget=memory_budget,
     ))
     _finish(lambda: stage.run(cfg), quiet, out=cfg.out)
     if cfg.index is not None:  # finishes the index the eigenvalue pass wrote (or builds it, if it wrote none)
@@ -242,6 +248,7 @@ def build_query(
     append: Annotated[bool, typer.Option("--append", help="Add these queries to an existing queries artifact (score then computes only them).")] = False,
     batch_size: BatchOpt = 8,
     device: DeviceOpt = "cpu",
+    memory_budget: MemoryOpt = None,
     force: ForceOpt = False,
     wait: WaitOpt = False,
     quiet: QuietOpt = False,
@@ -257,8 +264,50 @@ def build_query(
     cfg = _config(lambda: QueryConfig(
         factors=_need(factors, "--factors"), queries=_need(queries, "--queries"), out=_need(out, "--out"),
         model=model, rank=parse_rank(rank), svd=svd, append=append, batch_size=batch_size, device=device, force=force, wait=wait,
+        memory_budget=memory_budget,
     ))
     _finish(lambda: stage.run(cfg), quiet, out=cfg.out)
+
+
+@app.command("plan")
+def plan(
+    model: Annotated[Optional[Path], typer.Option(help="Model directory or .gguf file (only its config is read).")] = None,
+    strategy: Annotated[str, typer.Option(help="ekfac | kfac | diagonal | identity.")] = "ekfac",
+    modules: Annotated[str, typer.Option(help="mlp | all | a regex over module names.")] = "mlp",
+    blocks: Annotated[int, typer.Option(help="Diagonal blocks per Kronecker factor (fit-factors --blocks).")] = 1,
+    batch_size: BatchOpt = 8,
+    max_length: Annotated[Optional[int], typer.Option(help="Longest sequence in a batch (default: the model's context).")] = None,
+    dtype: Annotated[str, typer.Option(help="float32 | bfloat16: the model's weights and activations.")] = "float32",
+    queries: Annotated[int, typer.Option(help="Queries built and scored together.")] = 16,
+    rank: Annotated[str, typer.Option(help="Rank of the stored queries, or 'full'.")] = "32",
+    sequences: Annotated[int, typer.Option(help="Training sequences scored (sizes the scores artifact).")] = 100_000,
+    memory_budget: MemoryOpt = None,
+    format: Annotated[str, typer.Option("--format", help="table | json.")] = "table",
+    config: ConfigOpt = None,
+) -> None:
+    """Estimate each stage's peak memory and artifact size for a model, before running it; with
+    --memory-budget, the largest batch of each and the fit's module partitions.
+
+    Example: `infl plan --model ./my-model --max-length 512 --memory-budget 16GiB`
+    """
+    import json
+
+    from infl.config import PlanConfig, parse_rank
+    from infl.report import render_plan
+    from infl.stages import plan as stage
+
+    fmt = _check_format(format, ("table", "json"))
+    cfg = _config(lambda: PlanConfig(
+        model=_need(model, "--model"), strategy=strategy, modules=modules, blocks=blocks, batch_size=batch_size,
+        max_length=max_length, dtype=dtype, queries=queries, rank=parse_rank(rank), sequences=sequences,
+        memory_budget=memory_budget,
+    ))
+
+    def call():
+        planned = stage.run(cfg)
+        sys.stdout.write(json.dumps(planned, indent=1) + "\n" if fmt == "json" else render_plan(planned))
+
+    _finish(call, False, every_rank=False)
 
 
 @app.command("index")
@@ -317,6 +366,7 @@ def score(
     index: Annotated[Optional[Path], typer.Option(help="Score from this gradient index (infl index) instead of a corpus pass.")] = None,
     batch_size: BatchOpt = 8,
     device: DeviceOpt = "cpu",
+    memory_budget: MemoryOpt = None,
     force: ForceOpt = False,
     wait: WaitOpt = False,
     quiet: QuietOpt = False,
@@ -338,7 +388,7 @@ def score(
         queries=queries, corpus=tuple(files if index is not None else _need(files, "--corpus")), index=index,
         out=_need(out, "--out"), model=model, max_length=max_length, split=split, text_field=text_field,
         id_field=id_field, chunk_size=chunk_size, per_token=per_token, self_influence=self_influence,
-        factors=factors, batch_size=batch_size, device=device, force=force, wait=wait,
+        factors=factors, batch_size=batch_size, device=device, force=force, wait=wait, memory_budget=memory_budget,
     ))
     _finish(lambda: stage.run(cfg), quiet, out=cfg.out)
 

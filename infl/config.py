@@ -13,7 +13,7 @@ from pathlib import Path
 from infl import curvature  # the registry only: no torch
 from infl.errors import BadInput
 
-__all__ = ["FitConfig", "QueryConfig", "IndexConfig", "ScoreConfig", "TopkConfig", "LayerwiseConfig", "parse_damping", "parse_rank"]
+__all__ = ["FitConfig", "QueryConfig", "IndexConfig", "ScoreConfig", "TopkConfig", "LayerwiseConfig", "PlanConfig", "parse_damping", "parse_rank", "parse_bytes"]
 
 def _runtime(default):
     return field(default=default, metadata={"semantic": False})
@@ -51,6 +51,25 @@ def parse_rank(value: str | int) -> int | None:
     return rank
 
 
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(value: str | int | None, option: str = "--memory-budget") -> int | None:
+    """'16GiB', '3GB', '512MiB' or a number of bytes (None stays None)."""
+    if value is None or isinstance(value, int):
+        return value
+    text = value.strip().lower().replace(" ", "")
+    number = text.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = text[len(number):]
+    try:
+        if unit not in _UNITS:
+            raise ValueError
+        return int(float(number) * _UNITS[unit])
+    except ValueError:
+        raise BadInput(f"{option} must be a size such as 16GiB, 3GB or 512MiB, not {value!r}") from None
+
+
 def _check_split(split: str) -> None:
     if split not in ("lines", "windows"):
         raise BadInput(f"--split must be lines or windows, not {split!r}")
@@ -78,11 +97,15 @@ class _Run:
     device: str = _runtime("cpu")
     force: bool = _runtime(False)
     wait: bool = _runtime(False)  # wait for another run's lock instead of failing
+    memory_budget: int | str | None = _runtime(None)  # bytes (or '16GiB') this process may hold (None: no limit)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise BadInput(f"--batch-size must be >= 1, not {self.batch_size}")
         _check_device(self.device)
+        object.__setattr__(self, "memory_budget", parse_bytes(self.memory_budget))
+        if self.memory_budget is not None and self.memory_budget < 1:
+            raise BadInput(f"--memory-budget must be > 0 bytes, not {self.memory_budget}")
 
 
 @dataclass(frozen=True)
@@ -105,6 +128,8 @@ class FitConfig(_Run):
     index: Path | None = _location(None)  # also write a gradient index of the corpus (as `infl index` would)
     index_dim: int | None = _runtime(4096)  # the index's; they do not change the factors
     index_dtype: str = _runtime("float16")
+    blocks: int = 1  # A and S as K diagonal blocks each (paper App. A)
+    partitions: int | None = _runtime(None)  # module partitions, one sweep each (None: from --memory-budget, else 1)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -116,6 +141,12 @@ class FitConfig(_Run):
             raise BadInput(f"--damping-scale must be > 0, not {self.damping_scale}")
         if self.max_sequences is not None and self.max_sequences < 1:
             raise BadInput(f"--max-sequences must be >= 1, not {self.max_sequences}")
+        if self.blocks < 1:
+            raise BadInput(f"--blocks must be >= 1, not {self.blocks}")
+        if self.blocks > 1 and self.strategy not in ("ekfac", "kfac"):
+            raise BadInput(f"--blocks splits Kronecker factors: --strategy ekfac or kfac, not {self.strategy}")
+        if self.partitions is not None and self.partitions < 1:
+            raise BadInput(f"--partitions must be >= 1, not {self.partitions}")
         _check_reading(self.max_length, self.chunk_size, self.split)
         if self.dtype not in ("float32", "bfloat16"):
             raise BadInput(f"--dtype must be float32 or bfloat16, not {self.dtype!r}")
@@ -220,6 +251,38 @@ class ScoreConfig(_Run):
                 raise BadInput("--per-token is not available with --self")
         elif self.queries is None:
             raise BadInput("--queries is required (or --self with --factors)")
+
+
+@dataclass(frozen=True)
+class PlanConfig:
+    """What `infl plan` estimates: a model's stages at these options (no corpus, no weights read)."""
+
+    model: Path
+    strategy: str = "ekfac"
+    modules: str = "mlp"
+    blocks: int = 1
+    batch_size: int = 8
+    max_length: int | None = None  # the longest sequence a batch holds (None: the model's context)
+    dtype: str = "float32"
+    queries: int = 16
+    rank: int | None = 32
+    sequences: int = 100_000  # corpus size, for the scores artifact
+    memory_budget: int | str | None = None
+
+    def __post_init__(self) -> None:
+        if self.strategy not in curvature.NAMES:
+            raise BadInput(f"--strategy must be one of {', '.join(curvature.NAMES)}, not {self.strategy!r}")
+        if self.blocks > 1 and self.strategy not in ("ekfac", "kfac"):
+            raise BadInput(f"--blocks splits Kronecker factors: --strategy ekfac or kfac, not {self.strategy}")
+        for flag, value in (("--blocks", self.blocks), ("--batch-size", self.batch_size), ("--queries", self.queries),
+                            ("--sequences", self.sequences)):
+            if value < 1:
+                raise BadInput(f"{flag} must be >= 1, not {value}")
+        if self.max_length is not None and self.max_length < 1:
+            raise BadInput(f"--max-length must be >= 1, not {self.max_length}")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise BadInput(f"--dtype must be float32 or bfloat16, not {self.dtype!r}")
+        object.__setattr__(self, "memory_budget", parse_bytes(self.memory_budget))
 
 
 @dataclass(frozen=True)

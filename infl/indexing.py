@@ -21,7 +21,7 @@ with G_q the query's gradient, so P_q = Q_S c_q Q_A^T. Two ways to keep K number
   damping). The best K-term approximation of each sequence: the error is at most |v_q| times the
   norm of what the sequence drops.
 
-Tensors in, tensors out; no files.
+Bases are dense or blocked (curvature.base.basis_right takes either). Tensors in, tensors out; no files.
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ import warnings
 
 import torch
 from torch import Tensor
+
+from infl.curvature.base import basis_left, basis_right
 
 __all__ = ["top_coordinates", "index_coordinates", "eigen_coordinates", "query_coordinates", "low_rank_query_coordinates",
            "encode", "index_scores", "projections", "projected_gradients", "projected_queries", "sparse_coordinates",
@@ -52,15 +54,15 @@ def index_coordinates(eig_S: Tensor, eig_A: Tensor, k: int) -> Tensor:
 def eigen_coordinates(a: Tensor, s: Tensor, Q_A: Tensor, Q_S: Tensor, flat: Tensor) -> Tensor:
     """(Q_S^T DW_b Q_A) at the flat indices, for every sequence b: a: [B, T, I], s: [B, T, O]
     (zero on padding) -> [B, K]. The rotated gradient is formed whole with one batched GEMM
-    (2T(O^2 + I^2) + 2TOI flops per sequence, as the exact score pass forms DW), then gathered:
-    gathering token products coordinate by coordinate costs fewer flops but runs far slower."""
-    rotated = (s @ Q_S.to(s.dtype)).transpose(1, 2) @ (a @ Q_A.to(a.dtype))  # [B, O, I]
+    (2T(O b_S + I b_A) + 2TOI flops per sequence, b_S, b_A the bases' block sizes: O, I when dense),
+    then gathered: gathering token products coordinate by coordinate costs fewer flops but runs far slower."""
+    rotated = basis_right(s, Q_S.to(s.dtype)).transpose(1, 2) @ basis_right(a, Q_A.to(a.dtype))  # [B, O, I]
     return rotated.flatten(1)[:, flat]
 
 
 def query_coordinates(P: Tensor, Q_A: Tensor, Q_S: Tensor, flat: Tensor) -> Tensor:
     """c_q = Q_S^T P_q Q_A at the flat indices, from preconditioned queries P: [Q, O, I] -> [Q, K]."""
-    x = Q_S.T.to(torch.float64) @ P.to(torch.float64) @ Q_A.to(torch.float64)
+    x = basis_right(basis_left(Q_S.mT.to(torch.float64), P.to(torch.float64)), Q_A.to(torch.float64))
     return x.flatten(1)[:, flat].to(P.dtype)
 
 
@@ -68,8 +70,8 @@ def low_rank_query_coordinates(U: Tensor, sigma: Tensor, V: Tensor, Q_A: Tensor,
     """c_q = Q_S^T U diag(sigma) V^T Q_A at the flat indices, from rank-R queries (U: [Q, O, R],
     sigma: [Q, R], V: [Q, I, R]) -> [Q, K], without forming [Q, O, I] when K R is smaller."""
     O, I, R = U.shape[1], V.shape[1], U.shape[2]
-    left = (Q_S.T.to(torch.float64) @ U.to(torch.float64)) * sigma.to(torch.float64)[:, None, :]  # [Q, O, R]
-    right = Q_A.T.to(torch.float64) @ V.to(torch.float64)  # [Q, I, R]
+    left = basis_left(Q_S.mT.to(torch.float64), U.to(torch.float64)) * sigma.to(torch.float64)[:, None, :]  # [Q, O, R]
+    right = basis_left(Q_A.mT.to(torch.float64), V.to(torch.float64))  # [Q, I, R]
     rows, cols = flat // I, flat % I
     out = torch.empty(U.shape[0], len(flat), dtype=torch.float64, device=U.device)
     for q in range(U.shape[0]):  # one query at a time: [K, R] or [O, I] at most
@@ -116,7 +118,7 @@ def projected_queries(P: Tensor, R_A: Tensor, R_S: Tensor) -> Tensor:
 def sparse_coordinates(a: Tensor, s: Tensor, Q_A: Tensor, Q_S: Tensor, whiten: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """Each sequence's k largest whitened eigenbasis coordinates: values [B, k] and flat indices
     [B, k] (by decreasing magnitude). `whiten`: [O, I] = (Lambda + damping)^-1/2."""
-    u = ((s @ Q_S.to(s.dtype)).transpose(1, 2) @ (a @ Q_A.to(a.dtype))).flatten(1) * whiten.reshape(-1).to(a.dtype)
+    u = (basis_right(s, Q_S.to(s.dtype)).transpose(1, 2) @ basis_right(a, Q_A.to(a.dtype))).flatten(1) * whiten.reshape(-1).to(a.dtype)
     indices = u.abs().topk(min(k, u.shape[1]), dim=1).indices
     return u.gather(1, indices), indices
 

@@ -23,6 +23,7 @@ __all__ = [
     "tracked_modules",
     "module_specs",
     "prepare_for_capture",
+    "load_config",
     "context_length",
     "model_fingerprint",
     "tokenizer_fingerprint",
@@ -91,12 +92,17 @@ def load_tokenizer(path: Path):
     return _from_pretrained(AutoTokenizer, path, "a tokenizer")
 
 
-def context_length(path: Path) -> int:
-    """The model's context length, from its config alone (no weights are loaded)."""
+def load_config(path: Path):
+    """The model's config alone (no weights are read)."""
     from transformers import AutoConfig
 
     _check_model_dir(path)
-    config = _from_pretrained(AutoConfig, path, "a model config").get_text_config()
+    return _from_pretrained(AutoConfig, path, "a model config")
+
+
+def context_length(path: Path) -> int:
+    """The model's context length, from its config alone (no weights are loaded)."""
+    config = load_config(path).get_text_config()
     for key in ("max_position_embeddings", "n_positions", "seq_length"):
         value = getattr(config, key, None)
         if isinstance(value, int) and value > 0:

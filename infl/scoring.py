@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-__all__ = ["full_scores", "low_rank_token_scores", "full_token_scores", "QueryBank"]
+__all__ = ["full_scores", "low_rank_token_scores", "full_token_scores", "QueryBank", "expanded_modules"]
 
 
 def full_scores(P: Tensor, dw: Tensor) -> Tensor:
@@ -40,6 +40,24 @@ def full_token_scores(P: Tensor, a: Tensor, s: Tensor) -> Tensor:
     return torch.einsum("bto,qoi,bti->qbt", s, P, a)
 
 
+def expanded_modules(shapes: dict[str, tuple[int, int, int, int]], room: int, element_size: int = 4) -> list[str]:
+    """Which low-rank modules (name -> Q, O, I, R) a QueryBank expands within `room` bytes: those
+    whose low-rank path costs more flops per token (gain QR(O+I)/(OI) >= 1), the greatest gain first."""
+    chosen = []
+    for name in sorted(shapes, key=lambda n: _gain(*shapes[n]), reverse=True):
+        Q, O, I, R = shapes[name]
+        size = Q * O * I * element_size
+        if _gain(Q, O, I, R) >= 1 and size <= room:
+            chosen.append(name)
+            room -= size
+    return chosen
+
+
+def _gain(Q: int, O: int, I: int, R: int) -> float:
+    """Low-rank flops per token over expanded ones."""
+    return Q * R * (O + I) / (O * I)
+
+
 @dataclass
 class QueryBank:
     """Every query's preconditioned gradient, per module, full or low rank.
@@ -58,20 +76,11 @@ class QueryBank:
     expand_bytes: int = 1 << 30
 
     def __post_init__(self) -> None:
-        def gain(name: str) -> float:  # low-rank flops per token over expanded ones
-            U, _, V = self.low_rank[name]
-            (Q, O, R), I = U.shape, V.shape[1]
-            return Q * R * (O + I) / (O * I)
-
+        shapes = {name: (U.shape[0], U.shape[1], V.shape[1], U.shape[2]) for name, (U, _, V) in self.low_rank.items()}
         room = self.expand_bytes - sum(P.numel() * P.element_size() for P in self.full.values())
-        for name in sorted(self.low_rank, key=gain, reverse=True):
-            U, sigma, V = self.low_rank[name]
-            size = U.shape[0] * U.shape[1] * V.shape[1] * U.element_size()
-            if gain(name) < 1 or size > room:
-                continue
+        for name in expanded_modules(shapes, room):
+            U, sigma, V = self.low_rank.pop(name)
             self.full[name] = (U * sigma[:, None, :]) @ V.transpose(1, 2)
-            del self.low_rank[name]
-            room -= size
 
     @property
     def n_queries(self) -> int:

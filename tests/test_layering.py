@@ -16,11 +16,12 @@ ALLOWED = {
     "curvature/__init__": {"infl.errors"},  # the registry: no torch
     **{f"curvature/{p.stem}": CURVATURE for p in (PKG / "curvature").glob("*.py") if p.stem != "__init__"},
     "scoring": {"torch"},
-    "indexing": {"torch"},
+    "indexing": {"torch", "infl.curvature.base"},  # bases dense or blocked
     "capture": {"torch"},
     "gradients": {"torch", "infl.capture", "infl.curvature"},
     **{f"artifacts/{p.stem}": ARTIFACTS for p in (PKG / "artifacts").glob("*.py")},
     "driver": {"torch", "infl.errors"},
+    "planning": {"torch", "transformers", "infl.gradients", "infl.curvature", "infl.scoring", "infl.errors"},  # shapes, no files
     "runtime": {"torch", "infl.modeling", "infl.capture"},
     **{f"analysis/{p.stem}": {"numpy", "infl.artifacts", "infl.errors"} for p in (PKG / "analysis").glob("*.py")},
     "report/__init__": {"rich", "numpy", "infl.analysis"},

@@ -272,14 +272,14 @@ def test_a_checkpoint_interrupted_midway_leaves_the_previous_one(tmp_path):
 
     art = FactorsArtifact.create(tmp_path / "f.zarr", {"fingerprint": "x"})
     art.begin([{"name": m, "d_in": 2, "d_out": 2, "bias": False, "transposed": False} for m in ("a", "b")], 40)
-    generation = art.begin_pass("covariances").generation
+    generation = art.begin_pass("covariances", ["a", "b"]).generation
     good = {m: {"A_sum": np.full((2, 2), 1.0)} for m in ("a", "b")}
     art.save_progress(0, generation, good, [[0, 8]], 50)
     art.save_progress(0, generation, {m: {"A_sum": np.full((2, 2), 2.0)} for m in ("a", "b")}, [[0, 16]], 100)
     broken = {"a": {"A_sum": np.full((2, 2), 3.0)}, "b": {"A_sum": object()}}
     with pytest.raises(Exception):  # noqa: B017 - any failure while writing
         art.save_progress(0, generation, broken, [[0, 24]], 150)
-    state = art.begin_pass("covariances")  # the resume's merge
+    state = art.begin_pass("covariances", ["a", "b"])  # the resume's merge
     assert state.done == [[0, 16]] and state.n_tokens == 100
     for m in ("a", "b"):
         np.testing.assert_array_equal(state.sums[m]["A_sum"], np.full((2, 2), 2.0))

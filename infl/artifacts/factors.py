@@ -3,7 +3,8 @@ an unfinished fit.
 
 Layout:
   attrs            kind, schema, config, provenance, fingerprint, modules, n_sequences, fit
-  modules/<name>/  attrs d_in, d_out, bias, transposed, damping, n_tokens, n_sequences;
+  modules/<name>/  attrs d_in, d_out, bias, transposed, damping, n_tokens, n_sequences, fitted
+                   (the passes whose results it holds, written after them);
                    arrays as the strategy produced them: running sums (*_sum) in the precision
                    they were kept in (A_sum, S_sum float64: see curvature.base.accumulate_dtype),
                    everything else (Q_A, eig_A, Q_S, eig_S, Lambda) in float32
@@ -14,7 +15,9 @@ after each chunk into one of two slots, alternating, each slot holding its sums,
 and the sequence ranges it has added (`done`, written last: a slot without it is incomplete): a
 rank killed at any moment leaves its previous slot intact. A resumed pass (with any number of
 ranks) first merges every rank's latest slot into one state of the next generation, then switches
-the root attribute to it.
+the root attribute to it. With module partitions a pass is several sweeps, each over a subset of
+the modules; the checkpoint belongs to one sweep (`fit.modules`) and each module records the passes
+it finished, so a resumed fit skips what is written.
 """
 
 from __future__ import annotations
@@ -104,15 +107,23 @@ class FactorsArtifact(Artifact):
         at = self.group[f"modules/{name}"].attrs
         return {"name": name, **{k: at[k] for k in _SPEC_KEYS}}
 
-    def write_module(self, name: str, arrays: dict[str, np.ndarray], attrs: dict | None = None) -> None:
-        """Write (or replace) some of a module's factors; only the module's owner calls this."""
+    def write_module(self, name: str, arrays: dict[str, np.ndarray], attrs: dict | None = None,
+                     fitted: str | None = None) -> None:
+        """Write (or replace) some of a module's factors; only the module's owner calls this.
+        `fitted`: the pass these arrays finish, recorded last (a kill before it redoes the module)."""
         sub = self._sub(f"modules/{name}")
-        if attrs:
-            _set_attrs(sub, attrs)
         for key, values in arrays.items():
             # running sums in the precision they were kept in (the strategy's choice), the rest float32
             dtype = None if key.endswith("_sum") else np.float32
             self._write(key, np.asarray(values, dtype=dtype), where=sub)
+        if attrs:
+            _set_attrs(sub, attrs)
+        if fitted is not None and fitted not in self.fitted(name):
+            _set_attrs(sub, {"fitted": [*self.fitted(name), fitted]})
+
+    def fitted(self, name: str) -> list[str]:
+        """The passes whose results this module's arrays hold."""
+        return list(self.group[f"modules/{name}"].attrs.get("fitted", []))
 
     def read_module(self, name: str, keys: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
         """A module's arrays: those of `keys` that exist, or all but the running sums."""
@@ -131,15 +142,16 @@ class FactorsArtifact(Artifact):
         fit = dict(self.group.attrs["fit"])
         self.update_attrs({"fit": {"finished": [*fit["finished"], name]}})
 
-    def begin_pass(self, name: str) -> PassState:
-        """Main rank, before a pass: merge what every rank of an earlier, killed run of this pass
-        saved into one state (rank 0's, in a new generation) and return it; a fresh pass starts
-        empty. Other ranks start from zero sums."""
+    def begin_pass(self, name: str, modules: list[str]) -> PassState:
+        """Main rank, before a sweep of pass `name` over `modules` (a partition, or all of them):
+        merge what every rank of an earlier, killed run of this sweep saved into one state (rank
+        0's, in a new generation) and return it; a fresh sweep starts empty. Other ranks start
+        from zero sums."""
         fit = dict(self.group.attrs["fit"])
-        if fit.get("pass") != name:
+        if fit.get("pass") != name or fit.get("modules", modules) != modules:
             if "checkpoint" in self.group:
                 del self.group["checkpoint"]
-            self.update_attrs({"fit": {"finished": fit["finished"], "pass": name, "generation": 0}})
+            self.update_attrs({"fit": {"finished": fit["finished"], "pass": name, "modules": modules, "generation": 0}})
             self._sub("checkpoint/g0")
             return PassState(generation=0)
         old = fit["generation"]

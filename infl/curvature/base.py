@@ -9,6 +9,10 @@ Conventions (tested against explicit Gauss-Newton blocks in tests/test_curvature
 Eigenvectors are columns (torch's convention): A = Q_A diag(eig_A) Q_A^T.
 The damped inverse applied to V [O, I] is Q_S [(Q_S^T V Q_A) / (Lambda + damping)] Q_A^T;
 Q_A = Q_S = None means the identity basis (diagonal and identity strategies).
+Block-diagonal factors (paper App. A, `blocks` K): A and S keep only K diagonal blocks of b =
+ceil(D / K) coordinates (the last one shorter), summed as their rows [D, b] (b = D: dense), and
+their bases are stored as [K, b, b], the last block padded with an identity. Every product with a
+basis goes through `basis_right` / `basis_left`, which take either form (`Q.mT` transposes both).
 """
 
 from __future__ import annotations
@@ -22,10 +26,15 @@ from torch import Tensor
 __all__ = [
     "ACCUMULATE",
     "accumulate_dtype",
+    "basis_left",
+    "basis_right",
+    "block_size",
     "Curvature",
     "Strategy",
     "covariance_update",
+    "diagonal_blocks",
     "eigh",
+    "factor_eigh",
     "relative_damping",
     "precondition",
     "rotate",
@@ -53,8 +62,8 @@ class Curvature:
 
     Lambda: Tensor  # [O, I] eigenvalues (EK-FAC corrected, K-FAC products, or diagonal of G)
     damping: float
-    Q_A: Tensor | None = None  # [I, I]
-    Q_S: Tensor | None = None  # [O, O]
+    Q_A: Tensor | None = None  # [I, I], or [K, b, b] blocks
+    Q_S: Tensor | None = None  # [O, O], or [K, b, b] blocks
 
 
 class Strategy:
@@ -96,8 +105,16 @@ class Strategy:
 
 
 def covariance_update(cov: Tensor, x: Tensor) -> None:
-    """cov += x^T x. x: [N, D]; padded rows must already be zero."""
-    cov += (x.T @ x).to(cov.dtype)  # the GEMM in x's precision, the sum in the accumulator's
+    """cov += x^T x, or only its diagonal blocks: cov [D, b] holds the rows of the b x b blocks
+    (b = D: the whole matrix; see `diagonal_blocks`), never forming the full x^T x.
+    x: [N, D]; padded rows must already be zero."""
+    D, b = cov.shape
+    if b == D:
+        cov += (x.T @ x).to(cov.dtype)  # the GEMM in x's precision, the sum in the accumulator's
+        return
+    K = -(-D // b)
+    xb = _pad(x, K * b).reshape(-1, K, b).transpose(0, 1)  # [K, N, b]
+    cov += (xb.mT @ xb).reshape(K * b, b)[:D].to(cov.dtype)
 
 
 def eigh(cov: Tensor) -> tuple[Tensor, Tensor]:
@@ -106,6 +123,57 @@ def eigh(cov: Tensor) -> tuple[Tensor, Tensor]:
     sym = (sym + sym.T) / 2
     values, vectors = torch.linalg.eigh(sym)
     return values.clamp_min(0.0), vectors
+
+
+def block_size(D: int, blocks: int) -> int:
+    """b = ceil(D / blocks): the blocks of a [D, D] factor are b x b, the last one shorter (and
+    ceil(D / b) <= blocks of them: fewer when b-sized blocks would leave one empty, D = 5 in 4)."""
+    return -(-D // blocks)
+
+
+def _pad(x: Tensor, width: int) -> Tensor:
+    return x if x.shape[-1] == width else torch.nn.functional.pad(x, (0, width - x.shape[-1]))
+
+
+def diagonal_blocks(cov: Tensor) -> Tensor:
+    """A factor's rows of diagonal blocks [D, b] (what `covariance_update` sums; D, the real size,
+    stays readable from the shape) as blocks [K, b, b], zero-padded to K b coordinates."""
+    D, b = cov.shape
+    K = -(-D // b)
+    return torch.nn.functional.pad(cov, (0, 0, 0, K * b - D)).reshape(K, b, b)
+
+
+def factor_eigh(cov: Tensor) -> tuple[Tensor, Tensor]:
+    """`eigh` of a factor summed by `covariance_update`: eigenvalues [D] in coordinate order and
+    the basis, dense [D, D], or blocks [K, b, b] (one eigendecomposition per block, of its real
+    coordinates; an identity on the padding, so padded coordinates never mix with real ones)."""
+    D, b = cov.shape
+    if b == D:
+        return eigh(cov)
+    blocks = diagonal_blocks(cov)
+    values, vectors = [], torch.eye(b, dtype=torch.float64, device=cov.device).repeat(len(blocks), 1, 1)
+    for k, block in enumerate(blocks):
+        n = min(b, D - k * b)
+        v, Q = eigh(block[:n, :n])
+        values.append(v)
+        vectors[k, :n, :n] = Q
+    return torch.cat(values), vectors
+
+
+def basis_right(x: Tensor, Q: Tensor) -> Tensor:
+    """x @ Q along x's last dimension, for Q dense [D, D] or blocks [K, b, b] (x zero-padded to K b
+    coordinates, one product per block, the padding cut off again)."""
+    if Q.dim() == 2:
+        return x @ Q
+    K, b = Q.shape[0], Q.shape[-1]
+    D = x.shape[-1]
+    y = torch.einsum("...ki,kij->...kj", _pad(x, K * b).unflatten(-1, (K, b)), Q)
+    return y.flatten(-2)[..., :D]
+
+
+def basis_left(Q: Tensor, x: Tensor) -> Tensor:
+    """Q @ x along x's second to last dimension (x: [..., D, N]), for either form of Q."""
+    return Q @ x if Q.dim() == 2 else basis_right(x.mT, Q.mT).mT
 
 
 def relative_damping(Lambda: Tensor, scale: float = 0.1) -> float:
@@ -127,7 +195,7 @@ def precondition(V: Tensor, curvature: Curvature) -> Tensor:
     dtype = torch.promote_types(V.dtype, torch.float32)
     x = V.to(dtype)
     if curvature.Q_A is not None:
-        x = curvature.Q_S.T.to(dtype) @ x @ curvature.Q_A.to(dtype)
+        x = basis_right(basis_left(curvature.Q_S.mT.to(dtype), x), curvature.Q_A.to(dtype))
     x = x / (curvature.Lambda.to(dtype) + curvature.damping)
     return from_eigenbasis(x, curvature).to(V.dtype)
 
@@ -135,13 +203,15 @@ def precondition(V: Tensor, curvature: Curvature) -> Tensor:
 def rotate(a: Tensor, s: Tensor, Q_A: Tensor, Q_S: Tensor) -> Tensor:
     """Q_S^T DW_b Q_A for every sequence b, DW_b = sum_t s_bt a_bt^T. a: [B, T, I], s: [B, T, O] -> [B, O, I].
 
-    Rotating the tokens first costs 2T(O^2 + I^2) + 2TOI flops, forming DW first 2TOI + 2OI(O + I):
-    take the cheaper one (tokens first wins for short sequences).
+    With bases of block sizes b_S, b_A (O, I when dense), rotating the tokens first costs
+    2T(O b_S + I b_A) + 2TOI flops, forming DW first 2TOI + 2OI(b_S + b_A): take the cheaper one
+    (tokens first wins for short sequences).
     """
     T, I, O = a.shape[1], a.shape[2], s.shape[2]
-    if T * (O * O + I * I) < O * I * (O + I):
-        return (s @ Q_S).transpose(1, 2) @ (a @ Q_A)
-    return Q_S.T @ (s.transpose(1, 2) @ a) @ Q_A
+    b_A, b_S = Q_A.shape[-1], Q_S.shape[-1]  # block sizes: the nonzeros of a basis' row
+    if T * (O * b_S + I * b_A) < O * I * (b_S + b_A):
+        return basis_right(s, Q_S).transpose(1, 2) @ basis_right(a, Q_A)
+    return basis_right(basis_left(Q_S.mT, s.transpose(1, 2) @ a), Q_A)
 
 
 def damped_in_eigenbasis(a: Tensor, s: Tensor, curvature: Curvature) -> Tensor:
@@ -163,4 +233,4 @@ def from_eigenbasis(X: Tensor, curvature: Curvature) -> Tensor:
     """Q_S X Q_A^T (the identity for strategies without a basis)."""
     if curvature.Q_A is None:
         return X
-    return curvature.Q_S.to(X.dtype) @ X @ curvature.Q_A.T.to(X.dtype)
+    return basis_right(basis_left(curvature.Q_S.to(X.dtype), X), curvature.Q_A.mT.to(X.dtype))

@@ -16,7 +16,7 @@ from rich.text import Text
 
 from infl.analysis.results import Hit, LayerTable
 
-__all__ = ["TOPK", "LAYERWISE", "render_info", "as_text"]
+__all__ = ["TOPK", "LAYERWISE", "render_info", "render_plan", "as_text"]
 
 _PREVIEW = 240  # characters of text shown per sequence in a table
 
@@ -214,3 +214,27 @@ def render_info(described: dict) -> str:
     for key, value in rows:
         table.add_row(Text(key), Text(value))  # paths and config values, shown as written
     return as_text(table)
+
+
+def _size(n: int | None) -> str:
+    return "" if n is None else f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+def render_plan(plan: dict) -> str:
+    """`infl plan` as a table: per stage its peak memory, what makes it up, and what it writes."""
+    budget = plan["memory_budget"]
+    title = (f"{plan['modules']} modules, {plan['strategy']}" + (f" in {plan['blocks']} blocks" if plan["blocks"] > 1 else "")
+             + f", {plan['dtype']}, batch {plan['batch_size']} x {plan['max_length']} tokens, {plan['queries']} queries"
+             + f" of rank {plan['rank'] or 'full'}, {plan['sequences']} sequences")
+    table = Table(title=Text(title, style="table.title"))
+    for column in ("stage", "peak", "made of", "writes", *(("largest batch",) if budget else ())):
+        table.add_column(column, justify="left" if column in ("stage", "made of") else "right", overflow="fold")
+    for stage in plan["stages"]:
+        parts = ", ".join(f"{k} {_size(v)}" for k, v in stage["parts"].items() if v)
+        name = stage["stage"] + (f" ({stage['partitions']} partitions)" if stage["partitions"] > 1 else "")
+        row = [name, _size(stage["peak_bytes"]), parts, _size(stage["disk_bytes"])]
+        if budget:
+            row.append(str(stage["largest_batch"]) if stage["largest_batch"] else "none fits")
+        table.add_row(*map(Text, row))
+    note = Text(f"memory budget {_size(budget)}" if budget else "no --memory-budget given", style="dim")
+    return as_text(table, note)

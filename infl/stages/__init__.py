@@ -14,7 +14,7 @@ from infl.driver import Outcome
 
 __all__ = ["Outcome", "WritingStage", "artifact_class", "open_parent", "corpus_paths", "check_unchanged", "semantic_fields", "sequence_seed",
            "model_dir_for", "query_bank", "COMPRESSION", "index_attrs", "with_corpus", "index_layout", "index_factors",
-           "IndexRows", "curvatures", "module_specs"]
+           "IndexRows", "Curvatures", "curvatures", "module_specs"]
 
 
 class WritingStage:
@@ -223,18 +223,39 @@ class IndexRows:
         self.art.write_chunk(c, {name: tuple(t.numpy() for t in indexing.encode(values, self.dtype)) for name, values in rows.items()})
 
 
-def curvatures(factors, device: str = "cpu") -> dict:
-    """name -> damped Curvature, from a factors artifact, as its strategy stored it."""
-    import torch
+class Curvatures:
+    """name -> damped Curvature of a factors artifact, read from it module by module when first
+    asked for. Modules are kept while their bytes fit `budget` (None: all of them); the rest are
+    read again at each use. A stage asks for the modules in the same order every batch, so keeping
+    the first that fit (not the most recent) is what saves reads: an LRU cache would miss every time."""
 
-    from infl import curvature
+    def __init__(self, factors, device: str = "cpu", budget: int | None = None):
+        from infl import curvature
 
-    strategy = curvature.get(factors.config["strategy"])
-    out = {}
-    for name in factors.modules:
-        arrays = {k: torch.from_numpy(v).to(device) for k, v in factors.read_module(name, strategy.stored).items()}
-        out[name] = strategy.curvature(arrays, float(factors.module_attrs(name)["damping"]))
-    return out
+        self.factors, self.device, self.budget = factors, device, budget
+        self.strategy = curvature.get(factors.config["strategy"])
+        self.kept: dict = {}
+        self.kept_bytes = 0
+        self.reads = 0
+
+    def __getitem__(self, name: str):
+        if name in self.kept:
+            return self.kept[name]
+        import torch
+
+        arrays = {k: torch.from_numpy(v).to(self.device) for k, v in self.factors.read_module(name, self.strategy.stored).items()}
+        self.reads += 1
+        found = self.strategy.curvature(arrays, float(self.factors.module_attrs(name)["damping"]))
+        size = sum(t.numel() * t.element_size() for t in arrays.values())
+        if self.budget is None or self.kept_bytes + size <= self.budget:
+            self.kept[name], self.kept_bytes = found, self.kept_bytes + size
+        return found
+
+
+def curvatures(factors, device: str = "cpu", budget: int | None = None) -> Curvatures:
+    """name -> damped Curvature, from a factors artifact, as its strategy stored it (read on
+    first use; at most `budget` bytes of them kept)."""
+    return Curvatures(factors, device, budget)
 
 
 def module_specs(factors) -> list:

@@ -15,12 +15,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from infl import data, engine, gradients, modeling
+from infl import data, engine, gradients, modeling, planning
 from infl.artifacts.factors import FactorsArtifact
 from infl.artifacts.queries import QueriesArtifact
 from infl.config import QueryConfig
 from infl.console import log, progress
-from infl.curvature.base import damped_in_eigenbasis, from_eigenbasis
+from infl.curvature.base import basis_left, damped_in_eigenbasis, from_eigenbasis
 from infl.driver import Group, Outcome
 from infl.driver import run as drive
 from infl.errors import BadInput
@@ -104,7 +104,7 @@ class BuildQuery(WritingStage):
         queries = data.read_queries(cfg.queries, rt.tokenizer, plan.attrs["provenance"]["max_length"])
         if data.file_sha256(cfg.queries) != plan.queries_sha256:
             raise BadInput(f"{cfg.queries} changed while this run was starting")
-        curv = curvatures(factors, device)
+        curv = curvatures(factors, device, self._curvature_room(rt, queries, plan.units))
         art = QueriesArtifact.open_for_writing(cfg.out)
         layouts = {name: art.module_attrs(name) for name in factors.modules}
         mine = g.mine(plan.units)
@@ -137,6 +137,15 @@ class BuildQuery(WritingStage):
                 bar.advance(task, hi - lo)
         return out
 
+    def _curvature_room(self, rt: Runtime, queries, units) -> int | None:
+        """Bytes of curvatures this rank may keep loaded under --memory-budget (None: no budget);
+        the others are read again for every batch of queries."""
+        if self.cfg.memory_budget is None:
+            return None
+        length = max(len(t) for lo, hi in units for t in queries.tokens[lo:hi])
+        return planning.curvature_room(self.cfg.memory_budget, rt.model, rt.dtype, min(self.cfg.batch_size, len(queries.ids)),
+                                       length, [spec.shape for spec in rt.specs])
+
     def publish(self, plan: QueryPlan, results: list) -> Outcome:
         art = QueriesArtifact.open_for_writing(self.cfg.out)
         for start, measurement, kept in (unit for rank in results for unit in rank):
@@ -155,6 +164,6 @@ def _compressed(X: torch.Tensor, rank: int, method: str, ids: list[str], module:
     U, sigma, V, kept = zip(*(gradients.low_rank(X[q], rank, method, sequence_seed(ids[q], module)) for q in range(X.shape[0])))
     U, V = torch.stack(U), torch.stack(V)
     if curvature.Q_A is not None:
-        U, V = curvature.Q_S.to(U.dtype) @ U, curvature.Q_A.to(V.dtype) @ V
+        U, V = basis_left(curvature.Q_S.to(U.dtype), U), basis_left(curvature.Q_A.to(V.dtype), V)
     return {"U": U.cpu().numpy(), "sigma": torch.stack(sigma).cpu().numpy(), "V": V.cpu().numpy(),
             "kept": np.asarray(kept, dtype=np.float32)}

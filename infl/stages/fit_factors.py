@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from infl import curvature, data, engine, modeling
+from infl import curvature, data, engine, modeling, planning
 from infl.artifacts import State, identity_fingerprint
 from infl.artifacts.factors import FactorsArtifact, PassState
 from infl.artifacts.index import IndexArtifact
@@ -130,7 +130,7 @@ class FitFactors(WritingStage):
         log(f"fitting {cfg.strategy} on {n} sequences, {len(rt.specs)} modules of {cfg.model}"
             + (f", {g.world} processes" if g.world > 1 else ""))
         fit = _Fit(art, rt, corpus, n, cfg, g)
-        fit.run(curvature.get(cfg.strategy), plan.index_attrs)
+        fit.run(curvature.get(cfg.strategy, cfg.blocks), plan.index_attrs)
 
     def _begin(self, specs: list[ModuleSpec], n: int) -> None:
         art = FactorsArtifact.open_for_writing(self.cfg.out)
@@ -161,34 +161,57 @@ class _Fit:
     def __init__(self, art: FactorsArtifact, rt: Runtime, corpus: data.Corpus, n: int, cfg: FitConfig, g: Group):
         self.art, self.rt, self.corpus, self.cfg, self.g = art, rt, corpus, cfg, g
         self.tokens, self.seeds = corpus.tokens[:n], [sequence_seed(cfg.seed, corpus.ids[i]) for i in range(n)]
-        self.owned = g.mine(rt.specs)  # this rank computes and writes these modules' factors
 
     def run(self, strategy, index_attrs: dict | None) -> None:
-        finished = self.art.finished_passes
+        parts = self._partitions(strategy)
         for index, name in enumerate(strategy.passes):
-            if name in finished:
+            if name in self.art.finished_passes:
                 continue
-            factors = self._factors_so_far() if index else {}
-            rows = self._index_rows(index_attrs, factors) if index_attrs and name == "eigenvalues" else None
-            sums, n_tokens = self._pass(strategy, name, factors, rows)
-            last = index == len(strategy.passes) - 1
-            for spec in self.owned:
-                learnt = strategy.end_pass(name, {k: t.cpu() for k, t in sums[spec.name].items()}, n_tokens, len(self.tokens))
-                self._write(strategy, spec, learnt, last, {"n_tokens": n_tokens, "n_sequences": len(self.tokens)})
-            del sums, factors, rows  # before the next pass allocates its own
-            self.g.barrier()
+            for p, part in enumerate(parts):
+                art = FactorsArtifact.open_for_writing(self.cfg.out)  # fresh metadata: other ranks wrote modules
+                if all(name in art.fitted(spec.name) for spec in part):
+                    continue
+                factors = self._factors_so_far(part) if index else {}
+                # the fused index needs every module's gradient of a chunk at once: one sweep only
+                fused = index_attrs and name == "eigenvalues" and len(parts) == 1
+                rows = self._index_rows(index_attrs, factors) if fused else None
+                label = name if len(parts) == 1 else f"{name} {p + 1}/{len(parts)}"
+                sums, n_tokens = self._pass(strategy, name, part, label, factors, rows)
+                last = index == len(strategy.passes) - 1
+                for spec in self.g.mine(part):  # this rank computes and writes these modules' factors
+                    learnt = strategy.end_pass(name, {k: t.cpu() for k, t in sums[spec.name].items()}, n_tokens, len(self.tokens))
+                    self._write(strategy, spec, learnt, last, {"n_tokens": n_tokens, "n_sequences": len(self.tokens)}, name)
+                del sums, factors, rows  # before the next sweep allocates its own
+                self.g.barrier()
             self.g.from_main(self.art.finish_pass, name)
         if not strategy.passes:
-            for spec in self.owned:
-                self._write(strategy, spec, {}, True, {"n_sequences": len(self.tokens)})
+            for spec in self.g.mine(self.rt.specs):
+                self._write(strategy, spec, {}, True, {"n_sequences": len(self.tokens)}, None)
         self.g.barrier()
 
-    def _write(self, strategy, spec: ModuleSpec, learnt: dict, last: bool, attrs: dict) -> None:
+    def _partitions(self, strategy) -> list[list[ModuleSpec]]:
+        """The module groups fitted one sweep each: --partitions, or as few as --memory-budget allows."""
+        cfg, specs = self.cfg, self.rt.specs
+        if cfg.partitions is not None:
+            count = cfg.partitions
+        elif cfg.memory_budget is not None:
+            length = max(map(len, self.tokens))
+            activations = planning.activation_bytes(planning.skeleton(self.rt.model.config, cfg.dtype), cfg.batch_size, length)
+            count = planning.fit_partitions(planning.process_bytes(), 0, activations, strategy,  # weights: loaded
+                                            [spec.shape for spec in specs], cfg.memory_budget)
+        else:
+            count = 1
+        parts = planning.partition([planning.fit_module_bytes(strategy, spec.shape) for spec in specs], count)
+        if len(parts) > 1:
+            log(f"fitting the {len(specs)} modules in {len(parts)} partitions (one sweep of the corpus each per pass)")
+        return [[specs[i] for i in part] for part in parts]
+
+    def _write(self, strategy, spec: ModuleSpec, learnt: dict, last: bool, attrs: dict, fitted: str | None) -> None:
         """A module's factors as the owner learnt them; after the last pass, with Lambda and damping."""
         if last:
             learnt = strategy.finish(learnt, spec.shape)
             attrs = {**attrs, "damping": strategy.damping(learnt["Lambda"], self.cfg.damping, self.cfg.damping_scale)}
-        self.art.write_module(spec.name, {k: v.numpy() for k, v in learnt.items()}, attrs)
+        self.art.write_module(spec.name, {k: v.numpy() for k, v in learnt.items()}, attrs, fitted)
 
     def _index_rows(self, attrs: dict, factors: dict) -> IndexRows | None:
         """The index this pass also writes, sized from the eigenvalues just fitted (None: it is
@@ -205,17 +228,19 @@ class _Fit:
         bases = {name: {k: factors[name][k] for k in ("Q_A", "Q_S")} for name in self.rt.modules}
         return IndexRows(IndexArtifact.open_for_writing(cfg.out), bases, self.rt.device, cfg.index_dtype)
 
-    def _factors_so_far(self) -> dict[str, dict[str, torch.Tensor]]:
-        """What earlier passes stored (all but the sums), as every rank reads it back: float32."""
+    def _factors_so_far(self, part: list[ModuleSpec]) -> dict[str, dict[str, torch.Tensor]]:
+        """What earlier passes stored for these modules (all but the sums), as every rank reads it
+        back: float32."""
         art = FactorsArtifact.open_for_writing(self.cfg.out)  # fresh metadata: other ranks wrote modules
         out = {}
-        for spec in self.rt.specs:
+        for spec in part:
             arrays = art.read_module(spec.name)
             out[spec.name] = {k: torch.from_numpy(v).to(self.rt.device) for k, v in arrays.items()}
         return out
 
-    def _pass(self, strategy, name: str, factors: dict, index: IndexRows | None = None) -> tuple[dict, int]:
-        """Sums per module (float64, every rank's added up) and the token count of one pass.
+    def _pass(self, strategy, name: str, part: list[ModuleSpec], label: str, factors: dict,
+              index: IndexRows | None = None) -> tuple[dict, int]:
+        """Sums per module of `part` (every rank's added up) and the token count of one sweep.
 
         After each chunk the rank's running sums are checkpointed, so a killed run (with any
         number of ranks) resumes from what every rank had finished. With `index`, each chunk's
@@ -224,7 +249,7 @@ class _Fit:
         kept = {}
 
         def begin():
-            kept["state"] = self.art.begin_pass(name)
+            kept["state"] = self.art.begin_pass(name, [spec.name for spec in part])
             return kept["state"].done, kept["state"].n_tokens, kept["state"].generation
 
         done, n_tokens, generation = g.from_main(begin)
@@ -232,7 +257,7 @@ class _Fit:
         sums = {
             spec.name: {k: (torch.from_numpy(start[spec.name][k]) if start else torch.zeros(shape)).to(rt.device, accumulate_dtype(k))
                         for k, shape in strategy.sums(name, spec.shape).items()}
-            for spec in rt.specs
+            for spec in part
         }
         mine = g.mine(PassState(done).pending(n, C))
         added = list(done) if g.main else []
@@ -248,8 +273,8 @@ class _Fit:
             values = index.compress[module](a, s).float().cpu()
             rows.setdefault(module, torch.zeros(hi - lo, values.shape[1]))[batch] = values
 
-        with progress() as bar, tap(rt.model, rt.specs) as tapped:
-            task = bar.add_task(name, total=sum(hi - lo for lo, hi in mine))
+        with progress() as bar, tap(rt.model, part) as tapped:
+            task = bar.add_task(label, total=sum(hi - lo for lo, hi in mine))
             for lo, hi in mine:
                 # an index chunk aligned with this one and not written yet (by a run killed before its checkpoint)
                 rows = {} if index is not None and lo % C == 0 and hi == min(lo + C, n) and not index.art.done_mask()[lo // C] else None
