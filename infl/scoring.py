@@ -78,7 +78,8 @@ class QueryBank:
     def __post_init__(self) -> None:
         shapes = {name: (U.shape[0], U.shape[1], V.shape[1], U.shape[2]) for name, (U, _, V) in self.low_rank.items()}
         room = self.expand_bytes - sum(P.numel() * P.element_size() for P in self.full.values())
-        for name in expanded_modules(shapes, room):
+        size = next((U.element_size() for U, _, _ in self.low_rank.values()), 4)
+        for name in expanded_modules(shapes, room, size):
             U, sigma, V = self.low_rank.pop(name)
             self.full[name] = (U * sigma[:, None, :]) @ V.transpose(1, 2)
 
