@@ -366,7 +366,6 @@ def score(
     index: Annotated[Optional[Path], typer.Option(help="Score from this gradient index (infl index) instead of a corpus pass.")] = None,
     batch_size: BatchOpt = 8,
     device: DeviceOpt = "cpu",
-    memory_budget: MemoryOpt = None,
     force: ForceOpt = False,
     wait: WaitOpt = False,
     quiet: QuietOpt = False,
@@ -388,7 +387,7 @@ def score(
         queries=queries, corpus=tuple(files if index is not None else _need(files, "--corpus")), index=index,
         out=_need(out, "--out"), model=model, max_length=max_length, split=split, text_field=text_field,
         id_field=id_field, chunk_size=chunk_size, per_token=per_token, self_influence=self_influence,
-        factors=factors, batch_size=batch_size, device=device, force=force, wait=wait, memory_budget=memory_budget,
+        factors=factors, batch_size=batch_size, device=device, force=force, wait=wait,
     ))
     _finish(lambda: stage.run(cfg), quiet, out=cfg.out)
 

@@ -114,19 +114,29 @@ def fit_module_bytes(strategy, shape: tuple[int, int]) -> int:
 
 
 def _eigh_bytes(strategy, shape: tuple[int, int]) -> int:
-    """An eigendecomposition's transient at the end of a pass: the float64 matrix, its symmetrised
-    copy and its eigenvectors, for each factor of one module."""
-    return max((3 * FLOAT64 * math.prod(s) for name in strategy.passes for s in strategy.sums(name, shape).values()),
+    """An eigendecomposition's transient at the end of a pass, for the largest factor of one module:
+    the float64 matrix, its symmetrised copy, its eigenvectors and LAPACK's divide-and-conquer
+    workspace (2 D^2 doubles): 5 D^2 doubles."""
+    return max((5 * FLOAT64 * math.prod(s) for name in strategy.passes for s in strategy.sums(name, shape).values()),
+               default=0)
+
+
+def _update_bytes(strategy, shape: tuple[int, int]) -> int:
+    """A batch's update of the largest running sum: x^T x in float32 and its float64 copy."""
+    return max(((FLOAT32 + FLOAT64) * math.prod(s) for name in strategy.passes for s in strategy.sums(name, shape).values()),
                default=0)
 
 
 def fit_footprint(process: int, weights: int, activations: int, strategy, shapes: list[tuple[int, int]],
                   partitions: int) -> Footprint:
+    """A sweep holds its modules' sums, and at its peak either a batch's activations with a sum's
+    update (during the sweep) or an eigendecomposition (after it, the activations freed)."""
     groups = partition([fit_module_bytes(strategy, s) for s in shapes], partitions)
     held = max(sum(fit_module_bytes(strategy, shapes[i]) for i in g) for g in groups)
-    working = max((_eigh_bytes(strategy, s) for s in shapes), default=0)
-    return Footprint({"process": process, "weights": weights, "activations": activations,
-                      "factor sums": held, "eigendecomposition": working})
+    update = max((_update_bytes(strategy, s) for s in shapes), default=0)
+    eigh = max((_eigh_bytes(strategy, s) for s in shapes), default=0)
+    return Footprint({"process": process, "weights": weights, "activations": activations, "factor sums": held,
+                      "working": max(update, eigh - activations)})
 
 
 def fit_partitions(process: int, weights: int, activations: int, strategy, shapes: list[tuple[int, int]],

@@ -3,6 +3,8 @@ the tracked modules, the tokenizer, the dtype and the batch size."""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +39,7 @@ class Runtime:
              batch_size: int = 8, tokenizer=None) -> Runtime:
         """`modules`: a selection (`mlp`, `all`, a regex) for a new fit, or the names an artifact
         recorded. No parameter requires grad (see modeling.prepare_for_capture)."""
+        _return_freed_blocks()
         tokenizer = tokenizer if tokenizer is not None else modeling.load_tokenizer(model_dir)
         model = modeling.load_model(model_dir, device, dtype)
         if isinstance(modules, str):
@@ -45,3 +48,19 @@ class Runtime:
             specs = modeling.module_specs(model, modules)
         modeling.prepare_for_capture(model, specs)
         return cls(model, specs, tokenizer, device, dtype, batch_size)
+
+
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
+def _return_freed_blocks(threshold: int = 1 << 20) -> None:
+    """Give every block of 1 MiB or more its own mapping, returned to the system when freed.
+
+    glibc raises its mmap threshold to the size of each freed mapped block, up to 32 MiB, so later
+    blocks of factors, eigenbases and activations come from the heap, whose freed middle is rarely
+    given back: a fit's peak RSS was 40 % above what it held at any moment (measured on a 12-module
+    Llama, 1.67 GB against 1.19 GB with this). A fixed threshold turns that off. glibc only."""
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    if libc is not None and hasattr(libc, "mallopt"):
+        libc.mallopt(_M_MMAP_THRESHOLD, threshold)

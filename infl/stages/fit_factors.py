@@ -178,10 +178,15 @@ class _Fit:
                 label = name if len(parts) == 1 else f"{name} {p + 1}/{len(parts)}"
                 sums, n_tokens = self._pass(strategy, name, part, label, factors, rows)
                 last = index == len(strategy.passes) - 1
-                for spec in self.g.mine(part):  # this rank computes and writes these modules' factors
-                    learnt = strategy.end_pass(name, {k: t.cpu() for k, t in sums[spec.name].items()}, n_tokens, len(self.tokens))
-                    self._write(strategy, spec, learnt, last, {"n_tokens": n_tokens, "n_sequences": len(self.tokens)}, name)
-                del sums, factors, rows  # before the next sweep allocates its own
+                owned = {spec.name for spec in self.g.mine(part)}  # this rank computes and writes their factors
+                for spec in part:  # each module's sums and bases freed once written: the peak is all sums and one eigh
+                    module_sums = {k: t.cpu() for k, t in sums.pop(spec.name).items()}
+                    factors.pop(spec.name, None)
+                    if spec.name in owned:
+                        self._write(strategy, spec, strategy.end_pass(name, module_sums, n_tokens, len(self.tokens)), last,
+                                    {"n_tokens": n_tokens, "n_sequences": len(self.tokens)}, name)
+                    del module_sums
+                del rows  # before the next sweep allocates its own
                 self.g.barrier()
             self.g.from_main(self.art.finish_pass, name)
         if not strategy.passes:
