@@ -9,23 +9,11 @@ import pytest
 import torch
 from conftest import SENTENCES, write_jsonl
 from test_cli import infl, one_line_error, pipeline
-from test_resume import fit_progress, kill_when
+from test_resume import assert_same_factors, fit_progress, kill_when
 
 from infl import artifacts, planning
 from infl.curvature.ekfac import EKFAC
 from infl.errors import BadInput
-
-
-def assert_same_factors(got_path, ref_path) -> None:
-    ref, got = artifacts.open_complete(ref_path, "factors"), artifacts.open_complete(got_path, "factors")
-    assert ref.attrs["fingerprint"] == got.attrs["fingerprint"]  # partitions are how, not what
-    for name in ref.attrs["modules"]:
-        sub_ref, sub_got = ref[f"modules/{name}"], got[f"modules/{name}"]
-        assert sorted(sub_got.array_keys()) == sorted(sub_ref.array_keys())
-        for key in (k for k in sub_ref.array_keys() if not k.endswith(".sha256")):  # digests differ by uid
-            np.testing.assert_array_equal(np.asarray(sub_got[key][...]), np.asarray(sub_ref[key][...]), err_msg=f"{name}/{key}")
-        assert dict(sub_got.attrs) == dict(sub_ref.attrs)
-    assert "checkpoint" not in got
 
 
 def test_partitioned_fit_writes_the_dense_fits_factors_bit_for_bit(workdir, tmp_path):
