@@ -56,8 +56,12 @@ _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb
 
 
 def parse_bytes(value: str | int | None, option: str = "--memory-budget") -> int | None:
-    """'16GiB', '3GB', '512MiB' or a number of bytes (None stays None)."""
-    if value is None or isinstance(value, int):
+    """'16GiB', '3GB', '512MiB' or a number of bytes, at least 1 (None stays None)."""
+    if value is None:
+        return None
+    if isinstance(value, int):
+        if value < 1:
+            raise BadInput(f"{option} must be > 0 bytes, not {value}")
         return value
     text = value.strip().lower().replace(" ", "")
     number = text.rstrip("abcdefghijklmnopqrstuvwxyz")
@@ -65,9 +69,10 @@ def parse_bytes(value: str | int | None, option: str = "--memory-budget") -> int
     try:
         if unit not in _UNITS:
             raise ValueError
-        return int(float(number) * _UNITS[unit])
+        size = int(float(number) * _UNITS[unit])
     except ValueError:
         raise BadInput(f"{option} must be a size such as 16GiB, 3GB or 512MiB, not {value!r}") from None
+    return parse_bytes(size, option)
 
 
 def _check_split(split: str) -> None:
@@ -104,8 +109,6 @@ class _Run:
             raise BadInput(f"--batch-size must be >= 1, not {self.batch_size}")
         _check_device(self.device)
         object.__setattr__(self, "memory_budget", parse_bytes(self.memory_budget))
-        if self.memory_budget is not None and self.memory_budget < 1:
-            raise BadInput(f"--memory-budget must be > 0 bytes, not {self.memory_budget}")
 
 
 @dataclass(frozen=True)
