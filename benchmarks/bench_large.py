@@ -27,21 +27,29 @@ import readme_block
 import torch
 
 
-def build_model(path: Path) -> None:
-    """TinyLlama-1.1B's shape with random weights, and a word-level tokenizer of the Python docs."""
+def save_random(path: Path, config) -> None:
+    """A causal LM of `config`'s shape with random weights (seed 0), and a word-level tokenizer of
+    the Python docs with `config.vocab_size` entries, saved as a model directory."""
     from pydoc_data.topics import topics
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
     tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator(topics.values(), trainers.WordLevelTrainer(vocab_size=32000, special_tokens=["[UNK]", "[PAD]"]))
+    tok.train_from_iterator(topics.values(), trainers.WordLevelTrainer(vocab_size=config.vocab_size,
+                                                                       special_tokens=["[UNK]", "[PAD]"]))
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]")
-    config = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
-                         num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048)
     torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(path)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
+
+
+def build_model(path: Path) -> None:
+    """TinyLlama-1.1B's shape."""
+    from transformers import LlamaConfig
+
+    save_random(path, LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                                  num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048))
 
 
 def corpus(path: Path, n: int, words: int) -> Path:

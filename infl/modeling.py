@@ -6,6 +6,7 @@ with the `gguf` package and dequantises the weights to `dtype`; its fingerprint 
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import re
 from pathlib import Path
@@ -55,8 +56,35 @@ def _source(path: Path) -> tuple[str, dict]:
     return (str(path.parent), {"gguf_file": path.name}) if _is_gguf(path) else (str(path), {})
 
 
+def _keep_gguf_metadata() -> None:
+    """transformers parses a GGUF file's metadata (its whole vocabulary, one element at a time)
+    anew for the config, for the tokenizer and for the model: about 10 s each on SmolLM2's 49k
+    tokens, most of a stage's start. Keep each file's parse for this process (copies are handed
+    out: the callers edit what they get)."""
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    original = gguf_utils.load_gguf_checkpoint
+    if getattr(original, "_keeps_metadata", False):
+        return
+    parsed: dict = {}
+
+    def load_gguf_checkpoint(path, return_tensors=False, **kwargs):
+        if return_tensors or kwargs:
+            return original(path, return_tensors=return_tensors, **kwargs)
+        stat = Path(path).stat()
+        key = (str(path), stat.st_size, stat.st_mtime_ns)
+        if key not in parsed:
+            parsed[key] = original(path, return_tensors=False)
+        return copy.deepcopy(parsed[key])
+
+    load_gguf_checkpoint._keeps_metadata = True
+    gguf_utils.load_gguf_checkpoint = load_gguf_checkpoint
+
+
 def _from_pretrained(cls, path: Path, what: str, **kwargs):
     where, extra = _source(path)
+    if extra:
+        _keep_gguf_metadata()
     try:
         return cls.from_pretrained(where, local_files_only=True, **extra, **kwargs)
     except ImportError as e:  # reading GGUF needs the gguf package (and accelerate for the weights)

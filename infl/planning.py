@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 __all__ = ["Footprint", "process_bytes", "weight_bytes", "activation_bytes", "partition", "fit_module_bytes",
-           "fit_footprint", "fit_partitions", "curvature_bytes", "curvature_room", "query_footprint", "score_footprint",
+           "fit_footprint", "fit_partitions", "curvature_bytes", "curvature_room", "query_footprint", "expand_room", "score_footprint",
            "StagePlan", "plan", "skeleton"]
 
 FLOAT32, FLOAT64 = 4, 8
@@ -193,6 +193,20 @@ def score_footprint(process: int, weights: int, activations: int, queries: int, 
                       "queries": queries, "expanded queries": expanded, "gradients": working})
 
 
+def expand_room(budget: int, model: nn.Module, dtype: str, batch_size: int, length: int,
+                shapes: list[tuple[int, int]]) -> int:
+    """What is left of `budget` for score's expanded queries, in this process with the model and
+    the stored queries loaded (its resident memory now)."""
+    from infl.errors import BadInput
+
+    activations = activation_bytes(skeleton(model.config, dtype), batch_size, length)
+    room = budget - score_footprint(process_bytes(), 0, activations, 0, 0, batch_size, shapes).total
+    if room < 0:
+        raise BadInput(f"--memory-budget {_gb(budget)} is below what score needs with every query low rank "
+                       f"({_gb(budget - room)})", hint="raise --memory-budget or lower --batch-size")
+    return room
+
+
 @dataclass
 class StagePlan:
     stage: str
@@ -240,9 +254,11 @@ def plan(model: nn.Module, strategy, shapes: list[tuple[int, int]], dtype: str, 
     curvature = sum(curvature_bytes(("Lambda", "Q_A", "Q_S"), s, getattr(strategy, "blocks", 1)) for s in shapes)
     stored = sum(_query_bytes(s, rank) for s in shapes) * queries
     low = {i: (queries, O, I, rank) for i, (O, I) in enumerate(shapes) if rank is not None and rank < min(O, I)}
-    expanded = sum(queries * shapes[i][0] * shapes[i][1] * FLOAT32 for i in expanded_modules(low, QueryBank.expand_bytes))
-    expanded += sum(queries * O * I * FLOAT32 for i, (O, I) in enumerate(shapes) if i not in low)
+    full = sum(queries * O * I * FLOAT32 for i, (O, I) in enumerate(shapes) if i not in low)
     q_batch = min(batch_size, queries)
+
+    def expanded(room: int) -> int:  # what score expands of the low-rank queries within `room` (full ones are stored)
+        return sum(queries * shapes[i][0] * shapes[i][1] * FLOAT32 for i in expanded_modules(low, room))
 
     def fit(b: int, partitions: int = 1) -> Footprint:
         return fit_footprint(process, weights, activations(b), strategy, shapes, partitions)
@@ -250,8 +266,8 @@ def plan(model: nn.Module, strategy, shapes: list[tuple[int, int]], dtype: str, 
     def build(b: int, kept: int = curvature) -> Footprint:
         return query_footprint(process, weights, activations(b), kept, b, shapes)
 
-    def score(b: int) -> Footprint:
-        return score_footprint(process, weights, activations(b), stored, expanded, b, shapes)
+    def score(b: int, room: int = QueryBank.expand_bytes - full) -> Footprint:
+        return score_footprint(process, weights, activations(b), stored, expanded(room), b, shapes)
 
     partitions = 1
     if budget is not None:
@@ -262,12 +278,15 @@ def plan(model: nn.Module, strategy, shapes: list[tuple[int, int]], dtype: str, 
     kept = curvature  # within a budget, build-query keeps what fits and reads the rest again per batch
     if budget is not None:
         kept = max(0, min(curvature, budget - build(q_batch, 0).total))
+    score_room = QueryBank.expand_bytes - full  # within a budget, score expands what fits beside the rest
+    if budget is not None:
+        score_room = max(0, budget - score(batch_size, -1).total)
     plans = [
         StagePlan("fit-factors", fit(batch_size, partitions), sum(_written_bytes(strategy, s) for s in shapes),
                   _largest(lambda b: fit(b, len(shapes)).total, budget), partitions),
         StagePlan("build-query", build(q_batch, kept), stored, _largest(lambda b: build(b, 0).total, budget)),
-        StagePlan("score", score(batch_size), sequences * queries * (len(shapes) + 1) * FLOAT32,
-                  _largest(lambda b: score(b).total, budget)),
+        StagePlan("score", score(batch_size, score_room), sequences * queries * (len(shapes) + 1) * FLOAT32,
+                  _largest(lambda b: score(b, -1).total, budget)),
     ]
     return plans
 

@@ -76,8 +76,11 @@ class QueryBank:
     expand_bytes: int = 1 << 30
 
     def __post_init__(self) -> None:
+        self.expand(self.expand_bytes - sum(P.numel() * P.element_size() for P in self.full.values()))
+
+    def expand(self, room: int) -> None:
+        """Expand the low-rank modules that gain most, within `room` more bytes."""
         shapes = {name: (U.shape[0], U.shape[1], V.shape[1], U.shape[2]) for name, (U, _, V) in self.low_rank.items()}
-        room = self.expand_bytes - sum(P.numel() * P.element_size() for P in self.full.values())
         size = next((U.element_size() for U, _, _ in self.low_rank.values()), 4)
         for name in expanded_modules(shapes, room, size):
             U, sigma, V = self.low_rank.pop(name)

@@ -16,6 +16,7 @@ ALLOWED = {
     "curvature/__init__": {"infl.errors"},  # the registry: no torch
     **{f"curvature/{p.stem}": CURVATURE for p in (PKG / "curvature").glob("*.py") if p.stem != "__init__"},
     "scoring": {"torch"},
+    "lexical": {"numpy", "bm25s"},  # BM25 over token ids: no files, no torch
     "indexing": {"torch", "infl.curvature.base"},  # bases dense or blocked
     "capture": {"torch"},
     "gradients": {"torch", "infl.capture", "infl.curvature"},
@@ -23,8 +24,11 @@ ALLOWED = {
     "driver": {"torch", "infl.errors"},
     "planning": {"torch", "transformers", "infl.gradients", "infl.curvature", "infl.scoring", "infl.errors"},  # shapes, no files
     "runtime": {"torch", "infl.modeling", "infl.capture"},
-    **{f"analysis/{p.stem}": {"numpy", "infl.artifacts", "infl.errors"} for p in (PKG / "analysis").glob("*.py")},
+    **{f"analysis/{p.stem}": {"numpy", "infl.artifacts", "infl.errors", "infl.analysis"} for p in (PKG / "analysis").glob("*.py")},
+    "analysis/sparsity": {"numpy", "powerlaw"},  # maximum-likelihood fits, no files
     "report/__init__": {"rich", "numpy", "infl.analysis"},
+    "report/figures": {"numpy", "matplotlib", "infl.report"},
+    "report/page": {"jinja2", "markupsafe", "infl.report"},
     "console": {"rich"},
     "errors": set(),
     "hashing": set(),

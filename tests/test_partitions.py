@@ -126,3 +126,24 @@ def test_build_query_within_a_budget_streams_curvatures_to_the_same_queries(work
         assert keys
         for key in keys:
             np.testing.assert_array_equal(np.asarray(got[f"modules/{name}/{key}"][...]), np.asarray(ref[f"modules/{name}/{key}"][...]))
+
+
+def test_score_within_a_budget_keeps_queries_low_rank_to_the_same_scores(workdir, tmp_path, monkeypatch):
+    from infl.scoring import QueryBank
+
+    pipeline(workdir, tmp_path)
+    assert infl("build-query", "--factors", tmp_path / "f.zarr", "--queries", workdir / "queries.jsonl", "--rank", "8",
+                "--out", tmp_path / "q8.zarr").exit_code == 0
+    args = ["score", "--queries", tmp_path / "q8.zarr", "--corpus", workdir / "corpus.jsonl"]
+    assert "below what score needs" in one_line_error(infl(*args, "--out", tmp_path / "small.zarr", "--memory-budget", "1MB"))
+    expanded = []
+    expand = QueryBank.expand
+    monkeypatch.setattr(QueryBank, "expand", lambda self, room: (expand(self, room), expanded.append(len(self.full))))
+    assert infl(*args, "--out", tmp_path / "ref.zarr").exit_code == 0
+    assert expanded[-1] > 0  # without a budget, the queries that gain from it are expanded (within 1 GiB)
+    monkeypatch.setattr(planning, "expand_room", lambda *a: 0)
+    result = infl(*args, "--out", tmp_path / "low.zarr", "--memory-budget", "64GiB")
+    assert result.exit_code == 0, result.output
+    assert expanded[-1] == 0
+    ref, low = (np.asarray(artifacts.open_complete(tmp_path / f"{n}.zarr", "scores")["total"][...]) for n in ("ref", "low"))
+    np.testing.assert_allclose(low, ref, rtol=1e-4, atol=1e-6 * np.abs(ref).max())

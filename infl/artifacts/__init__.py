@@ -413,10 +413,7 @@ class Artifact:
         """Write a whole array at once (then its digests), replacing an array of the same name."""
         where = self.group if where is None else where
         data = np.asarray(data)
-        try:
-            array = where[name]
-        except KeyError:
-            array = None
+        array = integrity.member(where, name)
         chunks = chunks or (data.shape or (1,) if data.dtype.kind in "UO" else tuple(max(1, d) for d in data.shape))
         same = array is not None and (array.shape, array.dtype, array.chunks) == (data.shape, data.dtype, chunks)
         if same and data.dtype.kind not in "UO":

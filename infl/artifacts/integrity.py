@@ -42,12 +42,28 @@ def _grid(array: zarr.Array) -> tuple[int, ...]:
     return tuple(-(-n // c) for n, c in zip(array.shape, array.chunks))
 
 
+def member(group: zarr.Group, name: str):
+    """group[name] (one metadata read), or None where it does not exist.
+
+    zarr's KeyError, and the FileNotFoundError it was raised from, stay referenced from its event
+    loop in a cycle; their tracebacks' frames, through each frame's caller, hold our callers'
+    locals (a module's whole factors while they are written) until the garbage collector happens
+    to run: a fit's RSS grew by a partition's sums per sweep. The tracebacks are dropped here."""
+    try:
+        return group[name]
+    except KeyError as e:
+        seen = e
+        while seen is not None:
+            seen.__traceback__ = None
+            seen = seen.__cause__ or seen.__context__
+        return None
+
+
 def digest_array(root: zarr.Group, array: zarr.Array, create: bool = False) -> zarr.Array | None:
     """The digests of `array` (created, or resized to its chunk grid, with `create`), or None if it
     has none."""
-    try:
-        digests = root[array.path + SUFFIX]  # one metadata read
-    except KeyError:
+    digests = member(root, array.path + SUFFIX)
+    if digests is None:
         if not create:
             return None
         head, _, name = array.path.rpartition("/")

@@ -144,6 +144,10 @@ class QueriesArtifact(Artifact):
         """Ids of the finished blocks (rows past them are leftovers of a killed append)."""
         return self._strings("ids", slice(0, self.blocks[-1]))
 
+    def measurements(self) -> np.ndarray:
+        """log p(completion | prompt) of every query at the model's weights [Q] (float32)."""
+        return self._read("measurement", slice(0, self.blocks[-1]))
+
     def texts(self, row: int) -> tuple[str, str, str]:
         """(id, prompt, completion) of one query."""
         return tuple(str(self._read(name, row)) for name in _TEXTS)

@@ -16,7 +16,7 @@ from rich.text import Text
 
 from infl.analysis.results import Hit, LayerTable
 
-__all__ = ["TOPK", "LAYERWISE", "render_info", "render_plan", "as_text"]
+__all__ = ["TOPK", "LAYERWISE", "SPARSITY", "COMPARE", "short_names", "render_info", "render_plan", "as_text"]
 
 _PREVIEW = 240  # characters of text shown per sequence in a table
 
@@ -169,6 +169,19 @@ def _layers_csv(tables: list[LayerTable], unit: str) -> str:
     return out.getvalue()
 
 
+def short_names(names: list[str]) -> list[str]:
+    """Module or layer names without the leading components they all share (but the one before
+    the layer number) and without 'mlp', as long as they stay distinct:
+    'transformer.h.0.mlp.c_fc' -> 'h.0.c_fc', 'model.layers.3.mlp.up_proj' -> 'layers.3.up_proj'."""
+    parts = [n.split(".") for n in names]
+    common = 0
+    while (all(len(p) > common + 1 and not p[common + 1].isdigit() for p in parts)
+           and len({p[common] for p in parts}) == 1):
+        common += 1
+    short = [".".join(c for c in p[common:] if c != "mlp") for p in parts]
+    return short if len(set(short)) == len(short) and all(short) else [".".join(p[common:]) for p in parts]
+
+
 def _layers_table(tables: list[LayerTable], unit: str) -> str:
     out = []
     for t in tables:
@@ -177,7 +190,7 @@ def _layers_table(tables: list[LayerTable], unit: str) -> str:
         for j, train_id in enumerate(t.train_ids):
             table.add_column(Text(f"#{j + 1} {_id(train_id)}"), justify="right", overflow="fold")
         scale = float(np.abs(t.values).max()) or 1.0
-        for i, layer in enumerate(t.layers):
+        for i, layer in enumerate(short_names(t.layers)):
             cells = []
             for v in t.values[i]:
                 strength = min(1.0, abs(v) / scale)
@@ -190,6 +203,78 @@ def _layers_table(tables: list[LayerTable], unit: str) -> str:
 
 
 LAYERWISE = {"table": _layers_table, "csv": _layers_csv, "json": _layers_json}
+
+
+def _sparsity_json(rows, unit: str) -> str:
+    def plain(v):  # strict JSON: null where there is no number (NaN is not JSON)
+        return [plain(x) for x in v] if isinstance(v, (list, tuple)) else None if v != v else v
+
+    return json.dumps([{**{k: plain(v) for k, v in r.to_dict().items()}, "unit": unit} for r in rows], indent=1) + "\n"
+
+
+def _sparsity_table(rows, unit: str) -> str:
+    table = Table(title=Text(f"concentration of positive influence ({unit})", style="table.title"))
+    for name, justify in (("query", "left"), ("top 1%", "right"), ("top 10%", "right"), ("alpha", "right"),
+                          ("x_min", "right"), ("tail", "right"), ("KS", "right"), ("power law beats exp, lognormal", "left")):
+        table.add_column(name, justify=justify, overflow="fold")
+    for r in rows:
+        fitted = r.alpha == r.alpha
+        table.add_row(Text(_id(r.query_id)), f"{r.top_1:.1%}", f"{r.top_10:.1%}",
+                      *((f"{r.alpha:.2f}", f"{r.xmin:.3g}", f"{r.n_tail}", f"{r.ks:.3f}",
+                         f"{_beats(r.vs_exponential)}, {_beats(r.vs_lognormal)}") if fitted else ("–",) * 5))
+    note = Text("top k%: the share of the positive influence that the k% most influential sequences hold. "
+                "alpha: p(x) ~ x^-alpha above x_min, fitted by maximum likelihood on the tail (the sequences above "
+                "x_min; KS: their distance from the fit). beats: the log-likelihood ratio's verdict at p < 0.05 "
+                "(--format json gives R and p).", style="dim")
+    return as_text(table, note)
+
+
+def _beats(pair: tuple[float, float]) -> str:
+    R, p = pair
+    return "–" if R != R else "unsure" if p >= 0.05 else "yes" if R > 0 else "no"
+
+
+SPARSITY = {"table": _sparsity_table, "json": _sparsity_json}
+
+
+def _compare_rows(c) -> list[dict]:
+    return [{"rank_in_" + c.top_of: i + 1, "train_id": t,
+             "influence": dict(zip(c.query_ids, map(float, c.values[i]))),
+             "rank": dict(zip(c.query_ids, map(int, c.ranks[i])))} for i, t in enumerate(c.train_ids)]
+
+
+def _compare_json(c, unit: str) -> str:
+    return json.dumps({"top_of": c.top_of, "queries": c.query_ids, "unit": unit, "sequences": _compare_rows(c)},
+                      indent=1) + "\n"
+
+
+def _compare_csv(c, unit: str) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["train_id", "query_id", f"influence ({unit})", "rank"])
+    for i, train_id in enumerate(c.train_ids):
+        for j, query_id in enumerate(c.query_ids):
+            writer.writerow([train_id, query_id, f"{c.values[i, j]:.6g}", int(c.ranks[i, j])])
+    return out.getvalue()
+
+
+def _compare_table(c, unit: str) -> str:
+    table = Table(title=Text(f"the top {len(c.train_ids)} sequences of query {_id(c.top_of)} against each query "
+                             f"({unit}; #: rank among all sequences)", style="table.title"))
+    table.add_column("sequence", overflow="fold")
+    for query_id in c.query_ids:
+        table.add_column(Text(_id(query_id)), justify="right", overflow="fold")
+    for i, train_id in enumerate(c.train_ids):
+        table.add_row(Text(_id(train_id)), *(f"{_compact(v)} #{r}" for v, r in zip(c.values[i], c.ranks[i])))
+    return as_text(table)
+
+
+def _compact(v: float) -> str:
+    """Three significant digits without an exponent up to a million (a narrow column reads 20200, not 2.02e+04)."""
+    return f"{v:.3g}" if abs(v) < 1000 or abs(v) >= 1e6 else f"{round(v, -int(np.floor(np.log10(abs(v)))) + 2):.0f}"
+
+
+COMPARE = {"table": _compare_table, "json": _compare_json, "csv": _compare_csv}
 
 
 def render_info(described: dict) -> str:
@@ -210,7 +295,8 @@ def render_info(described: dict) -> str:
         *((f"config.{k}", json.dumps(v)) for k, v in described["config"].items()),
     ]
     for shard in described["provenance"].get("corpus", []):
-        rows.append(("corpus", f"{shard['path']} ({shard['n_records']} records, sha256 {shard['sha256'][:12]})"))
+        records = f"{shard['n_records']} records, " if "n_records" in shard else ""  # candidates: known once read
+        rows.append(("corpus", f"{shard['path']} ({records}sha256 {shard['sha256'][:12]})"))
     for key, value in rows:
         table.add_row(Text(key), Text(value))  # paths and config values, shown as written
     return as_text(table)

@@ -38,13 +38,15 @@ class WritingStage:
 
 
 def artifact_class(kind: str | None):
-    """The artifact class of a kind's name (`factors`, `queries`, `index`, `scores`), or None."""
+    """The artifact class of a kind's name (`factors`, `queries`, `index`, `scores`, `candidates`), or None."""
+    from infl.artifacts.candidates import CandidatesArtifact
     from infl.artifacts.factors import FactorsArtifact
     from infl.artifacts.index import IndexArtifact
     from infl.artifacts.queries import QueriesArtifact
     from infl.artifacts.scores import ScoresArtifact
 
-    return {cls.kind: cls for cls in (FactorsArtifact, QueriesArtifact, IndexArtifact, ScoresArtifact)}.get(kind)
+    return {cls.kind: cls for cls in (FactorsArtifact, QueriesArtifact, IndexArtifact, ScoresArtifact,
+                                            CandidatesArtifact)}.get(kind)
 
 
 def open_parent(cls, child, key: str):
@@ -114,8 +116,9 @@ def model_dir_for(override: Path | None, provenance: dict) -> Path:
     return path
 
 
-def query_bank(queries, device: str = "cpu", rows: list[int] | None = None):
-    """The preconditioned query gradients of a queries artifact (all, or `rows`) as a QueryBank."""
+def query_bank(queries, device: str = "cpu", rows: list[int] | None = None, expand_bytes: int = 1 << 30):
+    """The preconditioned query gradients of a queries artifact (all, or `rows`) as a QueryBank,
+    low-rank ones expanded within `expand_bytes`."""
     import torch
 
     from infl.scoring import QueryBank
@@ -127,7 +130,7 @@ def query_bank(queries, device: str = "cpu", rows: list[int] | None = None):
             full[name] = arrays["P"]
         else:
             low_rank[name] = (arrays["U"], arrays["sigma"], arrays["V"])
-    return QueryBank(queries.modules, full, low_rank)
+    return QueryBank(queries.modules, full, low_rank, expand_bytes)
 
 
 # how the index compresses, recorded in its provenance and in that of the scores made from it

@@ -16,8 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from infl import data, engine, indexing, modeling
+from infl import data, engine, indexing, modeling, planning
 from infl.artifacts import identity_fingerprint
+from infl.artifacts.candidates import CandidatesArtifact, rows_digest
 from infl.artifacts.factors import FactorsArtifact
 from infl.artifacts.index import IndexArtifact
 from infl.artifacts.queries import QueriesArtifact
@@ -82,6 +83,10 @@ class Score(WritingStage):
             query_ids, blocks = source.ids(), source.blocks
         index = IndexArtifact.open(cfg.index) if cfg.index is not None else None
         provenance, model_dir = self._provenance(source, parent, index)
+        if cfg.candidates is not None:  # which sequences are scored: part of what the scores are made from
+            candidates = CandidatesArtifact.open(cfg.candidates)
+            provenance.update({"candidates": str(cfg.candidates.resolve()), "candidates_fingerprint": candidates.fingerprint,
+                               "candidate_rows": rows_digest(candidates.union(query_ids))})
         max_length = provenance["max_length"]
         config = semantic_fields(cfg)
         if index is not None:  # the corpus was read as the index read it
@@ -148,8 +153,21 @@ class Score(WritingStage):
         }, model_dir
 
     def _corpus(self, paths, tokenizer, max_length: int) -> data.Corpus:
+        """The corpus to score: every sequence, or with --candidates the union of the queries' candidates."""
         cfg = self.cfg
-        return data.read_corpus(list(paths), tokenizer, max_length, cfg.split, cfg.text_field, cfg.id_field)
+        corpus = data.read_corpus(list(paths), tokenizer, max_length, cfg.split, cfg.text_field, cfg.id_field)
+        if cfg.candidates is None:
+            return corpus
+        candidates = CandidatesArtifact.open(cfg.candidates)
+        source = self._source()
+        candidates.check_corpus([shard.to_dict() for shard in corpus.shards],
+                                {"split": cfg.split, "text_field": cfg.text_field, "id_field": cfg.id_field},
+                                source.provenance["tokenizer_fingerprint"])
+        rows = candidates.union(source.ids())
+        if corpus.n_truncated:
+            log(f"{corpus.n_truncated} of {len(corpus.ids)} sequences of the corpus truncated to {max_length} tokens")
+        log(f"scoring the {len(rows)} of {len(corpus.ids)} sequences that are a TF-IDF candidate of a query ({cfg.candidates})")
+        return corpus.subset(rows)
 
     def run(self, plan: ScorePlan, g: Group) -> None:
         """Every rank: score its chunks and commit each one (data, checksum, done bit)."""
@@ -203,8 +221,19 @@ class _FromModel:
         if self.cfg.self_influence:
             return engine.self_influence(self.rt, self.curv, tokens, advance)
         if todo not in self.banks:
-            self.banks[todo] = query_bank(self.source, self.rt.device, rows)
+            self.banks[todo] = self._bank(rows)
         return engine.score_sequences(self.rt, self.banks[todo], tokens, self.cfg.per_token, advance)
+
+    def _bank(self, rows: list[int]):
+        """The queries of `rows`, low-rank ones expanded within 1 GiB or what --memory-budget leaves."""
+        budget = self.cfg.memory_budget
+        if budget is None:
+            return query_bank(self.source, self.rt.device, rows)
+        bank = query_bank(self.source, self.rt.device, rows, expand_bytes=0)
+        length = max(map(len, self.corpus.tokens), default=1)
+        bank.expand(planning.expand_room(budget, self.rt.model, self.rt.dtype, self.cfg.batch_size, length,
+                                         [spec.shape for spec in self.rt.specs]))
+        return bank
 
 
 class _FromIndex:

@@ -10,18 +10,19 @@ import numpy as np
 
 from infl import data, engine, hashing, modeling
 from infl.analysis.results import Hit, query_rows, select
+from infl.artifacts.candidates import CandidatesArtifact, rows_digest
 from infl.artifacts.factors import FactorsArtifact
 from infl.artifacts.queries import QueriesArtifact
 from infl.artifacts.scores import ScoresArtifact
 from infl.config import TopkConfig
-from infl.console import progress
+from infl.console import log, progress
 from infl.curvature.base import damped_in_eigenbasis, from_eigenbasis
-from infl.errors import BadInput
+from infl.errors import BadInput, IncompatibleArtifact
 from infl.runtime import Runtime
 from infl.scoring import QueryBank
 from infl.stages import curvatures, model_dir_for, open_parent, query_bank
 
-__all__ = ["run", "texts_of"]
+__all__ = ["run", "texts_of", "lexical_columns"]
 
 
 def texts_of(scores: ScoresArtifact, indices: np.ndarray) -> list[str]:
@@ -69,10 +70,12 @@ def run(cfg: TopkConfig) -> list[Hit]:
         raise BadInput("--tokens and --refine need query scores, not self-influence")
     scale = 1.0 / cfg.train_size if cfg.train_size else 1.0
     rows = query_rows(scores, cfg.query)
+    lexical = lexical_columns(scores, rows)
     candidates = {}
     for row, _ in rows:
         totals = scores.total(row)
-        candidates[row] = (select(totals, max(cfg.k, cfg.refine or 0), cfg.negative), totals)
+        among = lexical[row] if lexical else np.arange(len(totals))  # each query among its own TF-IDF candidates
+        candidates[row] = (among[select(totals[among], max(cfg.k, cfg.refine or 0), cfg.negative)], totals)
     model = _Model(cfg, scores) if cfg.refine or cfg.tokens else None
     refined = _refine(scores, rows, {r: c[0] for r, c in candidates.items()}, model.runtime()) if cfg.refine else {}
 
@@ -88,6 +91,21 @@ def run(cfg: TopkConfig) -> list[Hit]:
             hits.append(Hit(query_id, rank, train_id, i, float(totals[i]) * scale, text,
                             refined=full[i] * scale if cfg.refine else None))
     return _with_tokens(scores, hits, rows, scale, model) if cfg.tokens else hits
+
+
+def lexical_columns(scores: ScoresArtifact, rows) -> dict[int, np.ndarray] | None:
+    """Scores made with `score --candidates`: per query row, the columns of its own candidates
+    (the artifact holds the union of every query's); None for scores of the whole corpus."""
+    if "candidates" not in scores.provenance:
+        return None
+    candidates = open_parent(CandidatesArtifact, scores, "candidates")
+    union = candidates.union(scores.query_ids())
+    if rows_digest(union) != scores.provenance["candidate_rows"]:
+        raise IncompatibleArtifact(f"{candidates.path} no longer selects the sequences {scores.path} holds",
+                                   hint=f"recompute {scores.path}")
+    log(f"each query is ranked among its own {candidates.group['indices'].shape[1]} TF-IDF candidates "
+        f"(of {candidates.n_sequences} sequences; {len(union)} scored for all queries)")
+    return {row: np.searchsorted(union, np.sort(candidates.of(q))) for row, q in rows}
 
 
 class _Model:

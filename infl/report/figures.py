@@ -1,0 +1,90 @@
+"""Figures as PNG bytes (matplotlib, no display): the log-log 1-CDF of a query's positive influence
+with its power-law fit, and layer x sequence heatmaps."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+
+from infl.report import short_names
+
+__all__ = ["ccdf_png", "layer_heatmap_png", "compare_heatmap_png"]
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: never a window, never a display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _png(fig) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    _pyplot().close(fig)
+    return buffer.getvalue()
+
+
+def ccdf_png(values: np.ndarray, fit, unit: str) -> bytes:
+    """P(X >= x) of the positive scores on log-log axes (the paper's Fig. 8), with the power law
+    fitted above xmin drawn through the tail."""
+    plt = _pyplot()
+    x = np.sort(values[np.isfinite(values) & (values > 0)])[::-1]
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    if len(x):
+        ccdf = np.arange(1, len(x) + 1) / len(x)
+        ax.loglog(x, ccdf, ".", markersize=3, color="#1f77b4", label=f"{len(x)} positive sequences")
+        if np.isfinite(fit.alpha):
+            tail = x[x >= fit.xmin]
+            at = len(tail) / len(x)  # the empirical 1-CDF at xmin, where the fitted line starts
+            ax.loglog(tail, at * (tail / fit.xmin) ** (1 - fit.alpha), "-", color="#d62728",
+                      label=f"power law, alpha = {fit.alpha:.2f}")
+        ax.legend(frameon=False, fontsize=8)
+    ax.set_xlabel(f"influence ({unit})")
+    ax.set_ylabel("1 - CDF")
+    ax.set_title(f"query {fit.query_id}", fontsize=10)
+    return _png(fig)
+
+
+def layer_heatmap_png(tables, unit: str) -> bytes:
+    """One panel per query: layers (rows) x its top sequences (columns), colours symmetric about zero."""
+    plt = _pyplot()
+    n = len(tables)
+    rows = max(len(t.layers) for t in tables)
+    cols = max(len(t.train_ids) for t in tables)
+    fig, axes = plt.subplots(n, 1, figsize=(max(4.0, 0.45 * cols + 2.2), n * (0.3 * rows + 1.4)), squeeze=False)
+    for ax, table in zip(axes[:, 0], tables):
+        bound = float(np.abs(table.values).max()) or 1.0
+        image = ax.imshow(table.values, cmap="RdBu_r", vmin=-bound, vmax=bound, aspect="auto", interpolation="nearest")
+        ax.set_yticks(range(len(table.layers)), short_names(table.layers), fontsize=7)
+        ax.set_xticks(range(len(table.train_ids)), [_clip(t) for t in table.train_ids], rotation=60, ha="right", fontsize=7)
+        ax.set_title(f"query {table.query_id}", fontsize=9)
+        fig.colorbar(image, ax=ax, label=unit, shrink=0.9)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def _clip(text: str, width: int = 14) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def compare_heatmap_png(c, unit: str) -> bytes:
+    """The top sequences of one query (rows) against each query (columns), each column scaled to
+    its own largest magnitude (queries differ in scale), the values written in the cells."""
+    plt = _pyplot()
+    bound = np.abs(c.values).max(axis=0)
+    shade = c.values / np.where(bound > 0, bound, 1.0)
+    fig, ax = plt.subplots(figsize=(1.1 * len(c.query_ids) + 2.5, 0.32 * len(c.train_ids) + 1.4))
+    ax.imshow(shade, cmap="RdBu_r", vmin=-1, vmax=1, aspect="auto", interpolation="nearest")
+    for i in range(shade.shape[0]):
+        for j in range(shade.shape[1]):
+            ax.text(j, i, f"{c.values[i, j]:.2g}", ha="center", va="center", fontsize=6,
+                    color="white" if abs(shade[i, j]) > 0.6 else "black")
+    ax.set_xticks(range(len(c.query_ids)), [_clip(q) for q in c.query_ids], rotation=30, ha="right", fontsize=7)
+    ax.set_yticks(range(len(c.train_ids)), [_clip(t) for t in c.train_ids], fontsize=7)
+    ax.set_title(f"top sequences of query {_clip(c.top_of, 24)} ({unit})", fontsize=8)
+    fig.tight_layout()
+    return _png(fig)

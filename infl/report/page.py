@@ -1,0 +1,31 @@
+"""The HTML report: one self-contained page (styles inline, figures as data: URLs, no network),
+rendered with jinja2 from plain values the `report` stage gathers."""
+
+from __future__ import annotations
+
+import base64
+from importlib import resources
+
+from infl.report import _html_tokens
+
+__all__ = ["render_page", "png_url_data", "token_html"]
+
+
+def png_url_data(png: bytes) -> str:
+    return base64.b64encode(png).decode("ascii")
+
+
+def token_html(tokens) -> str:
+    """A sequence's tokens shaded by influence, as markup the template inserts unescaped (every
+    piece is escaped here)."""
+    from markupsafe import Markup
+
+    return Markup(_html_tokens(tokens))
+
+
+def render_page(context: dict) -> str:
+    import jinja2
+
+    template = (resources.files("infl.report") / "templates" / "report.html.j2").read_text(encoding="utf-8")
+    environment = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
+    return environment.from_string(template).render(**context)

@@ -1,0 +1,118 @@
+"""candidates: queries + corpus -> candidates.zarr, each query's top-N training sequences by BM25
+over the model's tokens (infl.lexical), so that `score --candidates` takes gradients of their
+union only. Lexical work runs on the main rank; each shard's terms are kept, so a corpus that grew
+by new shards costs only their tokenisation, and the lists are recomputed whole (BM25's
+statistics depend on every document)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from infl import data, lexical, modeling
+from infl.artifacts import State, identity_fingerprint, read_attrs
+from infl.artifacts.candidates import CandidatesArtifact
+from infl.config import CandidatesConfig
+from infl.console import log, progress
+from infl.driver import Group, Outcome
+from infl.driver import run as drive
+from infl.errors import BadInput, IncompatibleArtifact
+from infl.hashing import file_sha256
+from infl.stages import WritingStage, corpus_paths, semantic_fields
+
+__all__ = ["run", "Candidates"]
+
+
+def run(cfg: CandidatesConfig) -> Outcome:
+    return drive(Candidates(cfg))
+
+
+@dataclass(frozen=True)
+class CandidatesPlan:
+    attrs: dict
+    corpus: tuple[Path, ...]
+    reuse: bool  # the artifact holds terms of some of these shards (grown, or a killed run): keep them
+    started: float
+
+
+class Candidates(WritingStage):
+    def plan(self) -> CandidatesPlan | Outcome:
+        cfg, started = self.cfg, time.perf_counter()
+        context = modeling.context_length(cfg.model)
+        max_length = context if cfg.max_length is None else cfg.max_length
+        if max_length > context:
+            raise BadInput(f"--max-length {max_length} exceeds the model's context of {context} tokens")
+        config = {**semantic_fields(cfg), "max_length": max_length, "scorer": lexical.SCORER}
+        provenance = {"model": str(cfg.model.resolve()), "tokenizer_fingerprint": modeling.tokenizer_fingerprint(cfg.model),
+                      "queries_file": {"path": str(cfg.queries.resolve()), "sha256": _sha256(cfg.queries, "queries file")}}
+        base = {"config": config, "provenance": provenance}
+        old = read_attrs(cfg.out) if cfg.out.exists() and not cfg.force else None
+        grows = (old is not None and old.get("kind") == CandidatesArtifact.kind
+                 and old.get("base_fingerprint") == identity_fingerprint(base))
+        paths = corpus_paths(old if grows else None, cfg.corpus)
+        # shards by content alone: how many records each holds is known once it is read
+        shards = [{"path": str(p.resolve()), "sha256": _sha256(p, "corpus file")} for p in paths]
+        attrs = {**base, "provenance": {**provenance, "corpus": shards}, "base_fingerprint": identity_fingerprint(base)}
+        attrs["fingerprint"] = identity_fingerprint(attrs)
+        if grows and attrs["fingerprint"] != old["fingerprint"]:
+            _check_grown(cfg.out, old, attrs)
+            log(f"adding {len(paths) - len(old['provenance']['corpus'])} corpus shard(s) to {cfg.out}")
+            return CandidatesPlan(attrs, paths, True, started)
+        status = CandidatesArtifact.state(cfg.out, attrs, cfg.force)
+        if status == State.COMPLETE:
+            return Outcome(f"{cfg.out} is up to date", up_to_date=True)
+        return CandidatesPlan(attrs, paths, status == State.PARTIAL, started)
+
+    def run(self, plan: CandidatesPlan, g: Group) -> None:
+        if not g.main:
+            return
+        cfg, attrs = self.cfg, plan.attrs
+        art = CandidatesArtifact.open_for_writing(cfg.out) if plan.reuse else CandidatesArtifact.create(cfg.out, attrs)
+        art.unpublish()
+        tokenizer = modeling.load_tokenizer(cfg.model)
+        max_length = attrs["config"]["max_length"]
+        documents, counts = [], []
+        with progress() as bar:
+            task = bar.add_task("terms", total=len(plan.corpus))
+            for k, (path, shard) in enumerate(zip(plan.corpus, attrs["provenance"]["corpus"])):
+                terms = art.shard_terms(k, shard["sha256"]) if plan.reuse else None
+                if terms is None:
+                    corpus = data.read_corpus([path], tokenizer, max_length, cfg.split, cfg.text_field, cfg.id_field)
+                    if corpus.shards[0].sha256 != shard["sha256"]:
+                        raise BadInput(f"corpus shard {path} changed while this run was starting")
+                    terms = [lexical.presence(t) for t in corpus.tokens]
+                    art.write_shard_terms(k, shard["sha256"], terms)
+                documents += terms
+                counts.append(len(terms))
+                bar.advance(task)
+            queries = data.read_queries(cfg.queries, tokenizer, max_length)
+            if not queries.ids:
+                raise BadInput(f"{cfg.queries} holds no query")
+            task = bar.add_task("BM25", total=len(queries.ids))
+            indices, scores = lexical.top_candidates(documents, [lexical.presence(t) for t in queries.tokens], cfg.top,
+                                                     lambda: bar.advance(task))
+        art.write_lists(queries.ids, indices, scores)
+        art.update_attrs({**attrs, "n_records": counts})  # last: the artifact now describes these shards
+
+    def publish(self, plan: CandidatesPlan, results: list) -> Outcome:
+        art = CandidatesArtifact.open_for_writing(self.cfg.out)
+        art.publish()
+        n = art.group["indices"].shape
+        return Outcome(f"wrote {self.cfg.out}: the top {n[1]} of {art.n_sequences} sequences for each of {n[0]} queries "
+                       f"({time.perf_counter() - plan.started:.1f} s)")
+
+
+def _sha256(path: Path, what: str) -> str:
+    if not path.is_file():
+        raise BadInput(f"{path}: no such {what}")
+    return file_sha256(path)
+
+
+def _check_grown(path: Path, old: dict, attrs: dict) -> None:
+    """Growth only appends shards: the ones already held must be there, unchanged."""
+    new = attrs["provenance"]["corpus"]
+    for i, shard in enumerate(old["provenance"]["corpus"]):
+        if i >= len(new) or new[i]["sha256"] != shard["sha256"]:
+            raise IncompatibleArtifact(f"corpus shard {shard['path']} changed since {path} was computed (its sha256 differs)",
+                                       hint="pass --force to recompute everything, or choose another --out")

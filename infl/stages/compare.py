@@ -1,0 +1,14 @@
+"""compare: one query's top sequences against other queries (the paper's Sec. 5.3.4)."""
+
+from __future__ import annotations
+
+from infl.analysis.compare import Comparison, compare
+from infl.artifacts.scores import ScoresArtifact
+from infl.config import CompareConfig
+
+__all__ = ["run"]
+
+
+def run(cfg: CompareConfig) -> Comparison:
+    scale = 1.0 / cfg.train_size if cfg.train_size else 1.0
+    return compare(ScoresArtifact.open(cfg.scores), cfg.queries, cfg.top_of, cfg.k, cfg.negative, scale)

@@ -1,0 +1,96 @@
+"""report: scores.zarr -> one self-contained HTML page: the run's provenance, every query with its
+completion and measurement, its top sequences with token shading, the layer heatmap, and the
+concentration of influence with a 1-CDF figure per query."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from infl.analysis.results import layer_tables
+from infl.analysis.sparsity import sparsity
+from infl.artifacts.candidates import CandidatesArtifact
+from infl.artifacts.factors import FactorsArtifact
+from infl.artifacts.queries import QueriesArtifact
+from infl.artifacts.scores import ScoresArtifact
+from infl.config import ReportConfig, TopkConfig
+from infl.errors import BadInput
+from infl.stages import open_parent, topk
+
+__all__ = ["run"]
+
+
+def run(cfg: ReportConfig, unit: str) -> Path:
+    from infl.report import figures, page
+
+    scores = ScoresArtifact.open(cfg.scores)
+    if scores.is_self:
+        raise BadInput(f"{cfg.scores} holds self-influence: the report explains query scores")
+    queries = open_parent(QueriesArtifact, scores, "queries")
+    factors = open_parent(FactorsArtifact, queries, "factors")
+    scale = 1.0 / cfg.train_size if cfg.train_size else 1.0
+    hits = topk.run(TopkConfig(scores=cfg.scores, k=cfg.k, train_size=cfg.train_size, tokens=True,
+                               batch_size=cfg.batch_size, device=cfg.device))
+    ids = scores.query_ids()
+    measured = queries.measurements()
+    rows = {q: i for i, q in enumerate(queries.ids())}
+    concentration = [sparsity(q, scores.total(row) * scale, cfg.tail) for row, q in enumerate(ids)]
+    entries = []
+    for q, conc in zip(ids, concentration):
+        _, prompt, completion = queries.texts(rows[q])
+        entries.append({
+            "id": q, "prompt": prompt, "completion": completion, "measurement": f"{float(measured[rows[q]]):.4g}",
+            "top_1": _percent(conc.top_1),
+            "hits": [{"rank": h.rank, "train_id": h.train_id, "score": f"{h.score:.4g}",
+                      "text": page.token_html(h.tokens) if h.tokens else h.text}
+                     for h in hits if h.query_id == q],
+        })
+    provenance = [
+        ("scores", str(scores.path)),
+        ("model", f"{scores.provenance['model']} (sha256 {scores.provenance['model_fingerprint'][:12]})"),
+        ("factors", f"{factors.path}: {factors.config['strategy']}, damping {factors.config['damping']} "
+                    f"(x {factors.config['damping_scale']} of the mean eigenvalue when auto), modules "
+                    f"{factors.config['modules']}, fitted on "
+                    + ", ".join(f"{s['path']} ({s['n_records']} records)" for s in factors.provenance["corpus"])),
+        ("queries", f"{queries.path}: {len(queries.ids())} queries, rank {queries.config.get('rank')}"),
+        ("corpus scored", ", ".join(f"{s['path']} ({s['n_records']} records)" for s in scores.provenance["corpus"])),
+        ("max length", f"{scores.provenance['max_length']} tokens, model in {scores.provenance['dtype']}"),
+    ]
+    html = page.render_page({
+        "scores_path": str(scores.path), "provenance": provenance, "queries": entries,
+        "unit_note": unit, "filtering_note": _filtering(scores),
+        "layers_png": page.png_url_data(figures.layer_heatmap_png(layer_tables(scores, (), cfg.k, False, scale), unit)),
+        "sparsity": [{"query_id": s.query_id, "top_1": _percent(s.top_1), "top_10": _percent(s.top_10),
+                      "alpha": _number(s.alpha, ".2f"), "xmin": _number(s.xmin, ".3g"), "n_tail": s.n_tail}
+                     for s in concentration],
+        "ccdf_pngs": [{"query_id": s.query_id, "data": page.png_url_data(figures.ccdf_png(scores.total(row) * scale, s, unit))}
+                      for row, s in enumerate(concentration)],
+    })
+    _write_new(cfg.out, html)
+    return cfg.out
+
+
+def _filtering(scores: ScoresArtifact) -> str:
+    """Whether the sequences were preselected by TF-IDF (`score --candidates`), in words."""
+    if "candidates" not in scores.provenance:
+        return "Every sequence of the corpus was scored (no lexical filtering)."
+    candidates = open_parent(CandidatesArtifact, scores, "candidates")
+    return (f"TF-IDF filtering was used: each query was ranked among its own {candidates.group['indices'].shape[1]} "
+            f"candidates by BM25 ({candidates.path}), and only the {scores.n_sequences} sequences that are a candidate "
+            f"of some query (of {candidates.n_sequences}) were scored; the concentration below is over those.")
+
+
+def _percent(x: float) -> str:
+    return "–" if x != x else f"{x:.1%}"
+
+
+def _number(x: float, spec: str) -> str:
+    return "–" if x != x else format(x, spec)
+
+
+def _write_new(path: Path, text: str) -> None:
+    """Write the page whole (a temporary file renamed over it): a killed run leaves the old page."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(text, encoding="utf-8")
+    os.replace(temporary, path)

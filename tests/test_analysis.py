@@ -1,0 +1,110 @@
+"""The paper's analyses: concentration of influence and its power-law tail (`infl sparsity`), and
+layer heatmaps (`infl layerwise --png`)."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+from test_cli import infl, one_line_error, pipeline
+
+from infl import artifacts
+from infl.analysis.sparsity import power_law, sparsity, top_shares
+from infl.report import short_names
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def test_top_shares_equal_a_direct_count():
+    rng = np.random.default_rng(0)
+    for n in (1, 7, 100, 1234):
+        values = rng.standard_t(2, n)
+        order = sorted(values.tolist(), reverse=True)
+        positive = sum(v for v in order if v > 0)
+        for fraction, got in zip((0.01, 0.1), top_shares(values)):
+            k = max(1, math.ceil(fraction * n))
+            expected = sum(v for v in order[:k] if v > 0) / positive if positive > 0 else math.nan
+            assert got == pytest.approx(expected, rel=1e-12, nan_ok=True)
+    assert math.isnan(top_shares(-np.ones(5))[0])  # no positive influence: no share to speak of
+
+
+@pytest.mark.parametrize("alpha", [2.0, 2.5, 3.2])
+def test_the_power_law_fit_recovers_the_exponent_of_a_known_power_law(alpha):
+    rng = np.random.default_rng(int(alpha * 10))
+    xmin = 0.5
+    tail = xmin * (1 - rng.random(3000)) ** (-1 / (alpha - 1))  # inverse CDF of p(x) ~ x^-alpha, x >= xmin
+    noise = -np.abs(rng.normal(size=3000))  # negative scores do not enter the fit
+    fit = power_law(np.concatenate([tail, noise]), tail=3000)
+    assert abs(fit["alpha"] - alpha) < 0.1
+    assert fit["xmin"] >= xmin and fit["ks"] < 0.05
+    R, p = fit["vs_exponential"]
+    assert R > 0 and p < 0.01  # a power law's tail is told apart from an exponential one
+
+
+def test_too_few_positive_values_give_no_fit_rather_than_a_made_up_one():
+    result = sparsity("q", np.array([3.0, 2.0, -1.0, 1.0]))
+    assert result.n_positive == 3 and math.isnan(result.alpha) and result.n_tail == 0
+    assert result.top_1 == pytest.approx(0.5)  # ceil(1 % of 4) = 1 sequence holds 3 of 6
+
+
+def test_sparsity_command_reports_each_query_from_its_scores(workdir, tmp_path):
+    pipeline(workdir, tmp_path)
+    result = infl("sparsity", "--scores", tmp_path / "s.zarr", "--format", "json", "--train-size", "12",
+                  "--png", tmp_path / "figs")
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout, parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
+    scores = artifacts.open_complete(tmp_path / "s.zarr", "scores")
+    total = np.asarray(scores["total"][...])  # [Q, N]
+    ids = [row["query_id"] for row in rows]
+    assert len(rows) == total.shape[0] and len(set(ids)) == len(ids)
+    for q, row in enumerate(rows):
+        assert row["unit"] == "nats per copy (N = 12)"
+        shares = [None if s != s else s for s in top_shares(total[q] / 12)]
+        assert [row["top_1"], row["top_10"]] == pytest.approx(shares)
+        assert row["n_sequences"] == total.shape[1] and row["n_positive"] == int((total[q] > 0).sum())
+        assert (tmp_path / "figs" / f"{row['query_id']}.ccdf.png").read_bytes().startswith(PNG)
+    table = infl("sparsity", "--scores", tmp_path / "s.zarr")
+    assert table.exit_code == 0 and "top 10%" in table.stdout
+    assert "no query 'nope'" in one_line_error(infl("sparsity", "--scores", tmp_path / "s.zarr", "--query", "nope"))
+    assert infl("sparsity", "--scores", tmp_path / "s.zarr", "--tail", "3").exit_code == 2
+
+
+def test_short_names_drop_what_every_name_shares_but_stay_distinct():
+    assert short_names(["transformer.h.0.mlp.c_fc", "transformer.h.1.mlp.c_proj"]) == ["h.0.c_fc", "h.1.c_proj"]
+    assert short_names(["model.layers.3.mlp.up_proj", "model.layers.3.mlp.down_proj"]) == ["layers.3.up_proj",
+                                                                                             "layers.3.down_proj"]
+    assert short_names(["transformer.h.0", "transformer.h.1"]) == ["h.0", "h.1"]
+    assert short_names(["a.mlp", "a.b"]) == ["mlp", "b"]  # 'mlp' kept where dropping it would leave nothing
+
+
+def test_layerwise_draws_a_heatmap_and_shows_short_layer_names(workdir, tmp_path):
+    pipeline(workdir, tmp_path)
+    result = infl("layerwise", "--scores", tmp_path / "s.zarr", "-k", "3", "--png", tmp_path / "layers.png")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "layers.png").read_bytes().startswith(PNG)
+    assert "h.0 " in result.stdout and "transformer.h.0" not in result.stdout
+
+
+def test_compare_shows_one_querys_top_sequences_against_the_others(workdir, tmp_path):
+    pipeline(workdir, tmp_path)
+    scores = artifacts.open_complete(tmp_path / "s.zarr", "scores")
+    total = np.asarray(scores["total"][...])
+    ids = [json.loads(line)["id"] for line in (workdir / "queries.jsonl").read_text().splitlines()]
+    first, second = ids[1], ids[0]
+    result = infl("compare", "--scores", tmp_path / "s.zarr", "--queries", f"{second}, {first}", "--top-of", first,
+                  "-k", "4", "--format", "json", "--png", tmp_path / "compare.png")
+    assert result.exit_code == 0, result.output
+    got = json.loads(result.stdout)
+    assert got["queries"] == [first, second]  # the ranking query first
+    top = np.argsort(-total[1], kind="stable")[:4]
+    train_ids = [json.loads(line)["id"] for line in (workdir / "corpus.jsonl").read_text().splitlines()]
+    assert [row["train_id"] for row in got["sequences"]] == [train_ids[i] for i in top]
+    for row, i in zip(got["sequences"], top):
+        assert row["influence"][first] == pytest.approx(total[1, i], rel=1e-6)
+        assert row["influence"][second] == pytest.approx(total[0, i], rel=1e-6)
+        assert row["rank"][second] == 1 + int((total[0] > total[0, i]).sum())  # its place among all sequences
+    assert [row["rank"][first] for row in got["sequences"]] == [1, 2, 3, 4]
+    assert (tmp_path / "compare.png").read_bytes().startswith(PNG)
+    assert "no query 'nope'" in one_line_error(infl("compare", "--scores", tmp_path / "s.zarr", "--top-of", "nope"))
+    table = infl("compare", "--scores", tmp_path / "s.zarr", "-k", "2")
+    assert table.exit_code == 0 and "#1" in table.stdout
