@@ -408,6 +408,15 @@ def _unit(train_size: Optional[int]) -> str:
     return f"nats per copy (N = {train_size})" if train_size else "nats per unit upweight"
 
 
+def _answer(result, render, unit: str, png: Optional[Path], figure: str) -> None:
+    """A reading command's answer on stdout, and with --png its figure (a renderer of infl.report.figures)."""
+    if png is not None:
+        from infl.report import figures
+
+        png.write_bytes(getattr(figures, figure)(result, unit))
+    sys.stdout.write(render(result, unit))
+
+
 def _check_format(fmt: str, allowed: tuple[str, ...]) -> str:
     if fmt not in allowed:
         raise typer.BadParameter(f"--format must be one of {', '.join(allowed)}, not {fmt!r}")
@@ -478,12 +487,7 @@ def layerwise(
     cfg = _config(lambda: LayerwiseConfig(_need(scores, "--scores"), k, tuple(query or ()), negative, train_size))
 
     def call():
-        tables = stage.run(cfg)
-        if png is not None:
-            from infl.report.figures import layer_heatmap_png
-
-            png.write_bytes(layer_heatmap_png(tables, _unit(train_size)))
-        sys.stdout.write(LAYERWISE[fmt](tables, _unit(train_size)))
+        _answer(stage.run(cfg), LAYERWISE[fmt], _unit(train_size), png, "layer_heatmap_png")
 
     _finish(call, quiet, every_rank=False)
 
@@ -576,12 +580,7 @@ def compare_command(
     cfg = _config(lambda: CompareConfig(_need(scores, "--scores"), wanted, top_of, k, negative, train_size))
 
     def call():
-        comparison = stage.run(cfg)
-        if png is not None:
-            from infl.report.figures import compare_heatmap_png
-
-            png.write_bytes(compare_heatmap_png(comparison, _unit(train_size)))
-        sys.stdout.write(COMPARE[fmt](comparison, _unit(train_size)))
+        _answer(stage.run(cfg), COMPARE[fmt], _unit(train_size), png, "compare_heatmap_png")
 
     _finish(call, quiet, every_rank=False)
 

@@ -34,7 +34,8 @@ def run(cfg: ReportConfig, unit: str) -> Path:
     ids = scores.query_ids()
     measured = queries.measurements()
     rows = {q: i for i, q in enumerate(queries.ids())}
-    concentration = [sparsity(q, scores.total(row) * scale, cfg.tail) for row, q in enumerate(ids)]
+    totals = [scores.total(row) * scale for row in range(len(ids))]  # each query's scores, read once
+    concentration = [sparsity(q, values, cfg.tail) for q, values in zip(ids, totals)]
     entries = []
     for q, conc in zip(ids, concentration):
         _, prompt, completion = queries.texts(rows[q])
@@ -63,8 +64,8 @@ def run(cfg: ReportConfig, unit: str) -> Path:
         "sparsity": [{"query_id": s.query_id, "top_1": _percent(s.top_1), "top_10": _percent(s.top_10),
                       "alpha": _number(s.alpha, ".2f"), "xmin": _number(s.xmin, ".3g"), "n_tail": s.n_tail}
                      for s in concentration],
-        "ccdf_pngs": [{"query_id": s.query_id, "data": page.png_url_data(figures.ccdf_png(scores.total(row) * scale, s, unit))}
-                      for row, s in enumerate(concentration)],
+        "ccdf_pngs": [{"query_id": s.query_id, "data": page.png_url_data(figures.ccdf_png(values, s, unit))}
+                      for values, s in zip(totals, concentration)],
     })
     _write_new(cfg.out, html)
     return cfg.out
