@@ -434,7 +434,7 @@ def topk(
     refine: Annotated[Optional[int], typer.Option(help="Re-score the N best candidates per query with full-rank query gradients.")] = None,
     self_influence: Annotated[bool, typer.Option("--self", help="The scores are self-influence (from `score --self`).")] = False,
     text: Annotated[bool, typer.Option("--text/--no-text", help="Show each hit's text, read back from its corpus shard once its sha256 is checked.")] = True,
-    format: Annotated[str, typer.Option("--format", help="table | json | jsonl | markdown | html.")] = "table",
+    format: Annotated[str, typer.Option("--format", help="table | json | jsonl | csv | markdown | html.")] = "table",
     batch_size: Annotated[int, typer.Option(help="Sequences per pass for --tokens (when not stored) and --refine.")] = 8,
     device: DeviceOpt = "cpu",
     quiet: QuietOpt = False,
@@ -469,7 +469,7 @@ def layerwise(
     query: QueryOpt = None,
     negative: NegativeOpt = False,
     train_size: TrainSizeOpt = None,
-    format: Annotated[str, typer.Option("--format", help="table | csv | json.")] = "table",
+    format: Annotated[str, typer.Option("--format", help="table | csv | json | markdown | html.")] = "table",
     png: Annotated[Optional[Path], typer.Option(help="Also draw layers x sequences as a heatmap, one panel per query.")] = None,
     quiet: QuietOpt = False,
     config: ConfigOpt = None,
@@ -612,6 +612,36 @@ def sparsity_command(
         sys.stdout.write(SPARSITY[fmt](stage.run(cfg, _unit(train_size)), _unit(train_size)))
 
     _finish(call, quiet, every_rank=False)
+
+
+@app.command("export")
+def export_command(
+    scores: ScoresOpt = None,
+    out: Annotated[Optional[Path], typer.Option(help="The file to write: .csv, .parquet or .npy.")] = None,
+    format: Annotated[Optional[str], typer.Option("--format", help="csv | parquet | npy (default: from the suffix of --out).")] = None,
+    per_module: Annotated[bool, typer.Option("--per-module", help="One column per query and module (QUERY/MODULE) instead of one per query.")] = False,
+    train_size: TrainSizeOpt = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace --out if it exists.")] = False,
+    quiet: QuietOpt = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Write every score to one file for notebooks and spreadsheets, one chunk of sequences at a
+    time (a corpus larger than memory exports too).
+
+    One row per training sequence; one column per query, or with --per-module one per query and
+    module, named QUERY/MODULE. **csv**: a `train_id` column, then columns named `QUERY [UNIT]`,
+    e.g. `q1 [nats per unit upweight]`. **parquet** (needs pyarrow): `train_id`, then float32
+    columns named by query; the unit, the scores path and fingerprint are in the file's metadata.
+    **npy**: a float32 array [sequences, queries] ([sequences, queries, modules] with
+    --per-module), and beside it NAME.ids.json with the train ids, query ids, modules and unit.
+
+    Example: `infl export --scores runs/scores.zarr --out runs/scores.parquet --train-size 1777`
+    """
+    from infl.config import ExportConfig
+    from infl.stages import export as stage
+
+    cfg = _config(lambda: ExportConfig(_need(scores, "--scores"), _need(out, "--out"), format, per_module, train_size, force))
+    _finish(lambda: stage.run(cfg, _unit(train_size)), quiet, every_rank=False, out=cfg.out)
 
 
 @app.command("make-demo")

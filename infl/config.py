@@ -13,7 +13,7 @@ from pathlib import Path
 from infl import curvature  # the registry only: no torch
 from infl.errors import BadInput
 
-__all__ = ["FitConfig", "QueryConfig", "IndexConfig", "ScoreConfig", "TopkConfig", "LayerwiseConfig", "PlanConfig", "parse_damping", "parse_rank", "parse_bytes"]
+__all__ = ["FitConfig", "QueryConfig", "IndexConfig", "ScoreConfig", "TopkConfig", "LayerwiseConfig", "ExportConfig", "PlanConfig", "parse_damping", "parse_rank", "parse_bytes"]
 
 def _runtime(default):
     return field(default=default, metadata={"semantic": False})
@@ -384,6 +384,33 @@ class SparsityConfig:
         _check_view(1, self.train_size)
         if self.tail < 10:
             raise BadInput(f"--tail must be >= 10, not {self.tail}")
+
+
+EXPORT_SUFFIXES = {"npy": (".npy",), "csv": (".csv",), "parquet": (".parquet", ".pq")}
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """Which scores to write to one file, in which format and unit."""
+
+    scores: Path
+    out: Path
+    format: str | None = None  # npy | csv | parquet (None: from the suffix of `out`)
+    per_module: bool = False  # one column per query and module instead of one per query
+    train_size: int | None = None
+    force: bool = False  # replace `out` if it exists
+
+    def __post_init__(self) -> None:
+        _check_view(1, self.train_size)
+        formats = ", ".join(EXPORT_SUFFIXES)
+        if self.format is not None and self.format not in EXPORT_SUFFIXES:
+            raise BadInput(f"--format must be one of {formats}, not {self.format!r}")
+        named = next((f for f, suffixes in EXPORT_SUFFIXES.items() if self.out.suffix.lower() in suffixes), None)
+        if self.format is None and named is None:
+            raise BadInput(f"--out {self.out} has no suffix that names a format: pass --format ({formats})")
+        if self.format is not None and named not in (None, self.format):
+            raise BadInput(f"--out {self.out} names a {named} file, but --format is {self.format}")
+        object.__setattr__(self, "format", self.format or named)
 
 
 @dataclass(frozen=True)

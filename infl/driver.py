@@ -59,6 +59,8 @@ class Stage(Protocol, Generic[P]):
 
     def plan(self) -> P | Outcome: ...  # main rank, under the lock; an Outcome means nothing to do
 
+    def refresh(self) -> None: ...  # main rank, under the lock, when the output is up to date
+
     def run(self, plan: P, group: Group) -> Any: ...  # every rank: its own units, each committed
 
     def publish(self, plan: P, results: list[Any]) -> Outcome: ...  # main rank: every rank's `run` results
@@ -188,6 +190,8 @@ def run(stage: Stage) -> Outcome:
 
         planned = g.from_main(plan)
         if isinstance(planned, Outcome):
+            if planned.up_to_date and g.main:
+                stage.refresh()
             return planned
         with stage.writing():
             results = g.gather(stage.run(planned, g))

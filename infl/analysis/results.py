@@ -11,7 +11,7 @@ import numpy as np
 from infl.artifacts.scores import ScoresArtifact
 from infl.errors import BadInput
 
-__all__ = ["Hit", "LayerTable", "select", "query_rows", "layer_of", "layer_tables"]
+__all__ = ["Hit", "QueryInfo", "Topk", "LayerTable", "select", "share_of", "query_rows", "layer_of", "layer_tables"]
 
 
 @dataclass(frozen=True)
@@ -22,8 +22,36 @@ class Hit:
     index: int  # position in the scored corpus
     score: float
     text: str
+    share: float = float("nan")  # of the query's total influence of the same sign (see QueryInfo)
     tokens: tuple[tuple[str, float], ...] | None = None  # (text piece, influence) per token
     refined: float | None = None  # the full-rank score, with --refine
+
+
+@dataclass(frozen=True)
+class QueryInfo:
+    """What a query asked and how its influence is spread: the scale a hit is read against."""
+    query_id: str
+    prompt: str  # "" for self-influence
+    completion: str
+    log_p: float | None  # log p(completion | prompt) at the model's weights (None for self-influence)
+    n_sequences: int  # how many sequences it was ranked among
+    positive_total: float  # the sum of its positive scores (in the answer's unit)
+    negative_total: float  # the sum of its negative scores
+
+
+@dataclass(frozen=True)
+class Topk:
+    queries: list[QueryInfo]
+    hits: list[Hit]
+
+    def of(self, query_id: str) -> list[Hit]:
+        return [h for h in self.hits if h.query_id == query_id]
+
+
+def share_of(score: float, positive_total: float, negative_total: float) -> float:
+    """A score's share of its query's total influence of the same sign (NaN for zero)."""
+    total = positive_total if score > 0 else negative_total if score < 0 else 0.0
+    return score / total if total else float("nan")
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,8 @@ __all__ = [
     "identity_fingerprint",
     "jsonable",
     "changed_keys",
+    "check_appended_shards",
+    "refresh_stamp",
     "lock",
     "writing",
     "read_attrs",
@@ -97,6 +99,28 @@ def changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
         elif a != b:
             keys.append(f"{prefix}{key}")
     return keys
+
+
+def check_appended_shards(path: Path, old: dict, attrs: dict) -> None:
+    """An artifact grows only by corpus shards appended after the ones it holds, which must all be
+    there, unchanged (same sha256)."""
+    held, new = old["provenance"]["corpus"], attrs["provenance"]["corpus"]
+    hint = "pass --force to recompute everything, or choose another --out"
+    if len(new) < len(held):
+        raise IncompatibleArtifact(f"{path} holds corpus shards its inputs no longer have", hint=hint)
+    for shard, now in zip(held, new):
+        if now["sha256"] != shard["sha256"]:
+            raise IncompatibleArtifact(f"corpus shard {shard['path']} changed since {path} was computed "
+                                       "(its sha256 differs)", hint=hint)
+
+
+def refresh_stamp(path: Path) -> None:
+    """Touch a finished artifact's COMPLETE.json (its content, the manifest, is unchanged). On a
+    read-only file system the stamp stays as it was: checking was the job."""
+    try:
+        os.utime(path / COMPLETE)
+    except OSError:
+        pass
 
 
 def check_out(path: Path) -> None:

@@ -32,18 +32,6 @@ class ChunkedArtifact(Artifact):
             return None
         return old
 
-    def _check_old_shards(self, old: dict, attrs: dict) -> None:
-        """Growth only appends shards: the ones already held must be there, unchanged."""
-        if len(attrs["provenance"]["corpus"]) < len(old["provenance"]["corpus"]):
-            raise IncompatibleArtifact(f"{self.path} holds corpus shards its inputs no longer have (an index rebuilt on fewer?)",
-                                       hint="pass --force to recompute everything, or choose another --out")
-        for i, shard in enumerate(old["provenance"]["corpus"]):
-            if attrs["provenance"]["corpus"][i]["sha256"] != shard["sha256"]:
-                raise IncompatibleArtifact(
-                    f"corpus shard {shard['path']} changed since {self.path} was computed (its sha256 differs)",
-                    hint="pass --force to recompute everything, or choose another --out",
-                )
-
     def _conform_rows(self, train_ids: list[str], locators: np.ndarray, N_valid: int) -> None:
         """train_ids and locators sized for N sequences, rows past N_valid (re)written. Idempotent."""
         for name, values in (("train_ids", np.array(train_ids, dtype=object)), ("locators", locators)):

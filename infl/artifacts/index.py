@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from infl.artifacts import State
+from infl.artifacts import State, check_appended_shards
 from infl.artifacts.chunked import ChunkedArtifact
 from infl.errors import IncompatibleArtifact
 
@@ -50,7 +50,7 @@ class IndexArtifact(ChunkedArtifact):
         """The artifact to write, sized for `layout`, or None when it is up to date."""
         if old is not None and attrs["fingerprint"] != old["fingerprint"]:
             art = cls.open_for_writing(path)
-            art._check_old_shards(old, attrs)
+            check_appended_shards(path, old, attrs)
             art.unpublish()
             # sizes from the old attributes (written last), never from arrays a killed growth resized
             art._conform(layout, sum(shard["n_records"] for shard in old["provenance"]["corpus"]))

@@ -3,7 +3,8 @@
 Layout:
   attrs            kind, schema, config, provenance (+ queries_files), base_fingerprint, fingerprint,
                    modules, blocks ([0, Q1, Q1 + Q2, ...]: written last, it says which rows are done)
-  ids, prompts, completions [Q] str; measurement [Q] float32 (log p(completion) at the weights)
+  ids, prompts, completions [Q] str; measurement [Q] float32 (log p(completion) at the weights);
+  n_tokens [Q, 2] int32 (the prompt's and the completion's, as the model reads them)
   modules/<name>/  attrs form (full | low_rank), rank, svd
                    full: P [Q, O, I]; low_rank: U [Q, O, R], sigma [Q, R], V [Q, I, R], kept [Q]
                    (the fraction of the query's Frobenius norm the rank keeps)
@@ -73,8 +74,9 @@ class QueriesArtifact(Artifact):
         art.update_attrs({"modules": modules})
         return art
 
-    def reserve(self, start: int, ids: list[str], prompts: list[str], completions: list[str]) -> None:
-        """Main rank: the texts of rows start.. and room for their measurements."""
+    def reserve(self, start: int, ids: list[str], prompts: list[str], completions: list[str],
+                n_tokens: list[tuple[int, int]]) -> None:
+        """Main rank: the texts and token counts of rows start.. and room for their measurements."""
         for name, values in zip(_TEXTS, (ids, prompts, completions)):
             values = np.array(values, dtype=object)
             if start == 0:
@@ -83,10 +85,17 @@ class QueriesArtifact(Artifact):
                 self._resize_rows(name, start)
                 self._set_rows(name, start, values)
         n = start + len(ids)
+        counts = np.asarray(n_tokens, dtype=np.int32).reshape(-1, 2)
         if start == 0:
             self._create("measurement", (n,), (1024,), "float32", float("nan"))
+            self._write("n_tokens", counts, chunks=(1024, 2))
         else:
             self._resize_rows("measurement", n)
+            if "n_tokens" in self.group:
+                self._resize_rows("n_tokens", start)
+            else:  # an artifact made before token counts were kept: unknown (-1) for its rows
+                self._create("n_tokens", (start, 2), (1024, 2), "int32", -1)
+            self._set_rows("n_tokens", start, counts)
 
     def reserve_module(self, name: str, shape: tuple[int, int], rank: int | None, svd: str, n: int) -> str:
         """Main rank: room for rows ..n of a module, full or rank-R; returns the form."""
@@ -147,6 +156,26 @@ class QueriesArtifact(Artifact):
     def measurements(self) -> np.ndarray:
         """log p(completion | prompt) of every query at the model's weights [Q] (float32)."""
         return self._read("measurement", slice(0, self.blocks[-1]))
+
+    def all_texts(self) -> list[tuple[str, str, str]]:
+        """(id, prompt, completion) of every query."""
+        return list(zip(*(self._strings(name, slice(0, self.blocks[-1])) for name in _TEXTS)))
+
+    def listing(self) -> list[dict]:
+        """Every query: id, prompt, completion, token counts, measured log p and, per low-rank
+        module, the fraction of its gradient's norm the rank keeps (its smallest and mean)."""
+        n, measured = self.blocks[-1], self.measurements()
+        counts = self._read("n_tokens", slice(0, n)) if "n_tokens" in self.group else np.full((n, 2), -1)
+        kept = [self._read(f"modules/{m}/kept", slice(0, n)) for m in self.modules
+                if self.module_attrs(m)["form"] == "low_rank"]
+        kept = np.stack(kept, 1) if kept else None  # [Q, low-rank modules]
+        return [{"id": q, "prompt": prompt, "completion": completion,
+                 "prompt_tokens": int(counts[i, 0]) if counts[i, 0] >= 0 else None,
+                 "completion_tokens": int(counts[i, 1]) if counts[i, 1] >= 0 else None,
+                 "log_p": float(measured[i]),
+                 "kept_min": float(kept[i].min()) if kept is not None else None,
+                 "kept_mean": float(kept[i].mean()) if kept is not None else None}
+                for i, (q, prompt, completion) in enumerate(self.all_texts())]
 
     def texts(self, row: int) -> tuple[str, str, str]:
         """(id, prompt, completion) of one query."""

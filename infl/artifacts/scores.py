@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from infl.artifacts import State
+from infl.artifacts import State, check_appended_shards
 from infl.artifacts.chunked import ChunkedArtifact
 from infl.errors import IncompatibleArtifact
 
@@ -85,7 +85,7 @@ class ScoresArtifact(ChunkedArtifact):
         """Grow to more corpus shards and/or more query blocks: new cells get `done` False (and so
         does a last chunk that was only partly filled), so only they are computed. Every step can
         be repeated, so a run killed during the growth grows again on the next try."""
-        self._check_old_shards(old, attrs)
+        check_appended_shards(self.path, old, attrs)
         old_blocks, blocks = old["query_blocks"], attrs["query_blocks"]
         held = self._strings("query_ids")[: old_blocks[-1]]
         if blocks[: len(old_blocks)] != old_blocks or layout.query_ids[: len(held)] != held:
@@ -156,6 +156,12 @@ class ScoresArtifact(ChunkedArtifact):
     def per_module(self, row: int, columns: np.ndarray) -> np.ndarray:
         """[M, len(columns)] per-module scores of one query (columns sorted)."""
         return self._read("per_module", (slice(None), row, columns)).astype(np.float64)
+
+    def columns(self, start: int, stop: int, per_module: bool = False) -> np.ndarray:
+        """Sequences start..stop of every query: total [Q, n], or per module [M, Q, n] (float32)."""
+        if per_module:
+            return self._read("per_module", (slice(None), slice(None), slice(start, stop)))
+        return self._read("total", (slice(None), slice(start, stop)))
 
     def per_token(self, row: int, index: int) -> np.ndarray:
         """[T] per-token terms of one query and sequence (bfloat16 precision, as float32)."""

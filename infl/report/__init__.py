@@ -8,15 +8,16 @@ import html
 import io
 import json
 import re
+from typing import Callable
 
 import numpy as np
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from infl.analysis.results import Hit, LayerTable
+from infl.analysis.results import Hit, LayerTable, QueryInfo, Topk
 
-__all__ = ["TOPK", "LAYERWISE", "SPARSITY", "COMPARE", "short_names", "render_info", "render_plan", "as_text"]
+__all__ = ["TOPK", "LAYERWISE", "SPARSITY", "COMPARE", "short_names", "column_format", "html_legend", "SHARE_NOTE", "render_info", "render_plan", "as_text"]
 
 _PREVIEW = 240  # characters of text shown per sequence in a table
 
@@ -29,6 +30,12 @@ def as_text(*renderables) -> str:
     for r in renderables:
         console.print(r)
     return console.file.getvalue()
+
+
+def _clip(text: str) -> str:
+    """A prompt or completion as given (a leading space shows), on one line, cut to the preview length."""
+    text = _id(text)
+    return text if len(text) <= _PREVIEW else text[: _PREVIEW - 1] + "…"
 
 
 def _preview(text: str) -> str:
@@ -52,8 +59,32 @@ def _markdown(value: str) -> str:
     return _MARKDOWN_SPECIAL.sub(r"\\\1", html.escape(" ".join(value.split()), quote=False))
 
 
-def _hit_row(h: Hit) -> dict:
-    row = {"query_id": h.query_id, "rank": h.rank, "train_id": h.train_id, "score": h.score, "text": h.text}
+def column_format(values) -> Callable[[float], str]:
+    """One number format for a whole column, so that 3.763e+04 never stands beside 1841: fixed
+    point with four significant digits for the largest magnitude when it lies in [0.001, 100000),
+    scientific with four significant digits for every value otherwise."""
+    finite = [abs(v) for v in values if v is not None and np.isfinite(v)]
+    top = max(finite, default=0.0)
+    if top == 0.0:
+        return lambda v: "–" if v is None or not np.isfinite(v) else "0"
+    exponent = int(np.floor(np.log10(top)))
+    spec = f".{max(0, 3 - exponent)}f" if -3 <= exponent < 5 else ".3e"
+    return lambda v: "–" if v is None or not np.isfinite(v) else format(v, spec)
+
+
+def _share(x: float) -> str:
+    return "–" if x != x else f"{x:.1%}"
+
+
+def _log_p(info: QueryInfo) -> str:
+    return "" if info.log_p is None else f"log p = {info.log_p:.3f}"
+
+
+def _hit_row(h: Hit, info: QueryInfo, unit: str) -> dict:
+    """A hit as a flat record: what the query asked, then the hit (one JSON object per line)."""
+    row = {"query_id": h.query_id, "query_prompt": info.prompt, "query_completion": info.completion,
+           "query_log_p": info.log_p, "rank": h.rank, "train_id": h.train_id, "score": h.score,
+           "share": None if h.share != h.share else h.share, "unit": unit, "text": h.text}
     if h.refined is not None:
         row["refined_score"] = h.refined
     if h.tokens is not None:
@@ -61,93 +92,190 @@ def _hit_row(h: Hit) -> dict:
     return row
 
 
+def _rows(result: Topk, unit: str) -> list[dict]:
+    info = {q.query_id: q for q in result.queries}
+    return [_hit_row(h, info[h.query_id], unit) for h in result.hits]
+
+
+# Token shading: a token's influence relative to the largest |influence| among its sequence's tokens.
+_MARK = 0.25  # in plain text, tokens at least this strong are marked {+...} / {-...}
+
+
 def _shade(value: float, scale: float) -> float:
     return min(1.0, abs(value) / scale) if scale > 0 else 0.0
 
 
-def _rich_tokens(tokens) -> Text:
-    """Tokens on a background from white to red (positive) or blue (negative)."""
+def _token_style(value: float, x: float, colours: str | None) -> str:
+    """Graded 24-bit (or 256-colour) backgrounds; with 16 colours, three steps that stay apart."""
+    if x <= 0.05:
+        return ""
+    if colours in ("truecolor", "256"):
+        fade = int(255 * (1 - 0.8 * x))
+        return f"black on rgb(255,{fade},{fade})" if value > 0 else f"black on rgb({fade},{fade},255)"
+    hue = "red" if value > 0 else "blue"
+    return f"bold white on {hue}" if x > 2 / 3 else f"black on bright_{hue}" if x > 1 / 3 else f"underline {hue}"
+
+
+def _rich_tokens(tokens, colours: str | None) -> Text:
+    """Tokens shaded from white to red (positive) or blue (negative); with no colours, the strong
+    ones marked {+...} or {-...} (runs of one sign together)."""
     scale = max((abs(v) for _, v in tokens), default=0.0)
     text = Text()
+    if colours is None:
+        mark = ""
+        for piece, value in tokens:
+            sign = ("+" if value > 0 else "-") if _shade(value, scale) >= _MARK else ""
+            if sign != mark:
+                text.append(("}" if mark else "") + ("{" + sign if sign else ""))
+                mark = sign
+            text.append(piece)
+        text.append("}" if mark else "")
+        return text
     for piece, value in tokens:
-        x = _shade(value, scale)
-        fade = int(255 * (1 - 0.8 * x))
-        colour = f"rgb(255,{fade},{fade})" if value > 0 else f"rgb({fade},{fade},255)"
-        text.append(piece, style=f"black on {colour}" if x > 0.05 else "")
+        text.append(piece, style=_token_style(value, _shade(value, scale), colours))
     return text
+
+
+def _token_legend(colours: str | None) -> Text:
+    if colours is None:
+        return Text(f"tokens: {{+...}} raise log p(completion), {{-...}} lower it: marked when at least {_MARK:.0%} of "
+                    "the sequence's largest |token influence| (stdout is not a terminal: --format html or json "
+                    "keep every value)", style="dim")
+    legend = Text("tokens: ")
+    for x, value, name in ((1.0, 1, "strong +"), (0.5, 1, "+"), (0.2, 1, "weak +"),
+                           (0.2, -1, "weak -"), (0.5, -1, "-"), (1.0, -1, "strong -")):
+        legend.append(f" {name} ", style=_token_style(value, x, colours))
+        legend.append(" ")
+    legend.append("(relative to each sequence's largest |token influence|; + raises log p(completion))", style="dim")
+    return legend
 
 
 def _html_tokens(tokens) -> str:
     scale = max((abs(v) for _, v in tokens), default=0.0)
-    spans = []
-    for piece, value in tokens:
-        rgb = "255,0,0" if value > 0 else "0,0,255"
-        spans.append(f'<span title="{value:.4g}" style="background:rgba({rgb},{0.8 * _shade(value, scale):.2f})">'
-                     f"{html.escape(piece)}</span>")
-    return "".join(spans)
+    return "".join(_html_span(piece, value, _shade(value, scale)) for piece, value in tokens)
 
 
-def _queries(hits: list[Hit]) -> list[str]:
-    return list(dict.fromkeys(h.query_id for h in hits))
+def _html_span(piece: str, value: float, x: float, title: str | None = None) -> str:
+    rgb = "255,0,0" if value > 0 else "0,0,255"
+    return (f'<span title="{html.escape(title or format(value, ".4g"))}" style="background:rgba({rgb},{0.8 * x:.2f})">'
+            f"{html.escape(piece)}</span>")
 
 
-def _topk_json(hits: list[Hit], unit: str) -> str:
-    return json.dumps([_hit_row(h) for h in hits], ensure_ascii=False, indent=1) + "\n"
+def html_legend() -> str:
+    """The token shading's legend, as HTML."""
+    steps = ((1.0, 1, "strong +"), (0.5, 1, "+"), (0.2, 1, "weak +"), (0.2, -1, "weak −"), (0.5, -1, "−"), (1.0, -1, "strong −"))
+    spans = " ".join(_html_span(f" {name} ", value, x, f"{x:.0%} of the largest |token influence|") for x, value, name in steps)
+    return (f"<p class='legend'>tokens: {spans} — relative to each sequence's largest |token influence|; "
+            "+ raises log p(completion). Hover a token for its value.</p>")
 
 
-def _topk_jsonl(hits: list[Hit], unit: str) -> str:
-    return "".join(json.dumps(_hit_row(h), ensure_ascii=False) + "\n" for h in hits)
+def _query_line(info: QueryInfo) -> str:
+    """What a query asked, on one line (self-influence: what the scores are)."""
+    if info.log_p is None:
+        return f"{info.query_id}: each sequence's influence on its own loss, among {info.n_sequences} sequences"
+    return (f"{info.query_id}: {_clip(info.prompt)!r} -> {_clip(info.completion)!r} ({_log_p(info)}; "
+            f"ranked among {info.n_sequences} sequences)")
 
 
-def _topk_markdown(hits: list[Hit], unit: str) -> str:
-    refined = any(h.refined is not None for h in hits)
+SHARE_NOTE = "share: of the query's total positive influence (of its total negative influence for a negative score)"
+
+
+def _topk_json(result: Topk, unit: str) -> str:
+    return json.dumps(_rows(result, unit), ensure_ascii=False, indent=1) + "\n"
+
+
+def _topk_jsonl(result: Topk, unit: str) -> str:
+    return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in _rows(result, unit))
+
+
+def _topk_csv(result: Topk, unit: str) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out)
+    refined = any(h.refined is not None for h in result.hits)
+    writer.writerow(["query_id", "rank", "train_id", f"influence ({unit})", "share of same-sign total",
+                     *([f"full-rank influence ({unit})"] if refined else []), "text"])
+    for h in result.hits:
+        writer.writerow([h.query_id, h.rank, h.train_id, f"{h.score:.6g}", "" if h.share != h.share else f"{h.share:.6g}",
+                         *([f"{h.refined:.6g}"] if refined else []), h.text])
+    return out.getvalue()
+
+
+def _numbers(hits: list[Hit]) -> tuple:
+    """The formats of the influence and full-rank columns of one query's table."""
+    return column_format([h.score for h in hits]), column_format([h.refined for h in hits])
+
+
+def _topk_markdown(result: Topk, unit: str) -> str:
+    refined = any(h.refined is not None for h in result.hits)
     out = []
-    for query_id in _queries(hits):
-        head = f"influence ({unit})" + (" | full rank" if refined else "")
-        out.append(f"### {_markdown(_id(query_id))}\n\n| rank | train id | {head} | text |\n|---:|---|---:|{'---:|' if refined else ''}---|")
-        for h in (h for h in hits if h.query_id == query_id):
-            number = f"{h.score:.4g}" + (f" | {h.refined:.4g}" if refined else "")
+    for info in result.queries:
+        hits = result.of(info.query_id)
+        score, full = _numbers(hits)
+        head = f"influence ({unit}) | share" + (" | full rank" if refined else "")
+        out.append(f"### {_markdown(_id(info.query_id))}\n\n{_markdown(_query_line(info))}\n\n"
+                   f"| rank | train id | {head} | text |\n|---:|---|---:|---:|{'---:|' if refined else ''}---|")
+        for h in hits:
+            number = f"{score(h.score)} | {_share(h.share)}" + (f" | {full(h.refined)}" if refined else "")
             text = _html_tokens(h.tokens).replace("|", "&#124;") if h.tokens else _markdown(_preview(h.text))
             out.append(f"| {h.rank} | {_markdown(_id(h.train_id))} | {number} | {text.replace(chr(10), ' ')} |")
         out.append("")
+    out.append(_markdown(SHARE_NOTE) + ".")
+    if any(h.tokens for h in result.hits):
+        out.append("\n" + html_legend())
     return "\n".join(out) + "\n"
 
 
-def _topk_html(hits: list[Hit], unit: str) -> str:
-    refined = any(h.refined is not None for h in hits)
+def _topk_html(result: Topk, unit: str) -> str:
+    refined = any(h.refined is not None for h in result.hits)
     out = ["<!doctype html><meta charset='utf-8'><body style='font-family:sans-serif'>"]
-    for query_id in _queries(hits):
-        head = f"influence ({unit})" + (" | full rank" if refined else "")
-        out.append(f"<h3>{html.escape(query_id)}</h3><table border='1' cellpadding='4'>"
-                   f"<tr><th>rank</th><th>train id</th><th>{head}</th><th>text</th></tr>")
-        for h in (h for h in hits if h.query_id == query_id):
-            number = f"{h.score:.4g}" + (f" | {h.refined:.4g}" if refined else "")
-            text = _html_tokens(h.tokens) if h.tokens else html.escape(h.text)
-            out.append(f"<tr><td>{h.rank}</td><td>{html.escape(h.train_id)}</td><td>"
-                       f"{number.replace(' | ', '</td><td>')}</td><td>{text}</td></tr>")
+    for info in result.queries:
+        hits = result.of(info.query_id)
+        score, full = _numbers(hits)
+        out.append(f"<h3>{html.escape(info.query_id)}</h3><p>{html.escape(_query_line(info))}</p>"
+                   "<table border='1' cellpadding='4'><tr><th>rank</th><th>train id</th>"
+                   f"<th>influence ({html.escape(unit)})</th><th>share</th>{'<th>full rank</th>' if refined else ''}<th>text</th></tr>")
+        for h in hits:
+            cells = [str(h.rank), html.escape(h.train_id), score(h.score), _share(h.share), *([full(h.refined)] if refined else []),
+                     _html_tokens(h.tokens) if h.tokens else html.escape(h.text)]
+            out.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
         out.append("</table>")
+    out.append(f"<p>{html.escape(SHARE_NOTE)}.</p>")
+    if any(h.tokens for h in result.hits):
+        out.append(html_legend())
     return "\n".join(out) + "\n"
 
 
-def _topk_table(hits: list[Hit], unit: str) -> str:
-    refined = any(h.refined is not None for h in hits)
-    tables = []
-    for query_id in _queries(hits):
-        table = Table(title=Text(f"query {_id(query_id)}", style="table.title"), caption=f"influence in {unit}", show_lines=any(h.tokens for h in hits))
+def _topk_table(result: Topk, unit: str) -> str:
+    refined = any(h.refined is not None for h in result.hits)
+    tokens = any(h.tokens for h in result.hits)
+    screen = Console()
+    colours = screen.color_system if screen.is_terminal else None
+    out = []
+    for info in result.queries:
+        hits = result.of(info.query_id)
+        score, full = _numbers(hits)
+        out.append(Text(_query_line(info), style="bold"))
+        table = Table(show_lines=tokens)
         table.add_column("rank", justify="right")
         table.add_column("train id", overflow="fold")
         table.add_column("influence", justify="right")
+        table.add_column("share", justify="right")
         if refined:
             table.add_column("full rank", justify="right")
         table.add_column("text", overflow="fold", ratio=1)
-        for h in (h for h in hits if h.query_id == query_id):
-            numbers = [f"{h.score:.4g}"] + ([f"{h.refined:.4g}"] if refined else [])
-            table.add_row(str(h.rank), Text(_id(h.train_id)), *numbers, _rich_tokens(h.tokens) if h.tokens else Text(_preview(h.text)))
-        tables.append(table)
-    return as_text(*tables)
+        for h in hits:
+            numbers = [score(h.score), _share(h.share)] + ([full(h.refined)] if refined else [])
+            table.add_row(str(h.rank), Text(_id(h.train_id)), *numbers,
+                          _rich_tokens(h.tokens, colours) if h.tokens else Text(_preview(h.text)))
+        out.append(table)
+    out.append(Text(f"influence in {unit}; {SHARE_NOTE}", style="dim"))
+    if tokens:
+        out.append(_token_legend(colours))
+    return as_text(*out)
 
 
-TOPK = {"table": _topk_table, "json": _topk_json, "jsonl": _topk_jsonl, "markdown": _topk_markdown, "html": _topk_html}
+TOPK = {"table": _topk_table, "json": _topk_json, "jsonl": _topk_jsonl, "csv": _topk_csv, "markdown": _topk_markdown,
+        "html": _topk_html}
 
 
 def _layers_json(tables: list[LayerTable], unit: str) -> str:
@@ -161,7 +289,7 @@ def _layers_json(tables: list[LayerTable], unit: str) -> str:
 def _layers_csv(tables: list[LayerTable], unit: str) -> str:
     out = io.StringIO()
     writer = csv.writer(out)
-    writer.writerow(["query_id", "layer", "train_id", "rank", "influence"])
+    writer.writerow(["query_id", "layer", "train_id", "rank", f"influence ({unit})"])
     for t in tables:
         for i, layer in enumerate(t.layers):
             for j, train_id in enumerate(t.train_ids):
@@ -182,27 +310,60 @@ def short_names(names: list[str]) -> list[str]:
     return short if len(set(short)) == len(short) and all(short) else [".".join(p[common:]) for p in parts]
 
 
+def _layer_title(t: LayerTable, unit: str) -> str:
+    return f"query {_id(t.query_id)}: influence by layer ({unit})"
+
+
 def _layers_table(tables: list[LayerTable], unit: str) -> str:
     out = []
     for t in tables:
-        table = Table(title=Text(f"query {_id(t.query_id)}: influence by layer ({unit})", style="table.title"))
+        table = Table(title=Text(_layer_title(t, unit), style="table.title"))
         table.add_column("layer")
         for j, train_id in enumerate(t.train_ids):
             table.add_column(Text(f"#{j + 1} {_id(train_id)}"), justify="right", overflow="fold")
         scale = float(np.abs(t.values).max()) or 1.0
+        number = column_format([*t.values.ravel().tolist(), *t.totals])
         for i, layer in enumerate(short_names(t.layers)):
             cells = []
             for v in t.values[i]:
-                strength = min(1.0, abs(v) / scale)
-                colour = "red" if v > 0 else "blue"
-                cells.append(f"[{colour}]{v:.3g}[/]" if strength > 0.5 else f"{v:.3g}")
+                strong = abs(v) / scale > 0.5
+                cells.append(Text(number(v), style=("red" if v > 0 else "blue") if strong else ""))
             table.add_row(Text(layer), *cells)
-        table.add_row("[bold]total[/]", *(f"[bold]{v:.3g}[/]" for v in t.totals))
+        table.add_row(Text("total", style="bold"), *(Text(number(v), style="bold") for v in t.totals))
         out.append(table)
     return as_text(*out)
 
 
-LAYERWISE = {"table": _layers_table, "csv": _layers_csv, "json": _layers_json}
+def _layers_markdown(tables: list[LayerTable], unit: str) -> str:
+    out = []
+    for t in tables:
+        number = column_format([*t.values.ravel().tolist(), *t.totals])
+        head = " | ".join(f"#{j + 1} {_markdown(_id(train_id))}" for j, train_id in enumerate(t.train_ids))
+        out.append(f"### {_markdown(_layer_title(t, unit))}\n\n| layer | {head} |\n|---|{'---:|' * len(t.train_ids)}")
+        for layer, values in zip(short_names(t.layers), t.values):
+            out.append(f"| {_markdown(layer)} | " + " | ".join(number(v) for v in values) + " |")
+        out.append("| **total** | " + " | ".join(f"**{number(v)}**" for v in t.totals) + " |\n")
+    return "\n".join(out)
+
+
+def _layers_html(tables: list[LayerTable], unit: str) -> str:
+    out = ["<!doctype html><meta charset='utf-8'><body style='font-family:sans-serif'>"]
+    for t in tables:
+        number = column_format([*t.values.ravel().tolist(), *t.totals])
+        scale = float(np.abs(t.values).max()) or 1.0
+        out.append(f"<h3>{html.escape(_layer_title(t, unit))}</h3><table border='1' cellpadding='4'><tr><th>layer</th>"
+                   + "".join(f"<th>#{j + 1} {html.escape(train_id)}</th>" for j, train_id in enumerate(t.train_ids)) + "</tr>")
+        for layer, values in zip(short_names(t.layers), t.values):  # cells shaded as the heatmap, symmetric about zero
+            cells = "".join(f"<td style='text-align:right;background:rgba({'255,0,0' if v > 0 else '0,0,255'},"
+                            f"{0.6 * min(1.0, abs(v) / scale):.2f})'>{number(v)}</td>" for v in values)
+            out.append(f"<tr><th>{html.escape(layer)}</th>{cells}</tr>")
+        out.append("<tr><th>total</th>" + "".join(f"<td style='text-align:right'><b>{number(v)}</b></td>" for v in t.totals)
+                   + "</tr></table>")
+    return "\n".join(out) + "\n"
+
+
+LAYERWISE = {"table": _layers_table, "csv": _layers_csv, "json": _layers_json, "markdown": _layers_markdown,
+             "html": _layers_html}
 
 
 def _sparsity_json(rows, unit: str) -> str:
@@ -264,14 +425,10 @@ def _compare_table(c, unit: str) -> str:
     table.add_column("sequence", overflow="fold")
     for query_id in c.query_ids:
         table.add_column(Text(_id(query_id)), justify="right", overflow="fold")
+    number = column_format(c.values.ravel().tolist())
     for i, train_id in enumerate(c.train_ids):
-        table.add_row(Text(_id(train_id)), *(f"{_compact(v)} #{r}" for v, r in zip(c.values[i], c.ranks[i])))
+        table.add_row(Text(_id(train_id)), *(f"{number(v)} #{r}" for v, r in zip(c.values[i], c.ranks[i])))
     return as_text(table)
-
-
-def _compact(v: float) -> str:
-    """Three significant digits without an exponent up to a million (a narrow column reads 20200, not 2.02e+04)."""
-    return f"{v:.3g}" if abs(v) < 1000 or abs(v) >= 1e6 else f"{round(v, -int(np.floor(np.log10(abs(v)))) + 2):.0f}"
 
 
 COMPARE = {"table": _compare_table, "json": _compare_json, "csv": _compare_csv}
@@ -299,7 +456,21 @@ def render_info(described: dict) -> str:
         rows.append(("corpus", f"{shard['path']} ({records}sha256 {shard['sha256'][:12]})"))
     for key, value in rows:
         table.add_row(Text(key), Text(value))  # paths and config values, shown as written
-    return as_text(table)
+    return as_text(table, *([_queries_table(described["queries"])] if "queries" in described else []))
+
+
+def _queries_table(queries: list[dict]) -> Table:
+    table = Table(title=Text(f"{len(queries)} queries", style="table.title"), caption_justify="left", caption=Text(
+        "tokens: prompt + completion; log p: of the completion given the prompt, at the model's weights; "
+        "kept: the smallest share of a module's query gradient norm its rank keeps", style="dim"))
+    for name in ("id", "prompt -> completion", "tokens", "log p", "kept"):
+        table.add_column(name, justify="right" if name in ("tokens", "log p", "kept") else "left", overflow="fold")
+    for q in queries:
+        tokens = "–" if q["prompt_tokens"] is None else f"{q['prompt_tokens']} + {q['completion_tokens']}"
+        kept = "full" if q["kept_min"] is None else f"{q['kept_min']:.1%}"
+        table.add_row(Text(_id(q["id"])), Text(f"{_clip(q['prompt'])!r} -> {_clip(q['completion'])!r}"), tokens,
+                      f"{q['log_p']:.3f}", kept)
+    return table
 
 
 def _size(n: int | None) -> str:

@@ -6,9 +6,9 @@ from __future__ import annotations
 import base64
 from importlib import resources
 
-from infl.report import _html_tokens
+from infl.report import _html_tokens, html_legend
 
-__all__ = ["render_page", "png_url_data", "token_html"]
+__all__ = ["render_page", "png_url_data", "token_html", "legend_html"]
 
 
 def png_url_data(png: bytes) -> str:
@@ -21,6 +21,12 @@ def token_html(tokens) -> str:
     from markupsafe import Markup
 
     return Markup(_html_tokens(tokens))
+
+
+def legend_html() -> str:
+    from markupsafe import Markup
+
+    return Markup(html_legend())
 
 
 def render_page(context: dict) -> str:

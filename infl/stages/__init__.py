@@ -36,6 +36,13 @@ class WritingStage:
 
         return writing(self.cfg.out)
 
+    def refresh(self):
+        """The output is up to date: its stamp (COMPLETE.json) gets a new modification time, so
+        that make, which compares times, sees it as newer than the inputs it was just checked against."""
+        from infl.artifacts import refresh_stamp
+
+        refresh_stamp(self.cfg.out)
+
 
 def artifact_class(kind: str | None):
     """The artifact class of a kind's name (`factors`, `queries`, `index`, `scores`, `candidates`), or None."""

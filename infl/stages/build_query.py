@@ -81,7 +81,8 @@ class BuildQuery(WritingStage):
                 raise BadInput(f"query id {clash[0]!r} is already in {cfg.out}", hint="give appended queries new ids")
         art = QueriesArtifact.for_build(cfg.out, built, factors.modules)
         Q = len(queries.ids)
-        art.reserve(built.start, queries.ids, queries.prompts, queries.completions)
+        art.reserve(built.start, queries.ids, queries.prompts, queries.completions,
+                    [(p, len(t) - p) for t, p in zip(queries.tokens, queries.n_prompt)])
         for name in factors.modules:
             spec = factors.spec(name)
             shape = (spec["d_out"], spec["d_in"] + int(spec["bias"]))

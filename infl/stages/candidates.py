@@ -11,13 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from infl import data, lexical, modeling
-from infl.artifacts import State, identity_fingerprint, read_attrs
+from infl.artifacts import State, check_appended_shards, identity_fingerprint, read_attrs
 from infl.artifacts.candidates import CandidatesArtifact
 from infl.config import CandidatesConfig
 from infl.console import log, progress
 from infl.driver import Group, Outcome
 from infl.driver import run as drive
-from infl.errors import BadInput, IncompatibleArtifact
+from infl.errors import BadInput
 from infl.hashing import file_sha256
 from infl.stages import WritingStage, corpus_paths, semantic_fields
 
@@ -56,7 +56,7 @@ class Candidates(WritingStage):
         attrs = {**base, "provenance": {**provenance, "corpus": shards}, "base_fingerprint": identity_fingerprint(base)}
         attrs["fingerprint"] = identity_fingerprint(attrs)
         if grows and attrs["fingerprint"] != old["fingerprint"]:
-            _check_grown(cfg.out, old, attrs)
+            check_appended_shards(cfg.out, old, attrs)
             log(f"adding {len(paths) - len(old['provenance']['corpus'])} corpus shard(s) to {cfg.out}")
             return CandidatesPlan(attrs, paths, True, started)
         status = CandidatesArtifact.state(cfg.out, attrs, cfg.force)
@@ -108,11 +108,3 @@ def _sha256(path: Path, what: str) -> str:
         raise BadInput(f"{path}: no such {what}")
     return file_sha256(path)
 
-
-def _check_grown(path: Path, old: dict, attrs: dict) -> None:
-    """Growth only appends shards: the ones already held must be there, unchanged."""
-    new = attrs["provenance"]["corpus"]
-    for i, shard in enumerate(old["provenance"]["corpus"]):
-        if i >= len(new) or new[i]["sha256"] != shard["sha256"]:
-            raise IncompatibleArtifact(f"corpus shard {shard['path']} changed since {path} was computed (its sha256 differs)",
-                                       hint="pass --force to recompute everything, or choose another --out")

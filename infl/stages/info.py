@@ -11,10 +11,14 @@ __all__ = ["run"]
 
 
 def run(path: Path) -> dict:
-    """`describe`, plus what its readers would refuse in a finished artifact (`problem`, '' if none)."""
+    """`describe`, plus what its readers would refuse in a finished artifact (`problem`, '' if none),
+    and for queries every query."""
     described = describe(path)
     kind = artifact_class(described["kind"])
     art = kind(path, open_group(path)) if kind else None
     described["problem"] = art.problem() if art and described["complete"] else ""
-    described["facts"] = art.facts() if art and described["complete"] and not described["problem"] else {}
+    sound = art is not None and described["complete"] and not described["problem"]
+    described["facts"] = art.facts() if sound else {}
+    if sound and described["kind"] == "queries":
+        described["queries"] = art.listing()
     return described

@@ -15,6 +15,7 @@ from infl.artifacts.queries import QueriesArtifact
 from infl.artifacts.scores import ScoresArtifact
 from infl.config import ReportConfig, TopkConfig
 from infl.errors import BadInput
+from infl.report import SHARE_NOTE, column_format
 from infl.stages import open_parent, topk
 
 __all__ = ["run"]
@@ -29,22 +30,19 @@ def run(cfg: ReportConfig, unit: str) -> Path:
     queries = open_parent(QueriesArtifact, scores, "queries")
     factors = open_parent(FactorsArtifact, queries, "factors")
     scale = 1.0 / cfg.train_size if cfg.train_size else 1.0
-    hits = topk.run(TopkConfig(scores=cfg.scores, k=cfg.k, train_size=cfg.train_size, tokens=True,
-                               batch_size=cfg.batch_size, device=cfg.device))
-    ids = scores.query_ids()
-    measured = queries.measurements()
-    rows = {q: i for i, q in enumerate(queries.ids())}
-    totals = [scores.total(row) * scale for row in range(len(ids))]  # each query's scores, read once
-    concentration = [sparsity(q, values, cfg.tail) for q, values in zip(ids, totals)]
+    answer = topk.run(TopkConfig(scores=cfg.scores, k=cfg.k, train_size=cfg.train_size, tokens=True,
+                                 batch_size=cfg.batch_size, device=cfg.device))
+    totals = [scores.total(row) * scale for row in range(len(scores.query_ids()))]  # each query's scores, read once
+    concentration = [sparsity(q.query_id, values, cfg.tail) for q, values in zip(answer.queries, totals)]
     entries = []
-    for q, conc in zip(ids, concentration):
-        _, prompt, completion = queries.texts(rows[q])
+    for q, conc in zip(answer.queries, concentration):
+        hits = answer.of(q.query_id)
+        number = column_format([h.score for h in hits])
         entries.append({
-            "id": q, "prompt": prompt, "completion": completion, "measurement": f"{float(measured[rows[q]]):.4g}",
+            "id": q.query_id, "prompt": q.prompt, "completion": q.completion, "measurement": f"{q.log_p:.4g}",
             "top_1": _percent(conc.top_1),
-            "hits": [{"rank": h.rank, "train_id": h.train_id, "score": f"{h.score:.4g}",
-                      "text": page.token_html(h.tokens) if h.tokens else h.text}
-                     for h in hits if h.query_id == q],
+            "hits": [{"rank": h.rank, "train_id": h.train_id, "score": number(h.score), "share": _percent(h.share),
+                      "text": page.token_html(h.tokens) if h.tokens else h.text} for h in hits],
         })
     provenance = [
         ("scores", str(scores.path)),
@@ -59,7 +57,8 @@ def run(cfg: ReportConfig, unit: str) -> Path:
     ]
     html = page.render_page({
         "scores_path": str(scores.path), "provenance": provenance, "queries": entries,
-        "unit_note": unit, "filtering_note": _filtering(scores),
+        "unit_note": unit, "filtering_note": _filtering(scores), "legend": page.legend_html(),
+        "share_note": SHARE_NOTE,
         "layers_png": page.png_url_data(figures.layer_heatmap_png(layer_tables(scores, (), cfg.k, False, scale), unit)),
         "sparsity": [{"query_id": s.query_id, "top_1": _percent(s.top_1), "top_10": _percent(s.top_10),
                       "alpha": _number(s.alpha, ".2f"), "xmin": _number(s.xmin, ".3g"), "n_tail": s.n_tail}

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from infl import data, engine, hashing, modeling
-from infl.analysis.results import Hit, query_rows, select
+from infl.analysis.results import Hit, QueryInfo, Topk, query_rows, select, share_of
 from infl.artifacts.candidates import CandidatesArtifact, rows_digest
 from infl.artifacts.factors import FactorsArtifact
 from infl.artifacts.queries import QueriesArtifact
@@ -62,7 +62,7 @@ def _tokens_of(scores: ScoresArtifact, tokenizer, max_length: int, indices: np.n
     return [data.token_pieces(text, tokenizer, max_length, windows) for text, windows in _records(scores, indices)]
 
 
-def run(cfg: TopkConfig) -> list[Hit]:
+def run(cfg: TopkConfig) -> Topk:
     scores = ScoresArtifact.open(cfg.scores)
     if cfg.self_influence and not scores.is_self:
         raise BadInput(f"{cfg.scores} holds query scores, not self-influence", hint="make it with `infl score --self`")
@@ -71,16 +71,21 @@ def run(cfg: TopkConfig) -> list[Hit]:
     scale = 1.0 / cfg.train_size if cfg.train_size else 1.0
     rows = query_rows(scores, cfg.query)
     lexical = lexical_columns(scores, rows)
-    candidates = {}
-    for row, _ in rows:
+    candidates, infos = {}, []
+    asked = _asked(scores)
+    for row, query_id in rows:
         totals = scores.total(row)
         among = lexical[row] if lexical else np.arange(len(totals))  # each query among its own TF-IDF candidates
         candidates[row] = (among[select(totals[among], max(cfg.k, cfg.refine or 0), cfg.negative)], totals)
+        values = totals[among] * scale
+        prompt, completion, log_p = asked.get(query_id, ("", "", None))
+        infos.append(QueryInfo(query_id, prompt, completion, log_p, len(among),
+                               float(values[values > 0].sum()), float(values[values < 0].sum())))
     model = _Model(cfg, scores) if cfg.refine or cfg.tokens else None
     refined = _refine(scores, rows, {r: c[0] for r, c in candidates.items()}, model.runtime()) if cfg.refine else {}
 
     hits = []
-    for row, query_id in rows:
+    for (row, query_id), info in zip(rows, infos):
         top, totals = candidates[row]
         if cfg.refine:  # re-rank the candidates by their full-rank scores
             top = top[np.argsort(-refined[row] if not cfg.negative else refined[row], kind="stable")]
@@ -88,9 +93,22 @@ def run(cfg: TopkConfig) -> list[Hit]:
         top = top[: cfg.k]
         texts = texts_of(scores, top) if cfg.text else [""] * len(top)
         for rank, (i, train_id, text) in enumerate(zip(top.tolist(), scores.train_ids(top), texts), 1):
-            hits.append(Hit(query_id, rank, train_id, i, float(totals[i]) * scale, text,
+            score = float(totals[i]) * scale
+            hits.append(Hit(query_id, rank, train_id, i, score, text,
+                            share=share_of(score, info.positive_total, info.negative_total),
                             refined=full[i] * scale if cfg.refine else None))
-    return _with_tokens(scores, hits, rows, scale, model) if cfg.tokens else hits
+    return Topk(infos, _with_tokens(scores, hits, rows, scale, model) if cfg.tokens else hits)
+
+
+def _asked(scores: ScoresArtifact) -> dict[str, tuple[str, str, float]]:
+    """Each query's (prompt, completion, measured log p), from the queries artifact the scores were
+    made from (nothing for self-influence)."""
+    if scores.is_self:
+        return {}
+    queries = open_parent(QueriesArtifact, scores, "queries")
+    measured = queries.measurements()
+    return {q: (prompt, completion, float(measured[row]))
+            for row, (q, prompt, completion) in enumerate(queries.all_texts())}
 
 
 def lexical_columns(scores: ScoresArtifact, rows) -> dict[int, np.ndarray] | None:

@@ -1,0 +1,130 @@
+"""Issue #13: answers a researcher can read (the query, a scale for each hit, one number format per
+column, token shading with a legend) and stamps that make understands."""
+
+import csv
+import io
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import QUERIES
+from test_cli import infl, pipeline
+
+from infl.analysis.results import Hit, QueryInfo, Topk
+from infl.artifacts.queries import QueriesArtifact
+from infl.artifacts.scores import ScoresArtifact
+from infl.report import TOPK, column_format
+
+
+@pytest.fixture(scope="module")
+def scored(workdir, tmp_path_factory):
+    return pipeline(workdir, tmp_path_factory.mktemp("outputs"))
+
+
+def test_topk_names_the_query_and_gives_each_hit_its_share(scored):
+    rows = json.loads(infl("topk", "--scores", scored / "s.zarr", "-k", "3", "--format", "json").stdout)
+    scores, queries = ScoresArtifact.open(scored / "s.zarr"), QueriesArtifact.open(scored / "q.zarr")
+    measured = dict(zip(queries.ids(), queries.measurements().tolist()))
+    for q in QUERIES:
+        mine = [r for r in rows if r["query_id"] == q["id"]]
+        assert {(r["query_prompt"], r["query_completion"]) for r in mine} == {(q["prompt"], q["completion"])}
+        assert mine[0]["query_log_p"] == pytest.approx(measured[q["id"]])
+        totals = scores.total(scores.query_ids().index(q["id"]))
+        for r in mine:  # the share of the same sign's total, from the stored scores
+            total = totals[totals > 0].sum() if r["score"] > 0 else totals[totals < 0].sum()
+            assert r["share"] == pytest.approx(r["score"] / total, rel=1e-5)
+    table = infl("topk", "--scores", scored / "s.zarr", "-k", "2", "--query", "q-cat").stdout
+    assert "'the cat sat' -> ' on the mat'" in table  # the leading space of the completion shows
+    assert "log p = " in table and "share" in table
+
+
+def test_topk_csv_names_the_unit(scored):
+    out = infl("topk", "--scores", scored / "s.zarr", "-k", "2", "--format", "csv", "--train-size", "12")
+    rows = list(csv.reader(io.StringIO(out.stdout)))
+    assert rows[0][:5] == ["query_id", "rank", "train_id", "influence (nats per copy (N = 12))", "share of same-sign total"]
+    assert len(rows) == 1 + 2 * len(QUERIES)
+    per_copy = json.loads(infl("topk", "--scores", scored / "s.zarr", "-k", "1", "--format", "json", "--train-size", "12").stdout)
+    assert float(rows[1][3]) == pytest.approx(per_copy[0]["score"], rel=1e-5)
+
+
+def test_info_lists_every_query(scored, workdir):
+    from infl import modeling
+
+    described = json.loads(infl("info", scored / "q.zarr", "--format", "json").stdout)
+    tokenizer = modeling.load_tokenizer(workdir / "gpt2")
+    listed = {q["id"]: q for q in described["queries"]}
+    assert list(listed) == [q["id"] for q in QUERIES]
+    for q in QUERIES:
+        prompt = len(tokenizer(q["prompt"]).input_ids)
+        whole = len(tokenizer(q["prompt"] + q["completion"]).input_ids)
+        assert (listed[q["id"]]["prompt_tokens"], listed[q["id"]]["completion_tokens"]) == (prompt, whole - prompt)
+        assert listed[q["id"]]["completion"] == q["completion"]
+    assert "q-dict" in infl("info", scored / "q.zarr").stdout
+
+
+def test_one_number_format_per_column():
+    wide = column_format([37630.2, 1841.0, -12.5])
+    assert [wide(v) for v in (37630.2, 1841.0, -12.5)] == ["37630", "1841", "-12"]
+    small = column_format([0.0123, 0.00045])
+    assert [small(v) for v in (0.0123, 0.00045)] == ["0.01230", "0.00045"]
+    tiny = column_format([3.2e-7, -1e-9])
+    assert all("e" in tiny(v) for v in (3.2e-7, -1e-9))
+    assert column_format([float("nan"), 2.0])(float("nan")) == "–"
+
+
+def _shaded() -> Topk:
+    info = QueryInfo("q", "the cat", " sat", -1.5, 3, 3.0, -1.0)
+    tokens = (("a", 1.0), (" strong", 10.0), (" mid", 5.0), (" low", -5.0), (" neg", -10.0))
+    return Topk([info], [Hit("q", 1, "s1", 0, 3.0, "a strong mid low neg", share=1.0, tokens=tokens)])
+
+
+def test_token_shading_in_24_bit_16_colours_and_plain_text(monkeypatch):
+    monkeypatch.setenv("FORCE_COLOR", "1")
+    monkeypatch.setenv("COLORTERM", "truecolor")
+    deep = TOPK["table"](_shaded(), "nats")
+    assert "48;2;255;50;50m" in deep and "48;2;50;50;255m" in deep  # the strongest, 24-bit
+    assert "48;2;255;153;153m mid" in deep and "48;2;153;153;255m low" in deep  # half as strong: lighter, still apart
+    assert "strong +" in deep  # the legend
+    monkeypatch.setenv("COLORTERM", "")
+    monkeypatch.setenv("TERM", "xterm")
+    sixteen = TOPK["table"](_shaded(), "nats")
+    assert "48;2" not in sixteen and "30;101m mid" in sixteen and "30;104m low" in sixteen  # medium + and - differ
+    monkeypatch.delenv("FORCE_COLOR")
+    plain = TOPK["table"](_shaded(), "nats")
+    assert "\x1b[" not in plain and "{+ strong mid}" in plain and "{- low neg}" in plain
+    assert "not a terminal" in plain
+
+
+def test_layerwise_markdown_and_html(scored):
+    markdown = infl("layerwise", "--scores", scored / "s.zarr", "-k", "2", "--format", "markdown", "--query", "q-cat").stdout
+    assert markdown.startswith("### query q-cat") and "| **total** |" in markdown
+    page = infl("layerwise", "--scores", scored / "s.zarr", "-k", "2", "--format", "html").stdout
+    assert page.count("<table") == len(QUERIES)
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_make_reruns_once_as_no_ops_then_does_nothing(workdir, tmp_path):
+    """An up-to-date stage refreshes its stamp (COMPLETE.json): after `touch corpus.jsonl` one make
+    reruns the chain as no-ops and the next make has nothing to do."""
+    for name in ("corpus.jsonl", "queries.jsonl"):
+        shutil.copy(workdir / name, tmp_path / name)
+    infl_cmd = f"{sys.executable} -m infl"
+    (tmp_path / "Makefile").write_text(
+        f"f.zarr/COMPLETE.json: corpus.jsonl\n\t{infl_cmd} fit-factors --model {workdir / 'gpt2'} --corpus corpus.jsonl --out f.zarr\n"
+        f"q.zarr/COMPLETE.json: f.zarr/COMPLETE.json queries.jsonl\n\t{infl_cmd} build-query --factors f.zarr --queries queries.jsonl --out q.zarr\n"
+        f"s.zarr/COMPLETE.json: q.zarr/COMPLETE.json corpus.jsonl\n\t{infl_cmd} score --queries q.zarr --corpus corpus.jsonl --out s.zarr\n"
+    )
+
+    def make(*args):
+        return subprocess.run(["make", "-s", *args, "s.zarr/COMPLETE.json"], cwd=tmp_path, capture_output=True, text=True)
+
+    assert make().returncode == 0
+    assert make("-q").returncode == 0
+    (tmp_path / "corpus.jsonl").touch()
+    assert make("-q").returncode == 1
+    again = make()
+    assert again.returncode == 0 and again.stderr.count("is up to date") == 3, again.stderr
+    assert make("-q").returncode == 0
