@@ -44,6 +44,31 @@ class _Group(TyperGroup):
         with _one_line_usage_errors():
             return super().make_context(*args, **kwargs)
 
+    def parse_args(self, ctx, args):
+        """--log-format is the group's option, but it may also follow the command: moved in front."""
+        moved, rest, i = [], [], 0
+        while i < len(args):
+            if args[i] == "--":
+                rest += args[i:]
+                break
+            if args[i] == "--log-format" and i + 1 < len(args):
+                moved += args[i:i + 2]
+                i += 2
+                continue
+            (moved if args[i].startswith("--log-format=") else rest).append(args[i])
+            i += 1
+        return super().parse_args(ctx, moved + rest)
+
+    def get_command(self, ctx, name):
+        command = super().get_command(ctx, name)
+        if command is not None:
+            _plain_help(command)
+        return command
+
+    def get_help_option(self, ctx):
+        _plain_help(self)
+        return super().get_help_option(ctx)
+
     def invoke(self, ctx):  # the command's own options, and everything it raises as usage
         with _one_line_usage_errors():
             return super().invoke(ctx)
@@ -61,10 +86,42 @@ app = typer.Typer(
 )
 
 
+def _plain_help(command) -> None:
+    """--help without type placeholders: a flag shows no `<bool>`, an argument is named in capitals
+    (`infl info ARTIFACT`, not `{artifact}`)."""
+    if getattr(command, "_plain_help", False):
+        return
+    command._plain_help = True
+    make_help_option = command.get_help_option
+    command.get_help_option = lambda ctx: _flag(make_help_option(ctx))
+    for param in command.params:
+        if getattr(param, "is_flag", False):
+            param.metavar = ""
+        elif param.param_type_name == "argument":
+            param.metavar = param.name.upper()
+            param._usage_display_name = lambda name=param.metavar, many=param.nargs != 1: name + ("..." if many else "")
+
+
+def _flag(option):
+    if option is not None:
+        option.metavar = ""
+    return option
+
+
+def _version(value: bool) -> None:
+    if value:
+        from infl import __version__
+
+        typer.echo(f"infl {__version__}")
+        raise typer.Exit(0)
+
+
 @app.callback()
 def main(
     log_format: Annotated[str, typer.Option("--log-format", envvar="INFL_LOG_FORMAT",
-                                            help="text | json (one object per line on stderr, no progress bars).")] = "text",
+                                            help="text | json (one object per line on stderr, no progress bars); "
+                                                 "before or after the command.")] = "text",
+    version: Annotated[bool, typer.Option("--version", is_eager=True, callback=_version, help="Print the version and exit.")] = False,
 ) -> None:
     """Trace a language model's outputs back to the training sequences that influenced them."""
     if log_format not in ("text", "json"):
@@ -91,10 +148,14 @@ def _load_config(ctx: typer.Context, path: Optional[Path]) -> Optional[Path]:
         raise typer.BadParameter(f"{path}: section {ctx.info_name!r} must be a mapping of options "
                                  f"(got {type(section).__name__})")
     section = {str(k).replace("-", "_"): v for k, v in section.items()}
-    known = {p.name for p in ctx.command.params}
-    unknown = sorted(set(section) - known)
+    params = {p.name: p for p in ctx.command.params}
+    unknown = sorted(set(section) - set(params))
     if unknown:
         raise typer.BadParameter(f"unknown keys in section {ctx.info_name!r}: {unknown}")
+    for key, value in section.items():  # relative paths are the config file's, wherever infl runs
+        if getattr(params[key], "type_descriptor", None) and params[key].type_descriptor.is_path and value is not None:
+            resolve = lambda v: os.path.normpath(path.parent / str(v))  # noqa: E731  (an absolute v stays)
+            section[key] = [resolve(v) for v in value] if isinstance(value, list) else resolve(value)
     ctx.default_map = {**(ctx.default_map or {}), **section}
     return path
 
@@ -112,7 +173,7 @@ BatchOpt = Annotated[int, typer.Option(help="Sequences per forward/backward pass
 MemoryOpt = Annotated[Optional[str], typer.Option(
     help="Memory this process may use, e.g. 16GiB: the stage plans its factors and queries to fit (see `infl plan`).")]
 CorpusOpt = Annotated[
-    Optional[list[Path]], typer.Option("--corpus", help="Training corpus: .jsonl (id, text) or .txt files; repeatable.")
+    Optional[list[Path]], typer.Option("--corpus", help="Training corpus: .jsonl (id, text) or .txt files; repeatable, or as arguments. [required]")
 ]
 MoreCorpusArg = Annotated[Optional[list[Path]], typer.Argument(help="More corpus files (after --corpus).", show_default=False)]
 SplitOpt = Annotated[str, typer.Option(help="For .txt files: 'lines' (one sequence per line) or 'windows' of --max-length tokens.")]
@@ -149,11 +210,15 @@ def _finish(call: Callable[[], object], quiet: bool, every_rank: bool = True, ou
         return None
     try:
         result = call()
+        sys.stdout.flush()  # a reader that stopped early shows here, not at exit
     except InflError as e:
         if e.silent:  # the main rank reports it and exits with its code: torchrun names it the root cause
             raise typer.Exit(0) from None
         log_error(str(e), e.hint, e.exit_code)
         raise typer.Exit(e.exit_code) from None
+    except BrokenPipeError:  # the reader stopped early (`infl topk ... | head -1`): not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that the exit's flush is quiet
+        raise typer.Exit(0) from None
     except OSError as e:
         if e.errno not in _STORAGE_ERRORS:
             raise
@@ -187,10 +252,10 @@ def _dim(value: str) -> int | None:
 
 @app.command("fit-factors")
 def fit_factors(
-    model: Annotated[Optional[Path], typer.Option(help="Local model directory (save_pretrained) or .gguf file.")] = None,
+    model: Annotated[Optional[Path], typer.Option(help="Local model directory (save_pretrained) or .gguf file. [required]")] = None,
     corpus: CorpusOpt = None,
     more_corpus: MoreCorpusArg = None,
-    out: Annotated[Optional[Path], typer.Option(help="Factors artifact to write (.zarr).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Factors artifact to write (.zarr). [required]")] = None,
     strategy: Annotated[str, typer.Option(help="ekfac | kfac | diagonal | identity.")] = "ekfac",
     modules: Annotated[str, typer.Option(help="mlp (the paper's choice) | all | a regex over module names.")] = "mlp",
     damping: Annotated[str, typer.Option(help="auto (= --damping-scale x mean eigenvalue, per module) or an absolute value.")] = "auto",
@@ -239,9 +304,9 @@ def fit_factors(
 
 @app.command("build-query")
 def build_query(
-    factors: Annotated[Optional[Path], typer.Option(help="Factors artifact from fit-factors.")] = None,
-    queries: Annotated[Optional[Path], typer.Option(help='JSONL with {"id", "prompt", "completion"} per line.')] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Queries artifact to write (.zarr).")] = None,
+    factors: Annotated[Optional[Path], typer.Option(help="Factors artifact from fit-factors. [required]")] = None,
+    queries: Annotated[Optional[Path], typer.Option(help='JSONL with {"id", "prompt", "completion"} per line. [required]')] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Queries artifact to write (.zarr). [required]")] = None,
     model: Annotated[Optional[Path], typer.Option(help="The factors' model at another path (checked by fingerprint).")] = None,
     rank: Annotated[str, typer.Option(help="Rank of the stored preconditioned gradients, or 'full'.")] = "32",
     svd: Annotated[str, typer.Option(help="auto (randomized where 4 (rank + 10) <= min(O, I), else exact) | exact | randomized.")] = "auto",
@@ -271,7 +336,7 @@ def build_query(
 
 @app.command("plan")
 def plan(
-    model: Annotated[Optional[Path], typer.Option(help="Model directory or .gguf file (only its config is read).")] = None,
+    model: Annotated[Optional[Path], typer.Option(help="Model directory or .gguf file (only its config is read). [required]")] = None,
     strategy: Annotated[str, typer.Option(help="ekfac | kfac | diagonal | identity.")] = "ekfac",
     modules: Annotated[str, typer.Option(help="mlp | all | a regex over module names.")] = "mlp",
     blocks: Annotated[int, typer.Option(help="Diagonal blocks per Kronecker factor (fit-factors --blocks).")] = 1,
@@ -312,10 +377,10 @@ def plan(
 
 @app.command("index")
 def index(
-    factors: Annotated[Optional[Path], typer.Option(help="Factors artifact from fit-factors (ekfac or kfac).")] = None,
+    factors: Annotated[Optional[Path], typer.Option(help="Factors artifact from fit-factors (ekfac or kfac). [required]")] = None,
     corpus: CorpusOpt = None,
     more_corpus: MoreCorpusArg = None,
-    out: Annotated[Optional[Path], typer.Option(help="Index artifact to write (.zarr).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Index artifact to write (.zarr). [required]")] = None,
     model: Annotated[Optional[Path], typer.Option(help="The factors' model at another path (checked by fingerprint).")] = None,
     index_dim: IndexDimOpt = "4096",
     index_dtype: IndexDtypeOpt = "float16",
@@ -350,10 +415,10 @@ def index(
 
 @app.command("score")
 def score(
-    queries: Annotated[Optional[Path], typer.Option(help="Queries artifact from build-query.")] = None,
+    queries: Annotated[Optional[Path], typer.Option(help="Queries artifact from build-query (or --factors with --self).")] = None,
     corpus: CorpusOpt = None,
     more_corpus: MoreCorpusArg = None,
-    out: Annotated[Optional[Path], typer.Option(help="Scores artifact to write (.zarr).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Scores artifact to write (.zarr). [required]")] = None,
     model: Annotated[Optional[Path], typer.Option(help="The queries' model at another path (checked by fingerprint).")] = None,
     max_length: Annotated[Optional[int], typer.Option(help="Truncate sequences to N tokens (default: the model's context).")] = None,
     split: SplitOpt = "lines",
@@ -395,8 +460,8 @@ def score(
     _finish(lambda: stage.run(cfg), quiet, out=cfg.out)
 
 
-ScoresOpt = Annotated[Optional[Path], typer.Option(help="Scores artifact from score.")]
-KOpt = Annotated[int, typer.Option("-k", "--k", help="Sequences per query.")]
+ScoresOpt = Annotated[Optional[Path], typer.Option(help="Scores artifact from score. [required]")]
+KOpt = Annotated[int, typer.Option("-k", help="Sequences per query.")]
 QueryOpt = Annotated[Optional[list[str]], typer.Option("--query", help="Only this query id (repeatable).")]
 NegativeOpt = Annotated[bool, typer.Option("--negative", help="The most negative instead of the most positive.")]
 TrainSizeOpt = Annotated[
@@ -494,11 +559,11 @@ def layerwise(
 
 @app.command("candidates")
 def candidates_command(
-    model: Annotated[Optional[Path], typer.Option(help="Model directory or .gguf file: its tokenizer makes the terms.")] = None,
-    queries: Annotated[Optional[Path], typer.Option(help='JSONL with {"id", "prompt", "completion"} per line.')] = None,
+    model: Annotated[Optional[Path], typer.Option(help="Model directory or .gguf file: its tokenizer makes the terms. [required]")] = None,
+    queries: Annotated[Optional[Path], typer.Option(help='JSONL with {"id", "prompt", "completion"} per line. [required]')] = None,
     corpus: CorpusOpt = None,
     more_corpus: MoreCorpusArg = None,
-    out: Annotated[Optional[Path], typer.Option(help="Candidates artifact to write (.zarr).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Candidates artifact to write (.zarr). [required]")] = None,
     top: Annotated[int, typer.Option(help="Candidates kept per query (the paper kept 10,000).")] = 10000,
     max_length: Annotated[Optional[int], typer.Option(help="Read sequences as `score` will: truncated to N tokens (default: the model's context).")] = None,
     split: SplitOpt = "lines",
@@ -528,7 +593,7 @@ def candidates_command(
 @app.command("report")
 def report_command(
     scores: ScoresOpt = None,
-    out: Annotated[Optional[Path], typer.Option(help="The page to write (.html): self-contained, no network.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="The page to write (.html): self-contained, no network. [required]")] = None,
     k: KOpt = 5,
     train_size: TrainSizeOpt = None,
     batch_size: BatchOpt = 8,
@@ -617,7 +682,7 @@ def sparsity_command(
 @app.command("export")
 def export_command(
     scores: ScoresOpt = None,
-    out: Annotated[Optional[Path], typer.Option(help="The file to write: .csv, .parquet or .npy.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="The file to write: .csv, .parquet or .npy. [required]")] = None,
     format: Annotated[Optional[str], typer.Option("--format", help="csv | parquet | npy (default: from the suffix of --out).")] = None,
     per_module: Annotated[bool, typer.Option("--per-module", help="One column per query and module (QUERY/MODULE) instead of one per query.")] = False,
     train_size: TrainSizeOpt = None,
@@ -696,18 +761,18 @@ _WRITER = {"factors": "fit-factors", "queries": "build-query", "index": "index",
 def verify(
     artifact: Annotated[Path, typer.Argument(help="A factors, queries or scores artifact (.zarr).")],
     format: Annotated[str, typer.Option("--format", help="table | json.")] = "table",
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors: the exit code is the verdict.")] = False,
     config: ConfigOpt = None,
 ) -> None:
     """Check an artifact whole: finished, its attributes as it was finished with, and every chunk
     of every array readable, finite and matching its checksum. Bad score chunks are marked not
-    done, so the next `infl score` recomputes them. Exit 1 if anything is wrong.
+    done, so the next `infl score` recomputes them. The verdict goes to stdout; exit 1 if anything
+    is wrong.
 
     Example: `infl verify runs/scores.zarr`
     """
     import json
     from dataclasses import asdict
-
-    from rich.text import Text
 
     from infl.stages import verify as stage
 
@@ -715,20 +780,21 @@ def verify(
 
     def call():
         report = stage.run(artifact)
-        if fmt == "json":
-            print(json.dumps(asdict(report), indent=1))
-        else:
-            for bad in report.bad:
-                where = bad.get("array", "")
-                if "chunk" in bad:
-                    where += f" chunk {'.'.join(map(str, bad['chunk']))}"
-                if "sequences" in bad:
-                    where += f" (sequences {bad['sequences'][0]}..{bad['sequences'][1] - 1})"
-                err.print(Text(f"{where}: {bad['problem']}" if where else bad["problem"]))
+        lines = []
+        for bad in report.bad:
+            where = bad.get("array", "")
+            if "chunk" in bad:
+                where += f" chunk {'.'.join(map(str, bad['chunk']))}"
+            if "sequences" in bad:
+                where += f" (sequences {bad['sequences'][0]}..{bad['sequences'][1] - 1})"
+            lines.append(f"{where}: {bad['problem']}" if where else bad["problem"])
+        if not report.bad:
+            lines.append(f"{artifact}: sound ({report.checked} arrays checked, every chunk against its checksum)")
+        if not quiet:
+            sys.stdout.write(json.dumps(asdict(report), indent=1) + "\n" if fmt == "json" else "".join(f"{x}\n" for x in lines))
         if report.bad:
             fix = (f"run `infl {_WRITER[report.kind]}` again to recompute them" if report.repaired and all(bad.get("recomputable") for bad in report.bad)
                    else "run the command that wrote it again" + ("" if report.bad[0].get("problem", "").startswith("unfinished") else " with --force"))
             raise BadInput(f"{artifact}: {len(report.bad)} problem(s) in {report.checked} checked arrays; {fix}")
-        log(f"{artifact}: sound ({report.checked} arrays checked, every chunk against its checksum)")
 
-    _finish(call, False, every_rank=False)
+    _finish(call, quiet, every_rank=False)

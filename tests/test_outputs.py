@@ -128,3 +128,42 @@ def test_make_reruns_once_as_no_ops_then_does_nothing(workdir, tmp_path):
     again = make()
     assert again.returncode == 0 and again.stderr.count("is up to date") == 3, again.stderr
     assert make("-q").returncode == 0
+
+
+def test_version_help_and_log_format_after_the_command(tmp_path):
+    from infl import __version__
+
+    assert infl("--version").stdout == f"infl {__version__}\n"
+    help_text = infl("topk", "--help").stdout
+    assert "<bool>" not in help_text and "--k " not in help_text and "[required]" in help_text
+    assert "Usage: infl info [OPTIONS] ARTIFACT" in " ".join(infl("info", "--help").stdout.split())
+    late = infl("topk", "--scores", tmp_path / "none.zarr", "--log-format", "json")
+    (line,) = late.stderr.splitlines()
+    assert late.exit_code == 1 and json.loads(line)["level"] == "error"
+
+
+def test_config_paths_are_relative_to_the_config_file(scored, tmp_path, monkeypatch):
+    folder = tmp_path / "configs"
+    folder.mkdir()
+    (folder / "run.yaml").write_text(f"topk:\n  scores: {scored.name}/s.zarr\n  k: 1\n")
+    shutil.copytree(scored / "s.zarr", tmp_path / "configs" / scored.name / "s.zarr", symlinks=True)
+    monkeypatch.chdir(scored)  # elsewhere: a path relative to the working directory would not exist
+    result = infl("topk", "--config", folder / "run.yaml", "--format", "json", "--no-text")
+    assert result.exit_code == 0, result.output
+    assert len(json.loads(result.stdout)) == len(QUERIES)
+
+
+def test_verify_answers_on_stdout_or_quietly(scored):
+    loud = infl("verify", scored / "q.zarr")
+    assert loud.exit_code == 0 and "sound" in loud.stdout
+    quiet = infl("verify", scored / "q.zarr", "--quiet")
+    assert quiet.exit_code == 0 and quiet.stdout == "" and quiet.stderr == ""
+
+
+def test_a_reader_that_stops_early_is_not_an_error(scored):
+    """`infl topk --format jsonl | head -1`: the pipe closes before infl writes."""
+    reader = subprocess.Popen([sys.executable, "-m", "infl", "topk", "--scores", str(scored / "s.zarr"), "--format", "jsonl"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    reader.stdout.close()
+    stderr = reader.stderr.read().decode()
+    assert reader.wait() == 0 and "Error" not in stderr and "Traceback" not in stderr, stderr

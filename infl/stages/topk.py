@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from infl import data, engine, hashing, modeling
+from infl import data, hashing
 from infl.analysis.results import Hit, QueryInfo, Topk, query_rows, select, share_of
 from infl.artifacts.candidates import CandidatesArtifact, rows_digest
 from infl.artifacts.factors import FactorsArtifact
@@ -16,11 +17,13 @@ from infl.artifacts.queries import QueriesArtifact
 from infl.artifacts.scores import ScoresArtifact
 from infl.config import TopkConfig
 from infl.console import log, progress
-from infl.curvature.base import damped_in_eigenbasis, from_eigenbasis
 from infl.errors import BadInput, IncompatibleArtifact
-from infl.runtime import Runtime
-from infl.scoring import QueryBank
 from infl.stages import curvatures, model_dir_for, open_parent, query_bank
+
+# The modules that need torch (engine, modeling, runtime, scoring, curvature) are imported by the
+# functions that use a model (--tokens, --refine): ranking stored scores never loads torch.
+if TYPE_CHECKING:
+    from infl.runtime import Runtime
 
 __all__ = ["run", "texts_of", "lexical_columns"]
 
@@ -130,12 +133,16 @@ class _Model:
     """The scores' model, its fingerprint checked once; the weights are loaded only if needed."""
 
     def __init__(self, cfg: TopkConfig, scores: ScoresArtifact):
+        from infl import modeling
+
         self.cfg, self.scores = cfg, scores
         self.model_dir = model_dir_for(None, scores.provenance)
         self.tokenizer = modeling.load_tokenizer(self.model_dir)
         self._runtime = None
 
     def runtime(self) -> Runtime:
+        from infl.runtime import Runtime
+
         if self._runtime is None:
             self._runtime = Runtime.load(self.model_dir, self.scores.modules, self.cfg.device,
                                          self.scores.provenance["dtype"], self.cfg.batch_size, self.tokenizer)
@@ -145,6 +152,8 @@ class _Model:
 def _with_tokens(scores: ScoresArtifact, hits: list[Hit], rows, scale: float, model: _Model) -> list[Hit]:
     """Per-token terms of every hit: stored ones if `score --per-token` kept them, else computed now
     for just these sequences and queries."""
+    from infl import engine
+
     indices = sorted({h.index for h in hits})
     pieces = dict(zip(indices, _tokens_of(scores, model.tokenizer, scores.provenance["max_length"], np.asarray(indices))))
     if scores.has_per_token:
@@ -172,6 +181,10 @@ def _with_tokens(scores: ScoresArtifact, hits: list[Hit], rows, scale: float, mo
 def _refine(scores: ScoresArtifact, rows, candidates: dict[int, np.ndarray], rt: Runtime) -> dict[int, np.ndarray]:
     """Full-rank scores of each query's candidates: the query gradients are preconditioned again
     without truncation (the factors are the queries' own) and dotted with the candidates' gradients."""
+    from infl import engine
+    from infl.curvature.base import damped_in_eigenbasis, from_eigenbasis
+    from infl.scoring import QueryBank
+
     queries = open_parent(QueriesArtifact, scores, "queries")
     factors = open_parent(FactorsArtifact, queries, "factors")
     wanted = data.Queries([], [], [], [], [])

@@ -1,0 +1,142 @@
+"""The Python API for notebooks: open a finished scores artifact and read its results as plain
+Python and numpy, through the same stage and artifact code the CLI uses (same checks, same records,
+same one-line errors, raised as `infl.errors.InflError`). Nothing here imports torch unless a
+model is needed (`topk(tokens=True)` or `topk(refine=...)`).
+
+    import infl
+    s = infl.open_scores("runs/scores.zarr")
+    s.topk(k=5, query="q1")       # the records of `infl topk --format json`
+    s.total("q1")                 # [N] numpy, one score per training sequence
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from os import PathLike
+from pathlib import Path
+
+import numpy as np
+
+from infl.artifacts.scores import ScoresArtifact
+from infl.errors import BadInput
+
+__all__ = ["open_scores", "info", "ScoresView"]
+
+
+def open_scores(path: str | PathLike) -> ScoresView:
+    """The scores artifact at `path` (made by `infl score`, with or without `--self`), once it is
+    checked finished and sound as the CLI's readers check it; an `InflError` otherwise."""
+    return ScoresView(ScoresArtifact.open(Path(path)))
+
+
+def info(path: str | PathLike) -> dict:
+    """What `infl info PATH --format json` prints about any artifact (factors, queries, index,
+    scores, candidates): kind, config, provenance, progress, size, parents, and `problem`."""
+    from infl.stages import info as stage
+
+    return stage.run(Path(path))
+
+
+def _unit(train_size: int | None) -> str:
+    # the CLI's wording (cli._unit), so records read the same from either
+    return f"nats per copy (N = {train_size})" if train_size else "nats per unit upweight"
+
+
+class ScoresView:
+    """A finished scores artifact, read: ids, scores as numpy arrays, training texts, top-k
+    records. Open one with `infl.open_scores`. Ids and modules are read once, when first asked for."""
+
+    def __init__(self, scores: ScoresArtifact):
+        self._scores = scores
+
+    def __repr__(self) -> str:
+        what = "self-influence" if self.is_self else f"{len(self.query_ids)} queries"
+        return f"<ScoresView {self.path}: {what} x {self._scores.n_sequences} sequences, {len(self.modules)} modules>"
+
+    @property
+    def path(self) -> Path:
+        return self._scores.path
+
+    @property
+    def is_self(self) -> bool:
+        """Whether these are self-influence scores (`infl score --self`): one row per sequence, no queries."""
+        return self._scores.is_self
+
+    @cached_property
+    def query_ids(self) -> list[str]:
+        """The rows of `total()`, in order."""
+        return self._scores.query_ids()
+
+    @cached_property
+    def train_ids(self) -> list[str]:
+        """The columns of `total()`: training sequence ids, in corpus order (a position is an index here)."""
+        return self._scores.all_train_ids()
+
+    @cached_property
+    def modules(self) -> list[str]:
+        """The rows of `per_module()`: the tracked modules, in order."""
+        return self._scores.modules
+
+    @property
+    def unit(self) -> str:
+        """The unit of `total()` and `per_module()` (divide by the training set size N for one copy)."""
+        return _unit(None)
+
+    def total(self, query: str | None = None) -> np.ndarray:
+        """Scores, float64: [N] for one query id, or [Q, N] for all (rows as `query_ids`)."""
+        if query is None:
+            return self._scores.columns(0, self._scores.n_sequences).astype(np.float64)
+        return self._scores.total(self._row(query))
+
+    def per_module(self, query: str | None = None) -> np.ndarray:
+        """Scores per tracked module, float64: [M, N] for one query id, or [M, Q, N] for all; they
+        sum over modules to `total()` up to float32 rounding."""
+        if query is None:
+            return self._scores.columns(0, self._scores.n_sequences, per_module=True).astype(np.float64)
+        return self._scores.per_module(self._row(query), np.arange(self._scores.n_sequences))
+
+    def texts(self, positions) -> list[str]:
+        """The training texts at these positions (indices into `train_ids`), read back from the
+        corpus shards once their size and sha256 are checked to be those that were scored."""
+        from infl.stages.topk import texts_of
+
+        indices = np.asarray(positions, dtype=np.int64).reshape(-1)
+        N = self._scores.n_sequences
+        if ((indices < 0) | (indices >= N)).any():
+            raise BadInput(f"position {int(indices[(indices < 0) | (indices >= N)][0])} is outside the {N} scored sequences")
+        return texts_of(self._scores, indices)
+
+    def topk(self, k: int = 10, query: str | list[str] | None = None, negative: bool = False,
+             train_size: int | None = None, text: bool = True, *, tokens: bool = False,
+             refine: int | None = None, device: str = "cpu", batch_size: int = 8) -> list[dict]:
+        """Per query (one id, a list of ids, or all), its k most influential training sequences
+        (least, with `negative`): the records `infl topk --format json` prints, best first, one per
+        hit (query_id, query_prompt, query_completion, query_log_p, rank, train_id, score, share,
+        unit, text). With `train_size` N, scores are per copy (divided by N). `text=False` skips
+        reading the corpus. `tokens` adds each hit's per-token terms and `refine` re-scores that
+        many candidates at full rank: both load the model (and torch) on `device`."""
+        from infl.config import TopkConfig
+        from infl.report import _rows
+        from infl.stages import topk as stage
+
+        wanted = () if query is None else (query,) if isinstance(query, str) else tuple(query)
+        cfg = TopkConfig(self.path, k, wanted, negative, train_size, tokens=tokens, refine=refine,
+                         self_influence=self.is_self, batch_size=batch_size, device=device, text=text)
+        return _rows(stage.run(cfg), _unit(train_size))
+
+    def queries(self) -> list[dict]:
+        """What `infl info` lists of the queries these scores were made from: per query its id,
+        prompt, completion, token counts, measured log p(completion | prompt) and the fraction of
+        its gradient the low-rank modules keep (`kept_min`, `kept_mean`); [] for self-influence."""
+        if self.is_self:
+            return []
+        from infl.artifacts.queries import QueriesArtifact
+        from infl.stages import open_parent
+
+        return open_parent(QueriesArtifact, self._scores, "queries").listing()
+
+    def _row(self, query: str) -> int:
+        from infl.analysis.results import query_rows
+
+        ((row, _),) = query_rows(self._scores, (query,))
+        return row
