@@ -38,8 +38,9 @@ def info(path: str | PathLike) -> dict:
 
 
 def _unit(train_size: int | None) -> str:
-    # the CLI's wording (cli._unit), so records read the same from either
-    return f"nats per copy (N = {train_size})" if train_size else "nats per unit upweight"
+    from infl.report import unit_name
+
+    return unit_name(train_size)
 
 
 class ScoresView:
@@ -116,13 +117,13 @@ class ScoresView:
         reading the corpus. `tokens` adds each hit's per-token terms and `refine` re-scores that
         many candidates at full rank: both load the model (and torch) on `device`."""
         from infl.config import TopkConfig
-        from infl.report import _rows
+        from infl.report import topk_records
         from infl.stages import topk as stage
 
         wanted = () if query is None else (query,) if isinstance(query, str) else tuple(query)
         cfg = TopkConfig(self.path, k, wanted, negative, train_size, tokens=tokens, refine=refine,
                          self_influence=self.is_self, batch_size=batch_size, device=device, text=text)
-        return _rows(stage.run(cfg), _unit(train_size))
+        return topk_records(stage.run(cfg), _unit(train_size))
 
     def queries(self) -> list[dict]:
         """What `infl info` lists of the queries these scores were made from: per query its id,

@@ -8,11 +8,12 @@ stays fast.
 from __future__ import annotations
 
 import errno
+import importlib
 import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Callable, Optional, TypeVar
+from typing import Annotated, Callable, Optional, TypeVar, get_args, get_origin
 
 import typer
 import yaml
@@ -153,11 +154,17 @@ def _load_config(ctx: typer.Context, path: Optional[Path]) -> Optional[Path]:
     if unknown:
         raise typer.BadParameter(f"unknown keys in section {ctx.info_name!r}: {unknown}")
     for key, value in section.items():  # relative paths are the config file's, wherever infl runs
-        if getattr(params[key], "type_descriptor", None) and params[key].type_descriptor.is_path and value is not None:
+        if _takes_paths(params[key]) and value is not None:
             resolve = lambda v: os.path.normpath(path.parent / str(v))  # noqa: E731  (an absolute v stays)
             section[key] = [resolve(v) for v in value] if isinstance(value, list) else resolve(value)
     ctx.default_map = {**(ctx.default_map or {}), **section}
     return path
+
+
+def _takes_paths(param) -> bool:
+    """Whether an option's values are paths (Path, or a list of them)."""
+    annotation = getattr(getattr(param, "type_descriptor", None), "annotation", None)
+    return Path in (get_args(annotation) if get_origin(annotation) is list else (annotation,))
 
 
 ConfigOpt = Annotated[
@@ -236,6 +243,21 @@ def _finish(call: Callable[[], object], quiet: bool, every_rank: bool = True, ou
     return result
 
 
+def _write(command: str, module: str, cfg, quiet: bool) -> None:
+    """Run a writing stage; an up-to-date output is recognised from what the last run checked,
+    before torch is imported (infl.noop), and a run that leaves it finished is remembered."""
+    from infl import hashing, noop
+
+    hashing.start_checking()
+    remembered = noop.fresh(command, cfg)
+    if remembered is not None:
+        _finish(lambda: remembered, quiet, out=cfg.out)
+        return
+    stage = importlib.import_module(f"infl.stages.{module}")
+    _finish(lambda: stage.run(cfg), quiet, out=cfg.out)
+    noop.remember(command, cfg)
+
+
 IndexDimOpt = Annotated[str, typer.Option(help="Index: eigenbasis coordinates kept per module, or 'full' (exact scores).")]
 IndexDtypeOpt = Annotated[str, typer.Option(help="Index: float16 (scaled per sequence) | float32.")]
 
@@ -286,8 +308,6 @@ def fit_factors(
     Example: `infl fit-factors --model ./my-model --corpus train.jsonl --out runs/factors.zarr`
     """
     from infl.config import FitConfig
-    from infl.stages import fit_factors as stage
-    from infl.stages import index as index_stage
 
     cfg = _config(lambda: FitConfig(
         model=_need(model, "--model"), corpus=tuple(_need((corpus or []) + (more_corpus or []), "--corpus")),
@@ -297,9 +317,9 @@ def fit_factors(
         index=index, index_dim=_dim(index_dim), index_dtype=index_dtype, blocks=blocks, partitions=partitions,
         memory_budget=memory_budget,
     ))
-    _finish(lambda: stage.run(cfg), quiet, out=cfg.out)
+    _write("fit-factors", "fit_factors", cfg, quiet)
     if cfg.index is not None:  # finishes the index the eigenvalue pass wrote (or builds it, if it wrote none)
-        _finish(lambda: index_stage.run(cfg.index_config()), quiet, out=cfg.index)
+        _write("index", "index", cfg.index_config(), quiet)
 
 
 @app.command("build-query")
@@ -324,14 +344,13 @@ def build_query(
     Example: `infl build-query --factors runs/factors.zarr --queries queries.jsonl --out runs/q.zarr`
     """
     from infl.config import QueryConfig, parse_rank
-    from infl.stages import build_query as stage
 
     cfg = _config(lambda: QueryConfig(
         factors=_need(factors, "--factors"), queries=_need(queries, "--queries"), out=_need(out, "--out"),
         model=model, rank=parse_rank(rank), svd=svd, append=append, batch_size=batch_size, device=device, force=force, wait=wait,
         memory_budget=memory_budget,
     ))
-    _finish(lambda: stage.run(cfg), quiet, out=cfg.out)
+    _write("build-query", "build_query", cfg, quiet)
 
 
 @app.command("plan")
@@ -402,7 +421,6 @@ def index(
     Example: `infl index --factors runs/factors.zarr --corpus train.jsonl --out runs/index.zarr`
     """
     from infl.config import IndexConfig
-    from infl.stages import index as stage
 
     cfg = _config(lambda: IndexConfig(
         factors=_need(factors, "--factors"), corpus=tuple(_need((corpus or []) + (more_corpus or []), "--corpus")),
@@ -410,7 +428,7 @@ def index(
         split=split, text_field=text_field, id_field=id_field, chunk_size=chunk_size, batch_size=batch_size,
         device=device, force=force, wait=wait,
     ))
-    _finish(lambda: stage.run(cfg), quiet, out=cfg.out)
+    _write("index", "index", cfg, quiet)
 
 
 @app.command("score")
@@ -447,7 +465,6 @@ def score(
     From an index, without the model: `infl score --index runs/index.zarr --queries runs/q.zarr --out runs/scores.zarr`
     """
     from infl.config import ScoreConfig
-    from infl.stages import score as stage
 
     files = (corpus or []) + (more_corpus or [])
     cfg = _config(lambda: ScoreConfig(
@@ -457,7 +474,7 @@ def score(
         factors=factors, candidates=candidates, batch_size=batch_size, device=device, force=force, wait=wait,
         memory_budget=memory_budget,
     ))
-    _finish(lambda: stage.run(cfg), quiet, out=cfg.out)
+    _write("score", "score", cfg, quiet)
 
 
 ScoresOpt = Annotated[Optional[Path], typer.Option(help="Scores artifact from score. [required]")]
@@ -470,7 +487,9 @@ TrainSizeOpt = Annotated[
 
 
 def _unit(train_size: Optional[int]) -> str:
-    return f"nats per copy (N = {train_size})" if train_size else "nats per unit upweight"
+    from infl.report import unit_name
+
+    return unit_name(train_size)
 
 
 def _answer(result, render, unit: str, png: Optional[Path], figure: str) -> None:
@@ -580,14 +599,13 @@ def candidates_command(
     Example: `infl candidates --model ./my-model --queries queries.jsonl --corpus train.jsonl --out runs/cand.zarr`
     """
     from infl.config import CandidatesConfig
-    from infl.stages import candidates as stage
 
     cfg = _config(lambda: CandidatesConfig(
         model=_need(model, "--model"), queries=_need(queries, "--queries"),
         corpus=tuple(_need((corpus or []) + (more_corpus or []), "--corpus")), out=_need(out, "--out"), top=top,
         max_length=max_length, split=split, text_field=text_field, id_field=id_field, force=force, wait=wait,
     ))
-    _finish(lambda: stage.run(cfg), quiet, out=cfg.out)
+    _write("candidates", "candidates", cfg, quiet)
 
 
 @app.command("report")

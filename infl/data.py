@@ -12,12 +12,16 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from torch import Tensor
 
 from infl.errors import BadInput
+from infl.hashing import note_file
+
+if TYPE_CHECKING:  # only `collate` needs torch: reading texts back (topk, infl.api) does not
+    import torch
+    from torch import Tensor
 
 __all__ = [
     "Shard",
@@ -89,6 +93,7 @@ def file_sha256(path: Path) -> str:
 def _read_bytes(path: Path) -> bytes:
     if not path.is_file():
         raise BadInput(f"{path}: no such file")
+    note_file(path)  # before reading: a change after this shows (infl.noop)
     return path.read_bytes()
 
 
@@ -282,6 +287,8 @@ def token_pieces(text: str, tokenizer, max_length: int, windows: bool = False) -
 def collate(token_lists: list[list[int]], pad_id: int, device: str | torch.device = "cpu", n_ignore: list[int] | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Right-padded input_ids [B, T], attention_mask [B, T], labels [B, T] (-100 on padding and on
     the first `n_ignore[b]` tokens of sequence b)."""
+    import torch
+
     T = max(len(t) for t in token_lists)
     input_ids = torch.full((len(token_lists), T), pad_id, dtype=torch.long)
     mask = torch.zeros((len(token_lists), T), dtype=torch.long)

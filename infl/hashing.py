@@ -8,20 +8,65 @@ import json
 import os
 from pathlib import Path
 
-__all__ = ["file_sha256"]
+__all__ = ["file_sha256", "cache_dir", "note_file", "note_listing", "note_artifact", "artifact_digest", "start_checking", "checked"]
 
 CACHE_MIN_BYTES = 16 << 20  # smaller files are hashed every time: it costs less than the cache
 
+# What this process checked, as it was when checked (infl.noop remembers it): input files and
+# listed directories by [size, mtime_ns], artifacts by the sha256 of their COMPLETE.json.
+_CHECKED: dict[str, dict] = {"files": {}, "artifacts": {}}
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("INFL_CACHE_DIR") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "infl")
+    return Path(root).expanduser()
+
 
 def _cache_path() -> Path:
-    root = os.environ.get("INFL_CACHE_DIR") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "infl")
-    return Path(root).expanduser() / "file_hashes.json"
+    return cache_dir() / "file_hashes.json"
+
+
+def _note(path: Path, st: os.stat_result) -> None:
+    _CHECKED["files"].setdefault(str(path.absolute()), [st.st_size, st.st_mtime_ns])
+
+
+def note_file(path: Path) -> None:
+    """A file read without being hashed (a model's config)."""
+    _note(path, path.stat())
+
+
+def note_listing(directory: Path) -> None:
+    """A directory whose list of files was read (a model's weight files): a file added or removed
+    changes its modification time."""
+    _note(directory, directory.stat())
+
+
+def artifact_digest(path: Path) -> str:
+    """What changes whenever a finished artifact is rewritten or its attributes are edited: its
+    COMPLETE.json (the manifest) and its root zarr.json (the attributes)."""
+    return hashlib.sha256((path / "COMPLETE.json").read_bytes() + b"\0" + (path / "zarr.json").read_bytes()).hexdigest()
+
+
+def note_artifact(path: Path) -> None:
+    """An artifact opened as finished (noted before it is checked: a later change shows)."""
+    _CHECKED["artifacts"].setdefault(str(path.absolute()), artifact_digest(path))
+
+
+def start_checking() -> None:
+    """Forget what was checked before (a process that runs several commands, as the tests do)."""
+    for kind in _CHECKED.values():
+        kind.clear()
+
+
+def checked() -> dict[str, dict]:
+    return _CHECKED
 
 
 def file_sha256(path: Path) -> str:
     """sha256 of a file's content; large files are remembered by (path, size, mtime), as git does,
     so that a no-op rerun does not read gigabytes of weights again."""
     st = path.stat()
+    _note(path, st)
     key = f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
     cache_file = _cache_path()
     cached = {}

@@ -16,7 +16,7 @@ from torch import nn
 
 from infl.capture import ModuleSpec
 from infl.errors import BadInput, UnsupportedModel
-from infl.hashing import file_sha256
+from infl.hashing import file_sha256, note_file, note_listing
 
 __all__ = [
     "load_model",
@@ -125,6 +125,7 @@ def load_config(path: Path):
     from transformers import AutoConfig
 
     _check_model_dir(path)
+    note_file(path if _is_gguf(path) else path / "config.json")
     return _from_pretrained(AutoConfig, path, "a model config")
 
 
@@ -228,6 +229,7 @@ def model_fingerprint(path: Path) -> str:
     _check_model_dir(path)
     if _is_gguf(path):
         return _hash_files([path])
+    note_listing(path)
     files = [path / "config.json"] + [p for p in path.iterdir() if p.suffix in _WEIGHT_SUFFIXES and p.is_file()]
     return _hash_files(files)
 

@@ -41,10 +41,14 @@ def test_topk_records_are_those_of_the_cli(scored, api_args, cli_args):
     assert len(records) == api_args["k"] * (len(QUERIES) if "query" not in api_args else len(np.atleast_1d(api_args["query"])))
 
 
-def test_topk_with_token_terms_matches_the_cli(scored):
-    records = infl.open_scores(scored / "s.zarr").topk(k=1, query="q-cat", tokens=True)
-    assert records == cli_json("topk", "--scores", scored / "s.zarr", "-k", "1", "--query", "q-cat", "--tokens")
-    assert records[0]["tokens"]
+@pytest.mark.parametrize("api_args, cli_args, field", [
+    ({"tokens": True}, ["--tokens"], "tokens"),
+    ({"refine": 3}, ["--refine", "3"], "refined_score"),
+])
+def test_topk_with_the_model_matches_the_cli(scored, api_args, cli_args, field):
+    records = infl.open_scores(scored / "s.zarr").topk(k=2, query="q-cat", **api_args)
+    assert records == cli_json("topk", "--scores", scored / "s.zarr", "-k", "2", "--query", "q-cat", *cli_args)
+    assert all(field in r for r in records)
 
 
 def test_scores_are_the_stored_arrays(scored):
@@ -110,9 +114,20 @@ def test_errors_are_the_cli_one_liners(scored, tmp_path):
         s.topk(refine=0)
 
 
+# Records where torch is first imported from, so that a failure names the import to move.
+_WATCH_TORCH = """
+import sys, traceback
+class Watch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" and "torch" not in sys.modules:
+            print("".join(traceback.format_stack()[:-1]), file=sys.stderr)
+sys.meta_path.insert(0, Watch())
+"""
+
+
 def test_import_infl_stays_light(scored):
-    code = ("import infl, sys; light = not {'numpy', 'zarr', 'torch'} & set(sys.modules); "
-            f"s = infl.open_scores({str(scored / 's.zarr')!r}); s.topk(k=2); s.total(); s.texts([0]); s.queries(); "
+    code = (_WATCH_TORCH + "import infl; light = not {'numpy', 'zarr', 'torch'} & set(sys.modules)\n"
+            f"s = infl.open_scores({str(scored / 's.zarr')!r}); s.topk(k=2); s.total(); s.texts([0]); s.queries()\n"
             "print(light, 'torch' in sys.modules, 'transformers' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.split() == ["True", "False", "False"], done.stderr

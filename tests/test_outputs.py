@@ -4,6 +4,7 @@ column, token shading with a legend) and stamps that make understands."""
 import csv
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -142,7 +143,7 @@ def test_version_help_and_log_format_after_the_command(tmp_path):
     assert late.exit_code == 1 and json.loads(line)["level"] == "error"
 
 
-def test_config_paths_are_relative_to_the_config_file(scored, tmp_path, monkeypatch):
+def test_config_paths_are_relative_to_the_config_file(scored, workdir, tmp_path, monkeypatch):
     folder = tmp_path / "configs"
     folder.mkdir()
     (folder / "run.yaml").write_text(f"topk:\n  scores: {scored.name}/s.zarr\n  k: 1\n")
@@ -151,6 +152,11 @@ def test_config_paths_are_relative_to_the_config_file(scored, tmp_path, monkeypa
     result = infl("topk", "--config", folder / "run.yaml", "--format", "json", "--no-text")
     assert result.exit_code == 0, result.output
     assert len(json.loads(result.stdout)) == len(QUERIES)
+    corpus = os.path.relpath(workdir / "corpus.jsonl", scored)  # a list of paths too
+    (scored / "score.yaml").write_text(f"score:\n  queries: q.zarr\n  corpus: [{corpus}]\n  out: s.zarr\n")
+    monkeypatch.chdir(tmp_path)
+    again = infl("score", "--config", scored / "score.yaml")
+    assert again.exit_code == 0 and "is up to date" in again.output, again.output
 
 
 def test_verify_answers_on_stdout_or_quietly(scored):
@@ -167,3 +173,32 @@ def test_a_reader_that_stops_early_is_not_an_error(scored):
     reader.stdout.close()
     stderr = reader.stderr.read().decode()
     assert reader.wait() == 0 and "Error" not in stderr and "Traceback" not in stderr, stderr
+
+
+def test_an_up_to_date_stage_answers_before_torch_is_imported(workdir, tmp_path):
+    out = pipeline(workdir, tmp_path)
+    score = ["score", "--queries", out / "q.zarr", "--corpus", workdir / "corpus.jsonl", "--out", out / "s.zarr"]
+
+    def run(*args):
+        done = subprocess.run([sys.executable, "-X", "importtime", "-m", "infl", *map(str, args)], capture_output=True, text=True)
+        imported = {line.split("|")[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
+        return done.returncode, done.stderr, bool(imported & {"torch", "transformers"})
+
+    code, stderr, heavy = run(*score)
+    assert code == 0 and "is up to date" in stderr and not heavy
+    os.utime(workdir / "corpus.jsonl")  # an input touched: checked in full, then remembered again
+    code, stderr, heavy = run(*score)
+    assert code == 0 and "is up to date" in stderr and heavy
+    assert run(*score)[2] is False
+    rebuilt = infl("build-query", "--factors", out / "f.zarr", "--queries", workdir / "queries.jsonl", "--out", out / "q.zarr",
+                   "--force", "--rank", "2")
+    assert rebuilt.exit_code == 0, rebuilt.output
+    code, stderr, heavy = run(*score)  # its parent changed: never answered from memory
+    assert heavy and "is up to date" not in stderr
+    attrs = out / "f.zarr" / "zarr.json"
+    fit = ["fit-factors", "--model", workdir / "gpt2", "--corpus", workdir / "corpus.jsonl", "--out", out / "f.zarr"]
+    run(*fit)  # checked in full (its corpus was touched), then remembered
+    assert run(*fit)[2] is False
+    attrs.write_text(attrs.read_text().replace('"strategy": "ekfac"', '"strategy": "kfac"'))
+    code, stderr, heavy = run(*fit)  # the output's attributes edited: the full check refuses it
+    assert heavy and code == 1 and "is up to date" not in stderr

@@ -29,6 +29,7 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from infl import __version__
+from infl import hashing
 from infl.artifacts import integrity
 from infl.errors import ArtifactLocked, BadInput, IncompatibleArtifact
 
@@ -269,6 +270,7 @@ class Artifact:
         """A finished artifact of this kind, read only, whose attributes are those it was finished
         with (they, and the set of its arrays, match the manifest digest in COMPLETE.json)."""
         art = cls(path, open_complete(path, cls.kind))
+        hashing.note_artifact(path)
         problem = art.problem()
         if problem:
             raise IncompatibleArtifact(f"{path}: {problem}", hint="recompute it with the command that wrote it (--force)")

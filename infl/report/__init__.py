@@ -17,9 +17,14 @@ from rich.text import Text
 
 from infl.analysis.results import Hit, LayerTable, QueryInfo, Topk
 
-__all__ = ["TOPK", "LAYERWISE", "SPARSITY", "COMPARE", "short_names", "column_format", "html_legend", "SHARE_NOTE", "render_info", "render_plan", "as_text"]
+__all__ = ["TOPK", "LAYERWISE", "SPARSITY", "COMPARE", "unit_name", "short_names", "topk_records", "column_format", "html_legend", "SHARE_NOTE", "render_info", "render_plan", "as_text"]
 
 _PREVIEW = 240  # characters of text shown per sequence in a table
+
+
+def unit_name(train_size: int | None) -> str:
+    """The unit of the numbers an answer shows: the derivative, or per copy with --train-size N."""
+    return f"nats per copy (N = {train_size})" if train_size else "nats per unit upweight"
 
 
 def as_text(*renderables) -> str:
@@ -92,7 +97,8 @@ def _hit_row(h: Hit, info: QueryInfo, unit: str) -> dict:
     return row
 
 
-def _rows(result: Topk, unit: str) -> list[dict]:
+def topk_records(result: Topk, unit: str) -> list[dict]:
+    """The flat records of `infl topk --format json` (and of the Python API's `topk`)."""
     info = {q.query_id: q for q in result.queries}
     return [_hit_row(h, info[h.query_id], unit) for h in result.hits]
 
@@ -181,11 +187,11 @@ SHARE_NOTE = "share: of the query's total positive influence (of its total negat
 
 
 def _topk_json(result: Topk, unit: str) -> str:
-    return json.dumps(_rows(result, unit), ensure_ascii=False, indent=1) + "\n"
+    return json.dumps(topk_records(result, unit), ensure_ascii=False, indent=1) + "\n"
 
 
 def _topk_jsonl(result: Topk, unit: str) -> str:
-    return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in _rows(result, unit))
+    return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in topk_records(result, unit))
 
 
 def _topk_csv(result: Topk, unit: str) -> str:

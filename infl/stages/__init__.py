@@ -10,9 +10,7 @@ import hashlib
 from dataclasses import fields
 from pathlib import Path
 
-from infl.driver import Outcome
-
-__all__ = ["Outcome", "WritingStage", "artifact_class", "open_parent", "corpus_paths", "check_unchanged", "semantic_fields", "sequence_seed",
+__all__ = ["WritingStage", "artifact_class", "open_parent", "corpus_paths", "check_unchanged", "semantic_fields", "sequence_seed",
            "model_dir_for", "query_bank", "COMPRESSION", "index_attrs", "with_corpus", "index_layout", "index_factors",
            "IndexRows", "Curvatures", "curvatures", "module_specs"]
 

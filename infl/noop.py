@@ -1,0 +1,101 @@
+"""Up to date without loading anything: a stage that found its output up to date (or wrote it)
+remembers what it checked, and the next run with the same options answers from that memory
+before torch and transformers are imported, if nothing it checked has changed since.
+
+What it checked: every input file it hashed and every model directory it listed (by size and
+modification time, as the file-hash cache and git do), every artifact it opened (by the content of
+its COMPLETE.json and root zarr.json, which change whenever it is rewritten or its attributes are
+edited), the output itself the same way, and infl's own source files. Anything else, or any doubt, takes the full path.
+No torch, zarr or transformers here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from infl import hashing
+
+__all__ = ["fresh", "remember", "Remembered"]
+
+COMPLETE = "COMPLETE.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class Remembered:
+    """The outcome of a run answered from memory (for the CLI's one-line message)."""
+
+    message: str
+    up_to_date: bool = True
+
+
+def _record_path(out: Path) -> Path:
+    key = hashlib.sha256(str(out.absolute()).encode()).hexdigest()[:32]
+    return hashing.cache_dir() / "noop" / f"{key}.json"
+
+
+def _options(stage: str, cfg) -> str:
+    """The stage and its options, with every path made absolute (the same relative path means
+    another file in another working directory)."""
+    values = dataclasses.asdict(cfg)
+    text = json.dumps({"stage": stage, "options": values}, sort_keys=True,
+                      default=lambda v: str(Path(v).absolute()) if isinstance(v, Path) else repr(v))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _code() -> list:
+    """infl's source files, by name, size and modification time: edited code is another program."""
+    root = Path(__file__).parent
+    return sorted([str(p.relative_to(root)), *_stat(p)] for p in root.rglob("*.py"))
+
+
+def _stat(path: Path) -> list:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns]
+
+
+def _state(stage: str, cfg) -> dict:
+    return {"options": _options(stage, cfg), "code": _code(), "output": hashing.artifact_digest(cfg.out)}
+
+
+def fresh(stage: str, cfg) -> Remembered | None:
+    """The run's answer if it is remembered as up to date and nothing it checked has changed;
+    None otherwise (then the stage runs in full). Not under torchrun, never with --force, and
+    not while another run holds the output's lock."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or getattr(cfg, "force", False):
+        return None
+    out = cfg.out
+    try:
+        if out.with_name(out.name + ".lock").exists():
+            return None
+        record = json.loads(_record_path(out).read_text())
+        if record["state"] != _state(stage, cfg):
+            return None
+        if any(_stat(Path(p)) != held for p, held in record["files"].items()):
+            return None
+        if any(hashing.artifact_digest(Path(p)) != held for p, held in record["artifacts"].items()):
+            return None
+        os.utime(out / COMPLETE)  # the stamp make compares, as a full run refreshes it
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return Remembered(f"{out} is up to date")
+
+
+def remember(stage: str, cfg) -> None:
+    """After a run that left its output finished: what it checked, for the next run's `fresh`.
+    A cache that cannot be written only costs time."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return
+    checked = hashing.checked()
+    try:
+        record = {"state": _state(stage, cfg), **checked}  # each as it was when it was checked
+        path = _record_path(cfg.out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_suffix(f".{os.getpid()}.tmp")
+        temporary.write_text(json.dumps(record))
+        os.replace(temporary, path)
+    except (OSError, ValueError):
+        pass
