@@ -25,6 +25,8 @@ if TYPE_CHECKING:  # only `collate` needs torch: reading texts back (topk, infl.
 
 __all__ = [
     "Shard",
+    "Piece",
+    "appended",
     "Corpus",
     "Queries",
     "read_corpus",
@@ -42,16 +44,45 @@ IGNORE = -100
 
 @dataclass(frozen=True)
 class Shard:
-    """One corpus file as provenance: where it is, what it held, how it was read."""
+    """One corpus shard as provenance: where it is, what it held, how it was read. A shard is a
+    file, or the lines appended to a file after the shards of it already held (`start`: its first
+    byte), as a grown file is read."""
 
     path: str
-    size: int
-    sha256: str
+    size: int  # bytes
+    sha256: str  # of those bytes
     format: str  # jsonl | lines | windows
     n_records: int
+    start: int = 0
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        values = asdict(self)
+        if not self.start:  # a whole file is described as it always was (the same fingerprints)
+            del values["start"]
+        return values
+
+
+@dataclass(frozen=True)
+class Piece:
+    """What to read as one shard: a file from byte `start`, `size` bytes of it (None: to its end)."""
+
+    path: Path
+    start: int = 0
+    size: int | None = None
+
+
+def appended(path: Path, end: int) -> Piece | None:
+    """The lines appended to a file after byte `end` (what the artifact holds of it), or None if
+    it did not grow there: it holds no more bytes, or the bytes before `end` no longer end a line
+    (the last line was extended, not followed). The bytes before `end` are checked by the caller,
+    by the sha256 of the shards that hold them."""
+    if not path.is_file() or path.stat().st_size <= end:
+        return None
+    with path.open("rb") as f:
+        f.seek(max(end - 1, 0))
+        around = f.read(2)
+    at_line_start = end == 0 or around[:1] == b"\n" or around[1:2] in (b"\n", b"\r")
+    return Piece(path, end) if at_line_start else None
 
 
 @dataclass
@@ -97,10 +128,11 @@ def _read_bytes(path: Path) -> bytes:
     return path.read_bytes()
 
 
-def _lines(data: bytes):
-    """(line number from 1, start byte, end byte, line bytes) for every line of a file."""
-    start = 0
-    for number, line in enumerate(data.splitlines(keepends=True), 1):
+def _lines(data: bytes, first: int = 1, offset: int = 0):
+    """(line number, start byte, end byte, line bytes) for every line of `data`, which begins at
+    byte `offset` of its file, on line `first`."""
+    start = offset
+    for number, line in enumerate(data.splitlines(keepends=True), first):
         yield number, start, start + len(line), line
         start += len(line)
 
@@ -141,26 +173,29 @@ def _record_id(path: Path, number: int, record: dict, name: str) -> str:
 
 
 def read_corpus(
-    paths: list[Path],
+    paths: list[Path | Piece],
     tokenizer,
     max_length: int,
     split: str = "lines",
     text_field: str = "text",
     id_field: str = "id",
 ) -> Corpus:
-    """Read, tokenise and truncate every shard; ids must be unique across shards."""
+    """Read, tokenise and truncate every shard (a file, or a `Piece` of one); ids must be unique
+    across shards."""
     shards: list[Shard] = []
     ids: list[str] = []
     tokens: list[list[int] | None] = []  # None until the texts are tokenised in one batch below
     texts: dict[int, str] = {}  # record position -> text
     locators: list[tuple[int, int, int]] = []
-    for index, path in enumerate(paths):
-        path = Path(path)
-        data = _read_bytes(path)
+    for index, piece in enumerate(paths):
+        piece = piece if isinstance(piece, Piece) else Piece(Path(piece))
+        path, whole = piece.path, _read_bytes(piece.path)
+        data = whole[piece.start: None if piece.size is None else piece.start + piece.size]
+        lines = whole.count(b"\n", 0, piece.start) + 1, piece.start  # the first line's number, its byte
         fmt = shard_format(path, split)
         before = len(ids)
         if fmt == "jsonl":
-            for number, start, end, line in _lines(data):
+            for number, start, end, line in _lines(data, *lines):
                 if not line.strip():
                     continue
                 record = _json_record(path, number, line)
@@ -172,7 +207,7 @@ def read_corpus(
                 tokens.append(None)
                 locators.append((index, start, end))
         elif fmt == "lines":
-            for number, start, end, line in _lines(data):
+            for number, start, end, line in _lines(data, *lines):
                 text = _decode(path, line).rstrip("\r\n")
                 if text.strip():
                     ids.append(f"{path.name}:{number}")
@@ -188,9 +223,8 @@ def read_corpus(
                 ids.append(f"{path.name}:w{w}")
                 tokens.append(token_ids[lo:hi])
                 locators.append((index, offsets[lo][0], offsets[hi - 1][1]))
-        shards.append(
-            Shard(str(path.resolve()), len(data), hashlib.sha256(data).hexdigest(), fmt, len(ids) - before)
-        )
+        shards.append(Shard(str(path.resolve()), len(data), hashlib.sha256(data).hexdigest(), fmt, len(ids) - before,
+                            piece.start))
     if not ids:
         raise BadInput(f"the corpus {', '.join(map(str, paths))} holds no sequence")
     seen: set[str] = set()
@@ -232,11 +266,12 @@ def read_text(shard: Shard, start: int, end: int, text_field: str = "text") -> s
     return line.decode("utf-8", errors="replace").rstrip("\r\n")
 
 
-def read_queries(path: Path, tokenizer, max_length: int) -> Queries:
-    """`{"id", "prompt", "completion"}` per line, tokenised (see add_query)."""
-    data = _read_bytes(path)
+def read_queries(path: Path, tokenizer, max_length: int, start: int = 0) -> Queries:
+    """`{"id", "prompt", "completion"}` per line from byte `start` (the lines appended after the
+    queries already built), tokenised (see add_query)."""
+    whole = _read_bytes(path)
     queries = Queries([], [], [], [], [])
-    for number, _, _, line in _lines(data):
+    for number, _, _, line in _lines(whole[start:], whole.count(b"\n", 0, start) + 1, start):
         if not line.strip():
             continue
         record = _json_record(path, number, line)

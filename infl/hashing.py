@@ -8,7 +8,7 @@ import json
 import os
 from pathlib import Path
 
-__all__ = ["file_sha256", "cache_dir", "note_file", "note_listing", "note_artifact", "artifact_digest", "start_checking", "checked"]
+__all__ = ["file_sha256", "range_sha256", "line_prefix", "cache_dir", "note_file", "note_listing", "note_artifact", "artifact_digest", "start_checking", "checked"]
 
 CACHE_MIN_BYTES = 16 << 20  # smaller files are hashed every time: it costs less than the cache
 
@@ -60,6 +60,42 @@ def start_checking() -> None:
 
 def checked() -> dict[str, dict]:
     return _CHECKED
+
+
+def range_sha256(path: Path, start: int, size: int) -> str | None:
+    """sha256 of `size` bytes of a file from byte `start` (None if it holds fewer); the whole file's
+    is remembered as file_sha256 remembers it."""
+    total = path.stat().st_size
+    if start == 0 and size == total:
+        return file_sha256(path)
+    if total < start + size:
+        return None
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        f.seek(start)
+        left = size
+        while left:
+            block = f.read(min(left, 1 << 20))
+            digest.update(block)
+            left -= len(block)
+    return digest.hexdigest()
+
+
+def line_prefix(path: Path, sha256: str) -> int | None:
+    """The length of a proper prefix of a file that ends at a line's end (before or after its
+    newline) and has this sha256, if there is one: the file grew by lines appended to it."""
+    size, digest, n = path.stat().st_size, hashlib.sha256(), 0
+    with path.open("rb") as f:
+        for line in f:
+            body = line[:-1] if line.endswith(b"\n") else line
+            digest.update(body)
+            if n + len(body) < size and digest.hexdigest() == sha256:
+                return n + len(body)
+            digest.update(line[len(body):])
+            n += len(line)
+            if n < size and digest.hexdigest() == sha256:
+                return n
+    return None
 
 
 def file_sha256(path: Path) -> str:

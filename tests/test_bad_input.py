@@ -189,8 +189,8 @@ def test_markdown_escapes_ids_and_raw_html(odd_scores):
     assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page  # in the text and in an id
     assert page.startswith("### \\[red\\]q\\[/red\\]")
     assert "\\[/foo\\] and \\[i\\]x\\[/i\\]" in page and "line\\\\nbreak" in page
-    for line in page.splitlines()[4:8]:  # each hit is one table row of four cells: five unescaped "|"
-        assert len(re.findall(r"(?<!\\)\|", line)) == 5, line
+    for line in page.splitlines()[6:10]:  # each hit is one table row of five cells: six unescaped "|"
+        assert len(re.findall(r"(?<!\\)\|", line)) == 6, line
 
 
 def test_messages_show_paths_literally(workdir, tmp_path):

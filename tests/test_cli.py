@@ -64,7 +64,7 @@ def test_outputs_in_every_format(workdir, tmp_path):
     plain = json.loads(infl("topk", "--scores", scores, "-k", "1", "--format", "json").stdout)
     assert per_copy[0]["score"] == pytest.approx(plain[0]["score"] / 100)
     csv = infl("layerwise", "--scores", scores, "-k", "2", "--format", "csv").stdout.splitlines()
-    assert csv[0] == "query_id,layer,train_id,rank,influence (nats per unit upweight)" and len(csv) == 1 + len(QUERIES) * 2 * 2
+    assert csv[0] == "query_id,layer,train_id,rank,influence [nats per unit upweight]" and len(csv) == 1 + len(QUERIES) * 2 * 2
     assert infl("layerwise", "--scores", scores, "-k", "2").exit_code == 0
 
 

@@ -11,8 +11,8 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import QUERIES
-from test_cli import infl, pipeline
+from conftest import QUERIES, SENTENCES, write_jsonl
+from test_cli import infl, one_line_error, pipeline
 
 from infl.analysis.results import Hit, QueryInfo, Topk
 from infl.artifacts.queries import QueriesArtifact
@@ -45,7 +45,7 @@ def test_topk_names_the_query_and_gives_each_hit_its_share(scored):
 def test_topk_csv_names_the_unit(scored):
     out = infl("topk", "--scores", scored / "s.zarr", "-k", "2", "--format", "csv", "--train-size", "12")
     rows = list(csv.reader(io.StringIO(out.stdout)))
-    assert rows[0][:5] == ["query_id", "rank", "train_id", "influence (nats per copy (N = 12))", "share of same-sign total"]
+    assert rows[0][:5] == ["query_id", "rank", "train_id", "influence [nats per copy (N = 12)]", "share of same-sign total"]
     assert len(rows) == 1 + 2 * len(QUERIES)
     per_copy = json.loads(infl("topk", "--scores", scored / "s.zarr", "-k", "1", "--format", "json", "--train-size", "12").stdout)
     assert float(rows[1][3]) == pytest.approx(per_copy[0]["score"], rel=1e-5)
@@ -202,3 +202,64 @@ def test_an_up_to_date_stage_answers_before_torch_is_imported(workdir, tmp_path)
     attrs.write_text(attrs.read_text().replace('"strategy": "ekfac"', '"strategy": "kfac"'))
     code, stderr, heavy = run(*fit)  # the output's attributes edited: the full check refuses it
     assert heavy and code == 1 and "is up to date" not in stderr
+
+
+def test_a_grown_corpus_file_is_scored_only_for_its_new_lines(workdir, tmp_path):
+    """Lines appended to a scored file (its old bytes unchanged, by sha256) are a new shard: only
+    they are computed, and the scores equal a run from scratch on the grown file; an edited old
+    line, or an extended last line, is refused."""
+    from infl import artifacts
+
+    out = pipeline(workdir, tmp_path)
+    rows = [{"id": f"s{i}", "text": t} for i, t in enumerate(SENTENCES)]
+    grows = write_jsonl(tmp_path / "grows.jsonl", rows[:7])
+    common = ["score", "--queries", out / "q.zarr", "--chunk-size", "3", "--corpus", grows]
+    assert infl(*common, "--out", tmp_path / "grown.zarr").exit_code == 0
+    with grows.open("a") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows[7:]))
+    grown = infl(*common, "--out", tmp_path / "grown.zarr")
+    assert grown.exit_code == 0 and "adding 5 sequences" in grown.output and "2 of 4 chunks done" in grown.output, grown.output
+    assert infl(*common, "--out", tmp_path / "scratch.zarr").exit_code == 0
+    scratch, got = (artifacts.open_complete(tmp_path / name, "scores") for name in ("scratch.zarr", "grown.zarr"))
+    for key in ("total", "per_module", "train_ids"):
+        np.testing.assert_array_equal(np.asarray(got[key][...]), np.asarray(scratch[key][...]))
+    np.testing.assert_array_equal(np.asarray(got["locators"][...])[:, 1:], np.asarray(scratch["locators"][...])[:, 1:])
+    assert [s.get("start", 0) for s in got.attrs["provenance"]["corpus"]] == [0, grows.stat().st_size - sum(
+        len(json.dumps(r)) + 1 for r in rows[7:])]  # the same bytes of the file, in two shards
+    texts = json.loads(infl("topk", "--scores", tmp_path / "grown.zarr", "-k", "12", "--format", "json").stdout)
+    assert {r["text"] for r in texts} == set(SENTENCES)  # read back from both shards of the file
+    assert "up to date" in infl(*common, "--out", tmp_path / "grown.zarr").output
+
+    plain = tmp_path / "plain.txt"
+    plain.write_text("\n".join(SENTENCES[:3]))  # no newline at the end: then its last line is extended
+    assert infl(*common[:-1], plain, "--out", tmp_path / "last.zarr").exit_code == 0
+    plain.write_text(plain.read_text() + " and more\n")
+    assert "changed since" in one_line_error(infl(*common[:-1], plain, "--out", tmp_path / "last.zarr"))
+    grows.write_text(grows.read_text().replace("cat", "dog") + json.dumps({"id": "new", "text": "a new line"}) + "\n")
+    assert "changed since" in one_line_error(infl(*common, "--out", tmp_path / "grown.zarr"))
+
+
+def test_a_grown_queries_file_appends_only_its_new_queries(workdir, tmp_path):
+    from infl import artifacts
+
+    out = pipeline(workdir, tmp_path)  # all three queries at once: the reference
+    grows = tmp_path / "grows.jsonl"
+    grows.write_text("".join(json.dumps(q) + "\n" for q in QUERIES[:2]).rstrip("\n"))  # no final newline
+    build = ["build-query", "--factors", out / "f.zarr", "--queries", grows, "--out", tmp_path / "qa.zarr"]
+    score = ["score", "--queries", tmp_path / "qa.zarr", "--corpus", workdir / "corpus.jsonl", "--out", tmp_path / "sa.zarr"]
+    assert infl(*build).exit_code == 0 and infl(*score).exit_code == 0
+    with grows.open("a") as f:
+        f.write("\n" + json.dumps(QUERIES[2]) + "\n")
+    grown = infl(*build)
+    assert grown.exit_code == 0 and "appended 1 queries" in grown.output, grown.output
+    assert "up to date" in infl(*build).output
+    rescored = infl(*score)
+    assert rescored.exit_code == 0 and "adding 1 queries" in rescored.output, rescored.output
+    got, ref = (artifacts.open_complete(tmp_path / name, "scores") for name in ("sa.zarr", "s.zarr"))
+    assert list(got["query_ids"][...]) == list(ref["query_ids"][...])
+    total = np.asarray(got["total"][...])
+    np.testing.assert_allclose(total, np.asarray(ref["total"][...]), rtol=1e-5, atol=1e-4 * np.abs(total).max())
+
+    grows.write_text(grows.read_text().replace("the cat sat", "the dog sat") + json.dumps({**QUERIES[0], "id": "new"}) + "\n")
+    assert "other inputs" in one_line_error(infl(*build))  # an edited old line: refused, nothing lost
+    assert (tmp_path / "qa.zarr" / "COMPLETE.json").is_file()

@@ -178,8 +178,8 @@ def html_legend() -> str:
 def _query_line(info: QueryInfo) -> str:
     """What a query asked, on one line (self-influence: what the scores are)."""
     if info.log_p is None:
-        return f"{info.query_id}: each sequence's influence on its own loss, among {info.n_sequences} sequences"
-    return (f"{info.query_id}: {_clip(info.prompt)!r} -> {_clip(info.completion)!r} ({_log_p(info)}; "
+        return f"query {_id(info.query_id)}: each sequence's influence on its own loss, among {info.n_sequences} sequences"
+    return (f"query {_id(info.query_id)}: {_clip(info.prompt)!r} -> {_clip(info.completion)!r} ({_log_p(info)}; "
             f"ranked among {info.n_sequences} sequences)")
 
 
@@ -198,8 +198,8 @@ def _topk_csv(result: Topk, unit: str) -> str:
     out = io.StringIO()
     writer = csv.writer(out)
     refined = any(h.refined is not None for h in result.hits)
-    writer.writerow(["query_id", "rank", "train_id", f"influence ({unit})", "share of same-sign total",
-                     *([f"full-rank influence ({unit})"] if refined else []), "text"])
+    writer.writerow(["query_id", "rank", "train_id", f"influence [{unit}]", "share of same-sign total",
+                     *([f"full-rank influence [{unit}]"] if refined else []), "text"])
     for h in result.hits:
         writer.writerow([h.query_id, h.rank, h.train_id, f"{h.score:.6g}", "" if h.share != h.share else f"{h.share:.6g}",
                          *([f"{h.refined:.6g}"] if refined else []), h.text])
@@ -295,7 +295,7 @@ def _layers_json(tables: list[LayerTable], unit: str) -> str:
 def _layers_csv(tables: list[LayerTable], unit: str) -> str:
     out = io.StringIO()
     writer = csv.writer(out)
-    writer.writerow(["query_id", "layer", "train_id", "rank", f"influence ({unit})"])
+    writer.writerow(["query_id", "layer", "train_id", "rank", f"influence [{unit}]"])
     for t in tables:
         for i, layer in enumerate(t.layers):
             for j, train_id in enumerate(t.train_ids):
@@ -418,7 +418,7 @@ def _compare_json(c, unit: str) -> str:
 def _compare_csv(c, unit: str) -> str:
     out = io.StringIO()
     writer = csv.writer(out)
-    writer.writerow(["train_id", "query_id", f"influence ({unit})", "rank"])
+    writer.writerow(["train_id", "query_id", f"influence [{unit}]", "rank"])
     for i, train_id in enumerate(c.train_ids):
         for j, query_id in enumerate(c.query_ids):
             writer.writerow([train_id, query_id, f"{c.values[i, j]:.6g}", int(c.ranks[i, j])])

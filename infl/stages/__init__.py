@@ -10,7 +10,7 @@ import hashlib
 from dataclasses import fields
 from pathlib import Path
 
-__all__ = ["WritingStage", "artifact_class", "open_parent", "corpus_paths", "check_unchanged", "semantic_fields", "sequence_seed",
+__all__ = ["WritingStage", "artifact_class", "open_parent", "corpus_paths", "corpus_pieces", "check_unchanged", "semantic_fields", "sequence_seed",
            "model_dir_for", "query_bank", "COMPRESSION", "index_attrs", "with_corpus", "index_layout", "index_factors",
            "IndexRows", "Curvatures", "curvatures", "module_specs"]
 
@@ -76,6 +76,29 @@ def corpus_paths(old: dict | None, requested: tuple[Path, ...]) -> tuple[Path, .
     (`old`: its attributes, or None), in their order, then the requested ones it does not hold."""
     stored = [shard["path"] for shard in old["provenance"]["corpus"]] if old else []
     return tuple(Path(p) for p in stored) + tuple(p for p in requested if str(p.resolve()) not in stored)
+
+
+def corpus_pieces(old: dict | None, requested: tuple[Path, ...]) -> tuple:
+    """The shards a chunked artifact (scores, index) is computed over: those it already holds, in
+    their order, each read as the bytes it held (their sha256 is checked against the held ones);
+    then the lines appended since to a file it holds, as a shard of their own; then the requested
+    files it does not hold. A file that changed otherwise is read whole, so the check refuses it."""
+    from infl.data import Piece, appended
+
+    held = [(Path(s["path"]), s.get("start", 0), s["size"], s["format"]) for s in old["provenance"]["corpus"]] if old else []
+    end = {}
+    for path, start, size, fmt in held:
+        end[path] = max(end.get(path, 0), start + size)
+    grown = {path: appended(path, at) for path, at in end.items()}
+    lines = {path for path, _, _, fmt in held if fmt != "windows"}  # windows of a longer text are other windows
+    pieces = [Piece(path, start, size if path in lines and grown[path] or not _longer(path, end[path]) else None)
+              for path, start, size, _ in held]
+    pieces += [grown[path] for path in end if path in lines and grown[path]]
+    return tuple(pieces) + tuple(Piece(p) for p in requested if str(p.resolve()) not in {str(path) for path in end})
+
+
+def _longer(path: Path, end: int) -> bool:
+    return path.is_file() and path.stat().st_size > end
 
 
 def check_unchanged(corpus, planned: tuple[str, ...]) -> None:

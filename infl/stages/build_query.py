@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from infl import data, engine, gradients, modeling, planning
+from infl.artifacts import identity_fingerprint, read_attrs
 from infl.artifacts.factors import FactorsArtifact
 from infl.artifacts.queries import QueriesArtifact
 from infl.config import QueryConfig
@@ -24,6 +25,7 @@ from infl.curvature.base import basis_left, damped_in_eigenbasis, from_eigenbasi
 from infl.driver import Group, Outcome
 from infl.driver import run as drive
 from infl.errors import BadInput
+from infl.hashing import line_prefix
 from infl.runtime import Runtime
 from infl.stages import (
     WritingStage,
@@ -49,6 +51,7 @@ class QueryPlan:
     n: int
     units: list[tuple[int, int]]  # query index ranges [lo, hi) of the new queries
     queries_sha256: str
+    queries_start: int  # the byte of the queries file the new queries start at (a grown file)
     started: float
 
 
@@ -69,12 +72,15 @@ class BuildQuery(WritingStage):
         }
         attrs = {"config": semantic_fields(cfg), "provenance": provenance}
         sha = data.file_sha256(cfg.queries)
+        held = self._held_bytes(attrs)
         built = QueriesArtifact.plan_build(cfg.out, attrs, {"path": str(cfg.queries.resolve()), "sha256": sha},
-                                           cfg.append, cfg.force)
+                                           cfg.append or held > 0, cfg.force)
         if built.up_to_date:
             return Outcome(f"{cfg.out} is up to date" + (f" (it holds {cfg.queries})" if built.appending else ""),
                            up_to_date=True)
-        queries = data.read_queries(cfg.queries, modeling.load_tokenizer(model_dir), fprov["max_length"])
+        queries = data.read_queries(cfg.queries, modeling.load_tokenizer(model_dir), fprov["max_length"], held)
+        if held:
+            log(f"{cfg.queries} grew: appending its {len(queries.ids)} new queries to {cfg.out}")
         if built.appending:
             clash = sorted(set(queries.ids) & set(QueriesArtifact.open_for_writing(cfg.out).ids()))
             if clash:
@@ -93,7 +99,18 @@ class BuildQuery(WritingStage):
             art.reserve_module(name, shape, cfg.rank, method, built.start + Q)
         log(f"preconditioning {Q} queries over {len(factors.modules)} modules")
         units = [(lo, min(lo + cfg.batch_size, Q)) for lo in range(0, Q, cfg.batch_size)]
-        return QueryPlan(model_dir, built.attrs, built.blocks, built.start, Q, units, sha, started)
+        return QueryPlan(model_dir, built.attrs, built.blocks, built.start, Q, units, sha, held, started)
+
+    def _held_bytes(self, attrs: dict) -> int:
+        """How many bytes of the queries file the artifact already holds, when the file grew by
+        lines appended since its last build (the same options and factors; its old bytes unchanged,
+        by sha256): only the new lines are built, as a block appended. 0 otherwise."""
+        cfg = self.cfg
+        old = read_attrs(cfg.out) if cfg.out.exists() and not (cfg.append or cfg.force) else None
+        if not old or "blocks" not in old or old.get("base_fingerprint") != identity_fingerprint(attrs):
+            return 0
+        held = [f["sha256"] for f in old["provenance"]["queries_files"] if f["path"] == str(cfg.queries.resolve())]
+        return (held and line_prefix(cfg.queries, held[-1])) or 0
 
     def run(self, plan: QueryPlan, g: Group) -> list[tuple[int, np.ndarray, dict[str, np.ndarray]]]:
         """Every rank: gradients of its query batches, preconditioned, compressed, written by row.
@@ -102,7 +119,7 @@ class BuildQuery(WritingStage):
         factors = FactorsArtifact.open(cfg.factors)
         device = g.device(cfg.device)
         rt = Runtime.load(plan.model_dir, factors.modules, device, plan.attrs["provenance"]["dtype"], cfg.batch_size)
-        queries = data.read_queries(cfg.queries, rt.tokenizer, plan.attrs["provenance"]["max_length"])
+        queries = data.read_queries(cfg.queries, rt.tokenizer, plan.attrs["provenance"]["max_length"], plan.queries_start)
         if data.file_sha256(cfg.queries) != plan.queries_sha256:
             raise BadInput(f"{cfg.queries} changed while this run was starting")
         curv = curvatures(factors, device, self._curvature_room(rt, queries, plan.units))

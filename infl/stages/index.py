@@ -30,7 +30,7 @@ from infl.stages import (
     IndexRows,
     WritingStage,
     check_unchanged,
-    corpus_paths,
+    corpus_pieces,
     index_attrs,
     index_layout,
     model_dir_for,
@@ -66,7 +66,7 @@ class Index(WritingStage):
         attrs = index_attrs(cfg, factors.attrs, model_dir)
         max_length = attrs["provenance"]["max_length"]
         old = IndexArtifact.grown_from(cfg.out, identity_fingerprint(attrs), cfg.force)
-        paths = corpus_paths(old, cfg.corpus)
+        paths = corpus_pieces(old, cfg.corpus)
         corpus = self._corpus(paths, modeling.load_tokenizer(model_dir), max_length)
         attrs = with_corpus(attrs, corpus)
         eigenvalues = {name: {k: torch.from_numpy(v) for k, v in factors.read_module(name, ("eig_S", "eig_A")).items()}

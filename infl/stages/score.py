@@ -32,7 +32,7 @@ from infl.runtime import Runtime
 from infl.stages import (
     WritingStage,
     check_unchanged,
-    corpus_paths,
+    corpus_pieces,
     curvatures,
     index_factors,
     model_dir_for,
@@ -100,7 +100,7 @@ class Score(WritingStage):
                                  index.all_locators())
             attrs["provenance"]["index_fingerprint"] = index.fingerprint
         else:
-            paths = corpus_paths(old, cfg.corpus)
+            paths = corpus_pieces(old, cfg.corpus)
             corpus = self._corpus(paths, modeling.load_tokenizer(model_dir), max_length)
         attrs["provenance"]["corpus"] = [shard.to_dict() for shard in corpus.shards]
         if not cfg.self_influence:

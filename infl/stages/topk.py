@@ -47,12 +47,13 @@ def _records(scores: ScoresArtifact, indices: np.ndarray) -> list[tuple[str, boo
 
 
 def _check_shard(shard: data.Shard, scores: ScoresArtifact) -> None:
-    """A text is read back by byte offset: only from a shard with the size and sha256 it had when
-    it was scored (the hash of a large shard is remembered by size and mtime)."""
+    """A text is read back by byte offset: only from a shard whose bytes are those it held when it
+    was scored, by sha256 (lines appended to its file since do not matter; the hash of a large
+    file is remembered by size and mtime)."""
     path = Path(shard.path)
     if not path.is_file():
         problem = "is missing"
-    elif path.stat().st_size != shard.size or hashing.file_sha256(path) != shard.sha256:
+    elif hashing.range_sha256(path, shard.start, shard.size) != shard.sha256:
         problem = "changed since it was scored"
     else:
         return
