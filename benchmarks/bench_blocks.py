@@ -2,7 +2,7 @@
 per Kronecker factor cost in agreement with the dense factors (K = 1), and what they save.
 
     python benchmarks/bench_blocks.py [--blocks 1,2,4,8] [--demo runs/demo] [--readme]
-    python benchmarks/bench_blocks.py --model path/to/model.gguf --corpus corpus.jsonl --queries queries.jsonl
+    python benchmarks/bench_blocks.py --model path/to/model.gguf --corpus corpus.jsonl --queries queries.jsonl --name blocks-smollm2
 
 On the embedded default unless --model, --corpus and --queries are given. For every K: fit the
 factors, build rank-32 queries (build-query's default) and score the corpus; then per query the
@@ -82,6 +82,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out/blocks"))
     parser.add_argument("--readme", action="store_true")
+    parser.add_argument("--name", default="blocks", help="the README block to replace (blocks-smollm2 for the real checkpoint)")
     args = parser.parse_args()
 
     given = [args.model, args.corpus, args.queries]
@@ -122,7 +123,7 @@ def main() -> None:
         lines.append(f"| {K} | {rho:.4f} | {overlap:.3f} | {sums / 1e6:.2f} | {bases / 1e6:.2f} | "
                      f"{(sums + bases) / (ref_sums + ref_bases):.3f} | {fit_s:.1f} |")
     lines += ["", f"`{' '.join(['python benchmarks/bench_blocks.py', *sys.argv[1:]])}`"]
-    readme_block.publish("blocks", lines, args.readme)
+    readme_block.publish(args.name, lines, args.readme)
 
 
 if __name__ == "__main__":
