@@ -76,6 +76,8 @@ def range_sha256(path: Path, start: int, size: int) -> str | None:
         left = size
         while left:
             block = f.read(min(left, 1 << 20))
+            if not block:  # truncated while being read
+                return None
             digest.update(block)
             left -= len(block)
     return digest.hexdigest()

@@ -253,6 +253,8 @@ def test_a_grown_queries_file_appends_only_its_new_queries(workdir, tmp_path):
     grown = infl(*build)
     assert grown.exit_code == 0 and "appended 1 queries" in grown.output, grown.output
     assert "up to date" in infl(*build).output
+    os.utime(grows)  # checked in full, not from memory: still up to date
+    assert "up to date" in infl(*build).output and "up to date" in infl("--log-format", "text", *build).output
     rescored = infl(*score)
     assert rescored.exit_code == 0 and "adding 1 queries" in rescored.output, rescored.output
     got, ref = (artifacts.open_complete(tmp_path / name, "scores") for name in ("sa.zarr", "s.zarr"))

@@ -73,8 +73,9 @@ class BuildQuery(WritingStage):
         attrs = {"config": semantic_fields(cfg), "provenance": provenance}
         sha = data.file_sha256(cfg.queries)
         held = self._held_bytes(attrs)
+        holds = self._holds(sha)
         built = QueriesArtifact.plan_build(cfg.out, attrs, {"path": str(cfg.queries.resolve()), "sha256": sha},
-                                           cfg.append or held > 0, cfg.force)
+                                           cfg.append or held > 0 or holds, cfg.force)
         if built.up_to_date:
             return Outcome(f"{cfg.out} is up to date" + (f" (it holds {cfg.queries})" if built.appending else ""),
                            up_to_date=True)
@@ -101,6 +102,13 @@ class BuildQuery(WritingStage):
         units = [(lo, min(lo + cfg.batch_size, Q)) for lo in range(0, Q, cfg.batch_size)]
         return QueryPlan(model_dir, built.attrs, built.blocks, built.start, Q, units, sha, held, started)
 
+    def _holds(self, sha: str) -> bool:
+        """Whether the artifact was grown from this very file (a block of its lines appended after
+        the file grew): then it is up to date with it, as with --append."""
+        old = read_attrs(self.cfg.out) if self.cfg.out.exists() and not self.cfg.force else None
+        files = old["provenance"].get("queries_files", []) if old and "blocks" in old else []
+        return len([f for f in files if f["path"] == str(self.cfg.queries.resolve())]) > 1 and sha in {f["sha256"] for f in files}
+
     def _held_bytes(self, attrs: dict) -> int:
         """How many bytes of the queries file the artifact already holds, when the file grew by
         lines appended since its last build (the same options and factors; its old bytes unchanged,
@@ -110,7 +118,9 @@ class BuildQuery(WritingStage):
         if not old or "blocks" not in old or old.get("base_fingerprint") != identity_fingerprint(attrs):
             return 0
         held = [f["sha256"] for f in old["provenance"]["queries_files"] if f["path"] == str(cfg.queries.resolve())]
-        return (held and line_prefix(cfg.queries, held[-1])) or 0
+        if not held or data.file_sha256(cfg.queries) in held:  # held whole: plan_build says it is up to date
+            return 0
+        return line_prefix(cfg.queries, held[-1]) or 0
 
     def run(self, plan: QueryPlan, g: Group) -> list[tuple[int, np.ndarray, dict[str, np.ndarray]]]:
         """Every rank: gradients of its query batches, preconditioned, compressed, written by row.
