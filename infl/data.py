@@ -187,9 +187,13 @@ def read_corpus(
     tokens: list[list[int] | None] = []  # None until the texts are tokenised in one batch below
     texts: dict[int, str] = {}  # record position -> text
     locators: list[tuple[int, int, int]] = []
+    files: dict[Path, bytes] = {}  # a grown file is several pieces: read once
     for index, piece in enumerate(paths):
         piece = piece if isinstance(piece, Piece) else Piece(Path(piece))
-        path, whole = piece.path, _read_bytes(piece.path)
+        path = piece.path
+        if path not in files:
+            files[path] = _read_bytes(path)
+        whole = files[path]
         data = whole[piece.start: None if piece.size is None else piece.start + piece.size]
         lines = whole.count(b"\n", 0, piece.start) + 1, piece.start  # the first line's number, its byte
         fmt = shard_format(path, split)

@@ -8,7 +8,7 @@ import json
 import os
 from pathlib import Path
 
-__all__ = ["file_sha256", "range_sha256", "line_prefix", "cache_dir", "note_file", "note_listing", "note_artifact", "artifact_digest", "start_checking", "checked"]
+__all__ = ["file_sha256", "range_sha256", "line_prefix", "cache_dir", "note_file", "note_listing", "note_artifact", "artifact_digest", "start_checking", "checked", "stat_key"]
 
 CACHE_MIN_BYTES = 16 << 20  # smaller files are hashed every time: it costs less than the cache
 
@@ -26,8 +26,13 @@ def _cache_path() -> Path:
     return cache_dir() / "file_hashes.json"
 
 
+def stat_key(st: os.stat_result) -> list[int]:
+    """What says a file is as it was: its size and modification time, as git and the cache below use."""
+    return [st.st_size, st.st_mtime_ns]
+
+
 def _note(path: Path, st: os.stat_result) -> None:
-    _CHECKED["files"].setdefault(str(path.absolute()), [st.st_size, st.st_mtime_ns])
+    _CHECKED["files"].setdefault(str(path.absolute()), stat_key(st))
 
 
 def note_file(path: Path) -> None:

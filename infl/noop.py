@@ -53,8 +53,7 @@ def _code() -> list:
 
 
 def _stat(path: Path) -> list:
-    st = path.stat()
-    return [st.st_size, st.st_mtime_ns]
+    return hashing.stat_key(path.stat())
 
 
 def _state(stage: str, cfg) -> dict:

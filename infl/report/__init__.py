@@ -17,7 +17,7 @@ from rich.text import Text
 
 from infl.analysis.results import Hit, LayerTable, QueryInfo, Topk
 
-__all__ = ["TOPK", "LAYERWISE", "SPARSITY", "COMPARE", "unit_name", "short_names", "topk_records", "column_format", "html_legend", "SHARE_NOTE", "render_info", "render_plan", "as_text"]
+__all__ = ["TOPK", "LAYERWISE", "SPARSITY", "COMPARE", "unit_name", "short_names", "topk_records", "column_format", "percent", "html_legend", "SHARE_NOTE", "render_info", "render_plan", "as_text"]
 
 _PREVIEW = 240  # characters of text shown per sequence in a table
 
@@ -77,7 +77,8 @@ def column_format(values) -> Callable[[float], str]:
     return lambda v: "–" if v is None or not np.isfinite(v) else format(v, spec)
 
 
-def _share(x: float) -> str:
+def percent(x: float) -> str:
+    """A share as a percentage, or – where there is none (NaN)."""
     return "–" if x != x else f"{x:.1%}"
 
 
@@ -105,6 +106,7 @@ def topk_records(result: Topk, unit: str) -> list[dict]:
 
 # Token shading: a token's influence relative to the largest |influence| among its sequence's tokens.
 _MARK = 0.25  # in plain text, tokens at least this strong are marked {+...} / {-...}
+_LEGEND = ((1.0, 1, "strong +"), (0.5, 1, "+"), (0.2, 1, "weak +"), (0.2, -1, "weak -"), (0.5, -1, "-"), (1.0, -1, "strong -"))
 
 
 def _shade(value: float, scale: float) -> float:
@@ -148,8 +150,7 @@ def _token_legend(colours: str | None) -> Text:
                     "the sequence's largest |token influence| (stdout is not a terminal: --format html or json "
                     "keep every value)", style="dim")
     legend = Text("tokens: ")
-    for x, value, name in ((1.0, 1, "strong +"), (0.5, 1, "+"), (0.2, 1, "weak +"),
-                           (0.2, -1, "weak -"), (0.5, -1, "-"), (1.0, -1, "strong -")):
+    for x, value, name in _LEGEND:
         legend.append(f" {name} ", style=_token_style(value, x, colours))
         legend.append(" ")
     legend.append("(relative to each sequence's largest |token influence|; + raises log p(completion))", style="dim")
@@ -169,8 +170,8 @@ def _html_span(piece: str, value: float, x: float, title: str | None = None) -> 
 
 def html_legend() -> str:
     """The token shading's legend, as HTML."""
-    steps = ((1.0, 1, "strong +"), (0.5, 1, "+"), (0.2, 1, "weak +"), (0.2, -1, "weak −"), (0.5, -1, "−"), (1.0, -1, "strong −"))
-    spans = " ".join(_html_span(f" {name} ", value, x, f"{x:.0%} of the largest |token influence|") for x, value, name in steps)
+    spans = " ".join(_html_span(f" {name.replace('-', '−')} ", value, x, f"{x:.0%} of the largest |token influence|")
+                     for x, value, name in _LEGEND)
     return (f"<p class='legend'>tokens: {spans} — relative to each sequence's largest |token influence|; "
             "+ raises log p(completion). Hover a token for its value.</p>")
 
@@ -221,7 +222,7 @@ def _topk_markdown(result: Topk, unit: str) -> str:
         out.append(f"### {_markdown(_id(info.query_id))}\n\n{_markdown(_query_line(info))}\n\n"
                    f"| rank | train id | {head} | text |\n|---:|---|---:|---:|{'---:|' if refined else ''}---|")
         for h in hits:
-            number = f"{score(h.score)} | {_share(h.share)}" + (f" | {full(h.refined)}" if refined else "")
+            number = f"{score(h.score)} | {percent(h.share)}" + (f" | {full(h.refined)}" if refined else "")
             text = _html_tokens(h.tokens).replace("|", "&#124;") if h.tokens else _markdown(_preview(h.text))
             out.append(f"| {h.rank} | {_markdown(_id(h.train_id))} | {number} | {text.replace(chr(10), ' ')} |")
         out.append("")
@@ -241,7 +242,7 @@ def _topk_html(result: Topk, unit: str) -> str:
                    "<table border='1' cellpadding='4'><tr><th>rank</th><th>train id</th>"
                    f"<th>influence ({html.escape(unit)})</th><th>share</th>{'<th>full rank</th>' if refined else ''}<th>text</th></tr>")
         for h in hits:
-            cells = [str(h.rank), html.escape(h.train_id), score(h.score), _share(h.share), *([full(h.refined)] if refined else []),
+            cells = [str(h.rank), html.escape(h.train_id), score(h.score), percent(h.share), *([full(h.refined)] if refined else []),
                      _html_tokens(h.tokens) if h.tokens else html.escape(h.text)]
             out.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
         out.append("</table>")
@@ -270,7 +271,7 @@ def _topk_table(result: Topk, unit: str) -> str:
             table.add_column("full rank", justify="right")
         table.add_column("text", overflow="fold", ratio=1)
         for h in hits:
-            numbers = [score(h.score), _share(h.share)] + ([full(h.refined)] if refined else [])
+            numbers = [score(h.score), percent(h.share)] + ([full(h.refined)] if refined else [])
             table.add_row(str(h.rank), Text(_id(h.train_id)), *numbers,
                           _rich_tokens(h.tokens, colours) if h.tokens else Text(_preview(h.text)))
         out.append(table)

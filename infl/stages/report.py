@@ -15,7 +15,7 @@ from infl.artifacts.queries import QueriesArtifact
 from infl.artifacts.scores import ScoresArtifact
 from infl.config import ReportConfig, TopkConfig
 from infl.errors import BadInput
-from infl.report import SHARE_NOTE, column_format
+from infl.report import SHARE_NOTE, column_format, percent
 from infl.stages import open_parent, topk
 
 __all__ = ["run"]
@@ -40,8 +40,8 @@ def run(cfg: ReportConfig, unit: str) -> Path:
         number = column_format([h.score for h in hits])
         entries.append({
             "id": q.query_id, "prompt": q.prompt, "completion": q.completion, "measurement": f"{q.log_p:.4g}",
-            "top_1": _percent(conc.top_1),
-            "hits": [{"rank": h.rank, "train_id": h.train_id, "score": number(h.score), "share": _percent(h.share),
+            "top_1": percent(conc.top_1),
+            "hits": [{"rank": h.rank, "train_id": h.train_id, "score": number(h.score), "share": percent(h.share),
                       "text": page.token_html(h.tokens) if h.tokens else h.text} for h in hits],
         })
     provenance = [
@@ -60,7 +60,7 @@ def run(cfg: ReportConfig, unit: str) -> Path:
         "unit_note": unit, "filtering_note": _filtering(scores), "legend": page.legend_html(),
         "share_note": SHARE_NOTE,
         "layers_png": page.png_url_data(figures.layer_heatmap_png(layer_tables(scores, (), cfg.k, False, scale), unit)),
-        "sparsity": [{"query_id": s.query_id, "top_1": _percent(s.top_1), "top_10": _percent(s.top_10),
+        "sparsity": [{"query_id": s.query_id, "top_1": percent(s.top_1), "top_10": percent(s.top_10),
                       "alpha": _number(s.alpha, ".2f"), "xmin": _number(s.xmin, ".3g"), "n_tail": s.n_tail}
                      for s in concentration],
         "ccdf_pngs": [{"query_id": s.query_id, "data": page.png_url_data(figures.ccdf_png(values, s, unit))}
@@ -78,10 +78,6 @@ def _filtering(scores: ScoresArtifact) -> str:
     return (f"TF-IDF filtering was used: each query was ranked among its own {candidates.group['indices'].shape[1]} "
             f"candidates by BM25 ({candidates.path}), and only the {scores.n_sequences} sequences that are a candidate "
             f"of some query (of {candidates.n_sequences}) were scored; the concentration below is over those.")
-
-
-def _percent(x: float) -> str:
-    return "–" if x != x else f"{x:.1%}"
 
 
 def _number(x: float, spec: str) -> str:
