@@ -8,12 +8,12 @@ import json
 import os
 from pathlib import Path
 
-__all__ = ["file_sha256", "range_sha256", "line_prefix", "cache_dir", "note_file", "note_listing", "note_artifact", "artifact_digest", "start_checking", "checked", "stat_key"]
+__all__ = ["file_sha256", "range_sha256", "line_prefix", "cache_dir", "note_file", "note_listing", "note_absent", "note_artifact", "artifact_digest", "start_checking", "checked", "stat_key"]
 
 CACHE_MIN_BYTES = 16 << 20  # smaller files are hashed every time: it costs less than the cache
 
 # What this process checked, as it was when checked (infl.noop remembers it): input files and
-# listed directories by [size, mtime_ns], artifacts by the sha256 of their COMPLETE.json.
+# listed directories by stat_key (None: looked for, absent), artifacts by artifact_digest.
 _CHECKED: dict[str, dict] = {"files": {}, "artifacts": {}}
 
 
@@ -27,12 +27,13 @@ def _cache_path() -> Path:
 
 
 def stat_key(st: os.stat_result) -> list[int]:
-    """What says a file is as it was: its size and modification time, as git and the cache below use."""
-    return [st.st_size, st.st_mtime_ns]
+    """What says a file is as it was: its size, modification time, inode and change time (a file
+    replaced by another of the same size and mtime, `cp -p` or a retargeted symlink, is another)."""
+    return [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
 
 
-def _note(path: Path, st: os.stat_result) -> None:
-    _CHECKED["files"].setdefault(str(path.absolute()), stat_key(st))
+def _note(path: Path, st: os.stat_result | None) -> None:
+    _CHECKED["files"].setdefault(str(path.absolute()), None if st is None else stat_key(st))
 
 
 def note_file(path: Path) -> None:
@@ -46,10 +47,35 @@ def note_listing(directory: Path) -> None:
     _note(directory, directory.stat())
 
 
+def note_absent(path: Path) -> None:
+    """A path looked for and not found (an artifact then looked for elsewhere): one appearing there
+    is a change."""
+    _note(path, None)
+
+
 def artifact_digest(path: Path) -> str:
-    """What changes whenever a finished artifact is rewritten or its attributes are edited: its
-    COMPLETE.json (the manifest) and its root zarr.json (the attributes)."""
-    return hashlib.sha256((path / "COMPLETE.json").read_bytes() + b"\0" + (path / "zarr.json").read_bytes()).hexdigest()
+    """What changes whenever a finished artifact is rewritten, or edited as its full check would
+    see: its COMPLETE.json (the manifest), the zarr.json of every group and array (attributes,
+    shapes), and the files of its `done` marker, by their stat (chunk data is verify's work)."""
+    digest = hashlib.sha256((path / "COMPLETE.json").read_bytes())
+    groups = [path]
+    while groups:  # as integrity.nodes walks it: an array's directory holds chunks, maybe many
+        group = groups.pop()
+        for child in sorted(group.iterdir()):
+            meta_path = child / "zarr.json"
+            if not meta_path.is_file():
+                continue
+            meta = meta_path.read_bytes()
+            digest.update(b"\0" + child.relative_to(path).as_posix().encode() + b"\0" + meta)
+            if json.loads(meta).get("node_type") == "group":
+                groups.append(child)
+    digest.update(b"\0" + (path / "zarr.json").read_bytes())
+    marker = path / "done"
+    if marker.is_dir():
+        for chunk in sorted(marker.rglob("*")):
+            if chunk.is_file():
+                digest.update(json.dumps([chunk.relative_to(marker).as_posix(), *stat_key(chunk.stat())]).encode())
+    return digest.hexdigest()
 
 
 def note_artifact(path: Path) -> None:

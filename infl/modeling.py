@@ -239,4 +239,5 @@ def tokenizer_fingerprint(path: Path) -> str:
     _check_model_dir(path)
     if _is_gguf(path):
         return _hash_files([path])
+    note_listing(path)  # a tokenizer file added
     return _hash_files([path / name for name in _TOKENIZER_FILES if (path / name).is_file()])

@@ -6,7 +6,7 @@ What it checked: every input file it hashed and every model directory it listed 
 modification time, as the file-hash cache and git do), every artifact it opened (by the content of
 its COMPLETE.json and root zarr.json, which change whenever it is rewritten or its attributes are
 edited), the output itself the same way, and infl's own source files. Anything else, or any doubt, takes the full path.
-No torch, zarr or transformers here.
+INFL_NO_MEMORY=1 turns it off (every run checks in full). No torch, zarr or transformers here.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from infl import hashing
 __all__ = ["fresh", "remember", "Remembered"]
 
 COMPLETE = "COMPLETE.json"
+KEEP = 1000  # records kept (one per output path)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,11 +39,11 @@ def _record_path(out: Path) -> Path:
 
 
 def _options(stage: str, cfg) -> str:
-    """The stage and its options, with every path made absolute (the same relative path means
-    another file in another working directory)."""
+    """The stage and its options, with every path resolved (the same relative path means another
+    file in another working directory, and a retargeted symlink another file)."""
     values = dataclasses.asdict(cfg)
     text = json.dumps({"stage": stage, "options": values}, sort_keys=True,
-                      default=lambda v: str(Path(v).absolute()) if isinstance(v, Path) else repr(v))
+                      default=lambda v: str(Path(v).resolve()) if isinstance(v, Path) else repr(v))
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -52,19 +53,27 @@ def _code() -> list:
     return sorted([str(p.relative_to(root)), *_stat(p)] for p in root.rglob("*.py"))
 
 
-def _stat(path: Path) -> list:
-    return hashing.stat_key(path.stat())
+def _stat(path: Path) -> list | None:
+    try:
+        return hashing.stat_key(path.stat())
+    except FileNotFoundError:
+        return None
 
 
 def _state(stage: str, cfg) -> dict:
     return {"options": _options(stage, cfg), "code": _code(), "output": hashing.artifact_digest(cfg.out)}
 
 
+def _off() -> bool:
+    """Not under torchrun (each rank must take part in the full check), nor with INFL_NO_MEMORY set."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 or os.environ.get("INFL_NO_MEMORY", "") not in ("", "0")
+
+
 def fresh(stage: str, cfg) -> Remembered | None:
     """The run's answer if it is remembered as up to date and nothing it checked has changed;
-    None otherwise (then the stage runs in full). Not under torchrun, never with --force, and
-    not while another run holds the output's lock."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or getattr(cfg, "force", False):
+    None otherwise (then the stage runs in full). Never with --force, and not while another run
+    holds the output's lock."""
+    if _off() or getattr(cfg, "force", False):
         return None
     out = cfg.out
     try:
@@ -86,7 +95,7 @@ def fresh(stage: str, cfg) -> Remembered | None:
 def remember(stage: str, cfg) -> None:
     """After a run that left its output finished: what it checked, for the next run's `fresh`.
     A cache that cannot be written only costs time."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if _off():
         return
     checked = hashing.checked()
     try:
@@ -96,5 +105,8 @@ def remember(stage: str, cfg) -> None:
         temporary = path.with_suffix(f".{os.getpid()}.tmp")
         temporary.write_text(json.dumps(record))
         os.replace(temporary, path)
+        records = sorted(path.parent.glob("*.json"), key=lambda p: p.stat().st_mtime_ns)
+        for stale in records[:-KEEP]:  # the least recently written: one output each, bounded
+            stale.unlink(missing_ok=True)
     except (OSError, ValueError):
         pass

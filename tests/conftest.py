@@ -80,6 +80,23 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """The file-hash cache and the no-op memory in a folder of the test session's own (never the
+    user's ~/.cache), and the memory off: every run takes the full up-to-date check, which is what
+    most tests mean to exercise. Tests of the memory itself ask for the `memory` fixture."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("INFL_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+        patch.setenv("INFL_NO_MEMORY", "1")
+        yield
+
+
+@pytest.fixture
+def memory(monkeypatch):
+    """No-op runs answered from memory (infl.noop), as a user's shell has them."""
+    monkeypatch.delenv("INFL_NO_MEMORY")
+
+
 @pytest.fixture(scope="session")
 def workdir(tmp_path_factory) -> Path:
     """A session-wide folder with one model directory per architecture, a corpus and queries."""

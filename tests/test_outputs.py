@@ -8,6 +8,8 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -107,9 +109,13 @@ def test_layerwise_markdown_and_html(scored):
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
-def test_make_reruns_once_as_no_ops_then_does_nothing(workdir, tmp_path):
+@pytest.mark.parametrize("remembered", [False, True], ids=["full-check", "from-memory"])
+def test_make_reruns_once_as_no_ops_then_does_nothing(workdir, tmp_path, request, remembered):
     """An up-to-date stage refreshes its stamp (COMPLETE.json): after `touch corpus.jsonl` one make
-    reruns the chain as no-ops and the next make has nothing to do."""
+    reruns the chain as no-ops and the next make has nothing to do, whether the stages answer
+    from a full check or from memory (infl.noop)."""
+    if remembered:
+        request.getfixturevalue("memory")
     for name in ("corpus.jsonl", "queries.jsonl"):
         shutil.copy(workdir / name, tmp_path / name)
     infl_cmd = f"{sys.executable} -m infl"
@@ -175,7 +181,7 @@ def test_a_reader_that_stops_early_is_not_an_error(scored):
     assert reader.wait() == 0 and "Error" not in stderr and "Traceback" not in stderr, stderr
 
 
-def test_an_up_to_date_stage_answers_before_torch_is_imported(workdir, tmp_path):
+def test_an_up_to_date_stage_answers_before_torch_is_imported(workdir, tmp_path, memory):
     out = pipeline(workdir, tmp_path)
     score = ["score", "--queries", out / "q.zarr", "--corpus", workdir / "corpus.jsonl", "--out", out / "s.zarr"]
 
@@ -265,3 +271,86 @@ def test_a_grown_queries_file_appends_only_its_new_queries(workdir, tmp_path):
     grows.write_text(grows.read_text().replace("the cat sat", "the dog sat") + json.dumps({**QUERIES[0], "id": "new"}) + "\n")
     assert "other inputs" in one_line_error(infl(*build))  # an edited old line: refused, nothing lost
     assert (tmp_path / "qa.zarr" / "COMPLETE.json").is_file()
+
+
+def test_memory_is_not_fooled_by_lookalike_files(workdir, tmp_path, monkeypatch, memory):
+    """What the no-op memory compares: a file replaced by a copy with the same size and mtime, a
+    retargeted symlink, and a deleted `done` marker chunk each take the full check."""
+    from infl import noop
+
+    answers = []
+    remembered = noop.fresh
+    monkeypatch.setattr(noop, "fresh", lambda *a: answers.append(remembered(*a)) or answers[-1])
+
+    def from_memory(*args) -> bool:
+        answers.clear()
+        result = infl(*args)
+        assert result.exit_code == 0 and "up to date" in result.output, result.output
+        return answers[-1] is not None
+
+    shutil.copytree(workdir / "gpt2", tmp_path / "v1")
+    shutil.copytree(workdir / "gpt2", tmp_path / "v2")  # copy2: the same sizes and mtimes
+    (tmp_path / "current").symlink_to(tmp_path / "v1")
+    corpus = shutil.copy2(workdir / "corpus.jsonl", tmp_path / "corpus.jsonl")
+    fit = ["fit-factors", "--model", tmp_path / "current", "--corpus", corpus, "--out", tmp_path / "f.zarr"]
+    score = ["score", "--queries", tmp_path / "q.zarr", "--corpus", corpus, "--out", tmp_path / "s.zarr", "--chunk-size", "4"]
+    assert infl(*fit).exit_code == 0
+    assert infl("build-query", "--factors", tmp_path / "f.zarr", "--queries", workdir / "queries.jsonl",
+                "--out", tmp_path / "q.zarr").exit_code == 0
+    assert infl(*score).exit_code == 0
+    assert from_memory(*fit) and from_memory(*score)
+
+    (tmp_path / "current").unlink()
+    (tmp_path / "current").symlink_to(tmp_path / "v2")
+    assert not from_memory(*fit) and from_memory(*fit)
+    os.replace(shutil.copy2(corpus, tmp_path / "copy.jsonl"), corpus)  # same bytes, size and mtime
+    assert not from_memory(*score) and from_memory(*score)
+    chunk = next(p for p in (tmp_path / "s.zarr" / "done").rglob("*") if p.is_file() and p.name != "zarr.json")
+    chunk.unlink()
+    answers.clear()
+    refused = infl(*score)  # the full check sees it
+    assert answers[-1] is None and "marked not done" in one_line_error(refused)
+
+
+AUDITED_RUN = """
+import json, sys
+opened = set()
+def hook(event, args):
+    if event in ("open", "os.listdir", "os.scandir") and args and isinstance(args[0], str):
+        opened.add(args[0])
+sys.addaudithook(hook)
+log = sys.argv.pop(1)
+from infl.cli import app
+try:
+    app(prog_name="infl")
+finally:
+    json.dump(sorted(opened), open(log, "w"))
+"""
+
+
+@pytest.mark.parametrize("stage", ["fit-factors", "build-query", "score"])
+def test_the_memory_notes_every_input_the_full_check_reads(workdir, tmp_path, memory, stage):
+    """Each file or directory an up-to-date full check opens, outside Python's own, infl's source,
+    the output and the caches, is one the memory compares next time: a noted file or listing, or
+    inside a noted artifact."""
+    from infl import noop
+
+    out = pipeline(workdir, tmp_path)
+    args = {"fit-factors": ["--model", workdir / "gpt2", "--corpus", workdir / "corpus.jsonl", "--out", out / "f.zarr"],
+            "build-query": ["--factors", out / "f.zarr", "--queries", workdir / "queries.jsonl", "--out", out / "q.zarr"],
+            "score": ["--queries", out / "q.zarr", "--corpus", workdir / "corpus.jsonl", "--out", out / "s.zarr"]}[stage]
+    (out / "f.zarr" / "COMPLETE.json").touch()  # nothing in memory matches now: the full check
+    log = tmp_path / "opened.json"
+    record = noop._record_path(Path(args[-1]))
+    record.unlink(missing_ok=True)
+    done = subprocess.run([sys.executable, "-c", AUDITED_RUN, log, stage, *map(str, args)], capture_output=True, text=True)
+    assert done.returncode == 0 and "up to date" in done.stderr, done.stderr
+    noted = json.loads(record.read_text())
+    output = str(Path(args[-1]).absolute())
+    covered = [*noted["files"], *noted["artifacts"], output, output + ".lock"]
+    ignored = [sys.prefix, sys.base_prefix, str(Path(noop.__file__).parent), os.environ["INFL_CACHE_DIR"], "/proc", "/sys",
+               "/dev", "/etc", "/usr", tempfile.gettempdir() + "/torchinductor"]
+    unnoted = [p for p in json.loads(log.read_text()) if os.sep in p  # bare names: the import system's
+               if not any(os.path.abspath(p) == c or os.path.abspath(p).startswith(c + os.sep) for c in covered)
+               and not any(os.path.realpath(p).startswith(i) or os.path.abspath(p).startswith(i) for i in ignored)]
+    assert unnoted == [], unnoted

@@ -59,9 +59,11 @@ def open_parent(cls, child, key: str):
     it is still the one the child was made from: a parent rebuilt in place is never used. A
     parent no longer at its path is looked for next to the child (artifacts moved together)."""
     from infl.errors import IncompatibleArtifact
+    from infl.hashing import note_absent
 
     path, recorded = Path(child.provenance[key]), child.provenance[f"{key}_fingerprint"]
     if not path.exists() and (child.path.parent / path.name).exists():
+        note_absent(path)  # one put back there is used instead (infl.noop)
         path = child.path.parent / path.name
     parent = cls.open(path)
     if not parent.made_as(recorded):
