@@ -76,13 +76,13 @@ def appended(path: Path, end: int) -> Piece | None:
     it did not grow there: it holds no more bytes, or the bytes before `end` no longer end a line
     (the last line was extended, not followed). The bytes before `end` are checked by the caller,
     by the sha256 of the shards that hold them."""
-    if not path.is_file() or path.stat().st_size <= end:
+    if not path.is_file() or (size := path.stat().st_size) <= end:
         return None
     with path.open("rb") as f:
         f.seek(max(end - 1, 0))
         around = f.read(2)
-    at_line_start = end == 0 or around[:1] == b"\n" or around[1:2] in (b"\n", b"\r")
-    return Piece(path, end) if at_line_start else None
+    at_line_start = end == 0 or around[:1] in (b"\n", b"\r") or around[1:2] in (b"\n", b"\r")
+    return Piece(path, end, size - end) if at_line_start else None  # its size now: every rank reads the same
 
 
 @dataclass
@@ -128,11 +128,16 @@ def _read_bytes(path: Path) -> bytes:
     return path.read_bytes()
 
 
-def _lines(data: bytes, first: int = 1, offset: int = 0):
-    """(line number, start byte, end byte, line bytes) for every line of `data`, which begins at
-    byte `offset` of its file, on line `first`."""
-    start = offset
-    for number, line in enumerate(data.splitlines(keepends=True), first):
+def _lines(whole: bytes, start: int = 0, stop: int | None = None):
+    """(line number, start byte, end byte, line bytes) for every line of `whole[start:stop]`,
+    numbered as in the whole file, whose lines end as bytes.splitlines ends them (\\n, \\r\\n or
+    a lone \\r). A first fragment that only ends the line before `start` (the file grew after a
+    last line with no newline, or between \\r and \\n) keeps that line's number."""
+    before = whole[:start]
+    number = before.count(b"\n") + before.count(b"\r") - before.count(b"\r\n")  # lines ended before it
+    number -= before.endswith(b"\r") and whole[start:start + 1] == b"\n"  # that \\r\\n ends one line
+    for line in whole[start:stop].splitlines(keepends=True):
+        number += 1
         yield number, start, start + len(line), line
         start += len(line)
 
@@ -194,12 +199,12 @@ def read_corpus(
         if path not in files:
             files[path] = _read_bytes(path)
         whole = files[path]
-        data = whole[piece.start: None if piece.size is None else piece.start + piece.size]
-        lines = whole.count(b"\n", 0, piece.start) + 1, piece.start  # the first line's number, its byte
+        stop = None if piece.size is None else piece.start + piece.size
+        data = whole[piece.start:stop]
         fmt = shard_format(path, split)
         before = len(ids)
         if fmt == "jsonl":
-            for number, start, end, line in _lines(data, *lines):
+            for number, start, end, line in _lines(whole, piece.start, stop):
                 if not line.strip():
                     continue
                 record = _json_record(path, number, line)
@@ -211,7 +216,7 @@ def read_corpus(
                 tokens.append(None)
                 locators.append((index, start, end))
         elif fmt == "lines":
-            for number, start, end, line in _lines(data, *lines):
+            for number, start, end, line in _lines(whole, piece.start, stop):
                 text = _decode(path, line).rstrip("\r\n")
                 if text.strip():
                     ids.append(f"{path.name}:{number}")
@@ -275,14 +280,14 @@ def read_queries(path: Path, tokenizer, max_length: int, start: int = 0) -> Quer
     queries already built), tokenised (see add_query)."""
     whole = _read_bytes(path)
     queries = Queries([], [], [], [], [])
-    for number, _, _, line in _lines(whole[start:], whole.count(b"\n", 0, start) + 1, start):
+    for number, _, _, line in _lines(whole, start):
         if not line.strip():
             continue
         record = _json_record(path, number, line)
         query_id = _record_id(path, number, record, "id")
         prompt, completion = _field(path, number, record, "prompt"), _field(path, number, record, "completion")
         add_query(queries, query_id, prompt, completion, tokenizer, max_length, where=f"{path}:{number}: ")
-    if not queries.ids:
+    if not queries.ids and not start:  # appended blank lines hold none, and need none
         raise BadInput(f"{path} holds no query")
     return queries
 

@@ -236,6 +236,17 @@ def test_a_grown_corpus_file_is_scored_only_for_its_new_lines(workdir, tmp_path)
     assert {r["text"] for r in texts} == set(SENTENCES)  # read back from both shards of the file
     assert "up to date" in infl(*common, "--out", tmp_path / "grown.zarr").output
 
+    odd = tmp_path / "odd.txt"  # a lone \r ends a line too: the grown lines keep their numbers as ids
+    odd.write_bytes(b"the cat sat\ron the mat\na dog ran")
+    lone = [*common[:-1], odd, "--out"]
+    assert infl(*lone, tmp_path / "odd.zarr").exit_code == 0
+    with odd.open("ab") as f:
+        f.write(b"\r\nin the park\r\n")
+    assert "adding 1 sequences" in infl(*lone, tmp_path / "odd.zarr").output
+    assert infl(*lone, tmp_path / "odd-scratch.zarr").exit_code == 0
+    ids = [list(artifacts.open_complete(tmp_path / n, "scores")["train_ids"][...]) for n in ("odd.zarr", "odd-scratch.zarr")]
+    assert ids[0] == ids[1] == ["odd.txt:1", "odd.txt:2", "odd.txt:3", "odd.txt:4"]
+
     plain = tmp_path / "plain.txt"
     plain.write_text("\n".join(SENTENCES[:3]))  # no newline at the end: then its last line is extended
     assert infl(*common[:-1], plain, "--out", tmp_path / "last.zarr").exit_code == 0
@@ -255,7 +266,11 @@ def test_a_grown_queries_file_appends_only_its_new_queries(workdir, tmp_path):
     score = ["score", "--queries", tmp_path / "qa.zarr", "--corpus", workdir / "corpus.jsonl", "--out", tmp_path / "sa.zarr"]
     assert infl(*build).exit_code == 0 and infl(*score).exit_code == 0
     with grows.open("a") as f:
-        f.write("\n" + json.dumps(QUERIES[2]) + "\n")
+        f.write("\n\n")
+    blank = infl(*build)  # blank lines hold no new query: nothing to do
+    assert blank.exit_code == 0 and "up to date" in blank.output, blank.output
+    with grows.open("a") as f:
+        f.write(json.dumps(QUERIES[2]) + "\n")
     grown = infl(*build)
     assert grown.exit_code == 0 and "appended 1 queries" in grown.output, grown.output
     assert "up to date" in infl(*build).output

@@ -80,6 +80,8 @@ class BuildQuery(WritingStage):
             return Outcome(f"{cfg.out} is up to date" + (f" (it holds {cfg.queries})" if built.appending else ""),
                            up_to_date=True)
         queries = data.read_queries(cfg.queries, modeling.load_tokenizer(model_dir), fprov["max_length"], held)
+        if held and not queries.ids:  # it grew by blank lines only
+            return Outcome(f"{cfg.out} is up to date (it holds every query of {cfg.queries})", up_to_date=True)
         if held:
             log(f"{cfg.queries} grew: appending its {len(queries.ids)} new queries to {cfg.out}")
         if built.appending:
