@@ -224,6 +224,8 @@ def _finish(call: Callable[[], object], quiet: bool, every_rank: bool = True, ou
         log_error(str(e), e.hint, e.exit_code)
         raise typer.Exit(e.exit_code) from None
     except BrokenPipeError:  # the reader stopped early (`infl topk ... | head -1`): not an error
+        if every_rank:  # a writing stage prints no answer: a broken pipe there is a real failure (gloo's)
+            raise
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that the exit's flush is quiet
         raise typer.Exit(0) from None
     except OSError as e:

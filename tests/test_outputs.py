@@ -76,6 +76,7 @@ def test_one_number_format_per_column():
     tiny = column_format([3.2e-7, -1e-9])
     assert all("e" in tiny(v) for v in (3.2e-7, -1e-9))
     assert column_format([float("nan"), 2.0])(float("nan")) == "–"
+    assert column_format([1841.0, -0.2])(-0.2) == "0"  # rounded to zero: never "-0"
 
 
 def _shaded() -> Topk:

@@ -74,7 +74,14 @@ def column_format(values) -> Callable[[float], str]:
         return lambda v: "–" if v is None or not np.isfinite(v) else "0"
     exponent = int(np.floor(np.log10(top)))
     spec = f".{max(0, 3 - exponent)}f" if -3 <= exponent < 5 else ".3e"
-    return lambda v: "–" if v is None or not np.isfinite(v) else format(v, spec)
+
+    def fmt(v) -> str:
+        if v is None or not np.isfinite(v):
+            return "–"
+        text = format(v, spec)
+        return text[1:] if text.startswith("-") and float(text) == 0 else text  # rounded to zero: no sign
+
+    return fmt
 
 
 def percent(x: float) -> str:
