@@ -2,10 +2,11 @@
 remembers what it checked, and the next run with the same options answers from that memory
 before torch and transformers are imported, if nothing it checked has changed since.
 
-What it checked: every input file it hashed and every model directory it listed (by size and
-modification time, as the file-hash cache and git do), every artifact it opened (by the content of
-its COMPLETE.json and root zarr.json, which change whenever it is rewritten or its attributes are
-edited), the output itself the same way, and infl's own source files. Anything else, or any doubt, takes the full path.
+What it checked: every input file it hashed and every model directory it listed (by size,
+modification time, inode and change time: hashing.stat_key), every artifact it opened (by its
+COMPLETE.json, every zarr.json and its `done` marker: hashing.artifact_digest), the output itself
+the same way, and infl's own source files. Anything else, or any doubt, takes the full path;
+tests/test_outputs.py checks that the full check opens nothing this does not compare.
 INFL_NO_MEMORY=1 turns it off (every run checks in full). No torch, zarr or transformers here.
 """
 
