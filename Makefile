@@ -49,7 +49,7 @@ $(VENV)/.checkpoint: $(VENV)/.installed
 	touch $@
 
 test: setup $(VENV)/.checkpoint
-	INFL_REQUIRE_REAL_CHECKPOINT=1 $(PY) -m pytest
+	INFL_REQUIRE_REAL_CHECKPOINT=1 $(PY) -m pytest --durations=15
 
 # the everyday suite: everything but the tests marked slow (torchrun, retraining harness)
 test-fast: setup

@@ -67,7 +67,7 @@ def artifact_digest(path: Path) -> str:
                 continue
             meta = meta_path.read_bytes()
             digest.update(b"\0" + child.relative_to(path).as_posix().encode() + b"\0" + meta)
-            if json.loads(meta).get("node_type") == "group":
+            if _node_type(meta) == "group":
                 groups.append(child)
     digest.update(b"\0" + (path / "zarr.json").read_bytes())
     marker = path / "done"
@@ -76,6 +76,15 @@ def artifact_digest(path: Path) -> str:
             if chunk.is_file():
                 digest.update(json.dumps([chunk.relative_to(marker).as_posix(), *stat_key(chunk.stat())]).encode())
     return digest.hexdigest()
+
+
+def _node_type(meta: bytes) -> str | None:
+    """A zarr.json's node type; None if it is damaged (the full check names it)."""
+    try:
+        value = json.loads(meta)
+    except ValueError:
+        return None
+    return value.get("node_type") if isinstance(value, dict) else None
 
 
 def note_artifact(path: Path) -> None:
