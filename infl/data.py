@@ -133,9 +133,9 @@ def _lines(whole: bytes, start: int = 0, stop: int | None = None):
     numbered as in the whole file, whose lines end as bytes.splitlines ends them (\\n, \\r\\n or
     a lone \\r). A first fragment that only ends the line before `start` (the file grew after a
     last line with no newline, or between \\r and \\n) keeps that line's number."""
-    before = whole[:start]
-    number = before.count(b"\n") + before.count(b"\r") - before.count(b"\r\n")  # lines ended before it
-    number -= before.endswith(b"\r") and whole[start:start + 1] == b"\n"  # that \\r\\n ends one line
+    # lines ended before it, counted within bounds (a slice would copy the prefix, gigabytes maybe)
+    number = whole.count(b"\n", 0, start) + whole.count(b"\r", 0, start) - whole.count(b"\r\n", 0, start)
+    number -= whole.endswith(b"\r", 0, start) and whole[start:start + 1] == b"\n"  # that \\r\\n ends one line
     for line in whole[start:stop].splitlines(keepends=True):
         number += 1
         yield number, start, start + len(line), line
