@@ -42,7 +42,7 @@ def ranks(x: torch.Tensor) -> torch.Tensor:
     for row, (o, v) in enumerate(zip(order, sorted_x)):
         _, inverse, counts = torch.unique_consecutive(v, return_inverse=True, return_counts=True)
         ends = counts.cumsum(0).double()
-        out[row, o] = ((ends - (counts.double() - 1) / 2))[inverse]
+        out[row, o] = (ends - (counts.double() - 1) / 2)[inverse]
     return out
 
 
@@ -82,7 +82,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out/blocks"))
     parser.add_argument("--readme", action="store_true")
-    parser.add_argument("--name", default="blocks", help="the README block to replace (blocks-smollm2 for the real checkpoint)")
+    parser.add_argument(
+        "--name", default="blocks", help="the README block to replace (blocks-smollm2 for the real checkpoint)"
+    )
     args = parser.parse_args()
 
     given = [args.model, args.corpus, args.queries]
@@ -101,7 +103,9 @@ def main() -> None:
     for K in blocks:
         f, q, s = (args.out / f"{kind}-{K}.zarr" for kind in ("factors", "queries", "scores"))
         start = time.perf_counter()
-        fit_factors.run(FitConfig(model=args.model, corpus=(args.corpus,), out=f, blocks=K, max_length=args.max_length, **run))
+        fit_factors.run(
+            FitConfig(model=args.model, corpus=(args.corpus,), out=f, blocks=K, max_length=args.max_length, **run)
+        )
         fit_s = time.perf_counter() - start
         build_query.run(QueryConfig(factors=f, queries=args.queries, out=q, **run))
         score.run(ScoreConfig(queries=q, corpus=(args.corpus,), out=s, max_length=args.max_length, **run))
@@ -120,8 +124,10 @@ def main() -> None:
     for K, (total, fit_s, sums, bases) in results.items():
         rho = float(spearman(total, reference).median())
         overlap = float(top_overlap(total, reference).mean())
-        lines.append(f"| {K} | {rho:.4f} | {overlap:.3f} | {sums / 1e6:.2f} | {bases / 1e6:.2f} | "
-                     f"{(sums + bases) / (ref_sums + ref_bases):.3f} | {fit_s:.1f} |")
+        lines.append(
+            f"| {K} | {rho:.4f} | {overlap:.3f} | {sums / 1e6:.2f} | {bases / 1e6:.2f} | "
+            f"{(sums + bases) / (ref_sums + ref_bases):.3f} | {fit_s:.1f} |"
+        )
     lines += ["", f"`{' '.join(['python benchmarks/bench_blocks.py', *sys.argv[1:]])}`"]
     readme_block.publish(args.name, lines, args.readme)
 

@@ -87,34 +87,80 @@ def main() -> None:
     larger.write_text("".join(json.dumps(r) + "\n" for r in rows))
     corpora = {"embedded default": demo / "corpus.jsonl", "larger": larger}
     tops = [int(n) for n in args.tops.split(",")]
-    lines = ["| corpus | sequences | N | recall of exact top-10 | of exact top-100 | candidates (s) | score (s) | "
-             "(candidates + score) / exact score |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| corpus | sequences | N | recall of exact top-10 | of exact top-100 | candidates (s) | score (s) | "
+        "(candidates + score) / exact score |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for name, corpus in corpora.items():
         n_sequences = sum(1 for _ in corpus.open())
         exact = out / f"{corpus.stem}-exact.zarr"
-        exact_s = infl("score", "--queries", demo / "queries.zarr", "--corpus", corpus, "--out", exact, "--batch-size", 16,
-                       "--force")
+        exact_s = infl(
+            "score",
+            "--queries",
+            demo / "queries.zarr",
+            "--corpus",
+            corpus,
+            "--out",
+            exact,
+            "--batch-size",
+            16,
+            "--force",
+        )
         tops_exact = exact_tops(exact, (10, 100))
         for n in (t for t in tops if t < n_sequences):
             cand, scores = out / f"{corpus.stem}-cand{n}.zarr", out / f"{corpus.stem}-s{n}.zarr"
-            cand_s = infl("candidates", "--model", demo / "model", "--queries", demo / "queries.jsonl", "--corpus", corpus,
-                          "--top", n, "--out", cand, "--force")
-            score_s = infl("score", "--queries", demo / "queries.zarr", "--corpus", corpus, "--candidates", cand,
-                           "--out", scores, "--batch-size", 16, "--force")
+            cand_s = infl(
+                "candidates",
+                "--model",
+                demo / "model",
+                "--queries",
+                demo / "queries.jsonl",
+                "--corpus",
+                corpus,
+                "--top",
+                n,
+                "--out",
+                cand,
+                "--force",
+            )
+            score_s = infl(
+                "score",
+                "--queries",
+                demo / "queries.zarr",
+                "--corpus",
+                corpus,
+                "--candidates",
+                cand,
+                "--out",
+                scores,
+                "--batch-size",
+                16,
+                "--force",
+            )
             from infl import artifacts
 
             lists = np.asarray(artifacts.open_complete(cand, "candidates")["indices"][...])
-            recall = {k: np.mean([len(top[k] & set(lists[q].tolist())) / k for q, top in enumerate(tops_exact)])
-                      for k in (10, 100)}
-            lines.append(f"| {name} | {n_sequences} | {n} | {recall[10]:.2f} | {recall[100]:.2f} | {cand_s:.1f} | "
-                         f"{score_s:.1f} | {(cand_s + score_s) / exact_s:.2f} |")
+            recall = {
+                k: np.mean([len(top[k] & set(lists[q].tolist())) / k for q, top in enumerate(tops_exact)])
+                for k in (10, 100)
+            }
+            lines.append(
+                f"| {name} | {n_sequences} | {n} | {recall[10]:.2f} | {recall[100]:.2f} | {cand_s:.1f} | "
+                f"{score_s:.1f} | {(cand_s + score_s) / exact_s:.2f} |"
+            )
             print(lines[-1], flush=True)
         lines.append(f"| {name} | {n_sequences} | all (exact) | 1.00 | 1.00 | – | {exact_s:.1f} | 1.00 |")
     import torch
 
-    lines = [f"Demo model and its {len(tops_exact)} queries; torch {torch.__version__}, 2 threads. Each cell is one process "
-             "(loading included).", "", *lines, "",
-             f"`python benchmarks/bench_candidates.py --tops {args.tops}{' --readme' if args.readme else ''}`"]
+    lines = [
+        f"Demo model and its {len(tops_exact)} queries; torch {torch.__version__}, 2 threads. Each cell is one process "
+        "(loading included).",
+        "",
+        *lines,
+        "",
+        f"`python benchmarks/bench_candidates.py --tops {args.tops}{' --readme' if args.readme else ''}`",
+    ]
     readme_block.publish("candidates", lines, args.readme)
 
 

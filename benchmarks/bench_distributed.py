@@ -29,8 +29,11 @@ from infl.demo import build_demo
 
 def command(n: int, args: list) -> tuple[float, float]:
     """(wall seconds of the whole command, seconds the stage reports) with n processes."""
-    launcher = [sys.executable, "-m", "infl"] if n == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n), "-m", "infl"]
+    launcher = (
+        [sys.executable, "-m", "infl"]
+        if n == 1
+        else [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n), "-m", "infl"]
+    )
     start = time.perf_counter()
     result = subprocess.run([*launcher, *map(str, args)], capture_output=True, text=True)  # 1 process: every core
     wall = time.perf_counter() - start
@@ -51,9 +54,37 @@ def main() -> None:
     for n in (1, 2):
         out = args.out / f"n{n}"
         out.mkdir(parents=True)
-        fit = ["fit-factors", "--model", demo / "model", "--corpus", demo / "corpus.jsonl", "--out", out / "f.zarr", "--batch-size", "16"]
-        build = ["build-query", "--factors", out / "f.zarr", "--queries", demo / "queries.jsonl", "--out", out / "q.zarr"]
-        score = ["score", "--queries", out / "q.zarr", "--corpus", demo / "corpus.jsonl", "--out", out / "s.zarr", "--batch-size", "16"]
+        fit = [
+            "fit-factors",
+            "--model",
+            demo / "model",
+            "--corpus",
+            demo / "corpus.jsonl",
+            "--out",
+            out / "f.zarr",
+            "--batch-size",
+            "16",
+        ]
+        build = [
+            "build-query",
+            "--factors",
+            out / "f.zarr",
+            "--queries",
+            demo / "queries.jsonl",
+            "--out",
+            out / "q.zarr",
+        ]
+        score = [
+            "score",
+            "--queries",
+            out / "q.zarr",
+            "--corpus",
+            demo / "corpus.jsonl",
+            "--out",
+            out / "s.zarr",
+            "--batch-size",
+            "16",
+        ]
         rows.append((n, "fit-factors", *command(n, fit)))
         command(1, build)  # the same queries for both
         rows.append((n, "score", *command(n, score)))
@@ -71,7 +102,10 @@ def main() -> None:
         "|---|---:|---:|---:|",
         *(f"| {stage} | {n} | {w:.1f} | {s:.1f} |" for n, stage, w, s in rows),
         "",
-        *(f"- {stage}: 2 processes / 1 process, wall: **{wall[(2, stage)] / wall[(1, stage)]:.2f}x**" for stage in ("fit-factors", "score")),
+        *(
+            f"- {stage}: 2 processes / 1 process, wall: **{wall[(2, stage)] / wall[(1, stage)]:.2f}x**"
+            for stage in ("fit-factors", "score")
+        ),
         f"- scores of 2 processes against 1: max |difference| / max |score| = {agreement:.1e}; "
         f"identical top-10 for every query: {same_top}",
     ]

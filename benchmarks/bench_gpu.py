@@ -23,15 +23,52 @@ from bench_large import corpus, save_random
 from bench_real import gguf_path
 
 SHAPES = {  # name -> transformers config class and keywords (random weights)
-    "smollm2-135m": ("LlamaConfig", dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
-                                         intermediate_size=1536, vocab_size=49152, max_position_embeddings=2048,
-                                         tie_word_embeddings=True)),
-    "pythia-410m": ("GPTNeoXConfig", dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
-                                          intermediate_size=4096, vocab_size=50304, max_position_embeddings=2048)),
-    "pythia-1b": ("GPTNeoXConfig", dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=8,
-                                        intermediate_size=8192, vocab_size=50304, max_position_embeddings=2048)),
-    "tiny": ("GPTNeoXConfig", dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
-                                   vocab_size=2000, max_position_embeddings=1024)),
+    "smollm2-135m": (
+        "LlamaConfig",
+        dict(
+            hidden_size=576,
+            num_hidden_layers=30,
+            num_attention_heads=9,
+            num_key_value_heads=3,
+            intermediate_size=1536,
+            vocab_size=49152,
+            max_position_embeddings=2048,
+            tie_word_embeddings=True,
+        ),
+    ),
+    "pythia-410m": (
+        "GPTNeoXConfig",
+        dict(
+            hidden_size=1024,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            intermediate_size=4096,
+            vocab_size=50304,
+            max_position_embeddings=2048,
+        ),
+    ),
+    "pythia-1b": (
+        "GPTNeoXConfig",
+        dict(
+            hidden_size=2048,
+            num_hidden_layers=16,
+            num_attention_heads=8,
+            intermediate_size=8192,
+            vocab_size=50304,
+            max_position_embeddings=2048,
+        ),
+    ),
+    "tiny": (
+        "GPTNeoXConfig",
+        dict(
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=256,
+            vocab_size=2000,
+            max_position_embeddings=1024,
+        ),
+    ),
 }
 
 
@@ -94,20 +131,36 @@ def bench(name: str, args, work: Path) -> list[str]:
     rows = [json.loads(line) for line in data.read_text().splitlines()][: args.queries]
     queries = work / f"{name}-queries.jsonl"
     quarter = args.length // 4  # words: prompt and completion together about half a sequence
-    queries.write_text("".join(json.dumps({"id": f"q{i}", "prompt": " ".join(r["text"].split()[:quarter]),
-                                           "completion": " " + " ".join(r["text"].split()[quarter:2 * quarter])}) + "\n"
-                               for i, r in enumerate(rows)))
+    queries.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "id": f"q{i}",
+                    "prompt": " ".join(r["text"].split()[:quarter]),
+                    "completion": " " + " ".join(r["text"].split()[quarter : 2 * quarter]),
+                }
+            )
+            + "\n"
+            for i, r in enumerate(rows)
+        )
+    )
     length = modeling.context_length(model)  # sequences of --length words are not truncated
     run = dict(device=args.device, batch_size=args.batch_size, force=True)
     stages = {
-        "plain forward+backward": lambda: plain_forward_backward(model, data, length, args.batch_size, args.device,
-                                                                 args.dtype),
-        "fit-factors": lambda: fit_factors.run(FitConfig(model=model, corpus=(data,), out=out / "f.zarr",
-                                                         max_length=length, dtype=args.dtype, **run)),
-        "build-query": lambda: build_query.run(QueryConfig(factors=out / "f.zarr", queries=queries, out=out / "q.zarr",
-                                                           model=model, **run)),
-        "score": lambda: score.run(ScoreConfig(queries=out / "q.zarr", corpus=(data,), out=out / "s.zarr", model=model,
-                                               max_length=length, **run)),
+        "plain forward+backward": lambda: plain_forward_backward(
+            model, data, length, args.batch_size, args.device, args.dtype
+        ),
+        "fit-factors": lambda: fit_factors.run(
+            FitConfig(model=model, corpus=(data,), out=out / "f.zarr", max_length=length, dtype=args.dtype, **run)
+        ),
+        "build-query": lambda: build_query.run(
+            QueryConfig(factors=out / "f.zarr", queries=queries, out=out / "q.zarr", model=model, **run)
+        ),
+        "score": lambda: score.run(
+            ScoreConfig(
+                queries=out / "q.zarr", corpus=(data,), out=out / "s.zarr", model=model, max_length=length, **run
+            )
+        ),
     }
     tokens = sum(map(len, datalib.read_corpus([data], modeling.load_tokenizer(model), length).tokens))
     results = {stage: measured(args.device, fn) for stage, fn in stages.items()}
@@ -115,8 +168,10 @@ def bench(name: str, args, work: Path) -> list[str]:
     lines = []
     for stage, (seconds, peak) in results.items():
         rate = f"{args.queries / seconds:.1f} queries/s" if stage == "build-query" else f"{tokens / seconds:,.0f}"
-        lines.append(f"| {name} | {stage} | {seconds:.1f} | {rate} | {seconds / plain:.2f} | "
-                     f"{'–' if peak is None else f'{peak:.2f}'} |")
+        lines.append(
+            f"| {name} | {stage} | {seconds:.1f} | {rate} | {seconds / plain:.2f} | "
+            f"{'–' if peak is None else f'{peak:.2f}'} |"
+        )
         print(lines[-1], flush=True)
     return lines
 
@@ -137,9 +192,13 @@ def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = False  # the statistics' float32 products stay exact float32
     work = args.workdir or Path(tempfile.mkdtemp(prefix="infl-gpu-"))
     where = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
-    print(f"{where}, torch {torch.__version__}, model {args.dtype}, {args.sequences} sequences of {args.length} "
-          f"words, batch {args.batch_size}, {args.queries} queries\n")
-    print("| model | stage | s | tokens/s | × plain | peak GPU memory (GB) |\n|---|---|---:|---:|---:|---:|", flush=True)
+    print(
+        f"{where}, torch {torch.__version__}, model {args.dtype}, {args.sequences} sequences of {args.length} "
+        f"words, batch {args.batch_size}, {args.queries} queries\n"
+    )
+    print(
+        "| model | stage | s | tokens/s | × plain | peak GPU memory (GB) |\n|---|---|---:|---:|---:|---:|", flush=True
+    )
     for name in args.models.split(","):
         bench(name, args, work)
 

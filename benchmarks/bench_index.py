@@ -82,18 +82,48 @@ def main() -> None:
     biggest = max(SIZES)
     flat = {n: indexing.top_coordinates(curv[n].Lambda, biggest) for n in rt.modules}
     start = time.perf_counter()
-    top = engine.compressed_gradients(rt, {n: (lambda a, s, n=n: indexing.eigen_coordinates(
-        a, s, curv[n].Q_A, curv[n].Q_S, flat[n])) for n in rt.modules}, corpus.tokens)
+    top = engine.compressed_gradients(
+        rt,
+        {
+            n: (lambda a, s, n=n: indexing.eigen_coordinates(a, s, curv[n].Q_A, curv[n].Q_S, flat[n]))
+            for n in rt.modules
+        },
+        corpus.tokens,
+    )
     index_pass_s = time.perf_counter() - start
     c_top = {n: indexing.query_coordinates(P[n], curv[n].Q_A, curv[n].Q_S, flat[n]) for n in rt.modules}
-    eigenvalues = {n: {k: torch.from_numpy(v) for k, v in factors.read_module(n, ("eig_S", "eig_A")).items()} for n in rt.modules}
-    kfac_flat = {n: indexing.index_coordinates(eigenvalues[n]["eig_S"], eigenvalues[n]["eig_A"], biggest) for n in rt.modules}
-    kfac_top = engine.compressed_gradients(rt, {n: (lambda a, s, n=n: indexing.eigen_coordinates(
-        a, s, curv[n].Q_A, curv[n].Q_S, kfac_flat[n])) for n in rt.modules}, corpus.tokens)
+    eigenvalues = {
+        n: {k: torch.from_numpy(v) for k, v in factors.read_module(n, ("eig_S", "eig_A")).items()} for n in rt.modules
+    }
+    kfac_flat = {
+        n: indexing.index_coordinates(eigenvalues[n]["eig_S"], eigenvalues[n]["eig_A"], biggest) for n in rt.modules
+    }
+    kfac_top = engine.compressed_gradients(
+        rt,
+        {
+            n: (lambda a, s, n=n: indexing.eigen_coordinates(a, s, curv[n].Q_A, curv[n].Q_S, kfac_flat[n]))
+            for n in rt.modules
+        },
+        corpus.tokens,
+    )
     c_kfac = {n: indexing.query_coordinates(P[n], curv[n].Q_A, curv[n].Q_S, kfac_flat[n]) for n in rt.modules}
     whiten = {n: (curv[n].Lambda + curv[n].damping).rsqrt() for n in rt.modules}
-    sparse = engine.compressed_gradients(rt, {n: (lambda a, s, n=n: torch.cat([x.to(a.dtype) for x in indexing.sparse_coordinates(
-        a, s, curv[n].Q_A, curv[n].Q_S, whiten[n], biggest)], 1)) for n in rt.modules}, corpus.tokens)  # values, indices
+    sparse = engine.compressed_gradients(
+        rt,
+        {
+            n: (
+                lambda a, s, n=n: torch.cat(
+                    [
+                        x.to(a.dtype)
+                        for x in indexing.sparse_coordinates(a, s, curv[n].Q_A, curv[n].Q_S, whiten[n], biggest)
+                    ],
+                    1,
+                )
+            )
+            for n in rt.modules
+        },
+        corpus.tokens,
+    )  # values, indices
     v = {n: ((curv[n].Q_S.T @ P[n] @ curv[n].Q_A) / whiten[n]).flatten(1) for n in rt.modules}
 
     rows = []
@@ -104,13 +134,17 @@ def main() -> None:
         got = sum(c_top[n][:, keep[n]] @ top[n][:, keep[n]].T for n in rt.modules)
         matmul_s = time.perf_counter() - start
         got16 = sum(c_top[n][:, keep[n]] @ as_float16(top[n][:, keep[n]]).T for n in rt.modules)
-        keep_kfac = {n: torch.isin(kfac_flat[n], indexing.index_coordinates(eigenvalues[n]["eig_S"], eigenvalues[n]["eig_A"], K))
-                     for n in rt.modules}
+        keep_kfac = {
+            n: torch.isin(kfac_flat[n], indexing.index_coordinates(eigenvalues[n]["eig_S"], eigenvalues[n]["eig_A"], K))
+            for n in rt.modules
+        }
         got_kfac = sum(c_kfac[n][:, keep_kfac[n]] @ kfac_top[n][:, keep_kfac[n]].T for n in rt.modules)
         kept = sum(int(keep[n].sum()) for n in rt.modules)
         start = time.perf_counter()
-        got_sparse = sum(indexing.sparse_scores(v[n], sparse[n][:, :K], sparse[n][:, biggest:biggest + K].long())
-                         for n in rt.modules)
+        got_sparse = sum(
+            indexing.sparse_scores(v[n], sparse[n][:, :K], sparse[n][:, biggest : biggest + K].long())
+            for n in rt.modules
+        )
         sparse_s = time.perf_counter() - start
         rows.append((K, "top", *metrics(got.double().numpy(), exact), kept * 4, matmul_s))
         rows.append((K, "top, K-FAC eigenvalues", *metrics(got_kfac.double().numpy(), exact), kept * 4, None))
@@ -125,10 +159,17 @@ def main() -> None:
             k_a = max(1, min(I, K // k_s))
             sketches[n] = indexing.projections((O, I), k_s, k_a, seed=m)
         projected = engine.compressed_gradients(
-            rt, {n: (lambda a, s, n=n: indexing.projected_gradients(a, s, sketches[n][1], sketches[n][0])) for n in rt.modules},
-            corpus.tokens)
-        got_p = sum(indexing.projected_queries(P[n].double(), sketches[n][1], sketches[n][0]).float() @ projected[n].T
-                    for n in rt.modules)
+            rt,
+            {
+                n: (lambda a, s, n=n: indexing.projected_gradients(a, s, sketches[n][1], sketches[n][0]))
+                for n in rt.modules
+            },
+            corpus.tokens,
+        )
+        got_p = sum(
+            indexing.projected_queries(P[n].double(), sketches[n][1], sketches[n][0]).float() @ projected[n].T
+            for n in rt.modules
+        )
         p_numbers = sum(projected[n].shape[1] for n in rt.modules)
         rows.append((K, "projection", *metrics(got_p.double().numpy(), exact), p_numbers * 4, None))
 
@@ -139,8 +180,10 @@ def main() -> None:
         "",
         "| K per module | compression | median Spearman | top-10 overlap | bytes per sequence | score all queries (s) |",
         "|---:|---|---:|---:|---:|---:|",
-        *(f"| {K} | {kind} | {rho:.4f} | {overlap:.2f} | {size} | {'' if s is None else f'{s:.4f}'} |"
-          for K, kind, rho, overlap, size, s in rows),
+        *(
+            f"| {K} | {kind} | {rho:.4f} | {overlap:.2f} | {size} | {'' if s is None else f'{s:.4f}'} |"
+            for K, kind, rho, overlap, size, s in rows
+        ),
         "",
         f"- exact pass over the corpus for the same {len(queries.ids)} queries: {exact_s:.2f} s; "
         f"index pass (K = {biggest}, forward+backward and gather): {index_pass_s:.2f} s",

@@ -67,29 +67,86 @@ def main() -> None:
     batch = ("--batch-size", "16")
 
     fit_s = infl("fit-factors", "--model", model, "--corpus", corpus, "--out", out / "f.zarr", *batch)
-    fused_s = infl("fit-factors", "--model", model, "--corpus", corpus, "--out", out / "f-fused.zarr", *batch,
-                   "--index", out / "fused.zarr")
+    fused_s = infl(
+        "fit-factors",
+        "--model",
+        model,
+        "--corpus",
+        corpus,
+        "--out",
+        out / "f-fused.zarr",
+        *batch,
+        "--index",
+        out / "fused.zarr",
+    )
     infl("build-query", "--factors", out / "f.zarr", "--queries", queries, "--out", out / "q.zarr")
     exact_s = infl("score", "--queries", out / "q.zarr", "--corpus", corpus, "--out", out / "s.zarr", *batch)
     exact = totals(out / "s.zarr")
 
     rows = []
     for K in SIZES:
-        index_s = infl("index", "--factors", out / "f.zarr", "--corpus", corpus, "--out", out / f"i-{K}.zarr", "--index-dim", K, *batch)
-        score_s = infl("score", "--index", out / f"i-{K}.zarr", "--queries", out / "q.zarr", "--out", out / f"s-{K}.zarr")
-        facts = json.loads(subprocess.run([sys.executable, "-m", "infl", "info", out / f"i-{K}.zarr", "--format", "json"],
-                                          capture_output=True, text=True, check=True).stdout)["facts"]
-        rows.append((K, *agreement(totals(out / f"s-{K}.zarr"), exact), int(facts["bytes per sequence"].split()[0]), index_s, score_s))
+        index_s = infl(
+            "index",
+            "--factors",
+            out / "f.zarr",
+            "--corpus",
+            corpus,
+            "--out",
+            out / f"i-{K}.zarr",
+            "--index-dim",
+            K,
+            *batch,
+        )
+        score_s = infl(
+            "score", "--index", out / f"i-{K}.zarr", "--queries", out / "q.zarr", "--out", out / f"s-{K}.zarr"
+        )
+        facts = json.loads(
+            subprocess.run(
+                [sys.executable, "-m", "infl", "info", out / f"i-{K}.zarr", "--format", "json"],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+        )["facts"]
+        rows.append(
+            (
+                K,
+                *agreement(totals(out / f"s-{K}.zarr"), exact),
+                int(facts["bytes per sequence"].split()[0]),
+                index_s,
+                score_s,
+            )
+        )
     start = time.perf_counter()
-    refined = subprocess.run([sys.executable, "-m", "infl", "topk", "--scores", out / "s-4096.zarr", "-k", "10", "--refine", "100",
-                              "--format", "json", "--no-text"], capture_output=True, text=True, check=True).stdout
+    refined = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "infl",
+            "topk",
+            "--scores",
+            out / "s-4096.zarr",
+            "-k",
+            "10",
+            "--refine",
+            "100",
+            "--format",
+            "json",
+            "--no-text",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     refine_s = time.perf_counter() - start
     by_query: dict[str, set] = {}
     for hit in json.loads(refined):
         by_query.setdefault(hit["query_id"], set()).add(hit["train_id"])
     ids = list(artifacts.open_complete(out / "s.zarr", "scores")["train_ids"][...])
     qids = list(artifacts.open_complete(out / "s.zarr", "scores")["query_ids"][...])
-    refined_overlap = np.mean([len(by_query[q] & {ids[i] for i in np.argsort(-exact[r])[:10]}) / 10 for r, q in enumerate(qids)])
+    refined_overlap = np.mean(
+        [len(by_query[q] & {ids[i] for i in np.argsort(-exact[r])[:10]}) / 10 for r, q in enumerate(qids)]
+    )
 
     n = exact.shape[1]
     lines = [
@@ -98,8 +155,10 @@ def main() -> None:
         "",
         "| K per module | median Spearman | top-10 overlap | exact top 10 in index top 100 | bytes per sequence | `infl index` (s) | `score --index` (s) |",
         "|---:|---:|---:|---:|---:|---:|---:|",
-        *(f"| {K} | {rho:.3f} | {overlap:.2f} | {recall:.2f} | {size} | {index_s:.1f} | {score_s:.1f} |"
-          for K, rho, overlap, recall, size, index_s, score_s in rows),
+        *(
+            f"| {K} | {rho:.3f} | {overlap:.2f} | {recall:.2f} | {size} | {index_s:.1f} | {score_s:.1f} |"
+            for K, rho, overlap, recall, size, index_s, score_s in rows
+        ),
         "",
         f"- exact `score` of the same {exact.shape[0]} queries (a forward and backward pass over the corpus): {exact_s:.1f} s; "
         f"`score --index` at K = 4096: {rows[1][6]:.1f} s ({exact_s / rows[1][6]:.1f}x faster)",

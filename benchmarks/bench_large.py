@@ -37,8 +37,9 @@ def save_random(path: Path, config) -> None:
 
     tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator(topics.values(), trainers.WordLevelTrainer(vocab_size=config.vocab_size,
-                                                                       special_tokens=["[UNK]", "[PAD]"]))
+    tok.train_from_iterator(
+        topics.values(), trainers.WordLevelTrainer(vocab_size=config.vocab_size, special_tokens=["[UNK]", "[PAD]"])
+    )
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]")
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(path)
@@ -49,8 +50,18 @@ def build_model(path: Path) -> None:
     """TinyLlama-1.1B's shape."""
     from transformers import LlamaConfig
 
-    save_random(path, LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
-                                  num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048))
+    save_random(
+        path,
+        LlamaConfig(
+            vocab_size=32000,
+            hidden_size=2048,
+            intermediate_size=5632,
+            num_hidden_layers=22,
+            num_attention_heads=32,
+            num_key_value_heads=4,
+            max_position_embeddings=2048,
+        ),
+    )
 
 
 def corpus(path: Path, n: int, words: int) -> Path:
@@ -58,7 +69,7 @@ def corpus(path: Path, n: int, words: int) -> Path:
 
     text = " ".join(" ".join(topics.values()).split())
     tokens = text.split(" ")
-    rows = [{"id": f"doc{i}", "text": " ".join(tokens[i * words:(i + 1) * words])} for i in range(n)]
+    rows = [{"id": f"doc{i}", "text": " ".join(tokens[i * words : (i + 1) * words])} for i in range(n)]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
@@ -66,7 +77,9 @@ def corpus(path: Path, n: int, words: int) -> Path:
 def timed(args: list[str]) -> tuple[float, int, str]:
     """Wall seconds, peak RSS (bytes) and output of `infl ARGS` run as a process of its own."""
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "infl", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "infl", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     output = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:
@@ -81,7 +94,9 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=128, help="words per sequence (about as many tokens)")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--blocks", type=int, default=1)
-    parser.add_argument("--workdir", type=Path, default=None, help="keep the model and factors here (default: a temporary folder)")
+    parser.add_argument(
+        "--workdir", type=Path, default=None, help="keep the model and factors here (default: a temporary folder)"
+    )
     parser.add_argument("--readme", action="store_true")
     args = parser.parse_args()
 
@@ -92,16 +107,25 @@ def main() -> None:
         if not (model / "config.json").exists():
             build_model(model)
         data = corpus(work / "corpus.jsonl", args.sequences, args.length)
-        common = ["--model", str(model), "--batch-size", str(args.batch_size), "--blocks", str(args.blocks),
-                  "--memory-budget", args.budget]
+        common = [
+            "--model",
+            str(model),
+            "--batch-size",
+            str(args.batch_size),
+            "--blocks",
+            str(args.blocks),
+            "--memory-budget",
+            args.budget,
+        ]
         _, _, planned = timed(["plan", *common, "--max-length", str(args.length + 8), "--format", "json"])
-        planned = json.loads(planned[planned.index("{"):])
+        planned = json.loads(planned[planned.index("{") :])
         fit_plan = next(s for s in planned["stages"] if s["stage"] == "fit-factors")
         out = work / "factors.zarr"
         if out.exists():
             shutil.rmtree(out)
-        wall, peak, output = timed(["fit-factors", *common, "--corpus", str(data), "--out", str(out), "--max-length",
-                                    str(args.length + 8)])
+        wall, peak, output = timed(
+            ["fit-factors", *common, "--corpus", str(data), "--out", str(out), "--max-length", str(args.length + 8)]
+        )
         stored = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
         chosen = re.search(r"in (\d+) partitions", output)  # the fit's own choice, from its measured size
         partitions = int(chosen.group(1)) if chosen else 1
@@ -112,7 +136,8 @@ def main() -> None:
     GB = 1e9
     lines = [
         f"TinyLlama-1.1B-shaped Llama (random weights, float32, 66 MLP linears), {args.sequences} sequences of about "
-        f"{args.length} tokens, batch {args.batch_size}, EK-FAC" + (f", {args.blocks} blocks" if args.blocks > 1 else "")
+        f"{args.length} tokens, batch {args.batch_size}, EK-FAC"
+        + (f", {args.blocks} blocks" if args.blocks > 1 else "")
         + f", `--memory-budget {args.budget}`; torch {torch.__version__}, {platform.machine()}, {torch.get_num_threads()} threads.",
         "",
         "| | partitions | peak RSS (GB) | wall (s) | factors on disk (GB) |",
@@ -120,7 +145,8 @@ def main() -> None:
         f"| `infl plan` estimate | {fit_plan['partitions']} | {fit_plan['peak_bytes'] / GB:.2f} | | {fit_plan['disk_bytes'] / GB:.2f} |",
         f"| `infl fit-factors`, measured | {partitions} | {peak / GB:.2f} | {wall:.0f} | {stored / GB:.2f} |",
         "",
-        f"`python benchmarks/bench_large.py --budget {args.budget}" + (f" --blocks {args.blocks}" if args.blocks > 1 else "")
+        f"`python benchmarks/bench_large.py --budget {args.budget}"
+        + (f" --blocks {args.blocks}" if args.blocks > 1 else "")
         + (" --readme`" if args.readme else "`"),
     ]
     print(output.strip().splitlines()[-1] if output.strip() else "")

@@ -41,7 +41,13 @@ def main() -> None:
     args = parser.parse_args()
 
     remembered = {k: v for k, v in os.environ.items() if k != "INFL_NO_MEMORY"}
-    rows = [("`infl --version` (the floor)", statistics.median(seconds(["--version"], remembered) for _ in range(args.repeat)), None)]
+    rows = [
+        (
+            "`infl --version` (the floor)",
+            statistics.median(seconds(["--version"], remembered) for _ in range(args.repeat)),
+            None,
+        )
+    ]
     for stage in ("fit-factors", "build-query", "score"):
         command = [stage, "--config", str(CONFIG)]
         seconds(command, remembered)  # the run that remembers
@@ -52,9 +58,13 @@ def main() -> None:
                 full.append(seconds(command, {**remembered, "INFL_CACHE_DIR": empty}))
         rows.append((f"`{stage}` up to date", fast, statistics.median(full)))
 
-    lines = [f"Embedded default (`make demo`), {platform.machine()}, Python {platform.python_version()}; "
-             f"median of {args.repeat} processes each.", "",
-             "| rerun | remembered (s) | full check (s) |", "|---|---:|---:|"]
+    lines = [
+        f"Embedded default (`make demo`), {platform.machine()}, Python {platform.python_version()}; "
+        f"median of {args.repeat} processes each.",
+        "",
+        "| rerun | remembered (s) | full check (s) |",
+        "|---|---:|---:|",
+    ]
     lines += [f"| {name} | {fast:.2f} | {'–' if full is None else f'{full:.2f}'} |" for name, fast, full in rows]
     lines += ["", f"`python benchmarks/bench_noop.py --repeat {args.repeat} --readme`"]
     readme_block.publish("noop", lines, args.readme)

@@ -62,10 +62,27 @@ def plain_forward_backward(model: str, corpus: str, max_length: int, batch_size:
 
 def planned(model: Path, stage: str, budget: str | None, args) -> int:
     """`infl plan`'s estimate of one stage's peak bytes with the options the benchmark ran it with."""
-    cmd = [sys.executable, "-m", "infl", "plan", "--model", model, "--max-length", args.max_length, "--batch-size",
-           args.batch_size, "--queries", args.queries, "--sequences", args.sequences, "--format", "json"]
-    out = subprocess.run([*map(str, cmd), *(["--memory-budget", budget] if budget else [])], check=True,
-                         capture_output=True, text=True).stdout
+    cmd = [
+        sys.executable,
+        "-m",
+        "infl",
+        "plan",
+        "--model",
+        model,
+        "--max-length",
+        args.max_length,
+        "--batch-size",
+        args.batch_size,
+        "--queries",
+        args.queries,
+        "--sequences",
+        args.sequences,
+        "--format",
+        "json",
+    ]
+    out = subprocess.run(
+        [*map(str, cmd), *(["--memory-budget", budget] if budget else [])], check=True, capture_output=True, text=True
+    ).stdout
     return next(p["peak_bytes"] for p in json.loads(out)["stages"] if p["stage"] == stage)
 
 
@@ -83,7 +100,9 @@ def write_inputs(out: Path, model: Path, n_sequences: int, n_queries: int, max_l
     for k, (_, text) in enumerate(texts[:: max(1, len(texts) // n_queries)][:n_queries]):
         words = text.split(" ")
         half = len(words) // 2
-        lines.append(json.dumps({"id": f"q{k}", "prompt": " ".join(words[:half]), "completion": " " + " ".join(words[half:])}))
+        lines.append(
+            json.dumps({"id": f"q{k}", "prompt": " ".join(words[:half]), "completion": " " + " ".join(words[half:])})
+        )
     queries.write_text("\n".join(lines) + "\n")
     return corpus, queries
 
@@ -116,9 +135,33 @@ def main() -> None:
 
     runs = {
         "plain forward+backward": [__file__, "--plain", model, corpus, "--max-length", args.max_length, *common],
-        "fit-factors": ["-m", "infl", "fit-factors", "--model", model, "--corpus", corpus, "--out", f,
-                        "--max-length", args.max_length, *common, *budget("fit-factors")],
-        "build-query": ["-m", "infl", "build-query", "--factors", f, "--queries", queries, "--out", q, *budget("build-query")],
+        "fit-factors": [
+            "-m",
+            "infl",
+            "fit-factors",
+            "--model",
+            model,
+            "--corpus",
+            corpus,
+            "--out",
+            f,
+            "--max-length",
+            args.max_length,
+            *common,
+            *budget("fit-factors"),
+        ],
+        "build-query": [
+            "-m",
+            "infl",
+            "build-query",
+            "--factors",
+            f,
+            "--queries",
+            queries,
+            "--out",
+            q,
+            *budget("build-query"),
+        ],
         "score": ["-m", "infl", "score", "--queries", q, "--corpus", corpus, "--out", s, *common, *budget("score")],
     }
     results = {name: measured(*cmd) for name, cmd in runs.items()}
@@ -136,8 +179,11 @@ def main() -> None:
         plan = f"{estimates[name] / 1e9:.2f}" if name in estimates else "–"
         lines.append(f"| {name} | {budgets.get(name) or '–'} | {wall:.1f} | {wall / plain:.2f} | {rss:.2f} | {plan} |")
     flags = "".join(f" --{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k.endswith("budget") and v)
-    lines += ["", f"{args.queries} queries, rank 32. "
-              f"`python benchmarks/bench_real.py --sequences {args.sequences} --queries {args.queries}{flags} --readme`"]
+    lines += [
+        "",
+        f"{args.queries} queries, rank 32. "
+        f"`python benchmarks/bench_real.py --sequences {args.sequences} --queries {args.queries}{flags} --readme`",
+    ]
     readme_block.publish("real", lines, args.readme)
 
 

@@ -100,15 +100,27 @@ def main() -> None:
         build_query.run(QueryConfig(factors=factors, queries=queries_file, out=args.out / f"{name}.q.zarr", rank=rank))
         with PeakRSS() as mem:
             start = time.perf_counter()
-            score.run(ScoreConfig(queries=args.out / f"{name}.q.zarr", corpus=(corpus,), out=args.out / f"{name}.s.zarr", batch_size=bs))
+            score.run(
+                ScoreConfig(
+                    queries=args.out / f"{name}.q.zarr",
+                    corpus=(corpus,),
+                    out=args.out / f"{name}.s.zarr",
+                    batch_size=bs,
+                )
+            )
             seconds = time.perf_counter() - start
         return seconds, mem.mib
 
     fwd_bwd, n_tokens = forward_backward_seconds(model, corpus, bs)
-    lines = [f"Embedded default: {n_tokens} tokens; plain forward+backward {fwd_bwd:.2f} s; batch size {bs}; "
-             f"torch {torch.__version__}, {torch.get_num_threads()} threads.", "",
-             "(a, c) Scoring cost against the number of queries, rank 32:", "",
-             "| queries | score s | score / fwd+bwd | peak RSS above start (MiB) |", "|---:|---:|---:|---:|"]
+    lines = [
+        f"Embedded default: {n_tokens} tokens; plain forward+backward {fwd_bwd:.2f} s; batch size {bs}; "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads.",
+        "",
+        "(a, c) Scoring cost against the number of queries, rank 32:",
+        "",
+        "| queries | score s | score / fwd+bwd | peak RSS above start (MiB) |",
+        "|---:|---:|---:|---:|",
+    ]
     for n in (1, 16, 64, 256):
         seconds, mib = run_score(make_queries(corpus, n, args.out / f"q{n}.jsonl"), f"n{n}", 32)
         lines.append(f"| {n} | {seconds:.2f} | {seconds / fwd_bwd:.2f} | {mib:.0f} |")
@@ -116,22 +128,34 @@ def main() -> None:
     queries64 = args.out / "q64.jsonl"
     run_score(queries64, "full", None)
     full = totals(args.out / "full.s.zarr")
-    lines += ["", "(b) Low rank against full rank, 64 queries (mean over queries):", "",
-              "| rank | Spearman | top-10 overlap |", "|---:|---:|---:|"]
+    lines += [
+        "",
+        "(b) Low rank against full rank, 64 queries (mean over queries):",
+        "",
+        "| rank | Spearman | top-10 overlap |",
+        "|---:|---:|---:|",
+    ]
     for rank in (8, 16, 32, 64):
         run_score(queries64, f"r{rank}", rank)
         low = totals(args.out / f"r{rank}.s.zarr")
         rho = np.mean([spearman(low[q], full[q]) for q in range(len(full))])
-        overlap = np.mean([len(set(np.argsort(-low[q])[:10]) & set(np.argsort(-full[q])[:10])) / 10 for q in range(len(full))])
+        overlap = np.mean(
+            [len(set(np.argsort(-low[q])[:10]) & set(np.argsort(-full[q])[:10])) / 10 for q in range(len(full))]
+        )
         lines.append(f"| {rank} | {rho:.4f} | {overlap:.2f} |")
 
-    fit_factors.run(FitConfig(model=model, corpus=(corpus,), out=args.out / "f16.zarr", batch_size=bs, dtype="bfloat16"))
+    fit_factors.run(
+        FitConfig(model=model, corpus=(corpus,), out=args.out / "f16.zarr", batch_size=bs, dtype="bfloat16")
+    )
     seconds16, _ = run_score(queries64, "bf16", 32, factors=args.out / "f16.zarr")
     bf16 = totals(args.out / "bf16.s.zarr")
     ref = totals(args.out / "r32.s.zarr")
     rho16 = np.mean([spearman(bf16[q], ref[q]) for q in range(len(ref))])
-    lines += ["", f"(d) bfloat16 model (factors refitted in bf16), 64 queries at rank 32: Spearman against float32 "
-              f"**{rho16:.4f}**, score {seconds16:.2f} s (bf16 matmuls are slow on this CPU; the point is accuracy)."]
+    lines += [
+        "",
+        f"(d) bfloat16 model (factors refitted in bf16), 64 queries at rank 32: Spearman against float32 "
+        f"**{rho16:.4f}**, score {seconds16:.2f} s (bf16 matmuls are slow on this CPU; the point is accuracy).",
+    ]
     readme_block.publish("scoring", lines, args.readme)
 
 

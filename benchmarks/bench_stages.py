@@ -60,18 +60,65 @@ def main() -> None:
     model, corpus, queries = demo / "model", demo / "corpus.jsonl", demo / "queries.jsonl"
     bs = args.batch_size
     rows = []
-    rows.append(("fit-factors (ekfac)", timed(lambda: fit_factors.run(FitConfig(
-        model=model, corpus=(corpus,), out=args.out / "factors.zarr", batch_size=bs)))))
-    rows.append(("build-query (rank 32)", timed(lambda: build_query.run(QueryConfig(
-        factors=args.out / "factors.zarr", queries=queries, out=args.out / "queries.zarr")))))
-    rows.append(("score", timed(lambda: score.run(ScoreConfig(
-        queries=args.out / "queries.zarr", corpus=(corpus,), out=args.out / "scores.zarr", batch_size=bs)))))
-    rows.append(("score, no-op rerun", timed(lambda: score.run(ScoreConfig(
-        queries=args.out / "queries.zarr", corpus=(corpus,), out=args.out / "scores.zarr", batch_size=bs)))))
-    rows.append(("topk -k 10 (every chunk it reads checked)", timed(lambda: topk.run(TopkConfig(
-        scores=args.out / "scores.zarr")))))
-    rows.append(("verify factors + queries + scores (every chunk)", sum(
-        timed(lambda name=name: verify.run(args.out / name)) for name in ("factors.zarr", "queries.zarr", "scores.zarr"))))
+    rows.append(
+        (
+            "fit-factors (ekfac)",
+            timed(
+                lambda: fit_factors.run(
+                    FitConfig(model=model, corpus=(corpus,), out=args.out / "factors.zarr", batch_size=bs)
+                )
+            ),
+        )
+    )
+    rows.append(
+        (
+            "build-query (rank 32)",
+            timed(
+                lambda: build_query.run(
+                    QueryConfig(factors=args.out / "factors.zarr", queries=queries, out=args.out / "queries.zarr")
+                )
+            ),
+        )
+    )
+    rows.append(
+        (
+            "score",
+            timed(
+                lambda: score.run(
+                    ScoreConfig(
+                        queries=args.out / "queries.zarr", corpus=(corpus,), out=args.out / "scores.zarr", batch_size=bs
+                    )
+                )
+            ),
+        )
+    )
+    rows.append(
+        (
+            "score, no-op rerun",
+            timed(
+                lambda: score.run(
+                    ScoreConfig(
+                        queries=args.out / "queries.zarr", corpus=(corpus,), out=args.out / "scores.zarr", batch_size=bs
+                    )
+                )
+            ),
+        )
+    )
+    rows.append(
+        (
+            "topk -k 10 (every chunk it reads checked)",
+            timed(lambda: topk.run(TopkConfig(scores=args.out / "scores.zarr"))),
+        )
+    )
+    rows.append(
+        (
+            "verify factors + queries + scores (every chunk)",
+            sum(
+                timed(lambda name=name: verify.run(args.out / name))
+                for name in ("factors.zarr", "queries.zarr", "scores.zarr")
+            ),
+        )
+    )
     fwd_bwd, n_tokens = forward_backward_seconds(model, corpus, bs)
     rows.append(("plain forward+backward, same tokens", fwd_bwd))
     n_queries = sum(1 for line in queries.read_text().splitlines() if line.strip())

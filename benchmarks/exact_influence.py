@@ -47,8 +47,20 @@ def build(out: Path, sentences: list[str]) -> Path:
     tok.train_from_iterator(sentences, trainers.WordLevelTrainer(special_tokens=["[UNK]", "[PAD]"]))
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]")
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=16, n_embd=16, n_layer=2, n_head=2,
-                                       bos_token_id=0, eos_token_id=0, resid_pdrop=0, embd_pdrop=0, attn_pdrop=0))
+    model = GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=len(tokenizer),
+            n_positions=16,
+            n_embd=16,
+            n_layer=2,
+            n_head=2,
+            bos_token_id=0,
+            eos_token_id=0,
+            resid_pdrop=0,
+            embd_pdrop=0,
+            attn_pdrop=0,
+        )
+    )
     ids = torch.tensor([tokenizer(s)["input_ids"] for s in sentences])  # all the same length
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     for _ in range(400):
@@ -62,7 +74,9 @@ def build(out: Path, sentences: list[str]) -> Path:
     return out
 
 
-def exact_scores(model_dir: Path, train: list[str], queries: list[dict], block_diagonal: bool = False) -> tuple[np.ndarray, list[str]]:
+def exact_scores(
+    model_dir: Path, train: list[str], queries: list[dict], block_diagonal: bool = False
+) -> tuple[np.ndarray, list[str]]:
     tokenizer = modeling.load_tokenizer(model_dir)
     model = modeling.load_model(model_dir).double()
     model.requires_grad_(False)
@@ -128,21 +142,28 @@ def main() -> None:
     shutil.rmtree(args.out, ignore_errors=True)
     args.out.mkdir(parents=True)
     train = language(150)
-    queries = [{"id": f"q{i}", "prompt": " ".join(s.split()[:4]), "completion": " " + " ".join(s.split()[4:])}
-               for i, s in enumerate(train[:4] + language(4, seed=1))]
+    queries = [
+        {"id": f"q{i}", "prompt": " ".join(s.split()[:4]), "completion": " " + " ".join(s.split()[4:])}
+        for i, s in enumerate(train[:4] + language(4, seed=1))
+    ]
     corpus = args.out / "train.jsonl"
     corpus.write_text("".join(json.dumps({"id": f"s{i}", "text": t}) + "\n" for i, t in enumerate(train)))
     fit_corpus = args.out / "fit.jsonl"  # each sentence `samples` times under new ids: new label draws
-    fit_corpus.write_text("".join(json.dumps({"id": f"s{i}-{k}", "text": t}) + "\n"
-                                  for k in range(args.samples) for i, t in enumerate(train)))
+    fit_corpus.write_text(
+        "".join(
+            json.dumps({"id": f"s{i}-{k}", "text": t}) + "\n" for k in range(args.samples) for i, t in enumerate(train)
+        )
+    )
     qfile = args.out / "queries.jsonl"
     qfile.write_text("".join(json.dumps(q) + "\n" for q in queries))
     model_dir = build(args.out / "model", train)
     exact, _ = exact_scores(model_dir, train, queries)
     blocks, _ = exact_scores(model_dir, train, queries, block_diagonal=True)
 
-    lines = ["| strategy | Pearson with exact | Spearman with exact | top-1 agrees | Pearson with exact block-diagonal |",
-             "|---|---:|---:|---:|---:|"]
+    lines = [
+        "| strategy | Pearson with exact | Spearman with exact | top-1 agrees | Pearson with exact block-diagonal |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for strategy in ("identity", "diagonal", "kfac", "ekfac"):
         d = args.out / strategy
         fit_factors.run(FitConfig(model=model_dir, corpus=(fit_corpus,), out=d / "f.zarr", strategy=strategy))
@@ -156,8 +177,10 @@ def main() -> None:
         lines.append(f"| {strategy} | {pearson:.3f} | {rho:.3f} | {top1:.2f} | {block_r:.3f} |")
     agree = np.mean([np.corrcoef(blocks[q], exact[q])[0, 1] for q in range(len(queries))])
     lines.append(f"| exact block-diagonal | {agree:.3f} | | | 1 |")
-    header = (f"{len(train)} training sentences, {len(queries)} queries, 4,256 tracked parameters "
-              f"(MLP weights and biases of a 2-layer, 16-wide GPT-2); mean over queries.")
+    header = (
+        f"{len(train)} training sentences, {len(queries)} queries, 4,256 tracked parameters "
+        f"(MLP weights and biases of a 2-layer, 16-wide GPT-2); mean over queries."
+    )
     readme_block.publish("exact", [header, "", *lines], args.readme)
 
 

@@ -104,12 +104,24 @@ class ScoresView:
         indices = np.asarray(positions, dtype=np.int64).reshape(-1)
         N = self._scores.n_sequences
         if ((indices < 0) | (indices >= N)).any():
-            raise BadInput(f"position {int(indices[(indices < 0) | (indices >= N)][0])} is outside the {N} scored sequences")
+            raise BadInput(
+                f"position {int(indices[(indices < 0) | (indices >= N)][0])} is outside the {N} scored sequences"
+            )
         return texts_of(self._scores, indices)
 
-    def topk(self, k: int = 10, query: str | list[str] | None = None, negative: bool = False,
-             train_size: int | None = None, text: bool = True, *, tokens: bool = False,
-             refine: int | None = None, device: str = "cpu", batch_size: int = 8) -> list[dict]:
+    def topk(
+        self,
+        k: int = 10,
+        query: str | list[str] | None = None,
+        negative: bool = False,
+        train_size: int | None = None,
+        text: bool = True,
+        *,
+        tokens: bool = False,
+        refine: int | None = None,
+        device: str = "cpu",
+        batch_size: int = 8,
+    ) -> list[dict]:
         """Per query (one id, a list of ids, or all), its k most influential training sequences
         (least, with `negative`): the records `infl topk --format json` prints, best first, one per
         hit (query_id, query_prompt, query_completion, query_log_p, rank, train_id, score, share,
@@ -121,8 +133,19 @@ class ScoresView:
         from infl.stages import topk as stage
 
         wanted = () if query is None else (query,) if isinstance(query, str) else tuple(query)
-        cfg = TopkConfig(self.path, k, wanted, negative, train_size, tokens=tokens, refine=refine,
-                         self_influence=self.is_self, batch_size=batch_size, device=device, text=text)
+        cfg = TopkConfig(
+            self.path,
+            k,
+            wanted,
+            negative,
+            train_size,
+            tokens=tokens,
+            refine=refine,
+            self_influence=self.is_self,
+            batch_size=batch_size,
+            device=device,
+            text=text,
+        )
         return topk_records(stage.run(cfg), _unit(train_size))
 
     def queries(self) -> list[dict]:

@@ -48,7 +48,9 @@ class Tap:
     `backward`."""
 
     specs: Sequence[ModuleSpec]
-    raw: dict[str, Tensor] = field(default_factory=dict)  # name -> the module's input [B, T, d_in], as the model made it
+    raw: dict[str, Tensor] = field(
+        default_factory=dict
+    )  # name -> the module's input [B, T, d_in], as the model made it
     root: Tensor | None = None  # the input embeddings, where the graph starts
     mask: Tensor | None = None  # [B, T] attention mask of the batch: a is zero on padding
     _consume: Consumer | None = None

@@ -53,7 +53,7 @@ class _Group(TyperGroup):
                 rest += args[i:]
                 break
             if args[i] == "--log-format" and i + 1 < len(args):
-                moved += args[i:i + 2]
+                moved += args[i : i + 2]
                 i += 2
                 continue
             (moved if args[i].startswith("--log-format=") else rest).append(args[i])
@@ -119,10 +119,17 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def main(
-    log_format: Annotated[str, typer.Option("--log-format", envvar="INFL_LOG_FORMAT",
-                                            help="text | json (one object per line on stderr, no progress bars); "
-                                                 "before or after the command.")] = "text",
-    version: Annotated[bool, typer.Option("--version", is_eager=True, callback=_version, help="Print the version and exit.")] = False,
+    log_format: Annotated[
+        str,
+        typer.Option(
+            "--log-format",
+            envvar="INFL_LOG_FORMAT",
+            help="text | json (one object per line on stderr, no progress bars); before or after the command.",
+        ),
+    ] = "text",
+    version: Annotated[
+        bool, typer.Option("--version", is_eager=True, callback=_version, help="Print the version and exit.")
+    ] = False,
 ) -> None:
     """Trace a language model's outputs back to the training sequences that influenced them."""
     if log_format not in ("text", "json"):
@@ -146,8 +153,9 @@ def _load_config(ctx: typer.Context, path: Optional[Path]) -> Optional[Path]:
         raise typer.BadParameter(f"{path} must hold a mapping of command sections (got {type(document).__name__})")
     section = document.get(ctx.info_name) or {}
     if not isinstance(section, dict):
-        raise typer.BadParameter(f"{path}: section {ctx.info_name!r} must be a mapping of options "
-                                 f"(got {type(section).__name__})")
+        raise typer.BadParameter(
+            f"{path}: section {ctx.info_name!r} must be a mapping of options (got {type(section).__name__})"
+        )
     section = {str(k).replace("-", "_"): v for k, v in section.items()}
     params = {p.name: p for p in ctx.command.params}
     unknown = sorted(set(section) - set(params))
@@ -169,21 +177,43 @@ def _takes_paths(param) -> bool:
 
 ConfigOpt = Annotated[
     Optional[Path],
-    typer.Option("--config", "-c", is_eager=True, callback=_load_config, exists=True, dir_okay=False,
-                 help="YAML file with one section per command; flags given on the command line win."),
+    typer.Option(
+        "--config",
+        "-c",
+        is_eager=True,
+        callback=_load_config,
+        exists=True,
+        dir_okay=False,
+        help="YAML file with one section per command; flags given on the command line win.",
+    ),
 ]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Only errors on stderr.")]
-ForceOpt = Annotated[bool, typer.Option("--force", help="Recompute even if the output is up to date or was made from other inputs.")]
-WaitOpt = Annotated[bool, typer.Option("--wait", help="If another run is writing the output, wait for it instead of exiting with 75.")]
+ForceOpt = Annotated[
+    bool, typer.Option("--force", help="Recompute even if the output is up to date or was made from other inputs.")
+]
+WaitOpt = Annotated[
+    bool, typer.Option("--wait", help="If another run is writing the output, wait for it instead of exiting with 75.")
+]
 DeviceOpt = Annotated[str, typer.Option(help="cpu or cuda[:N].")]
 BatchOpt = Annotated[int, typer.Option(help="Sequences per forward/backward pass (memory, not results).")]
-MemoryOpt = Annotated[Optional[str], typer.Option(
-    help="Memory this process may use, e.g. 16GiB: the stage plans its factors and queries to fit (see `infl plan`).")]
-CorpusOpt = Annotated[
-    Optional[list[Path]], typer.Option("--corpus", help="Training corpus: .jsonl (id, text) or .txt files; repeatable, or as arguments. [required]")
+MemoryOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        help="Memory this process may use, e.g. 16GiB: the stage plans its factors and queries to fit (see `infl plan`)."
+    ),
 ]
-MoreCorpusArg = Annotated[Optional[list[Path]], typer.Argument(help="More corpus files (after --corpus).", show_default=False)]
-SplitOpt = Annotated[str, typer.Option(help="For .txt files: 'lines' (one sequence per line) or 'windows' of --max-length tokens.")]
+CorpusOpt = Annotated[
+    Optional[list[Path]],
+    typer.Option(
+        "--corpus", help="Training corpus: .jsonl (id, text) or .txt files; repeatable, or as arguments. [required]"
+    ),
+]
+MoreCorpusArg = Annotated[
+    Optional[list[Path]], typer.Argument(help="More corpus files (after --corpus).", show_default=False)
+]
+SplitOpt = Annotated[
+    str, typer.Option(help="For .txt files: 'lines' (one sequence per line) or 'windows' of --max-length tokens.")
+]
 TextFieldOpt = Annotated[str, typer.Option(help="JSONL field holding the text.")]
 IdFieldOpt = Annotated[str, typer.Option(help="JSONL field holding the id (line number when absent).")]
 
@@ -232,8 +262,11 @@ def _finish(call: Callable[[], object], quiet: bool, every_rank: bool = True, ou
         if e.errno not in _STORAGE_ERRORS:
             raise
         full = e.errno in (errno.ENOSPC, errno.EDQUOT)
-        log_error(f"cannot write {out or e.filename or 'the output'}: {e.strerror}",
-                  "free some space and run the same command again: it resumes where it stopped" if full else "", 1)
+        log_error(
+            f"cannot write {out or e.filename or 'the output'}: {e.strerror}",
+            "free some space and run the same command again: it resumes where it stopped" if full else "",
+            1,
+        )
         raise typer.Exit(1) from None
     except Exception as e:  # a bug or a library's error: in a torchrun group, say which rank it hit
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -260,7 +293,9 @@ def _write(command: str, module: str, cfg, quiet: bool) -> None:
     noop.remember(command, cfg)
 
 
-IndexDimOpt = Annotated[str, typer.Option(help="Index: eigenbasis coordinates kept per module, or 'full' (exact scores).")]
+IndexDimOpt = Annotated[
+    str, typer.Option(help="Index: eigenbasis coordinates kept per module, or 'full' (exact scores).")
+]
 IndexDtypeOpt = Annotated[str, typer.Option(help="Index: float16 (scaled per sequence) | float32.")]
 
 
@@ -276,29 +311,53 @@ def _dim(value: str) -> int | None:
 
 @app.command("fit-factors")
 def fit_factors(
-    model: Annotated[Optional[Path], typer.Option(help="Local model directory (save_pretrained) or .gguf file. [required]")] = None,
+    model: Annotated[
+        Optional[Path], typer.Option(help="Local model directory (save_pretrained) or .gguf file. [required]")
+    ] = None,
     corpus: CorpusOpt = None,
     more_corpus: MoreCorpusArg = None,
     out: Annotated[Optional[Path], typer.Option(help="Factors artifact to write (.zarr). [required]")] = None,
     strategy: Annotated[str, typer.Option(help="ekfac | kfac | diagonal | identity.")] = "ekfac",
     modules: Annotated[str, typer.Option(help="mlp (the paper's choice) | all | a regex over module names.")] = "mlp",
-    damping: Annotated[str, typer.Option(help="auto (= --damping-scale x mean eigenvalue, per module) or an absolute value.")] = "auto",
+    damping: Annotated[
+        str, typer.Option(help="auto (= --damping-scale x mean eigenvalue, per module) or an absolute value.")
+    ] = "auto",
     damping_scale: Annotated[float, typer.Option(help="Scale of the automatic damping.")] = 0.1,
-    max_length: Annotated[Optional[int], typer.Option(help="Truncate sequences to N tokens (default: the model's context).")] = None,
+    max_length: Annotated[
+        Optional[int], typer.Option(help="Truncate sequences to N tokens (default: the model's context).")
+    ] = None,
     max_sequences: Annotated[Optional[int], typer.Option(help="Fit on the first N sequences only.")] = None,
     split: SplitOpt = "lines",
     text_field: TextFieldOpt = "text",
     id_field: IdFieldOpt = "id",
-    seed: Annotated[int, typer.Option(help="Seed of the sampled labels (each sequence draws from its own stream).")] = 0,
-    chunk_size: Annotated[int, typer.Option(help="Sequences between checkpoints: a killed fit resumes from the last one.")] = 512,
+    seed: Annotated[
+        int, typer.Option(help="Seed of the sampled labels (each sequence draws from its own stream).")
+    ] = 0,
+    chunk_size: Annotated[
+        int, typer.Option(help="Sequences between checkpoints: a killed fit resumes from the last one.")
+    ] = 512,
     batch_size: BatchOpt = 8,
     device: DeviceOpt = "cpu",
-    dtype: Annotated[str, typer.Option(help="float32 | bfloat16 (model weights; statistics stay float32/64).")] = "float32",
-    index: Annotated[Optional[Path], typer.Option(help="Also write a gradient index of the corpus (as `infl index` would): in the eigenvalue pass for ekfac, after the fit for kfac.")] = None,
+    dtype: Annotated[
+        str, typer.Option(help="float32 | bfloat16 (model weights; statistics stay float32/64).")
+    ] = "float32",
+    index: Annotated[
+        Optional[Path],
+        typer.Option(
+            help="Also write a gradient index of the corpus (as `infl index` would): in the eigenvalue pass for ekfac, after the fit for kfac."
+        ),
+    ] = None,
     index_dim: IndexDimOpt = "4096",
     index_dtype: IndexDtypeOpt = "float16",
-    blocks: Annotated[int, typer.Option(help="Split A and S into K diagonal blocks each (memory / K, eigendecompositions / K^2).")] = 1,
-    partitions: Annotated[Optional[int], typer.Option(help="Fit the modules in P groups, one corpus sweep each (default: what --memory-budget needs, else 1).")] = None,
+    blocks: Annotated[
+        int, typer.Option(help="Split A and S into K diagonal blocks each (memory / K, eigendecompositions / K^2).")
+    ] = 1,
+    partitions: Annotated[
+        Optional[int],
+        typer.Option(
+            help="Fit the modules in P groups, one corpus sweep each (default: what --memory-budget needs, else 1)."
+        ),
+    ] = None,
     memory_budget: MemoryOpt = None,
     force: ForceOpt = False,
     wait: WaitOpt = False,
@@ -311,14 +370,35 @@ def fit_factors(
     """
     from infl.config import FitConfig
 
-    cfg = _config(lambda: FitConfig(
-        model=_need(model, "--model"), corpus=tuple(_need((corpus or []) + (more_corpus or []), "--corpus")),
-        out=_need(out, "--out"), strategy=strategy, modules=modules, damping=damping, damping_scale=damping_scale,
-        max_length=max_length, max_sequences=max_sequences, split=split, text_field=text_field, id_field=id_field,
-        seed=seed, dtype=dtype, chunk_size=chunk_size, batch_size=batch_size, device=device, force=force, wait=wait,
-        index=index, index_dim=_dim(index_dim), index_dtype=index_dtype, blocks=blocks, partitions=partitions,
-        memory_budget=memory_budget,
-    ))
+    cfg = _config(
+        lambda: FitConfig(
+            model=_need(model, "--model"),
+            corpus=tuple(_need((corpus or []) + (more_corpus or []), "--corpus")),
+            out=_need(out, "--out"),
+            strategy=strategy,
+            modules=modules,
+            damping=damping,
+            damping_scale=damping_scale,
+            max_length=max_length,
+            max_sequences=max_sequences,
+            split=split,
+            text_field=text_field,
+            id_field=id_field,
+            seed=seed,
+            dtype=dtype,
+            chunk_size=chunk_size,
+            batch_size=batch_size,
+            device=device,
+            force=force,
+            wait=wait,
+            index=index,
+            index_dim=_dim(index_dim),
+            index_dtype=index_dtype,
+            blocks=blocks,
+            partitions=partitions,
+            memory_budget=memory_budget,
+        )
+    )
     _write("fit-factors", "fit_factors", cfg, quiet)
     if cfg.index is not None:  # finishes the index the eigenvalue pass wrote (or builds it, if it wrote none)
         _write("index", "index", cfg.index_config(), quiet)
@@ -327,12 +407,23 @@ def fit_factors(
 @app.command("build-query")
 def build_query(
     factors: Annotated[Optional[Path], typer.Option(help="Factors artifact from fit-factors. [required]")] = None,
-    queries: Annotated[Optional[Path], typer.Option(help='JSONL with {"id", "prompt", "completion"} per line. [required]')] = None,
+    queries: Annotated[
+        Optional[Path], typer.Option(help='JSONL with {"id", "prompt", "completion"} per line. [required]')
+    ] = None,
     out: Annotated[Optional[Path], typer.Option(help="Queries artifact to write (.zarr). [required]")] = None,
-    model: Annotated[Optional[Path], typer.Option(help="The factors' model at another path (checked by fingerprint).")] = None,
+    model: Annotated[
+        Optional[Path], typer.Option(help="The factors' model at another path (checked by fingerprint).")
+    ] = None,
     rank: Annotated[str, typer.Option(help="Rank of the stored preconditioned gradients, or 'full'.")] = "32",
-    svd: Annotated[str, typer.Option(help="auto (randomized where 4 (rank + 10) <= min(O, I), else exact) | exact | randomized.")] = "auto",
-    append: Annotated[bool, typer.Option("--append", help="Add these queries to an existing queries artifact (score then computes only them).")] = False,
+    svd: Annotated[
+        str, typer.Option(help="auto (randomized where 4 (rank + 10) <= min(O, I), else exact) | exact | randomized.")
+    ] = "auto",
+    append: Annotated[
+        bool,
+        typer.Option(
+            "--append", help="Add these queries to an existing queries artifact (score then computes only them)."
+        ),
+    ] = False,
     batch_size: BatchOpt = 8,
     device: DeviceOpt = "cpu",
     memory_budget: MemoryOpt = None,
@@ -347,22 +438,37 @@ def build_query(
     """
     from infl.config import QueryConfig, parse_rank
 
-    cfg = _config(lambda: QueryConfig(
-        factors=_need(factors, "--factors"), queries=_need(queries, "--queries"), out=_need(out, "--out"),
-        model=model, rank=parse_rank(rank), svd=svd, append=append, batch_size=batch_size, device=device, force=force, wait=wait,
-        memory_budget=memory_budget,
-    ))
+    cfg = _config(
+        lambda: QueryConfig(
+            factors=_need(factors, "--factors"),
+            queries=_need(queries, "--queries"),
+            out=_need(out, "--out"),
+            model=model,
+            rank=parse_rank(rank),
+            svd=svd,
+            append=append,
+            batch_size=batch_size,
+            device=device,
+            force=force,
+            wait=wait,
+            memory_budget=memory_budget,
+        )
+    )
     _write("build-query", "build_query", cfg, quiet)
 
 
 @app.command("plan")
 def plan(
-    model: Annotated[Optional[Path], typer.Option(help="Model directory or .gguf file (only its config is read). [required]")] = None,
+    model: Annotated[
+        Optional[Path], typer.Option(help="Model directory or .gguf file (only its config is read). [required]")
+    ] = None,
     strategy: Annotated[str, typer.Option(help="ekfac | kfac | diagonal | identity.")] = "ekfac",
     modules: Annotated[str, typer.Option(help="mlp | all | a regex over module names.")] = "mlp",
     blocks: Annotated[int, typer.Option(help="Diagonal blocks per Kronecker factor (fit-factors --blocks).")] = 1,
     batch_size: BatchOpt = 8,
-    max_length: Annotated[Optional[int], typer.Option(help="Longest sequence in a batch (default: the model's context).")] = None,
+    max_length: Annotated[
+        Optional[int], typer.Option(help="Longest sequence in a batch (default: the model's context).")
+    ] = None,
     dtype: Annotated[str, typer.Option(help="float32 | bfloat16: the model's weights and activations.")] = "float32",
     queries: Annotated[int, typer.Option(help="Queries built and scored together.")] = 16,
     rank: Annotated[str, typer.Option(help="Rank of the stored queries, or 'full'.")] = "32",
@@ -383,11 +489,21 @@ def plan(
     from infl.stages import plan as stage
 
     fmt = _check_format(format, ("table", "json"))
-    cfg = _config(lambda: PlanConfig(
-        model=_need(model, "--model"), strategy=strategy, modules=modules, blocks=blocks, batch_size=batch_size,
-        max_length=max_length, dtype=dtype, queries=queries, rank=parse_rank(rank), sequences=sequences,
-        memory_budget=memory_budget,
-    ))
+    cfg = _config(
+        lambda: PlanConfig(
+            model=_need(model, "--model"),
+            strategy=strategy,
+            modules=modules,
+            blocks=blocks,
+            batch_size=batch_size,
+            max_length=max_length,
+            dtype=dtype,
+            queries=queries,
+            rank=parse_rank(rank),
+            sequences=sequences,
+            memory_budget=memory_budget,
+        )
+    )
 
     def call():
         planned = stage.run(cfg)
@@ -398,14 +514,20 @@ def plan(
 
 @app.command("index")
 def index(
-    factors: Annotated[Optional[Path], typer.Option(help="Factors artifact from fit-factors (ekfac or kfac). [required]")] = None,
+    factors: Annotated[
+        Optional[Path], typer.Option(help="Factors artifact from fit-factors (ekfac or kfac). [required]")
+    ] = None,
     corpus: CorpusOpt = None,
     more_corpus: MoreCorpusArg = None,
     out: Annotated[Optional[Path], typer.Option(help="Index artifact to write (.zarr). [required]")] = None,
-    model: Annotated[Optional[Path], typer.Option(help="The factors' model at another path (checked by fingerprint).")] = None,
+    model: Annotated[
+        Optional[Path], typer.Option(help="The factors' model at another path (checked by fingerprint).")
+    ] = None,
     index_dim: IndexDimOpt = "4096",
     index_dtype: IndexDtypeOpt = "float16",
-    max_length: Annotated[Optional[int], typer.Option(help="Truncate sequences to N tokens (default: the model's context).")] = None,
+    max_length: Annotated[
+        Optional[int], typer.Option(help="Truncate sequences to N tokens (default: the model's context).")
+    ] = None,
     split: SplitOpt = "lines",
     text_field: TextFieldOpt = "text",
     id_field: IdFieldOpt = "id",
@@ -424,32 +546,59 @@ def index(
     """
     from infl.config import IndexConfig
 
-    cfg = _config(lambda: IndexConfig(
-        factors=_need(factors, "--factors"), corpus=tuple(_need((corpus or []) + (more_corpus or []), "--corpus")),
-        out=_need(out, "--out"), model=model, index_dim=_dim(index_dim), index_dtype=index_dtype, max_length=max_length,
-        split=split, text_field=text_field, id_field=id_field, chunk_size=chunk_size, batch_size=batch_size,
-        device=device, force=force, wait=wait,
-    ))
+    cfg = _config(
+        lambda: IndexConfig(
+            factors=_need(factors, "--factors"),
+            corpus=tuple(_need((corpus or []) + (more_corpus or []), "--corpus")),
+            out=_need(out, "--out"),
+            model=model,
+            index_dim=_dim(index_dim),
+            index_dtype=index_dtype,
+            max_length=max_length,
+            split=split,
+            text_field=text_field,
+            id_field=id_field,
+            chunk_size=chunk_size,
+            batch_size=batch_size,
+            device=device,
+            force=force,
+            wait=wait,
+        )
+    )
     _write("index", "index", cfg, quiet)
 
 
 @app.command("score")
 def score(
-    queries: Annotated[Optional[Path], typer.Option(help="Queries artifact from build-query (or --factors with --self).")] = None,
+    queries: Annotated[
+        Optional[Path], typer.Option(help="Queries artifact from build-query (or --factors with --self).")
+    ] = None,
     corpus: CorpusOpt = None,
     more_corpus: MoreCorpusArg = None,
     out: Annotated[Optional[Path], typer.Option(help="Scores artifact to write (.zarr). [required]")] = None,
-    model: Annotated[Optional[Path], typer.Option(help="The queries' model at another path (checked by fingerprint).")] = None,
-    max_length: Annotated[Optional[int], typer.Option(help="Truncate sequences to N tokens (default: the model's context).")] = None,
+    model: Annotated[
+        Optional[Path], typer.Option(help="The queries' model at another path (checked by fingerprint).")
+    ] = None,
+    max_length: Annotated[
+        Optional[int], typer.Option(help="Truncate sequences to N tokens (default: the model's context).")
+    ] = None,
     split: SplitOpt = "lines",
     text_field: TextFieldOpt = "text",
     id_field: IdFieldOpt = "id",
     chunk_size: Annotated[int, typer.Option(help="Training sequences per chunk (unit of work and of resume).")] = 512,
-    per_token: Annotated[bool, typer.Option("--per-token", help="Also store every token's term (they sum to the score).")] = False,
-    self_influence: Annotated[bool, typer.Option("--self", help="Score each sequence against itself (needs --factors).")] = False,
+    per_token: Annotated[
+        bool, typer.Option("--per-token", help="Also store every token's term (they sum to the score).")
+    ] = False,
+    self_influence: Annotated[
+        bool, typer.Option("--self", help="Score each sequence against itself (needs --factors).")
+    ] = False,
     factors: Annotated[Optional[Path], typer.Option(help="Factors artifact, for --self.")] = None,
-    index: Annotated[Optional[Path], typer.Option(help="Score from this gradient index (infl index) instead of a corpus pass.")] = None,
-    candidates: Annotated[Optional[Path], typer.Option(help="Score only the queries' TF-IDF candidates (from `infl candidates`).")] = None,
+    index: Annotated[
+        Optional[Path], typer.Option(help="Score from this gradient index (infl index) instead of a corpus pass.")
+    ] = None,
+    candidates: Annotated[
+        Optional[Path], typer.Option(help="Score only the queries' TF-IDF candidates (from `infl candidates`).")
+    ] = None,
     batch_size: BatchOpt = 8,
     device: DeviceOpt = "cpu",
     memory_budget: MemoryOpt = None,
@@ -469,13 +618,29 @@ def score(
     from infl.config import ScoreConfig
 
     files = (corpus or []) + (more_corpus or [])
-    cfg = _config(lambda: ScoreConfig(
-        queries=queries, corpus=tuple(files if index is not None else _need(files, "--corpus")), index=index,
-        out=_need(out, "--out"), model=model, max_length=max_length, split=split, text_field=text_field,
-        id_field=id_field, chunk_size=chunk_size, per_token=per_token, self_influence=self_influence,
-        factors=factors, candidates=candidates, batch_size=batch_size, device=device, force=force, wait=wait,
-        memory_budget=memory_budget,
-    ))
+    cfg = _config(
+        lambda: ScoreConfig(
+            queries=queries,
+            corpus=tuple(files if index is not None else _need(files, "--corpus")),
+            index=index,
+            out=_need(out, "--out"),
+            model=model,
+            max_length=max_length,
+            split=split,
+            text_field=text_field,
+            id_field=id_field,
+            chunk_size=chunk_size,
+            per_token=per_token,
+            self_influence=self_influence,
+            factors=factors,
+            candidates=candidates,
+            batch_size=batch_size,
+            device=device,
+            force=force,
+            wait=wait,
+            memory_budget=memory_budget,
+        )
+    )
     _write("score", "score", cfg, quiet)
 
 
@@ -484,7 +649,8 @@ KOpt = Annotated[int, typer.Option("-k", help="Sequences per query.")]
 QueryOpt = Annotated[Optional[list[str]], typer.Option("--query", help="Only this query id (repeatable).")]
 NegativeOpt = Annotated[bool, typer.Option("--negative", help="The most negative instead of the most positive.")]
 TrainSizeOpt = Annotated[
-    Optional[int], typer.Option(help="Training set size N: show per-copy nats (influence / N) instead of the derivative.")
+    Optional[int],
+    typer.Option(help="Training set size N: show per-copy nats (influence / N) instead of the derivative."),
 ]
 
 
@@ -516,12 +682,25 @@ def topk(
     query: QueryOpt = None,
     negative: NegativeOpt = False,
     train_size: TrainSizeOpt = None,
-    tokens: Annotated[bool, typer.Option("--tokens", help="Shade each sequence's tokens by their influence (red +, blue -).")] = False,
-    refine: Annotated[Optional[int], typer.Option(help="Re-score the N best candidates per query with full-rank query gradients.")] = None,
-    self_influence: Annotated[bool, typer.Option("--self", help="The scores are self-influence (from `score --self`).")] = False,
-    text: Annotated[bool, typer.Option("--text/--no-text", help="Show each hit's text, read back from its corpus shard once its sha256 is checked.")] = True,
+    tokens: Annotated[
+        bool, typer.Option("--tokens", help="Shade each sequence's tokens by their influence (red +, blue -).")
+    ] = False,
+    refine: Annotated[
+        Optional[int], typer.Option(help="Re-score the N best candidates per query with full-rank query gradients.")
+    ] = None,
+    self_influence: Annotated[
+        bool, typer.Option("--self", help="The scores are self-influence (from `score --self`).")
+    ] = False,
+    text: Annotated[
+        bool,
+        typer.Option(
+            "--text/--no-text", help="Show each hit's text, read back from its corpus shard once its sha256 is checked."
+        ),
+    ] = True,
     format: Annotated[str, typer.Option("--format", help="table | json | jsonl | csv | markdown | html.")] = "table",
-    batch_size: Annotated[int, typer.Option(help="Sequences per pass for --tokens (when not stored) and --refine.")] = 8,
+    batch_size: Annotated[
+        int, typer.Option(help="Sequences per pass for --tokens (when not stored) and --refine.")
+    ] = 8,
     device: DeviceOpt = "cpu",
     quiet: QuietOpt = False,
     config: ConfigOpt = None,
@@ -538,9 +717,21 @@ def topk(
 
     fmt = _check_format(format, tuple(TOPK))
 
-    cfg = _config(lambda: TopkConfig(_need(scores, "--scores"), k, tuple(query or ()), negative, train_size,
-                                     tokens=tokens, refine=refine, self_influence=self_influence,
-                                     batch_size=batch_size, device=device, text=text))
+    cfg = _config(
+        lambda: TopkConfig(
+            _need(scores, "--scores"),
+            k,
+            tuple(query or ()),
+            negative,
+            train_size,
+            tokens=tokens,
+            refine=refine,
+            self_influence=self_influence,
+            batch_size=batch_size,
+            device=device,
+            text=text,
+        )
+    )
 
     def call():
         sys.stdout.write(TOPK[fmt](stage.run(cfg), _unit(train_size)))
@@ -556,7 +747,9 @@ def layerwise(
     negative: NegativeOpt = False,
     train_size: TrainSizeOpt = None,
     format: Annotated[str, typer.Option("--format", help="table | csv | json | markdown | html.")] = "table",
-    png: Annotated[Optional[Path], typer.Option(help="Also draw layers x sequences as a heatmap, one panel per query.")] = None,
+    png: Annotated[
+        Optional[Path], typer.Option(help="Also draw layers x sequences as a heatmap, one panel per query.")
+    ] = None,
     quiet: QuietOpt = False,
     config: ConfigOpt = None,
 ) -> None:
@@ -580,13 +773,20 @@ def layerwise(
 
 @app.command("candidates")
 def candidates_command(
-    model: Annotated[Optional[Path], typer.Option(help="Model directory or .gguf file: its tokenizer makes the terms. [required]")] = None,
-    queries: Annotated[Optional[Path], typer.Option(help='JSONL with {"id", "prompt", "completion"} per line. [required]')] = None,
+    model: Annotated[
+        Optional[Path], typer.Option(help="Model directory or .gguf file: its tokenizer makes the terms. [required]")
+    ] = None,
+    queries: Annotated[
+        Optional[Path], typer.Option(help='JSONL with {"id", "prompt", "completion"} per line. [required]')
+    ] = None,
     corpus: CorpusOpt = None,
     more_corpus: MoreCorpusArg = None,
     out: Annotated[Optional[Path], typer.Option(help="Candidates artifact to write (.zarr). [required]")] = None,
     top: Annotated[int, typer.Option(help="Candidates kept per query (the paper kept 10,000).")] = 10000,
-    max_length: Annotated[Optional[int], typer.Option(help="Read sequences as `score` will: truncated to N tokens (default: the model's context).")] = None,
+    max_length: Annotated[
+        Optional[int],
+        typer.Option(help="Read sequences as `score` will: truncated to N tokens (default: the model's context)."),
+    ] = None,
     split: SplitOpt = "lines",
     text_field: TextFieldOpt = "text",
     id_field: IdFieldOpt = "id",
@@ -602,18 +802,30 @@ def candidates_command(
     """
     from infl.config import CandidatesConfig
 
-    cfg = _config(lambda: CandidatesConfig(
-        model=_need(model, "--model"), queries=_need(queries, "--queries"),
-        corpus=tuple(_need((corpus or []) + (more_corpus or []), "--corpus")), out=_need(out, "--out"), top=top,
-        max_length=max_length, split=split, text_field=text_field, id_field=id_field, force=force, wait=wait,
-    ))
+    cfg = _config(
+        lambda: CandidatesConfig(
+            model=_need(model, "--model"),
+            queries=_need(queries, "--queries"),
+            corpus=tuple(_need((corpus or []) + (more_corpus or []), "--corpus")),
+            out=_need(out, "--out"),
+            top=top,
+            max_length=max_length,
+            split=split,
+            text_field=text_field,
+            id_field=id_field,
+            force=force,
+            wait=wait,
+        )
+    )
     _write("candidates", "candidates", cfg, quiet)
 
 
 @app.command("report")
 def report_command(
     scores: ScoresOpt = None,
-    out: Annotated[Optional[Path], typer.Option(help="The page to write (.html): self-contained, no network. [required]")] = None,
+    out: Annotated[
+        Optional[Path], typer.Option(help="The page to write (.html): self-contained, no network. [required]")
+    ] = None,
     k: KOpt = 5,
     train_size: TrainSizeOpt = None,
     batch_size: BatchOpt = 8,
@@ -629,8 +841,11 @@ def report_command(
     from infl.config import ReportConfig
     from infl.stages import report as stage
 
-    cfg = _config(lambda: ReportConfig(_need(scores, "--scores"), _need(out, "--out"), k, train_size,
-                                       batch_size=batch_size, device=device))
+    cfg = _config(
+        lambda: ReportConfig(
+            _need(scores, "--scores"), _need(out, "--out"), k, train_size, batch_size=batch_size, device=device
+        )
+    )
 
     def call():
         typer.echo(stage.run(cfg, _unit(train_size)))  # the page's path: the command's result
@@ -642,7 +857,9 @@ def report_command(
 def compare_command(
     scores: ScoresOpt = None,
     queries: Annotated[Optional[str], typer.Option(help="Comma-separated query ids to compare (default: all).")] = None,
-    top_of: Annotated[Optional[str], typer.Option(help="Rank the sequences by this query (default: the first of --queries).")] = None,
+    top_of: Annotated[
+        Optional[str], typer.Option(help="Rank the sequences by this query (default: the first of --queries).")
+    ] = None,
     k: KOpt = 10,
     negative: NegativeOpt = False,
     train_size: TrainSizeOpt = None,
@@ -675,8 +892,12 @@ def sparsity_command(
     scores: ScoresOpt = None,
     query: QueryOpt = None,
     train_size: TrainSizeOpt = None,
-    tail: Annotated[int, typer.Option(help="Fit the power law on the N largest positive scores (its x_min search costs N^2).")] = 2000,
-    png: Annotated[Optional[Path], typer.Option(help="Folder for one log-log 1-CDF figure per query (ID.ccdf.png).")] = None,
+    tail: Annotated[
+        int, typer.Option(help="Fit the power law on the N largest positive scores (its x_min search costs N^2).")
+    ] = 2000,
+    png: Annotated[
+        Optional[Path], typer.Option(help="Folder for one log-log 1-CDF figure per query (ID.ccdf.png).")
+    ] = None,
     format: Annotated[str, typer.Option("--format", help="table | json.")] = "table",
     quiet: QuietOpt = False,
     config: ConfigOpt = None,
@@ -703,8 +924,13 @@ def sparsity_command(
 def export_command(
     scores: ScoresOpt = None,
     out: Annotated[Optional[Path], typer.Option(help="The file to write: .csv, .parquet or .npy. [required]")] = None,
-    format: Annotated[Optional[str], typer.Option("--format", help="csv | parquet | npy (default: from the suffix of --out).")] = None,
-    per_module: Annotated[bool, typer.Option("--per-module", help="One column per query and module (QUERY/MODULE) instead of one per query.")] = False,
+    format: Annotated[
+        Optional[str], typer.Option("--format", help="csv | parquet | npy (default: from the suffix of --out).")
+    ] = None,
+    per_module: Annotated[
+        bool,
+        typer.Option("--per-module", help="One column per query and module (QUERY/MODULE) instead of one per query."),
+    ] = False,
     train_size: TrainSizeOpt = None,
     force: Annotated[bool, typer.Option("--force", help="Replace --out if it exists.")] = False,
     quiet: QuietOpt = False,
@@ -725,13 +951,17 @@ def export_command(
     from infl.config import ExportConfig
     from infl.stages import export as stage
 
-    cfg = _config(lambda: ExportConfig(_need(scores, "--scores"), _need(out, "--out"), format, per_module, train_size, force))
+    cfg = _config(
+        lambda: ExportConfig(_need(scores, "--scores"), _need(out, "--out"), format, per_module, train_size, force)
+    )
     _finish(lambda: stage.run(cfg, _unit(train_size)), quiet, every_rank=False, out=cfg.out)
 
 
 @app.command("make-demo")
 def make_demo(
-    out: Annotated[Path, typer.Option(help="Directory for the model, corpus.jsonl and queries.jsonl.")] = Path("runs/demo"),
+    out: Annotated[Path, typer.Option(help="Directory for the model, corpus.jsonl and queries.jsonl.")] = Path(
+        "runs/demo"
+    ),
     size: Annotated[str, typer.Option(help="default | test (smaller, for the test suite).")] = "default",
     seed: Annotated[int, typer.Option(help="Training seed.")] = 0,
     quiet: QuietOpt = False,
@@ -773,15 +1003,22 @@ def info(
     _finish(call, False, every_rank=False)
 
 
-_WRITER = {"factors": "fit-factors", "queries": "build-query", "index": "index", "scores": "score",
-           "candidates": "candidates"}  # kind -> its command
+_WRITER = {
+    "factors": "fit-factors",
+    "queries": "build-query",
+    "index": "index",
+    "scores": "score",
+    "candidates": "candidates",
+}  # kind -> its command
 
 
 @app.command("verify")
 def verify(
     artifact: Annotated[Path, typer.Argument(help="A factors, queries or scores artifact (.zarr).")],
     format: Annotated[str, typer.Option("--format", help="table | json.")] = "table",
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors: the exit code is the verdict.")] = False,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="Print nothing but errors: the exit code is the verdict.")
+    ] = False,
     config: ConfigOpt = None,
 ) -> None:
     """Check an artifact whole: finished, its attributes as it was finished with, and every chunk
@@ -811,10 +1048,16 @@ def verify(
         if not report.bad:
             lines.append(f"{artifact}: sound ({report.checked} arrays checked, every chunk against its checksum)")
         if not quiet:
-            sys.stdout.write(json.dumps(asdict(report), indent=1) + "\n" if fmt == "json" else "".join(f"{x}\n" for x in lines))
+            sys.stdout.write(
+                json.dumps(asdict(report), indent=1) + "\n" if fmt == "json" else "".join(f"{x}\n" for x in lines)
+            )
         if report.bad:
-            fix = (f"run `infl {_WRITER[report.kind]}` again to recompute them" if report.repaired and all(bad.get("recomputable") for bad in report.bad)
-                   else "run the command that wrote it again" + ("" if report.bad[0].get("problem", "").startswith("unfinished") else " with --force"))
+            fix = (
+                f"run `infl {_WRITER[report.kind]}` again to recompute them"
+                if report.repaired and all(bad.get("recomputable") for bad in report.bad)
+                else "run the command that wrote it again"
+                + ("" if report.bad[0].get("problem", "").startswith("unfinished") else " with --force")
+            )
             raise BadInput(f"{artifact}: {len(report.bad)} problem(s) in {report.checked} checked arrays; {fix}")
 
     _finish(call, quiet, every_rank=False)

@@ -13,7 +13,20 @@ from pathlib import Path
 from infl import curvature  # the registry only: no torch
 from infl.errors import BadInput
 
-__all__ = ["FitConfig", "QueryConfig", "IndexConfig", "ScoreConfig", "TopkConfig", "LayerwiseConfig", "ExportConfig", "PlanConfig", "parse_damping", "parse_rank", "parse_bytes"]
+__all__ = [
+    "FitConfig",
+    "QueryConfig",
+    "IndexConfig",
+    "ScoreConfig",
+    "TopkConfig",
+    "LayerwiseConfig",
+    "ExportConfig",
+    "PlanConfig",
+    "parse_damping",
+    "parse_rank",
+    "parse_bytes",
+]
+
 
 def _runtime(default):
     return field(default=default, metadata={"semantic": False})
@@ -51,8 +64,22 @@ def parse_rank(value: str | int) -> int | None:
     return rank
 
 
-_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1e3,
+    "kb": 1e3,
+    "m": 1e6,
+    "mb": 1e6,
+    "g": 1e9,
+    "gb": 1e9,
+    "t": 1e12,
+    "tb": 1e12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
 
 
 def parse_bytes(value: str | int | None, option: str = "--memory-budget") -> int | None:
@@ -65,7 +92,7 @@ def parse_bytes(value: str | int | None, option: str = "--memory-budget") -> int
         return value
     text = value.strip().lower().replace(" ", "")
     number = text.rstrip("abcdefghijklmnopqrstuvwxyz")
-    unit = text[len(number):]
+    unit = text[len(number) :]
     try:
         if unit not in _UNITS:
             raise ValueError
@@ -158,18 +185,32 @@ class FitConfig(_Run):
             if self.strategy not in ("ekfac", "kfac"):
                 raise BadInput(f"--index needs a Kronecker eigenbasis: --strategy ekfac or kfac, not {self.strategy}")
             if self.max_sequences is not None:
-                raise BadInput("--index indexes the whole corpus: it cannot be used with --max-sequences "
-                               "(build the index later with `infl index`)")
+                raise BadInput(
+                    "--index indexes the whole corpus: it cannot be used with --max-sequences "
+                    "(build the index later with `infl index`)"
+                )
             if self.index.resolve() == self.out.resolve() or self.out.resolve() in self.index.resolve().parents:
                 raise BadInput("--index must be an artifact of its own, not --out or a path inside it")
             self.index_config()  # checks the index's own options
 
     def index_config(self) -> IndexConfig:
         """The `infl index` run that `--index` stands for: the fit's corpus, read the same way."""
-        return IndexConfig(factors=self.out, corpus=self.corpus, out=self.index, model=self.model,
-                           index_dim=self.index_dim, index_dtype=self.index_dtype, max_length=self.max_length,
-                           split=self.split, text_field=self.text_field, id_field=self.id_field,
-                           chunk_size=self.chunk_size, batch_size=self.batch_size, device=self.device, wait=self.wait)
+        return IndexConfig(
+            factors=self.out,
+            corpus=self.corpus,
+            out=self.index,
+            model=self.model,
+            index_dim=self.index_dim,
+            index_dtype=self.index_dtype,
+            max_length=self.max_length,
+            split=self.split,
+            text_field=self.text_field,
+            id_field=self.id_field,
+            chunk_size=self.chunk_size,
+            batch_size=self.batch_size,
+            device=self.device,
+            wait=self.wait,
+        )
 
 
 @dataclass(frozen=True)
@@ -235,18 +276,24 @@ class ScoreConfig(_Run):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.candidates is not None and (self.index is not None or self.self_influence):
-            raise BadInput("--candidates selects sequences for queries scored by a corpus pass: not with --index or --self")
+            raise BadInput(
+                "--candidates selects sequences for queries scored by a corpus pass: not with --index or --self"
+            )
         if self.index is not None:
             if self.corpus:
                 raise BadInput("--index holds its corpus: give --index or --corpus, not both")
             if self.per_token or self.self_influence or self.max_length is not None:
-                raise BadInput("--index scores whole sequences of the index's corpus: "
-                               "--per-token, --self and --max-length need --corpus")
+                raise BadInput(
+                    "--index scores whole sequences of the index's corpus: "
+                    "--per-token, --self and --max-length need --corpus"
+                )
             if self.model is not None or self.factors is not None:
                 raise BadInput("--index needs no --model or --factors: it uses the factors it was built with")
             if (self.split, self.text_field, self.id_field) != ("lines", "text", "id"):
-                raise BadInput("--index reads its corpus as it was indexed: --split, --text-field and --id-field "
-                               "are options of `infl index`")
+                raise BadInput(
+                    "--index reads its corpus as it was indexed: --split, --text-field and --id-field "
+                    "are options of `infl index`"
+                )
         elif not self.corpus:
             raise BadInput("--corpus names no file")
         _check_reading(self.max_length, self.chunk_size, self.split)
@@ -280,8 +327,12 @@ class PlanConfig:
             raise BadInput(f"--strategy must be one of {', '.join(curvature.NAMES)}, not {self.strategy!r}")
         if self.blocks > 1 and self.strategy not in ("ekfac", "kfac"):
             raise BadInput(f"--blocks splits Kronecker factors: --strategy ekfac or kfac, not {self.strategy}")
-        for flag, value in (("--blocks", self.blocks), ("--batch-size", self.batch_size), ("--queries", self.queries),
-                            ("--sequences", self.sequences)):
+        for flag, value in (
+            ("--blocks", self.blocks),
+            ("--batch-size", self.batch_size),
+            ("--queries", self.queries),
+            ("--sequences", self.sequences),
+        ):
             if value < 1:
                 raise BadInput(f"{flag} must be >= 1, not {value}")
         if self.max_length is not None and self.max_length < 1:

@@ -96,8 +96,14 @@ class Corpus:
 
     def subset(self, rows: np.ndarray) -> "Corpus":
         """These sequences only, in this order (the shards stay: locators point into them)."""
-        return Corpus(self.shards, [self.ids[i] for i in rows], [self.tokens[i] for i in rows], self.locators[rows],
-                      0, self.text_field)
+        return Corpus(
+            self.shards,
+            [self.ids[i] for i in rows],
+            [self.tokens[i] for i in rows],
+            self.locators[rows],
+            0,
+            self.text_field,
+        )
 
 
 @dataclass
@@ -135,7 +141,7 @@ def _lines(whole: bytes, start: int = 0, stop: int | None = None):
     last line with no newline, or between \\r and \\n) keeps that line's number."""
     # lines ended before it, counted within bounds (a slice would copy the prefix, gigabytes maybe)
     number = whole.count(b"\n", 0, start) + whole.count(b"\r", 0, start) - whole.count(b"\r\n", 0, start)
-    number -= whole.endswith(b"\r", 0, start) and whole[start:start + 1] == b"\n"  # that \\r\\n ends one line
+    number -= whole.endswith(b"\r", 0, start) and whole[start : start + 1] == b"\n"  # that \\r\\n ends one line
     for line in whole[start:stop].splitlines(keepends=True):
         number += 1
         yield number, start, start + len(line), line
@@ -200,7 +206,7 @@ def read_corpus(
             files[path] = _read_bytes(path)
         whole = files[path]
         stop = None if piece.size is None else piece.start + piece.size
-        data = whole[piece.start:stop]
+        data = whole[piece.start : stop]
         fmt = shard_format(path, split)
         before = len(ids)
         if fmt == "jsonl":
@@ -232,8 +238,9 @@ def read_corpus(
                 ids.append(f"{path.name}:w{w}")
                 tokens.append(token_ids[lo:hi])
                 locators.append((index, offsets[lo][0], offsets[hi - 1][1]))
-        shards.append(Shard(str(path.resolve()), len(data), hashlib.sha256(data).hexdigest(), fmt, len(ids) - before,
-                            piece.start))
+        shards.append(
+            Shard(str(path.resolve()), len(data), hashlib.sha256(data).hexdigest(), fmt, len(ids) - before, piece.start)
+        )
     if not ids:
         raise BadInput(f"the corpus {', '.join(map(str, paths))} holds no sequence")
     seen: set[str] = set()
@@ -292,7 +299,9 @@ def read_queries(path: Path, tokenizer, max_length: int, start: int = 0) -> Quer
     return queries
 
 
-def add_query(queries: Queries, query_id: str, prompt: str, completion: str, tokenizer, max_length: int, where: str = "") -> None:
+def add_query(
+    queries: Queries, query_id: str, prompt: str, completion: str, tokenizer, max_length: int, where: str = ""
+) -> None:
     """Tokenise prompt + completion as one text (as the model would read it); the completion is
     every token that ends after the prompt's last character."""
     if not completion:
@@ -328,7 +337,9 @@ def token_pieces(text: str, tokenizer, max_length: int, windows: bool = False) -
     return ids, pieces
 
 
-def collate(token_lists: list[list[int]], pad_id: int, device: str | torch.device = "cpu", n_ignore: list[int] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+def collate(
+    token_lists: list[list[int]], pad_id: int, device: str | torch.device = "cpu", n_ignore: list[int] | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
     """Right-padded input_ids [B, T], attention_mask [B, T], labels [B, T] (-100 on padding and on
     the first `n_ignore[b]` tokens of sequence b)."""
     import torch

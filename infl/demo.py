@@ -102,11 +102,19 @@ def _tokenizer(texts: list[str], vocab: int) -> PreTrainedTokenizerFast:
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab, special_tokens=[EOT], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+        vocab_size=vocab,
+        special_tokens=[EOT],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     bpe.train_from_iterator(texts, trainer)
     return PreTrainedTokenizerFast(
-        tokenizer_object=bpe, eos_token=EOT, bos_token=EOT, pad_token=EOT, unk_token=EOT, model_max_length=TRAIN["max_len"]
+        tokenizer_object=bpe,
+        eos_token=EOT,
+        bos_token=EOT,
+        pad_token=EOT,
+        unk_token=EOT,
+        model_max_length=TRAIN["max_len"],
     )
 
 
@@ -126,7 +134,8 @@ def _train(model: GPT2LMHeadModel, seqs: list[list[int]], pad: int, epochs: int,
     steps, warmup = epochs * per_epoch, max(1, int(TRAIN["warmup"] * epochs * per_epoch))
     opt = torch.optim.AdamW(model.parameters(), lr=TRAIN["lr"], weight_decay=TRAIN["weight_decay"])
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda i: (i + 1) / warmup if i < warmup else 0.5 * (1 + math.cos(math.pi * (i - warmup) / (steps - warmup)))
+        opt,
+        lambda i: (i + 1) / warmup if i < warmup else 0.5 * (1 + math.cos(math.pi * (i - warmup) / (steps - warmup))),
     )
     # Every token weighs the same whatever its batch: length-sorted batches would skew a per-batch mean.
     per_batch = sum(len(s) - 1 for s in seqs) / per_epoch
@@ -157,7 +166,11 @@ def _train(model: GPT2LMHeadModel, seqs: list[list[int]], pad: int, epochs: int,
 def _queries(corpus: list[tuple[str, str]], seqs: list[list[int]], spec: dict, seed: int) -> list[dict]:
     """Half verbatim (prompt = first half of a passage's words), half hand-written paraphrases."""
     # A passage shorter than the context was not truncated, so as a query it fits too.
-    fits = [(pid, text) for (pid, text), ids in zip(corpus, seqs) if len(text.split(" ")) >= 16 and len(ids) < TRAIN["max_len"]]
+    fits = [
+        (pid, text)
+        for (pid, text), ids in zip(corpus, seqs)
+        if len(text.split(" ")) >= 16 and len(ids) < TRAIN["max_len"]
+    ]
     queries = []
     for pid, text in random.Random(seed).sample(fits, spec["n_verbatim"]):
         words = text.split(" ")  # whitespace is collapsed, so prompt + completion == text
@@ -194,7 +207,12 @@ def build_demo(out: Path, size: str = "default", seed: int = 0) -> Path:
     digest = hashlib.sha256(json.dumps(corpus).encode()).hexdigest()
     recipe = {"size": size, "seed": seed, "hyperparameters": {**spec, **TRAIN}, "corpus_sha256": digest}
     meta = out / "DEMO.json"
-    files = [out / "model" / "config.json", out / "model" / "tokenizer.json", out / "corpus.jsonl", out / "queries.jsonl"]
+    files = [
+        out / "model" / "config.json",
+        out / "model" / "tokenizer.json",
+        out / "corpus.jsonl",
+        out / "queries.jsonl",
+    ]
     if meta.exists() and all(f.exists() for f in files):
         cached = json.loads(meta.read_text())
         if {k: cached.get(k) for k in recipe} == recipe:
@@ -210,9 +228,17 @@ def build_demo(out: Path, size: str = "default", seed: int = 0) -> Path:
     seqs = tokenizer([text for _, text in corpus], truncation=True)["input_ids"]
     torch.manual_seed(seed)
     config = GPT2Config(
-        vocab_size=len(tokenizer), n_positions=TRAIN["max_len"], n_embd=spec["n_embd"], n_layer=spec["n_layer"],
-        n_head=spec["n_head"], bos_token_id=eot, eos_token_id=eot, pad_token_id=eot,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,  # the demo should memorise its corpus, not regularise
+        vocab_size=len(tokenizer),
+        n_positions=TRAIN["max_len"],
+        n_embd=spec["n_embd"],
+        n_layer=spec["n_layer"],
+        n_head=spec["n_head"],
+        bos_token_id=eot,
+        eos_token_id=eot,
+        pad_token_id=eot,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,  # the demo should memorise its corpus, not regularise
     )
     model = GPT2LMHeadModel(config)
     loss = _train(model, seqs, eot, spec["epochs"], seed)
@@ -228,6 +254,8 @@ def build_demo(out: Path, size: str = "default", seed: int = 0) -> Path:
     tokenizer.save_pretrained(out / "model")
     _write_jsonl(out / "corpus.jsonl", [{"id": pid, "text": text} for pid, text in corpus])
     _write_jsonl(out / "queries.jsonl", _queries(corpus, seqs, spec, seed))
-    meta.write_text(json.dumps({**recipe, "final_loss": round(loss, 4), "train_seconds": round(seconds, 1)}, indent=2) + "\n")
+    meta.write_text(
+        json.dumps({**recipe, "final_loss": round(loss, 4), "train_seconds": round(seconds, 1)}, indent=2) + "\n"
+    )
     log(f"demo ({size}) built in {seconds:.0f}s: vocab {len(tokenizer)}, final training loss {loss:.3f}")
     return out

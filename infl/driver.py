@@ -146,8 +146,12 @@ def group() -> Group:
     if world == 1:
         _GROUP = Group()
         return _GROUP
-    _GROUP = Group(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")),
-                   int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    _GROUP = Group(
+        int(os.environ["RANK"]),
+        world,
+        int(os.environ.get("LOCAL_RANK", "0")),
+        int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
+    )
     if os.environ.get("OMP_NUM_THREADS", "1") == "1":  # torchrun's default: share the cores instead
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // _GROUP.local_world))
     backend = "gloo"
@@ -175,8 +179,10 @@ def _collective(fn, *args, **kwargs):
         return fn(*args, **kwargs)
     except RuntimeError as e:  # gloo/NCCL report a peer that died (or a timeout) as a RuntimeError
         _FAILED = True
-        raise PeerFailed("another rank of the group stopped, or did not answer in time (its error is above)",
-                         hint=str(e).splitlines()[0] if str(e) else "") from None
+        raise PeerFailed(
+            "another rank of the group stopped, or did not answer in time (its error is above)",
+            hint=str(e).splitlines()[0] if str(e) else "",
+        ) from None
 
 
 def run(stage: Stage) -> Outcome:

@@ -47,9 +47,16 @@ def sweep(
         input_ids, mask, labels = data.collate(
             [tokens[i] for i in batch], rt.pad_id, rt.device, None if n_ignore is None else [n_ignore[i] for i in batch]
         )
-        loss = capture_batch(rt.model, tapped, input_ids, mask, labels, partial(consume, batch),
-                             None if seeds is None else [seeds[i] for i in batch],
-                             None if consume_data is None else partial(consume_data, batch))
+        loss = capture_batch(
+            rt.model,
+            tapped,
+            input_ids,
+            mask,
+            labels,
+            partial(consume, batch),
+            None if seeds is None else [seeds[i] for i in batch],
+            None if consume_data is None else partial(consume_data, batch),
+        )
         yield batch, mask, loss
 
 

@@ -8,7 +8,20 @@ import json
 import os
 from pathlib import Path
 
-__all__ = ["file_sha256", "range_sha256", "line_prefix", "cache_dir", "note_file", "note_listing", "note_absent", "note_artifact", "artifact_digest", "start_checking", "checked", "stat_key"]
+__all__ = [
+    "file_sha256",
+    "range_sha256",
+    "line_prefix",
+    "cache_dir",
+    "note_file",
+    "note_listing",
+    "note_absent",
+    "note_artifact",
+    "artifact_digest",
+    "start_checking",
+    "checked",
+    "stat_key",
+]
 
 CACHE_MIN_BYTES = 16 << 20  # smaller files are hashed every time: it costs less than the cache
 
@@ -133,7 +146,7 @@ def line_prefix(path: Path, sha256: str) -> int | None:
             digest.update(body)
             if n + len(body) < size and digest.hexdigest() == sha256:
                 return n + len(body)
-            digest.update(line[len(body):])
+            digest.update(line[len(body) :])
             n += len(line)
             if n < size and digest.hexdigest() == sha256:
                 return n

@@ -33,9 +33,20 @@ from torch import Tensor
 
 from infl.curvature.base import basis_left, basis_right
 
-__all__ = ["top_coordinates", "index_coordinates", "eigen_coordinates", "query_coordinates", "low_rank_query_coordinates",
-           "encode", "index_scores", "projections", "projected_gradients", "projected_queries", "sparse_coordinates",
-           "sparse_scores"]
+__all__ = [
+    "top_coordinates",
+    "index_coordinates",
+    "eigen_coordinates",
+    "query_coordinates",
+    "low_rank_query_coordinates",
+    "encode",
+    "index_scores",
+    "projections",
+    "projected_gradients",
+    "projected_queries",
+    "sparse_coordinates",
+    "sparse_scores",
+]
 
 
 def top_coordinates(Lambda: Tensor, k: int) -> Tensor:
@@ -118,7 +129,9 @@ def projected_queries(P: Tensor, R_A: Tensor, R_S: Tensor) -> Tensor:
 def sparse_coordinates(a: Tensor, s: Tensor, Q_A: Tensor, Q_S: Tensor, whiten: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """Each sequence's k largest whitened eigenbasis coordinates: values [B, k] and flat indices
     [B, k] (by decreasing magnitude). `whiten`: [O, I] = (Lambda + damping)^-1/2."""
-    u = (basis_right(s, Q_S.to(s.dtype)).transpose(1, 2) @ basis_right(a, Q_A.to(a.dtype))).flatten(1) * whiten.reshape(-1).to(a.dtype)
+    u = (basis_right(s, Q_S.to(s.dtype)).transpose(1, 2) @ basis_right(a, Q_A.to(a.dtype))).flatten(1) * whiten.reshape(
+        -1
+    ).to(a.dtype)
     indices = u.abs().topk(min(k, u.shape[1]), dim=1).indices
     return u.gather(1, indices), indices
 
@@ -129,6 +142,10 @@ def sparse_scores(v: Tensor, values: Tensor, indices: Tensor) -> Tensor:
     N, k = values.shape
     with warnings.catch_warnings():  # "sparse CSR support is in beta": the product we use is stable
         warnings.simplefilter("ignore")
-        rows = torch.sparse_csr_tensor(torch.arange(0, N * k + 1, k, device=v.device), indices.reshape(-1),
-                                       values.reshape(-1).to(v.dtype), size=(N, v.shape[1]))
+        rows = torch.sparse_csr_tensor(
+            torch.arange(0, N * k + 1, k, device=v.device),
+            indices.reshape(-1),
+            values.reshape(-1).to(v.dtype),
+            size=(N, v.shape[1]),
+        )
         return (rows @ v.T).T

@@ -52,8 +52,9 @@ def bm25_scores(documents: list[np.ndarray], queries: list[np.ndarray]) -> np.nd
     return np.stack([index.scores(q) for q in queries]) if queries else np.zeros((0, len(documents)), np.float32)
 
 
-def top_candidates(documents: list[np.ndarray], queries: list[np.ndarray], top: int,
-                   on_query=lambda: None) -> tuple[np.ndarray, np.ndarray]:
+def top_candidates(
+    documents: list[np.ndarray], queries: list[np.ndarray], top: int, on_query=lambda: None
+) -> tuple[np.ndarray, np.ndarray]:
     """Per query its min(top, C) best documents, best first (ties: the earlier document), and
     their scores: indices [Q, n] int64, scores [Q, n] float32."""
     index = _Index(documents)

@@ -46,7 +46,9 @@ def _check_model_dir(path: Path) -> None:
             raise BadInput(f"{path}: no such GGUF file")
         return
     if not path.is_dir():
-        raise BadInput(f"{path} is not a local model directory", hint="pass a directory made by save_pretrained, or a .gguf file")
+        raise BadInput(
+            f"{path} is not a local model directory", hint="pass a directory made by save_pretrained, or a .gguf file"
+        )
     if not (path / "config.json").is_file():
         raise BadInput(f"{path} has no config.json: not a Hugging Face model directory")
 
@@ -115,8 +117,10 @@ def load_tokenizer(path: Path):
     _check_model_dir(path)
     if not _is_gguf(path) and not any((path / name).is_file() for name in _VOCABULARY_FILES):
         # transformers >= 5 does not fail here: it builds an empty tokenizer from config.json alone
-        raise BadInput(f"{path} has no tokenizer files ({', '.join(_VOCABULARY_FILES)})",
-                       hint="save the tokenizer into the model directory: tokenizer.save_pretrained(DIR)")
+        raise BadInput(
+            f"{path} has no tokenizer files ({', '.join(_VOCABULARY_FILES)})",
+            hint="save the tokenizer into the model directory: tokenizer.save_pretrained(DIR)",
+        )
     return _from_pretrained(AutoTokenizer, path, "a tokenizer")
 
 

@@ -43,8 +43,11 @@ def _options(stage: str, cfg) -> str:
     """The stage and its options, with every path resolved (the same relative path means another
     file in another working directory, and a retargeted symlink another file)."""
     values = dataclasses.asdict(cfg)
-    text = json.dumps({"stage": stage, "options": values}, sort_keys=True,
-                      default=lambda v: str(Path(v).resolve()) if isinstance(v, Path) else repr(v))
+    text = json.dumps(
+        {"stage": stage, "options": values},
+        sort_keys=True,
+        default=lambda v: str(Path(v).resolve()) if isinstance(v, Path) else repr(v),
+    )
     return hashlib.sha256(text.encode()).hexdigest()
 
 

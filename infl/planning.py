@@ -19,9 +19,24 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-__all__ = ["Footprint", "process_bytes", "weight_bytes", "activation_bytes", "partition", "fit_module_bytes",
-           "fit_footprint", "fit_partitions", "curvature_bytes", "curvature_room", "query_footprint", "expand_room", "score_footprint",
-           "StagePlan", "plan", "skeleton"]
+__all__ = [
+    "Footprint",
+    "process_bytes",
+    "weight_bytes",
+    "activation_bytes",
+    "partition",
+    "fit_module_bytes",
+    "fit_footprint",
+    "fit_partitions",
+    "curvature_bytes",
+    "curvature_room",
+    "query_footprint",
+    "expand_room",
+    "score_footprint",
+    "StagePlan",
+    "plan",
+    "skeleton",
+]
 
 FLOAT32, FLOAT64 = 4, 8
 
@@ -46,7 +61,8 @@ def process_bytes() -> int:
 
 def weight_bytes(model: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters()) + sum(
-        b.numel() * b.element_size() for b in model.buffers())
+        b.numel() * b.element_size() for b in model.buffers()
+    )
 
 
 def activation_bytes(model: nn.Module, batch_size: int, length: int) -> int:
@@ -76,7 +92,9 @@ def skeleton(config, dtype: str = "float32") -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype={"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype])
+        model = AutoModelForCausalLM.from_config(
+            config, dtype={"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+        )
     return model.eval().requires_grad_(False)
 
 
@@ -99,7 +117,9 @@ def partition(sizes: list[int], count: int) -> list[list[int]]:
 def _bytes(shapes: dict[str, tuple[int, ...]]) -> int:
     from infl.curvature.base import accumulate_dtype
 
-    return sum(math.prod(shape) * torch.empty(0, dtype=accumulate_dtype(k)).element_size() for k, shape in shapes.items())
+    return sum(
+        math.prod(shape) * torch.empty(0, dtype=accumulate_dtype(k)).element_size() for k, shape in shapes.items()
+    )
 
 
 def fit_module_bytes(strategy, shape: tuple[int, int]) -> int:
@@ -117,30 +137,42 @@ def _eigh_bytes(strategy, shape: tuple[int, int]) -> int:
     """An eigendecomposition's transient at the end of a pass, for the largest factor of one module:
     the float64 matrix, its symmetrised copy, its eigenvectors and LAPACK's divide-and-conquer
     workspace (2 D^2 doubles): 5 D^2 doubles."""
-    return max((5 * FLOAT64 * math.prod(s) for name in strategy.passes for s in strategy.sums(name, shape).values()),
-               default=0)
+    return max(
+        (5 * FLOAT64 * math.prod(s) for name in strategy.passes for s in strategy.sums(name, shape).values()), default=0
+    )
 
 
 def _update_bytes(strategy, shape: tuple[int, int]) -> int:
     """A batch's update of the largest running sum: x^T x in float32 and its float64 copy."""
-    return max(((FLOAT32 + FLOAT64) * math.prod(s) for name in strategy.passes for s in strategy.sums(name, shape).values()),
-               default=0)
+    return max(
+        ((FLOAT32 + FLOAT64) * math.prod(s) for name in strategy.passes for s in strategy.sums(name, shape).values()),
+        default=0,
+    )
 
 
-def fit_footprint(process: int, weights: int, activations: int, strategy, shapes: list[tuple[int, int]],
-                  partitions: int) -> Footprint:
+def fit_footprint(
+    process: int, weights: int, activations: int, strategy, shapes: list[tuple[int, int]], partitions: int
+) -> Footprint:
     """A sweep holds its modules' sums, and at its peak either a batch's activations with a sum's
     update (during the sweep) or an eigendecomposition (after it, the activations freed)."""
     groups = partition([fit_module_bytes(strategy, s) for s in shapes], partitions)
     held = max(sum(fit_module_bytes(strategy, shapes[i]) for i in g) for g in groups)
     update = max((_update_bytes(strategy, s) for s in shapes), default=0)
     eigh = max((_eigh_bytes(strategy, s) for s in shapes), default=0)
-    return Footprint({"process": process, "weights": weights, "activations": activations, "factor sums": held,
-                      "working": max(update, eigh - activations)})
+    return Footprint(
+        {
+            "process": process,
+            "weights": weights,
+            "activations": activations,
+            "factor sums": held,
+            "working": max(update, eigh - activations),
+        }
+    )
 
 
-def fit_partitions(process: int, weights: int, activations: int, strategy, shapes: list[tuple[int, int]],
-                   budget: int) -> int:
+def fit_partitions(
+    process: int, weights: int, activations: int, strategy, shapes: list[tuple[int, int]], budget: int
+) -> int:
     """The fewest module partitions whose fit fits `budget` bytes."""
     from infl.errors import BadInput
 
@@ -148,8 +180,10 @@ def fit_partitions(process: int, weights: int, activations: int, strategy, shape
         plan = fit_footprint(process, weights, activations, strategy, shapes, count)
         if plan.total <= budget:
             return count
-    raise BadInput(f"--memory-budget {_gb(budget)} is below what fitting one module at a time needs ({_gb(plan.total)})",
-                   hint="raise --memory-budget, lower --batch-size or --max-length, or pass --blocks K")
+    raise BadInput(
+        f"--memory-budget {_gb(budget)} is below what fitting one module at a time needs ({_gb(plan.total)})",
+        hint="raise --memory-budget, lower --batch-size or --max-length, or pass --blocks K",
+    )
 
 
 def curvature_bytes(strategy_stored: tuple[str, ...], shape: tuple[int, int], blocks: int = 1) -> int:
@@ -159,19 +193,30 @@ def curvature_bytes(strategy_stored: tuple[str, ...], shape: tuple[int, int], bl
     return int(sum(sizes[k] for k in strategy_stored if k in sizes) * FLOAT32)
 
 
-def query_footprint(process: int, weights: int, activations: int, curvature: int, batch_size: int,
-                    shapes: list[tuple[int, int]]) -> Footprint:
+def query_footprint(
+    process: int, weights: int, activations: int, curvature: int, batch_size: int, shapes: list[tuple[int, int]]
+) -> Footprint:
     """build-query: the curvatures it keeps loaded (`curvature` bytes), and per module a batch's
     preconditioned gradients [b, O, I] with their SVD working set (about three copies) and that
     module's curvature, read for the moment it is used when it is not kept."""
-    working = max((3 * batch_size * O * I * FLOAT32 + curvature_bytes(("Lambda", "Q_A", "Q_S"), (O, I)) for O, I in shapes),
-                  default=0)
-    return Footprint({"process": process, "weights": weights, "activations": activations,
-                      "curvatures": curvature, "preconditioning": working})
+    working = max(
+        (3 * batch_size * O * I * FLOAT32 + curvature_bytes(("Lambda", "Q_A", "Q_S"), (O, I)) for O, I in shapes),
+        default=0,
+    )
+    return Footprint(
+        {
+            "process": process,
+            "weights": weights,
+            "activations": activations,
+            "curvatures": curvature,
+            "preconditioning": working,
+        }
+    )
 
 
-def curvature_room(budget: int, model: nn.Module, dtype: str, batch_size: int, length: int,
-                   shapes: list[tuple[int, int]]) -> int:
+def curvature_room(
+    budget: int, model: nn.Module, dtype: str, batch_size: int, length: int, shapes: list[tuple[int, int]]
+) -> int:
     """What is left of `budget` for build-query's kept curvatures, in this process with the model
     loaded (its resident memory now, weights included)."""
     from infl.errors import BadInput
@@ -179,22 +224,41 @@ def curvature_room(budget: int, model: nn.Module, dtype: str, batch_size: int, l
     activations = activation_bytes(skeleton(model.config, dtype), batch_size, length)
     room = budget - query_footprint(process_bytes(), 0, activations, 0, batch_size, shapes).total
     if room < 0:
-        raise BadInput(f"--memory-budget {_gb(budget)} is below what build-query needs with one module's curvature "
-                       f"at a time ({_gb(budget - room)})", hint="raise --memory-budget or lower --batch-size")
+        raise BadInput(
+            f"--memory-budget {_gb(budget)} is below what build-query needs with one module's curvature "
+            f"at a time ({_gb(budget - room)})",
+            hint="raise --memory-budget or lower --batch-size",
+        )
     return room
 
 
-def score_footprint(process: int, weights: int, activations: int, queries: int, expanded: int,
-                    batch_size: int, shapes: list[tuple[int, int]]) -> Footprint:
+def score_footprint(
+    process: int,
+    weights: int,
+    activations: int,
+    queries: int,
+    expanded: int,
+    batch_size: int,
+    shapes: list[tuple[int, int]],
+) -> Footprint:
     """score: every module's stored queries (`queries` bytes, low rank), those expanded to full
     matrices (`expanded`), and per module a batch's training gradients [B, O, I]."""
     working = max((batch_size * O * I * FLOAT32 for O, I in shapes), default=0)
-    return Footprint({"process": process, "weights": weights, "activations": activations,
-                      "queries": queries, "expanded queries": expanded, "gradients": working})
+    return Footprint(
+        {
+            "process": process,
+            "weights": weights,
+            "activations": activations,
+            "queries": queries,
+            "expanded queries": expanded,
+            "gradients": working,
+        }
+    )
 
 
-def expand_room(budget: int, model: nn.Module, dtype: str, batch_size: int, length: int,
-                shapes: list[tuple[int, int]]) -> int:
+def expand_room(
+    budget: int, model: nn.Module, dtype: str, batch_size: int, length: int, shapes: list[tuple[int, int]]
+) -> int:
     """What is left of `budget` for score's expanded queries, in this process with the model and
     the stored queries loaded (its resident memory now)."""
     from infl.errors import BadInput
@@ -202,8 +266,10 @@ def expand_room(budget: int, model: nn.Module, dtype: str, batch_size: int, leng
     activations = activation_bytes(skeleton(model.config, dtype), batch_size, length)
     room = budget - score_footprint(process_bytes(), 0, activations, 0, 0, batch_size, shapes).total
     if room < 0:
-        raise BadInput(f"--memory-budget {_gb(budget)} is below what score needs with every query low rank "
-                       f"({_gb(budget - room)})", hint="raise --memory-budget or lower --batch-size")
+        raise BadInput(
+            f"--memory-budget {_gb(budget)} is below what score needs with every query low rank ({_gb(budget - room)})",
+            hint="raise --memory-budget or lower --batch-size",
+        )
     return room
 
 
@@ -224,7 +290,9 @@ def _written_bytes(strategy, shape: tuple[int, int]) -> int:
 
     learnt: dict[str, torch.Tensor] = {}
     for name in strategy.passes:
-        sums = {k: torch.empty(v, dtype=accumulate_dtype(k), device="meta") for k, v in strategy.sums(name, shape).items()}
+        sums = {
+            k: torch.empty(v, dtype=accumulate_dtype(k), device="meta") for k, v in strategy.sums(name, shape).items()
+        }
         learnt = {**learnt, **strategy.end_pass(name, sums, 1, 1)}
     learnt = strategy.finish(learnt, shape)
     return sum(t.numel() * (t.element_size() if k.endswith("_sum") else FLOAT32) for k, t in learnt.items())
@@ -238,8 +306,19 @@ def _query_bytes(shape: tuple[int, int], rank: int | None) -> int:
     return (rank * (O + I + 1) + 1) * FLOAT32
 
 
-def plan(model: nn.Module, strategy, shapes: list[tuple[int, int]], dtype: str, batch_size: int, length: int,
-         queries: int, rank: int | None, sequences: int, budget: int | None, process: int) -> list[StagePlan]:
+def plan(
+    model: nn.Module,
+    strategy,
+    shapes: list[tuple[int, int]],
+    dtype: str,
+    batch_size: int,
+    length: int,
+    queries: int,
+    rank: int | None,
+    sequences: int,
+    budget: int | None,
+    process: int,
+) -> list[StagePlan]:
     """Peak memory and artifact size of fit-factors, build-query and score for `model` (a skeleton),
     with sequences of `length` tokens and `queries` queries of rank `rank`, and within `budget` the
     largest batch of each (and the fit's partitions). `process`: the interpreter's own bytes."""
@@ -282,11 +361,20 @@ def plan(model: nn.Module, strategy, shapes: list[tuple[int, int]], dtype: str, 
     if budget is not None:
         score_room = max(0, budget - score(batch_size, -1).total)
     plans = [
-        StagePlan("fit-factors", fit(batch_size, partitions), sum(_written_bytes(strategy, s) for s in shapes),
-                  _largest(lambda b: fit(b, len(shapes)).total, budget), partitions),
+        StagePlan(
+            "fit-factors",
+            fit(batch_size, partitions),
+            sum(_written_bytes(strategy, s) for s in shapes),
+            _largest(lambda b: fit(b, len(shapes)).total, budget),
+            partitions,
+        ),
         StagePlan("build-query", build(q_batch, kept), stored, _largest(lambda b: build(b, 0).total, budget)),
-        StagePlan("score", score(batch_size, score_room), sequences * queries * (len(shapes) + 1) * FLOAT32,
-                  _largest(lambda b: score(b, -1).total, budget)),
+        StagePlan(
+            "score",
+            score(batch_size, score_room),
+            sequences * queries * (len(shapes) + 1) * FLOAT32,
+            _largest(lambda b: score(b, -1).total, budget),
+        ),
     ]
     return plans
 

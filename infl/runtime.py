@@ -35,8 +35,15 @@ class Runtime:
         return [spec.name for spec in self.specs]
 
     @classmethod
-    def load(cls, model_dir: Path, modules: str | list[str], device: str = "cpu", dtype: str = "float32",
-             batch_size: int = 8, tokenizer=None) -> Runtime:
+    def load(
+        cls,
+        model_dir: Path,
+        modules: str | list[str],
+        device: str = "cpu",
+        dtype: str = "float32",
+        batch_size: int = 8,
+        tokenizer=None,
+    ) -> Runtime:
         """`modules`: a selection (`mlp`, `all`, a regex) for a new fit, or the names an artifact
         recorded. No parameter requires grad (see modeling.prepare_for_capture)."""
         _return_freed_blocks()

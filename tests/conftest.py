@@ -52,15 +52,30 @@ def make_model(arch: str, vocab_size: int, seed: int = 0):
 
     torch.manual_seed(seed)
     if arch == "gpt2":
-        config = GPT2Config(vocab_size=vocab_size, n_positions=32, n_embd=16, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0)
+        config = GPT2Config(
+            vocab_size=vocab_size, n_positions=32, n_embd=16, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0
+        )
         model = GPT2LMHeadModel(config)
     elif arch == "llama":
-        config = LlamaConfig(vocab_size=vocab_size, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
-                             num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)
+        config = LlamaConfig(
+            vocab_size=vocab_size,
+            hidden_size=16,
+            intermediate_size=24,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            max_position_embeddings=32,
+        )
         model = LlamaForCausalLM(config)
     elif arch == "neox":
-        config = GPTNeoXConfig(vocab_size=vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                               num_attention_heads=2, max_position_embeddings=32)
+        config = GPTNeoXConfig(
+            vocab_size=vocab_size,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=32,
+        )
         model = GPTNeoXForCausalLM(config)
     else:
         raise ValueError(arch)
@@ -118,7 +133,9 @@ def linear_layout_grad(module) -> torch.Tensor:
     return torch.cat([weight, module.bias.grad[:, None]], dim=1)
 
 
-def autograd_grads(model, names: list[str], token_ids: list[int], labels: list[int] | None = None) -> dict[str, torch.Tensor]:
+def autograd_grads(
+    model, names: list[str], token_ids: list[int], labels: list[int] | None = None
+) -> dict[str, torch.Tensor]:
     """Brute force: the gradient of one unpadded sequence's summed loss (labels: HF layout,
     -100 ignored; default the tokens themselves) w.r.t. each named module's weights."""
     from infl.gradients import sequence_loss

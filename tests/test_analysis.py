@@ -49,8 +49,17 @@ def test_too_few_positive_values_give_no_fit_rather_than_a_made_up_one():
 
 def test_sparsity_command_reports_each_query_from_its_scores(workdir, tmp_path):
     pipeline(workdir, tmp_path)
-    result = infl("sparsity", "--scores", tmp_path / "s.zarr", "--format", "json", "--train-size", "12",
-                  "--png", tmp_path / "figs")
+    result = infl(
+        "sparsity",
+        "--scores",
+        tmp_path / "s.zarr",
+        "--format",
+        "json",
+        "--train-size",
+        "12",
+        "--png",
+        tmp_path / "figs",
+    )
     assert result.exit_code == 0, result.output
     rows = json.loads(result.stdout, parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
     scores = artifacts.open_complete(tmp_path / "s.zarr", "scores")
@@ -71,8 +80,10 @@ def test_sparsity_command_reports_each_query_from_its_scores(workdir, tmp_path):
 
 def test_short_names_drop_what_every_name_shares_but_stay_distinct():
     assert short_names(["transformer.h.0.mlp.c_fc", "transformer.h.1.mlp.c_proj"]) == ["h.0.c_fc", "h.1.c_proj"]
-    assert short_names(["model.layers.3.mlp.up_proj", "model.layers.3.mlp.down_proj"]) == ["layers.3.up_proj",
-                                                                                             "layers.3.down_proj"]
+    assert short_names(["model.layers.3.mlp.up_proj", "model.layers.3.mlp.down_proj"]) == [
+        "layers.3.up_proj",
+        "layers.3.down_proj",
+    ]
     assert short_names(["transformer.h.0", "transformer.h.1"]) == ["h.0", "h.1"]
     assert short_names(["a.mlp", "a.b"]) == ["mlp", "b"]  # 'mlp' kept where dropping it would leave nothing
 
@@ -91,8 +102,21 @@ def test_compare_shows_one_querys_top_sequences_against_the_others(workdir, tmp_
     total = np.asarray(scores["total"][...])
     ids = [json.loads(line)["id"] for line in (workdir / "queries.jsonl").read_text().splitlines()]
     first, second = ids[1], ids[0]
-    result = infl("compare", "--scores", tmp_path / "s.zarr", "--queries", f"{second}, {first}", "--top-of", first,
-                  "-k", "4", "--format", "json", "--png", tmp_path / "compare.png")
+    result = infl(
+        "compare",
+        "--scores",
+        tmp_path / "s.zarr",
+        "--queries",
+        f"{second}, {first}",
+        "--top-of",
+        first,
+        "-k",
+        "4",
+        "--format",
+        "json",
+        "--png",
+        tmp_path / "compare.png",
+    )
     assert result.exit_code == 0, result.output
     got = json.loads(result.stdout)
     assert got["queries"] == [first, second]  # the ranking query first

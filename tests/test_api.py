@@ -29,22 +29,35 @@ def cli_json(*args) -> list | dict:
     return json.loads(result.stdout)
 
 
-@pytest.mark.parametrize("api_args, cli_args", [
-    ({"k": 3}, ["-k", "3"]),
-    ({"k": 2, "query": "q-cat", "negative": True, "train_size": 100},
-     ["-k", "2", "--query", "q-cat", "--negative", "--train-size", "100"]),
-    ({"k": 2, "query": ["q-dict", "q-cat"], "text": False}, ["-k", "2", "--query", "q-dict", "--query", "q-cat", "--no-text"]),
-])
+@pytest.mark.parametrize(
+    "api_args, cli_args",
+    [
+        ({"k": 3}, ["-k", "3"]),
+        (
+            {"k": 2, "query": "q-cat", "negative": True, "train_size": 100},
+            ["-k", "2", "--query", "q-cat", "--negative", "--train-size", "100"],
+        ),
+        (
+            {"k": 2, "query": ["q-dict", "q-cat"], "text": False},
+            ["-k", "2", "--query", "q-dict", "--query", "q-cat", "--no-text"],
+        ),
+    ],
+)
 def test_topk_records_are_those_of_the_cli(scored, api_args, cli_args):
     records = infl.open_scores(scored / "s.zarr").topk(**api_args)
     assert records == cli_json("topk", "--scores", scored / "s.zarr", *cli_args)
-    assert len(records) == api_args["k"] * (len(QUERIES) if "query" not in api_args else len(np.atleast_1d(api_args["query"])))
+    assert len(records) == api_args["k"] * (
+        len(QUERIES) if "query" not in api_args else len(np.atleast_1d(api_args["query"]))
+    )
 
 
-@pytest.mark.parametrize("api_args, cli_args, field", [
-    ({"tokens": True}, ["--tokens"], "tokens"),
-    ({"refine": 3}, ["--refine", "3"], "refined_score"),
-])
+@pytest.mark.parametrize(
+    "api_args, cli_args, field",
+    [
+        ({"tokens": True}, ["--tokens"], "tokens"),
+        ({"refine": 3}, ["--refine", "3"], "refined_score"),
+    ],
+)
 def test_topk_with_the_model_matches_the_cli(scored, api_args, cli_args, field):
     records = infl.open_scores(scored / "s.zarr").topk(k=2, query="q-cat", **api_args)
     assert records == cli_json("topk", "--scores", scored / "s.zarr", "-k", "2", "--query", "q-cat", *cli_args)
@@ -84,7 +97,16 @@ def test_queries_and_info_are_what_the_cli_lists(scored):
 
 
 def test_self_influence_scores(workdir, scored, tmp_path):
-    result = cli("score", "--self", "--factors", scored / "f.zarr", "--corpus", workdir / "corpus.jsonl", "--out", tmp_path / "self.zarr")
+    result = cli(
+        "score",
+        "--self",
+        "--factors",
+        scored / "f.zarr",
+        "--corpus",
+        workdir / "corpus.jsonl",
+        "--out",
+        tmp_path / "self.zarr",
+    )
     assert result.exit_code == 0, result.output
     s = infl.open_scores(tmp_path / "self.zarr")
     assert s.is_self and s.queries() == [] and s.total().shape == (1, len(s.train_ids))
@@ -97,8 +119,11 @@ def test_errors_are_the_cli_one_liners(scored, tmp_path):
     unfinished = tmp_path / "unfinished.zarr"
     shutil.copytree(scored / "s.zarr", unfinished)
     (unfinished / "COMPLETE.json").unlink()
-    for path, kind in ((tmp_path / "missing.zarr", BadInput), (unfinished, IncompatibleArtifact),
-                       (scored / "q.zarr", IncompatibleArtifact)):
+    for path, kind in (
+        (tmp_path / "missing.zarr", BadInput),
+        (unfinished, IncompatibleArtifact),
+        (scored / "q.zarr", IncompatibleArtifact),
+    ):
         with pytest.raises(kind) as raised:
             infl.open_scores(path)
         assert "\n" not in str(raised.value)
@@ -126,9 +151,11 @@ sys.meta_path.insert(0, Watch())
 
 
 def test_import_infl_stays_light(scored):
-    code = (_WATCH_TORCH + "import infl; light = not {'numpy', 'zarr', 'torch'} & set(sys.modules)\n"
-            f"s = infl.open_scores({str(scored / 's.zarr')!r}); s.topk(k=2); s.total(); s.texts([0]); s.queries()\n"
-            "print(light, 'torch' in sys.modules, 'transformers' in sys.modules)")
+    code = (
+        _WATCH_TORCH + "import infl; light = not {'numpy', 'zarr', 'torch'} & set(sys.modules)\n"
+        f"s = infl.open_scores({str(scored / 's.zarr')!r}); s.topk(k=2); s.total(); s.texts([0]); s.queries()\n"
+        "print(light, 'torch' in sys.modules, 'transformers' in sys.modules)"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.split() == ["True", "False", "False"], done.stderr
 

@@ -63,7 +63,15 @@ def _yaml(t, document: str):
 
 
 def _fit(w, t, corpus=None, model=None):
-    return ["fit-factors", "--model", model or w / "gpt2", "--corpus", corpus or w / "corpus.jsonl", "--out", t / "out.zarr"]
+    return [
+        "fit-factors",
+        "--model",
+        model or w / "gpt2",
+        "--corpus",
+        corpus or w / "corpus.jsonl",
+        "--out",
+        t / "out.zarr",
+    ]
 
 
 def _no_model(t, *extra):  # options checked before anything is loaded: these paths need not exist
@@ -71,24 +79,50 @@ def _no_model(t, *extra):  # options checked before anything is loaded: these pa
 
 
 def _queries(t, rows):
-    return ["build-query", "--factors", t / "no-factors.zarr", "--queries", write_jsonl(t / "q.jsonl", rows),
-            "--out", t / "out.zarr"]
+    return [
+        "build-query",
+        "--factors",
+        t / "no-factors.zarr",
+        "--queries",
+        write_jsonl(t / "q.jsonl", rows),
+        "--out",
+        t / "out.zarr",
+    ]
 
 
 CASES = {  # name: (arguments from (workdir, tmp_path), exit code, part of the message)
     # 1. a model directory without tokenizer files
-    "no tokenizer files": (lambda w, t: _fit(w, t, model=_without_tokenizer(w, t)), 1, "bare-model has no tokenizer files"),
+    "no tokenizer files": (
+        lambda w, t: _fit(w, t, model=_without_tokenizer(w, t)),
+        1,
+        "bare-model has no tokenizer files",
+    ),
     # 2. --config that is not a mapping of mappings, or not YAML
-    "config section is a list": (lambda w, t: ["fit-factors", "--config", _yaml(t, "fit-factors:\n  - a\n")], 2,
-                                 "section 'fit-factors' must be a mapping"),
-    "config section is a number": (lambda w, t: ["fit-factors", "--config", _yaml(t, "fit-factors: 3\n")], 2,
-                                   "section 'fit-factors' must be a mapping"),
-    "config is a list": (lambda w, t: ["fit-factors", "--config", _yaml(t, "- fit-factors\n")], 2,
-                         "must hold a mapping of command sections"),
-    "config is not YAML": (lambda w, t: ["fit-factors", "--config", _yaml(t, "fit-factors: [\n")], 2,
-                           "run.yaml:2: not valid YAML"),
-    "config has an unknown key": (lambda w, t: ["fit-factors", "--config", _yaml(t, yaml.safe_dump({"fit-factors": {"dampin": 1}}))],
-                                  2, "dampin"),
+    "config section is a list": (
+        lambda w, t: ["fit-factors", "--config", _yaml(t, "fit-factors:\n  - a\n")],
+        2,
+        "section 'fit-factors' must be a mapping",
+    ),
+    "config section is a number": (
+        lambda w, t: ["fit-factors", "--config", _yaml(t, "fit-factors: 3\n")],
+        2,
+        "section 'fit-factors' must be a mapping",
+    ),
+    "config is a list": (
+        lambda w, t: ["fit-factors", "--config", _yaml(t, "- fit-factors\n")],
+        2,
+        "must hold a mapping of command sections",
+    ),
+    "config is not YAML": (
+        lambda w, t: ["fit-factors", "--config", _yaml(t, "fit-factors: [\n")],
+        2,
+        "run.yaml:2: not valid YAML",
+    ),
+    "config has an unknown key": (
+        lambda w, t: ["fit-factors", "--config", _yaml(t, yaml.safe_dump({"fit-factors": {"dampin": 1}}))],
+        2,
+        "dampin",
+    ),
     # 4. option values out of range: usage errors, found before any model or file is read
     "chunk size 0": (lambda w, t: _no_model(t, "--chunk-size", "0"), 2, "--chunk-size must be >= 1"),
     "batch size 0": (lambda w, t: _no_model(t, "--batch-size", "0"), 2, "--batch-size must be >= 1"),
@@ -96,24 +130,54 @@ CASES = {  # name: (arguments from (workdir, tmp_path), exit code, part of the m
     "negative damping": (lambda w, t: _no_model(t, "--damping", "-1"), 2, "--damping must be >= 0"),
     "unknown strategy": (lambda w, t: _no_model(t, "--strategy", "newton"), 2, "--strategy must be one of"),
     "rank 0": (lambda w, t: _queries(t, QUERIES) + ["--rank", "0"], 2, "--rank must be >= 1"),
-    "score chunk size 0": (lambda w, t: ["score", "--queries", t / "q.zarr", "--corpus", t / "no.jsonl",
-                                         "--out", t / "out.zarr", "--chunk-size", "0"], 2, "--chunk-size must be >= 1"),
+    "score chunk size 0": (
+        lambda w, t: [
+            "score",
+            "--queries",
+            t / "q.zarr",
+            "--corpus",
+            t / "no.jsonl",
+            "--out",
+            t / "out.zarr",
+            "--chunk-size",
+            "0",
+        ],
+        2,
+        "--chunk-size must be >= 1",
+    ),
     "k 0": (lambda w, t: ["topk", "--scores", t / "no-scores.zarr", "-k", "0"], 2, "-k must be >= 1"),
-    "negative train size": (lambda w, t: ["topk", "--scores", t / "no-scores.zarr", "--train-size", "-5"], 2,
-                            "--train-size must be >= 1"),
+    "negative train size": (
+        lambda w, t: ["topk", "--scores", t / "no-scores.zarr", "--train-size", "-5"],
+        2,
+        "--train-size must be >= 1",
+    ),
     "refine 0": (lambda w, t: ["topk", "--scores", t / "no-scores.zarr", "--refine", "0"], 2, "--refine must be >= 1"),
     "layerwise k 0": (lambda w, t: ["layerwise", "--scores", t / "no-scores.zarr", "-k", "0"], 2, "-k must be >= 1"),
     "k not a number": (lambda w, t: ["topk", "--scores", t / "no-scores.zarr", "-k", "many"], 2, "'-k'"),
     "unknown option": (lambda w, t: _no_model(t, "--dampin", "1"), 2, "No such option: --dampin"),
     # 5. blank ids and empty texts, named by file:line
-    "empty corpus id": (lambda w, t: _fit(w, t, write_jsonl(t / "c.jsonl", [{"id": "a", "text": "the cat"}, {"id": "", "text": "a dog"}])),
-                        1, "c.jsonl:2: field 'id' is empty"),
-    "blank corpus id": (lambda w, t: _fit(w, t, write_jsonl(t / "c.jsonl", [{"id": " \t", "text": "a dog"}])),
-                        1, "c.jsonl:1: field 'id' is empty"),
-    "empty corpus text": (lambda w, t: _fit(w, t, write_jsonl(t / "c.jsonl", [{"id": "a", "text": "the cat"}, {"id": "b", "text": ""}])),
-                          1, "c.jsonl:2: field 'text' is empty"),
-    "blank corpus text": (lambda w, t: _fit(w, t, write_jsonl(t / "c.jsonl", [{"id": "a", "text": " \n "}])),
-                          1, "c.jsonl:1: field 'text' is empty"),
+    "empty corpus id": (
+        lambda w, t: _fit(
+            w, t, write_jsonl(t / "c.jsonl", [{"id": "a", "text": "the cat"}, {"id": "", "text": "a dog"}])
+        ),
+        1,
+        "c.jsonl:2: field 'id' is empty",
+    ),
+    "blank corpus id": (
+        lambda w, t: _fit(w, t, write_jsonl(t / "c.jsonl", [{"id": " \t", "text": "a dog"}])),
+        1,
+        "c.jsonl:1: field 'id' is empty",
+    ),
+    "empty corpus text": (
+        lambda w, t: _fit(w, t, write_jsonl(t / "c.jsonl", [{"id": "a", "text": "the cat"}, {"id": "b", "text": ""}])),
+        1,
+        "c.jsonl:2: field 'text' is empty",
+    ),
+    "blank corpus text": (
+        lambda w, t: _fit(w, t, write_jsonl(t / "c.jsonl", [{"id": "a", "text": " \n "}])),
+        1,
+        "c.jsonl:1: field 'text' is empty",
+    ),
 }
 
 
@@ -129,8 +193,14 @@ def factors(workdir, tmp_path_factory):
 QUERY_CASES = {  # name: (rows of queries.jsonl, part of the message)
     "empty query id": ([QUERIES[0], {**QUERIES[1], "id": ""}], "q.jsonl:2: field 'id' is empty"),
     "blank query id": ([{**QUERIES[0], "id": "  "}], "q.jsonl:1: field 'id' is empty"),
-    "empty prompt": ([{"id": "x", "prompt": "", "completion": " on the mat"}], "q.jsonl:1: query 'x' needs a non-empty prompt"),
-    "empty completion": ([{"id": "x", "prompt": "the cat", "completion": ""}], "q.jsonl:1: query 'x' has an empty completion"),
+    "empty prompt": (
+        [{"id": "x", "prompt": "", "completion": " on the mat"}],
+        "q.jsonl:1: query 'x' needs a non-empty prompt",
+    ),
+    "empty completion": (
+        [{"id": "x", "prompt": "the cat", "completion": ""}],
+        "q.jsonl:1: query 'x' has an empty completion",
+    ),
 }
 
 
@@ -147,15 +217,28 @@ def test_bad_input_gets_one_line_the_exit_code_and_writes_nothing(workdir, tmp_p
 @pytest.mark.parametrize("case", sorted(QUERY_CASES))
 def test_bad_queries_are_named_by_file_and_line(factors, tmp_path, case, log_format):
     rows, message = QUERY_CASES[case]
-    result = infl("--log-format", log_format, "build-query", "--factors", factors,
-                  "--queries", write_jsonl(tmp_path / "q.jsonl", rows), "--out", tmp_path / "out.zarr")
+    result = infl(
+        "--log-format",
+        log_format,
+        "build-query",
+        "--factors",
+        factors,
+        "--queries",
+        write_jsonl(tmp_path / "q.jsonl", rows),
+        "--out",
+        tmp_path / "out.zarr",
+    )
     assert message in single_error(result, 1, log_format)
     assert not (tmp_path / "out.zarr").exists()
 
 
 MARKUP = "[/foo] and [i]x[/i]"  # rich markup: the first crashed the table, the second vanished from it
-ODD_IDS = {"[b]bold[/b]": "[b]bold[/b]", "line\nbreak": "line\\nbreak", "tab\there": "tab\\there",
-           "<script>alert(1)</script>": "<script>alert(1)</script>"}
+ODD_IDS = {
+    "[b]bold[/b]": "[b]bold[/b]",
+    "line\nbreak": "line\\nbreak",
+    "tab\there": "tab\\there",
+    "<script>alert(1)</script>": "<script>alert(1)</script>",
+}
 
 
 @pytest.fixture(scope="module")
@@ -231,8 +314,13 @@ def test_long_inputs_get_no_transformers_length_warning(tmp_path, length_warning
     data.read_corpus([txt], tokenizer(), 8, split="windows")
     data.read_queries(write_jsonl(tmp_path / "q.jsonl", QUERIES), tokenizer(), 32)
     with pytest.raises(BadInput, match="more than the context"):  # infl refuses, and says so
-        data.read_queries(write_jsonl(tmp_path / "long.jsonl", [{"id": "x", "prompt": SENTENCES[0], "completion": " " + SENTENCES[1]}]),
-                          tokenizer(), 8)
+        data.read_queries(
+            write_jsonl(
+                tmp_path / "long.jsonl", [{"id": "x", "prompt": SENTENCES[0], "completion": " " + SENTENCES[1]}]
+            ),
+            tokenizer(),
+            8,
+        )
     data.token_pieces(SENTENCES[2], tokenizer(), 8)
     assert length_warnings() == []
     tokenizer()(SENTENCES[2])  # the warning these calls avoid, as a plain call logs it

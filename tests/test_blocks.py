@@ -75,7 +75,9 @@ def test_blocked_sums_are_the_diagonal_blocks_and_their_eigenvectors_rebuild_the
         for k in range(Q.shape[0]):  # each block is Q_k diag(eig_k) Q_k^T, eigenvalues in coordinate order
             lo, hi = k * b, min(D, (k + 1) * b)
             Qk = Q[k, : hi - lo, : hi - lo]
-            torch.testing.assert_close(Qk @ torch.diag(eig[lo:hi]) @ Qk.T, base.diagonal_blocks(f[key])[k, : hi - lo, : hi - lo] / n)
+            torch.testing.assert_close(
+                Qk @ torch.diag(eig[lo:hi]) @ Qk.T, base.diagonal_blocks(f[key])[k, : hi - lo, : hi - lo] / n
+            )
         padding = Q.shape[0] * b - D
         if padding:
             torch.testing.assert_close(Q[-1, b - padding :, b - padding :], torch.eye(padding, dtype=Q.dtype))
@@ -151,8 +153,10 @@ def test_one_block_is_exactly_todays_dense_factors():
             at, st = torch.randn(2, T, I), torch.randn(2, T, O)
             old = (st @ Q_S).transpose(1, 2) @ (at @ Q_A) if T == 1 else Q_S.T @ (st.transpose(1, 2) @ at) @ Q_A
             assert torch.equal(base.rotate(at, st, Q_A, Q_S), old)
-        assert torch.equal(indexing.query_coordinates(V, Q_A, Q_S, torch.arange(O * I)),
-                           (Q_S.T.double() @ V.double() @ Q_A.double()).flatten(1).float())
+        assert torch.equal(
+            indexing.query_coordinates(V, Q_A, Q_S, torch.arange(O * I)),
+            (Q_S.T.double() @ V.double() @ Q_A.double()).flatten(1).float(),
+        )
 
 
 @pytest.mark.parametrize("K", [2, 3])
@@ -164,15 +168,27 @@ def test_index_coordinates_with_blocked_bases_equal_dense_ones(K):
     d = dense_curvature(c)
     flat = torch.tensor([0, 3, 8, 17, 20, 34])
     P = torch.randn(3, O, I, dtype=torch.float64)
-    torch.testing.assert_close(indexing.eigen_coordinates(a, s, c.Q_A, c.Q_S, flat), indexing.eigen_coordinates(a, s, d.Q_A, d.Q_S, flat))
-    torch.testing.assert_close(indexing.query_coordinates(P, c.Q_A, c.Q_S, flat), indexing.query_coordinates(P, d.Q_A, d.Q_S, flat))
-    U, sigma, V = torch.randn(3, O, 2, dtype=torch.float64), torch.rand(3, 2, dtype=torch.float64), torch.randn(3, I, 2, dtype=torch.float64)
+    torch.testing.assert_close(
+        indexing.eigen_coordinates(a, s, c.Q_A, c.Q_S, flat), indexing.eigen_coordinates(a, s, d.Q_A, d.Q_S, flat)
+    )
+    torch.testing.assert_close(
+        indexing.query_coordinates(P, c.Q_A, c.Q_S, flat), indexing.query_coordinates(P, d.Q_A, d.Q_S, flat)
+    )
+    U, sigma, V = (
+        torch.randn(3, O, 2, dtype=torch.float64),
+        torch.rand(3, 2, dtype=torch.float64),
+        torch.randn(3, I, 2, dtype=torch.float64),
+    )
     for chosen in (flat, torch.arange(O * I)):  # both of its branches: gathered rows, or the whole product
-        torch.testing.assert_close(indexing.low_rank_query_coordinates(U, sigma, V, c.Q_A, c.Q_S, chosen),
-                                   indexing.low_rank_query_coordinates(U, sigma, V, d.Q_A, d.Q_S, chosen))
+        torch.testing.assert_close(
+            indexing.low_rank_query_coordinates(U, sigma, V, c.Q_A, c.Q_S, chosen),
+            indexing.low_rank_query_coordinates(U, sigma, V, d.Q_A, d.Q_S, chosen),
+        )
     whiten = (c.Lambda + c.damping).rsqrt()
-    for got, expected in zip(indexing.sparse_coordinates(a, s, c.Q_A, c.Q_S, whiten, 6),
-                             indexing.sparse_coordinates(a, s, d.Q_A, d.Q_S, whiten, 6)):
+    for got, expected in zip(
+        indexing.sparse_coordinates(a, s, c.Q_A, c.Q_S, whiten, 6),
+        indexing.sparse_coordinates(a, s, d.Q_A, d.Q_S, whiten, 6),
+    ):
         torch.testing.assert_close(got, expected)
     # build-query's SVD in the eigenbasis, rotated out: the same rank-2 P whichever form Q has
     X = base.damped_in_eigenbasis(a, s, c)
@@ -187,19 +203,73 @@ def _scores(path) -> np.ndarray:
 
 def test_blocked_factors_from_the_command_line_score_like_the_dense_block_diagonal_inverse(workdir, tmp_path):
     corpus, queries = workdir / "corpus.jsonl", workdir / "queries.jsonl"
-    for blocks, extra in (("1", ()), ("2", ("--index", tmp_path / "fi.zarr", "--index-dim", "full", "--index-dtype", "float32"))):
-        result = infl("fit-factors", "--model", workdir / "gpt2", "--corpus", corpus, "--out", tmp_path / f"f{blocks}.zarr",
-                      "--blocks", blocks, *extra)  # blocks 2 also writes the index in its eigenvalue pass
+    for blocks, extra in (
+        ("1", ()),
+        ("2", ("--index", tmp_path / "fi.zarr", "--index-dim", "full", "--index-dtype", "float32")),
+    ):
+        result = infl(
+            "fit-factors",
+            "--model",
+            workdir / "gpt2",
+            "--corpus",
+            corpus,
+            "--out",
+            tmp_path / f"f{blocks}.zarr",
+            "--blocks",
+            blocks,
+            *extra,
+        )  # blocks 2 also writes the index in its eigenvalue pass
         assert result.exit_code == 0, result.output
     fingerprints = [artifacts.read_attrs(tmp_path / f"f{b}.zarr")["fingerprint"] for b in ("1", "2")]
     assert fingerprints[0] != fingerprints[1]  # blocks is part of what the factors are
     for args in (
-        ["build-query", "--factors", tmp_path / "f2.zarr", "--queries", queries, "--out", tmp_path / "q.zarr", "--rank", "full"],
-        ["build-query", "--factors", tmp_path / "f2.zarr", "--queries", queries, "--out", tmp_path / "q2.zarr", "--rank", "2"],
-        ["score", "--queries", tmp_path / "q.zarr", "--corpus", corpus, "--out", tmp_path / "s.zarr", "--chunk-size", "5"],
+        [
+            "build-query",
+            "--factors",
+            tmp_path / "f2.zarr",
+            "--queries",
+            queries,
+            "--out",
+            tmp_path / "q.zarr",
+            "--rank",
+            "full",
+        ],
+        [
+            "build-query",
+            "--factors",
+            tmp_path / "f2.zarr",
+            "--queries",
+            queries,
+            "--out",
+            tmp_path / "q2.zarr",
+            "--rank",
+            "2",
+        ],
+        [
+            "score",
+            "--queries",
+            tmp_path / "q.zarr",
+            "--corpus",
+            corpus,
+            "--out",
+            tmp_path / "s.zarr",
+            "--chunk-size",
+            "5",
+        ],
         ["score", "--queries", tmp_path / "q2.zarr", "--corpus", corpus, "--out", tmp_path / "s2.zarr"],
-        ["index", "--factors", tmp_path / "f2.zarr", "--corpus", corpus, "--out", tmp_path / "i.zarr", "--index-dim", "full",
-         "--index-dtype", "float32"],
+        [
+            "index",
+            "--factors",
+            tmp_path / "f2.zarr",
+            "--corpus",
+            corpus,
+            "--out",
+            tmp_path / "i.zarr",
+            "--index-dim",
+            "full",
+            "--index-dtype",
+            "float32",
+        ],
         ["score", "--index", tmp_path / "i.zarr", "--queries", tmp_path / "q.zarr", "--out", tmp_path / "si.zarr"],
         ["score", "--index", tmp_path / "fi.zarr", "--queries", tmp_path / "q.zarr", "--out", tmp_path / "sfi.zarr"],
     ):
@@ -212,7 +282,11 @@ def test_blocked_factors_from_the_command_line_score_like_the_dense_block_diagon
     names = list(factors.modules)
     for name in names:
         O, I = curv[name].Lambda.shape
-        assert curv[name].Q_A.shape == (2, -(-I // 2), -(-I // 2)) and curv[name].Q_S.shape == (2, -(-O // 2), -(-O // 2))
+        assert curv[name].Q_A.shape == (2, -(-I // 2), -(-I // 2)) and curv[name].Q_S.shape == (
+            2,
+            -(-O // 2),
+            -(-O // 2),
+        )
         assert factors.read_module(name, ("A_sum",))["A_sum"].shape == (I, -(-I // 2))
         assert dense_factors.read_module(name, ("Q_A",))["Q_A"].shape == (I, I)
 
@@ -234,9 +308,13 @@ def test_blocked_factors_from_the_command_line_score_like_the_dense_block_diagon
             for zi, z in enumerate(train):
                 expected[m, qi, zi] = P[name][-1].flatten() @ z[name].flatten()
     scale = float(expected.abs().max())
-    torch.testing.assert_close(torch.from_numpy(_scores(tmp_path / "s.zarr")).double(), expected, rtol=2e-3, atol=2e-4 * scale)
+    torch.testing.assert_close(
+        torch.from_numpy(_scores(tmp_path / "s.zarr")).double(), expected, rtol=2e-3, atol=2e-4 * scale
+    )
     for index in ("si.zarr", "sfi.zarr"):  # from `infl index`, and from the fit's own index
-        np.testing.assert_allclose(_scores(tmp_path / index), _scores(tmp_path / "s.zarr"), rtol=1e-4, atol=1e-5 * scale)
+        np.testing.assert_allclose(
+            _scores(tmp_path / index), _scores(tmp_path / "s.zarr"), rtol=1e-4, atol=1e-5 * scale
+        )
 
     # rank 2: the stored U diag(sigma) V^T is the best rank-2 approximation of the explicit P
     low = artifacts.open_complete(tmp_path / "q2.zarr", "queries")
@@ -250,6 +328,15 @@ def test_blocked_factors_from_the_command_line_score_like_the_dense_block_diagon
 
 def test_too_many_blocks_get_a_one_line_error(workdir, tmp_path):
     # the tiny GPT-2's MLP modules are [64, 17] and [16, 65]: 16 is the smallest factor
-    result = infl("fit-factors", "--model", workdir / "gpt2", "--corpus", workdir / "corpus.jsonl", "--out", tmp_path / "f.zarr",
-                  "--blocks", "17")
+    result = infl(
+        "fit-factors",
+        "--model",
+        workdir / "gpt2",
+        "--corpus",
+        workdir / "corpus.jsonl",
+        "--out",
+        tmp_path / "f.zarr",
+        "--blocks",
+        "17",
+    )
     assert "--blocks 17 is more than the 16 coordinates" in one_line_error(result)

@@ -53,8 +53,19 @@ def _corpus_tokens(workdir, path):
 
 
 def test_candidates_command_keeps_each_querys_top_n_by_bm25(workdir, tmp_path):
-    args = ["candidates", "--model", workdir / "gpt2", "--queries", workdir / "queries.jsonl",
-            "--corpus", workdir / "corpus.jsonl", "--top", "4", "--out", tmp_path / "c.zarr"]
+    args = [
+        "candidates",
+        "--model",
+        workdir / "gpt2",
+        "--queries",
+        workdir / "queries.jsonl",
+        "--corpus",
+        workdir / "corpus.jsonl",
+        "--top",
+        "4",
+        "--out",
+        tmp_path / "c.zarr",
+    ]
     result = infl(*args)
     assert result.exit_code == 0, result.output
     assert "is up to date" in infl(*args).output
@@ -91,11 +102,31 @@ def test_candidates_grown_by_a_shard_equal_those_built_at_once_and_reuse_old_ter
 
 def test_score_takes_only_the_candidates_and_topk_ranks_each_query_among_its_own(workdir, tmp_path):
     pipeline(workdir, tmp_path)  # f.zarr, q.zarr, s.zarr: the whole corpus scored
-    cand = ["candidates", "--model", workdir / "gpt2", "--queries", workdir / "queries.jsonl",
-            "--corpus", workdir / "corpus.jsonl", "--top", "3", "--out", tmp_path / "c.zarr"]
+    cand = [
+        "candidates",
+        "--model",
+        workdir / "gpt2",
+        "--queries",
+        workdir / "queries.jsonl",
+        "--corpus",
+        workdir / "corpus.jsonl",
+        "--top",
+        "3",
+        "--out",
+        tmp_path / "c.zarr",
+    ]
     assert infl(*cand).exit_code == 0
-    result = infl("score", "--queries", tmp_path / "q.zarr", "--corpus", workdir / "corpus.jsonl",
-                  "--candidates", tmp_path / "c.zarr", "--out", tmp_path / "sc.zarr")
+    result = infl(
+        "score",
+        "--queries",
+        tmp_path / "q.zarr",
+        "--corpus",
+        workdir / "corpus.jsonl",
+        "--candidates",
+        tmp_path / "c.zarr",
+        "--out",
+        tmp_path / "sc.zarr",
+    )
     assert result.exit_code == 0, result.output
     assert "TF-IDF candidate" in result.output
     group = artifacts.open_complete(tmp_path / "c.zarr", "candidates")
@@ -104,8 +135,12 @@ def test_score_takes_only_the_candidates_and_topk_ranks_each_query_among_its_own
     full, part = (artifacts.open_complete(tmp_path / f"{n}.zarr", "scores") for n in ("s", "sc"))
     train_ids = [str(t) for t in np.asarray(full["train_ids"][...])]
     assert [str(t) for t in np.asarray(part["train_ids"][...])] == [train_ids[i] for i in union]
-    np.testing.assert_allclose(np.asarray(part["total"][...]), np.asarray(full["total"][...])[:, union], rtol=1e-5,
-                               atol=1e-6 * np.abs(np.asarray(full["total"][...])).max())
+    np.testing.assert_allclose(
+        np.asarray(part["total"][...]),
+        np.asarray(full["total"][...])[:, union],
+        rtol=1e-5,
+        atol=1e-6 * np.abs(np.asarray(full["total"][...])).max(),
+    )
     top = infl("topk", "--scores", tmp_path / "sc.zarr", "-k", "10", "--format", "json")
     assert top.exit_code == 0, top.output
     assert "TF-IDF candidates" in top.stderr
@@ -116,6 +151,18 @@ def test_score_takes_only_the_candidates_and_topk_ranks_each_query_among_its_own
         assert len(mine) == 3  # -k 10, but a query has 3 candidates
         assert {h["train_id"] for h in mine} == {train_ids[i] for i in indices[q]}
         assert [h["score"] for h in mine] == sorted((h["score"] for h in mine), reverse=True)
-    assert one_line_error(infl("score", "--queries", tmp_path / "q.zarr", "--corpus", workdir / "corpus.jsonl",
-                               "--candidates", tmp_path / "c.zarr", "--out", tmp_path / "sc2.zarr",
-                               "--text-field", "body"))  # the corpus read another way than the candidates'
+    assert one_line_error(
+        infl(
+            "score",
+            "--queries",
+            tmp_path / "q.zarr",
+            "--corpus",
+            workdir / "corpus.jsonl",
+            "--candidates",
+            tmp_path / "c.zarr",
+            "--out",
+            tmp_path / "sc2.zarr",
+            "--text-field",
+            "body",
+        )
+    )  # the corpus read another way than the candidates'

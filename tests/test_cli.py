@@ -21,7 +21,16 @@ def infl(*args: str):
 
 def pipeline(workdir, out, arch="gpt2", *extra_fit):
     for args in (
-        ["fit-factors", "--model", workdir / arch, "--corpus", workdir / "corpus.jsonl", "--out", out / "f.zarr", *extra_fit],
+        [
+            "fit-factors",
+            "--model",
+            workdir / arch,
+            "--corpus",
+            workdir / "corpus.jsonl",
+            "--out",
+            out / "f.zarr",
+            *extra_fit,
+        ],
         ["build-query", "--factors", out / "f.zarr", "--queries", workdir / "queries.jsonl", "--out", out / "q.zarr"],
         ["score", "--queries", out / "q.zarr", "--corpus", workdir / "corpus.jsonl", "--out", out / "s.zarr"],
     ):
@@ -64,7 +73,10 @@ def test_outputs_in_every_format(workdir, tmp_path):
     plain = json.loads(infl("topk", "--scores", scores, "-k", "1", "--format", "json").stdout)
     assert per_copy[0]["score"] == pytest.approx(plain[0]["score"] / 100)
     csv = infl("layerwise", "--scores", scores, "-k", "2", "--format", "csv").stdout.splitlines()
-    assert csv[0] == "query_id,layer,train_id,rank,influence [nats per unit upweight]" and len(csv) == 1 + len(QUERIES) * 2 * 2
+    assert (
+        csv[0] == "query_id,layer,train_id,rank,influence [nats per unit upweight]"
+        and len(csv) == 1 + len(QUERIES) * 2 * 2
+    )
     assert infl("layerwise", "--scores", scores, "-k", "2").exit_code == 0
 
 
@@ -72,23 +84,54 @@ def test_rerun_is_up_to_date_and_changes_are_refused(workdir, tmp_path):
     pipeline(workdir, tmp_path)
     stamp = tmp_path / "s.zarr" / "COMPLETE.json"
     manifest = stamp.read_bytes()
-    again = infl("score", "--queries", tmp_path / "q.zarr", "--corpus", workdir / "corpus.jsonl", "--out", tmp_path / "s.zarr")
+    again = infl(
+        "score", "--queries", tmp_path / "q.zarr", "--corpus", workdir / "corpus.jsonl", "--out", tmp_path / "s.zarr"
+    )
     assert again.exit_code == 0 and "up to date" in again.output
     assert stamp.read_bytes() == manifest  # only its time is refreshed (tests/test_outputs.py: for make)
-    changed = infl("fit-factors", "--model", workdir / "gpt2", "--corpus", workdir / "corpus.jsonl",
-                   "--out", tmp_path / "f.zarr", "--damping", "0.5")
+    changed = infl(
+        "fit-factors",
+        "--model",
+        workdir / "gpt2",
+        "--corpus",
+        workdir / "corpus.jsonl",
+        "--out",
+        tmp_path / "f.zarr",
+        "--damping",
+        "0.5",
+    )
     assert changed.exit_code == 1 and "config.damping" in changed.output and "--force" in changed.output
     assert (tmp_path / "f.zarr" / "COMPLETE.json").is_file()  # nothing lost
-    forced = infl("fit-factors", "--model", workdir / "gpt2", "--corpus", workdir / "corpus.jsonl",
-                  "--out", tmp_path / "f.zarr", "--damping", "0.5", "--force")
+    forced = infl(
+        "fit-factors",
+        "--model",
+        workdir / "gpt2",
+        "--corpus",
+        workdir / "corpus.jsonl",
+        "--out",
+        tmp_path / "f.zarr",
+        "--damping",
+        "0.5",
+        "--force",
+    )
     assert forced.exit_code == 0, forced.output
 
 
 def test_config_file_fills_options_and_flags_win(workdir, tmp_path):
     cfg = tmp_path / "run.yaml"
-    cfg.write_text(yaml.safe_dump({"fit-factors": {
-        "model": str(workdir / "gpt2"), "corpus": [str(workdir / "corpus.jsonl")], "out": str(tmp_path / "f.zarr"),
-        "strategy": "kfac", "max-length": 8}}))
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "fit-factors": {
+                    "model": str(workdir / "gpt2"),
+                    "corpus": [str(workdir / "corpus.jsonl")],
+                    "out": str(tmp_path / "f.zarr"),
+                    "strategy": "kfac",
+                    "max-length": 8,
+                }
+            }
+        )
+    )
     result = infl("fit-factors", "--config", cfg, "--strategy", "diagonal")
     assert result.exit_code == 0, result.output
     attrs = json.loads((tmp_path / "f.zarr" / "zarr.json").read_text())["attributes"]
@@ -119,7 +162,16 @@ def test_bad_input_gets_one_line_errors(workdir, tmp_path):
     notext = write_jsonl(tmp_path / "notext.jsonl", [{"id": "x", "body": "a cat"}])
     assert "'text'" in one_line_error(infl(*fit, notext))
     assert "not a local model directory" in one_line_error(
-        infl("fit-factors", "--model", tmp_path / "nomodel", "--corpus", workdir / "corpus.jsonl", "--out", tmp_path / "f.zarr"))
+        infl(
+            "fit-factors",
+            "--model",
+            tmp_path / "nomodel",
+            "--corpus",
+            workdir / "corpus.jsonl",
+            "--out",
+            tmp_path / "f.zarr",
+        )
+    )
     too_long = infl(*fit, workdir / "corpus.jsonl", "--max-length", "1000")
     assert "exceeds the model's context" in one_line_error(too_long)
     assert not (tmp_path / "f.zarr").exists()
@@ -129,20 +181,32 @@ def test_bad_input_gets_one_line_errors(workdir, tmp_path):
 def test_queries_from_another_model_are_refused(workdir, tmp_path):
     pipeline(workdir, tmp_path)
     other = save_model_dir(tmp_path / "other", "gpt2", seed=1)
-    result = infl("score", "--queries", tmp_path / "q.zarr", "--corpus", workdir / "corpus.jsonl",
-                  "--out", tmp_path / "s2.zarr", "--model", other)
+    result = infl(
+        "score",
+        "--queries",
+        tmp_path / "q.zarr",
+        "--corpus",
+        workdir / "corpus.jsonl",
+        "--out",
+        tmp_path / "s2.zarr",
+        "--model",
+        other,
+    )
     line = one_line_error(result)
     q_fp = json.loads((tmp_path / "q.zarr" / "zarr.json").read_text())["attributes"]["provenance"]["model_fingerprint"]
     assert q_fp[:12] in line and "fingerprint" in line
     bad_queries = write_jsonl(tmp_path / "q.jsonl", [{"id": "x", "prompt": "the cat", "completion": ""}])
     assert "empty completion" in one_line_error(
-        infl("build-query", "--factors", tmp_path / "f.zarr", "--queries", bad_queries, "--out", tmp_path / "q2.zarr"))
+        infl("build-query", "--factors", tmp_path / "f.zarr", "--queries", bad_queries, "--out", tmp_path / "q2.zarr")
+    )
     assert "no query 'nope'" in one_line_error(infl("topk", "--scores", tmp_path / "s.zarr", "--query", "nope"))
     assert "not scores" in one_line_error(infl("topk", "--scores", tmp_path / "q.zarr"))
 
 
 def test_python_dash_m_and_help():
-    result = subprocess.run([sys.executable, "-m", "infl", "score", "--help"], capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "infl", "score", "--help"], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0 and "Example" in result.stdout
 
 
@@ -150,12 +214,37 @@ def test_topk_tokens_and_full_rank_refinement(workdir, tmp_path):
     pipeline(workdir, tmp_path)  # rank-32 queries: stored full for these tiny modules
     low = tmp_path / "low"
     low.mkdir()
-    assert infl("build-query", "--factors", tmp_path / "f.zarr", "--queries", workdir / "queries.jsonl",
-                "--out", low / "q.zarr", "--rank", "1").exit_code == 0
-    assert infl("score", "--queries", low / "q.zarr", "--corpus", workdir / "corpus.jsonl", "--out", low / "s.zarr",
-                "--per-token").exit_code == 0
-    full = {(r["query_id"], r["train_id"]): r["score"]
-            for r in json.loads(infl("topk", "--scores", tmp_path / "s.zarr", "-k", "20", "--format", "json").stdout)}
+    assert (
+        infl(
+            "build-query",
+            "--factors",
+            tmp_path / "f.zarr",
+            "--queries",
+            workdir / "queries.jsonl",
+            "--out",
+            low / "q.zarr",
+            "--rank",
+            "1",
+        ).exit_code
+        == 0
+    )
+    assert (
+        infl(
+            "score",
+            "--queries",
+            low / "q.zarr",
+            "--corpus",
+            workdir / "corpus.jsonl",
+            "--out",
+            low / "s.zarr",
+            "--per-token",
+        ).exit_code
+        == 0
+    )
+    full = {
+        (r["query_id"], r["train_id"]): r["score"]
+        for r in json.loads(infl("topk", "--scores", tmp_path / "s.zarr", "-k", "20", "--format", "json").stdout)
+    }
     result = infl("topk", "--scores", low / "s.zarr", "-k", "3", "--refine", "6", "--format", "json")
     assert result.exit_code == 0, result.output
     refined = json.loads(result.stdout)
@@ -165,31 +254,55 @@ def test_topk_tokens_and_full_rank_refinement(workdir, tmp_path):
         got = [r["refined_score"] for r in refined if r["query_id"] == q["id"]]
         assert got == sorted(got, reverse=True)  # re-ranked by the full-rank score
     stored = json.loads(infl("topk", "--scores", low / "s.zarr", "-k", "2", "--tokens", "--format", "json").stdout)
-    assert infl("score", "--queries", low / "q.zarr", "--corpus", workdir / "corpus.jsonl",
-                "--out", low / "plain.zarr").exit_code == 0
-    computed = json.loads(infl("topk", "--scores", low / "plain.zarr", "-k", "2", "--tokens", "--format", "json").stdout)
+    assert (
+        infl(
+            "score", "--queries", low / "q.zarr", "--corpus", workdir / "corpus.jsonl", "--out", low / "plain.zarr"
+        ).exit_code
+        == 0
+    )
+    computed = json.loads(
+        infl("topk", "--scores", low / "plain.zarr", "-k", "2", "--tokens", "--format", "json").stdout
+    )
     for a, b in zip(stored, computed):  # stored (bfloat16) and on-demand per-token terms agree
         assert [p for p, _ in a["tokens"]] == [p for p, _ in b["tokens"]]
         assert "".join(p for p, _ in a["tokens"]) == a["text"]
-        assert [v for _, v in a["tokens"]] == pytest.approx([v for _, v in b["tokens"]], rel=2e-2, abs=1e-2 * abs(a["score"]))
+        assert [v for _, v in a["tokens"]] == pytest.approx(
+            [v for _, v in b["tokens"]], rel=2e-2, abs=1e-2 * abs(a["score"])
+        )
         assert sum(v for _, v in b["tokens"]) == pytest.approx(b["score"], rel=1e-3)
-    one = json.loads(infl("topk", "--scores", low / "plain.zarr", "-k", "2", "--tokens", "--format", "json",
-                          "--query", "q-dict").stdout)  # on demand for one query: the same terms
+    one = json.loads(
+        infl(
+            "topk", "--scores", low / "plain.zarr", "-k", "2", "--tokens", "--format", "json", "--query", "q-dict"
+        ).stdout
+    )  # on demand for one query: the same terms
     for a, b in zip(one, [r for r in computed if r["query_id"] == "q-dict"], strict=True):
         assert [p for p, _ in a["tokens"]] == [p for p, _ in b["tokens"]]
-        assert [v for _, v in a["tokens"]] == pytest.approx([v for _, v in b["tokens"]], rel=1e-5, abs=1e-6 * abs(b["score"]))
+        assert [v for _, v in a["tokens"]] == pytest.approx(
+            [v for _, v in b["tokens"]], rel=1e-5, abs=1e-6 * abs(b["score"])
+        )
     page = infl("topk", "--scores", low / "s.zarr", "-k", "1", "--tokens", "--format", "html").stdout
     assert page.startswith("<!doctype html>") and "background:rgba(255,0,0" in page
 
 
 def test_self_influence_from_the_command_line(workdir, tmp_path):
     pipeline(workdir, tmp_path)
-    result = infl("score", "--self", "--factors", tmp_path / "f.zarr", "--corpus", workdir / "corpus.jsonl", "--out", tmp_path / "self.zarr")
+    result = infl(
+        "score",
+        "--self",
+        "--factors",
+        tmp_path / "f.zarr",
+        "--corpus",
+        workdir / "corpus.jsonl",
+        "--out",
+        tmp_path / "self.zarr",
+    )
     assert result.exit_code == 0, result.output
     rows = json.loads(infl("topk", "--scores", tmp_path / "self.zarr", "--self", "-k", "3", "--format", "json").stdout)
     assert [r["query_id"] for r in rows] == ["self"] * 3 and rows[0]["score"] >= rows[2]["score"] > 0
     assert "not self-influence" in one_line_error(infl("topk", "--scores", tmp_path / "s.zarr", "--self"))
-    assert infl("score", "--self", "--corpus", workdir / "corpus.jsonl", "--out", tmp_path / "x.zarr").exit_code == 2  # usage
+    assert (
+        infl("score", "--self", "--corpus", workdir / "corpus.jsonl", "--out", tmp_path / "x.zarr").exit_code == 2
+    )  # usage
 
 
 def test_info_describes_an_artifact(workdir, tmp_path):
@@ -210,7 +323,6 @@ def test_text_corpora_by_lines_and_by_windows(workdir, tmp_path):
 
     from infl import data
 
-
     txt = tmp_path / "notes.txt"
     txt.write_text("\n".join(SENTENCES[:6]) + "\n\n")  # a blank line is no sequence
     tokenizer = make_tokenizer()
@@ -226,8 +338,19 @@ def test_text_corpora_by_lines_and_by_windows(workdir, tmp_path):
     assert truncated.n_truncated == 6 and max(len(t) for t in truncated.tokens) == 4
 
     pipeline(workdir, tmp_path)
-    result = infl("score", "--queries", tmp_path / "q.zarr", "--corpus", txt, "--split", "windows",
-                  "--max-length", "5", "--out", tmp_path / "w.zarr")
+    result = infl(
+        "score",
+        "--queries",
+        tmp_path / "q.zarr",
+        "--corpus",
+        txt,
+        "--split",
+        "windows",
+        "--max-length",
+        "5",
+        "--out",
+        tmp_path / "w.zarr",
+    )
     assert result.exit_code == 0, result.output
     rows = json.loads(infl("topk", "--scores", tmp_path / "w.zarr", "-k", "1", "--format", "json").stdout)
     assert all(r["train_id"].startswith("notes.txt:w") and r["text"] for r in rows)
@@ -238,7 +361,15 @@ def test_unfinished_remnants_and_missing_devices(workdir, tmp_path):
 
     zarr.open_group(str(tmp_path / "f.zarr"), mode="w")  # a user's own Zarr store: infl writes kind first
     (tmp_path / "f.zarr" / "notes.txt").write_text("user data")
-    fit = ["fit-factors", "--model", workdir / "gpt2", "--corpus", workdir / "corpus.jsonl", "--out", tmp_path / "f.zarr"]
+    fit = [
+        "fit-factors",
+        "--model",
+        workdir / "gpt2",
+        "--corpus",
+        workdir / "corpus.jsonl",
+        "--out",
+        tmp_path / "f.zarr",
+    ]
     assert "not made by infl" in one_line_error(infl(*fit))
     assert "not made by infl" in one_line_error(infl(*fit, "--force"))  # --force replaces only infl's artifacts
     assert (tmp_path / "f.zarr" / "notes.txt").is_file() and (tmp_path / "f.zarr" / "zarr.json").is_file()
@@ -252,13 +383,37 @@ def test_unfinished_remnants_and_missing_devices(workdir, tmp_path):
 
 
 def test_json_logs_for_cron(workdir, tmp_path):
-    result = runner.invoke(app, ["--log-format", "json", "fit-factors", "--model", str(workdir / "gpt2"),
-                                 "--corpus", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "f.zarr")])
+    result = runner.invoke(
+        app,
+        [
+            "--log-format",
+            "json",
+            "fit-factors",
+            "--model",
+            str(workdir / "gpt2"),
+            "--corpus",
+            str(tmp_path / "missing.jsonl"),
+            "--out",
+            str(tmp_path / "f.zarr"),
+        ],
+    )
     assert result.exit_code == 1
     (line,) = [json.loads(x) for x in result.output.splitlines() if x.startswith("{")]
     assert line["level"] == "error" and "no such file" in line["message"] and line["exit_code"] == 1
-    ok = runner.invoke(app, ["--log-format", "json", "fit-factors", "--model", str(workdir / "gpt2"),
-                             "--corpus", str(workdir / "corpus.jsonl"), "--out", str(tmp_path / "f.zarr")])
+    ok = runner.invoke(
+        app,
+        [
+            "--log-format",
+            "json",
+            "fit-factors",
+            "--model",
+            str(workdir / "gpt2"),
+            "--corpus",
+            str(workdir / "corpus.jsonl"),
+            "--out",
+            str(tmp_path / "f.zarr"),
+        ],
+    )
     assert ok.exit_code == 0
     records = [json.loads(x) for x in ok.output.splitlines() if x.strip()]  # nothing but JSON lines, no bars
     assert records[-1]["level"] == "info" and "wrote" in records[-1]["message"]
@@ -292,9 +447,13 @@ def test_odd_output_paths_get_one_line_errors_and_nothing_is_written(workdir, tm
     (tmp_path / "file.zarr").write_text("not a directory")
     monkeypatch.chdir(tmp_path)
     fit = ["fit-factors", "--model", workdir / "gpt2", "--corpus", workdir / "corpus.jsonl", "--force", "--out"]
-    for out, message in ((".", "name the artifact's own directory"), ("/", "name the artifact's own directory"),
-                         ("real.zarr/..", "name the artifact's own directory"), ("link.zarr", "is a symlink"),
-                         ("file.zarr", "is not a directory")):
+    for out, message in (
+        (".", "name the artifact's own directory"),
+        ("/", "name the artifact's own directory"),
+        ("real.zarr/..", "name the artifact's own directory"),
+        ("link.zarr", "is a symlink"),
+        ("file.zarr", "is not a directory"),
+    ):
         assert message in one_line_error(infl(*fit, out)), out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file.zarr", "link.zarr", "real.zarr"]  # no lock files
     assert not any((tmp_path / "real.zarr").iterdir())

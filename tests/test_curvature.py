@@ -94,7 +94,9 @@ def _fit(tmp_path, model_dir, corpus, strategy="ekfac", batch_size=3, name="f.za
 
 def _module(group, name):
     sub = group[f"modules/{name}"]
-    return {k: torch.from_numpy(np.asarray(sub[k][...])).double() for k in sub.array_keys() if not k.endswith(".sha256")}, dict(sub.attrs)
+    return {
+        k: torch.from_numpy(np.asarray(sub[k][...])).double() for k in sub.array_keys() if not k.endswith(".sha256")
+    }, dict(sub.attrs)
 
 
 def _brute_force_statistics(model_dir, names):
@@ -108,9 +110,11 @@ def _brute_force_statistics(model_dir, names):
         seen = {}
         hooks = []
         for n in names:
+
             def hook(mod, args, output, n=n):
                 output.retain_grad()
                 seen[n] = (args[0].detach(), output)
+
             hooks.append(model.get_submodule(n).register_forward_hook(hook))
         logits = model(input_ids=ids).logits
         labels = sample_labels(logits, ids.clone(), [sequence_seed(0, f"s{i}")])

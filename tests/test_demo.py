@@ -22,9 +22,37 @@ def test_demo_is_cached(demo):
 def test_verbatim_queries_rank_their_passage_first(demo, tmp_path):
     corpus = demo / "corpus.jsonl"
     for args in (
-        ["fit-factors", "--model", demo / "model", "--corpus", corpus, "--out", tmp_path / "f.zarr", "--batch-size", "16"],
-        ["build-query", "--factors", tmp_path / "f.zarr", "--queries", demo / "queries.jsonl", "--out", tmp_path / "q.zarr"],
-        ["score", "--queries", tmp_path / "q.zarr", "--corpus", corpus, "--out", tmp_path / "s.zarr", "--batch-size", "16"],
+        [
+            "fit-factors",
+            "--model",
+            demo / "model",
+            "--corpus",
+            corpus,
+            "--out",
+            tmp_path / "f.zarr",
+            "--batch-size",
+            "16",
+        ],
+        [
+            "build-query",
+            "--factors",
+            tmp_path / "f.zarr",
+            "--queries",
+            demo / "queries.jsonl",
+            "--out",
+            tmp_path / "q.zarr",
+        ],
+        [
+            "score",
+            "--queries",
+            tmp_path / "q.zarr",
+            "--corpus",
+            corpus,
+            "--out",
+            tmp_path / "s.zarr",
+            "--batch-size",
+            "16",
+        ],
     ):
         result = infl(*args)
         assert result.exit_code == 0, result.output

@@ -23,8 +23,9 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 
 def torchrun(n: int, *args, check: bool = True) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([*TORCHRUN, str(n), "-m", "infl", *map(str, args)], capture_output=True, text=True,
-                            timeout=300, env=env)
+    result = subprocess.run(
+        [*TORCHRUN, str(n), "-m", "infl", *map(str, args)], capture_output=True, text=True, timeout=300, env=env
+    )
     if check:
         assert result.returncode == 0, result.stderr[-3000:]
     return result
@@ -38,8 +39,30 @@ def corpus(workdir, tmp_path_factory):
 
 def stages(workdir, corpus, out):
     return [
-        ["fit-factors", "--model", workdir / "gpt2", "--corpus", corpus, "--out", out / "f.zarr", "--chunk-size", "8", "--batch-size", "4"],
-        ["build-query", "--factors", out / "f.zarr", "--queries", workdir / "queries.jsonl", "--out", out / "q.zarr", "--batch-size", "1"],
+        [
+            "fit-factors",
+            "--model",
+            workdir / "gpt2",
+            "--corpus",
+            corpus,
+            "--out",
+            out / "f.zarr",
+            "--chunk-size",
+            "8",
+            "--batch-size",
+            "4",
+        ],
+        [
+            "build-query",
+            "--factors",
+            out / "f.zarr",
+            "--queries",
+            workdir / "queries.jsonl",
+            "--out",
+            out / "q.zarr",
+            "--batch-size",
+            "1",
+        ],
         ["score", "--queries", out / "q.zarr", "--corpus", corpus, "--out", out / "s.zarr", "--chunk-size", "7"],
     ]
 
@@ -50,8 +73,11 @@ def arrays(path, kind) -> dict[str, np.ndarray]:
     group = artifacts.open_complete(path, kind)
     with warnings.catch_warnings():  # COMPLETE.json is not a Zarr node
         warnings.simplefilter("ignore")
-        return {array.path: np.asarray(array[...]) for _, array in group.members(max_depth=None)
-                if hasattr(array, "dtype") and not array.path.endswith(".sha256")}
+        return {
+            array.path: np.asarray(array[...])
+            for _, array in group.members(max_depth=None)
+            if hasattr(array, "dtype") and not array.path.endswith(".sha256")
+        }
 
 
 def assert_same(got: dict, ref: dict) -> None:
@@ -84,8 +110,10 @@ def test_two_processes_give_the_results_of_one(workdir, corpus, reference, tmp_p
         assert result.stderr.count("wrote ") == 1  # the main rank reports
         assert_same(arrays(args[args.index("--out") + 1], kind), arrays(reference / f"{kind[0]}.zarr", kind))
     # the same top 5, up to sequences tied within rounding (the corpus repeats its sentences)
-    got, ref = (json.loads(infl("topk", "--scores", path, "-k", "5", "--format", "json").stdout)
-                for path in (tmp_path / "s.zarr", reference / "s.zarr"))
+    got, ref = (
+        json.loads(infl("topk", "--scores", path, "-k", "5", "--format", "json").stdout)
+        for path in (tmp_path / "s.zarr", reference / "s.zarr")
+    )
     assert [h["query_id"] for h in got] == [h["query_id"] for h in ref]
     np.testing.assert_allclose([h["score"] for h in got], [h["score"] for h in ref], rtol=1e-5)
     again = torchrun(2, *stages(workdir, corpus, tmp_path)[2])
@@ -95,7 +123,19 @@ def test_two_processes_give_the_results_of_one(workdir, corpus, reference, tmp_p
 
 
 def test_two_processes_build_and_use_the_index_of_one(workdir, corpus, reference, tmp_path):
-    index = ["index", "--factors", reference / "f.zarr", "--corpus", corpus, "--chunk-size", "8", "--batch-size", "4", "--index-dim", "20"]
+    index = [
+        "index",
+        "--factors",
+        reference / "f.zarr",
+        "--corpus",
+        corpus,
+        "--chunk-size",
+        "8",
+        "--batch-size",
+        "4",
+        "--index-dim",
+        "20",
+    ]
     assert infl(*index, "--out", tmp_path / "one.zarr").exit_code == 0
     torchrun(2, *index, "--out", tmp_path / "two.zarr")
     assert_same(arrays(tmp_path / "two.zarr", "index"), arrays(tmp_path / "one.zarr", "index"))
@@ -127,8 +167,13 @@ def _alive(pid: int) -> bool:
 
 def _launch(n: int, args) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([*TORCHRUN, str(n), "-m", "infl", *map(str, args)], env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return subprocess.Popen(
+        [*TORCHRUN, str(n), "-m", "infl", *map(str, args)],
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 def _wait_for(until, timeout: float = 240.0) -> None:
@@ -217,5 +262,7 @@ def test_a_second_group_is_locked_out(workdir, corpus, reference, tmp_path):
         result = torchrun(2, *args, check=False)
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert errors == [f"error: rank 0: {tmp_path / 'locked.zarr'} is being written by pid {os.getpid()} on {os.uname().nodename}"]
+    assert errors == [
+        f"error: rank 0: {tmp_path / 'locked.zarr'} is being written by pid {os.getpid()} on {os.uname().nodename}"
+    ]
     assert "exitcode  : 75" in result.stderr  # torchrun's report names the main rank's code

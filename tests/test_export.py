@@ -26,7 +26,18 @@ def scored(workdir, tmp_path_factory):
         ["fit-factors", "--model", workdir / "gpt2", "--corpus", corpus, "--out", root / "f.zarr"],
         ["build-query", "--factors", root / "f.zarr", "--queries", workdir / "queries.jsonl", "--out", root / "q.zarr"],
         ["score", "--queries", root / "q.zarr", "--corpus", corpus, "--out", root / "s.zarr", "--chunk-size", CHUNK],
-        ["score", "--self", "--factors", root / "f.zarr", "--corpus", corpus, "--out", root / "self.zarr", "--chunk-size", CHUNK],
+        [
+            "score",
+            "--self",
+            "--factors",
+            root / "f.zarr",
+            "--corpus",
+            corpus,
+            "--out",
+            root / "self.zarr",
+            "--chunk-size",
+            CHUNK,
+        ],
     ):
         result = infl(*args)
         assert result.exit_code == 0, result.output
@@ -36,11 +47,14 @@ def scored(workdir, tmp_path_factory):
 def stored(path):
     """The artifact's arrays and ids, read straight from its Zarr group."""
     group = artifacts.open_complete(path, "scores")
-    return {"total": np.asarray(group["total"][...]),  # [Q, N]
-            "per_module": np.asarray(group["per_module"][...]),  # [M, Q, N]
-            "train_ids": [str(x) for x in np.asarray(group["train_ids"][...])],
-            "query_ids": [str(x) for x in np.asarray(group["query_ids"][...])],
-            "modules": list(group.attrs["modules"]), "fingerprint": group.attrs["fingerprint"]}
+    return {
+        "total": np.asarray(group["total"][...]),  # [Q, N]
+        "per_module": np.asarray(group["per_module"][...]),  # [M, Q, N]
+        "train_ids": [str(x) for x in np.asarray(group["train_ids"][...])],
+        "query_ids": [str(x) for x in np.asarray(group["query_ids"][...])],
+        "modules": list(group.attrs["modules"]),
+        "fingerprint": group.attrs["fingerprint"],
+    }
 
 
 def expected(art, per_module):
@@ -64,8 +78,11 @@ def read_parquet(path):
     import pyarrow.parquet as pq
 
     table = pq.read_table(path)
-    return table.column_names, table.column("train_id").to_pylist(), \
-        np.stack([table.column(n).to_numpy() for n in table.column_names[1:]], axis=1)
+    return (
+        table.column_names,
+        table.column("train_id").to_pylist(),
+        np.stack([table.column(n).to_numpy() for n in table.column_names[1:]], axis=1),
+    )
 
 
 @pytest.mark.parametrize("per_module", [False, True], ids=["total", "per-module"])
@@ -93,7 +110,9 @@ def test_each_format_holds_exactly_the_artifacts_scores_and_ids(scored, tmp_path
         train_ids, values = ids["train_ids"], values.reshape(N, -1)
     assert train_ids == art["train_ids"]
     np.testing.assert_array_equal(values, want)
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([out.name] + ([ids_path(out).name] if fmt == "npy" else []))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [out.name] + ([ids_path(out).name] if fmt == "npy" else [])
+    )
 
 
 def test_train_size_divides_and_names_the_unit(scored, tmp_path):
@@ -135,7 +154,9 @@ def test_no_read_holds_more_than_one_chunk_of_sequences(scored, tmp_path, monkey
         return values
 
     monkeypatch.setattr(ScoresArtifact, "_read", spy)
-    result = infl("export", "--scores", scored / "s.zarr", "--out", tmp_path / "s.npy", *(["--per-module"] if per_module else []))
+    result = infl(
+        "export", "--scores", scored / "s.zarr", "--out", tmp_path / "s.npy", *(["--per-module"] if per_module else [])
+    )
     assert result.exit_code == 0, result.output
     axis = {"total": 1, "per_module": 2, "train_ids": 0}  # the sequence axis of each array read per chunk
     per_chunk = [(name, shape[axis[name]]) for name, shape in reads if name in axis]
@@ -153,7 +174,9 @@ def test_an_existing_out_is_refused_and_left_as_it_is_unless_force(scored, tmp_p
     assert out.read_text().startswith("train_id,")
     ids = tmp_path / "t.ids.json"  # an .npy's ids file counts as part of its output
     ids.write_text("{}")
-    assert "t.ids.json exists" in one_line_error(infl("export", "--scores", scored / "s.zarr", "--out", tmp_path / "t.npy"))
+    assert "t.ids.json exists" in one_line_error(
+        infl("export", "--scores", scored / "s.zarr", "--out", tmp_path / "t.npy")
+    )
     assert ids.read_text() == "{}" and not (tmp_path / "t.npy").exists()
     directory = infl("export", "--scores", scored / "s.zarr", "--out", tmp_path, "--format", "csv", "--force")
     assert "is a directory" in one_line_error(directory)
@@ -171,7 +194,9 @@ def test_a_failed_export_leaves_no_file_behind(scored, tmp_path, monkeypatch):
     monkeypatch.setattr(ScoresArtifact, "_read", fail_on_the_second_chunk)
     for fmt in ("csv", "parquet", "npy"):
         calls.clear()
-        assert "No space left" in one_line_error(infl("export", "--scores", scored / "s.zarr", "--out", tmp_path / f"s.{fmt}"))
+        assert "No space left" in one_line_error(
+            infl("export", "--scores", scored / "s.zarr", "--out", tmp_path / f"s.{fmt}")
+        )
     assert list(tmp_path.iterdir()) == []
 
 
@@ -182,9 +207,13 @@ def test_format_and_out_are_checked_as_usage(scored, tmp_path):
     assert "pass --format" in one_line_error(infl("export", "--scores", scores, "--out", tmp_path / "s.txt"), 2)
     mismatch = infl("export", "--scores", scores, "--out", tmp_path / "s.csv", "--format", "npy")
     assert "names a csv file" in one_line_error(mismatch, 2)
-    assert "--train-size" in one_line_error(infl("export", "--scores", scores, "--out", tmp_path / "s.csv", "--train-size", "0"), 2)
+    assert "--train-size" in one_line_error(
+        infl("export", "--scores", scores, "--out", tmp_path / "s.csv", "--train-size", "0"), 2
+    )
     assert "--out is required" in one_line_error(infl("export", "--scores", scores), 2)
-    assert infl("export", "--scores", scores, "--out", tmp_path / "s.dat", "--format", "csv").exit_code == 0  # any name, given --format
+    assert (
+        infl("export", "--scores", scores, "--out", tmp_path / "s.dat", "--format", "csv").exit_code == 0
+    )  # any name, given --format
     assert list(tmp_path.iterdir()) == [tmp_path / "s.dat"]
 
 

@@ -23,8 +23,11 @@ def scores_of(path) -> dict[str, np.ndarray]:
 def index_arrays(path) -> dict[str, np.ndarray]:
     """Every result array of a finished index (digests aside: they cover the artifact's own uid)."""
     group = artifacts.open_complete(path, "index")
-    return {a.path: np.asarray(a[...]) for _, a in group.members(max_depth=None)
-            if hasattr(a, "dtype") and not a.path.endswith(".sha256")}
+    return {
+        a.path: np.asarray(a[...])
+        for _, a in group.members(max_depth=None)
+        if hasattr(a, "dtype") and not a.path.endswith(".sha256")
+    }
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +36,28 @@ def built(workdir, tmp_path_factory):
     out = tmp_path_factory.mktemp("index")
     for args in (
         ["fit-factors", "--model", workdir / "gpt2", "--corpus", workdir / "corpus.jsonl", "--out", out / "f.zarr"],
-        ["build-query", "--factors", out / "f.zarr", "--queries", workdir / "queries.jsonl", "--out", out / "q.zarr", "--rank", "2"],
-        ["score", "--queries", out / "q.zarr", "--corpus", workdir / "corpus.jsonl", "--out", out / "s.zarr", "--chunk-size", "5"],
+        [
+            "build-query",
+            "--factors",
+            out / "f.zarr",
+            "--queries",
+            workdir / "queries.jsonl",
+            "--out",
+            out / "q.zarr",
+            "--rank",
+            "2",
+        ],
+        [
+            "score",
+            "--queries",
+            out / "q.zarr",
+            "--corpus",
+            workdir / "corpus.jsonl",
+            "--out",
+            out / "s.zarr",
+            "--chunk-size",
+            "5",
+        ],
     ):
         result = infl(*args)
         assert result.exit_code == 0, result.output
@@ -43,14 +66,37 @@ def built(workdir, tmp_path_factory):
 
 def test_a_full_index_gives_the_exact_scores(workdir, built, tmp_path):
     for dtype, rtol in (("float32", 1e-5), ("float16", 2e-3)):
-        index = infl("index", "--factors", built / "f.zarr", "--corpus", workdir / "corpus.jsonl", "--out", tmp_path / f"{dtype}.zarr",
-                     "--index-dim", "full", "--index-dtype", dtype, "--chunk-size", "5")
+        index = infl(
+            "index",
+            "--factors",
+            built / "f.zarr",
+            "--corpus",
+            workdir / "corpus.jsonl",
+            "--out",
+            tmp_path / f"{dtype}.zarr",
+            "--index-dim",
+            "full",
+            "--index-dtype",
+            dtype,
+            "--chunk-size",
+            "5",
+        )
         assert index.exit_code == 0, index.output
-        scored = infl("score", "--index", tmp_path / f"{dtype}.zarr", "--queries", built / "q.zarr", "--out", tmp_path / f"s-{dtype}.zarr")
+        scored = infl(
+            "score",
+            "--index",
+            tmp_path / f"{dtype}.zarr",
+            "--queries",
+            built / "q.zarr",
+            "--out",
+            tmp_path / f"s-{dtype}.zarr",
+        )
         assert scored.exit_code == 0, scored.output
         got, exact = scores_of(tmp_path / f"s-{dtype}.zarr"), scores_of(built / "s.zarr")
         for key in ("total", "per_module"):
-            np.testing.assert_allclose(got[key], exact[key], rtol=rtol, atol=rtol * np.abs(exact[key]).max(), err_msg=f"{dtype} {key}")
+            np.testing.assert_allclose(
+                got[key], exact[key], rtol=rtol, atol=rtol * np.abs(exact[key]).max(), err_msg=f"{dtype} {key}"
+            )
         assert list(got["train_ids"]) == list(exact["train_ids"]) and list(got["query_ids"]) == list(exact["query_ids"])
     # the answer reads like any scores artifact, and says where it came from
     top = infl("topk", "--scores", tmp_path / "s-float32.zarr", "-k", "2", "--format", "json")
@@ -66,9 +112,28 @@ def test_a_full_index_gives_the_exact_scores(workdir, built, tmp_path):
 def test_a_small_index_is_the_explicit_sum_over_its_coordinates(workdir, built, tmp_path):
     """K = 7 per module: sum over the 7 largest eig_S x eig_A of (Q_S^T G_q Q_A / (Lambda + damping))
     times (Q_S^T DW_z Q_A), with autograd's DW_z and the rank-2 query's U diag(sigma) V^T."""
-    assert infl("index", "--factors", built / "f.zarr", "--corpus", workdir / "corpus.jsonl", "--out", tmp_path / "i.zarr",
-                "--index-dim", "7", "--index-dtype", "float32").exit_code == 0
-    assert infl("score", "--index", tmp_path / "i.zarr", "--queries", built / "q.zarr", "--out", tmp_path / "s.zarr").exit_code == 0
+    assert (
+        infl(
+            "index",
+            "--factors",
+            built / "f.zarr",
+            "--corpus",
+            workdir / "corpus.jsonl",
+            "--out",
+            tmp_path / "i.zarr",
+            "--index-dim",
+            "7",
+            "--index-dtype",
+            "float32",
+        ).exit_code
+        == 0
+    )
+    assert (
+        infl(
+            "score", "--index", tmp_path / "i.zarr", "--queries", built / "q.zarr", "--out", tmp_path / "s.zarr"
+        ).exit_code
+        == 0
+    )
     got = scores_of(tmp_path / "s.zarr")["per_module"]  # [M, Q, N]
 
     factors, queries = FactorsArtifact.open(built / "f.zarr"), QueriesArtifact.open(built / "q.zarr")
@@ -112,38 +177,74 @@ def test_appended_shards_and_a_killed_build_give_the_one_shot_index(workdir, bui
 
     # scores from the grown index grow with it: only the new chunks are computed
     q = built / "q.zarr"
-    assert infl("score", "--index", tmp_path / "one.zarr", "--queries", q, "--out", tmp_path / "s-one.zarr").exit_code == 0
+    assert (
+        infl("score", "--index", tmp_path / "one.zarr", "--queries", q, "--out", tmp_path / "s-one.zarr").exit_code == 0
+    )
     small = tmp_path / "small.zarr"
     assert infl(*args, "--corpus", first, "--out", small).exit_code == 0
-    assert infl("score", "--index", small, "--queries", q, "--out", tmp_path / "s.zarr", "--chunk-size", "10").exit_code == 0
+    assert (
+        infl("score", "--index", small, "--queries", q, "--out", tmp_path / "s.zarr", "--chunk-size", "10").exit_code
+        == 0
+    )
     assert infl(*args, "--corpus", first, "--corpus", second, "--out", small).exit_code == 0
     again = infl("score", "--index", small, "--queries", q, "--out", tmp_path / "s.zarr", "--chunk-size", "10")
     assert again.exit_code == 0, again.output
     assert "adding 90 sequences" in again.output and "15 of 24 chunks done" in again.output
     expected = scores_of(tmp_path / "s-one.zarr")["total"]
-    np.testing.assert_allclose(scores_of(tmp_path / "s.zarr")["total"], expected, rtol=1e-5, atol=1e-6 * np.abs(expected).max())
+    np.testing.assert_allclose(
+        scores_of(tmp_path / "s.zarr")["total"], expected, rtol=1e-5, atol=1e-6 * np.abs(expected).max()
+    )
 
 
 def test_refine_reranks_an_index_answer_with_exact_scores(workdir, built, tmp_path):
     """A small index ranks roughly; `topk --refine N` rescores its N best with the model (full-rank
     queries, as for any scores artifact), so the refined scores are the exact answer's."""
-    assert infl("index", "--factors", built / "f.zarr", "--corpus", workdir / "corpus.jsonl", "--out", tmp_path / "i.zarr",
-                "--index-dim", "3").exit_code == 0
-    assert infl("score", "--index", tmp_path / "i.zarr", "--queries", built / "q.zarr", "--out", tmp_path / "s.zarr").exit_code == 0
+    assert (
+        infl(
+            "index",
+            "--factors",
+            built / "f.zarr",
+            "--corpus",
+            workdir / "corpus.jsonl",
+            "--out",
+            tmp_path / "i.zarr",
+            "--index-dim",
+            "3",
+        ).exit_code
+        == 0
+    )
+    assert (
+        infl(
+            "score", "--index", tmp_path / "i.zarr", "--queries", built / "q.zarr", "--out", tmp_path / "s.zarr"
+        ).exit_code
+        == 0
+    )
     n = len(SENTENCES)
     refine = ["-k", "3", "--refine", str(n), "--format", "json"]
     from_index = json.loads(infl("topk", "--scores", tmp_path / "s.zarr", *refine).stdout)
     exact = json.loads(infl("topk", "--scores", built / "s.zarr", *refine).stdout)
     assert [(h["query_id"], h["train_id"]) for h in from_index] == [(h["query_id"], h["train_id"]) for h in exact]
     np.testing.assert_allclose([h["refined_score"] for h in from_index], [h["refined_score"] for h in exact], rtol=1e-5)
-    assert any(a["score"] != pytest.approx(b["score"], rel=1e-3) for a, b in zip(from_index, exact))  # the index alone differs
+    assert any(
+        a["score"] != pytest.approx(b["score"], rel=1e-3) for a, b in zip(from_index, exact)
+    )  # the index alone differs
 
 
 def test_new_queries_score_only_their_block(workdir, built, tmp_path):
-    assert infl("index", "--factors", built / "f.zarr", "--corpus", workdir / "corpus.jsonl", "--out", tmp_path / "i.zarr").exit_code == 0
-    more = write_jsonl(tmp_path / "more.jsonl", [{"id": "q-more", "prompt": "The dog", "completion": " ran across the park."}])
+    assert (
+        infl(
+            "index", "--factors", built / "f.zarr", "--corpus", workdir / "corpus.jsonl", "--out", tmp_path / "i.zarr"
+        ).exit_code
+        == 0
+    )
+    more = write_jsonl(
+        tmp_path / "more.jsonl", [{"id": "q-more", "prompt": "The dog", "completion": " ran across the park."}]
+    )
     q = tmp_path / "q.zarr"
-    assert infl("build-query", "--factors", built / "f.zarr", "--queries", workdir / "queries.jsonl", "--out", q).exit_code == 0
+    assert (
+        infl("build-query", "--factors", built / "f.zarr", "--queries", workdir / "queries.jsonl", "--out", q).exit_code
+        == 0
+    )
     args = ["score", "--index", tmp_path / "i.zarr", "--queries", q, "--out", tmp_path / "s.zarr", "--chunk-size", "5"]
     assert infl(*args).exit_code == 0
     before = scores_of(tmp_path / "s.zarr")["total"]
@@ -161,7 +262,12 @@ def test_new_queries_score_only_their_block(workdir, built, tmp_path):
 
 
 def test_score_index_refuses_an_index_of_other_factors_naming_both(workdir, built, tmp_path):
-    assert infl("index", "--factors", built / "f.zarr", "--corpus", workdir / "corpus.jsonl", "--out", tmp_path / "i.zarr").exit_code == 0
+    assert (
+        infl(
+            "index", "--factors", built / "f.zarr", "--corpus", workdir / "corpus.jsonl", "--out", tmp_path / "i.zarr"
+        ).exit_code
+        == 0
+    )
     (tmp_path / "other").mkdir()
     other = pipeline(workdir, tmp_path / "other", "gpt2", "--damping", "0.5")  # same model and corpus, other factors
     result = infl("score", "--index", tmp_path / "i.zarr", "--queries", other / "q.zarr", "--out", tmp_path / "s.zarr")
@@ -174,22 +280,57 @@ def test_score_index_refuses_an_index_of_other_factors_naming_both(workdir, buil
     # an exact answer is not overwritten by one from an index (or the other way round)
     into_exact = infl("score", "--index", tmp_path / "i.zarr", "--queries", built / "q.zarr", "--out", built / "s.zarr")
     assert into_exact.exit_code == 1 and "made from other inputs" in into_exact.output
-    both = infl("score", "--index", tmp_path / "i.zarr", "--queries", built / "q.zarr", "--corpus", workdir / "corpus.jsonl",
-                "--out", tmp_path / "t.zarr")
+    both = infl(
+        "score",
+        "--index",
+        tmp_path / "i.zarr",
+        "--queries",
+        built / "q.zarr",
+        "--corpus",
+        workdir / "corpus.jsonl",
+        "--out",
+        tmp_path / "t.zarr",
+    )
     assert both.exit_code == 2 and "not both" in both.output
 
 
 def test_an_index_needs_an_eigenbasis_and_reports_its_size(workdir, tmp_path):
     pipeline(workdir, tmp_path, "gpt2", "--strategy", "diagonal")
-    result = infl("index", "--factors", tmp_path / "f.zarr", "--corpus", workdir / "corpus.jsonl", "--out", tmp_path / "i.zarr")
+    result = infl(
+        "index", "--factors", tmp_path / "f.zarr", "--corpus", workdir / "corpus.jsonl", "--out", tmp_path / "i.zarr"
+    )
     assert result.exit_code == 1 and "eigenbasis" in result.output and not (tmp_path / "i.zarr").exists()
-    assert infl("index", "--factors", tmp_path / "f.zarr", "--index-dim", "0", "--corpus", workdir / "corpus.jsonl",
-                "--out", tmp_path / "i.zarr").exit_code == 2
+    assert (
+        infl(
+            "index",
+            "--factors",
+            tmp_path / "f.zarr",
+            "--index-dim",
+            "0",
+            "--corpus",
+            workdir / "corpus.jsonl",
+            "--out",
+            tmp_path / "i.zarr",
+        ).exit_code
+        == 2
+    )
 
 
 def test_info_reports_bytes_per_sequence(workdir, built, tmp_path):
-    assert infl("index", "--factors", built / "f.zarr", "--corpus", workdir / "corpus.jsonl", "--out", tmp_path / "i.zarr",
-                "--index-dim", "10").exit_code == 0
+    assert (
+        infl(
+            "index",
+            "--factors",
+            built / "f.zarr",
+            "--corpus",
+            workdir / "corpus.jsonl",
+            "--out",
+            tmp_path / "i.zarr",
+            "--index-dim",
+            "10",
+        ).exit_code
+        == 0
+    )
     facts = json.loads(infl("info", tmp_path / "i.zarr", "--format", "json").stdout)["facts"]
     modules = FactorsArtifact.open(built / "f.zarr").modules
     assert facts["bytes per sequence"].startswith(f"{len(modules) * (10 * 2 + 4)} ")  # float16 values and a scale
@@ -202,17 +343,48 @@ def test_an_index_written_during_the_fit_is_the_one_infl_index_writes(workdir, t
     has no such pass, and `fit-factors --index` builds it after the fit. Either way: the same rows."""
     rows = [{"id": f"s{i}", "text": SENTENCES[i % 12] + f" {i % 5}"} for i in range(30)]
     corpus = write_jsonl(tmp_path / "c.jsonl", rows)
-    fit = ["fit-factors", "--model", workdir / "gpt2", "--corpus", corpus, "--out", tmp_path / "f.zarr", "--strategy", strategy,
-           "--chunk-size", "8", "--batch-size", "4", "--index-dim", "12"]
+    fit = [
+        "fit-factors",
+        "--model",
+        workdir / "gpt2",
+        "--corpus",
+        corpus,
+        "--out",
+        tmp_path / "f.zarr",
+        "--strategy",
+        strategy,
+        "--chunk-size",
+        "8",
+        "--batch-size",
+        "4",
+        "--index-dim",
+        "12",
+    ]
     fused = infl(*fit, "--index", tmp_path / "fused.zarr")
     assert fused.exit_code == 0, fused.output
     assert ("4 of 4 chunks done" in fused.output) == (strategy == "ekfac")  # nothing left for the index stage
     again = infl(*fit, "--index", tmp_path / "fused.zarr")
     assert again.exit_code == 0 and again.output.count("is up to date") == 2
-    alone = infl("index", "--factors", tmp_path / "f.zarr", "--corpus", corpus, "--out", tmp_path / "alone.zarr",
-                 "--chunk-size", "8", "--batch-size", "4", "--index-dim", "12")
+    alone = infl(
+        "index",
+        "--factors",
+        tmp_path / "f.zarr",
+        "--corpus",
+        corpus,
+        "--out",
+        tmp_path / "alone.zarr",
+        "--chunk-size",
+        "8",
+        "--batch-size",
+        "4",
+        "--index-dim",
+        "12",
+    )
     assert alone.exit_code == 0, alone.output
-    assert artifacts.read_attrs(tmp_path / "fused.zarr")["fingerprint"] == artifacts.read_attrs(tmp_path / "alone.zarr")["fingerprint"]
+    assert (
+        artifacts.read_attrs(tmp_path / "fused.zarr")["fingerprint"]
+        == artifacts.read_attrs(tmp_path / "alone.zarr")["fingerprint"]
+    )
     got, expected = index_arrays(tmp_path / "fused.zarr"), index_arrays(tmp_path / "alone.zarr")
     assert sorted(got) == sorted(expected)
     for key, value in expected.items():  # the same batches through the same forward: the same numbers
@@ -225,15 +397,31 @@ def test_an_index_refuses_factors_fitted_again(workdir, built, tmp_path):
     factors = tmp_path / "f.zarr"
     fit = ["fit-factors", "--model", workdir / "gpt2", "--corpus", workdir / "corpus.jsonl", "--out", factors]
     assert infl(*fit).exit_code == 0
-    assert infl("index", "--factors", factors, "--corpus", workdir / "corpus.jsonl", "--out", tmp_path / "i.zarr").exit_code == 0
+    assert (
+        infl(
+            "index", "--factors", factors, "--corpus", workdir / "corpus.jsonl", "--out", tmp_path / "i.zarr"
+        ).exit_code
+        == 0
+    )
     assert infl(*fit, "--force").exit_code == 0  # the same inputs, fitted again in place
     result = infl("score", "--index", tmp_path / "i.zarr", "--queries", built / "q.zarr", "--out", tmp_path / "s.zarr")
     assert result.exit_code == 1 and "fitted again" in result.output, result.output
 
 
 def test_a_damaged_index_chunk_is_never_served_and_verify_has_it_recomputed(workdir, built, tmp_path):
-    index = ["index", "--factors", built / "f.zarr", "--corpus", workdir / "corpus.jsonl", "--out", tmp_path / "i.zarr",
-             "--chunk-size", "5", "--index-dim", "9"]
+    index = [
+        "index",
+        "--factors",
+        built / "f.zarr",
+        "--corpus",
+        workdir / "corpus.jsonl",
+        "--out",
+        tmp_path / "i.zarr",
+        "--chunk-size",
+        "5",
+        "--index-dim",
+        "9",
+    ]
     assert infl(*index).exit_code == 0
     before = index_arrays(tmp_path / "i.zarr")
     name = FactorsArtifact.open(built / "f.zarr").modules[1]

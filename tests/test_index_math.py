@@ -40,7 +40,10 @@ def test_all_coordinates_give_the_exact_score_and_k_of_them_the_explicit_sum():
     g_explicit = (curv.Q_S.T @ dw @ curv.Q_A).flatten(1)  # [B, O I]
     c_explicit = ((curv.Q_S.T @ G @ curv.Q_A) / (curv.Lambda + curv.damping)).flatten(1)  # [Q, O I]
     expected = c_explicit[:, largest] @ g_explicit[:, largest].T
-    got = indexing.query_coordinates(P, curv.Q_A, curv.Q_S, flat) @ indexing.eigen_coordinates(a, s, curv.Q_A, curv.Q_S, flat).T
+    got = (
+        indexing.query_coordinates(P, curv.Q_A, curv.Q_S, flat)
+        @ indexing.eigen_coordinates(a, s, curv.Q_A, curv.Q_S, flat).T
+    )
     torch.testing.assert_close(got, expected)
 
 
@@ -74,9 +77,14 @@ def test_a_projection_is_the_explicit_sketch_and_unbiased():
     torch.testing.assert_close(got, explicit)
     again = indexing.projections((6, 7), 3, 4, seed=5)
     assert torch.equal(again[0], R_S) and torch.equal(again[1], R_A)  # seeded
-    mean = sum(indexing.projected_queries(P, *indexing.projections((6, 7), 3, 4, seed)[::-1])
-               @ indexing.projected_gradients(a, s, *indexing.projections((6, 7), 3, 4, seed)[::-1]).T
-               for seed in range(4000)) / 4000
+    mean = (
+        sum(
+            indexing.projected_queries(P, *indexing.projections((6, 7), 3, 4, seed)[::-1])
+            @ indexing.projected_gradients(a, s, *indexing.projections((6, 7), 3, 4, seed)[::-1]).T
+            for seed in range(4000)
+        )
+        / 4000
+    )
     exact = torch.einsum("qoi,boi->qb", P, dw)
     assert torch.allclose(mean, exact, atol=0.1 * exact.abs().max())  # E[R R^T] = I on both sides
 
@@ -98,13 +106,22 @@ def test_full_index_scores_equal_exact_scores_on_a_tiny_model(tmp_path):
         c = random_curvature(*spec.shape, seed=len(curv))
         curv[spec.name] = Curvature(c.Lambda.float(), c.damping, c.Q_A.float(), c.Q_S.float())
     _, grads = engine.query_gradients(rt, query_tokens, n_prompt)
-    P = {n: precondition(g.double(), Curvature(curv[n].Lambda.double(), curv[n].damping, curv[n].Q_A.double(),
-                                               curv[n].Q_S.double())).float() for n, g in grads.items()}
+    P = {
+        n: precondition(
+            g.double(), Curvature(curv[n].Lambda.double(), curv[n].damping, curv[n].Q_A.double(), curv[n].Q_S.double())
+        ).float()
+        for n, g in grads.items()
+    }
     exact, _ = engine.score_sequences(rt, QueryBank(rt.modules, full=P), tokens)  # [M, 1, n]
     flat = {n: indexing.top_coordinates(curv[n].Lambda, 10**9) for n in rt.modules}
     index = engine.compressed_gradients(
-        rt, {n: (lambda a, s, n=n: indexing.eigen_coordinates(a, s, curv[n].Q_A, curv[n].Q_S, flat[n])) for n in rt.modules},
-        tokens)
+        rt,
+        {
+            n: (lambda a, s, n=n: indexing.eigen_coordinates(a, s, curv[n].Q_A, curv[n].Q_S, flat[n]))
+            for n in rt.modules
+        },
+        tokens,
+    )
     for m, n in enumerate(rt.modules):
         got = indexing.query_coordinates(P[n], curv[n].Q_A, curv[n].Q_S, flat[n]) @ index[n].T
         torch.testing.assert_close(got, exact[m], rtol=1e-4, atol=1e-4 * float(exact[m].abs().max()))
@@ -113,16 +130,26 @@ def test_full_index_scores_equal_exact_scores_on_a_tiny_model(tmp_path):
 def test_low_rank_queries_and_float16_rows_give_the_same_coordinates_and_scores():
     curv = random_curvature()
     g = torch.Generator().manual_seed(6)
-    U, sigma, V = torch.randn(3, 6, 2, generator=g), torch.rand(3, 2, generator=g) + 0.5, torch.randn(3, 7, 2, generator=g)
+    U, sigma, V = (
+        torch.randn(3, 6, 2, generator=g),
+        torch.rand(3, 2, generator=g) + 0.5,
+        torch.randn(3, 7, 2, generator=g),
+    )
     P = U @ torch.diag_embed(sigma) @ V.transpose(1, 2)
     Q_A, Q_S = curv.Q_A.float(), curv.Q_S.float()
     for k in (5, 42):  # gathered from thin factors (K R < O I), or from the expanded matrix
         flat = indexing.top_coordinates(curv.Lambda, k)
-        torch.testing.assert_close(indexing.low_rank_query_coordinates(U, sigma, V, Q_A, Q_S, flat),
-                                   indexing.query_coordinates(P, Q_A, Q_S, flat), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            indexing.low_rank_query_coordinates(U, sigma, V, Q_A, Q_S, flat),
+            indexing.query_coordinates(P, Q_A, Q_S, flat),
+            rtol=1e-5,
+            atol=1e-5,
+        )
     rows = torch.randn(4, 9, generator=g) * torch.tensor([1e-3, 1.0, 1e5, 0.0])[:, None]  # any size, and a zero row
     values, scale = indexing.encode(rows, torch.float16)
     assert values.dtype == torch.float16 and bool(torch.isfinite(values).all()) and scale[3] == 1
     c = torch.randn(2, 9, generator=g)
     error = (indexing.index_scores(c, values, scale) - c @ rows.T).abs()
-    assert bool((error <= 1e-3 * c.norm(dim=1)[:, None] * rows.norm(dim=1)[None, :]).all())  # relative to each row's size
+    assert bool(
+        (error <= 1e-3 * c.norm(dim=1)[:, None] * rows.norm(dim=1)[None, :]).all()
+    )  # relative to each row's size

@@ -22,9 +22,19 @@ ALLOWED = {
     "gradients": {"torch", "infl.capture", "infl.curvature"},
     **{f"artifacts/{p.stem}": ARTIFACTS for p in (PKG / "artifacts").glob("*.py")},
     "driver": {"torch", "infl.errors"},
-    "planning": {"torch", "transformers", "infl.gradients", "infl.curvature", "infl.scoring", "infl.errors"},  # shapes, no files
+    "planning": {
+        "torch",
+        "transformers",
+        "infl.gradients",
+        "infl.curvature",
+        "infl.scoring",
+        "infl.errors",
+    },  # shapes, no files
     "runtime": {"torch", "infl.modeling", "infl.capture"},
-    **{f"analysis/{p.stem}": {"numpy", "infl.artifacts", "infl.errors", "infl.analysis"} for p in (PKG / "analysis").glob("*.py")},
+    **{
+        f"analysis/{p.stem}": {"numpy", "infl.artifacts", "infl.errors", "infl.analysis"}
+        for p in (PKG / "analysis").glob("*.py")
+    },
     "analysis/sparsity": {"numpy", "powerlaw"},  # maximum-likelihood fits, no files
     "report/__init__": {"rich", "numpy", "infl.analysis"},
     "report/figures": {"numpy", "matplotlib", "infl.report"},
@@ -35,7 +45,20 @@ ALLOWED = {
     "noop": {"infl.hashing"},  # up to date before torch, zarr or transformers load
     "api": {"numpy", "infl.artifacts", "infl.errors", "infl.analysis", "infl.config", "infl.report", "infl.stages"},
     "config": {"infl.errors", "infl.curvature"},
-    "cli": {"typer", "yaml", "rich", "infl.__version__", "infl.noop", "infl.hashing", "infl.console", "infl.errors", "infl.config", "infl.report", "infl.stages", "infl.demo"},
+    "cli": {
+        "typer",
+        "yaml",
+        "rich",
+        "infl.__version__",
+        "infl.noop",
+        "infl.hashing",
+        "infl.console",
+        "infl.errors",
+        "infl.config",
+        "infl.report",
+        "infl.stages",
+        "infl.demo",
+    },
 }
 
 

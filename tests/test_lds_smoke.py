@@ -11,16 +11,39 @@ HARNESS = Path(__file__).resolve().parents[1] / "benchmarks" / "lds" / "lds.py"
 
 @pytest.mark.slow
 def test_lds_harness_runs_end_to_end(tmp_path):
-    common = ["--demo", str(tmp_path / "demo"), "--size", "test", "--out", str(tmp_path / "lds"), "--extra-queries", "4"]
-    truth = subprocess.run([sys.executable, str(HARNESS), "truth", *common, "--subsets", "4", "--epochs", "1"],
-                           capture_output=True, text=True, timeout=600)
+    common = [
+        "--demo",
+        str(tmp_path / "demo"),
+        "--size",
+        "test",
+        "--out",
+        str(tmp_path / "lds"),
+        "--extra-queries",
+        "4",
+    ]
+    truth = subprocess.run(
+        [sys.executable, str(HARNESS), "truth", *common, "--subsets", "4", "--epochs", "1"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert truth.returncode == 0, truth.stderr[-2000:]
     assert len(list((tmp_path / "lds" / "truth").glob("*.json"))) == 4
-    result = subprocess.run([sys.executable, str(HARNESS), "evaluate", *common], capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, str(HARNESS), "evaluate", *common], capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and "strategy" not in line]
-    assert [r.split("|")[1].strip() for r in rows] == ["identity", "diagonal", "kfac", "ekfac", "ekfac",
-                                                       "ekfac, index K = 4096", "ekfac, index K = 16384", "ekfac, index K = full"]
+    assert [r.split("|")[1].strip() for r in rows] == [
+        "identity",
+        "diagonal",
+        "kfac",
+        "ekfac",
+        "ekfac",
+        "ekfac, index K = 4096",
+        "ekfac, index K = 16384",
+        "ekfac, index K = full",
+    ]
     for row in rows:
         lds = float(row.split("|")[3])
         assert -1.0 <= lds <= 1.0

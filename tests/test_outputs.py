@@ -47,9 +47,17 @@ def test_topk_names_the_query_and_gives_each_hit_its_share(scored):
 def test_topk_csv_names_the_unit(scored):
     out = infl("topk", "--scores", scored / "s.zarr", "-k", "2", "--format", "csv", "--train-size", "12")
     rows = list(csv.reader(io.StringIO(out.stdout)))
-    assert rows[0][:5] == ["query_id", "rank", "train_id", "influence [nats per copy (N = 12)]", "share of same-sign total"]
+    assert rows[0][:5] == [
+        "query_id",
+        "rank",
+        "train_id",
+        "influence [nats per copy (N = 12)]",
+        "share of same-sign total",
+    ]
     assert len(rows) == 1 + 2 * len(QUERIES)
-    per_copy = json.loads(infl("topk", "--scores", scored / "s.zarr", "-k", "1", "--format", "json", "--train-size", "12").stdout)
+    per_copy = json.loads(
+        infl("topk", "--scores", scored / "s.zarr", "-k", "1", "--format", "json", "--train-size", "12").stdout
+    )
     assert float(rows[1][3]) == pytest.approx(per_copy[0]["score"], rel=1e-5)
 
 
@@ -103,7 +111,9 @@ def test_token_shading_in_24_bit_16_colours_and_plain_text(monkeypatch):
 
 
 def test_layerwise_markdown_and_html(scored):
-    markdown = infl("layerwise", "--scores", scored / "s.zarr", "-k", "2", "--format", "markdown", "--query", "q-cat").stdout
+    markdown = infl(
+        "layerwise", "--scores", scored / "s.zarr", "-k", "2", "--format", "markdown", "--query", "q-cat"
+    ).stdout
     assert markdown.startswith("### query q-cat") and "| **total** |" in markdown
     page = infl("layerwise", "--scores", scored / "s.zarr", "-k", "2", "--format", "html").stdout
     assert page.count("<table") == len(QUERIES)
@@ -127,7 +137,9 @@ def test_make_reruns_once_as_no_ops_then_does_nothing(workdir, tmp_path, request
     )
 
     def make(*args):
-        return subprocess.run(["make", "-s", *args, "s.zarr/COMPLETE.json"], cwd=tmp_path, capture_output=True, text=True)
+        return subprocess.run(
+            ["make", "-s", *args, "s.zarr/COMPLETE.json"], cwd=tmp_path, capture_output=True, text=True
+        )
 
     assert make().returncode == 0
     assert make("-q").returncode == 0
@@ -175,8 +187,11 @@ def test_verify_answers_on_stdout_or_quietly(scored):
 
 def test_a_reader_that_stops_early_is_not_an_error(scored):
     """`infl topk --format jsonl | head -1`: the pipe closes before infl writes."""
-    reader = subprocess.Popen([sys.executable, "-m", "infl", "topk", "--scores", str(scored / "s.zarr"), "--format", "jsonl"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    reader = subprocess.Popen(
+        [sys.executable, "-m", "infl", "topk", "--scores", str(scored / "s.zarr"), "--format", "jsonl"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     reader.stdout.close()
     stderr = reader.stderr.read().decode()
     assert reader.wait() == 0 and "Error" not in stderr and "Traceback" not in stderr, stderr
@@ -187,7 +202,9 @@ def test_an_up_to_date_stage_answers_before_torch_is_imported(workdir, tmp_path,
     score = ["score", "--queries", out / "q.zarr", "--corpus", workdir / "corpus.jsonl", "--out", out / "s.zarr"]
 
     def run(*args):
-        done = subprocess.run([sys.executable, "-X", "importtime", "-m", "infl", *map(str, args)], capture_output=True, text=True)
+        done = subprocess.run(
+            [sys.executable, "-X", "importtime", "-m", "infl", *map(str, args)], capture_output=True, text=True
+        )
         imported = {line.split("|")[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
         return done.returncode, done.stderr, bool(imported & {"torch", "transformers"})
 
@@ -197,8 +214,18 @@ def test_an_up_to_date_stage_answers_before_torch_is_imported(workdir, tmp_path,
     code, stderr, heavy = run(*score)
     assert code == 0 and "is up to date" in stderr and heavy
     assert run(*score)[2] is False
-    rebuilt = infl("build-query", "--factors", out / "f.zarr", "--queries", workdir / "queries.jsonl", "--out", out / "q.zarr",
-                   "--force", "--rank", "2")
+    rebuilt = infl(
+        "build-query",
+        "--factors",
+        out / "f.zarr",
+        "--queries",
+        workdir / "queries.jsonl",
+        "--out",
+        out / "q.zarr",
+        "--force",
+        "--rank",
+        "2",
+    )
     assert rebuilt.exit_code == 0, rebuilt.output
     code, stderr, heavy = run(*score)  # its parent changed: never answered from memory
     assert heavy and "is up to date" not in stderr
@@ -225,14 +252,18 @@ def test_a_grown_corpus_file_is_scored_only_for_its_new_lines(workdir, tmp_path)
     with grows.open("a") as f:
         f.write("".join(json.dumps(r) + "\n" for r in rows[7:]))
     grown = infl(*common, "--out", tmp_path / "grown.zarr")
-    assert grown.exit_code == 0 and "adding 5 sequences" in grown.output and "2 of 4 chunks done" in grown.output, grown.output
+    assert grown.exit_code == 0 and "adding 5 sequences" in grown.output and "2 of 4 chunks done" in grown.output, (
+        grown.output
+    )
     assert infl(*common, "--out", tmp_path / "scratch.zarr").exit_code == 0
     scratch, got = (artifacts.open_complete(tmp_path / name, "scores") for name in ("scratch.zarr", "grown.zarr"))
     for key in ("total", "per_module", "train_ids"):
         np.testing.assert_array_equal(np.asarray(got[key][...]), np.asarray(scratch[key][...]))
     np.testing.assert_array_equal(np.asarray(got["locators"][...])[:, 1:], np.asarray(scratch["locators"][...])[:, 1:])
-    assert [s.get("start", 0) for s in got.attrs["provenance"]["corpus"]] == [0, grows.stat().st_size - sum(
-        len(json.dumps(r)) + 1 for r in rows[7:])]  # the same bytes of the file, in two shards
+    assert [s.get("start", 0) for s in got.attrs["provenance"]["corpus"]] == [
+        0,
+        grows.stat().st_size - sum(len(json.dumps(r)) + 1 for r in rows[7:]),
+    ]  # the same bytes of the file, in two shards
     texts = json.loads(infl("topk", "--scores", tmp_path / "grown.zarr", "-k", "12", "--format", "json").stdout)
     assert {r["text"] for r in texts} == set(SENTENCES)  # read back from both shards of the file
     assert "up to date" in infl(*common, "--out", tmp_path / "grown.zarr").output
@@ -245,7 +276,10 @@ def test_a_grown_corpus_file_is_scored_only_for_its_new_lines(workdir, tmp_path)
         f.write(b"\r\nin the park\r\n")
     assert "adding 1 sequences" in infl(*lone, tmp_path / "odd.zarr").output
     assert infl(*lone, tmp_path / "odd-scratch.zarr").exit_code == 0
-    ids = [list(artifacts.open_complete(tmp_path / n, "scores")["train_ids"][...]) for n in ("odd.zarr", "odd-scratch.zarr")]
+    ids = [
+        list(artifacts.open_complete(tmp_path / n, "scores")["train_ids"][...])
+        for n in ("odd.zarr", "odd-scratch.zarr")
+    ]
     assert ids[0] == ids[1] == ["odd.txt:1", "odd.txt:2", "odd.txt:3", "odd.txt:4"]
 
     plain = tmp_path / "plain.txt"
@@ -264,7 +298,15 @@ def test_a_grown_queries_file_appends_only_its_new_queries(workdir, tmp_path):
     grows = tmp_path / "grows.jsonl"
     grows.write_text("".join(json.dumps(q) + "\n" for q in QUERIES[:2]).rstrip("\n"))  # no final newline
     build = ["build-query", "--factors", out / "f.zarr", "--queries", grows, "--out", tmp_path / "qa.zarr"]
-    score = ["score", "--queries", tmp_path / "qa.zarr", "--corpus", workdir / "corpus.jsonl", "--out", tmp_path / "sa.zarr"]
+    score = [
+        "score",
+        "--queries",
+        tmp_path / "qa.zarr",
+        "--corpus",
+        workdir / "corpus.jsonl",
+        "--out",
+        tmp_path / "sa.zarr",
+    ]
     assert infl(*build).exit_code == 0 and infl(*score).exit_code == 0
     with grows.open("a") as f:
         f.write("\n\n")
@@ -284,7 +326,9 @@ def test_a_grown_queries_file_appends_only_its_new_queries(workdir, tmp_path):
     total = np.asarray(got["total"][...])
     np.testing.assert_allclose(total, np.asarray(ref["total"][...]), rtol=1e-5, atol=1e-4 * np.abs(total).max())
 
-    grows.write_text(grows.read_text().replace("the cat sat", "the dog sat") + json.dumps({**QUERIES[0], "id": "new"}) + "\n")
+    grows.write_text(
+        grows.read_text().replace("the cat sat", "the dog sat") + json.dumps({**QUERIES[0], "id": "new"}) + "\n"
+    )
     assert "other inputs" in one_line_error(infl(*build))  # an edited old line: refused, nothing lost
     assert (tmp_path / "qa.zarr" / "COMPLETE.json").is_file()
 
@@ -309,10 +353,30 @@ def test_memory_is_not_fooled_by_lookalike_files(workdir, tmp_path, monkeypatch,
     (tmp_path / "current").symlink_to(tmp_path / "v1")
     corpus = shutil.copy2(workdir / "corpus.jsonl", tmp_path / "corpus.jsonl")
     fit = ["fit-factors", "--model", tmp_path / "current", "--corpus", corpus, "--out", tmp_path / "f.zarr"]
-    score = ["score", "--queries", tmp_path / "q.zarr", "--corpus", corpus, "--out", tmp_path / "s.zarr", "--chunk-size", "4"]
+    score = [
+        "score",
+        "--queries",
+        tmp_path / "q.zarr",
+        "--corpus",
+        corpus,
+        "--out",
+        tmp_path / "s.zarr",
+        "--chunk-size",
+        "4",
+    ]
     assert infl(*fit).exit_code == 0
-    assert infl("build-query", "--factors", tmp_path / "f.zarr", "--queries", workdir / "queries.jsonl",
-                "--out", tmp_path / "q.zarr").exit_code == 0
+    assert (
+        infl(
+            "build-query",
+            "--factors",
+            tmp_path / "f.zarr",
+            "--queries",
+            workdir / "queries.jsonl",
+            "--out",
+            tmp_path / "q.zarr",
+        ).exit_code
+        == 0
+    )
     assert infl(*score).exit_code == 0
     assert from_memory(*fit) and from_memory(*score)
 
@@ -352,21 +416,39 @@ def test_the_memory_notes_every_input_the_full_check_reads(workdir, tmp_path, me
     from infl import noop
 
     out = pipeline(workdir, tmp_path)
-    args = {"fit-factors": ["--model", workdir / "gpt2", "--corpus", workdir / "corpus.jsonl", "--out", out / "f.zarr"],
-            "build-query": ["--factors", out / "f.zarr", "--queries", workdir / "queries.jsonl", "--out", out / "q.zarr"],
-            "score": ["--queries", out / "q.zarr", "--corpus", workdir / "corpus.jsonl", "--out", out / "s.zarr"]}[stage]
+    args = {
+        "fit-factors": ["--model", workdir / "gpt2", "--corpus", workdir / "corpus.jsonl", "--out", out / "f.zarr"],
+        "build-query": ["--factors", out / "f.zarr", "--queries", workdir / "queries.jsonl", "--out", out / "q.zarr"],
+        "score": ["--queries", out / "q.zarr", "--corpus", workdir / "corpus.jsonl", "--out", out / "s.zarr"],
+    }[stage]
     (out / "f.zarr" / "COMPLETE.json").touch()  # nothing in memory matches now: the full check
     log = tmp_path / "opened.json"
     record = noop._record_path(Path(args[-1]))
     record.unlink(missing_ok=True)
-    done = subprocess.run([sys.executable, "-c", AUDITED_RUN, log, stage, *map(str, args)], capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-c", AUDITED_RUN, log, stage, *map(str, args)], capture_output=True, text=True
+    )
     assert done.returncode == 0 and "up to date" in done.stderr, done.stderr
     noted = json.loads(record.read_text())
     output = str(Path(args[-1]).absolute())
     covered = [*noted["files"], *noted["artifacts"], output, output + ".lock"]
-    ignored = [sys.prefix, sys.base_prefix, str(Path(noop.__file__).parent), os.environ["INFL_CACHE_DIR"], "/proc", "/sys",
-               "/dev", "/etc", "/usr", tempfile.gettempdir() + "/torchinductor"]
-    unnoted = [p for p in json.loads(log.read_text()) if os.sep in p  # bare names: the import system's
-               if not any(os.path.abspath(p) == c or os.path.abspath(p).startswith(c + os.sep) for c in covered)
-               and not any(os.path.realpath(p).startswith(i) or os.path.abspath(p).startswith(i) for i in ignored)]
+    ignored = [
+        sys.prefix,
+        sys.base_prefix,
+        str(Path(noop.__file__).parent),
+        os.environ["INFL_CACHE_DIR"],
+        "/proc",
+        "/sys",
+        "/dev",
+        "/etc",
+        "/usr",
+        tempfile.gettempdir() + "/torchinductor",
+    ]
+    unnoted = [
+        p
+        for p in json.loads(log.read_text())
+        if os.sep in p  # bare names: the import system's
+        if not any(os.path.abspath(p) == c or os.path.abspath(p).startswith(c + os.sep) for c in covered)
+        and not any(os.path.realpath(p).startswith(i) or os.path.abspath(p).startswith(i) for i in ignored)
+    ]
     assert unnoted == [], unnoted

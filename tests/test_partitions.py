@@ -24,16 +24,32 @@ def test_partitioned_fit_writes_the_dense_fits_factors_bit_for_bit(workdir, tmp_
         assert result.exit_code == 0, result.output
         assert_same_factors(tmp_path / f"p{parts}.zarr", tmp_path / "one.zarr")
     n_modules = len(artifacts.open_complete(tmp_path / "one.zarr", "factors").attrs["modules"])
-    assert f"in {min(5, n_modules)} partitions" in infl(*args, "--out", tmp_path / "again.zarr", "--partitions", "5").output
+    assert (
+        f"in {min(5, n_modules)} partitions"
+        in infl(*args, "--out", tmp_path / "again.zarr", "--partitions", "5").output
+    )
 
 
 def test_a_fit_killed_in_a_later_partition_resumes_to_identical_factors(workdir, tmp_path):
-    corpus = write_jsonl(tmp_path / "big.jsonl", [{"id": f"s{i}", "text": SENTENCES[i % 12] + f" {i % 7}"} for i in range(240)])
-    args = ["fit-factors", "--model", workdir / "gpt2", "--corpus", corpus, "--chunk-size", "8", "--batch-size", "4",
-            "--partitions", "2"]
+    corpus = write_jsonl(
+        tmp_path / "big.jsonl", [{"id": f"s{i}", "text": SENTENCES[i % 12] + f" {i % 7}"} for i in range(240)]
+    )
+    args = [
+        "fit-factors",
+        "--model",
+        workdir / "gpt2",
+        "--corpus",
+        corpus,
+        "--chunk-size",
+        "8",
+        "--batch-size",
+        "4",
+        "--partitions",
+        "2",
+    ]
     assert infl(*args, "--out", tmp_path / "ref.zarr").exit_code == 0
     modules = artifacts.open_complete(tmp_path / "ref.zarr", "factors").attrs["modules"]
-    second = modules[len(modules) // 2:]
+    second = modules[len(modules) // 2 :]
 
     def sweep(out):
         try:
@@ -42,8 +58,14 @@ def test_a_fit_killed_in_a_later_partition_resumes_to_identical_factors(workdir,
             return None
 
     out = tmp_path / "killed.zarr"
-    kill_when([*args, "--out", out], lambda: sweep(out) == second and fit_progress(out).get("pass") == "eigenvalues"
-              and fit_progress(out).get("sequences", 0) >= 3 * 8)
+    kill_when(
+        [*args, "--out", out],
+        lambda: (
+            sweep(out) == second
+            and fit_progress(out).get("pass") == "eigenvalues"
+            and fit_progress(out).get("sequences", 0) >= 3 * 8
+        ),
+    )
     assert sweep(out) == second and fit_progress(out)["sequences"] < 240 and not (out / "COMPLETE.json").exists()
     first = artifacts.open_group(out)[f"modules/{modules[0]}"].attrs["fitted"]
     assert first == ["covariances", "eigenvalues"]  # the first group is written and is not fitted again
@@ -70,7 +92,9 @@ def test_the_fewest_partitions_that_fit_a_budget():
         planning.fit_partitions(*fixed.values(), strategy, shapes, sum(fixed.values()))
 
 
-@pytest.mark.parametrize("sizes,count", [([5] * 10, 3), ([1, 9, 1, 9, 1, 9], 2), ([3, 1, 4, 1, 5, 9, 2, 6], 4), ([7], 3)])
+@pytest.mark.parametrize(
+    "sizes,count", [([5] * 10, 3), ([1, 9, 1, 9, 1, 9], 2), ([3, 1, 4, 1, 5, 9, 2, 6], 4), ([7], 3)]
+)
 def test_partitions_are_contiguous_and_cover_every_module_once(sizes, count):
     groups = planning.partition(sizes, count)
     assert [i for g in groups for i in g] == list(range(len(sizes)))
@@ -79,7 +103,15 @@ def test_partitions_are_contiguous_and_cover_every_module_once(sizes, count):
 
 
 def test_a_budget_too_small_for_one_module_is_one_line(workdir, tmp_path):
-    args = ["fit-factors", "--model", workdir / "gpt2", "--corpus", workdir / "corpus.jsonl", "--out", tmp_path / "f.zarr"]
+    args = [
+        "fit-factors",
+        "--model",
+        workdir / "gpt2",
+        "--corpus",
+        workdir / "corpus.jsonl",
+        "--out",
+        tmp_path / "f.zarr",
+    ]
     assert "below what fitting one module at a time needs" in one_line_error(infl(*args, "--memory-budget", "1MB"))
     usage = infl(*args, "--memory-budget", "lots")
     assert usage.exit_code == 2 and "must be a size such as 16GiB" in usage.output
@@ -114,28 +146,57 @@ def test_curvatures_are_read_module_by_module_and_kept_within_a_budget(workdir, 
 
 def test_build_query_within_a_budget_streams_curvatures_to_the_same_queries(workdir, tmp_path, monkeypatch):
     pipeline(workdir, tmp_path)
-    args = ["build-query", "--factors", tmp_path / "f.zarr", "--queries", workdir / "queries.jsonl", "--batch-size", "1"]
-    assert "below what build-query needs" in one_line_error(infl(*args, "--out", tmp_path / "small.zarr", "--memory-budget", "1MB"))
+    args = [
+        "build-query",
+        "--factors",
+        tmp_path / "f.zarr",
+        "--queries",
+        workdir / "queries.jsonl",
+        "--batch-size",
+        "1",
+    ]
+    assert "below what build-query needs" in one_line_error(
+        infl(*args, "--out", tmp_path / "small.zarr", "--memory-budget", "1MB")
+    )
     assert infl(*args, "--out", tmp_path / "ref.zarr").exit_code == 0
     monkeypatch.setattr(planning, "curvature_room", lambda *a: 0)  # nothing kept: every module read for every query
     result = infl(*args, "--out", tmp_path / "streamed.zarr", "--memory-budget", "64GiB")
     assert result.exit_code == 0, result.output
-    ref, got = artifacts.open_complete(tmp_path / "ref.zarr", "queries"), artifacts.open_complete(tmp_path / "streamed.zarr", "queries")
+    ref, got = (
+        artifacts.open_complete(tmp_path / "ref.zarr", "queries"),
+        artifacts.open_complete(tmp_path / "streamed.zarr", "queries"),
+    )
     for name in ref.attrs["modules"]:
         keys = [k for k in ref[f"modules/{name}"].array_keys() if not k.endswith(".sha256")]
         assert keys
         for key in keys:
-            np.testing.assert_array_equal(np.asarray(got[f"modules/{name}/{key}"][...]), np.asarray(ref[f"modules/{name}/{key}"][...]))
+            np.testing.assert_array_equal(
+                np.asarray(got[f"modules/{name}/{key}"][...]), np.asarray(ref[f"modules/{name}/{key}"][...])
+            )
 
 
 def test_score_within_a_budget_keeps_queries_low_rank_to_the_same_scores(workdir, tmp_path, monkeypatch):
     from infl.scoring import QueryBank
 
     pipeline(workdir, tmp_path)
-    assert infl("build-query", "--factors", tmp_path / "f.zarr", "--queries", workdir / "queries.jsonl", "--rank", "8",
-                "--out", tmp_path / "q8.zarr").exit_code == 0
+    assert (
+        infl(
+            "build-query",
+            "--factors",
+            tmp_path / "f.zarr",
+            "--queries",
+            workdir / "queries.jsonl",
+            "--rank",
+            "8",
+            "--out",
+            tmp_path / "q8.zarr",
+        ).exit_code
+        == 0
+    )
     args = ["score", "--queries", tmp_path / "q8.zarr", "--corpus", workdir / "corpus.jsonl"]
-    assert "below what score needs" in one_line_error(infl(*args, "--out", tmp_path / "small.zarr", "--memory-budget", "1MB"))
+    assert "below what score needs" in one_line_error(
+        infl(*args, "--out", tmp_path / "small.zarr", "--memory-budget", "1MB")
+    )
     expanded = []
     expand = QueryBank.expand
     monkeypatch.setattr(QueryBank, "expand", lambda self, room: (expand(self, room), expanded.append(len(self.full))))
@@ -145,5 +206,7 @@ def test_score_within_a_budget_keeps_queries_low_rank_to_the_same_scores(workdir
     result = infl(*args, "--out", tmp_path / "low.zarr", "--memory-budget", "64GiB")
     assert result.exit_code == 0, result.output
     assert expanded[-1] == 0
-    ref, low = (np.asarray(artifacts.open_complete(tmp_path / f"{n}.zarr", "scores")["total"][...]) for n in ("ref", "low"))
+    ref, low = (
+        np.asarray(artifacts.open_complete(tmp_path / f"{n}.zarr", "scores")["total"][...]) for n in ("ref", "low")
+    )
     np.testing.assert_allclose(low, ref, rtol=1e-4, atol=1e-6 * np.abs(ref).max())

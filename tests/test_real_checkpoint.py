@@ -52,14 +52,32 @@ def run(gguf, tmp_path_factory):
     queries = []
     for k, (source, text) in enumerate(planted):
         words = text.split(" ")
-        queries.append({"id": f"q{k}", "prompt": " ".join(words[: len(words) // 2]),
-                        "completion": " " + " ".join(words[len(words) // 2 :]), "source": source})
+        queries.append(
+            {
+                "id": f"q{k}",
+                "prompt": " ".join(words[: len(words) // 2]),
+                "completion": " " + " ".join(words[len(words) // 2 :]),
+                "source": source,
+            }
+        )
     write_jsonl(out / "queries.jsonl", queries)
     for args in (
         # batches of one: a label drawn from the model's 49k-token tail can change with the rounding
         # that padding brings (measured: 1 sequence of 40 at batch 8), and S is compared below with
         # sums over unpadded sequences
-        ["fit-factors", "--model", gguf, "--corpus", corpus, "--out", out / "f.zarr", "--max-length", MAX_LENGTH, "--batch-size", "1"],
+        [
+            "fit-factors",
+            "--model",
+            gguf,
+            "--corpus",
+            corpus,
+            "--out",
+            out / "f.zarr",
+            "--max-length",
+            MAX_LENGTH,
+            "--batch-size",
+            "1",
+        ],
         ["build-query", "--factors", out / "f.zarr", "--queries", out / "queries.jsonl", "--out", out / "q.zarr"],
         ["score", "--queries", out / "q.zarr", "--corpus", corpus, "--out", out / "s.zarr"],
     ):
@@ -97,5 +115,10 @@ def test_kfac_sums_of_a_module_equal_explicit_per_sequence_sums(gguf, run):
     finally:
         handle.remove()
     for key, explicit in (("A_sum", A), ("S_sum", S)):
-        np.testing.assert_allclose(np.asarray(stored[key][...]), explicit.numpy(), rtol=1e-3,
-                                   atol=1e-4 * float(explicit.abs().max()), err_msg=key)
+        np.testing.assert_allclose(
+            np.asarray(stored[key][...]),
+            explicit.numpy(),
+            rtol=1e-3,
+            atol=1e-4 * float(explicit.abs().max()),
+            err_msg=key,
+        )

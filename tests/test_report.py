@@ -42,18 +42,30 @@ def test_the_report_is_one_self_contained_page_with_every_section(report, workdi
 
 def test_the_report_refuses_what_it_cannot_show(report, workdir, tmp_path):
     assert "must name an .html file" in one_line_error(
-        infl("report", "--scores", report / "s.zarr", "--out", tmp_path / "r.txt"), code=2)
+        infl("report", "--scores", report / "s.zarr", "--out", tmp_path / "r.txt"), code=2
+    )
     assert one_line_error(infl("report", "--scores", tmp_path / "missing.zarr", "--out", tmp_path / "r.html"))
     assert not (tmp_path / "r.html").exists()
 
 
 def _chromium() -> str | None:
-    return next((shutil.which(name) for name in ("chromium", "chromium-browser", "google-chrome") if shutil.which(name)), None)
+    return next(
+        (shutil.which(name) for name in ("chromium", "chromium-browser", "google-chrome") if shutil.which(name)), None
+    )
 
 
 def _dom_and_log(browser: str, url: str, profile) -> tuple[str, str]:
-    flags = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-extensions",
-             f"--user-data-dir={profile}", "--enable-logging=stderr", "--v=0"]
+    flags = [
+        browser,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+        "--disable-extensions",
+        f"--user-data-dir={profile}",
+        "--enable-logging=stderr",
+        "--v=0",
+    ]
     dom = subprocess.run([*flags, "--dump-dom", url], capture_output=True, text=True, timeout=120)
     assert dom.returncode == 0, dom.stderr[-2000:]
     return dom.stdout, dom.stderr
@@ -81,9 +93,23 @@ def test_the_report_renders_in_a_real_browser(report, tmp_path):
     assert _script_errors(*_dom_and_log(browser, broken.as_uri(), tmp_path / "profile"))
 
     shot = tmp_path / "report.png"
-    done = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                           f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1200,2400",
-                           "--hide-scrollbars", page.as_uri()], capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [
+            browser,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            f"--screenshot={shot}",
+            "--window-size=1200,2400",
+            "--hide-scrollbars",
+            page.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0 and shot.is_file(), done.stderr[-2000:]
     import matplotlib.image
 

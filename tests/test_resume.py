@@ -27,7 +27,9 @@ def kill_when(args, until, timeout: float = 120.0) -> None:
 
 def test_score_killed_midway_resumes_to_identical_scores(workdir, tmp_path):
     pipeline(workdir, tmp_path)
-    corpus = write_jsonl(tmp_path / "big.jsonl", [{"id": f"s{i}", "text": SENTENCES[i % 12] + f" {i % 7}"} for i in range(240)])
+    corpus = write_jsonl(
+        tmp_path / "big.jsonl", [{"id": f"s{i}", "text": SENTENCES[i % 12] + f" {i % 7}"} for i in range(240)]
+    )
     args = ["score", "--queries", tmp_path / "q.zarr", "--corpus", corpus, "--chunk-size", "4", "--batch-size", "2"]
     assert infl(*args, "--out", tmp_path / "ref.zarr").exit_code == 0
 
@@ -47,10 +49,20 @@ def test_score_killed_midway_resumes_to_identical_scores(workdir, tmp_path):
 def test_a_second_writer_is_refused_with_exit_75(workdir, tmp_path):
     pipeline(workdir, tmp_path)
     with artifacts.lock(tmp_path / "s2.zarr"):
-        result = infl("score", "--queries", tmp_path / "q.zarr", "--corpus", workdir / "corpus.jsonl", "--out", tmp_path / "s2.zarr")
+        result = infl(
+            "score",
+            "--queries",
+            tmp_path / "q.zarr",
+            "--corpus",
+            workdir / "corpus.jsonl",
+            "--out",
+            tmp_path / "s2.zarr",
+        )
         line = one_line_error(result, code=75)
         assert f"pid {os.getpid()}" in line
-    result = infl("score", "--queries", tmp_path / "q.zarr", "--corpus", workdir / "corpus.jsonl", "--out", tmp_path / "s2.zarr")
+    result = infl(
+        "score", "--queries", tmp_path / "q.zarr", "--corpus", workdir / "corpus.jsonl", "--out", tmp_path / "s2.zarr"
+    )
     assert result.exit_code == 0, result.output  # released when the holder is done
 
 
@@ -58,8 +70,10 @@ def test_a_run_waits_for_writers_of_an_earlier_run(workdir, tmp_path):
     """Ranks of a group whose main rank died may still write for a moment: a new run refuses."""
     pipeline(workdir, tmp_path)
     out = tmp_path / "s2.zarr"
-    code = f"import sys, time; from infl import artifacts\nwith artifacts.writing(__import__('pathlib').Path({str(out)!r})):\n" \
-           "    print('held', flush=True); time.sleep(60)"
+    code = (
+        f"import sys, time; from infl import artifacts\nwith artifacts.writing(__import__('pathlib').Path({str(out)!r})):\n"
+        "    print('held', flush=True); time.sleep(60)"
+    )
     holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
@@ -81,7 +95,7 @@ def fit_progress(out) -> dict:
         group = artifacts.open_group(out)
         where = f"checkpoint/g{fit.get('generation', 0)}"
         added = 0
-        for _, rank in (group[where].groups() if where in group else []):
+        for _, rank in group[where].groups() if where in group else []:
             slots = [np.asarray(rank[s]["done"][...]) for s in ("s0", "s1") if s in rank and "done" in rank[s]]
             added += max((int((d[:, 1] - d[:, 0]).sum()) for d in slots), default=0)
     except Exception:  # noqa: BLE001 - a checkpoint being written: try again
@@ -90,14 +104,18 @@ def fit_progress(out) -> dict:
 
 
 def test_fit_killed_in_either_pass_resumes_to_identical_factors(workdir, tmp_path):
-    corpus = write_jsonl(tmp_path / "big.jsonl", [{"id": f"s{i}", "text": SENTENCES[i % 12] + f" {i % 7}"} for i in range(240)])
+    corpus = write_jsonl(
+        tmp_path / "big.jsonl", [{"id": f"s{i}", "text": SENTENCES[i % 12] + f" {i % 7}"} for i in range(240)]
+    )
     args = ["fit-factors", "--model", workdir / "gpt2", "--corpus", corpus, "--chunk-size", "8", "--batch-size", "4"]
     assert infl(*args, "--out", tmp_path / "ref.zarr").exit_code == 0
 
     for kill_in in ("covariances", "eigenvalues"):
         out = tmp_path / f"killed-{kill_in}.zarr"
-        kill_when([*args, "--out", out],
-                  lambda: fit_progress(out).get("pass") == kill_in and fit_progress(out).get("sequences", 0) >= 3 * 8)  # noqa: B023
+        kill_when(
+            [*args, "--out", out],
+            lambda: fit_progress(out).get("pass") == kill_in and fit_progress(out).get("sequences", 0) >= 3 * 8,
+        )  # noqa: B023
         assert fit_progress(out)["pass"] == kill_in and fit_progress(out)["sequences"] < 240  # killed midway
         assert not (out / "COMPLETE.json").exists()
         resumed = infl(*args, "--out", out)
@@ -113,7 +131,9 @@ def assert_same_factors(got_path, ref_path) -> None:
         sub_ref, sub_got = ref[f"modules/{name}"], got[f"modules/{name}"]
         assert sorted(sub_got.array_keys()) == sorted(sub_ref.array_keys())
         for key in (k for k in sub_ref.array_keys() if not k.endswith(".sha256")):  # digests differ by uid
-            np.testing.assert_array_equal(np.asarray(sub_got[key][...]), np.asarray(sub_ref[key][...]), err_msg=f"{name}/{key}")
+            np.testing.assert_array_equal(
+                np.asarray(sub_got[key][...]), np.asarray(sub_ref[key][...]), err_msg=f"{name}/{key}"
+            )
         assert dict(sub_got.attrs) == dict(sub_ref.attrs)
     assert "checkpoint" not in got  # the running sums are gone once the fit is complete
 
@@ -128,7 +148,10 @@ def test_a_new_corpus_shard_is_appended_and_equals_a_run_from_scratch(workdir, t
     grown = infl(*common, "--corpus", second, "--out", tmp_path / "grown.zarr")
     assert grown.exit_code == 0, grown.output
     assert "adding 5 sequences" in grown.output and "2 of 4 chunks done" in grown.output  # chunk 2 was partial
-    scratch, got = artifacts.open_complete(tmp_path / "scratch.zarr", "scores"), artifacts.open_complete(tmp_path / "grown.zarr", "scores")
+    scratch, got = (
+        artifacts.open_complete(tmp_path / "scratch.zarr", "scores"),
+        artifacts.open_complete(tmp_path / "grown.zarr", "scores"),
+    )
     for key in ("total", "per_module", "train_ids", "locators"):
         np.testing.assert_array_equal(np.asarray(got[key][...]), np.asarray(scratch[key][...]))
     again = infl(*common, "--corpus", second, "--out", tmp_path / "grown.zarr")
@@ -143,8 +166,17 @@ def test_a_new_corpus_shard_is_appended_and_equals_a_run_from_scratch(workdir, t
 
 def test_verify_finds_a_corrupted_chunk_and_score_recomputes_it(workdir, tmp_path):
     pipeline(workdir, tmp_path)
-    args = ["score", "--queries", tmp_path / "q.zarr", "--corpus", workdir / "corpus.jsonl", "--chunk-size", "4",
-            "--out", tmp_path / "v.zarr"]
+    args = [
+        "score",
+        "--queries",
+        tmp_path / "q.zarr",
+        "--corpus",
+        workdir / "corpus.jsonl",
+        "--chunk-size",
+        "4",
+        "--out",
+        tmp_path / "v.zarr",
+    ]
     assert infl(*args).exit_code == 0
     before = np.asarray(artifacts.open_complete(tmp_path / "v.zarr", "scores")["total"][...])
     assert infl("verify", tmp_path / "v.zarr").exit_code == 0
@@ -168,7 +200,9 @@ def test_verify_finds_a_corrupted_chunk_and_score_recomputes_it(workdir, tmp_pat
     assert not (tmp_path / "v.zarr" / "COMPLETE.json").exists()
     again = infl(*args)
     assert again.exit_code == 0 and "2 of 3 chunks done" in again.output
-    np.testing.assert_array_equal(np.asarray(artifacts.open_complete(tmp_path / "v.zarr", "scores")["total"][...]), before)
+    np.testing.assert_array_equal(
+        np.asarray(artifacts.open_complete(tmp_path / "v.zarr", "scores")["total"][...]), before
+    )
     assert infl("verify", tmp_path / "v.zarr").exit_code == 0
 
 
@@ -180,8 +214,17 @@ def test_appended_queries_are_scored_alone_and_match_a_run_from_scratch(workdir,
     second = write_jsonl(tmp_path / "q2.jsonl", QUERIES[2:])
     build = ["build-query", "--factors", tmp_path / "f.zarr", "--out", tmp_path / "qa.zarr", "--queries"]
     assert infl(*build, first).exit_code == 0
-    score = ["score", "--queries", tmp_path / "qa.zarr", "--corpus", workdir / "corpus.jsonl", "--chunk-size", "5",
-             "--out", tmp_path / "sa.zarr"]
+    score = [
+        "score",
+        "--queries",
+        tmp_path / "qa.zarr",
+        "--corpus",
+        workdir / "corpus.jsonl",
+        "--chunk-size",
+        "5",
+        "--out",
+        tmp_path / "sa.zarr",
+    ]
     assert infl(*score).exit_code == 0
     assert "other inputs" in one_line_error(infl(*build, second))  # without --append: refused, nothing lost
     appended = infl(*build, second, "--append")
@@ -224,13 +267,18 @@ def test_a_growth_killed_midway_is_finished_or_undone_by_the_next_run(workdir, t
     np.testing.assert_array_equal(np.asarray(got["total"][...]), alone)
     half_grown()
     assert infl(*common, "--corpus", second, "--out", tmp_path / "g.zarr").exit_code == 0  # the growth, again
-    got, ref = artifacts.open_complete(tmp_path / "g.zarr", "scores"), artifacts.open_complete(tmp_path / "scratch.zarr", "scores")
+    got, ref = (
+        artifacts.open_complete(tmp_path / "g.zarr", "scores"),
+        artifacts.open_complete(tmp_path / "scratch.zarr", "scores"),
+    )
     for key in ("total", "per_module", "train_ids", "locators"):
         np.testing.assert_array_equal(np.asarray(got[key][...]), np.asarray(ref[key][...]))
 
 
 def test_fit_resumed_with_another_chunk_size_counts_every_sequence_once(workdir, tmp_path):
-    corpus = write_jsonl(tmp_path / "big.jsonl", [{"id": f"s{i}", "text": SENTENCES[i % 12] + f" {i % 7}"} for i in range(240)])
+    corpus = write_jsonl(
+        tmp_path / "big.jsonl", [{"id": f"s{i}", "text": SENTENCES[i % 12] + f" {i % 7}"} for i in range(240)]
+    )
     args = ["fit-factors", "--model", workdir / "gpt2", "--corpus", corpus, "--batch-size", "4"]
     assert infl(*args, "--out", tmp_path / "ref.zarr", "--chunk-size", "8").exit_code == 0
     out = tmp_path / "k.zarr"
@@ -255,14 +303,33 @@ def test_an_append_that_stops_early_leaves_the_queries_as_they_were(workdir, tmp
     from infl.stages.build_query import BuildQuery
 
     pipeline(workdir, tmp_path)
-    extra = write_jsonl(tmp_path / "more.jsonl", [{"id": "q-sun", "prompt": "the sun rose", "completion": " over the quiet hill"}])
+    extra = write_jsonl(
+        tmp_path / "more.jsonl", [{"id": "q-sun", "prompt": "the sun rose", "completion": " over the quiet hill"}]
+    )
     stage = BuildQuery(QueryConfig(factors=tmp_path / "f.zarr", queries=extra, out=tmp_path / "q.zarr", append=True))
     with stage.lock():
         stage.plan()  # rows reserved; killed before any was computed
     assert QueriesArtifact.open(tmp_path / "q.zarr").ids() == [q["id"] for q in QUERIES]
-    score = ["score", "--queries", tmp_path / "q.zarr", "--corpus", workdir / "corpus.jsonl", "--out", tmp_path / "s.zarr"]
+    score = [
+        "score",
+        "--queries",
+        tmp_path / "q.zarr",
+        "--corpus",
+        workdir / "corpus.jsonl",
+        "--out",
+        tmp_path / "s.zarr",
+    ]
     assert "up to date" in infl(*score).output
-    build = ["build-query", "--factors", tmp_path / "f.zarr", "--queries", extra, "--out", tmp_path / "q.zarr", "--append"]
+    build = [
+        "build-query",
+        "--factors",
+        tmp_path / "f.zarr",
+        "--queries",
+        extra,
+        "--out",
+        tmp_path / "q.zarr",
+        "--append",
+    ]
     assert infl(*build).exit_code == 0
     grown = infl(*score)
     assert grown.exit_code == 0 and "adding 1 queries" in grown.output

@@ -17,10 +17,25 @@ from infl.stages import build_query, curvatures, fit_factors, module_specs, scor
 
 def run_pipeline(workdir, tmp_path, arch="gpt2", strategy="ekfac", rank=None, chunk_size=5):
     model_dir = workdir / arch
-    fit_factors.run(FitConfig(model=model_dir, corpus=(workdir / "corpus.jsonl",), out=tmp_path / "f.zarr", strategy=strategy))
-    build_query.run(QueryConfig(factors=tmp_path / "f.zarr", queries=workdir / "queries.jsonl", out=tmp_path / "q.zarr", rank=rank))
-    score.run(ScoreConfig(queries=tmp_path / "q.zarr", corpus=(workdir / "corpus.jsonl",), out=tmp_path / "s.zarr", chunk_size=chunk_size, batch_size=4))
-    return [artifacts.open_complete(tmp_path / n, kind) for n, kind in (("f.zarr", "factors"), ("q.zarr", "queries"), ("s.zarr", "scores"))]
+    fit_factors.run(
+        FitConfig(model=model_dir, corpus=(workdir / "corpus.jsonl",), out=tmp_path / "f.zarr", strategy=strategy)
+    )
+    build_query.run(
+        QueryConfig(factors=tmp_path / "f.zarr", queries=workdir / "queries.jsonl", out=tmp_path / "q.zarr", rank=rank)
+    )
+    score.run(
+        ScoreConfig(
+            queries=tmp_path / "q.zarr",
+            corpus=(workdir / "corpus.jsonl",),
+            out=tmp_path / "s.zarr",
+            chunk_size=chunk_size,
+            batch_size=4,
+        )
+    )
+    return [
+        artifacts.open_complete(tmp_path / n, kind)
+        for n, kind in (("f.zarr", "factors"), ("q.zarr", "queries"), ("s.zarr", "scores"))
+    ]
 
 
 def _factors(group):
@@ -52,7 +67,9 @@ def brute_force_scores(model_dir, factors_group):
     return out
 
 
-@pytest.mark.parametrize("arch,strategy", [("gpt2", "ekfac"), ("neox", "kfac"), ("llama", "diagonal"), ("gpt2", "identity")])
+@pytest.mark.parametrize(
+    "arch,strategy", [("gpt2", "ekfac"), ("neox", "kfac"), ("llama", "diagonal"), ("gpt2", "identity")]
+)
 def test_scores_equal_explicit_computation(workdir, tmp_path, arch, strategy):
     factors, queries, scores = run_pipeline(workdir, tmp_path, arch, strategy)
     expected = brute_force_scores(workdir / arch, factors)  # [M, Q, N]
@@ -124,8 +141,15 @@ def test_positive_influence_means_a_step_on_the_sequence_raises_the_measurement(
 
 def test_self_influence_equals_explicit_computation(workdir, tmp_path):
     factors, _, _ = run_pipeline(workdir, tmp_path)
-    score.run(ScoreConfig(self_influence=True, factors=tmp_path / "f.zarr", corpus=(workdir / "corpus.jsonl",),
-                          out=tmp_path / "self.zarr", batch_size=5))
+    score.run(
+        ScoreConfig(
+            self_influence=True,
+            factors=tmp_path / "f.zarr",
+            corpus=(workdir / "corpus.jsonl",),
+            out=tmp_path / "self.zarr",
+            batch_size=5,
+        )
+    )
     scores = artifacts.open_complete(tmp_path / "self.zarr", "scores")
     tokenizer = make_tokenizer()
     model = modeling.load_model(workdir / "gpt2").double()
@@ -146,8 +170,16 @@ def test_self_influence_equals_explicit_computation(workdir, tmp_path):
 @pytest.mark.parametrize("rank", [None, 2])
 def test_per_token_terms_sum_to_the_scores(workdir, tmp_path, rank):
     run_pipeline(workdir, tmp_path, rank=rank)
-    score.run(ScoreConfig(queries=tmp_path / "q.zarr", corpus=(workdir / "corpus.jsonl",), out=tmp_path / "t.zarr",
-                          per_token=True, chunk_size=5, batch_size=4))
+    score.run(
+        ScoreConfig(
+            queries=tmp_path / "q.zarr",
+            corpus=(workdir / "corpus.jsonl",),
+            out=tmp_path / "t.zarr",
+            per_token=True,
+            chunk_size=5,
+            batch_size=4,
+        )
+    )
     scores = artifacts.open_complete(tmp_path / "t.zarr", "scores")
     tokens = read_bf16_bits(scores["per_token"][...])  # [Q, N, T], bfloat16 precision
     total = np.asarray(scores["total"][...])
@@ -174,11 +206,21 @@ def test_randomized_svd_does_not_depend_on_the_batch(workdir, tmp_path):
     groups = []
     for batch_size in (1, 3):
         out = tmp_path / f"q{batch_size}.zarr"
-        build_query.run(QueryConfig(factors=tmp_path / "f.zarr", queries=workdir / "queries.jsonl", out=out, rank=2,
-                                    svd="randomized", batch_size=batch_size))
+        build_query.run(
+            QueryConfig(
+                factors=tmp_path / "f.zarr",
+                queries=workdir / "queries.jsonl",
+                out=out,
+                rank=2,
+                svd="randomized",
+                batch_size=batch_size,
+            )
+        )
         groups.append(artifacts.open_complete(out, "queries"))
     for name in groups[0].attrs["modules"]:
         assert groups[0][f"modules/{name}"].attrs["svd"] == "randomized"
-        P = [np.einsum("qor,qr,qir->qoi", *(np.asarray(g[f"modules/{name}/{k}"][...]) for k in ("U", "sigma", "V")))
-             for g in groups]
+        P = [
+            np.einsum("qor,qr,qir->qoi", *(np.asarray(g[f"modules/{name}/{k}"][...]) for k in ("U", "sigma", "V")))
+            for g in groups
+        ]
         np.testing.assert_allclose(P[0], P[1], rtol=0, atol=1e-4 * np.abs(P[1]).max())

@@ -15,7 +15,10 @@ from infl.scoring import (
 
 def random_batch(B=3, T=5, I=7, O=6, seed=0):
     g = torch.Generator().manual_seed(seed)
-    a, s = torch.randn(B, T, I, generator=g, dtype=torch.float64), torch.randn(B, T, O, generator=g, dtype=torch.float64)
+    a, s = (
+        torch.randn(B, T, I, generator=g, dtype=torch.float64),
+        torch.randn(B, T, O, generator=g, dtype=torch.float64),
+    )
     a[0, 3:] = 0  # padding
     s[0, 3:] = 0
     return a, s
@@ -55,8 +58,11 @@ def test_query_bank_paths_agree_and_tokens_sum_to_totals():
     _, wide_tokens = wide.module_scores("m", a, s, per_token=True)
     torch.testing.assert_close(wide_tokens[:3], tokens)
     # with no room for the expanded matrices, the same scores come from the low-rank path
-    tight = QueryBank(["m"], low_rank={"m": (U.repeat(4, 1, 1), sigma.repeat(4, 1), V.repeat(4, 1, 1))},
-                      expand_bytes=12 * 6 * 7 * 8 - 1)
+    tight = QueryBank(
+        ["m"],
+        low_rank={"m": (U.repeat(4, 1, 1), sigma.repeat(4, 1), V.repeat(4, 1, 1))},
+        expand_bytes=12 * 6 * 7 * 8 - 1,
+    )
     assert "m" in tight.low_rank
     torch.testing.assert_close(tight.module_scores("m", a, s)[0], wide_totals)
 

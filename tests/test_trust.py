@@ -17,8 +17,18 @@ def made(workdir, tmp_path_factory):
     """factors, queries and scores (two chunks) of the tiny GPT-2, made once; tests copy them."""
     out = tmp_path_factory.mktemp("made")
     pipeline(workdir, out)
-    args = ["score", "--queries", out / "q.zarr", "--corpus", workdir / "corpus.jsonl", "--chunk-size", "8",
-            "--out", out / "s.zarr", "--force"]
+    args = [
+        "score",
+        "--queries",
+        out / "q.zarr",
+        "--corpus",
+        workdir / "corpus.jsonl",
+        "--chunk-size",
+        "8",
+        "--out",
+        out / "s.zarr",
+        "--force",
+    ]
     assert infl(*args).exit_code == 0
     return out
 
@@ -47,7 +57,12 @@ DAMAGE = {
     "a scores chunk that still decodes": ("s.zarr/total", "0/0", "truncate", "topk"),
     "a lost chunk of train_ids": ("s.zarr/train_ids", "1", "delete", "topk"),
     "a lost chunk of locators": ("s.zarr/locators", "0/0", "delete", "topk"),
-    "one module's Lambda copied over another's": (f"f.zarr/modules/{OTHER}/Lambda", "0/0", f"copy:f.zarr/modules/{MODULE}/Lambda", "build"),
+    "one module's Lambda copied over another's": (
+        f"f.zarr/modules/{OTHER}/Lambda",
+        "0/0",
+        f"copy:f.zarr/modules/{MODULE}/Lambda",
+        "build",
+    ),
     "a query's gradient copied over another's": (f"q.zarr/modules/{MODULE}/P", "1/0/0", "copy-row:0/0/0", "score"),
 }
 
@@ -64,8 +79,11 @@ def test_a_damaged_chunk_of_any_array_is_refused_by_its_reader_and_by_verify(wor
         chunk.write_bytes(_chunk(copy, how[5:], key).read_bytes())
     else:
         chunk.write_bytes(_chunk(copy, array, how[9:]).read_bytes())
-    run = {"topk": lambda: infl("topk", "--scores", copy / "s.zarr"), "build": lambda: _build(workdir, copy),
-           "score": lambda: _score(workdir, copy)}[reader]
+    run = {
+        "topk": lambda: infl("topk", "--scores", copy / "s.zarr"),
+        "build": lambda: _build(workdir, copy),
+        "score": lambda: _score(workdir, copy),
+    }[reader]
     line = one_line_error(run())
     assert array.split("/", 1)[1] in line and ("does not match its checksum" in line or "damaged" in line), line
     report = infl("verify", copy / array.split("/")[0], "--format", "json")
@@ -106,18 +124,43 @@ def test_parents_rebuilt_in_place_are_refused_by_fingerprint(workdir, tmp_path):
     copy = pipeline(workdir, tmp_path)
     assert infl("topk", "--scores", copy / "s.zarr", "--refine", "3", "-k", "2").exit_code == 0
     extra = write_jsonl(copy / "more.jsonl", [{"id": "q-new", "prompt": "the dog", "completion": " ran home"}])
-    assert infl("build-query", "--factors", copy / "f.zarr", "--queries", extra, "--out", copy / "q.zarr", "--append").exit_code == 0
+    assert (
+        infl(
+            "build-query", "--factors", copy / "f.zarr", "--queries", extra, "--out", copy / "q.zarr", "--append"
+        ).exit_code
+        == 0
+    )
     assert infl("topk", "--scores", copy / "s.zarr", "--tokens", "-k", "1").exit_code == 0  # appended: rows unchanged
 
     reordered = write_jsonl(copy / "reordered.jsonl", QUERIES[::-1])
-    assert infl("build-query", "--factors", copy / "f.zarr", "--queries", reordered, "--out", copy / "q.zarr", "--force").exit_code == 0
+    assert (
+        infl(
+            "build-query", "--factors", copy / "f.zarr", "--queries", reordered, "--out", copy / "q.zarr", "--force"
+        ).exit_code
+        == 0
+    )
     line = one_line_error(infl("topk", "--scores", copy / "s.zarr", "--tokens", "-k", "1"))
     assert "q.zarr" in line and "rebuilt" in line
 
-    assert infl("fit-factors", "--model", workdir / "gpt2", "--corpus", workdir / "corpus.jsonl", "--out", copy / "f.zarr",
-                "--damping-scale", "0.5", "--force").exit_code == 0
+    assert (
+        infl(
+            "fit-factors",
+            "--model",
+            workdir / "gpt2",
+            "--corpus",
+            workdir / "corpus.jsonl",
+            "--out",
+            copy / "f.zarr",
+            "--damping-scale",
+            "0.5",
+            "--force",
+        ).exit_code
+        == 0
+    )
     queries = json.loads((copy / "q.zarr" / "zarr.json").read_text())["attributes"]
-    line = one_line_error(infl("build-query", "--factors", copy / "f.zarr", "--queries", reordered, "--out", copy / "q.zarr"))
+    line = one_line_error(
+        infl("build-query", "--factors", copy / "f.zarr", "--queries", reordered, "--out", copy / "q.zarr")
+    )
     assert "made from other inputs" in line  # build-query itself sees the new factors
     scores2 = _score(workdir, copy, "s3.zarr")
     assert scores2.exit_code == 0  # made from the reordered queries, whose factors were since rebuilt
@@ -187,15 +230,26 @@ def test_damaged_metadata_and_chunks_get_one_line_errors(workdir, copy, case):
         meta["shape"][-1] = 8  # of 12 sequences: the last chunk is gone, the first still matches its digest
         path.write_text(json.dumps(meta))
     else:
-        path.write_bytes({"truncate": path.read_bytes()[: len(path.read_bytes()) // 2], "list": b"[]"}.get(how, b"not a chunk"))
+        path.write_bytes(
+            {"truncate": path.read_bytes()[: len(path.read_bytes()) // 2], "list": b"[]"}.get(how, b"not a chunk")
+        )
     before = {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()}
     runs = {
         "topk": lambda: infl("topk", "--scores", copy / "s.zarr"),
         "layerwise": lambda: infl("layerwise", "--scores", copy / "s.zarr"),
         "info": lambda: infl("info", copy / "s.zarr"),
         "verify": lambda: infl("verify", copy / target.split("/")[0]),
-        "score": lambda: infl("score", "--queries", copy / "q.zarr", "--corpus", workdir / "corpus.jsonl",
-                              "--chunk-size", "8", "--out", copy / "s.zarr"),  # the command that made it: not "up to date"
+        "score": lambda: infl(
+            "score",
+            "--queries",
+            copy / "q.zarr",
+            "--corpus",
+            workdir / "corpus.jsonl",
+            "--chunk-size",
+            "8",
+            "--out",
+            copy / "s.zarr",
+        ),  # the command that made it: not "up to date"
         "build": lambda: _build(workdir, copy),
     }
     for command in commands:
@@ -231,8 +285,14 @@ def test_a_full_disk_is_one_line_and_the_run_resumes_to_identical_results(workdi
 
     from infl import artifacts
 
-    corpus = write_jsonl(tmp_path / "big.jsonl", [{"id": f"s{i}", "text": SENTENCES[i % 12] + f" {i % 7}"} for i in range(48)])
-    args = (["fit-factors", "--model", workdir / "gpt2"] if stage == "fit-factors" else ["score", "--queries", made / "q.zarr"])
+    corpus = write_jsonl(
+        tmp_path / "big.jsonl", [{"id": f"s{i}", "text": SENTENCES[i % 12] + f" {i % 7}"} for i in range(48)]
+    )
+    args = (
+        ["fit-factors", "--model", workdir / "gpt2"]
+        if stage == "fit-factors"
+        else ["score", "--queries", made / "q.zarr"]
+    )
     args += ["--corpus", corpus, "--chunk-size", "8"]
     assert infl(*args, "--out", tmp_path / "ref.zarr").exit_code == 0
     with monkeypatch.context() as patch:
@@ -276,14 +336,26 @@ def test_no_lock_file_is_left_and_none_is_made_inside_another_artifact(workdir, 
     (copy / "mine" / "zarr.json").write_text("{}")
     refused = infl("score", "--queries", copy / "q.zarr", "--corpus", workdir / "corpus.jsonl", "--out", copy / "mine")
     assert "not made by infl" in one_line_error(refused)
-    inside = infl("score", "--queries", copy / "q.zarr", "--corpus", workdir / "corpus.jsonl", "--out", copy / "q.zarr" / "s.zarr")
+    inside = infl(
+        "score", "--queries", copy / "q.zarr", "--corpus", workdir / "corpus.jsonl", "--out", copy / "q.zarr" / "s.zarr"
+    )
     assert "inside the Zarr store" in one_line_error(inside)
     assert infl("verify", copy / "f.zarr").exit_code == 0
     assert sorted(p.name for p in copy.glob("*.lock")) == [] and not list((copy / "q.zarr").glob("*.lock"))
 
 
 def test_a_lost_done_bit_is_found_and_recomputed(workdir, copy):
-    args = ["score", "--queries", copy / "q.zarr", "--corpus", workdir / "corpus.jsonl", "--chunk-size", "8", "--out", copy / "s.zarr"]
+    args = [
+        "score",
+        "--queries",
+        copy / "q.zarr",
+        "--corpus",
+        workdir / "corpus.jsonl",
+        "--chunk-size",
+        "8",
+        "--out",
+        copy / "s.zarr",
+    ]
     (copy / "s.zarr" / "done" / "c" / "0" / "1").unlink()  # reads as not done, although the artifact is finished
     assert "marked not done" in one_line_error(infl("topk", "--scores", copy / "s.zarr"))
     checked = infl("verify", copy / "s.zarr")

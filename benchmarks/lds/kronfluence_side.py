@@ -73,17 +73,22 @@ def make_task(modules: list[str]):
 
         def _loss(self, batch, model, labels):
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
-            return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
-                                   ignore_index=-100, reduction="sum"), logits
+            return F.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum"
+            ), logits
 
         def compute_train_loss(self, batch, model, sample=False):
             if not sample:
                 return self._loss(batch, model, batch["labels"])[0]
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
             with torch.no_grad():
-                sampled = torch.multinomial(torch.softmax(logits, -1).reshape(-1, logits.shape[-1]), 1).view(logits.shape[:2])
+                sampled = torch.multinomial(torch.softmax(logits, -1).reshape(-1, logits.shape[-1]), 1).view(
+                    logits.shape[:2]
+                )
                 sampled = sampled.masked_fill(batch["labels"][:, 1:] == -100, -100)
-            return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), sampled.reshape(-1), ignore_index=-100, reduction="sum")
+            return F.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), sampled.reshape(-1), ignore_index=-100, reduction="sum"
+            )
 
         def compute_measurement(self, batch, model):
             return self._loss(batch, model, batch["labels"])[0]  # -log p(completion): the query's loss
@@ -123,15 +128,25 @@ def main() -> None:
     model = prepare_model(as_linear(model, modules), task)
     analyzer = Analyzer("kf", model, task, cpu=True, disable_tqdm=True, output_dir=str(out / "kronfluence"))
     t0 = time.perf_counter()
-    analyzer.fit_all_factors("ekfac", train_set, per_device_batch_size=args.batch_size,
-                             factor_args=FactorArguments(strategy="ekfac"), overwrite_output_dir=True)
+    analyzer.fit_all_factors(
+        "ekfac",
+        train_set,
+        per_device_batch_size=args.batch_size,
+        factor_args=FactorArguments(strategy="ekfac"),
+        overwrite_output_dir=True,
+    )
     t1 = time.perf_counter()
     timings, kf = {"fit": t1 - t0}, {}
     for rank in (32, None):
         t = time.perf_counter()
         analyzer.compute_pairwise_scores(
-            f"scores-{rank}", "ekfac", query_set, train_set, per_device_query_batch_size=len(query_set),
-            per_device_train_batch_size=args.batch_size, overwrite_output_dir=True,
+            f"scores-{rank}",
+            "ekfac",
+            query_set,
+            train_set,
+            per_device_query_batch_size=len(query_set),
+            per_device_train_batch_size=args.batch_size,
+            overwrite_output_dir=True,
             score_args=ScoreArguments(damping_factor=None, query_gradient_low_rank=rank, use_full_svd=True),
         )
         timings[rank] = time.perf_counter() - t
@@ -139,18 +154,41 @@ def main() -> None:
 
     # infl, timed in this same run
     t = time.perf_counter()
-    fit_factors.run(FitConfig(model=demo / "model", corpus=(demo / "corpus.jsonl",), out=out / "side.f.zarr",
-                              batch_size=args.batch_size, force=True))
+    fit_factors.run(
+        FitConfig(
+            model=demo / "model",
+            corpus=(demo / "corpus.jsonl",),
+            out=out / "side.f.zarr",
+            batch_size=args.batch_size,
+            force=True,
+        )
+    )
     infl_fit = time.perf_counter() - t
     ours, infl_score = {}, {}
     for rank in (32, None):
         t = time.perf_counter()
-        build_query.run(QueryConfig(factors=out / "side.f.zarr", queries=out / "queries.jsonl",
-                                    out=out / f"side-{rank}.q.zarr", rank=rank, force=True))
-        score.run(ScoreConfig(queries=out / f"side-{rank}.q.zarr", corpus=(demo / "corpus.jsonl",),
-                              out=out / f"side-{rank}.s.zarr", batch_size=args.batch_size, force=True))
+        build_query.run(
+            QueryConfig(
+                factors=out / "side.f.zarr",
+                queries=out / "queries.jsonl",
+                out=out / f"side-{rank}.q.zarr",
+                rank=rank,
+                force=True,
+            )
+        )
+        score.run(
+            ScoreConfig(
+                queries=out / f"side-{rank}.q.zarr",
+                corpus=(demo / "corpus.jsonl",),
+                out=out / f"side-{rank}.s.zarr",
+                batch_size=args.batch_size,
+                force=True,
+            )
+        )
         infl_score[rank] = time.perf_counter() - t
-        ours[rank] = np.asarray(artifacts.open_complete(out / f"side-{rank}.s.zarr", "scores")["total"][...], dtype=np.float64)
+        ours[rank] = np.asarray(
+            artifacts.open_complete(out / f"side-{rank}.s.zarr", "scores")["total"][...], dtype=np.float64
+        )
 
     outcomes = [json.loads(p.read_text()) for p in sorted((out / "truth").glob("*.json"), key=lambda p: int(p.stem))]
     masks = np.zeros((len(outcomes), len(corpus.ids)))
@@ -158,17 +196,23 @@ def main() -> None:
         masks[m, o["subset"]] = 1.0
     f = np.array([o["f"] for o in outcomes])
     rng = np.random.default_rng(0)
-    lines = ["| EK-FAC, query rank | Spearman infl vs kronfluence | LDS infl | LDS kronfluence | fit s infl / kf | score s infl / kf |",
-             "|---|---:|---|---|---|---|"]
+    lines = [
+        "| EK-FAC, query rank | Spearman infl vs kronfluence | LDS infl | LDS kronfluence | fit s infl / kf | score s infl / kf |",
+        "|---|---:|---|---|---|---|",
+    ]
     for rank in (32, None):
         rho = np.mean([spearman(ours[rank][q], kf[rank][q]) for q in range(len(queries.ids))])
         a, b = lds(ours[rank], masks, f, rng), lds(kf[rank], masks, f, rng)
-        lines.append(f"| {rank or 'full'} | {rho:.3f} | {a[0]:.3f} [{a[1]:.3f}, {a[2]:.3f}] | {b[0]:.3f} [{b[1]:.3f}, {b[2]:.3f}] "
-                     f"| {infl_fit:.1f} / {timings['fit']:.1f} | {infl_score[rank]:.1f} / {timings[rank]:.1f} |")
+        lines.append(
+            f"| {rank or 'full'} | {rho:.3f} | {a[0]:.3f} [{a[1]:.3f}, {a[2]:.3f}] | {b[0]:.3f} [{b[1]:.3f}, {b[2]:.3f}] "
+            f"| {infl_fit:.1f} / {timings['fit']:.1f} | {infl_score[rank]:.1f} / {timings[rank]:.1f} |"
+        )
     import kronfluence
 
-    header = (f"kronfluence {getattr(kronfluence, '__version__', '1.0.1')}, torch {torch.__version__}, {len(outcomes)} retrained "
-              f"subsets, {len(queries.ids)} queries, {len(corpus.ids)} sequences.")
+    header = (
+        f"kronfluence {getattr(kronfluence, '__version__', '1.0.1')}, torch {torch.__version__}, {len(outcomes)} retrained "
+        f"subsets, {len(queries.ids)} queries, {len(corpus.ids)} sequences."
+    )
     readme_block.publish("kronfluence", [header, "", *lines], args.readme)
 
 

@@ -49,8 +49,14 @@ def queries_file(demo: Path, out: Path, n_extra: int) -> Path:
     for i, rec in enumerate(random.Random(1).sample(fits, n_extra)):
         words = rec["text"].split(" ")
         half = len(words) // 2
-        rows.append({"id": f"p{i}", "prompt": " ".join(words[:half]), "completion": " " + " ".join(words[half:]),
-                     "source_id": rec["id"]})
+        rows.append(
+            {
+                "id": f"p{i}",
+                "prompt": " ".join(words[:half]),
+                "completion": " " + " ".join(words[half:]),
+                "source_id": rec["id"],
+            }
+        )
     path = out / "queries.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
@@ -113,8 +119,10 @@ def evaluate(demo: Path, out: Path, readme: bool, batch_size: int) -> str:
     qrows = [json.loads(line) for line in (out / "queries.jsonl").read_text().splitlines()]
     ids = [r["id"] for r in corpus]
     rng = np.random.default_rng(0)
-    lines = ["| strategy | query rank | LDS (mean over queries) | 95 % interval | planted duplicates ranked first | fit s | score s |",
-             "|---|---|---:|---|---:|---:|---:|"]
+    lines = [
+        "| strategy | query rank | LDS (mean over queries) | 95 % interval | planted duplicates ranked first | fit s | score s |",
+        "|---|---|---:|---|---:|---:|---:|",
+    ]
     planted = [(q, r["source_id"]) for q, r in enumerate(qrows) if r.get("source_id")]
 
     def row(name: str, rank, scores_path: Path, fit_s: float, score_s: float) -> str:
@@ -126,22 +134,41 @@ def evaluate(demo: Path, out: Path, readme: bool, batch_size: int) -> str:
     for strategy, rank in STRATEGIES:
         d = out / f"{strategy}-{rank or 'full'}"
         t0 = time.perf_counter()
-        fit_factors.run(FitConfig(model=demo / "model", corpus=(corpus_file,), out=out / f"{strategy}.f.zarr",
-                                  strategy=strategy, batch_size=batch_size))
+        fit_factors.run(
+            FitConfig(
+                model=demo / "model",
+                corpus=(corpus_file,),
+                out=out / f"{strategy}.f.zarr",
+                strategy=strategy,
+                batch_size=batch_size,
+            )
+        )
         t1 = time.perf_counter()
-        build_query.run(QueryConfig(factors=out / f"{strategy}.f.zarr", queries=out / "queries.jsonl", out=d / "q.zarr", rank=rank))
+        build_query.run(
+            QueryConfig(factors=out / f"{strategy}.f.zarr", queries=out / "queries.jsonl", out=d / "q.zarr", rank=rank)
+        )
         score.run(ScoreConfig(queries=d / "q.zarr", corpus=(corpus_file,), out=d / "s.zarr", batch_size=batch_size))
         lines.append(row(strategy, rank, d / "s.zarr", t1 - t0, time.perf_counter() - t1))
     for K in INDEX_SIZES:  # fit s: building the index; score s: scoring from it
         d = out / f"index-{K or 'full'}"
         t0 = time.perf_counter()
-        index.run(IndexConfig(factors=out / "ekfac.f.zarr", corpus=(corpus_file,), out=d / "i.zarr", index_dim=K, batch_size=batch_size))
+        index.run(
+            IndexConfig(
+                factors=out / "ekfac.f.zarr",
+                corpus=(corpus_file,),
+                out=d / "i.zarr",
+                index_dim=K,
+                batch_size=batch_size,
+            )
+        )
         t1 = time.perf_counter()
         score.run(ScoreConfig(queries=out / "ekfac-32" / "q.zarr", index=d / "i.zarr", out=d / "s.zarr"))
         lines.append(row(f"ekfac, index K = {K or 'full'}", 32, d / "s.zarr", t1 - t0, time.perf_counter() - t1))
     seconds = sum(o["seconds"] for o in outcomes)
-    header = (f"{len(outcomes)} retrained models on random halves of {len(corpus)} sequences "
-              f"({seconds / 60:.1f} min of training in all), {len(qrows)} queries.")
+    header = (
+        f"{len(outcomes)} retrained models on random halves of {len(corpus)} sequences "
+        f"({seconds / 60:.1f} min of training in all), {len(qrows)} queries."
+    )
     return readme_block.publish("lds", [header, "", *lines], readme)
 
 

@@ -24,8 +24,9 @@ class Comparison:
     ranks: np.ndarray  # [k, queries] its rank among all scored sequences for that query (1 = most influential)
 
 
-def compare(scores: ScoresArtifact, queries: tuple[str, ...], top_of: str | None, k: int, negative: bool,
-            scale: float) -> Comparison:
+def compare(
+    scores: ScoresArtifact, queries: tuple[str, ...], top_of: str | None, k: int, negative: bool, scale: float
+) -> Comparison:
     """The k most (or, with `negative`, least) influential sequences of `top_of` and their
     influence on each of `queries` (all of the artifact's queries when none are named)."""
     rows = query_rows(scores, queries)

@@ -30,6 +30,7 @@ class Hit:
 @dataclass(frozen=True)
 class QueryInfo:
     """What a query asked and how its influence is spread: the scale a hit is read against."""
+
     query_id: str
     prompt: str  # "" for self-influence
     completion: str
@@ -79,7 +80,9 @@ def query_rows(scores: ScoresArtifact, wanted: tuple[str, ...]) -> list[tuple[in
         return list(enumerate(ids))
     for q in wanted:
         if q not in ids:
-            raise BadInput(f"no query {q!r} in the scores (it has: {', '.join(ids[:8])}{' ...' if len(ids) > 8 else ''})")
+            raise BadInput(
+                f"no query {q!r} in the scores (it has: {', '.join(ids[:8])}{' ...' if len(ids) > 8 else ''})"
+            )
     return [(ids.index(q), q) for q in wanted]
 
 
@@ -89,7 +92,9 @@ def layer_of(module: str) -> str:
     return match.group(1) if match else module
 
 
-def layer_tables(scores: ScoresArtifact, wanted: tuple[str, ...], k: int, negative: bool, scale: float) -> list[LayerTable]:
+def layer_tables(
+    scores: ScoresArtifact, wanted: tuple[str, ...], k: int, negative: bool, scale: float
+) -> list[LayerTable]:
     """Per query: the summed influence of each layer's modules on its top-k sequences."""
     modules = scores.modules
     layers = list(dict.fromkeys(layer_of(m) for m in modules))
@@ -103,5 +108,7 @@ def layer_tables(scores: ScoresArtifact, wanted: tuple[str, ...], k: int, negati
         per_module = scores.per_module(row, top) * scale
         order = np.argsort(-totals[top] if not negative else totals[top], kind="stable")
         top, per_module = top[order], per_module[:, order]
-        tables.append(LayerTable(query_id, layers, scores.train_ids(top), totals[top].tolist(), membership @ per_module))
+        tables.append(
+            LayerTable(query_id, layers, scores.train_ids(top), totals[top].tolist(), membership @ per_module)
+        )
     return tables

@@ -38,8 +38,10 @@ def top_shares(values: np.ndarray, fractions: tuple[float, ...] = (0.01, 0.1)) -
     over the positive influence of all N (nan when none is positive)."""
     positive = np.sort(np.clip(values[np.isfinite(values)], 0, None))[::-1]
     total = positive.sum()
-    return [float(positive[: max(1, math.ceil(f * len(values)))].sum() / total) if total > 0 else math.nan
-            for f in fractions]
+    return [
+        float(positive[: max(1, math.ceil(f * len(values)))].sum() / total) if total > 0 else math.nan
+        for f in fractions
+    ]
 
 
 def power_law(values: np.ndarray, tail: int = TAIL) -> dict:
@@ -48,18 +50,31 @@ def power_law(values: np.ndarray, tail: int = TAIL) -> dict:
     import powerlaw
 
     positive = np.sort(values[np.isfinite(values) & (values > 0)])[::-1][:tail]
-    nan = {"alpha": math.nan, "xmin": math.nan, "ks": math.nan, "n_tail": 0,
-           "vs_exponential": (math.nan, math.nan), "vs_lognormal": (math.nan, math.nan)}
+    nan = {
+        "alpha": math.nan,
+        "xmin": math.nan,
+        "ks": math.nan,
+        "n_tail": 0,
+        "vs_exponential": (math.nan, math.nan),
+        "vs_lognormal": (math.nan, math.nan),
+    }
     if len(np.unique(positive)) < 10:  # no tail to speak of
         return nan
     with warnings.catch_warnings(), np.errstate(all="ignore"):
         warnings.simplefilter("ignore")
         fit = powerlaw.Fit(positive, verbose=False, parameter_ranges={"alpha": (1.0, None)})  # its default stops at 3
-        compare = {other: tuple(float(x) for x in fit.distribution_compare("power_law", other))
-                   for other in ("exponential", "lognormal")}
-    return {"alpha": float(fit.alpha), "xmin": float(fit.xmin), "ks": float(fit.D),
-            "n_tail": int((positive >= fit.xmin).sum()),
-            "vs_exponential": compare["exponential"], "vs_lognormal": compare["lognormal"]}
+        compare = {
+            other: tuple(float(x) for x in fit.distribution_compare("power_law", other))
+            for other in ("exponential", "lognormal")
+        }
+    return {
+        "alpha": float(fit.alpha),
+        "xmin": float(fit.xmin),
+        "ks": float(fit.D),
+        "n_tail": int((positive >= fit.xmin).sum()),
+        "vs_exponential": compare["exponential"],
+        "vs_lognormal": compare["lognormal"],
+    }
 
 
 def sparsity(query_id: str, values: np.ndarray, tail: int = TAIL) -> Sparsity:

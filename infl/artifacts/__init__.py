@@ -78,8 +78,11 @@ IDENTITY = ("config", "provenance", "base_fingerprint", "query_blocks")
 
 def _without_locations(obj: Any) -> Any:
     if isinstance(obj, dict):
-        return {k: Path(v).name if k == "path" else _without_locations(v) for k, v in obj.items()
-                if not (k in LOCATIONS and k != "path" and isinstance(v, str))}
+        return {
+            k: Path(v).name if k == "path" else _without_locations(v)
+            for k, v in obj.items()
+            if not (k in LOCATIONS and k != "path" and isinstance(v, str))
+        }
     if isinstance(obj, list):
         return [_without_locations(v) for v in obj]
     return obj
@@ -111,8 +114,9 @@ def check_appended_shards(path: Path, old: dict, attrs: dict) -> None:
         raise IncompatibleArtifact(f"{path} holds corpus shards its inputs no longer have", hint=hint)
     for shard, now in zip(held, new):
         if now["sha256"] != shard["sha256"]:
-            raise IncompatibleArtifact(f"corpus shard {shard['path']} changed since {path} was computed "
-                                       "(its sha256 differs)", hint=hint)
+            raise IncompatibleArtifact(
+                f"corpus shard {shard['path']} changed since {path} was computed (its sha256 differs)", hint=hint
+            )
 
 
 def refresh_stamp(path: Path) -> None:
@@ -172,7 +176,9 @@ def lock(path: Path, wait: bool = False) -> Iterator[None]:
         try:
             fcntl.lockf(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB), 1, 1)  # no writer left
         except OSError:
-            raise ArtifactLocked(f"{path}: processes of an earlier run still write it", hint="retry later, or pass --wait") from None
+            raise ArtifactLocked(
+                f"{path}: processes of an earlier run still write it", hint="retry later, or pass --wait"
+            ) from None
         fcntl.lockf(f, fcntl.LOCK_UN, 1, 1)
         f.seek(0)
         f.truncate()
@@ -221,8 +227,10 @@ def read_attrs(path: Path) -> dict | None:
     try:
         attrs = json.loads(meta.read_text()).get("attributes", {})
     except (OSError, ValueError, AttributeError):
-        raise IncompatibleArtifact(f"{meta} is damaged (not a Zarr group's metadata)",
-                                   hint="if this is an infl artifact, delete it and run the command that made it") from None
+        raise IncompatibleArtifact(
+            f"{meta} is damaged (not a Zarr group's metadata)",
+            hint="if this is an infl artifact, delete it and run the command that made it",
+        ) from None
     if not isinstance(attrs, dict):
         raise IncompatibleArtifact(f"{meta} is damaged (its attributes are not a mapping)")
     return attrs
@@ -240,8 +248,10 @@ def open_complete(path: Path, kind: str) -> zarr.Group:
     if attrs.get("kind") != kind:
         raise IncompatibleArtifact(f"{path} is a {attrs.get('kind')!r} artifact, not {kind}")
     if attrs.get("schema") != SCHEMA:
-        raise IncompatibleArtifact(f"{path} has schema {attrs.get('schema')}, this infl reads schema {SCHEMA}",
-                                   hint="run the command that made it again with --force")
+        raise IncompatibleArtifact(
+            f"{path} has schema {attrs.get('schema')}, this infl reads schema {SCHEMA}",
+            hint="run the command that made it again with --force",
+        )
     if not (path / COMPLETE).is_file():
         raise IncompatibleArtifact(f"{path} is unfinished", hint="re-run the command that writes it")
     return open_group(path)
@@ -258,7 +268,9 @@ class Artifact:
     kind: ClassVar[str]
     transient: ClassVar[tuple[str, ...]] = ()  # subtrees of resume state, not part of the result
     markers: ClassVar[tuple[str, ...]] = ()  # arrays that mark work done (written last, checked by verify)
-    grows_when_finished: ClassVar[bool] = False  # rows are appended while it stays readable (shapes not in the manifest)
+    grows_when_finished: ClassVar[bool] = (
+        False  # rows are appended while it stays readable (shapes not in the manifest)
+    )
 
     def __init__(self, path: Path, group: zarr.Group):
         self.path, self.group = path, group
@@ -273,7 +285,9 @@ class Artifact:
         hashing.note_artifact(path)
         problem = art.problem()
         if problem:
-            raise IncompatibleArtifact(f"{path}: {problem}", hint="recompute it with the command that wrote it (--force)")
+            raise IncompatibleArtifact(
+                f"{path}: {problem}", hint="recompute it with the command that wrote it (--force)"
+            )
         return art
 
     @classmethod
@@ -294,13 +308,19 @@ class Artifact:
         old = read_attrs(path)
         if old is None or "kind" not in old or "schema" not in old:
             # infl writes kind and schema in an artifact's first write: this is someone else's
-            raise BadInput(f"{path} exists and was not made by infl: it is left as it is, whatever the flags",
-                           hint="choose another --out")
+            raise BadInput(
+                f"{path} exists and was not made by infl: it is left as it is, whatever the flags",
+                hint="choose another --out",
+            )
         if old["kind"] != cls.kind:
-            raise BadInput(f"{path} exists and is a {old['kind']!r} artifact, not {cls.kind}", hint="choose another --out")
+            raise BadInput(
+                f"{path} exists and is a {old['kind']!r} artifact, not {cls.kind}", hint="choose another --out"
+            )
         if old["schema"] != SCHEMA and not force:
-            raise IncompatibleArtifact(f"{path} was made by another infl (schema {old['schema']}, this one writes {SCHEMA})",
-                                       hint="pass --force to recompute it")
+            raise IncompatibleArtifact(
+                f"{path} was made by another infl (schema {old['schema']}, this one writes {SCHEMA})",
+                hint="pass --force to recompute it",
+            )
         if force:
             shutil.rmtree(path)
             return State.ABSENT
@@ -327,8 +347,14 @@ class Artifact:
         """A new, empty artifact with its root attributes (in the group's first write)."""
         if path.exists():
             shutil.rmtree(path)
-        meta = {"kind": cls.kind, "schema": SCHEMA, "uid": secrets.token_hex(16), "infl_version": __version__,
-                "created": _now(), **attrs}
+        meta = {
+            "kind": cls.kind,
+            "schema": SCHEMA,
+            "uid": secrets.token_hex(16),
+            "infl_version": __version__,
+            "created": _now(),
+            **attrs,
+        }
         return cls(path, zarr.open_group(str(path), mode="w", attributes=jsonable(meta)))
 
     def publish(self) -> None:
@@ -336,8 +362,7 @@ class Artifact:
         these attributes and these arrays."""
         tmp = self.path / f".{COMPLETE}.tmp"
         with tmp.open("w") as f:
-            json.dump({"fingerprint": self.attrs["fingerprint"], "finished": _now(),
-                       "manifest": self._manifest()}, f)
+            json.dump({"fingerprint": self.attrs["fingerprint"], "finished": _now(), "manifest": self._manifest()}, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path / COMPLETE)
@@ -428,7 +453,11 @@ class Artifact:
     def _create(self, name: str, shape: tuple[int, ...], chunks: tuple[int, ...], dtype, fill_value=None, where=None):
         """An empty array (chunks not yet written have no digest) and its digest array."""
         array = (self.group if where is None else where).create_array(
-            name, shape=shape, chunks=chunks, dtype=dtype, fill_value=fill_value,
+            name,
+            shape=shape,
+            chunks=chunks,
+            dtype=dtype,
+            fill_value=fill_value,
             compressors=_COMPRESSOR if np.dtype(dtype).kind == "f" else "auto",
             config={"write_empty_chunks": True},
         )
@@ -463,8 +492,9 @@ class Artifact:
         except KeyError:
             raise IncompatibleArtifact(f"{self.path}: array {name} is missing", hint=_DAMAGED_HINT) from None
         except (ValueError, OSError, TypeError) as e:  # a damaged zarr.json of the array
-            raise IncompatibleArtifact(f"{self.path}: the metadata of array {name} is damaged ({type(e).__name__})",
-                                       hint=_DAMAGED_HINT) from None
+            raise IncompatibleArtifact(
+                f"{self.path}: the metadata of array {name} is damaged ({type(e).__name__})", hint=_DAMAGED_HINT
+            ) from None
 
     def _put(self, name: str, index: tuple[slice, ...], values, where=None) -> None:
         """array[index] = values (a box of slices), then the digests of the chunks it touched."""
@@ -472,9 +502,13 @@ class Artifact:
         values = np.asarray(values)
         if values.dtype.kind in "UO":
             values = values.astype(np.dtypes.StringDType())
-        index = tuple(slice(*s.indices(n)[:2]) for s, n in zip(index + (slice(None),) * (array.ndim - len(index)), array.shape))
+        index = tuple(
+            slice(*s.indices(n)[:2]) for s, n in zip(index + (slice(None),) * (array.ndim - len(index)), array.shape)
+        )
         array[index] = values
-        integrity.seal(self.group, self.uid, array, index, np.broadcast_to(values, tuple(s.stop - s.start for s in index)))
+        integrity.seal(
+            self.group, self.uid, array, index, np.broadcast_to(values, tuple(s.stop - s.start for s in index))
+        )
 
     def _resize(self, name: str, shape: tuple[int, ...], where=None) -> None:
         """Resize an array and its digests; a chunk at the edge that had a digest is sealed again."""
@@ -511,8 +545,9 @@ class Artifact:
                     raise IncompatibleArtifact(f"{self.path}/{e}", hint=_DAMAGED_HINT) from None
                 time.sleep(0.05)
             except (RuntimeError, ValueError, KeyError, OSError) as e:  # undecodable chunk, or broken metadata
-                raise IncompatibleArtifact(f"{self.path}/{array.path} is damaged ({type(e).__name__}: {e})",
-                                           hint=_DAMAGED_HINT) from None
+                raise IncompatibleArtifact(
+                    f"{self.path}/{array.path} is damaged ({type(e).__name__}: {e})", hint=_DAMAGED_HINT
+                ) from None
 
     def _strings(self, name: str, index=...) -> list[str]:
         return [str(x) for x in np.ravel(self._read(name, index))]
@@ -530,8 +565,11 @@ class Artifact:
     def data_arrays(self) -> list:
         """Every array that holds results (digests, markers and resume state aside). Raises
         integrity.Unreadable."""
-        return [self.group[path] for path, meta in integrity.nodes(self.path, self.transient)
-                if meta.get("node_type") == "array" and path not in self.markers]
+        return [
+            self.group[path]
+            for path, meta in integrity.nodes(self.path, self.transient)
+            if meta.get("node_type") == "array" and path not in self.markers
+        ]
 
     def may_be_unwritten(self, array, coords: tuple[int, ...]) -> bool:
         """Whether a chunk may hold no data in this artifact as it stands."""
@@ -541,8 +579,11 @@ class Artifact:
         """(arrays checked, problems): the attributes against the fingerprint and the manifest, that
         the artifact is finished, and every chunk of every array against its digest. `repair` lets
         a kind mark what it can recompute."""
-        problem = (self.problem() if self.complete else
-                   self._fingerprint_problem() or "unfinished: run the command that writes it again to finish it")
+        problem = (
+            self.problem()
+            if self.complete
+            else self._fingerprint_problem() or "unfinished: run the command that writes it again to finish it"
+        )
         bad = [{"problem": problem}] if problem else []
         checked = 0
         try:
@@ -550,8 +591,9 @@ class Artifact:
         except integrity.Unreadable as e:
             return checked, bad if {"problem": str(e)} in bad else [*bad, {"problem": str(e)}]
         for array in arrays:
-            for coords, problem in integrity.chunk_problems(self.group, self.uid, array,
-                                                            lambda c, a=array: self.may_be_unwritten(a, c)):
+            for coords, problem in integrity.chunk_problems(
+                self.group, self.uid, array, lambda c, a=array: self.may_be_unwritten(a, c)
+            ):
                 bad.append({"array": array.path, "chunk": list(coords), "problem": problem})
             checked += 1
             on_progress()

@@ -49,7 +49,9 @@ class CandidatesArtifact(Artifact):
         where = self._sub(f"terms/{k}")
         where.attrs.pop("sha256", None)
         offsets = np.concatenate([[0], np.cumsum([len(d) for d in documents])]).astype(np.int64)
-        self._write("ids", np.concatenate(documents).astype(np.int32) if documents else np.zeros(0, np.int32), where=where)
+        self._write(
+            "ids", np.concatenate(documents).astype(np.int32) if documents else np.zeros(0, np.int32), where=where
+        )
         self._write("offsets", offsets, where=where)
         where.attrs["sha256"] = sha256  # last: terms are used only once whole
 
@@ -79,8 +81,10 @@ class CandidatesArtifact(Artifact):
         """The corpus positions of one query's candidates, best first."""
         ids = self.query_ids()
         if query_id not in ids:
-            raise IncompatibleArtifact(f"{self.path} has no candidates for query {query_id!r}",
-                                       hint="build the candidates with the queries file that holds it")
+            raise IncompatibleArtifact(
+                f"{self.path} has no candidates for query {query_id!r}",
+                hint="build the candidates with the queries file that holds it",
+            )
         return self._read("indices", ids.index(query_id))
 
     def union(self, query_ids: list[str]) -> np.ndarray:
@@ -91,16 +95,23 @@ class CandidatesArtifact(Artifact):
         """The candidates are positions in this corpus, read this way, with this tokenizer."""
         held = [s["sha256"] for s in self.provenance["corpus"]]
         if held != [s["sha256"] for s in shards] or self.n_records != [s["n_records"] for s in shards]:
-            raise IncompatibleArtifact(f"{self.path} was built on another corpus than this one (its shards differ)",
-                                       hint="build the candidates on the same corpus files, in the same order")
+            raise IncompatibleArtifact(
+                f"{self.path} was built on another corpus than this one (its shards differ)",
+                hint="build the candidates on the same corpus files, in the same order",
+            )
         for key, value in reading.items():
             if self.config[key] != value:
-                raise IncompatibleArtifact(f"{self.path} read the corpus with --{key.replace('_', '-')} "
-                                           f"{self.config[key]!r}, not {value!r}")
+                raise IncompatibleArtifact(
+                    f"{self.path} read the corpus with --{key.replace('_', '-')} {self.config[key]!r}, not {value!r}"
+                )
         if self.provenance["tokenizer_fingerprint"] != tokenizer_fingerprint:
             raise IncompatibleArtifact(f"{self.path} was built with another tokenizer than the scores' model")
 
     def _completeness_problem(self) -> str:
-        if "n_records" not in self.attrs or "indices" not in self.group or self.group["indices"].shape[0] != self.group["query_ids"].shape[0]:
+        if (
+            "n_records" not in self.attrs
+            or "indices" not in self.group
+            or self.group["indices"].shape[0] != self.group["query_ids"].shape[0]
+        ):
             return "its candidate lists are missing or incomplete"
         return ""

@@ -49,8 +49,9 @@ class ChunkedArtifact(Artifact):
         try:
             return np.asarray(self.group["done"][...])
         except (RuntimeError, ValueError, OSError) as e:
-            raise IncompatibleArtifact(f"{self.path}/done is damaged ({type(e).__name__})",
-                                       hint="pass --force to recompute it") from None
+            raise IncompatibleArtifact(
+                f"{self.path}/done is damaged ({type(e).__name__})", hint="pass --force to recompute it"
+            ) from None
 
     def n_done(self) -> int:
         return int(self.done_mask().sum())

@@ -38,8 +38,9 @@ class PassState:
     """What a fit pass has added so far: sequence ranges [lo, hi), token count, sums per module,
     and the checkpoint generation the ranks of this run save into."""
 
-    def __init__(self, done: list[list[int]] | None = None, n_tokens: int = 0, sums: dict | None = None,
-                 generation: int = 0):
+    def __init__(
+        self, done: list[list[int]] | None = None, n_tokens: int = 0, sums: dict | None = None, generation: int = 0
+    ):
         self.done = _merge_ranges(done or [])
         self.n_tokens = n_tokens
         self.sums = sums  # module -> key -> np.ndarray, or None: start from zero
@@ -107,8 +108,9 @@ class FactorsArtifact(Artifact):
         at = self.group[f"modules/{name}"].attrs
         return {"name": name, **{k: at[k] for k in _SPEC_KEYS}}
 
-    def write_module(self, name: str, arrays: dict[str, np.ndarray], attrs: dict | None = None,
-                     fitted: str | None = None) -> None:
+    def write_module(
+        self, name: str, arrays: dict[str, np.ndarray], attrs: dict | None = None, fitted: str | None = None
+    ) -> None:
         """Write (or replace) some of a module's factors; only the module's owner calls this.
         `fitted`: the pass these arrays finish, recorded last (a kill before it redoes the module)."""
         sub = self._sub(f"modules/{name}")
@@ -170,7 +172,7 @@ class FactorsArtifact(Artifact):
     def _merged(self, generation: int) -> PassState:
         states = []
         where = f"checkpoint/g{generation}"
-        for _, rank in (self.group[where].groups() if where in self.group else []):
+        for _, rank in self.group[where].groups() if where in self.group else []:
             slot = _latest(self, rank)
             if slot is not None:
                 states.append(slot)
@@ -190,8 +192,9 @@ class FactorsArtifact(Artifact):
                     mine[key] = values if key not in mine else mine[key] + values
         return PassState(done, n_tokens, sums)
 
-    def save_progress(self, rank: int, generation: int, sums: dict[str, dict[str, np.ndarray]], done: list,
-                      n_tokens: int) -> None:
+    def save_progress(
+        self, rank: int, generation: int, sums: dict[str, dict[str, np.ndarray]], done: list, n_tokens: int
+    ) -> None:
         """A rank's running sums after a chunk, into the slot that does not hold its latest state.
         The slot is first marked invalid (its `done` removed), then filled, and `done` is written
         last: a slot is valid only once complete, whenever the rank is killed."""

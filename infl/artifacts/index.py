@@ -30,8 +30,15 @@ __all__ = ["IndexArtifact", "IndexLayout"]
 class IndexLayout:
     """The shape of an index for given inputs."""
 
-    def __init__(self, modules: list[str], coordinates: dict[str, np.ndarray], train_ids: list[str],
-                 locators: np.ndarray, chunk_size: int, dtype: str):
+    def __init__(
+        self,
+        modules: list[str],
+        coordinates: dict[str, np.ndarray],
+        train_ids: list[str],
+        locators: np.ndarray,
+        chunk_size: int,
+        dtype: str,
+    ):
         self.modules, self.coordinates, self.train_ids = modules, coordinates, train_ids
         self.locators, self.chunk_size, self.dtype = locators, chunk_size, dtype
 
@@ -132,10 +139,12 @@ class IndexArtifact(ChunkedArtifact):
     def facts(self) -> dict:
         per_sequence = self.bytes_per_sequence()
         dims = {self.group[f"modules/{name}/values"].shape[1] for name in self.modules}
-        return {"coordinates per module": ", ".join(map(str, sorted(dims))),
-                "bytes per sequence": f"{per_sequence} (values and scales, before compression)",
-                "per million sequences": f"{per_sequence * 1e6 / 2**30:.1f} GiB",
-                "compression": self.provenance["compression"]}
+        return {
+            "coordinates per module": ", ".join(map(str, sorted(dims))),
+            "bytes per sequence": f"{per_sequence} (values and scales, before compression)",
+            "per million sequences": f"{per_sequence * 1e6 / 2**30:.1f} GiB",
+            "compression": self.provenance["compression"],
+        }
 
     def check_factors(self, factors_fingerprint: str, what: str) -> None:
         """The index was built with the factors `what` was made with."""
@@ -144,7 +153,8 @@ class IndexArtifact(ChunkedArtifact):
             raise IncompatibleArtifact(
                 f"{self.path} was built with other factors (fingerprint {mine[:12]}) than {what} "
                 f"(factors fingerprint {factors_fingerprint[:12]})",
-                hint="build the index with the factors of the queries: infl index --factors ...")
+                hint="build the index with the factors of the queries: infl index --factors ...",
+            )
 
     @staticmethod
     def _sequence_axis(name: str) -> int | None:

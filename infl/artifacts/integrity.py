@@ -19,8 +19,19 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-__all__ = ["SUFFIX", "is_digest", "digest_array", "seal", "reseal_boundary", "checked_read", "chunk_problems",
-           "nodes", "manifest_digest", "Damaged", "Unreadable"]
+__all__ = [
+    "SUFFIX",
+    "is_digest",
+    "digest_array",
+    "seal",
+    "reseal_boundary",
+    "checked_read",
+    "chunk_problems",
+    "nodes",
+    "manifest_digest",
+    "Damaged",
+    "Unreadable",
+]
 
 SUFFIX = ".sha256"
 _MISSING = bytes(32)
@@ -68,8 +79,13 @@ def digest_array(root: zarr.Group, array: zarr.Array, create: bool = False) -> z
             return None
         head, _, name = array.path.rpartition("/")
         return (root[head] if head else root).create_array(
-            name + SUFFIX, shape=(*_grid(array), 32), chunks=(1,) * array.ndim + (32,), dtype="uint8", fill_value=0,
-            config={"write_empty_chunks": True})
+            name + SUFFIX,
+            shape=(*_grid(array), 32),
+            chunks=(1,) * array.ndim + (32,),
+            dtype="uint8",
+            fill_value=0,
+            config={"write_empty_chunks": True},
+        )
     if create and digests.shape[:-1] != _grid(array):  # the array was resized
         digests.resize((*_grid(array), 32))
     return digests
@@ -93,12 +109,16 @@ def _region(array: zarr.Array, coords: tuple[int, ...]) -> tuple[slice, ...]:
 
 def _touched(array: zarr.Array, index: tuple[slice, ...]) -> list[range]:
     """Per dimension, the chunks a box of slices (with concrete bounds) touches."""
-    return [range(s.start // c, -(-s.stop // c)) if s.stop > s.start else range(0)
-            for s, c in zip(index, array.chunks)]
+    return [range(s.start // c, -(-s.stop // c)) if s.stop > s.start else range(0) for s, c in zip(index, array.chunks)]
 
 
-def seal(root: zarr.Group, uid: str, array: zarr.Array, index: tuple[slice, ...] | None = None,
-         values: np.ndarray | None = None) -> None:
+def seal(
+    root: zarr.Group,
+    uid: str,
+    array: zarr.Array,
+    index: tuple[slice, ...] | None = None,
+    values: np.ndarray | None = None,
+) -> None:
     """Record the digests of the chunks that the box `index` (all of it by default) touches, after
     `values` were written there: from `values` where they cover a whole chunk, else read back."""
     index = tuple(slice(0, n) for n in array.shape) if index is None else index
@@ -109,9 +129,14 @@ def seal(root: zarr.Group, uid: str, array: zarr.Array, index: tuple[slice, ...]
     for coords in itertools.product(*ranges):
         region = _region(array, coords)
         whole = values is not None and all(r.start >= s.start and r.stop <= s.stop for r, s in zip(region, index))
-        chunk = (np.asarray(values)[tuple(slice(r.start - s.start, r.stop - s.start) for r, s in zip(region, index))]
-                 if whole else np.asarray(array[region]))
-        box[tuple(k - r.start for k, r in zip(coords, ranges))] = np.frombuffer(_digest(uid, array.path, coords, chunk), np.uint8)
+        chunk = (
+            np.asarray(values)[tuple(slice(r.start - s.start, r.stop - s.start) for r, s in zip(region, index))]
+            if whole
+            else np.asarray(array[region])
+        )
+        box[tuple(k - r.start for k, r in zip(coords, ranges))] = np.frombuffer(
+            _digest(uid, array.path, coords, chunk), np.uint8
+        )
     digest_array(root, array, create=True)[tuple(slice(r.start, r.stop) for r in ranges)] = box
 
 
@@ -162,8 +187,11 @@ def checked_read(root: zarr.Group, uid: str, array: zarr.Array, index=...) -> np
         lengths = stops - starts
         offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]) if len(chunks) else np.zeros(0, np.int64)
         contiguous = len(chunks) == 0 or chunks[-1] - chunks[0] + 1 == len(chunks)
-        read = (slice(int(starts[0]), int(stops[-1])) if len(chunks) else slice(0, 0)) if contiguous else \
-            np.concatenate([np.arange(a, b) for a, b in zip(starts, stops)])
+        read = (
+            (slice(int(starts[0]), int(stops[-1])) if len(chunks) else slice(0, 0))
+            if contiguous
+            else np.concatenate([np.arange(a, b) for a, b in zip(starts, stops)])
+        )
         per_dim.append((chunks, read, offsets, lengths))
     reads = tuple(d[1] for d in per_dim)
     block = np.asarray(array[reads] if all(isinstance(r, slice) for r in reads) else array.oindex[reads])
@@ -179,7 +207,7 @@ def checked_read(root: zarr.Group, uid: str, array: zarr.Array, index=...) -> np
             if _digest(uid, array.path, coords, chunk) != want:
                 raise Damaged(array.path, coords, "does not match its checksum")
     local = []
-    for (pos, _), (chunks, _, offsets, _) , c in zip(dims, per_dim, array.chunks):
+    for (pos, _), (chunks, _, offsets, _), c in zip(dims, per_dim, array.chunks):
         local.append(offsets[np.searchsorted(chunks, pos // c)] + pos % c if len(pos) else pos)
     out = block[np.ix_(*local)] if local else block
     drop = tuple(axis for axis, (_, dropped) in enumerate(dims) if dropped)

@@ -48,10 +48,16 @@ class QueriesArtifact(Artifact):
         finished = old is not None and "blocks" in old  # a first build killed early has no blocks: rebuilt
         appending = append and not force and finished and old.get("base_fingerprint") == base
         if append and finished and not appending and not force:
-            raise IncompatibleArtifact(f"cannot append to {path}: it was made from other factors or options",
-                                       hint="use the same --factors, --rank and --svd, or another --out")
+            raise IncompatibleArtifact(
+                f"cannot append to {path}: it was made from other factors or options",
+                hint="use the same --factors, --rank and --svd, or another --out",
+            )
         files = old["provenance"]["queries_files"] if appending else []
-        attrs = {**attrs, "provenance": {**attrs["provenance"], "queries_files": files + [new_file]}, "base_fingerprint": base}
+        attrs = {
+            **attrs,
+            "provenance": {**attrs["provenance"], "queries_files": files + [new_file]},
+            "base_fingerprint": base,
+        }
         if appending and new_file["sha256"] in {f["sha256"] for f in files}:
             held = cls.open_for_writing(path)
             if not held.complete:  # a first build killed after its last write: only the stamp is missing
@@ -74,8 +80,9 @@ class QueriesArtifact(Artifact):
         art.update_attrs({"modules": modules})
         return art
 
-    def reserve(self, start: int, ids: list[str], prompts: list[str], completions: list[str],
-                n_tokens: list[tuple[int, int]]) -> None:
+    def reserve(
+        self, start: int, ids: list[str], prompts: list[str], completions: list[str], n_tokens: list[tuple[int, int]]
+    ) -> None:
         """Main rank: the texts and token counts of rows start.. and room for their measurements."""
         for name, values in zip(_TEXTS, (ids, prompts, completions)):
             values = np.array(values, dtype=object)
@@ -105,8 +112,12 @@ class QueriesArtifact(Artifact):
             form, arrays = "full", {"P": ((O, I), (1, O, I))}
         else:
             form = "low_rank"
-            arrays = {"U": ((O, rank), (1, O, rank)), "sigma": ((rank,), (1, rank)), "V": ((I, rank), (1, I, rank)),
-                      "kept": ((), (1024,))}
+            arrays = {
+                "U": ((O, rank), (1, O, rank)),
+                "sigma": ((rank,), (1, rank)),
+                "V": ((I, rank), (1, I, rank)),
+                "kept": ((), (1024,)),
+            }
         _set_attrs(sub, {"form": form} if form == "full" else {"form": form, "rank": rank, "svd": svd})
         for key, (row_shape, chunks) in arrays.items():
             if key in sub:
@@ -122,7 +133,9 @@ class QueriesArtifact(Artifact):
     def write_rows(self, name: str, start: int, arrays: dict[str, np.ndarray]) -> None:
         """Rows start.. of a module's arrays (P, or U, sigma, V, kept)."""
         for key, values in arrays.items():
-            self._put(f"modules/{name}/{key}", (slice(start, start + len(values)),), np.asarray(values, dtype=np.float32))
+            self._put(
+                f"modules/{name}/{key}", (slice(start, start + len(values)),), np.asarray(values, dtype=np.float32)
+            )
 
     def write_measurements(self, start: int, values: np.ndarray) -> None:
         self._put("measurement", (slice(start, start + len(values)),), np.asarray(values, dtype=np.float32))
@@ -146,8 +159,11 @@ class QueriesArtifact(Artifact):
         """This artifact, or it before some of its blocks were appended (appends never change the
         rows before them): a child made from the first blocks can still use it."""
         attrs, files = self.attrs, self.provenance["queries_files"]
-        return any(identity_fingerprint({**attrs, "provenance": {**attrs["provenance"], "queries_files": files[:k]}}) == recorded
-                   for k in range(len(files), 0, -1))
+        return any(
+            identity_fingerprint({**attrs, "provenance": {**attrs["provenance"], "queries_files": files[:k]}})
+            == recorded
+            for k in range(len(files), 0, -1)
+        )
 
     def ids(self) -> list[str]:
         """Ids of the finished blocks (rows past them are leftovers of a killed append)."""
@@ -166,16 +182,25 @@ class QueriesArtifact(Artifact):
         module, the fraction of its gradient's norm the rank keeps (its smallest and mean)."""
         n, measured = self.blocks[-1], self.measurements()
         counts = self._read("n_tokens", slice(0, n)) if "n_tokens" in self.group else np.full((n, 2), -1)
-        kept = [self._read(f"modules/{m}/kept", slice(0, n)) for m in self.modules
-                if self.module_attrs(m)["form"] == "low_rank"]
+        kept = [
+            self._read(f"modules/{m}/kept", slice(0, n))
+            for m in self.modules
+            if self.module_attrs(m)["form"] == "low_rank"
+        ]
         kept = np.stack(kept, 1) if kept else None  # [Q, low-rank modules]
-        return [{"id": q, "prompt": prompt, "completion": completion,
-                 "prompt_tokens": int(counts[i, 0]) if counts[i, 0] >= 0 else None,
-                 "completion_tokens": int(counts[i, 1]) if counts[i, 1] >= 0 else None,
-                 "log_p": float(measured[i]),
-                 "kept_min": float(kept[i].min()) if kept is not None else None,
-                 "kept_mean": float(kept[i].mean()) if kept is not None else None}
-                for i, (q, prompt, completion) in enumerate(self.all_texts())]
+        return [
+            {
+                "id": q,
+                "prompt": prompt,
+                "completion": completion,
+                "prompt_tokens": int(counts[i, 0]) if counts[i, 0] >= 0 else None,
+                "completion_tokens": int(counts[i, 1]) if counts[i, 1] >= 0 else None,
+                "log_p": float(measured[i]),
+                "kept_min": float(kept[i].min()) if kept is not None else None,
+                "kept_mean": float(kept[i].mean()) if kept is not None else None,
+            }
+            for i, (q, prompt, completion) in enumerate(self.all_texts())
+        ]
 
     def texts(self, row: int) -> tuple[str, str, str]:
         """(id, prompt, completion) of one query."""

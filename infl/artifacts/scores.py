@@ -32,8 +32,17 @@ UNIT = "nats per unit upweight (d log p(completion) / d epsilon); divide by N fo
 class Layout:
     """The shape of a scores artifact for given inputs."""
 
-    def __init__(self, query_ids: list[str], blocks: list[int], modules: list[str], train_ids: list[str],
-                 locators: np.ndarray, chunk_size: int, per_token: bool, max_length: int):
+    def __init__(
+        self,
+        query_ids: list[str],
+        blocks: list[int],
+        modules: list[str],
+        train_ids: list[str],
+        locators: np.ndarray,
+        chunk_size: int,
+        per_token: bool,
+        max_length: int,
+    ):
         self.query_ids, self.blocks, self.modules, self.train_ids = query_ids, blocks, modules, train_ids
         self.locators, self.chunk_size, self.per_token, self.max_length = locators, chunk_size, per_token, max_length
 
@@ -69,7 +78,13 @@ class ScoresArtifact(ChunkedArtifact):
     def _create_for(cls, path: Path, attrs: dict, layout: Layout):
         art = cls.create(path, attrs)
         art.update_attrs({"modules": layout.modules, "unit": UNIT})
-        Q, N, M, T, C = len(layout.query_ids), len(layout.train_ids), len(layout.modules), layout.max_length, layout.chunk_size
+        Q, N, M, T, C = (
+            len(layout.query_ids),
+            len(layout.train_ids),
+            len(layout.modules),
+            layout.max_length,
+            layout.chunk_size,
+        )
         art._create("total", (Q, N), (Q, C), "float32", float("nan"))
         art._create("per_module", (M, Q, N), (M, Q, C), "float32", float("nan"))
         if layout.per_token:
@@ -89,8 +104,10 @@ class ScoresArtifact(ChunkedArtifact):
         old_blocks, blocks = old["query_blocks"], attrs["query_blocks"]
         held = self._strings("query_ids")[: old_blocks[-1]]
         if blocks[: len(old_blocks)] != old_blocks or layout.query_ids[: len(held)] != held:
-            raise IncompatibleArtifact(f"the queries of {self.path} were rebuilt, not appended to",
-                                       hint="pass --force to rescore everything, or choose another --out")
+            raise IncompatibleArtifact(
+                f"the queries of {self.path} were rebuilt, not appended to",
+                hint="pass --force to rescore everything, or choose another --out",
+            )
         self.unpublish()
         # sizes from the old attributes (written last), never from arrays a killed growth may have resized
         self._conform(layout, sum(shard["n_records"] for shard in old["provenance"]["corpus"]), old_blocks[-1])
@@ -121,9 +138,15 @@ class ScoresArtifact(ChunkedArtifact):
     def pending(self) -> list[tuple[int, tuple[int, ...]]]:
         """(chunk, query blocks not done in it) for every chunk with work left."""
         done = self.done_mask()
-        return [(c, tuple(int(b) for b in np.flatnonzero(~done[:, c]))) for c in range(done.shape[1]) if not done[:, c].all()]
+        return [
+            (c, tuple(int(b) for b in np.flatnonzero(~done[:, c])))
+            for c in range(done.shape[1])
+            if not done[:, c].all()
+        ]
 
-    def write_cell(self, b: int, c: int, per_module: np.ndarray, total: np.ndarray, per_token: np.ndarray | None = None) -> None:
+    def write_cell(
+        self, b: int, c: int, per_module: np.ndarray, total: np.ndarray, per_token: np.ndarray | None = None
+    ) -> None:
         """One query block x one chunk: the scores per module [M, q, n] and in total [q, n] (and
         per-token terms [q, n, T]) with their digests, then the done bit."""
         blocks, C = self.group.attrs["query_blocks"], self.group.attrs["config"]["chunk_size"]
@@ -170,8 +193,10 @@ class ScoresArtifact(ChunkedArtifact):
     def facts(self) -> dict:
         if "index" not in self.provenance:
             return {}
-        return {"scored from": f"the index {self.provenance['index']} ({self.config['index_dim'] or 'all'} coordinates "
-                               f"per module, {self.config['index_dtype']}): {self.provenance['compression']}"}
+        return {
+            "scored from": f"the index {self.provenance['index']} ({self.config['index_dim'] or 'all'} coordinates "
+            f"per module, {self.config['index_dtype']}): {self.provenance['compression']}"
+        }
 
     @staticmethod
     def _sequence_axis(name: str) -> int | None:

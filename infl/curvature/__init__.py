@@ -35,5 +35,7 @@ def check_blocks(blocks: int, size: int) -> None:
     """Refuse more diagonal blocks than a Kronecker factor has coordinates (here, where the
     strategies' user-facing errors live, so the math modules need no error types)."""
     if blocks > size:
-        raise BadInput(f"--blocks {blocks} is more than the {size} coordinates of a module's Kronecker factor: "
-                       f"use --blocks {size} or fewer")
+        raise BadInput(
+            f"--blocks {blocks} is more than the {size} coordinates of a module's Kronecker factor: "
+            f"use --blocks {size} or fewer"
+        )

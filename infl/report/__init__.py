@@ -17,7 +17,22 @@ from rich.text import Text
 
 from infl.analysis.results import Hit, LayerTable, QueryInfo, Topk
 
-__all__ = ["TOPK", "LAYERWISE", "SPARSITY", "COMPARE", "unit_name", "short_names", "topk_records", "column_format", "percent", "html_legend", "SHARE_NOTE", "render_info", "render_plan", "as_text"]
+__all__ = [
+    "TOPK",
+    "LAYERWISE",
+    "SPARSITY",
+    "COMPARE",
+    "unit_name",
+    "short_names",
+    "topk_records",
+    "column_format",
+    "percent",
+    "html_legend",
+    "SHARE_NOTE",
+    "render_info",
+    "render_plan",
+    "as_text",
+]
 
 _PREVIEW = 240  # characters of text shown per sequence in a table
 
@@ -30,8 +45,9 @@ def unit_name(train_size: int | None) -> str:
 def as_text(*renderables) -> str:
     """Rich renderables as the text a terminal would show (plain when stdout is not a terminal)."""
     screen = Console()
-    console = Console(file=io.StringIO(), width=screen.width, force_terminal=screen.is_terminal,
-                      color_system=screen.color_system)
+    console = Console(
+        file=io.StringIO(), width=screen.width, force_terminal=screen.is_terminal, color_system=screen.color_system
+    )
     for r in renderables:
         console.print(r)
     return console.file.getvalue()
@@ -95,9 +111,18 @@ def _log_p(info: QueryInfo) -> str:
 
 def _hit_row(h: Hit, info: QueryInfo, unit: str) -> dict:
     """A hit as a flat record: what the query asked, then the hit (one JSON object per line)."""
-    row = {"query_id": h.query_id, "query_prompt": info.prompt, "query_completion": info.completion,
-           "query_log_p": info.log_p, "rank": h.rank, "train_id": h.train_id, "score": h.score,
-           "share": None if h.share != h.share else h.share, "unit": unit, "text": h.text}
+    row = {
+        "query_id": h.query_id,
+        "query_prompt": info.prompt,
+        "query_completion": info.completion,
+        "query_log_p": info.log_p,
+        "rank": h.rank,
+        "train_id": h.train_id,
+        "score": h.score,
+        "share": None if h.share != h.share else h.share,
+        "unit": unit,
+        "text": h.text,
+    }
     if h.refined is not None:
         row["refined_score"] = h.refined
     if h.tokens is not None:
@@ -113,7 +138,14 @@ def topk_records(result: Topk, unit: str) -> list[dict]:
 
 # Token shading: a token's influence relative to the largest |influence| among its sequence's tokens.
 _MARK = 0.25  # in plain text, tokens at least this strong are marked {+...} / {-...}
-_LEGEND = ((1.0, 1, "strong +"), (0.5, 1, "+"), (0.2, 1, "weak +"), (0.2, -1, "weak -"), (0.5, -1, "-"), (1.0, -1, "strong -"))
+_LEGEND = (
+    (1.0, 1, "strong +"),
+    (0.5, 1, "+"),
+    (0.2, 1, "weak +"),
+    (0.2, -1, "weak -"),
+    (0.5, -1, "-"),
+    (1.0, -1, "strong -"),
+)
 
 
 def _shade(value: float, scale: float) -> float:
@@ -153,9 +185,12 @@ def _rich_tokens(tokens, colours: str | None) -> Text:
 
 def _token_legend(colours: str | None) -> Text:
     if colours is None:
-        return Text(f"tokens: {{+...}} raise log p(completion), {{-...}} lower it: marked when at least {_MARK:.0%} of "
-                    "the sequence's largest |token influence| (stdout is not a terminal: --format html or json "
-                    "keep every value)", style="dim")
+        return Text(
+            f"tokens: {{+...}} raise log p(completion), {{-...}} lower it: marked when at least {_MARK:.0%} of "
+            "the sequence's largest |token influence| (stdout is not a terminal: --format html or json "
+            "keep every value)",
+            style="dim",
+        )
     legend = Text("tokens: ")
     for x, value, name in _LEGEND:
         legend.append(f" {name} ", style=_token_style(value, x, colours))
@@ -171,24 +206,34 @@ def _html_tokens(tokens) -> str:
 
 def _html_span(piece: str, value: float, x: float, title: str | None = None) -> str:
     rgb = "255,0,0" if value > 0 else "0,0,255"
-    return (f'<span title="{html.escape(title or format(value, ".4g"))}" style="background:rgba({rgb},{0.8 * x:.2f})">'
-            f"{html.escape(piece)}</span>")
+    return (
+        f'<span title="{html.escape(title or format(value, ".4g"))}" style="background:rgba({rgb},{0.8 * x:.2f})">'
+        f"{html.escape(piece)}</span>"
+    )
 
 
 def html_legend() -> str:
     """The token shading's legend, as HTML."""
-    spans = " ".join(_html_span(f" {name.replace('-', '−')} ", value, x, f"{x:.0%} of the largest |token influence|")
-                     for x, value, name in _LEGEND)
-    return (f"<p class='legend'>tokens: {spans} — relative to each sequence's largest |token influence|; "
-            "+ raises log p(completion). Hover a token for its value.</p>")
+    spans = " ".join(
+        _html_span(f" {name.replace('-', '−')} ", value, x, f"{x:.0%} of the largest |token influence|")
+        for x, value, name in _LEGEND
+    )
+    return (
+        f"<p class='legend'>tokens: {spans} — relative to each sequence's largest |token influence|; "
+        "+ raises log p(completion). Hover a token for its value.</p>"
+    )
 
 
 def _query_line(info: QueryInfo) -> str:
     """What a query asked, on one line (self-influence: what the scores are)."""
     if info.log_p is None:
-        return f"query {_id(info.query_id)}: each sequence's influence on its own loss, among {info.n_sequences} sequences"
-    return (f"query {_id(info.query_id)}: {_clip(info.prompt)!r} -> {_clip(info.completion)!r} ({_log_p(info)}; "
-            f"ranked among {info.n_sequences} sequences)")
+        return (
+            f"query {_id(info.query_id)}: each sequence's influence on its own loss, among {info.n_sequences} sequences"
+        )
+    return (
+        f"query {_id(info.query_id)}: {_clip(info.prompt)!r} -> {_clip(info.completion)!r} ({_log_p(info)}; "
+        f"ranked among {info.n_sequences} sequences)"
+    )
 
 
 SHARE_NOTE = "share: of the query's total positive influence (of its total negative influence for a negative score)"
@@ -206,11 +251,29 @@ def _topk_csv(result: Topk, unit: str) -> str:
     out = io.StringIO()
     writer = csv.writer(out)
     refined = any(h.refined is not None for h in result.hits)
-    writer.writerow(["query_id", "rank", "train_id", f"influence [{unit}]", "share of same-sign total",
-                     *([f"full-rank influence [{unit}]"] if refined else []), "text"])
+    writer.writerow(
+        [
+            "query_id",
+            "rank",
+            "train_id",
+            f"influence [{unit}]",
+            "share of same-sign total",
+            *([f"full-rank influence [{unit}]"] if refined else []),
+            "text",
+        ]
+    )
     for h in result.hits:
-        writer.writerow([h.query_id, h.rank, h.train_id, f"{h.score:.6g}", "" if h.share != h.share else f"{h.share:.6g}",
-                         *([f"{h.refined:.6g}"] if refined else []), h.text])
+        writer.writerow(
+            [
+                h.query_id,
+                h.rank,
+                h.train_id,
+                f"{h.score:.6g}",
+                "" if h.share != h.share else f"{h.share:.6g}",
+                *([f"{h.refined:.6g}"] if refined else []),
+                h.text,
+            ]
+        )
     return out.getvalue()
 
 
@@ -226,8 +289,10 @@ def _topk_markdown(result: Topk, unit: str) -> str:
         hits = result.of(info.query_id)
         score, full = _numbers(hits)
         head = f"influence ({unit}) | share" + (" | full rank" if refined else "")
-        out.append(f"### {_markdown(_id(info.query_id))}\n\n{_markdown(_query_line(info))}\n\n"
-                   f"| rank | train id | {head} | text |\n|---:|---|---:|---:|{'---:|' if refined else ''}---|")
+        out.append(
+            f"### {_markdown(_id(info.query_id))}\n\n{_markdown(_query_line(info))}\n\n"
+            f"| rank | train id | {head} | text |\n|---:|---|---:|---:|{'---:|' if refined else ''}---|"
+        )
         for h in hits:
             number = f"{score(h.score)} | {percent(h.share)}" + (f" | {full(h.refined)}" if refined else "")
             text = _html_tokens(h.tokens).replace("|", "&#124;") if h.tokens else _markdown(_preview(h.text))
@@ -245,12 +310,20 @@ def _topk_html(result: Topk, unit: str) -> str:
     for info in result.queries:
         hits = result.of(info.query_id)
         score, full = _numbers(hits)
-        out.append(f"<h3>{html.escape(info.query_id)}</h3><p>{html.escape(_query_line(info))}</p>"
-                   "<table border='1' cellpadding='4'><tr><th>rank</th><th>train id</th>"
-                   f"<th>influence ({html.escape(unit)})</th><th>share</th>{'<th>full rank</th>' if refined else ''}<th>text</th></tr>")
+        out.append(
+            f"<h3>{html.escape(info.query_id)}</h3><p>{html.escape(_query_line(info))}</p>"
+            "<table border='1' cellpadding='4'><tr><th>rank</th><th>train id</th>"
+            f"<th>influence ({html.escape(unit)})</th><th>share</th>{'<th>full rank</th>' if refined else ''}<th>text</th></tr>"
+        )
         for h in hits:
-            cells = [str(h.rank), html.escape(h.train_id), score(h.score), percent(h.share), *([full(h.refined)] if refined else []),
-                     _html_tokens(h.tokens) if h.tokens else html.escape(h.text)]
+            cells = [
+                str(h.rank),
+                html.escape(h.train_id),
+                score(h.score),
+                percent(h.share),
+                *([full(h.refined)] if refined else []),
+                _html_tokens(h.tokens) if h.tokens else html.escape(h.text),
+            ]
             out.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
         out.append("</table>")
     out.append(f"<p>{html.escape(SHARE_NOTE)}.</p>")
@@ -279,8 +352,12 @@ def _topk_table(result: Topk, unit: str) -> str:
         table.add_column("text", overflow="fold", ratio=1)
         for h in hits:
             numbers = [score(h.score), percent(h.share)] + ([full(h.refined)] if refined else [])
-            table.add_row(str(h.rank), Text(_id(h.train_id)), *numbers,
-                          _rich_tokens(h.tokens, colours) if h.tokens else Text(_preview(h.text)))
+            table.add_row(
+                str(h.rank),
+                Text(_id(h.train_id)),
+                *numbers,
+                _rich_tokens(h.tokens, colours) if h.tokens else Text(_preview(h.text)),
+            )
         out.append(table)
     out.append(Text(f"influence in {unit}; {SHARE_NOTE}", style="dim"))
     if tokens:
@@ -288,16 +365,34 @@ def _topk_table(result: Topk, unit: str) -> str:
     return as_text(*out)
 
 
-TOPK = {"table": _topk_table, "json": _topk_json, "jsonl": _topk_jsonl, "csv": _topk_csv, "markdown": _topk_markdown,
-        "html": _topk_html}
+TOPK = {
+    "table": _topk_table,
+    "json": _topk_json,
+    "jsonl": _topk_jsonl,
+    "csv": _topk_csv,
+    "markdown": _topk_markdown,
+    "html": _topk_html,
+}
 
 
 def _layers_json(tables: list[LayerTable], unit: str) -> str:
-    return json.dumps([
-        {"query_id": t.query_id, "layers": t.layers, "train_ids": t.train_ids, "totals": t.totals,
-         "values": t.values.tolist(), "unit": unit}
-        for t in tables
-    ], indent=1) + "\n"
+    return (
+        json.dumps(
+            [
+                {
+                    "query_id": t.query_id,
+                    "layers": t.layers,
+                    "train_ids": t.train_ids,
+                    "totals": t.totals,
+                    "values": t.values.tolist(),
+                    "unit": unit,
+                }
+                for t in tables
+            ],
+            indent=1,
+        )
+        + "\n"
+    )
 
 
 def _layers_csv(tables: list[LayerTable], unit: str) -> str:
@@ -317,8 +412,9 @@ def short_names(names: list[str]) -> list[str]:
     'transformer.h.0.mlp.c_fc' -> 'h.0.c_fc', 'model.layers.3.mlp.up_proj' -> 'layers.3.up_proj'."""
     parts = [n.split(".") for n in names]
     common = 0
-    while (all(len(p) > common + 1 and not p[common + 1].isdigit() for p in parts)
-           and len({p[common] for p in parts}) == 1):
+    while (
+        all(len(p) > common + 1 and not p[common + 1].isdigit() for p in parts) and len({p[common] for p in parts}) == 1
+    ):
         common += 1
     short = [".".join(c for c in p[common:] if c != "mlp") for p in parts]
     return short if len(set(short)) == len(short) and all(short) else [".".join(p[common:]) for p in parts]
@@ -365,19 +461,33 @@ def _layers_html(tables: list[LayerTable], unit: str) -> str:
     for t in tables:
         number = column_format([*t.values.ravel().tolist(), *t.totals])
         scale = float(np.abs(t.values).max()) or 1.0
-        out.append(f"<h3>{html.escape(_layer_title(t, unit))}</h3><table border='1' cellpadding='4'><tr><th>layer</th>"
-                   + "".join(f"<th>#{j + 1} {html.escape(train_id)}</th>" for j, train_id in enumerate(t.train_ids)) + "</tr>")
+        out.append(
+            f"<h3>{html.escape(_layer_title(t, unit))}</h3><table border='1' cellpadding='4'><tr><th>layer</th>"
+            + "".join(f"<th>#{j + 1} {html.escape(train_id)}</th>" for j, train_id in enumerate(t.train_ids))
+            + "</tr>"
+        )
         for layer, values in zip(short_names(t.layers), t.values):  # cells shaded as the heatmap, symmetric about zero
-            cells = "".join(f"<td style='text-align:right;background:rgba({'255,0,0' if v > 0 else '0,0,255'},"
-                            f"{0.6 * min(1.0, abs(v) / scale):.2f})'>{number(v)}</td>" for v in values)
+            cells = "".join(
+                f"<td style='text-align:right;background:rgba({'255,0,0' if v > 0 else '0,0,255'},"
+                f"{0.6 * min(1.0, abs(v) / scale):.2f})'>{number(v)}</td>"
+                for v in values
+            )
             out.append(f"<tr><th>{html.escape(layer)}</th>{cells}</tr>")
-        out.append("<tr><th>total</th>" + "".join(f"<td style='text-align:right'><b>{number(v)}</b></td>" for v in t.totals)
-                   + "</tr></table>")
+        out.append(
+            "<tr><th>total</th>"
+            + "".join(f"<td style='text-align:right'><b>{number(v)}</b></td>" for v in t.totals)
+            + "</tr></table>"
+        )
     return "\n".join(out) + "\n"
 
 
-LAYERWISE = {"table": _layers_table, "csv": _layers_csv, "json": _layers_json, "markdown": _layers_markdown,
-             "html": _layers_html}
+LAYERWISE = {
+    "table": _layers_table,
+    "csv": _layers_csv,
+    "json": _layers_json,
+    "markdown": _layers_markdown,
+    "html": _layers_html,
+}
 
 
 def _sparsity_json(rows, unit: str) -> str:
@@ -389,18 +499,42 @@ def _sparsity_json(rows, unit: str) -> str:
 
 def _sparsity_table(rows, unit: str) -> str:
     table = Table(title=Text(f"concentration of positive influence ({unit})", style="table.title"))
-    for name, justify in (("query", "left"), ("top 1%", "right"), ("top 10%", "right"), ("alpha", "right"),
-                          ("x_min", "right"), ("tail", "right"), ("KS", "right"), ("power law beats exp, lognormal", "left")):
+    for name, justify in (
+        ("query", "left"),
+        ("top 1%", "right"),
+        ("top 10%", "right"),
+        ("alpha", "right"),
+        ("x_min", "right"),
+        ("tail", "right"),
+        ("KS", "right"),
+        ("power law beats exp, lognormal", "left"),
+    ):
         table.add_column(name, justify=justify, overflow="fold")
     for r in rows:
         fitted = r.alpha == r.alpha
-        table.add_row(Text(_id(r.query_id)), f"{r.top_1:.1%}", f"{r.top_10:.1%}",
-                      *((f"{r.alpha:.2f}", f"{r.xmin:.3g}", f"{r.n_tail}", f"{r.ks:.3f}",
-                         f"{_beats(r.vs_exponential)}, {_beats(r.vs_lognormal)}") if fitted else ("–",) * 5))
-    note = Text("top k%: the share of the positive influence that the k% most influential sequences hold. "
-                "alpha: p(x) ~ x^-alpha above x_min, fitted by maximum likelihood on the tail (the sequences above "
-                "x_min; KS: their distance from the fit). beats: the log-likelihood ratio's verdict at p < 0.05 "
-                "(--format json gives R and p).", style="dim")
+        table.add_row(
+            Text(_id(r.query_id)),
+            f"{r.top_1:.1%}",
+            f"{r.top_10:.1%}",
+            *(
+                (
+                    f"{r.alpha:.2f}",
+                    f"{r.xmin:.3g}",
+                    f"{r.n_tail}",
+                    f"{r.ks:.3f}",
+                    f"{_beats(r.vs_exponential)}, {_beats(r.vs_lognormal)}",
+                )
+                if fitted
+                else ("–",) * 5
+            ),
+        )
+    note = Text(
+        "top k%: the share of the positive influence that the k% most influential sequences hold. "
+        "alpha: p(x) ~ x^-alpha above x_min, fitted by maximum likelihood on the tail (the sequences above "
+        "x_min; KS: their distance from the fit). beats: the log-likelihood ratio's verdict at p < 0.05 "
+        "(--format json gives R and p).",
+        style="dim",
+    )
     return as_text(table, note)
 
 
@@ -413,14 +547,22 @@ SPARSITY = {"table": _sparsity_table, "json": _sparsity_json}
 
 
 def _compare_rows(c) -> list[dict]:
-    return [{"rank_in_" + c.top_of: i + 1, "train_id": t,
-             "influence": dict(zip(c.query_ids, map(float, c.values[i]))),
-             "rank": dict(zip(c.query_ids, map(int, c.ranks[i])))} for i, t in enumerate(c.train_ids)]
+    return [
+        {
+            "rank_in_" + c.top_of: i + 1,
+            "train_id": t,
+            "influence": dict(zip(c.query_ids, map(float, c.values[i]))),
+            "rank": dict(zip(c.query_ids, map(int, c.ranks[i]))),
+        }
+        for i, t in enumerate(c.train_ids)
+    ]
 
 
 def _compare_json(c, unit: str) -> str:
-    return json.dumps({"top_of": c.top_of, "queries": c.query_ids, "unit": unit, "sequences": _compare_rows(c)},
-                      indent=1) + "\n"
+    return (
+        json.dumps({"top_of": c.top_of, "queries": c.query_ids, "unit": unit, "sequences": _compare_rows(c)}, indent=1)
+        + "\n"
+    )
 
 
 def _compare_csv(c, unit: str) -> str:
@@ -434,8 +576,13 @@ def _compare_csv(c, unit: str) -> str:
 
 
 def _compare_table(c, unit: str) -> str:
-    table = Table(title=Text(f"the top {len(c.train_ids)} sequences of query {_id(c.top_of)} against each query "
-                             f"({unit}; #: rank among all sequences)", style="table.title"))
+    table = Table(
+        title=Text(
+            f"the top {len(c.train_ids)} sequences of query {_id(c.top_of)} against each query "
+            f"({unit}; #: rank among all sequences)",
+            style="table.title",
+        )
+    )
     table.add_column("sequence", overflow="fold")
     for query_id in c.query_ids:
         table.add_column(Text(_id(query_id)), justify="right", overflow="fold")
@@ -449,18 +596,27 @@ COMPARE = {"table": _compare_table, "json": _compare_json, "csv": _compare_csv}
 
 
 def render_info(described: dict) -> str:
-    table = Table(title=Text(f"{described['kind']} artifact {described['path']}", style="table.title"), show_header=False)
+    table = Table(
+        title=Text(f"{described['kind']} artifact {described['path']}", style="table.title"), show_header=False
+    )
     table.add_column("key", style="bold")
     table.add_column("value", overflow="fold")
     progress = described["progress"]
     rows = [
-        ("status", ("complete" if not described.get("problem") else f"damaged: {described['problem']}")
-                   if described["complete"] else "unfinished"),
+        (
+            "status",
+            ("complete" if not described.get("problem") else f"damaged: {described['problem']}")
+            if described["complete"]
+            else "unfinished",
+        ),
         ("progress", f"{progress['chunks_done']} / {progress['chunks']} chunks"),
         ("size", f"{described['size_bytes'] / 2**20:.2f} MiB"),
         ("created", f"{described['created']} (infl {described['infl_version']}, schema {described['schema']})"),
         ("fingerprint", described["fingerprint"] or ""),
-        ("modules", f"{len(described['modules'])}: {', '.join(described['modules'][:4])}{' ...' if len(described['modules']) > 4 else ''}"),
+        (
+            "modules",
+            f"{len(described['modules'])}: {', '.join(described['modules'][:4])}{' ...' if len(described['modules']) > 4 else ''}",
+        ),
         *((k, str(v)) for k, v in described.get("facts", {}).items()),
         *((f"parent {k}", str(v)) for k, v in described["parents"].items()),
         *((f"config.{k}", json.dumps(v)) for k, v in described["config"].items()),
@@ -474,16 +630,27 @@ def render_info(described: dict) -> str:
 
 
 def _queries_table(queries: list[dict]) -> Table:
-    table = Table(title=Text(f"{len(queries)} queries", style="table.title"), caption_justify="left", caption=Text(
-        "tokens: prompt + completion; log p: of the completion given the prompt, at the model's weights; "
-        "kept: the smallest share of a module's query gradient norm its rank keeps", style="dim"))
+    table = Table(
+        title=Text(f"{len(queries)} queries", style="table.title"),
+        caption_justify="left",
+        caption=Text(
+            "tokens: prompt + completion; log p: of the completion given the prompt, at the model's weights; "
+            "kept: the smallest share of a module's query gradient norm its rank keeps",
+            style="dim",
+        ),
+    )
     for name in ("id", "prompt -> completion", "tokens", "log p", "kept"):
         table.add_column(name, justify="right" if name in ("tokens", "log p", "kept") else "left", overflow="fold")
     for q in queries:
         tokens = "–" if q["prompt_tokens"] is None else f"{q['prompt_tokens']} + {q['completion_tokens']}"
         kept = "full" if q["kept_min"] is None else f"{q['kept_min']:.1%}"
-        table.add_row(Text(_id(q["id"])), Text(f"{_clip(q['prompt'])!r} -> {_clip(q['completion'])!r}"), tokens,
-                      f"{q['log_p']:.3f}", kept)
+        table.add_row(
+            Text(_id(q["id"])),
+            Text(f"{_clip(q['prompt'])!r} -> {_clip(q['completion'])!r}"),
+            tokens,
+            f"{q['log_p']:.3f}",
+            kept,
+        )
     return table
 
 
@@ -494,9 +661,12 @@ def _size(n: int | None) -> str:
 def render_plan(plan: dict) -> str:
     """`infl plan` as a table: per stage its peak memory, what makes it up, and what it writes."""
     budget = plan["memory_budget"]
-    title = (f"{plan['modules']} modules, {plan['strategy']}" + (f" in {plan['blocks']} blocks" if plan["blocks"] > 1 else "")
-             + f", {plan['dtype']}, batch {plan['batch_size']} x {plan['max_length']} tokens, {plan['queries']} queries"
-             + f" of rank {plan['rank'] or 'full'}, {plan['sequences']} sequences")
+    title = (
+        f"{plan['modules']} modules, {plan['strategy']}"
+        + (f" in {plan['blocks']} blocks" if plan["blocks"] > 1 else "")
+        + f", {plan['dtype']}, batch {plan['batch_size']} x {plan['max_length']} tokens, {plan['queries']} queries"
+        + f" of rank {plan['rank'] or 'full'}, {plan['sequences']} sequences"
+    )
     table = Table(title=Text(title, style="table.title"))
     for column in ("stage", "peak", "made of", "writes", *(("largest batch",) if budget else ())):
         table.add_column(column, justify="left" if column in ("stage", "made of") else "right", overflow="fold")

@@ -40,8 +40,13 @@ def ccdf_png(values: np.ndarray, fit, unit: str) -> bytes:
         if np.isfinite(fit.alpha):
             tail = x[x >= fit.xmin]
             at = len(tail) / len(x)  # the empirical 1-CDF at xmin, where the fitted line starts
-            ax.loglog(tail, at * (tail / fit.xmin) ** (1 - fit.alpha), "-", color="#d62728",
-                      label=f"power law, alpha = {fit.alpha:.2f}")
+            ax.loglog(
+                tail,
+                at * (tail / fit.xmin) ** (1 - fit.alpha),
+                "-",
+                color="#d62728",
+                label=f"power law, alpha = {fit.alpha:.2f}",
+            )
         ax.legend(frameon=False, fontsize=8)
     ax.set_xlabel(f"influence ({unit})")
     ax.set_ylabel("1 - CDF")
@@ -60,7 +65,9 @@ def layer_heatmap_png(tables, unit: str) -> bytes:
         bound = float(np.abs(table.values).max()) or 1.0
         image = ax.imshow(table.values, cmap="RdBu_r", vmin=-bound, vmax=bound, aspect="auto", interpolation="nearest")
         ax.set_yticks(range(len(table.layers)), short_names(table.layers), fontsize=7)
-        ax.set_xticks(range(len(table.train_ids)), [_clip(t) for t in table.train_ids], rotation=60, ha="right", fontsize=7)
+        ax.set_xticks(
+            range(len(table.train_ids)), [_clip(t) for t in table.train_ids], rotation=60, ha="right", fontsize=7
+        )
         ax.set_title(f"query {table.query_id}", fontsize=9)
         fig.colorbar(image, ax=ax, label=unit, shrink=0.9)
     fig.tight_layout()
@@ -81,8 +88,15 @@ def compare_heatmap_png(c, unit: str) -> bytes:
     ax.imshow(shade, cmap="RdBu_r", vmin=-1, vmax=1, aspect="auto", interpolation="nearest")
     for i in range(shade.shape[0]):
         for j in range(shade.shape[1]):
-            ax.text(j, i, f"{c.values[i, j]:.2g}", ha="center", va="center", fontsize=6,
-                    color="white" if abs(shade[i, j]) > 0.6 else "black")
+            ax.text(
+                j,
+                i,
+                f"{c.values[i, j]:.2g}",
+                ha="center",
+                va="center",
+                fontsize=6,
+                color="white" if abs(shade[i, j]) > 0.6 else "black",
+            )
     ax.set_xticks(range(len(c.query_ids)), [_clip(q) for q in c.query_ids], rotation=30, ha="right", fontsize=7)
     ax.set_yticks(range(len(c.train_ids)), [_clip(t) for t in c.train_ids], fontsize=7)
     ax.set_title(f"top sequences of query {_clip(c.top_of, 24)} ({unit})", fontsize=8)

@@ -10,9 +10,27 @@ import hashlib
 from dataclasses import fields
 from pathlib import Path
 
-__all__ = ["WritingStage", "artifact_class", "open_parent", "corpus_paths", "corpus_pieces", "check_unchanged", "semantic_fields", "sequence_seed",
-           "model_dir_for", "query_bank", "COMPRESSION", "index_attrs", "with_corpus", "index_layout", "index_factors",
-           "IndexRows", "Curvatures", "curvatures", "module_specs"]
+__all__ = [
+    "WritingStage",
+    "artifact_class",
+    "open_parent",
+    "corpus_paths",
+    "corpus_pieces",
+    "check_unchanged",
+    "semantic_fields",
+    "sequence_seed",
+    "model_dir_for",
+    "query_bank",
+    "COMPRESSION",
+    "index_attrs",
+    "with_corpus",
+    "index_layout",
+    "index_factors",
+    "IndexRows",
+    "Curvatures",
+    "curvatures",
+    "module_specs",
+]
 
 
 class WritingStage:
@@ -50,8 +68,9 @@ def artifact_class(kind: str | None):
     from infl.artifacts.queries import QueriesArtifact
     from infl.artifacts.scores import ScoresArtifact
 
-    return {cls.kind: cls for cls in (FactorsArtifact, QueriesArtifact, IndexArtifact, ScoresArtifact,
-                                            CandidatesArtifact)}.get(kind)
+    return {
+        cls.kind: cls for cls in (FactorsArtifact, QueriesArtifact, IndexArtifact, ScoresArtifact, CandidatesArtifact)
+    }.get(kind)
 
 
 def open_parent(cls, child, key: str):
@@ -69,7 +88,9 @@ def open_parent(cls, child, key: str):
     if not parent.made_as(recorded):
         raise IncompatibleArtifact(
             f"{path} (fingerprint {parent.fingerprint[:12]}) is not the {key} artifact {child.path} was made from "
-            f"(fingerprint {recorded[:12]}): it was rebuilt since", hint=f"recompute {child.path}")
+            f"(fingerprint {recorded[:12]}): it was rebuilt since",
+            hint=f"recompute {child.path}",
+        )
     return parent
 
 
@@ -87,14 +108,20 @@ def corpus_pieces(old: dict | None, requested: tuple[Path, ...]) -> tuple:
     files it does not hold. A file that changed otherwise is read whole, so the check refuses it."""
     from infl.data import Piece, appended
 
-    held = [(Path(s["path"]), s.get("start", 0), s["size"], s["format"]) for s in old["provenance"]["corpus"]] if old else []
+    held = (
+        [(Path(s["path"]), s.get("start", 0), s["size"], s["format"]) for s in old["provenance"]["corpus"]]
+        if old
+        else []
+    )
     end = {}
     for path, start, size, fmt in held:
         end[path] = max(end.get(path, 0), start + size)
     grown = {path: appended(path, at) for path, at in end.items()}
     lines = {path for path, _, _, fmt in held if fmt != "windows"}  # windows of a longer text are other windows
-    pieces = [Piece(path, start, size if path in lines and grown[path] or not _longer(path, end[path]) else None)
-              for path, start, size, _ in held]
+    pieces = [
+        Piece(path, start, size if path in lines and grown[path] or not _longer(path, end[path]) else None)
+        for path, start, size, _ in held
+    ]
     pieces += [grown[path] for path in end if path in lines and grown[path]]
     return tuple(pieces) + tuple(Piece(p) for p in requested if str(p.resolve()) not in {str(path) for path in end})
 
@@ -197,8 +224,11 @@ def with_corpus(attrs: dict, corpus) -> dict:
     from infl.artifacts import identity_fingerprint
 
     base = identity_fingerprint(attrs)
-    attrs = {**attrs, "provenance": {**attrs["provenance"], "corpus": [shard.to_dict() for shard in corpus.shards]},
-             "base_fingerprint": base}
+    attrs = {
+        **attrs,
+        "provenance": {**attrs["provenance"], "corpus": [shard.to_dict() for shard in corpus.shards]},
+        "base_fingerprint": base,
+    }
     return {**attrs, "fingerprint": identity_fingerprint(attrs)}
 
 
@@ -222,9 +252,11 @@ def index_factors(index):
 
     factors = open_parent(FactorsArtifact, index, "factors")
     if factors.uid != index.provenance.get("factors_uid"):
-        raise IncompatibleArtifact(f"{factors.path} was fitted again since {index.path} was built: its eigenbases "
-                                   "are not the ones the index holds its gradients in",
-                                   hint="rebuild the index (infl index --force), or restore those factors")
+        raise IncompatibleArtifact(
+            f"{factors.path} was fitted again since {index.path} was built: its eigenbases "
+            "are not the ones the index holds its gradients in",
+            hint="rebuild the index (infl index --force), or restore those factors",
+        )
     return factors
 
 
@@ -240,7 +272,9 @@ class IndexRows:
         self.compress = {}
         for name, Q in bases.items():
             flat = torch.from_numpy(art.coordinates(name)).to(device)
-            self.compress[name] = lambda a, s, Q=Q, flat=flat: indexing.eigen_coordinates(a, s, Q["Q_A"], Q["Q_S"], flat)
+            self.compress[name] = lambda a, s, Q=Q, flat=flat: indexing.eigen_coordinates(
+                a, s, Q["Q_A"], Q["Q_S"], flat
+            )
 
     def write(self, c: int, rows: dict, ids: list[str]) -> None:
         """Chunk c's rows (name -> [n, K] float32 tensors): checked finite, encoded, written, marked done."""
@@ -253,7 +287,9 @@ class IndexRows:
             bad = (~torch.isfinite(values)).any(1).nonzero().flatten()
             if len(bad):
                 raise BadInput(f"non-finite gradient for training sequence {ids[int(bad[0])]!r} in module {name}")
-        self.art.write_chunk(c, {name: tuple(t.numpy() for t in indexing.encode(values, self.dtype)) for name, values in rows.items()})
+        self.art.write_chunk(
+            c, {name: tuple(t.numpy() for t in indexing.encode(values, self.dtype)) for name, values in rows.items()}
+        )
 
 
 class Curvatures:
@@ -276,7 +312,10 @@ class Curvatures:
             return self.kept[name]
         import torch
 
-        arrays = {k: torch.from_numpy(v).to(self.device) for k, v in self.factors.read_module(name, self.strategy.stored).items()}
+        arrays = {
+            k: torch.from_numpy(v).to(self.device)
+            for k, v in self.factors.read_module(name, self.strategy.stored).items()
+        }
         self.reads += 1
         found = self.strategy.curvature(arrays, float(self.factors.module_attrs(name)["damping"]))
         size = sum(t.numel() * t.element_size() for t in arrays.values())

@@ -74,11 +74,17 @@ class BuildQuery(WritingStage):
         sha = data.file_sha256(cfg.queries)
         held = self._held_bytes(attrs)
         holds = self._holds(sha)
-        built = QueriesArtifact.plan_build(cfg.out, attrs, {"path": str(cfg.queries.resolve()), "sha256": sha},
-                                           cfg.append or held > 0 or holds, cfg.force)
+        built = QueriesArtifact.plan_build(
+            cfg.out,
+            attrs,
+            {"path": str(cfg.queries.resolve()), "sha256": sha},
+            cfg.append or held > 0 or holds,
+            cfg.force,
+        )
         if built.up_to_date:
-            return Outcome(f"{cfg.out} is up to date" + (f" (it holds {cfg.queries})" if built.appending else ""),
-                           up_to_date=True)
+            return Outcome(
+                f"{cfg.out} is up to date" + (f" (it holds {cfg.queries})" if built.appending else ""), up_to_date=True
+            )
         queries = data.read_queries(cfg.queries, modeling.load_tokenizer(model_dir), fprov["max_length"], held)
         if held and not queries.ids:  # it grew by blank lines only
             return Outcome(f"{cfg.out} is up to date (it holds every query of {cfg.queries})", up_to_date=True)
@@ -90,15 +96,24 @@ class BuildQuery(WritingStage):
                 raise BadInput(f"query id {clash[0]!r} is already in {cfg.out}", hint="give appended queries new ids")
         art = QueriesArtifact.for_build(cfg.out, built, factors.modules)
         Q = len(queries.ids)
-        art.reserve(built.start, queries.ids, queries.prompts, queries.completions,
-                    [(p, len(t) - p) for t, p in zip(queries.tokens, queries.n_prompt)])
+        art.reserve(
+            built.start,
+            queries.ids,
+            queries.prompts,
+            queries.completions,
+            [(p, len(t) - p) for t, p in zip(queries.tokens, queries.n_prompt)],
+        )
         for name in factors.modules:
             spec = factors.spec(name)
             shape = (spec["d_out"], spec["d_in"] + int(spec["bias"]))
             # randomized where its sketch (rank + 10 columns) is thin beside the matrix: on SmolLM2's
             # preconditioned query gradients at rank 32 (float32) its residual is within 1.0002x of the
             # exact SVD's, at a third of the time (benchmarks/README.md, "Real checkpoint")
-            method = cfg.svd if cfg.svd != "auto" else ("randomized" if cfg.rank and 4 * (cfg.rank + 10) <= min(shape) else "exact")
+            method = (
+                cfg.svd
+                if cfg.svd != "auto"
+                else ("randomized" if cfg.rank and 4 * (cfg.rank + 10) <= min(shape) else "exact")
+            )
             art.reserve_module(name, shape, cfg.rank, method, built.start + Q)
         log(f"preconditioning {Q} queries over {len(factors.modules)} modules")
         units = [(lo, min(lo + cfg.batch_size, Q)) for lo in range(0, Q, cfg.batch_size)]
@@ -109,7 +124,9 @@ class BuildQuery(WritingStage):
         the file grew): then it is up to date with it, as with --append."""
         old = read_attrs(self.cfg.out) if self.cfg.out.exists() and not self.cfg.force else None
         files = old["provenance"].get("queries_files", []) if old and "blocks" in old else []
-        return len([f for f in files if f["path"] == str(self.cfg.queries.resolve())]) > 1 and sha in {f["sha256"] for f in files}
+        return len([f for f in files if f["path"] == str(self.cfg.queries.resolve())]) > 1 and sha in {
+            f["sha256"] for f in files
+        }
 
     def _held_bytes(self, attrs: dict) -> int:
         """How many bytes of the queries file the artifact already holds, when the file grew by
@@ -131,7 +148,9 @@ class BuildQuery(WritingStage):
         factors = FactorsArtifact.open(cfg.factors)
         device = g.device(cfg.device)
         rt = Runtime.load(plan.model_dir, factors.modules, device, plan.attrs["provenance"]["dtype"], cfg.batch_size)
-        queries = data.read_queries(cfg.queries, rt.tokenizer, plan.attrs["provenance"]["max_length"], plan.queries_start)
+        queries = data.read_queries(
+            cfg.queries, rt.tokenizer, plan.attrs["provenance"]["max_length"], plan.queries_start
+        )
         if data.file_sha256(cfg.queries) != plan.queries_sha256:
             raise BadInput(f"{cfg.queries} changed while this run was starting")
         curv = curvatures(factors, device, self._curvature_room(rt, queries, plan.units))
@@ -158,8 +177,9 @@ class BuildQuery(WritingStage):
                         arrays = {"P": from_eigenbasis(X, curv[name]).cpu().numpy()}
                     art.write_rows(name, plan.start + lo, arrays)
 
-                measurement, _ = engine.query_gradients(rt, queries.tokens[lo:hi], queries.n_prompt[lo:hi],
-                                                        each=precondition_and_write)
+                measurement, _ = engine.query_gradients(
+                    rt, queries.tokens[lo:hi], queries.n_prompt[lo:hi], each=precondition_and_write
+                )
                 bad = ~torch.isfinite(measurement)
                 if bad.any():
                     raise BadInput(f"query {ids[int(bad.nonzero()[0])]!r}: non-finite log-probability")
@@ -173,8 +193,14 @@ class BuildQuery(WritingStage):
         if self.cfg.memory_budget is None:
             return None
         length = max(len(t) for lo, hi in units for t in queries.tokens[lo:hi])
-        return planning.curvature_room(self.cfg.memory_budget, rt.model, rt.dtype, min(self.cfg.batch_size, len(queries.ids)),
-                                       length, [spec.shape for spec in rt.specs])
+        return planning.curvature_room(
+            self.cfg.memory_budget,
+            rt.model,
+            rt.dtype,
+            min(self.cfg.batch_size, len(queries.ids)),
+            length,
+            [spec.shape for spec in rt.specs],
+        )
 
     def publish(self, plan: QueryPlan, results: list) -> Outcome:
         art = QueriesArtifact.open_for_writing(self.cfg.out)
@@ -187,13 +213,21 @@ class BuildQuery(WritingStage):
         return Outcome(f"{verb} {plan.n} queries to {self.cfg.out} ({time.perf_counter() - plan.started:.1f} s)")
 
 
-def _compressed(X: torch.Tensor, rank: int, method: str, ids: list[str], module: str, curvature) -> dict[str, np.ndarray]:
+def _compressed(
+    X: torch.Tensor, rank: int, method: str, ids: list[str], module: str, curvature
+) -> dict[str, np.ndarray]:
     """Each query's rank-R SVD, taken in the eigenbasis (X [q, O, I], see damped_in_eigenbasis)
     and rotated out: U [q, O, R], sigma [q, R], V [q, I, R] of P, and the norm fraction kept.
     A randomized SVD is seeded by query and module: the same whatever the batch or the rank."""
-    U, sigma, V, kept = zip(*(gradients.low_rank(X[q], rank, method, sequence_seed(ids[q], module)) for q in range(X.shape[0])))
+    U, sigma, V, kept = zip(
+        *(gradients.low_rank(X[q], rank, method, sequence_seed(ids[q], module)) for q in range(X.shape[0]))
+    )
     U, V = torch.stack(U), torch.stack(V)
     if curvature.Q_A is not None:
         U, V = basis_left(curvature.Q_S.to(U.dtype), U), basis_left(curvature.Q_A.to(V.dtype), V)
-    return {"U": U.cpu().numpy(), "sigma": torch.stack(sigma).cpu().numpy(), "V": V.cpu().numpy(),
-            "kept": np.asarray(kept, dtype=np.float32)}
+    return {
+        "U": U.cpu().numpy(),
+        "sigma": torch.stack(sigma).cpu().numpy(),
+        "V": V.cpu().numpy(),
+        "kept": np.asarray(kept, dtype=np.float32),
+    }

@@ -44,12 +44,18 @@ class Candidates(WritingStage):
         if max_length > context:
             raise BadInput(f"--max-length {max_length} exceeds the model's context of {context} tokens")
         config = {**semantic_fields(cfg), "max_length": max_length, "scorer": lexical.SCORER}
-        provenance = {"model": str(cfg.model.resolve()), "tokenizer_fingerprint": modeling.tokenizer_fingerprint(cfg.model),
-                      "queries_file": {"path": str(cfg.queries.resolve()), "sha256": _sha256(cfg.queries, "queries file")}}
+        provenance = {
+            "model": str(cfg.model.resolve()),
+            "tokenizer_fingerprint": modeling.tokenizer_fingerprint(cfg.model),
+            "queries_file": {"path": str(cfg.queries.resolve()), "sha256": _sha256(cfg.queries, "queries file")},
+        }
         base = {"config": config, "provenance": provenance}
         old = read_attrs(cfg.out) if cfg.out.exists() and not cfg.force else None
-        grows = (old is not None and old.get("kind") == CandidatesArtifact.kind
-                 and old.get("base_fingerprint") == identity_fingerprint(base))
+        grows = (
+            old is not None
+            and old.get("kind") == CandidatesArtifact.kind
+            and old.get("base_fingerprint") == identity_fingerprint(base)
+        )
         paths = corpus_paths(old if grows else None, cfg.corpus)
         # shards by content alone: how many records each holds is known once it is read
         shards = [{"path": str(p.resolve()), "sha256": _sha256(p, "corpus file")} for p in paths]
@@ -90,8 +96,9 @@ class Candidates(WritingStage):
             if not queries.ids:
                 raise BadInput(f"{cfg.queries} holds no query")
             task = bar.add_task("BM25", total=len(queries.ids))
-            indices, scores = lexical.top_candidates(documents, [lexical.presence(t) for t in queries.tokens], cfg.top,
-                                                     lambda: bar.advance(task))
+            indices, scores = lexical.top_candidates(
+                documents, [lexical.presence(t) for t in queries.tokens], cfg.top, lambda: bar.advance(task)
+            )
         art.write_lists(queries.ids, indices, scores)
         art.update_attrs({**attrs, "n_records": counts})  # last: the artifact now describes these shards
 
@@ -99,12 +106,13 @@ class Candidates(WritingStage):
         art = CandidatesArtifact.open_for_writing(self.cfg.out)
         art.publish()
         n = art.group["indices"].shape
-        return Outcome(f"wrote {self.cfg.out}: the top {n[1]} of {art.n_sequences} sequences for each of {n[0]} queries "
-                       f"({time.perf_counter() - plan.started:.1f} s)")
+        return Outcome(
+            f"wrote {self.cfg.out}: the top {n[1]} of {art.n_sequences} sequences for each of {n[0]} queries "
+            f"({time.perf_counter() - plan.started:.1f} s)"
+        )
 
 
 def _sha256(path: Path, what: str) -> str:
     if not path.is_file():
         raise BadInput(f"{path}: no such {what}")
     return file_sha256(path)
-

@@ -39,7 +39,9 @@ class Exported:
     @property
     def message(self) -> str:
         modules = f" x {len(self.modules)} modules" if self.modules else ""
-        return f"wrote {self.path}: {self.n_sequences} sequences x {len(self.query_ids)} queries{modules}, in {self.unit}"
+        return (
+            f"wrote {self.path}: {self.n_sequences} sequences x {len(self.query_ids)} queries{modules}, in {self.unit}"
+        )
 
 
 def run(cfg: ExportConfig, unit: str) -> Exported:
@@ -47,8 +49,12 @@ def run(cfg: ExportConfig, unit: str) -> Exported:
     _check_free(writer.outputs, cfg.force)  # before any work: a refusal costs nothing
     scores = ScoresArtifact.open(cfg.scores)
     exported = Exported(cfg.out, scores.n_sequences, scores.query_ids(), scores.modules if cfg.per_module else [], unit)
-    provenance = {"scores": str(cfg.scores.absolute()), "fingerprint": scores.fingerprint, "unit": unit,
-                  "train_size": cfg.train_size}
+    provenance = {
+        "scores": str(cfg.scores.absolute()),
+        "fingerprint": scores.fingerprint,
+        "unit": unit,
+        "train_size": cfg.train_size,
+    }
     N, C = scores.n_sequences, scores.config["chunk_size"]
     cfg.out.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -82,7 +88,9 @@ def _check_free(outputs: list[Path], force: bool) -> None:
         if path.is_dir():
             raise BadInput(f"{path} is a directory: --out names the file to write", hint="choose another --out")
         if not force and (path.exists() or path.is_symlink()):
-            raise BadInput(f"{path} exists: it is left as it is", hint="pass --force to replace it, or choose another --out")
+            raise BadInput(
+                f"{path} exists: it is left as it is", hint="pass --force to replace it, or choose another --out"
+            )
 
 
 def ids_path(out: Path) -> Path:
@@ -167,11 +175,14 @@ class _Parquet(_Writer):
         names = ["train_id", *_column_names(exported)]
         clash = next((name for name, n in Counter(names).items() if n > 1), None)
         if clash is not None:
-            raise BadInput(f"two columns would be named {clash!r} (a query id clashes with another column)",
-                           hint="export as npy, whose ids are kept apart from the values")
+            raise BadInput(
+                f"two columns would be named {clash!r} (a query id clashes with another column)",
+                hint="export as npy, whose ids are kept apart from the values",
+            )
         metadata = {key: "" if value is None else str(value) for key, value in provenance.items()}
-        self.schema = pa.schema([pa.field("train_id", pa.string())] + [pa.field(n, pa.float32()) for n in names[1:]],
-                                metadata=metadata)
+        self.schema = pa.schema(
+            [pa.field("train_id", pa.string())] + [pa.field(n, pa.float32()) for n in names[1:]], metadata=metadata
+        )
         self.pa = pa
         self.writer = pq.ParquetWriter(self.temporary[self.outputs[0]], self.schema)
 
@@ -204,9 +215,14 @@ class _Npy(_Writer):
         self.array = open_memmap(self.temporary[out], mode="w+", dtype=np.float32, shape=shape)
         self.row = 0
         self.ids = self.temporary[ids].open("w", encoding="utf-8")
-        head = {**provenance, "file": out.name, "shape": list(shape),
-                "axes": ["train_ids", "query_ids", "modules"][: len(shape)],
-                "query_ids": exported.query_ids, "modules": exported.modules}
+        head = {
+            **provenance,
+            "file": out.name,
+            "shape": list(shape),
+            "axes": ["train_ids", "query_ids", "modules"][: len(shape)],
+            "query_ids": exported.query_ids,
+            "modules": exported.modules,
+        }
         self.ids.write(json.dumps(head)[:-1] + ', "train_ids": [')
 
     def write(self, train_ids: list[str], values: np.ndarray) -> None:

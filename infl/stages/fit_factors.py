@@ -83,8 +83,9 @@ class FitFactors(WritingStage):
 
     def _corpus(self, max_length: int) -> data.Corpus:
         cfg = self.cfg
-        return data.read_corpus(list(cfg.corpus), modeling.load_tokenizer(cfg.model), max_length, cfg.split,
-                                cfg.text_field, cfg.id_field)
+        return data.read_corpus(
+            list(cfg.corpus), modeling.load_tokenizer(cfg.model), max_length, cfg.split, cfg.text_field, cfg.id_field
+        )
 
     def plan(self) -> FitPlan | Outcome:
         cfg, started = self.cfg, time.perf_counter()
@@ -111,8 +112,11 @@ class FitFactors(WritingStage):
             try:
                 IndexArtifact.state(cfg.index, index, cfg.force)
             except IncompatibleArtifact as e:  # --force here would refit the factors too
-                raise IncompatibleArtifact(str(e), hint="pass the index options it was made with (--index-dim, --index-dtype, "
-                                           "--chunk-size), another --index, or rebuild it alone: infl index ... --force") from None
+                raise IncompatibleArtifact(
+                    str(e),
+                    hint="pass the index options it was made with (--index-dim, --index-dtype, "
+                    "--chunk-size), another --index, or rebuild it alone: infl index ... --force",
+                ) from None
         n = len(corpus.ids) if cfg.max_sequences is None else min(cfg.max_sequences, len(corpus.ids))
         if corpus.n_truncated:
             log(f"{corpus.n_truncated} of {len(corpus.ids)} sequences truncated to {max_length} tokens")
@@ -127,23 +131,32 @@ class FitFactors(WritingStage):
         n = plan.n_sequences
         g.from_main(self._begin, rt.specs, n)
         art = FactorsArtifact.open_for_writing(cfg.out)
-        log(f"fitting {cfg.strategy} on {n} sequences, {len(rt.specs)} modules of {cfg.model}"
-            + (f", {g.world} processes" if g.world > 1 else ""))
+        log(
+            f"fitting {cfg.strategy} on {n} sequences, {len(rt.specs)} modules of {cfg.model}"
+            + (f", {g.world} processes" if g.world > 1 else "")
+        )
         fit = _Fit(art, rt, corpus, n, cfg, g)
         fit.run(curvature.get(cfg.strategy, cfg.blocks), plan.index_attrs)
 
     def _begin(self, specs: list[ModuleSpec], n: int) -> None:
         art = FactorsArtifact.open_for_writing(self.cfg.out)
         if not art.started:
-            art.begin([{"name": s.name, "d_in": s.d_in, "d_out": s.d_out, "bias": s.bias, "transposed": s.transposed}
-                       for s in specs], n)
+            art.begin(
+                [
+                    {"name": s.name, "d_in": s.d_in, "d_out": s.d_out, "bias": s.bias, "transposed": s.transposed}
+                    for s in specs
+                ],
+                n,
+            )
 
     def publish(self, plan: FitPlan, results: list) -> Outcome:
         art = FactorsArtifact.open_for_writing(self.cfg.out)
         art.publish()
         art.discard_checkpoints()  # after COMPLETE: a kill while deleting leaves harmless leftovers
-        return Outcome(f"wrote {self.cfg.out}: {self.cfg.strategy} factors for {len(art.modules)} modules "
-                       f"({time.perf_counter() - plan.started:.1f} s)")
+        return Outcome(
+            f"wrote {self.cfg.out}: {self.cfg.strategy} factors for {len(art.modules)} modules "
+            f"({time.perf_counter() - plan.started:.1f} s)"
+        )
 
 
 def _max_length(requested: int | None, context: int) -> int:
@@ -183,8 +196,14 @@ class _Fit:
                     module_sums = {k: t.cpu() for k, t in sums.pop(spec.name).items()}
                     factors.pop(spec.name, None)
                     if spec.name in owned:
-                        self._write(strategy, spec, strategy.end_pass(name, module_sums, n_tokens, len(self.tokens)), last,
-                                    {"n_tokens": n_tokens, "n_sequences": len(self.tokens)}, name)
+                        self._write(
+                            strategy,
+                            spec,
+                            strategy.end_pass(name, module_sums, n_tokens, len(self.tokens)),
+                            last,
+                            {"n_tokens": n_tokens, "n_sequences": len(self.tokens)},
+                            name,
+                        )
                     del module_sums
                 del rows  # before the next sweep allocates its own
                 self.g.barrier()
@@ -201,9 +220,17 @@ class _Fit:
             count = cfg.partitions
         elif cfg.memory_budget is not None:
             length = max(map(len, self.tokens))
-            activations = planning.activation_bytes(planning.skeleton(self.rt.model.config, cfg.dtype), cfg.batch_size, length)
-            count = planning.fit_partitions(planning.process_bytes(), 0, activations, strategy,  # weights: loaded
-                                            [spec.shape for spec in specs], cfg.memory_budget)
+            activations = planning.activation_bytes(
+                planning.skeleton(self.rt.model.config, cfg.dtype), cfg.batch_size, length
+            )
+            count = planning.fit_partitions(
+                planning.process_bytes(),
+                0,
+                activations,
+                strategy,  # weights: loaded
+                [spec.shape for spec in specs],
+                cfg.memory_budget,
+            )
         else:
             count = 1
         parts = planning.partition([planning.fit_module_bytes(strategy, spec.shape) for spec in specs], count)
@@ -243,8 +270,9 @@ class _Fit:
             out[spec.name] = {k: torch.from_numpy(v).to(self.rt.device) for k, v in arrays.items()}
         return out
 
-    def _pass(self, strategy, name: str, part: list[ModuleSpec], label: str, factors: dict,
-              index: IndexRows | None = None) -> tuple[dict, int]:
+    def _pass(
+        self, strategy, name: str, part: list[ModuleSpec], label: str, factors: dict, index: IndexRows | None = None
+    ) -> tuple[dict, int]:
         """Sums per module of `part` (every rank's added up) and the token count of one sweep.
 
         After each chunk the rank's running sums are checkpointed, so a killed run (with any
@@ -260,8 +288,12 @@ class _Fit:
         done, n_tokens, generation = g.from_main(begin)
         start = kept["state"].sums if g.main else None
         sums = {
-            spec.name: {k: (torch.from_numpy(start[spec.name][k]) if start else torch.zeros(shape)).to(rt.device, accumulate_dtype(k))
-                        for k, shape in strategy.sums(name, spec.shape).items()}
+            spec.name: {
+                k: (torch.from_numpy(start[spec.name][k]) if start else torch.zeros(shape)).to(
+                    rt.device, accumulate_dtype(k)
+                )
+                for k, shape in strategy.sums(name, spec.shape).items()
+            }
             for spec in part
         }
         mine = g.mine(PassState(done).pending(n, C))
@@ -282,18 +314,35 @@ class _Fit:
             task = bar.add_task(label, total=sum(hi - lo for lo, hi in mine))
             for lo, hi in mine:
                 # an index chunk aligned with this one and not written yet (by a run killed before its checkpoint)
-                rows = {} if index is not None and lo % C == 0 and hi == min(lo + C, n) and not index.art.done_mask()[lo // C] else None
-                for batch, mask, loss in engine.sweep(rt, tapped, self.tokens[lo:hi], consume, seeds=self.seeds[lo:hi],
-                                                      consume_data=consume_data if rows is not None else None):
+                rows = (
+                    {}
+                    if index is not None and lo % C == 0 and hi == min(lo + C, n) and not index.art.done_mask()[lo // C]
+                    else None
+                )
+                for batch, mask, loss in engine.sweep(
+                    rt,
+                    tapped,
+                    self.tokens[lo:hi],
+                    consume,
+                    seeds=self.seeds[lo:hi],
+                    consume_data=consume_data if rows is not None else None,
+                ):
                     if not torch.isfinite(loss).all():
-                        raise BadInput("non-finite loss or gradient while fitting", hint="check the model weights and --dtype")
+                        raise BadInput(
+                            "non-finite loss or gradient while fitting", hint="check the model weights and --dtype"
+                        )
                     n_tokens += int(mask.sum())
                     bar.advance(task, len(batch))
                 if rows is not None:
                     index.write(lo // C, rows, self.corpus.ids[lo:hi])
                 added.append([lo, hi])
-                self.art.save_progress(g.rank, generation, {m: {k: t.cpu().numpy() for k, t in keys.items()}
-                                                            for m, keys in sums.items()}, added, n_tokens)
+                self.art.save_progress(
+                    g.rank,
+                    generation,
+                    {m: {k: t.cpu().numpy() for k, t in keys.items()} for m, keys in sums.items()},
+                    added,
+                    n_tokens,
+                )
         count = torch.tensor([n_tokens], dtype=torch.int64)
         g.all_reduce_sum(count, *(t for keys in sums.values() for t in keys.values()))
         return sums, int(count)

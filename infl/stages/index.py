@@ -39,6 +39,7 @@ from infl.stages import (
 
 __all__ = ["run", "Index"]
 
+
 def run(cfg: IndexConfig) -> Outcome:
     return drive(Index(cfg))
 
@@ -60,8 +61,11 @@ class Index(WritingStage):
         cfg, started = self.cfg, time.perf_counter()
         factors = FactorsArtifact.open(cfg.factors)
         if "Q_A" not in curvature.get(factors.config["strategy"]).stored:
-            raise BadInput(f"{cfg.factors} holds {factors.config['strategy']} factors, which have no Kronecker "
-                           "eigenbasis to index in", hint="fit with --strategy ekfac (the default) or kfac")
+            raise BadInput(
+                f"{cfg.factors} holds {factors.config['strategy']} factors, which have no Kronecker "
+                "eigenbasis to index in",
+                hint="fit with --strategy ekfac (the default) or kfac",
+            )
         model_dir = model_dir_for(cfg.model, factors.provenance)
         attrs = index_attrs(cfg, factors.attrs, model_dir)
         max_length = attrs["provenance"]["max_length"]
@@ -69,8 +73,10 @@ class Index(WritingStage):
         paths = corpus_pieces(old, cfg.corpus)
         corpus = self._corpus(paths, modeling.load_tokenizer(model_dir), max_length)
         attrs = with_corpus(attrs, corpus)
-        eigenvalues = {name: {k: torch.from_numpy(v) for k, v in factors.read_module(name, ("eig_S", "eig_A")).items()}
-                       for name in factors.modules}
+        eigenvalues = {
+            name: {k: torch.from_numpy(v) for k, v in factors.read_module(name, ("eig_S", "eig_A")).items()}
+            for name in factors.modules
+        }
         layout = index_layout(cfg, eigenvalues, corpus)
         old_shards = old["provenance"]["corpus"] if old else []
         n_old = sum(s["n_records"] for s in old_shards)
@@ -78,15 +84,27 @@ class Index(WritingStage):
         if art is None:
             return Outcome(f"{cfg.out} is up to date", up_to_date=True)
         if old and len(corpus.ids) > n_old:
-            log(f"adding {len(corpus.ids) - n_old} sequences from {len(paths) - len(old_shards)} new corpus shard(s) to {cfg.out}")
+            log(
+                f"adding {len(corpus.ids) - n_old} sequences from {len(paths) - len(old_shards)} new corpus shard(s) to {cfg.out}"
+            )
         if corpus.n_truncated:
             log(f"{corpus.n_truncated} of {len(corpus.ids)} sequences truncated to {max_length} tokens")
         pending = art.pending()
         self.planned_corpus = corpus
-        log(f"indexing {len(corpus.ids)} sequences over {len(factors.modules)} modules, "
-            f"{art.bytes_per_sequence()} bytes each ({layout.n_chunks - len(pending)} of {layout.n_chunks} chunks done)")
-        return IndexPlan(model_dir, paths, tuple(s.sha256 for s in corpus.shards), max_length,
-                         factors.provenance["dtype"], factors.modules, pending, started)
+        log(
+            f"indexing {len(corpus.ids)} sequences over {len(factors.modules)} modules, "
+            f"{art.bytes_per_sequence()} bytes each ({layout.n_chunks - len(pending)} of {layout.n_chunks} chunks done)"
+        )
+        return IndexPlan(
+            model_dir,
+            paths,
+            tuple(s.sha256 for s in corpus.shards),
+            max_length,
+            factors.provenance["dtype"],
+            factors.modules,
+            pending,
+            started,
+        )
 
     def _corpus(self, paths, tokenizer, max_length: int) -> data.Corpus:
         cfg = self.cfg
@@ -103,21 +121,29 @@ class Index(WritingStage):
         corpus = self.planned_corpus or self._corpus(plan.corpus, rt.tokenizer, plan.max_length)
         check_unchanged(corpus, plan.shards)
         factors = FactorsArtifact.open(cfg.factors)
-        bases = {name: {k: torch.from_numpy(v).to(device) for k, v in factors.read_module(name, ("Q_A", "Q_S")).items()}
-                 for name in plan.modules}
+        bases = {
+            name: {k: torch.from_numpy(v).to(device) for k, v in factors.read_module(name, ("Q_A", "Q_S")).items()}
+            for name in plan.modules
+        }
         rows = IndexRows(IndexArtifact.open_for_writing(cfg.out), bases, device, cfg.index_dtype)
         C, N = cfg.chunk_size, len(corpus.ids)
         with progress() as bar:
             task = bar.add_task("index", total=sum(min(C, N - c * C) for c in mine))
             for c in mine:
                 lo, hi = c * C, min((c + 1) * C, N)
-                found = engine.compressed_gradients(rt, rows.compress, corpus.tokens[lo:hi], lambda n: bar.advance(task, n))
+                found = engine.compressed_gradients(
+                    rt, rows.compress, corpus.tokens[lo:hi], lambda n: bar.advance(task, n)
+                )
                 rows.write(c, found, corpus.ids[lo:hi])
 
     def publish(self, plan: IndexPlan, results: list) -> Outcome:
         art = IndexArtifact.open_for_writing(self.cfg.out)
         if art.pending():  # cannot happen unless a rank skipped work: never publish holes
-            raise BadInput(f"{self.cfg.out}: {len(art.pending())} chunks were not indexed", hint="run the same command again")
+            raise BadInput(
+                f"{self.cfg.out}: {len(art.pending())} chunks were not indexed", hint="run the same command again"
+            )
         art.publish()
-        return Outcome(f"wrote {self.cfg.out}: {art.n_sequences} sequences x {len(plan.modules)} modules, "
-                       f"{art.bytes_per_sequence()} bytes per sequence ({time.perf_counter() - plan.started:.1f} s)")
+        return Outcome(
+            f"wrote {self.cfg.out}: {art.n_sequences} sequences x {len(plan.modules)} modules, "
+            f"{art.bytes_per_sequence()} bytes per sequence ({time.perf_counter() - plan.started:.1f} s)"
+        )

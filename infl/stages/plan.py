@@ -22,12 +22,40 @@ def run(cfg: PlanConfig) -> dict:
     strategy = curvature.get(cfg.strategy, cfg.blocks)
     shapes = [spec.shape for spec in specs]
     process = planning.process_bytes()  # this process has imported what a stage imports
-    stages = planning.plan(model, strategy, shapes, cfg.dtype, cfg.batch_size, length, cfg.queries, cfg.rank,
-                           cfg.sequences, cfg.memory_budget, process)
+    stages = planning.plan(
+        model,
+        strategy,
+        shapes,
+        cfg.dtype,
+        cfg.batch_size,
+        length,
+        cfg.queries,
+        cfg.rank,
+        cfg.sequences,
+        cfg.memory_budget,
+        process,
+    )
     return {
-        "model": str(cfg.model), "modules": len(specs), "strategy": cfg.strategy, "blocks": cfg.blocks,
-        "dtype": cfg.dtype, "batch_size": cfg.batch_size, "max_length": length, "queries": cfg.queries,
-        "rank": cfg.rank, "sequences": cfg.sequences, "memory_budget": cfg.memory_budget,
-        "stages": [{"stage": p.stage, "peak_bytes": p.footprint.total, "parts": p.footprint.parts, "disk_bytes": p.disk,
-                    "largest_batch": p.largest_batch, "partitions": p.partitions} for p in stages],
+        "model": str(cfg.model),
+        "modules": len(specs),
+        "strategy": cfg.strategy,
+        "blocks": cfg.blocks,
+        "dtype": cfg.dtype,
+        "batch_size": cfg.batch_size,
+        "max_length": length,
+        "queries": cfg.queries,
+        "rank": cfg.rank,
+        "sequences": cfg.sequences,
+        "memory_budget": cfg.memory_budget,
+        "stages": [
+            {
+                "stage": p.stage,
+                "peak_bytes": p.footprint.total,
+                "parts": p.footprint.parts,
+                "disk_bytes": p.disk,
+                "largest_batch": p.largest_batch,
+                "partitions": p.partitions,
+            }
+            for p in stages
+        ],
     }

@@ -30,42 +30,84 @@ def run(cfg: ReportConfig, unit: str) -> Path:
     queries = open_parent(QueriesArtifact, scores, "queries")
     factors = open_parent(FactorsArtifact, queries, "factors")
     scale = 1.0 / cfg.train_size if cfg.train_size else 1.0
-    answer = topk.run(TopkConfig(scores=cfg.scores, k=cfg.k, train_size=cfg.train_size, tokens=True,
-                                 batch_size=cfg.batch_size, device=cfg.device))
+    answer = topk.run(
+        TopkConfig(
+            scores=cfg.scores,
+            k=cfg.k,
+            train_size=cfg.train_size,
+            tokens=True,
+            batch_size=cfg.batch_size,
+            device=cfg.device,
+        )
+    )
     totals = [scores.total(row) * scale for row in range(len(scores.query_ids()))]  # each query's scores, read once
     concentration = [sparsity(q.query_id, values, cfg.tail) for q, values in zip(answer.queries, totals)]
     entries = []
     for q, conc in zip(answer.queries, concentration):
         hits = answer.of(q.query_id)
         number = column_format([h.score for h in hits])
-        entries.append({
-            "id": q.query_id, "prompt": q.prompt, "completion": q.completion, "measurement": f"{q.log_p:.4g}",
-            "top_1": percent(conc.top_1),
-            "hits": [{"rank": h.rank, "train_id": h.train_id, "score": number(h.score), "share": percent(h.share),
-                      "text": page.token_html(h.tokens) if h.tokens else h.text} for h in hits],
-        })
+        entries.append(
+            {
+                "id": q.query_id,
+                "prompt": q.prompt,
+                "completion": q.completion,
+                "measurement": f"{q.log_p:.4g}",
+                "top_1": percent(conc.top_1),
+                "hits": [
+                    {
+                        "rank": h.rank,
+                        "train_id": h.train_id,
+                        "score": number(h.score),
+                        "share": percent(h.share),
+                        "text": page.token_html(h.tokens) if h.tokens else h.text,
+                    }
+                    for h in hits
+                ],
+            }
+        )
     provenance = [
         ("scores", str(scores.path)),
         ("model", f"{scores.provenance['model']} (sha256 {scores.provenance['model_fingerprint'][:12]})"),
-        ("factors", f"{factors.path}: {factors.config['strategy']}, damping {factors.config['damping']} "
-                    f"(x {factors.config['damping_scale']} of the mean eigenvalue when auto), modules "
-                    f"{factors.config['modules']}, fitted on "
-                    + ", ".join(f"{s['path']} ({s['n_records']} records)" for s in factors.provenance["corpus"])),
+        (
+            "factors",
+            f"{factors.path}: {factors.config['strategy']}, damping {factors.config['damping']} "
+            f"(x {factors.config['damping_scale']} of the mean eigenvalue when auto), modules "
+            f"{factors.config['modules']}, fitted on "
+            + ", ".join(f"{s['path']} ({s['n_records']} records)" for s in factors.provenance["corpus"]),
+        ),
         ("queries", f"{queries.path}: {len(queries.ids())} queries, rank {queries.config.get('rank')}"),
         ("corpus scored", ", ".join(f"{s['path']} ({s['n_records']} records)" for s in scores.provenance["corpus"])),
         ("max length", f"{scores.provenance['max_length']} tokens, model in {scores.provenance['dtype']}"),
     ]
-    html = page.render_page({
-        "scores_path": str(scores.path), "provenance": provenance, "queries": entries,
-        "unit_note": unit, "filtering_note": _filtering(scores), "legend": page.legend_html(),
-        "share_note": SHARE_NOTE,
-        "layers_png": page.png_url_data(figures.layer_heatmap_png(layer_tables(scores, (), cfg.k, False, scale), unit)),
-        "sparsity": [{"query_id": s.query_id, "top_1": percent(s.top_1), "top_10": percent(s.top_10),
-                      "alpha": _number(s.alpha, ".2f"), "xmin": _number(s.xmin, ".3g"), "n_tail": s.n_tail}
-                     for s in concentration],
-        "ccdf_pngs": [{"query_id": s.query_id, "data": page.png_url_data(figures.ccdf_png(values, s, unit))}
-                      for values, s in zip(totals, concentration)],
-    })
+    html = page.render_page(
+        {
+            "scores_path": str(scores.path),
+            "provenance": provenance,
+            "queries": entries,
+            "unit_note": unit,
+            "filtering_note": _filtering(scores),
+            "legend": page.legend_html(),
+            "share_note": SHARE_NOTE,
+            "layers_png": page.png_url_data(
+                figures.layer_heatmap_png(layer_tables(scores, (), cfg.k, False, scale), unit)
+            ),
+            "sparsity": [
+                {
+                    "query_id": s.query_id,
+                    "top_1": percent(s.top_1),
+                    "top_10": percent(s.top_10),
+                    "alpha": _number(s.alpha, ".2f"),
+                    "xmin": _number(s.xmin, ".3g"),
+                    "n_tail": s.n_tail,
+                }
+                for s in concentration
+            ],
+            "ccdf_pngs": [
+                {"query_id": s.query_id, "data": page.png_url_data(figures.ccdf_png(values, s, unit))}
+                for values, s in zip(totals, concentration)
+            ],
+        }
+    )
     _write_new(cfg.out, html)
     return cfg.out
 
@@ -75,9 +117,11 @@ def _filtering(scores: ScoresArtifact) -> str:
     if "candidates" not in scores.provenance:
         return "Every sequence of the corpus was scored (no lexical filtering)."
     candidates = open_parent(CandidatesArtifact, scores, "candidates")
-    return (f"TF-IDF filtering was used: each query was ranked among its own {candidates.group['indices'].shape[1]} "
-            f"candidates by BM25 ({candidates.path}), and only the {scores.n_sequences} sequences that are a candidate "
-            f"of some query (of {candidates.n_sequences}) were scored; the concentration below is over those.")
+    return (
+        f"TF-IDF filtering was used: each query was ranked among its own {candidates.group['indices'].shape[1]} "
+        f"candidates by BM25 ({candidates.path}), and only the {scores.n_sequences} sequences that are a candidate "
+        f"of some query (of {candidates.n_sequences}) were scored; the concentration below is over those."
+    )
 
 
 def _number(x: float, spec: str) -> str:

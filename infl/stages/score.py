@@ -85,8 +85,13 @@ class Score(WritingStage):
         provenance, model_dir = self._provenance(source, parent, index)
         if cfg.candidates is not None:  # which sequences are scored: part of what the scores are made from
             candidates = CandidatesArtifact.open(cfg.candidates)
-            provenance.update({"candidates": str(cfg.candidates.resolve()), "candidates_fingerprint": candidates.fingerprint,
-                               "candidate_rows": rows_digest(candidates.union(query_ids))})
+            provenance.update(
+                {
+                    "candidates": str(cfg.candidates.resolve()),
+                    "candidates_fingerprint": candidates.fingerprint,
+                    "candidate_rows": rows_digest(candidates.union(query_ids)),
+                }
+            )
         max_length = provenance["max_length"]
         config = semantic_fields(cfg)
         if index is not None:  # the corpus was read as the index read it
@@ -96,8 +101,12 @@ class Score(WritingStage):
         old = ScoresArtifact.grown_from(cfg.out, base, cfg.force)
         if index is not None:
             paths = ()
-            corpus = data.Corpus([data.Shard(**shard) for shard in index.provenance["corpus"]], index.all_train_ids(), [],
-                                 index.all_locators())
+            corpus = data.Corpus(
+                [data.Shard(**shard) for shard in index.provenance["corpus"]],
+                index.all_train_ids(),
+                [],
+                index.all_locators(),
+            )
             attrs["provenance"]["index_fingerprint"] = index.fingerprint
         else:
             paths = corpus_pieces(old, cfg.corpus)
@@ -107,15 +116,19 @@ class Score(WritingStage):
             attrs["provenance"]["queries_fingerprint"] = source.fingerprint
         attrs.update({"base_fingerprint": base, "query_blocks": blocks})
         attrs["fingerprint"] = identity_fingerprint(attrs)
-        layout = Layout(query_ids, blocks, source.modules, corpus.ids, corpus.locators, cfg.chunk_size, cfg.per_token, max_length)
+        layout = Layout(
+            query_ids, blocks, source.modules, corpus.ids, corpus.locators, cfg.chunk_size, cfg.per_token, max_length
+        )
         art = ScoresArtifact.prepare(cfg.out, attrs, old, layout, cfg.force)
         if art is None:
             return Outcome(f"{cfg.out} is up to date", up_to_date=True)
         if old and old["fingerprint"] != attrs["fingerprint"]:
             N_old, Q_old = sum(s["n_records"] for s in old["provenance"]["corpus"]), old["query_blocks"][-1]
             if len(corpus.ids) > N_old:
-                log(f"adding {len(corpus.ids) - N_old} sequences from {len(corpus.shards) - len(old['provenance']['corpus'])} "
-                    f"new corpus shard(s) to {cfg.out}")
+                log(
+                    f"adding {len(corpus.ids) - N_old} sequences from {len(corpus.shards) - len(old['provenance']['corpus'])} "
+                    f"new corpus shard(s) to {cfg.out}"
+                )
             if len(query_ids) > Q_old:
                 log(f"adding {len(query_ids) - Q_old} queries to {cfg.out}")
         pending = art.pending()
@@ -123,10 +136,23 @@ class Score(WritingStage):
             log(f"{corpus.n_truncated} of {len(corpus.ids)} sequences truncated to {max_length} tokens")
         what = "self-influence" if cfg.self_influence else f"{len(query_ids)} queries"
         self.planned_corpus = corpus  # the main rank need not read it twice
-        log(f"scoring {len(corpus.ids)} sequences x {what} over {len(source.modules)} modules"
-            f"{f' from the index {cfg.index}' if index else ''} ({layout.n_chunks - len(pending)} of {layout.n_chunks} chunks done)")
-        return ScorePlan(model_dir, paths, tuple(s.sha256 for s in corpus.shards), max_length, provenance["dtype"],
-                         source.modules, blocks, pending, what, started, len(corpus.ids))
+        log(
+            f"scoring {len(corpus.ids)} sequences x {what} over {len(source.modules)} modules"
+            f"{f' from the index {cfg.index}' if index else ''} ({layout.n_chunks - len(pending)} of {layout.n_chunks} chunks done)"
+        )
+        return ScorePlan(
+            model_dir,
+            paths,
+            tuple(s.sha256 for s in corpus.shards),
+            max_length,
+            provenance["dtype"],
+            source.modules,
+            blocks,
+            pending,
+            what,
+            started,
+            len(corpus.ids),
+        )
 
     def _provenance(self, source, parent: dict, index: IndexArtifact | None) -> tuple[dict, Path | None]:
         """What the scores are made from, and the model to load (None: scored from `index`)."""
@@ -135,8 +161,12 @@ class Score(WritingStage):
             index.check_factors(parent["factors_fingerprint"], f"the queries {cfg.queries}")
             index_factors(index)  # the fit the index was built with is still there
             sprov, model_dir, max_length = index.provenance, None, index.provenance["max_length"]
-            parent = {**parent, "index": str(cfg.index.resolve()), "index_base_fingerprint": index.attrs["base_fingerprint"],
-                      "compression": sprov["compression"]}
+            parent = {
+                **parent,
+                "index": str(cfg.index.resolve()),
+                "index_base_fingerprint": index.attrs["base_fingerprint"],
+                "compression": sprov["compression"],
+            }
         else:
             sprov = source.provenance
             model_dir = model_dir_for(cfg.model, sprov)
@@ -160,13 +190,17 @@ class Score(WritingStage):
             return corpus
         candidates = CandidatesArtifact.open(cfg.candidates)
         source = self._source()
-        candidates.check_corpus([shard.to_dict() for shard in corpus.shards],
-                                {"split": cfg.split, "text_field": cfg.text_field, "id_field": cfg.id_field},
-                                source.provenance["tokenizer_fingerprint"])
+        candidates.check_corpus(
+            [shard.to_dict() for shard in corpus.shards],
+            {"split": cfg.split, "text_field": cfg.text_field, "id_field": cfg.id_field},
+            source.provenance["tokenizer_fingerprint"],
+        )
         rows = candidates.union(source.ids())
         if corpus.n_truncated:
             log(f"{corpus.n_truncated} of {len(corpus.ids)} sequences of the corpus truncated to {max_length} tokens")
-        log(f"scoring the {len(rows)} of {len(corpus.ids)} sequences that are a TF-IDF candidate of a query ({cfg.candidates})")
+        log(
+            f"scoring the {len(rows)} of {len(corpus.ids)} sequences that are a TF-IDF candidate of a query ({cfg.candidates})"
+        )
         return corpus.subset(rows)
 
     def run(self, plan: ScorePlan, g: Group) -> None:
@@ -189,16 +223,22 @@ class Score(WritingStage):
                     part = slice(at, at + blocks[b + 1] - blocks[b])
                     at = part.stop
                     cell = block[:, part]  # [M, q, n]
-                    art.write_cell(b, c, cell.numpy(), cell.sum(0).numpy(), terms[part].numpy() if cfg.per_token else None)
+                    art.write_cell(
+                        b, c, cell.numpy(), cell.sum(0).numpy(), terms[part].numpy() if cfg.per_token else None
+                    )
 
     def publish(self, plan: ScorePlan, results: list) -> Outcome:
         art = ScoresArtifact.open_for_writing(self.cfg.out)
         left = art.pending()
         if left:  # cannot happen unless a rank skipped work: never publish holes
-            raise IncompatibleArtifact(f"{self.cfg.out}: {len(left)} chunks were not scored", hint="run the same command again")
+            raise IncompatibleArtifact(
+                f"{self.cfg.out}: {len(left)} chunks were not scored", hint="run the same command again"
+            )
         art.publish()
-        return Outcome(f"wrote {self.cfg.out}: {plan.what} x {art.n_sequences} sequences "
-                       f"({time.perf_counter() - plan.started:.1f} s)")
+        return Outcome(
+            f"wrote {self.cfg.out}: {plan.what} x {art.n_sequences} sequences "
+            f"({time.perf_counter() - plan.started:.1f} s)"
+        )
 
 
 class _FromModel:
@@ -231,8 +271,16 @@ class _FromModel:
             return query_bank(self.source, self.rt.device, rows)
         bank = query_bank(self.source, self.rt.device, rows, expand_bytes=0)
         length = max(map(len, self.corpus.tokens), default=1)
-        bank.expand(planning.expand_room(budget, self.rt.model, self.rt.dtype, self.cfg.batch_size, length,
-                                         [spec.shape for spec in self.rt.specs]))
+        bank.expand(
+            planning.expand_room(
+                budget,
+                self.rt.model,
+                self.rt.dtype,
+                self.cfg.batch_size,
+                length,
+                [spec.shape for spec in self.rt.specs],
+            )
+        )
         return bank
 
 
@@ -244,8 +292,10 @@ class _FromIndex:
         self.index, self.device = IndexArtifact.open(cfg.index), device
         self.queries = QueriesArtifact.open(cfg.queries)
         factors = index_factors(self.index)  # c_q must be taken in the index's own eigenbases
-        self.bases = {name: {k: torch.from_numpy(v).to(device) for k, v in factors.read_module(name, ("Q_A", "Q_S")).items()}
-                      for name in self.queries.modules}
+        self.bases = {
+            name: {k: torch.from_numpy(v).to(device) for k, v in factors.read_module(name, ("Q_A", "Q_S")).items()}
+            for name in self.queries.modules
+        }
         self.flat = {name: torch.from_numpy(self.index.coordinates(name)).to(device) for name in self.queries.modules}
         self.banks: dict[tuple[int, ...], dict[str, torch.Tensor]] = {}
 
@@ -255,12 +305,16 @@ class _FromIndex:
     def _bank(self, rows: list[int]) -> dict[str, torch.Tensor]:
         bank = {}
         for name in self.queries.modules:
-            stored = {k: torch.from_numpy(v).to(self.device) for k, v in self.queries.preconditioned(name, rows).items()}
+            stored = {
+                k: torch.from_numpy(v).to(self.device) for k, v in self.queries.preconditioned(name, rows).items()
+            }
             Q, flat = self.bases[name], self.flat[name]
             if "P" in stored:
                 bank[name] = indexing.query_coordinates(stored["P"], Q["Q_A"], Q["Q_S"], flat)
             else:
-                bank[name] = indexing.low_rank_query_coordinates(stored["U"], stored["sigma"], stored["V"], Q["Q_A"], Q["Q_S"], flat)
+                bank[name] = indexing.low_rank_query_coordinates(
+                    stored["U"], stored["sigma"], stored["V"], Q["Q_A"], Q["Q_S"], flat
+                )
         return bank
 
     def scores(self, todo, rows, lo, hi, advance) -> tuple[torch.Tensor, None]:

@@ -57,11 +57,15 @@ def _check_shard(shard: data.Shard, scores: ScoresArtifact) -> None:
         problem = "changed since it was scored"
     else:
         return
-    raise BadInput(f"corpus shard {path} {problem}, so {scores.path} cannot show its texts",
-                   hint="restore the shard, or pass --no-text to show ids and scores only")
+    raise BadInput(
+        f"corpus shard {path} {problem}, so {scores.path} cannot show its texts",
+        hint="restore the shard, or pass --no-text to show ids and scores only",
+    )
 
 
-def _tokens_of(scores: ScoresArtifact, tokenizer, max_length: int, indices: np.ndarray) -> list[tuple[list[int], list[str]]]:
+def _tokens_of(
+    scores: ScoresArtifact, tokenizer, max_length: int, indices: np.ndarray
+) -> list[tuple[list[int], list[str]]]:
     """Token ids and text pieces of scored sequences, tokenised as `score` tokenised them."""
     return [data.token_pieces(text, tokenizer, max_length, windows) for text, windows in _records(scores, indices)]
 
@@ -83,8 +87,17 @@ def run(cfg: TopkConfig) -> Topk:
         candidates[row] = (among[select(totals[among], max(cfg.k, cfg.refine or 0), cfg.negative)], totals)
         values = totals[among] * scale
         prompt, completion, log_p = asked.get(query_id, ("", "", None))
-        infos.append(QueryInfo(query_id, prompt, completion, log_p, len(among),
-                               float(values[values > 0].sum()), float(values[values < 0].sum())))
+        infos.append(
+            QueryInfo(
+                query_id,
+                prompt,
+                completion,
+                log_p,
+                len(among),
+                float(values[values > 0].sum()),
+                float(values[values < 0].sum()),
+            )
+        )
     model = _Model(cfg, scores) if cfg.refine or cfg.tokens else None
     refined = _refine(scores, rows, {r: c[0] for r, c in candidates.items()}, model.runtime()) if cfg.refine else {}
 
@@ -98,9 +111,18 @@ def run(cfg: TopkConfig) -> Topk:
         texts = texts_of(scores, top) if cfg.text else [""] * len(top)
         for rank, (i, train_id, text) in enumerate(zip(top.tolist(), scores.train_ids(top), texts), 1):
             score = float(totals[i]) * scale
-            hits.append(Hit(query_id, rank, train_id, i, score, text,
-                            share=share_of(score, info.positive_total, info.negative_total),
-                            refined=full[i] * scale if cfg.refine else None))
+            hits.append(
+                Hit(
+                    query_id,
+                    rank,
+                    train_id,
+                    i,
+                    score,
+                    text,
+                    share=share_of(score, info.positive_total, info.negative_total),
+                    refined=full[i] * scale if cfg.refine else None,
+                )
+            )
     return Topk(infos, _with_tokens(scores, hits, rows, scale, model) if cfg.tokens else hits)
 
 
@@ -111,8 +133,9 @@ def _asked(scores: ScoresArtifact) -> dict[str, tuple[str, str, float]]:
         return {}
     queries = open_parent(QueriesArtifact, scores, "queries")
     measured = queries.measurements()
-    return {q: (prompt, completion, float(measured[row]))
-            for row, (q, prompt, completion) in enumerate(queries.all_texts())}
+    return {
+        q: (prompt, completion, float(measured[row])) for row, (q, prompt, completion) in enumerate(queries.all_texts())
+    }
 
 
 def lexical_columns(scores: ScoresArtifact, rows) -> dict[int, np.ndarray] | None:
@@ -123,10 +146,13 @@ def lexical_columns(scores: ScoresArtifact, rows) -> dict[int, np.ndarray] | Non
     candidates = open_parent(CandidatesArtifact, scores, "candidates")
     union = candidates.union(scores.query_ids())
     if rows_digest(union) != scores.provenance["candidate_rows"]:
-        raise IncompatibleArtifact(f"{candidates.path} no longer selects the sequences {scores.path} holds",
-                                   hint=f"recompute {scores.path}")
-    log(f"each query is ranked among its own {candidates.group['indices'].shape[1]} TF-IDF candidates "
-        f"(of {candidates.n_sequences} sequences; {len(union)} scored for all queries)")
+        raise IncompatibleArtifact(
+            f"{candidates.path} no longer selects the sequences {scores.path} holds", hint=f"recompute {scores.path}"
+        )
+    log(
+        f"each query is ranked among its own {candidates.group['indices'].shape[1]} TF-IDF candidates "
+        f"(of {candidates.n_sequences} sequences; {len(union)} scored for all queries)"
+    )
     return {row: np.searchsorted(union, np.sort(candidates.of(q))) for row, q in rows}
 
 
@@ -145,8 +171,14 @@ class _Model:
         from infl.runtime import Runtime
 
         if self._runtime is None:
-            self._runtime = Runtime.load(self.model_dir, self.scores.modules, self.cfg.device,
-                                         self.scores.provenance["dtype"], self.cfg.batch_size, self.tokenizer)
+            self._runtime = Runtime.load(
+                self.model_dir,
+                self.scores.modules,
+                self.cfg.device,
+                self.scores.provenance["dtype"],
+                self.cfg.batch_size,
+                self.tokenizer,
+            )
         return self._runtime
 
 
@@ -156,7 +188,9 @@ def _with_tokens(scores: ScoresArtifact, hits: list[Hit], rows, scale: float, mo
     from infl import engine
 
     indices = sorted({h.index for h in hits})
-    pieces = dict(zip(indices, _tokens_of(scores, model.tokenizer, scores.provenance["max_length"], np.asarray(indices))))
+    pieces = dict(
+        zip(indices, _tokens_of(scores, model.tokenizer, scores.provenance["max_length"], np.asarray(indices)))
+    )
     if scores.has_per_token:
         row_of = {query_id: row for row, query_id in rows}
         terms = {(h.query_id, h.index): scores.per_token(row_of[h.query_id], h.index) for h in hits}
@@ -167,8 +201,9 @@ def _with_tokens(scores: ScoresArtifact, hits: list[Hit], rows, scale: float, mo
         row_of = {query_id: wanted.index(row) for row, query_id in rows}
         with progress() as bar:
             task = bar.add_task("token influence", total=len(indices))
-            _, token_terms = engine.score_sequences(rt, bank, [pieces[i][0] for i in indices], per_token=True,
-                                                    on_batch=lambda n: bar.advance(task, n))  # [Q, n, T]
+            _, token_terms = engine.score_sequences(
+                rt, bank, [pieces[i][0] for i in indices], per_token=True, on_batch=lambda n: bar.advance(task, n)
+            )  # [Q, n, T]
         column = {i: j for j, i in enumerate(indices)}
         terms = {(h.query_id, h.index): token_terms[row_of[h.query_id], column[h.index]].numpy() for h in hits}
     out = []
@@ -190,7 +225,9 @@ def _refine(scores: ScoresArtifact, rows, candidates: dict[int, np.ndarray], rt:
     factors = open_parent(FactorsArtifact, queries, "factors")
     wanted = data.Queries([], [], [], [], [])
     for row, _ in rows:
-        data.add_query(wanted, *queries.texts(row), rt.tokenizer, queries.provenance["max_length"])  # as build-query did
+        data.add_query(
+            wanted, *queries.texts(row), rt.tokenizer, queries.provenance["max_length"]
+        )  # as build-query did
     curv, full = curvatures(factors, rt.device), {}
 
     def keep(batch: list[int], name: str, a, s) -> None:  # preconditioned as autograd finds each module's gradients
@@ -202,7 +239,9 @@ def _refine(scores: ScoresArtifact, rows, candidates: dict[int, np.ndarray], rt:
     engine.query_gradients(rt, wanted.tokens, wanted.n_prompt, each=keep)
     bank = QueryBank(rt.modules, full=full)
     indices = sorted(set(np.concatenate(list(candidates.values())).tolist()))
-    token_lists = [ids for ids, _ in _tokens_of(scores, rt.tokenizer, scores.provenance["max_length"], np.asarray(indices))]
+    token_lists = [
+        ids for ids, _ in _tokens_of(scores, rt.tokenizer, scores.provenance["max_length"], np.asarray(indices))
+    ]
     with progress() as bar:
         task = bar.add_task("refine at full rank", total=len(indices))
         per_module, _ = engine.score_sequences(rt, bank, token_lists, on_batch=lambda n: bar.advance(task, n))

@@ -44,7 +44,10 @@ def run(path: Path) -> Report:
                 raise
             art, writable = cls(path, open_group(path)), False
         if attrs["kind"] in ("scores", "index") and not art.started:
-            raise BadInput(f"{path} is unfinished: its run stopped before any chunk", hint=f"re-run `infl {'score' if attrs['kind'] == 'scores' else 'index'}`")
+            raise BadInput(
+                f"{path} is unfinished: its run stopped before any chunk",
+                hint=f"re-run `infl {'score' if attrs['kind'] == 'scores' else 'index'}`",
+            )
         try:
             total = len(art.data_arrays())
         except integrity.Unreadable:
