@@ -46,7 +46,7 @@ def docstring_passages(limit: int) -> list[str]:
             continue
         try:
             module = importlib.import_module(info.name)
-        except Exception:  # noqa: BLE001 - platform modules that do not import here
+        except Exception:
             continue
         for _, obj in inspect.getmembers(module):
             doc = inspect.getdoc(obj) if callable(obj) or inspect.ismodule(obj) else None

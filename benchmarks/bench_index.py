@@ -33,7 +33,8 @@ from infl.curvature.base import precondition
 from infl.demo import build_demo
 from infl.runtime import Runtime
 from infl.scoring import QueryBank
-from infl.stages import curvatures, fit_factors
+from infl.stages import fit_factors
+from infl.stages.loaders import curvatures
 
 SIZES = (64, 256, 1024, 4096, 16384)
 SKETCHED = (256, 4096)  # a projection costs one pass over the corpus per size

@@ -32,6 +32,7 @@ def save_random(path: Path, config) -> None:
     """A causal LM of `config`'s shape with random weights (seed 0), and a word-level tokenizer of
     the Python docs with `config.vocab_size` entries, saved as a model directory."""
     from pydoc_data.topics import topics
+
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 

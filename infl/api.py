@@ -134,11 +134,11 @@ class ScoresView:
 
         wanted = () if query is None else (query,) if isinstance(query, str) else tuple(query)
         cfg = TopkConfig(
-            self.path,
-            k,
-            wanted,
-            negative,
-            train_size,
+            scores=self.path,
+            k=k,
+            query=wanted,
+            negative=negative,
+            train_size=train_size,
             tokens=tokens,
             refine=refine,
             self_influence=self.is_self,
@@ -154,10 +154,7 @@ class ScoresView:
         its gradient the low-rank modules keep (`kept_min`, `kept_mean`); [] for self-influence."""
         if self.is_self:
             return []
-        from infl.artifacts.queries import QueriesArtifact
-        from infl.stages import open_parent
-
-        return open_parent(QueriesArtifact, self._scores, "queries").listing()
+        return self._scores.parent("queries").listing()
 
     def _row(self, query: str) -> int:
         from infl.analysis.results import query_rows

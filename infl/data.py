@@ -94,7 +94,11 @@ class Corpus:
     n_truncated: int = 0
     text_field: str = "text"
 
-    def subset(self, rows: np.ndarray) -> "Corpus":
+    def provenance(self) -> list[dict]:
+        """Its shards, as an artifact records them."""
+        return [shard.to_dict() for shard in self.shards]
+
+    def subset(self, rows: np.ndarray) -> Corpus:
         """These sequences only, in this order (the shards stay: locators point into them)."""
         return Corpus(
             self.shards,
@@ -124,6 +128,8 @@ def shard_format(path: Path, split: str) -> str:
 
 
 def file_sha256(path: Path) -> str:
+    """sha256 of a small input file (a queries file), read whole every time (hashing.cached_file_sha256
+    remembers those of large ones)."""
     return hashlib.sha256(_read_bytes(path)).hexdigest()
 
 

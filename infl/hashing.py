@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 
 __all__ = [
-    "file_sha256",
+    "cached_file_sha256",
     "range_sha256",
     "line_prefix",
     "cache_dir",
@@ -117,10 +117,10 @@ def checked() -> dict[str, dict]:
 
 def range_sha256(path: Path, start: int, size: int) -> str | None:
     """sha256 of `size` bytes of a file from byte `start` (None if it holds fewer); the whole file's
-    is remembered as file_sha256 remembers it."""
+    is remembered as cached_file_sha256 remembers it."""
     total = path.stat().st_size
     if start == 0 and size == total:
-        return file_sha256(path)
+        return cached_file_sha256(path)
     if total < start + size:
         return None
     digest = hashlib.sha256()
@@ -153,9 +153,10 @@ def line_prefix(path: Path, sha256: str) -> int | None:
     return None
 
 
-def file_sha256(path: Path) -> str:
+def cached_file_sha256(path: Path) -> str:
     """sha256 of a file's content; large files are remembered by (path, size, mtime), as git does,
-    so that a no-op rerun does not read gigabytes of weights again."""
+    so that a no-op rerun does not read gigabytes of weights again (data.file_sha256 reads a small
+    file whole, every time)."""
     st = path.stat()
     _note(path, st)
     key = f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"

@@ -16,7 +16,7 @@ from torch import nn
 
 from infl.capture import ModuleSpec
 from infl.errors import BadInput, UnsupportedModel
-from infl.hashing import file_sha256, note_file, note_listing
+from infl.hashing import cached_file_sha256, note_file, note_listing
 
 __all__ = [
     "load_model",
@@ -208,7 +208,8 @@ def tracked_modules(model: nn.Module, selection: str = "mlp") -> list[ModuleSpec
 
 
 def module_specs(model: nn.Module, names: list[str]) -> list[ModuleSpec]:
-    """Specs of named linear modules (as recorded in an artifact)."""
+    """Specs of named linear modules of a model (as an artifact records them: see
+    stages.loaders.factors_module_specs for those a factors artifact recorded)."""
     try:
         return [_spec(n, model.get_submodule(n)) for n in names]
     except AttributeError as e:
@@ -224,7 +225,7 @@ def prepare_for_capture(model: nn.Module, specs: list[ModuleSpec]) -> None:
 def _hash_files(paths: list[Path]) -> str:
     digest = hashlib.sha256()
     for path in sorted(paths):
-        digest.update(path.name.encode() + b"\0" + file_sha256(path).encode())
+        digest.update(path.name.encode() + b"\0" + cached_file_sha256(path).encode())
     return digest.hexdigest()
 
 

@@ -352,7 +352,7 @@ def plan(
     if budget is not None:
         try:
             partitions = fit_partitions(process, weights, activations(batch_size), strategy, shapes, budget)
-        except Exception:  # noqa: BLE001 - nothing fits at this batch size: say so in the table
+        except Exception:
             partitions = len(shapes)
     kept = curvature  # within a budget, build-query keeps what fits and reads the rest again per batch
     if budget is not None:

@@ -13,7 +13,8 @@ from infl.curvature import base
 from infl.curvature.ekfac import EKFAC
 from infl.curvature.kfac import KFAC
 from infl.errors import BadInput
-from infl.stages import build_query, curvatures
+from infl.stages import build_query
+from infl.stages.loaders import curvatures
 
 
 def dense(Q: torch.Tensor, D: int) -> torch.Tensor:

@@ -7,7 +7,6 @@ import json
 import math
 
 import numpy as np
-import pytest
 from conftest import write_jsonl
 from test_cli import infl, one_line_error, pipeline
 
@@ -41,7 +40,7 @@ def test_bm25_equals_the_formula_with_presence_only_counts():
 
 def test_top_candidates_are_the_best_scores_with_ties_to_the_earlier_sequence():
     documents = [lexical.presence(d) for d in ([1, 2], [3], [1, 2], [4], [1], [1, 2])]
-    indices, scores = lexical.top_candidates(documents, [lexical.presence([1, 2])], 2)
+    indices, _scores = lexical.top_candidates(documents, [lexical.presence([1, 2])], 2)
     assert indices.tolist() == [[0, 2]]  # 0, 2 and 5 tie: the earliest two
     everything, _ = lexical.top_candidates(documents, [lexical.presence([1, 2])], 100)
     assert everything.shape == (1, 6) and sorted(everything[0].tolist()) == list(range(6))

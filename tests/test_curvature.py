@@ -10,7 +10,8 @@ from infl.config import FitConfig
 from infl.curvature import base as curvature
 from infl.curvature.ekfac import lambda_update
 from infl.gradients import sample_labels, sequence_loss
-from infl.stages import fit_factors, sequence_seed
+from infl.stages import fit_factors
+from infl.stages.base import sequence_seed
 
 
 def dense_inverse(c: curvature.Curvature) -> torch.Tensor:
@@ -72,8 +73,8 @@ def test_one_token_ekfac_inverse_is_the_exact_gauss_newton_inverse():
     A, S = torch.zeros(I, I, dtype=torch.float64), torch.zeros(O, O, dtype=torch.float64)
     curvature.covariance_update(A, a[0])
     curvature.covariance_update(S, s[0])
-    eig_A, Q_A = curvature.eigh(A)
-    eig_S, Q_S = curvature.eigh(S)
+    _eig_A, Q_A = curvature.eigh(A)
+    _eig_S, Q_S = curvature.eigh(S)
     Lambda = torch.zeros(O, I, dtype=torch.float64)
     lambda_update(Lambda, a, s, Q_A, Q_S)
     c = curvature.Curvature(Lambda, curvature.relative_damping(Lambda), Q_A, Q_S)

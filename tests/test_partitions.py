@@ -122,7 +122,7 @@ def test_a_budget_too_small_for_one_module_is_one_line(workdir, tmp_path):
 
 def test_curvatures_are_read_module_by_module_and_kept_within_a_budget(workdir, tmp_path):
     from infl.artifacts.factors import FactorsArtifact
-    from infl.stages import curvatures
+    from infl.stages.loaders import curvatures
 
     pipeline(workdir, tmp_path)
     factors = FactorsArtifact.open(tmp_path / "f.zarr")

@@ -18,7 +18,7 @@ from test_cli import infl
 from infl import artifacts, modeling
 from infl.demo import passages
 from infl.gradients import sample_labels, sequence_loss
-from infl.stages import sequence_seed
+from infl.stages.base import sequence_seed
 
 pytestmark = pytest.mark.slow
 MAX_LENGTH = 64

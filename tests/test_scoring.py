@@ -12,7 +12,9 @@ from infl.artifacts.factors import FactorsArtifact
 from infl.artifacts.scores import read_bf16_bits
 from infl.config import FitConfig, QueryConfig, ScoreConfig
 from infl.curvature import base as curv
-from infl.stages import build_query, curvatures, fit_factors, module_specs, score
+from infl.stages import build_query, fit_factors, score
+from infl.stages.loaders import curvatures
+from infl.stages.loaders import factors_module_specs as module_specs
 
 
 def run_pipeline(workdir, tmp_path, arch="gpt2", strategy="ekfac", rank=None, chunk_size=5):
@@ -71,7 +73,7 @@ def brute_force_scores(model_dir, factors_group):
     "arch,strategy", [("gpt2", "ekfac"), ("neox", "kfac"), ("llama", "diagonal"), ("gpt2", "identity")]
 )
 def test_scores_equal_explicit_computation(workdir, tmp_path, arch, strategy):
-    factors, queries, scores = run_pipeline(workdir, tmp_path, arch, strategy)
+    factors, _queries, scores = run_pipeline(workdir, tmp_path, arch, strategy)
     expected = brute_force_scores(workdir / arch, factors)  # [M, Q, N]
     per_module = torch.from_numpy(np.asarray(scores["per_module"][...])).double()
     total = torch.from_numpy(np.asarray(scores["total"][...])).double()
@@ -110,7 +112,7 @@ def test_low_rank_queries_score_their_reconstruction(workdir, tmp_path):
 def test_positive_influence_means_a_step_on_the_sequence_raises_the_measurement(workdir, tmp_path):
     """Influence is d f / d epsilon for upweighting z. The parameter response to upweighting is
     -(G + damping I)^-1 grad L(z), so a small step of that form must change f by eta * influence."""
-    factors, queries, scores = run_pipeline(workdir, tmp_path)
+    factors, _queries, scores = run_pipeline(workdir, tmp_path)
     total = np.asarray(scores["total"][...])
     tokenizer = make_tokenizer()
     specs, curvatures_ = _factors(factors)

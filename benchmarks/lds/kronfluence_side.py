@@ -25,12 +25,12 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import readme_block  # noqa: E402
-from lds import lds, spearman  # noqa: E402
+import readme_block
+from lds import lds, spearman
 
-from infl import artifacts, data, modeling  # noqa: E402
-from infl.config import FitConfig, QueryConfig, ScoreConfig  # noqa: E402
-from infl.stages import build_query, fit_factors, score  # noqa: E402
+from infl import artifacts, data, modeling
+from infl.config import FitConfig, QueryConfig, ScoreConfig
+from infl.stages import build_query, fit_factors, score
 
 
 def as_linear(model: nn.Module, names: list[str]) -> nn.Module:

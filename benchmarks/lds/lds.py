@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/
-import readme_block  # noqa: E402
+import readme_block
 
 from infl import artifacts, data, modeling
 from infl.config import FitConfig, IndexConfig, QueryConfig, ScoreConfig

@@ -5,16 +5,21 @@ version, creation time, the resolved config, provenance and a fingerprint of wha
 Every chunk of every array carries a digest (see `integrity`) that its reader checks.
 `COMPLETE.json`, written last and atomically, marks a finished artifact (and is the file a Makefile
 can depend on); it holds the fingerprint and a digest of every node's attributes, which `open`
-checks. One module per kind (`factors`, `queries`, `scores`) owns that kind's arrays and attribute
-names; the helpers here are theirs, never a stage's.
+checks. One module per kind (`factors`, `queries`, `index`, `scores`, `candidates`) owns that kind's
+arrays and attribute names, and declares the kind once, on its class: its name, the command that
+writes it, its parents, its location entries, what grows, whether it is chunked. Everything else
+(verify, info, the parent checks, fingerprints: see `identity`) reads it from `kinds()`. The helpers
+here are the kinds', never a stage's.
 """
 
 from __future__ import annotations
 
 import fcntl
-import hashlib
+import functools
+import importlib
 import json
 import os
+import pkgutil
 import secrets
 import shutil
 import socket
@@ -22,15 +27,15 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
-from infl import __version__
-from infl import hashing
+from infl import __version__, hashing
 from infl.artifacts import integrity
+from infl.artifacts.identity import Identity, changed_keys, fingerprint, jsonable, semantic_fields, without_locations
 from infl.errors import ArtifactLocked, BadInput, IncompatibleArtifact
 
 __all__ = [
@@ -38,8 +43,14 @@ __all__ = [
     "COMPLETE",
     "Artifact",
     "State",
+    "Identity",
+    "kinds",
+    "kind_class",
+    "command_of",
     "fingerprint",
     "identity_fingerprint",
+    "fingerprinted",
+    "semantic_fields",
     "jsonable",
     "changed_keys",
     "check_appended_shards",
@@ -58,51 +69,41 @@ _COMPRESSOR = BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
 _DAMAGED_HINT = "run `infl verify` on it, then the stage again"
 
 
-def jsonable(obj: Any) -> Any:
-    """A JSON-safe copy (paths to str, tuples to lists); NaN is refused, it is not JSON."""
-    return json.loads(json.dumps(obj, default=str, allow_nan=False))
-
-
-def fingerprint(obj: Any) -> str:
-    """sha256 of the canonical JSON of `obj`."""
-    return hashlib.sha256(json.dumps(jsonable(obj), sort_keys=True).encode()).hexdigest()
-
-
-# Where a parent file or directory is, as opposed to what it holds: recorded (so that a reader can
-# find it), never fingerprinted, so that the same inputs named another way, or moved, are the same.
-# A file's own name is kept: ids of records without one are derived from it (`name:line`).
-LOCATIONS = ("model", "factors", "queries", "index", "path")
-# The root attributes that say what an artifact was made from (the others say how far it got).
-IDENTITY = ("config", "provenance", "base_fingerprint", "query_blocks")
-
-
-def _without_locations(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {
-            k: Path(v).name if k == "path" else _without_locations(v)
-            for k, v in obj.items()
-            if not (k in LOCATIONS and k != "path" and isinstance(v, str))
-        }
-    if isinstance(obj, list):
-        return [_without_locations(v) for v in obj]
-    return obj
-
-
 def identity_fingerprint(attrs: dict) -> str:
-    """The fingerprint of what an artifact is made from: its identity attributes, without paths."""
-    return fingerprint(_without_locations({k: attrs[k] for k in IDENTITY if k in attrs}))
+    """The fingerprint of what a stored artifact is made from (its root attributes), by the one
+    recipe (`Identity`): its identity attributes, without locations."""
+    return Identity.of(attrs).fingerprint
 
 
-def changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two nested dicts (what made a fingerprint change)."""
-    keys = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            keys += changed_keys(a, b, f"{prefix}{key}.")
-        elif a != b:
-            keys.append(f"{prefix}{key}")
-    return keys
+def fingerprinted(attrs: dict) -> dict:
+    """What the fingerprint of a stored artifact covers (its identity attributes, without locations)."""
+    return Identity.of(attrs).covered()
+
+
+_KINDS: dict[str, type[Artifact]] = {}  # filled by Artifact.__init_subclass__
+
+
+@functools.cache
+def _import_kinds() -> None:
+    for module in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{module.name}")
+
+
+def kinds() -> dict[str, type[Artifact]]:
+    """Every artifact kind by its name: the classes that declare one (each module of this package
+    is imported on first use, so a new kind needs nothing but its module)."""
+    _import_kinds()
+    return dict(_KINDS)
+
+
+def kind_class(name: str | None) -> type[Artifact] | None:
+    """The class of the artifact kind `name` (factors, queries, index, scores, candidates), or None."""
+    return kinds().get(name)
+
+
+def command_of(kind: str) -> str:
+    """The infl command that writes artifacts of `kind` (`fit-factors` for factors ...)."""
+    return kinds()[kind].command
 
 
 def check_appended_shards(path: Path, old: dict, attrs: dict) -> None:
@@ -265,12 +266,27 @@ class Artifact:
     """One artifact on disk. Subclasses name their arrays; this class knows the life cycle:
     prepare (up to date, resume, refuse, replace), create, publish, and reading helpers."""
 
-    kind: ClassVar[str]
+    # What a kind is, declared once on its class (and read from `kinds()` by everything else):
+    kind: ClassVar[str]  # its name, in its root attributes
+    command: ClassVar[str]  # the infl command that writes it
+    # the kinds of the artifacts it is made from: provenance[<kind>] says where one is (a location),
+    # provenance[<kind>_fingerprint] which one it is (see `parent`)
+    parents: ClassVar[tuple[str, ...]] = ()
+    locations: ClassVar[tuple[str, ...]] = ("model",)  # other provenance entries that say where an input is
+    # the parts of its identity that may grow while its base stays (provenance entries, or root
+    # attributes named in identity.IDENTITY), in the order they are stored
+    grows: ClassVar[tuple[str, ...]] = ()
+    chunked: ClassVar[bool] = False  # rows per training sequence, chunk by chunk: its command recomputes a bad chunk
     transient: ClassVar[tuple[str, ...]] = ()  # subtrees of resume state, not part of the result
     markers: ClassVar[tuple[str, ...]] = ()  # arrays that mark work done (written last, checked by verify)
     grows_when_finished: ClassVar[bool] = (
         False  # rows are appended while it stays readable (shapes not in the manifest)
     )
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "kind" in vars(cls):  # a kind (not a base such as ChunkedArtifact): registered by its name
+            _KINDS[cls.kind] = cls
 
     def __init__(self, path: Path, group: zarr.Group):
         self.path, self.group = path, group
@@ -334,8 +350,8 @@ class Artifact:
                 stray.unlink()
             return State.PARTIAL
         changed = changed_keys(
-            _without_locations({"config": old.get("config", {}), "provenance": old.get("provenance", {})}),
-            _without_locations({"config": attrs.get("config", {}), "provenance": attrs.get("provenance", {})}),
+            without_locations(cls, {"config": old.get("config", {}), "provenance": old.get("provenance", {})}),
+            without_locations(cls, {"config": attrs.get("config", {}), "provenance": attrs.get("provenance", {})}),
         )
         raise IncompatibleArtifact(
             f"{path} was made from other inputs (changed: {', '.join(changed[:6]) or 'schema'})",
@@ -376,9 +392,15 @@ class Artifact:
         return (self.path / COMPLETE).is_file()
 
     def _fingerprint_problem(self) -> str:
-        if identity_fingerprint(self.attrs) != self.attrs.get("fingerprint"):
-            return "its attributes were edited: they no longer match its fingerprint"
-        return ""
+        attrs = self.attrs
+        try:
+            identity = Identity.of(attrs, type(self))
+            edited = identity.fingerprint != attrs.get("fingerprint") or (
+                bool(self.grows) and identity.base_fingerprint != attrs.get("base_fingerprint")
+            )
+        except (AttributeError, TypeError, ValueError):  # not even shaped as attributes are
+            edited = True
+        return "its attributes were edited: they no longer match its fingerprint" if edited else ""
 
     def problem(self) -> str:
         """What a reader of this finished artifact would refuse ('' if nothing): attributes edited
@@ -433,6 +455,25 @@ class Artifact:
     def made_as(self, recorded: str) -> bool:
         """Whether this is the artifact a child recorded as its parent (by fingerprint)."""
         return self.fingerprint == recorded
+
+    def parent(self, kind: str) -> Artifact:
+        """The parent artifact of `kind` this one recorded (its path and fingerprint), refused
+        unless it is still the one this was made from: a parent rebuilt in place is never used. A
+        parent no longer at its path is looked for next to this one (artifacts moved together)."""
+        if kind not in self.parents:
+            raise ValueError(f"a {self.kind} artifact has no {kind} parent")
+        path, recorded = Path(self.provenance[kind]), self.provenance[f"{kind}_fingerprint"]
+        if not path.exists() and (self.path.parent / path.name).exists():
+            hashing.note_absent(path)  # one put back there is used instead (infl.noop)
+            path = self.path.parent / path.name
+        parent = kind_class(kind).open(path)
+        if not parent.made_as(recorded):
+            raise IncompatibleArtifact(
+                f"{path} (fingerprint {parent.fingerprint[:12]}) is not the {kind} artifact {self.path} was made from "
+                f"(fingerprint {recorded[:12]}): it was rebuilt since",
+                hint=f"recompute {self.path}",
+            )
+        return parent
 
     @property
     def uid(self) -> str:
@@ -556,6 +597,10 @@ class Artifact:
         """What `info` shows of this kind beyond what every artifact has (name -> value)."""
         return {}
 
+    def contents(self) -> dict:
+        """What `info` lists of a sound artifact of this kind besides (key -> rows), e.g. its queries."""
+        return {}
+
     # -- verify ---------------------------------------------------------------------------------
 
     def n_done(self) -> int | None:
@@ -624,6 +669,7 @@ def describe(path: Path) -> dict:
     else:
         progress = {"chunks_done": int(complete), "chunks": 1}
     provenance = attrs.get("provenance", {})
+    kind = kind_class(attrs["kind"])
     return {
         "path": str(path),
         "kind": attrs["kind"],
@@ -637,5 +683,5 @@ def describe(path: Path) -> dict:
         "modules": attrs.get("modules", []),
         "config": attrs.get("config", {}),
         "provenance": provenance,
-        "parents": {k: provenance[k] for k in ("factors", "queries", "index", "model") if k in provenance},
+        "parents": {k: provenance[k] for k in (*kind.parents, *kind.locations) if k in provenance} if kind else {},
     }

@@ -32,6 +32,8 @@ def rows_digest(rows: np.ndarray) -> str:
 
 class CandidatesArtifact(Artifact):
     kind = "candidates"
+    command = "candidates"
+    grows = ("corpus",)  # by shards: the lists are then recomputed whole
     transient = ("terms",)  # a cache of the tokenisation: the lists are the result
 
     # -- writing (the main rank) ----------------------------------------------------------------

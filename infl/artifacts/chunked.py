@@ -18,6 +18,7 @@ class ChunkedArtifact(Artifact):
     """Rows `train_ids` [N] and `locators` [N, 3] (corpus shard, start, end), the kind's arrays
     chunked along the sequences, and `done` (its last axis: the chunks), written last."""
 
+    chunked = True
     markers = ("done",)
 
     @classmethod

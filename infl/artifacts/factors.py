@@ -82,6 +82,7 @@ def _merge_ranges(ranges: list[list[int]]) -> list[list[int]]:
 
 class FactorsArtifact(Artifact):
     kind = "factors"
+    command = "fit-factors"
     transient = ("checkpoint",)
 
     def begin(self, specs: list[dict], n_sequences: int) -> None:

@@ -49,6 +49,9 @@ class IndexLayout:
 
 class IndexArtifact(ChunkedArtifact):
     kind = "index"
+    command = "index"
+    parents = ("factors",)
+    grows = ("corpus",)
 
     # -- planning (main rank) -------------------------------------------------------------------
 
@@ -145,6 +148,17 @@ class IndexArtifact(ChunkedArtifact):
             "per million sequences": f"{per_sequence * 1e6 / 2**30:.1f} GiB",
             "compression": self.provenance["compression"],
         }
+
+    def factors(self):
+        """The factors whose eigenbases this index holds its rows in: the same fit, not only the same inputs."""
+        factors = self.parent("factors")
+        if factors.uid != self.provenance.get("factors_uid"):
+            raise IncompatibleArtifact(
+                f"{factors.path} was fitted again since {self.path} was built: its eigenbases "
+                "are not the ones the index holds its gradients in",
+                hint="rebuild the index (infl index --force), or restore those factors",
+            )
+        return factors
 
     def check_factors(self, factors_fingerprint: str, what: str) -> None:
         """The index was built with the factors `what` was made with."""

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from infl.artifacts import Artifact, State, _set_attrs, identity_fingerprint, read_attrs
+from infl.artifacts import Artifact, Identity, State, _set_attrs, read_attrs
 from infl.errors import IncompatibleArtifact
 
 __all__ = ["QueriesArtifact", "BuildPlan"]
@@ -37,13 +37,16 @@ class BuildPlan:
 
 class QueriesArtifact(Artifact):
     kind = "queries"
+    command = "build-query"
+    parents = ("factors",)
+    grows = ("queries_files",)  # by blocks of queries appended
     grows_when_finished = True
 
     @classmethod
-    def plan_build(cls, path: Path, attrs: dict, new_file: dict, append: bool, force: bool) -> BuildPlan:
-        """The append rules. `attrs` describe everything but the query files (its fingerprint is
-        the base: a block may be appended to an artifact with the same base)."""
-        base = identity_fingerprint(attrs)
+    def plan_build(cls, path: Path, identity: Identity, new_file: dict, append: bool, force: bool) -> BuildPlan:
+        """The append rules. `identity` is everything but the query files (its base fingerprint:
+        a block may be appended to an artifact with the same base)."""
+        base = identity.base_fingerprint
         old = read_attrs(path) if path.exists() else None
         finished = old is not None and "blocks" in old  # a first build killed early has no blocks: rebuilt
         appending = append and not force and finished and old.get("base_fingerprint") == base
@@ -53,17 +56,12 @@ class QueriesArtifact(Artifact):
                 hint="use the same --factors, --rank and --svd, or another --out",
             )
         files = old["provenance"]["queries_files"] if appending else []
-        attrs = {
-            **attrs,
-            "provenance": {**attrs["provenance"], "queries_files": files + [new_file]},
-            "base_fingerprint": base,
-        }
         if appending and new_file["sha256"] in {f["sha256"] for f in files}:
             held = cls.open_for_writing(path)
             if not held.complete:  # a first build killed after its last write: only the stamp is missing
                 held.publish()
             return BuildPlan(True, True, old)
-        attrs["fingerprint"] = identity_fingerprint(attrs)
+        attrs = identity.grown(queries_files=files + [new_file]).attrs
         if not appending and cls.state(path, attrs, force) == State.COMPLETE:
             return BuildPlan(True, False, attrs)
         if appending:
@@ -158,12 +156,9 @@ class QueriesArtifact(Artifact):
     def made_as(self, recorded: str) -> bool:
         """This artifact, or it before some of its blocks were appended (appends never change the
         rows before them): a child made from the first blocks can still use it."""
-        attrs, files = self.attrs, self.provenance["queries_files"]
-        return any(
-            identity_fingerprint({**attrs, "provenance": {**attrs["provenance"], "queries_files": files[:k]}})
-            == recorded
-            for k in range(len(files), 0, -1)
-        )
+        identity = Identity.of(self.attrs, type(self))
+        files = identity.parts["queries_files"]
+        return any(identity.grown(queries_files=files[:k]).fingerprint == recorded for k in range(len(files), 0, -1))
 
     def ids(self) -> list[str]:
         """Ids of the finished blocks (rows past them are leftovers of a killed append)."""
@@ -201,6 +196,9 @@ class QueriesArtifact(Artifact):
             }
             for i, (q, prompt, completion) in enumerate(self.all_texts())
         ]
+
+    def contents(self) -> dict:
+        return {"queries": self.listing()}
 
     def texts(self, row: int) -> tuple[str, str, str]:
         """(id, prompt, completion) of one query."""

@@ -53,6 +53,9 @@ class Layout:
 
 class ScoresArtifact(ChunkedArtifact):
     kind = "scores"
+    command = "score"
+    parents = ("factors", "queries", "index", "candidates")  # factors: of self-influence
+    grows = ("index_fingerprint", "corpus", "queries_fingerprint", "query_blocks")
     _NOT_DONE = "some of its cells are marked not done"
 
     # -- planning (main rank) -------------------------------------------------------------------

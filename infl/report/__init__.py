@@ -8,7 +8,7 @@ import html
 import io
 import json
 import re
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 from rich.console import Console

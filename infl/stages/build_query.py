@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from infl import data, engine, gradients, modeling, planning
-from infl.artifacts import identity_fingerprint, read_attrs
+from infl.artifacts import Identity, read_attrs, semantic_fields
 from infl.artifacts.factors import FactorsArtifact
 from infl.artifacts.queries import QueriesArtifact
 from infl.config import QueryConfig
@@ -27,13 +27,7 @@ from infl.driver import run as drive
 from infl.errors import BadInput
 from infl.hashing import line_prefix
 from infl.runtime import Runtime
-from infl.stages import (
-    WritingStage,
-    curvatures,
-    model_dir_for,
-    semantic_fields,
-    sequence_seed,
-)
+from infl.stages import base, loaders
 
 __all__ = ["run", "BuildQuery"]
 
@@ -55,12 +49,12 @@ class QueryPlan:
     started: float
 
 
-class BuildQuery(WritingStage):
+class BuildQuery(base.WritingStage):
     def plan(self) -> QueryPlan | Outcome:
         cfg, started = self.cfg, time.perf_counter()
         factors = FactorsArtifact.open(cfg.factors)
         fprov = factors.provenance
-        model_dir = model_dir_for(cfg.model, fprov)
+        model_dir = base.model_dir_for(cfg.model, fprov)
         provenance = {
             "model": str(model_dir.resolve()),
             "model_fingerprint": fprov["model_fingerprint"],
@@ -70,13 +64,13 @@ class BuildQuery(WritingStage):
             "max_length": fprov["max_length"],
             "dtype": fprov["dtype"],
         }
-        attrs = {"config": semantic_fields(cfg), "provenance": provenance}
+        identity = Identity(QueriesArtifact, semantic_fields(cfg), provenance)
         sha = data.file_sha256(cfg.queries)
-        held = self._held_bytes(attrs)
+        held = self._held_bytes(identity)
         holds = self._holds(sha)
         built = QueriesArtifact.plan_build(
             cfg.out,
-            attrs,
+            identity,
             {"path": str(cfg.queries.resolve()), "sha256": sha},
             cfg.append or held > 0 or holds,
             cfg.force,
@@ -128,13 +122,13 @@ class BuildQuery(WritingStage):
             f["sha256"] for f in files
         }
 
-    def _held_bytes(self, attrs: dict) -> int:
+    def _held_bytes(self, identity: Identity) -> int:
         """How many bytes of the queries file the artifact already holds, when the file grew by
         lines appended since its last build (the same options and factors; its old bytes unchanged,
         by sha256): only the new lines are built, as a block appended. 0 otherwise."""
         cfg = self.cfg
         old = read_attrs(cfg.out) if cfg.out.exists() and not (cfg.append or cfg.force) else None
-        if not old or "blocks" not in old or old.get("base_fingerprint") != identity_fingerprint(attrs):
+        if not old or "blocks" not in old or old.get("base_fingerprint") != identity.base_fingerprint:
             return 0
         held = [f["sha256"] for f in old["provenance"]["queries_files"] if f["path"] == str(cfg.queries.resolve())]
         if not held or data.file_sha256(cfg.queries) in held:  # held whole: plan_build says it is up to date
@@ -153,7 +147,7 @@ class BuildQuery(WritingStage):
         )
         if data.file_sha256(cfg.queries) != plan.queries_sha256:
             raise BadInput(f"{cfg.queries} changed while this run was starting")
-        curv = curvatures(factors, device, self._curvature_room(rt, queries, plan.units))
+        curv = loaders.curvatures(factors, device, self._curvature_room(rt, queries, plan.units))
         art = QueriesArtifact.open_for_writing(cfg.out)
         layouts = {name: art.module_attrs(name) for name in factors.modules}
         mine = g.mine(plan.units)
@@ -220,7 +214,7 @@ def _compressed(
     and rotated out: U [q, O, R], sigma [q, R], V [q, I, R] of P, and the norm fraction kept.
     A randomized SVD is seeded by query and module: the same whatever the batch or the rank."""
     U, sigma, V, kept = zip(
-        *(gradients.low_rank(X[q], rank, method, sequence_seed(ids[q], module)) for q in range(X.shape[0]))
+        *(gradients.low_rank(X[q], rank, method, base.sequence_seed(ids[q], module)) for q in range(X.shape[0]))
     )
     U, V = torch.stack(U), torch.stack(V)
     if curvature.Q_A is not None:

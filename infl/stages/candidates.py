@@ -11,15 +11,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from infl import data, lexical, modeling
-from infl.artifacts import State, check_appended_shards, identity_fingerprint, read_attrs
+from infl.artifacts import Identity, State, check_appended_shards, read_attrs, semantic_fields
 from infl.artifacts.candidates import CandidatesArtifact
 from infl.config import CandidatesConfig
 from infl.console import log, progress
 from infl.driver import Group, Outcome
 from infl.driver import run as drive
 from infl.errors import BadInput
-from infl.hashing import file_sha256
-from infl.stages import WritingStage, corpus_paths, semantic_fields
+from infl.hashing import cached_file_sha256
+from infl.stages import base, growth
 
 __all__ = ["run", "Candidates"]
 
@@ -36,7 +36,7 @@ class CandidatesPlan:
     started: float
 
 
-class Candidates(WritingStage):
+class Candidates(base.WritingStage):
     def plan(self) -> CandidatesPlan | Outcome:
         cfg, started = self.cfg, time.perf_counter()
         context = modeling.context_length(cfg.model)
@@ -49,18 +49,17 @@ class Candidates(WritingStage):
             "tokenizer_fingerprint": modeling.tokenizer_fingerprint(cfg.model),
             "queries_file": {"path": str(cfg.queries.resolve()), "sha256": _sha256(cfg.queries, "queries file")},
         }
-        base = {"config": config, "provenance": provenance}
+        identity = Identity(CandidatesArtifact, config, provenance)
         old = read_attrs(cfg.out) if cfg.out.exists() and not cfg.force else None
         grows = (
             old is not None
             and old.get("kind") == CandidatesArtifact.kind
-            and old.get("base_fingerprint") == identity_fingerprint(base)
+            and old.get("base_fingerprint") == identity.base_fingerprint
         )
-        paths = corpus_paths(old if grows else None, cfg.corpus)
+        paths = growth.corpus_paths(old if grows else None, cfg.corpus)
         # shards by content alone: how many records each holds is known once it is read
         shards = [{"path": str(p.resolve()), "sha256": _sha256(p, "corpus file")} for p in paths]
-        attrs = {**base, "provenance": {**provenance, "corpus": shards}, "base_fingerprint": identity_fingerprint(base)}
-        attrs["fingerprint"] = identity_fingerprint(attrs)
+        attrs = identity.grown(corpus=shards).attrs
         if grows and attrs["fingerprint"] != old["fingerprint"]:
             check_appended_shards(cfg.out, old, attrs)
             log(f"adding {len(paths) - len(old['provenance']['corpus'])} corpus shard(s) to {cfg.out}")
@@ -115,4 +114,4 @@ class Candidates(WritingStage):
 def _sha256(path: Path, what: str) -> str:
     if not path.is_file():
         raise BadInput(f"{path}: no such {what}")
-    return file_sha256(path)
+    return cached_file_sha256(path)

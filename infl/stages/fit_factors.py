@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from infl import curvature, data, engine, modeling, planning
-from infl.artifacts import State, identity_fingerprint
+from infl.artifacts import Identity, State, semantic_fields
 from infl.artifacts.factors import FactorsArtifact, PassState
 from infl.artifacts.index import IndexArtifact
 from infl.capture import ModuleSpec, tap
@@ -33,16 +33,7 @@ from infl.driver import Group, Outcome
 from infl.driver import run as drive
 from infl.errors import BadInput, IncompatibleArtifact
 from infl.runtime import Runtime
-from infl.stages import (
-    IndexRows,
-    WritingStage,
-    check_unchanged,
-    index_attrs,
-    index_layout,
-    semantic_fields,
-    sequence_seed,
-    with_corpus,
-)
+from infl.stages import base, growth, index_rows
 
 __all__ = ["run", "FitFactors"]
 
@@ -62,7 +53,7 @@ class FitPlan:
     index_attrs: dict | None  # the index the eigenvalue pass also writes (--index)
 
 
-class FitFactors(WritingStage):
+class FitFactors(base.WritingStage):
     @contextmanager
     def _both(self, hold):
         with ExitStack() as held:
@@ -95,12 +86,11 @@ class FitFactors(WritingStage):
             "model": str(cfg.model.resolve()),
             "model_fingerprint": modeling.model_fingerprint(cfg.model),
             "tokenizer_fingerprint": modeling.tokenizer_fingerprint(cfg.model),
-            "corpus": [shard.to_dict() for shard in corpus.shards],
+            "corpus": corpus.provenance(),
             "max_length": max_length,
             "dtype": cfg.dtype,
         }
-        attrs = {"config": semantic_fields(cfg), "provenance": provenance}
-        attrs["fingerprint"] = identity_fingerprint(attrs)
+        attrs = Identity(FactorsArtifact, semantic_fields(cfg), provenance).attrs
         state = FactorsArtifact.state(cfg.out, attrs, cfg.force)
         if state == State.COMPLETE:
             FactorsArtifact.open_for_writing(cfg.out).discard_checkpoints()  # a kill right after COMPLETE
@@ -108,7 +98,8 @@ class FitFactors(WritingStage):
         art = FactorsArtifact.for_fit(cfg.out, attrs, state)  # weights are loaded only now, by every rank
         index = None
         if cfg.index is not None:  # refused now, not after a pass, if another artifact is in the way
-            index = with_corpus(index_attrs(cfg.index_config(), art.attrs, cfg.model), corpus)
+            identity = index_rows.index_identity(cfg.index_config(), art.attrs, cfg.model)
+            index = identity.grown(corpus=corpus.provenance()).attrs
             try:
                 IndexArtifact.state(cfg.index, index, cfg.force)
             except IncompatibleArtifact as e:  # --force here would refit the factors too
@@ -127,7 +118,7 @@ class FitFactors(WritingStage):
         cfg = self.cfg
         rt = Runtime.load(cfg.model, cfg.modules, g.device(cfg.device), cfg.dtype, cfg.batch_size)
         corpus = self.planned_corpus or self._corpus(plan.max_length)
-        check_unchanged(corpus, plan.shards)
+        growth.check_unchanged(corpus, plan.shards)
         n = plan.n_sequences
         g.from_main(self._begin, rt.specs, n)
         art = FactorsArtifact.open_for_writing(cfg.out)
@@ -173,7 +164,7 @@ class _Fit:
 
     def __init__(self, art: FactorsArtifact, rt: Runtime, corpus: data.Corpus, n: int, cfg: FitConfig, g: Group):
         self.art, self.rt, self.corpus, self.cfg, self.g = art, rt, corpus, cfg, g
-        self.tokens, self.seeds = corpus.tokens[:n], [sequence_seed(cfg.seed, corpus.ids[i]) for i in range(n)]
+        self.tokens, self.seeds = corpus.tokens[:n], [base.sequence_seed(cfg.seed, corpus.ids[i]) for i in range(n)]
 
     def run(self, strategy, index_attrs: dict | None) -> None:
         parts = self._partitions(strategy)
@@ -245,20 +236,20 @@ class _Fit:
             attrs = {**attrs, "damping": strategy.damping(learnt["Lambda"], self.cfg.damping, self.cfg.damping_scale)}
         self.art.write_module(spec.name, {k: v.numpy() for k, v in learnt.items()}, attrs, fitted)
 
-    def _index_rows(self, attrs: dict, factors: dict) -> IndexRows | None:
+    def _index_rows(self, attrs: dict, factors: dict) -> index_rows.IndexRows | None:
         """The index this pass also writes, sized from the eigenvalues just fitted (None: it is
         complete already)."""
         cfg = self.cfg.index_config()
 
         def prepare() -> bool:
             eigenvalues = {name: {k: factors[name][k].cpu() for k in ("eig_S", "eig_A")} for name in self.rt.modules}
-            layout = index_layout(cfg, eigenvalues, self.corpus)
+            layout = index_rows.index_layout(cfg, eigenvalues, self.corpus)
             return IndexArtifact.prepare(cfg.out, attrs, None, layout, False) is not None
 
         if not self.g.from_main(prepare):
             return None
         bases = {name: {k: factors[name][k] for k in ("Q_A", "Q_S")} for name in self.rt.modules}
-        return IndexRows(IndexArtifact.open_for_writing(cfg.out), bases, self.rt.device, cfg.index_dtype)
+        return index_rows.IndexRows(IndexArtifact.open_for_writing(cfg.out), bases, self.rt.device, cfg.index_dtype)
 
     def _factors_so_far(self, part: list[ModuleSpec]) -> dict[str, dict[str, torch.Tensor]]:
         """What earlier passes stored for these modules (all but the sums), as every rank reads it
@@ -271,7 +262,13 @@ class _Fit:
         return out
 
     def _pass(
-        self, strategy, name: str, part: list[ModuleSpec], label: str, factors: dict, index: IndexRows | None = None
+        self,
+        strategy,
+        name: str,
+        part: list[ModuleSpec],
+        label: str,
+        factors: dict,
+        index: index_rows.IndexRows | None = None,
     ) -> tuple[dict, int]:
         """Sums per module of `part` (every rank's added up) and the token count of one sweep.
 

@@ -17,7 +17,6 @@ from pathlib import Path
 import torch
 
 from infl import curvature, data, engine, modeling
-from infl.artifacts import identity_fingerprint
 from infl.artifacts.factors import FactorsArtifact
 from infl.artifacts.index import IndexArtifact
 from infl.config import IndexConfig
@@ -26,16 +25,7 @@ from infl.driver import Group, Outcome
 from infl.driver import run as drive
 from infl.errors import BadInput
 from infl.runtime import Runtime
-from infl.stages import (
-    IndexRows,
-    WritingStage,
-    check_unchanged,
-    corpus_pieces,
-    index_attrs,
-    index_layout,
-    model_dir_for,
-    with_corpus,
-)
+from infl.stages import base, growth, index_rows
 
 __all__ = ["run", "Index"]
 
@@ -56,7 +46,7 @@ class IndexPlan:
     started: float
 
 
-class Index(WritingStage):
+class Index(base.WritingStage):
     def plan(self) -> IndexPlan | Outcome:
         cfg, started = self.cfg, time.perf_counter()
         factors = FactorsArtifact.open(cfg.factors)
@@ -66,18 +56,18 @@ class Index(WritingStage):
                 "eigenbasis to index in",
                 hint="fit with --strategy ekfac (the default) or kfac",
             )
-        model_dir = model_dir_for(cfg.model, factors.provenance)
-        attrs = index_attrs(cfg, factors.attrs, model_dir)
-        max_length = attrs["provenance"]["max_length"]
-        old = IndexArtifact.grown_from(cfg.out, identity_fingerprint(attrs), cfg.force)
-        paths = corpus_pieces(old, cfg.corpus)
+        model_dir = base.model_dir_for(cfg.model, factors.provenance)
+        identity = index_rows.index_identity(cfg, factors.attrs, model_dir)
+        max_length = identity.provenance["max_length"]
+        old = IndexArtifact.grown_from(cfg.out, identity.base_fingerprint, cfg.force)
+        paths = growth.corpus_pieces(old, cfg.corpus)
         corpus = self._corpus(paths, modeling.load_tokenizer(model_dir), max_length)
-        attrs = with_corpus(attrs, corpus)
+        attrs = identity.grown(corpus=corpus.provenance()).attrs
         eigenvalues = {
             name: {k: torch.from_numpy(v) for k, v in factors.read_module(name, ("eig_S", "eig_A")).items()}
             for name in factors.modules
         }
-        layout = index_layout(cfg, eigenvalues, corpus)
+        layout = index_rows.index_layout(cfg, eigenvalues, corpus)
         old_shards = old["provenance"]["corpus"] if old else []
         n_old = sum(s["n_records"] for s in old_shards)
         art = IndexArtifact.prepare(cfg.out, attrs, old, layout, cfg.force)
@@ -119,13 +109,13 @@ class Index(WritingStage):
         device = g.device(cfg.device)
         rt = Runtime.load(plan.model_dir, plan.modules, device, plan.dtype, cfg.batch_size)
         corpus = self.planned_corpus or self._corpus(plan.corpus, rt.tokenizer, plan.max_length)
-        check_unchanged(corpus, plan.shards)
+        growth.check_unchanged(corpus, plan.shards)
         factors = FactorsArtifact.open(cfg.factors)
         bases = {
             name: {k: torch.from_numpy(v).to(device) for k, v in factors.read_module(name, ("Q_A", "Q_S")).items()}
             for name in plan.modules
         }
-        rows = IndexRows(IndexArtifact.open_for_writing(cfg.out), bases, device, cfg.index_dtype)
+        rows = index_rows.IndexRows(IndexArtifact.open_for_writing(cfg.out), bases, device, cfg.index_dtype)
         C, N = cfg.chunk_size, len(corpus.ids)
         with progress() as bar:
             task = bar.add_task("index", total=sum(min(C, N - c * C) for c in mine))

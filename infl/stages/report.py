@@ -9,14 +9,11 @@ from pathlib import Path
 
 from infl.analysis.results import layer_tables
 from infl.analysis.sparsity import sparsity
-from infl.artifacts.candidates import CandidatesArtifact
-from infl.artifacts.factors import FactorsArtifact
-from infl.artifacts.queries import QueriesArtifact
 from infl.artifacts.scores import ScoresArtifact
 from infl.config import ReportConfig, TopkConfig
 from infl.errors import BadInput
 from infl.report import SHARE_NOTE, column_format, percent
-from infl.stages import open_parent, topk
+from infl.stages import topk
 
 __all__ = ["run"]
 
@@ -27,8 +24,8 @@ def run(cfg: ReportConfig, unit: str) -> Path:
     scores = ScoresArtifact.open(cfg.scores)
     if scores.is_self:
         raise BadInput(f"{cfg.scores} holds self-influence: the report explains query scores")
-    queries = open_parent(QueriesArtifact, scores, "queries")
-    factors = open_parent(FactorsArtifact, queries, "factors")
+    queries = scores.parent("queries")
+    factors = queries.parent("factors")
     scale = 1.0 / cfg.train_size if cfg.train_size else 1.0
     answer = topk.run(
         TopkConfig(
@@ -116,7 +113,7 @@ def _filtering(scores: ScoresArtifact) -> str:
     """Whether the sequences were preselected by TF-IDF (`score --candidates`), in words."""
     if "candidates" not in scores.provenance:
         return "Every sequence of the corpus was scored (no lexical filtering)."
-    candidates = open_parent(CandidatesArtifact, scores, "candidates")
+    candidates = scores.parent("candidates")
     return (
         f"TF-IDF filtering was used: each query was ranked among its own {candidates.group['indices'].shape[1]} "
         f"candidates by BM25 ({candidates.path}), and only the {scores.n_sequences} sequences that are a candidate "

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from infl import data, engine, indexing, modeling, planning
-from infl.artifacts import identity_fingerprint
+from infl.artifacts import Identity, semantic_fields
 from infl.artifacts.candidates import CandidatesArtifact, rows_digest
 from infl.artifacts.factors import FactorsArtifact
 from infl.artifacts.index import IndexArtifact
@@ -29,16 +29,7 @@ from infl.driver import Group, Outcome
 from infl.driver import run as drive
 from infl.errors import BadInput, IncompatibleArtifact
 from infl.runtime import Runtime
-from infl.stages import (
-    WritingStage,
-    check_unchanged,
-    corpus_pieces,
-    curvatures,
-    index_factors,
-    model_dir_for,
-    query_bank,
-    semantic_fields,
-)
+from infl.stages import base, growth, loaders
 
 __all__ = ["run", "Score"]
 
@@ -62,7 +53,7 @@ class ScorePlan:
     n_sequences: int
 
 
-class Score(WritingStage):
+class Score(base.WritingStage):
     def _source(self):
         """The parent artifact: the queries, or the factors for self-influence."""
         cfg = self.cfg
@@ -96,9 +87,9 @@ class Score(WritingStage):
         config = semantic_fields(cfg)
         if index is not None:  # the corpus was read as the index read it
             config.update({k: index.config[k] for k in ("split", "text_field", "id_field", "index_dim", "index_dtype")})
-        attrs = {"config": config, "provenance": provenance}
-        base = identity_fingerprint(attrs)  # all but the corpus shards and the query blocks, which may grow
-        old = ScoresArtifact.grown_from(cfg.out, base, cfg.force)
+        identity = Identity(ScoresArtifact, config, provenance)  # all but what may grow: shards, query blocks
+        old = ScoresArtifact.grown_from(cfg.out, identity.base_fingerprint, cfg.force)
+        grown = {"query_blocks": blocks}
         if index is not None:
             paths = ()
             corpus = data.Corpus(
@@ -107,15 +98,14 @@ class Score(WritingStage):
                 [],
                 index.all_locators(),
             )
-            attrs["provenance"]["index_fingerprint"] = index.fingerprint
+            grown["index_fingerprint"] = index.fingerprint
         else:
-            paths = corpus_pieces(old, cfg.corpus)
+            paths = growth.corpus_pieces(old, cfg.corpus)
             corpus = self._corpus(paths, modeling.load_tokenizer(model_dir), max_length)
-        attrs["provenance"]["corpus"] = [shard.to_dict() for shard in corpus.shards]
+        grown["corpus"] = corpus.provenance()
         if not cfg.self_influence:
-            attrs["provenance"]["queries_fingerprint"] = source.fingerprint
-        attrs.update({"base_fingerprint": base, "query_blocks": blocks})
-        attrs["fingerprint"] = identity_fingerprint(attrs)
+            grown["queries_fingerprint"] = source.fingerprint
+        attrs = identity.grown(**grown).attrs
         layout = Layout(
             query_ids, blocks, source.modules, corpus.ids, corpus.locators, cfg.chunk_size, cfg.per_token, max_length
         )
@@ -159,7 +149,7 @@ class Score(WritingStage):
         cfg = self.cfg
         if index is not None:
             index.check_factors(parent["factors_fingerprint"], f"the queries {cfg.queries}")
-            index_factors(index)  # the fit the index was built with is still there
+            index.factors()  # the fit the index was built with is still there
             sprov, model_dir, max_length = index.provenance, None, index.provenance["max_length"]
             parent = {
                 **parent,
@@ -169,7 +159,7 @@ class Score(WritingStage):
             }
         else:
             sprov = source.provenance
-            model_dir = model_dir_for(cfg.model, sprov)
+            model_dir = base.model_dir_for(cfg.model, sprov)
             max_length = sprov["max_length"] if cfg.max_length is None else cfg.max_length
             if max_length > sprov["max_length"]:
                 raise BadInput(f"--max-length {max_length} exceeds the model's context of {sprov['max_length']} tokens")
@@ -248,9 +238,9 @@ class _FromModel:
         cfg = self.cfg = stage.cfg
         self.rt = Runtime.load(plan.model_dir, plan.modules, device, plan.dtype, cfg.batch_size)
         self.corpus = stage.planned_corpus or stage._corpus(plan.corpus, self.rt.tokenizer, plan.max_length)
-        check_unchanged(self.corpus, plan.shards)
+        growth.check_unchanged(self.corpus, plan.shards)
         self.source = stage._source()
-        self.curv = curvatures(self.source, device) if cfg.self_influence else None
+        self.curv = loaders.curvatures(self.source, device) if cfg.self_influence else None
         self.banks: dict[tuple[int, ...], object] = {}  # query blocks pending together -> their QueryBank
 
     def ids(self, lo: int, hi: int) -> list[str]:
@@ -268,8 +258,8 @@ class _FromModel:
         """The queries of `rows`, low-rank ones expanded within 1 GiB or what --memory-budget leaves."""
         budget = self.cfg.memory_budget
         if budget is None:
-            return query_bank(self.source, self.rt.device, rows)
-        bank = query_bank(self.source, self.rt.device, rows, expand_bytes=0)
+            return loaders.query_bank(self.source, self.rt.device, rows)
+        bank = loaders.query_bank(self.source, self.rt.device, rows, expand_bytes=0)
         length = max(map(len, self.corpus.tokens), default=1)
         bank.expand(
             planning.expand_room(
@@ -291,7 +281,7 @@ class _FromIndex:
     def __init__(self, cfg: ScoreConfig, device: str):
         self.index, self.device = IndexArtifact.open(cfg.index), device
         self.queries = QueriesArtifact.open(cfg.queries)
-        factors = index_factors(self.index)  # c_q must be taken in the index's own eigenbases
+        factors = self.index.factors()  # c_q must be taken in the index's own eigenbases
         self.bases = {
             name: {k: torch.from_numpy(v).to(device) for k, v in factors.read_module(name, ("Q_A", "Q_S")).items()}
             for name in self.queries.modules

@@ -11,14 +11,12 @@ import numpy as np
 
 from infl import data, hashing
 from infl.analysis.results import Hit, QueryInfo, Topk, query_rows, select, share_of
-from infl.artifacts.candidates import CandidatesArtifact, rows_digest
-from infl.artifacts.factors import FactorsArtifact
-from infl.artifacts.queries import QueriesArtifact
+from infl.artifacts.candidates import rows_digest
 from infl.artifacts.scores import ScoresArtifact
 from infl.config import TopkConfig
 from infl.console import log, progress
 from infl.errors import BadInput, IncompatibleArtifact
-from infl.stages import curvatures, model_dir_for, open_parent, query_bank
+from infl.stages import base, loaders
 
 # The modules that need torch (engine, modeling, runtime, scoring, curvature) are imported by the
 # functions that use a model (--tokens, --refine): ranking stored scores never loads torch.
@@ -131,7 +129,7 @@ def _asked(scores: ScoresArtifact) -> dict[str, tuple[str, str, float]]:
     made from (nothing for self-influence)."""
     if scores.is_self:
         return {}
-    queries = open_parent(QueriesArtifact, scores, "queries")
+    queries = scores.parent("queries")
     measured = queries.measurements()
     return {
         q: (prompt, completion, float(measured[row])) for row, (q, prompt, completion) in enumerate(queries.all_texts())
@@ -143,7 +141,7 @@ def lexical_columns(scores: ScoresArtifact, rows) -> dict[int, np.ndarray] | Non
     (the artifact holds the union of every query's); None for scores of the whole corpus."""
     if "candidates" not in scores.provenance:
         return None
-    candidates = open_parent(CandidatesArtifact, scores, "candidates")
+    candidates = scores.parent("candidates")
     union = candidates.union(scores.query_ids())
     if rows_digest(union) != scores.provenance["candidate_rows"]:
         raise IncompatibleArtifact(
@@ -163,7 +161,7 @@ class _Model:
         from infl import modeling
 
         self.cfg, self.scores = cfg, scores
-        self.model_dir = model_dir_for(None, scores.provenance)
+        self.model_dir = base.model_dir_for(None, scores.provenance)
         self.tokenizer = modeling.load_tokenizer(self.model_dir)
         self._runtime = None
 
@@ -197,7 +195,7 @@ def _with_tokens(scores: ScoresArtifact, hits: list[Hit], rows, scale: float, mo
     else:
         wanted = sorted({row for row, _ in rows})
         rt = model.runtime()
-        bank = query_bank(open_parent(QueriesArtifact, scores, "queries"), rt.device, wanted)  # the asked ones
+        bank = loaders.query_bank(scores.parent("queries"), rt.device, wanted)  # the asked ones
         row_of = {query_id: wanted.index(row) for row, query_id in rows}
         with progress() as bar:
             task = bar.add_task("token influence", total=len(indices))
@@ -221,14 +219,14 @@ def _refine(scores: ScoresArtifact, rows, candidates: dict[int, np.ndarray], rt:
     from infl.curvature.base import damped_in_eigenbasis, from_eigenbasis
     from infl.scoring import QueryBank
 
-    queries = open_parent(QueriesArtifact, scores, "queries")
-    factors = open_parent(FactorsArtifact, queries, "factors")
+    queries = scores.parent("queries")
+    factors = queries.parent("factors")
     wanted = data.Queries([], [], [], [], [])
     for row, _ in rows:
         data.add_query(
             wanted, *queries.texts(row), rt.tokenizer, queries.provenance["max_length"]
         )  # as build-query did
-    curv, full = curvatures(factors, rt.device), {}
+    curv, full = loaders.curvatures(factors, rt.device), {}
 
     def keep(batch: list[int], name: str, a, s) -> None:  # preconditioned as autograd finds each module's gradients
         P = from_eigenbasis(damped_in_eigenbasis(a, s, curv[name]), curv[name])

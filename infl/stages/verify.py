@@ -12,12 +12,11 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from infl.artifacts import integrity, lock, open_group, read_attrs
+from infl.artifacts import command_of, integrity, kind_class, lock, open_group, read_attrs
 from infl.console import progress
 from infl.errors import BadInput
-from infl.stages import artifact_class
 
-__all__ = ["Report", "run"]
+__all__ = ["Report", "run", "command_of"]  # command_of(kind): the command that recomputes what verify finds
 
 
 @dataclass
@@ -32,7 +31,7 @@ class Report:
 def run(path: Path) -> Report:
     path = path.resolve()  # `infl verify .` inside an artifact
     attrs = read_attrs(path) if path.exists() else None
-    cls = artifact_class(attrs.get("kind")) if attrs else None
+    cls = kind_class(attrs.get("kind")) if attrs else None
     if cls is None:
         raise BadInput(f"{path}: no infl artifact here")
     with ExitStack() as held:
@@ -43,10 +42,9 @@ def run(path: Path) -> Report:
             if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
                 raise
             art, writable = cls(path, open_group(path)), False
-        if attrs["kind"] in ("scores", "index") and not art.started:
+        if cls.chunked and not art.started:
             raise BadInput(
-                f"{path} is unfinished: its run stopped before any chunk",
-                hint=f"re-run `infl {'score' if attrs['kind'] == 'scores' else 'index'}`",
+                f"{path} is unfinished: its run stopped before any chunk", hint=f"re-run `infl {cls.command}`"
             )
         try:
             total = len(art.data_arrays())

@@ -1,0 +1,60 @@
+"""What every stage builds on: the writing stage's base class (its locks and stamp), the check
+that a model is the one upstream artifacts were made with, and per-item seeds."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+__all__ = ["WritingStage", "model_dir_for", "sequence_seed"]
+
+
+class WritingStage:
+    """What every writing stage shares: its config, and the locks of its output artifact."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.planned_corpus = None  # what the main rank read while planning, if it reads a corpus
+
+    def lock(self):
+        """Held by the main rank for the whole run: one run per artifact."""
+        from infl.artifacts import lock
+
+        return lock(self.cfg.out, self.cfg.wait)
+
+    def writing(self):
+        """Held by every rank while it writes."""
+        from infl.artifacts import writing
+
+        return writing(self.cfg.out)
+
+    def refresh(self):
+        """The output is up to date: its stamp (COMPLETE.json) gets a new modification time, so
+        that make, which compares times, sees it as newer than the inputs it was just checked against."""
+        from infl.artifacts import refresh_stamp
+
+        refresh_stamp(self.cfg.out)
+
+
+def model_dir_for(override: Path | None, provenance: dict) -> Path:
+    """The model an upstream artifact was made with (or `override`, the same model elsewhere),
+    after checking that its files still have the recorded fingerprints."""
+    from infl.errors import IncompatibleArtifact
+    from infl.modeling import model_fingerprint, tokenizer_fingerprint
+
+    path = Path(provenance["model"]) if override is None else override
+    found = model_fingerprint(path)
+    if found != provenance["model_fingerprint"]:
+        raise IncompatibleArtifact(
+            f"model {path} (fingerprint {found[:12]}) is not the model these artifacts were made with "
+            f"(fingerprint {provenance['model_fingerprint'][:12]}, from {provenance['model']})"
+        )
+    if tokenizer_fingerprint(path) != provenance["tokenizer_fingerprint"]:
+        raise IncompatibleArtifact(f"the tokenizer in {path} is not the one these artifacts were made with")
+    return path
+
+
+def sequence_seed(*parts) -> int:
+    """A seed of its own for what `parts` name (a seed and a sequence id; a query id and a module):
+    independent of order, batching, rank and resume."""
+    return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:8], "little") >> 1
