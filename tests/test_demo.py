@@ -8,9 +8,7 @@ from test_cli import infl
 from infl.demo import build_demo
 
 
-@pytest.fixture(scope="session")
-def demo(tmp_path_factory):
-    return build_demo(tmp_path_factory.mktemp("demo"), size="test")
+pytestmark = pytest.mark.xdist_group("demo")  # the demo (conftest) built once, on one worker
 
 
 def test_demo_is_cached(demo):

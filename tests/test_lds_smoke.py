@@ -10,10 +10,11 @@ HARNESS = Path(__file__).resolve().parents[1] / "benchmarks" / "lds" / "lds.py"
 
 
 @pytest.mark.slow
-def test_lds_harness_runs_end_to_end(tmp_path):
+@pytest.mark.xdist_group("demo")  # the demo fixture, trained once for test_demo too
+def test_lds_harness_runs_end_to_end(demo, tmp_path):
     common = [
         "--demo",
-        str(tmp_path / "demo"),
+        str(demo),
         "--size",
         "test",
         "--out",

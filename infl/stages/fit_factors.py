@@ -299,8 +299,6 @@ class _Fit:
         rows: dict | None = None  # the current chunk's index rows, when this pass writes them
 
         def consume(batch, module, a, s):
-            if not torch.isfinite(s).all():
-                raise BadInput("non-finite loss or gradient while fitting", hint="check the model weights and --dtype")
             strategy.update(name, sums[module], a, s, factors.get(module, {}))
 
         def consume_data(batch, module, a, s):
@@ -330,6 +328,7 @@ class _Fit:
                         )
                     n_tokens += int(mask.sum())
                     bar.advance(task, len(batch))
+                _check_finite(sums)  # before anything of this chunk is written
                 if rows is not None:
                     index.write(lo // C, rows, self.corpus.ids[lo:hi])
                 added.append([lo, hi])
@@ -343,3 +342,15 @@ class _Fit:
         count = torch.tensor([n_tokens], dtype=torch.int64)
         g.all_reduce_sum(count, *(t for keys in sums.values() for t in keys.values()))
         return sums, int(count)
+
+
+def _check_finite(sums: dict[str, dict[str, torch.Tensor]]) -> None:
+    """A non-finite activation or gradient of any batch stays in its module's running sums: one
+    check of the sums per chunk finds it (a check of every module's gradients of every batch took
+    8 % of a fit)."""
+    for module, keys in sums.items():
+        if not all(bool(torch.isfinite(t).all()) for t in keys.values()):
+            raise BadInput(
+                f"non-finite activation or gradient in module {module} while fitting",
+                hint="check the model weights and --dtype",
+            )
