@@ -7,7 +7,6 @@ from test_cli import infl
 
 from infl.demo import build_demo
 
-
 pytestmark = pytest.mark.xdist_group("demo")  # the demo (conftest) built once, on one worker
 
 
