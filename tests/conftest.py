@@ -96,17 +96,6 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
-def pytest_collection_modifyitems(items):
-    """The tests of a module that builds a module-scoped fixture run on one xdist worker (under
-    `--dist loadgroup`), so that the fixture is built once, not once per worker."""
-    for item in items:
-        defs = getattr(item, "_fixtureinfo", None)
-        scopes = {d.scope for fixture in (defs.name2fixturedefs.values() if defs else ()) for d in fixture}
-        if "module" in scopes:
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
-
-
 @pytest.fixture(scope="session", autouse=True)
 def one_thread_per_worker():
     """Under pytest-xdist each worker has a core: torch (and the infl processes a test starts) use
@@ -180,8 +169,8 @@ def autograd_grads(
 
 @pytest.fixture(scope="session")
 def demo(tmp_path_factory):
-    """The embedded default at its test size, trained once a worker (test_demo and test_lds_smoke
-    share an xdist group: the same worker)."""
+    """The embedded default at its test size, trained once a worker (test_demo.py's tests, the LDS
+    harness's among them, run on one worker: `--dist loadscope`)."""
     from infl.demo import build_demo
 
     return build_demo(tmp_path_factory.mktemp("demo"), size="test")

@@ -159,10 +159,19 @@ def _rank_pids(launcher: subprocess.Popen) -> dict[int, int]:
 
 
 def _alive(pid: int) -> bool:
+    """Whether any thread of the process is still running: a killed process's main thread turns
+    zombie first, and its files (and their locks) are released only once its last thread exits."""
     try:
-        return open(f"/proc/{pid}/stat").read().split(") ")[1][0] != "Z"
+        tasks = os.listdir(f"/proc/{pid}/task")
     except OSError:
         return False
+    for task in tasks:
+        try:
+            if open(f"/proc/{pid}/task/{task}/stat").read().split(") ")[1][0] != "Z":
+                return True
+        except OSError:
+            continue
+    return False
 
 
 def _launch(n: int, args) -> subprocess.Popen:
@@ -191,7 +200,8 @@ def test_a_killed_rank_leaves_finished_chunks_and_one_process_completes_them(wor
     os.kill(_rank_pids(launcher)[1], signal.SIGKILL)
     assert launcher.wait(timeout=120) != 0  # torchrun stops the group
     done = np.asarray(artifacts.open_group(out)["done"][...])[0]
-    assert 6 <= done.sum() < len(done) and not (out / "COMPLETE.json").exists()
+    # the kill may cut the file of the last done bit short: it reads as not done
+    assert 5 <= done.sum() < len(done) and not (out / "COMPLETE.json").exists()
     resumed = infl(*args)
     assert resumed.exit_code == 0, resumed.output
     assert f"{int(done.sum())} of {len(done)} chunks done" in resumed.output
@@ -207,7 +217,7 @@ def test_a_run_killed_midway_is_finished_by_two_processes(workdir, corpus, refer
     out = tmp_path / "s.zarr"
     kill_when(args, lambda: len(list((out / "done" / "c").glob("*/*"))) >= 6)
     done = np.asarray(artifacts.open_group(out)["done"][...])[0]
-    assert 6 <= done.sum() < len(done)
+    assert 5 <= done.sum() < len(done)  # the kill may cut the last done bit's file short: not done
     result = torchrun(2, *args)
     assert f"{int(done.sum())} of {len(done)} chunks done" in result.stderr
     ref = artifacts.open_complete(reference / "s.zarr", "scores")

@@ -36,7 +36,8 @@ def test_score_killed_midway_resumes_to_identical_scores(workdir, tmp_path):
     out = tmp_path / "killed.zarr"
     kill_when([*args, "--out", out], lambda: len(list((out / "done" / "c").glob("*/*"))) >= 5)
     done = np.asarray(artifacts.open_group(out)["done"][...])[0]  # one query block
-    assert 5 <= done.sum() < len(done) and not (out / "COMPLETE.json").exists()  # really killed midway
+    # really killed midway (the kill may cut the file of the 5th done bit short: it reads as not done)
+    assert 4 <= done.sum() < len(done) and not (out / "COMPLETE.json").exists()
 
     resumed = infl(*args, "--out", out)
     assert resumed.exit_code == 0, resumed.output
