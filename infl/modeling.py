@@ -7,6 +7,7 @@ with the `gguf` package and dequantises the weights to `dtype`; its fingerprint 
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import re
 from pathlib import Path
@@ -83,10 +84,21 @@ def _keep_gguf_metadata() -> None:
     gguf_utils.load_gguf_checkpoint = load_gguf_checkpoint
 
 
+def _quiet_gguf_progress() -> None:
+    """transformers draws a tqdm bar of its own while it dequantises a GGUF file's tensors, which
+    disable_progress_bar() does not reach: stderr holds infl's lines only (one JSON object per
+    line under --log-format json, nothing but errors under --quiet)."""
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    if not isinstance(gguf_utils.tqdm, functools.partial):
+        gguf_utils.tqdm = functools.partial(gguf_utils.tqdm, disable=True)
+
+
 def _from_pretrained(cls, path: Path, what: str, **kwargs):
     where, extra = _source(path)
     if extra:
         _keep_gguf_metadata()
+        _quiet_gguf_progress()
     try:
         return cls.from_pretrained(where, local_files_only=True, **extra, **kwargs)
     except ImportError as e:  # reading GGUF needs the gguf package (and accelerate for the weights)

@@ -87,8 +87,10 @@ def run(gguf, tmp_path_factory):
         ["build-query", "--factors", out / "f.zarr", "--queries", out / "queries.jsonl", "--out", out / "q.zarr"],
         ["score", "--queries", out / "q.zarr", "--corpus", corpus, "--out", out / "s.zarr"],
     ):
-        result = infl(*args)
+        result = infl("--log-format", "json", *args)
         assert result.exit_code == 0, result.output
+        for line in result.stderr.splitlines():  # transformers' own GGUF progress bar never shows
+            assert json.loads(line)["level"], line
     return out, texts, queries
 
 
