@@ -177,6 +177,10 @@ def _load_config(ctx: typer.Context, path: Optional[Path]) -> Optional[Path]:
         raise typer.BadParameter(f"{where}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
     if not isinstance(document, dict):
         raise typer.BadParameter(f"{path} must hold a mapping of command sections (got {type(document).__name__})")
+    commands = ctx.parent.command.list_commands(ctx.parent) if ctx.parent is not None else [ctx.info_name]
+    unknown = sorted(str(name) for name in document if name not in commands)
+    if unknown:  # a misspelt section would be ignored silently
+        raise typer.BadParameter(f"{path}: unknown sections {unknown}: each is named after a command")
     section = document.get(ctx.info_name) or {}
     if not isinstance(section, dict):
         raise typer.BadParameter(

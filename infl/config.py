@@ -218,7 +218,7 @@ def parse_bytes(value: str | int | None, option: str = "--memory-budget") -> int
         if unit not in _UNITS:
             raise ValueError
         size = int(float(number) * _UNITS[unit])
-    except ValueError:
+    except (ValueError, OverflowError):  # 'x', 'nan', '1e400' (infinite)
         raise BadInput(f"{option} must be a size such as 16GiB, 3GB or 512MiB, not {value!r}") from None
     return parse_bytes(size, option)
 

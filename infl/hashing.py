@@ -1,5 +1,6 @@
-"""sha256 of files, remembered for large ones by (path, size, mtime) as git does: a no-op rerun
-or a check before serving text does not read gigabytes again. No torch here."""
+"""sha256 of files, remembered for large ones by path, size, mtime, inode and ctime: a no-op rerun
+does not read gigabytes of weights again. Text served beside scores is always checked against its
+bytes (range_sha256). No torch here."""
 
 from __future__ import annotations
 
@@ -116,12 +117,9 @@ def checked() -> dict[str, dict]:
 
 
 def range_sha256(path: Path, start: int, size: int) -> str | None:
-    """sha256 of `size` bytes of a file from byte `start` (None if it holds fewer); the whole file's
-    is remembered as cached_file_sha256 remembers it."""
-    total = path.stat().st_size
-    if start == 0 and size == total:
-        return cached_file_sha256(path)
-    if total < start + size:
+    """sha256 of `size` bytes of a file from byte `start` (None if it holds fewer), read every time:
+    text served beside scores is checked against the bytes themselves, never a cache."""
+    if path.stat().st_size < start + size:
         return None
     digest = hashlib.sha256()
     with path.open("rb") as f:
@@ -154,12 +152,13 @@ def line_prefix(path: Path, sha256: str) -> int | None:
 
 
 def cached_file_sha256(path: Path) -> str:
-    """sha256 of a file's content; large files are remembered by (path, size, mtime), as git does,
-    so that a no-op rerun does not read gigabytes of weights again (data.file_sha256 reads a small
-    file whole, every time)."""
+    """sha256 of a file's content; large files are remembered by path and stat_key (size, mtime,
+    inode, ctime: as strictly as the no-op memory; an edit in place with its size and mtime put
+    back still changes the ctime), so that a no-op rerun does not read gigabytes of weights again
+    (data.file_sha256 reads a small file whole, every time)."""
     st = path.stat()
     _note(path, st)
-    key = f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+    key = ":".join([str(path.resolve()), *map(str, stat_key(st))])
     cache_file = _cache_path()
     cached = {}
     if st.st_size >= CACHE_MIN_BYTES:

@@ -17,7 +17,7 @@ from torch import nn
 
 from infl.capture import ModuleSpec
 from infl.errors import BadInput, UnsupportedModel
-from infl.hashing import cached_file_sha256, note_file, note_listing
+from infl.hashing import cached_file_sha256, note_file, note_listing, stat_key
 
 __all__ = [
     "load_model",
@@ -74,8 +74,7 @@ def _keep_gguf_metadata() -> None:
     def load_gguf_checkpoint(path, return_tensors=False, **kwargs):
         if return_tensors or kwargs:
             return original(path, return_tensors=return_tensors, **kwargs)
-        stat = Path(path).stat()
-        key = (str(path), stat.st_size, stat.st_mtime_ns)
+        key = (str(path), *stat_key(Path(path).stat()))  # as strictly as every cache of infl
         if key not in parsed:
             parsed[key] = original(path, return_tensors=False)
         return copy.deepcopy(parsed[key])

@@ -118,6 +118,12 @@ CASES = {  # name: (arguments from (workdir, tmp_path), exit code, part of the m
         2,
         "run.yaml:2: not valid YAML",
     ),
+    "config has an unknown section": (
+        lambda w, t: ["fit-factors", "--config", _yaml(t, yaml.safe_dump({"topkk": {"k": 3}}))],
+        2,
+        "unknown sections ['topkk']",
+    ),
+    "memory budget past a float": (lambda w, t: _no_model(t, "--memory-budget", "1e400GB"), 2, "must be a size"),
     "config has an unknown key": (
         lambda w, t: ["fit-factors", "--config", _yaml(t, yaml.safe_dump({"fit-factors": {"dampin": 1}}))],
         2,

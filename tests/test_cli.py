@@ -419,7 +419,8 @@ def test_json_logs_for_cron(workdir, tmp_path):
     assert records[-1]["level"] == "info" and "wrote" in records[-1]["message"]
 
 
-def test_model_fingerprints_remember_large_files_by_size_and_mtime(workdir, tmp_path, monkeypatch):
+def test_model_fingerprints_remember_large_files_by_their_stat(workdir, tmp_path, monkeypatch):
+    import json
     import os
     import shutil
 
@@ -429,16 +430,23 @@ def test_model_fingerprints_remember_large_files_by_size_and_mtime(workdir, tmp_
     monkeypatch.setattr(hashing, "CACHE_MIN_BYTES", 0)
     model = shutil.copytree(workdir / "gpt2", tmp_path / "gpt2")
     first = modeling.model_fingerprint(model)
-    assert (tmp_path / "cache" / "file_hashes.json").is_file()
+    cache = tmp_path / "cache" / "file_hashes.json"
     weights = next(model.glob("*.safetensors"))
+    remembered = json.loads(cache.read_text())
+    key = next(k for k in remembered if k.startswith(str(weights.resolve()) + ":"))
+    cache.write_text(json.dumps({**remembered, key: "0" * 64}))
+    poisoned = modeling.model_fingerprint(model)
+    assert poisoned != first  # an unchanged file: its remembered hash is used
     st = weights.stat()
     data = bytearray(weights.read_bytes())
     data[-1] ^= 1
-    weights.write_bytes(bytes(data))
+    with weights.open("r+b") as f:  # in place, the same size, the mtime put back: the ctime moves
+        f.write(bytes(data))
     os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
-    assert modeling.model_fingerprint(model) == first  # same size and mtime: the remembered hash (git's contract)
-    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 1))
-    assert modeling.model_fingerprint(model) != first  # touched: hashed again
+    assert modeling.model_fingerprint(model) not in (first, poisoned)  # hashed again: the new content
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    assert modeling.model_fingerprint(model) == first  # hashed again, not the poisoned entry
 
 
 def test_odd_output_paths_get_one_line_errors_and_nothing_is_written(workdir, tmp_path, monkeypatch):

@@ -2,6 +2,7 @@
 rebuilt parents and changed corpus shards are refused, never served (issue #12)."""
 
 import json
+import os
 import shutil
 
 import pytest
@@ -193,6 +194,26 @@ def test_texts_are_served_only_from_unchanged_corpus_shards(workdir, tmp_path):
         assert "is missing" in one_line_error(infl("topk", "--scores", out))
         shard.write_bytes(original)
         assert infl("topk", "--scores", out).exit_code == 0
+
+
+def test_an_edit_in_place_with_size_and_mtime_put_back_is_still_seen(workdir, tmp_path, monkeypatch):
+    """Every file is cached as a large one is (CACHE_MIN_BYTES 0): a same-length edit whose mtime
+    is restored (`touch -r`) is a new digest, and topk checks the text's bytes, not the cache."""
+    from infl import hashing
+
+    monkeypatch.setattr(hashing, "CACHE_MIN_BYTES", 0)
+    corpus = write_jsonl(tmp_path / "c.jsonl", [{"id": f"s{i}", "text": t} for i, t in enumerate(SENTENCES)])
+    pipeline(workdir, tmp_path)
+    out = tmp_path / "s2.zarr"
+    assert infl("score", "--queries", tmp_path / "q.zarr", "--corpus", corpus, "--out", out).exit_code == 0
+    assert infl("topk", "--scores", out).exit_code == 0
+    before, stat = hashing.cached_file_sha256(corpus), corpus.stat()
+    with corpus.open("r+b") as f:  # in place: the same inode and size
+        f.write(corpus.read_bytes().replace(b"cat", b"dog"))
+    os.utime(corpus, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert corpus.stat().st_size == stat.st_size and corpus.stat().st_mtime_ns == stat.st_mtime_ns
+    assert hashing.cached_file_sha256(corpus) != before
+    assert "changed since it was scored" in one_line_error(infl("topk", "--scores", out))
 
 
 def test_the_same_inputs_named_another_way_or_moved_are_up_to_date(workdir, tmp_path, monkeypatch):

@@ -46,8 +46,8 @@ def _records(scores: ScoresArtifact, indices: np.ndarray) -> list[tuple[str, boo
 
 def _check_shard(shard: data.Shard, scores: ScoresArtifact) -> None:
     """A text is read back by byte offset: only from a shard whose bytes are those it held when it
-    was scored, by sha256 (lines appended to its file since do not matter; the hash of a large
-    file is remembered by size and mtime)."""
+    was scored, by the sha256 of those bytes, read every time (lines appended to its file since do
+    not matter)."""
     path = Path(shard.path)
     if not path.is_file():
         problem = "is missing"
