@@ -163,14 +163,28 @@ def main(
     set_json_logs(log_format == "json")
 
 
+class _ConfigLoader(yaml.SafeLoader):
+    """YAML without aliases: a config names a few options, and a chain of anchors (*a, *b, ...)
+    can stand for more values than memory holds."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.composer.ComposerError(
+                None, None, "aliases (*name) are not allowed in a config", self.peek_event().start_mark
+            )
+        return super().compose_node(parent, index)
+
+
 def _load_config(ctx: typer.Context, path: Optional[Path]) -> Optional[Path]:
     """Fill the command's defaults from the YAML section named after it: CLI flags still win."""
     if path is None:
         return None
     try:
-        document = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        document = yaml.load(path.read_text(encoding="utf-8"), Loader=_ConfigLoader) or {}
     except (OSError, UnicodeDecodeError) as e:
         raise typer.BadParameter(f"cannot read {path}: {e}") from None
+    except RecursionError:
+        raise typer.BadParameter(f"{path}: nested too deep for a config") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark is not None else str(path)

@@ -170,6 +170,19 @@ def _field(path: Path, number: int, record: dict, name: str) -> str:
     value = record[name]
     if not isinstance(value, str):
         raise BadInput(f"{path}:{number}: field {name!r} must be a string, got {type(value).__name__}")
+    return _unicode(path, number, name, value)
+
+
+def _unicode(path: Path, number: int, name: str, value: str) -> str:
+    """A JSON string may escape a lone surrogate (\\udc00), which is no character: refused here,
+    not as a traceback in the tokenizer or when the id is written."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise BadInput(
+            f"{path}:{number}: field {name!r} holds {value[e.start]!r} at character {e.start}: "
+            "a lone surrogate, not valid Unicode"
+        ) from None
     return value
 
 
@@ -186,7 +199,7 @@ def _record_id(path: Path, number: int, record: dict, name: str) -> str:
         return f"{path.name}:{number}"
     if not str(value).strip():
         raise BadInput(f"{path}:{number}: field {name!r} is empty", hint="give every record a non-blank id, or none")
-    return str(value)
+    return _unicode(path, number, name, str(value))
 
 
 def read_corpus(

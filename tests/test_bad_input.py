@@ -78,6 +78,11 @@ def _no_model(t, *extra):  # options checked before anything is loaded: these pa
     return ["fit-factors", "--model", t / "no-model", "--corpus", t / "no.jsonl", "--out", t / "out.zarr", *extra]
 
 
+def _raw(path, text: str):
+    path.write_text(text)
+    return path
+
+
 def _queries(t, rows):
     return [
         "build-query",
@@ -117,6 +122,26 @@ CASES = {  # name: (arguments from (workdir, tmp_path), exit code, part of the m
         lambda w, t: ["fit-factors", "--config", _yaml(t, "fit-factors: [\n")],
         2,
         "run.yaml:2: not valid YAML",
+    ),
+    "config with aliases": (
+        lambda w, t: ["fit-factors", "--config", _yaml(t, "a: &a [x, x]\nb: &b [*a, *a]\nfit-factors: {}\n")],
+        2,
+        "aliases (*name) are not allowed",
+    ),
+    "config nested too deep": (
+        lambda w, t: ["fit-factors", "--config", _yaml(t, "fit-factors: " + "[" * 20000 + "]" * 20000 + "\n")],
+        2,
+        "nested too deep",
+    ),
+    "lone surrogate in a text": (
+        lambda w, t: _fit(w, t, _raw(t / "c.jsonl", '{"id": "a", "text": "the cat \\udc00"}\n')),
+        1,
+        "c.jsonl:1: field 'text' holds '\\udc00' at character 8: a lone surrogate",
+    ),
+    "lone surrogate in an id": (
+        lambda w, t: _fit(w, t, _raw(t / "c.jsonl", '{"id": "a\\udc00", "text": "the cat"}\n')),
+        1,
+        "c.jsonl:1: field 'id' holds '\\udc00' at character 1",
     ),
     "config has an unknown section": (
         lambda w, t: ["fit-factors", "--config", _yaml(t, yaml.safe_dump({"topkk": {"k": 3}}))],
