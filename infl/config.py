@@ -223,12 +223,17 @@ def parse_bytes(value: str | int | None, option: str = "--memory-budget") -> int
     return parse_bytes(size, option)
 
 
+# A chunk is the unit of work, resume and storage: its arrays are allocated whole (a score chunk is
+# [modules, queries, chunk] float32), so a chunk of 10^9 sequences asked for 16 GB on a corpus of one.
+MAX_CHUNK_SIZE = 1 << 20
+
+
 def _check_reading(max_length: int | None, chunk_size: int) -> None:
     """The options of every stage that reads a corpus chunk by chunk."""
     if max_length is not None and max_length < 2:
         raise BadInput(f"--max-length must be >= 2, not {max_length}")
-    if chunk_size < 1:
-        raise BadInput(f"--chunk-size must be >= 1, not {chunk_size}")
+    if not 1 <= chunk_size <= MAX_CHUNK_SIZE:
+        raise BadInput(f"--chunk-size must be between 1 and {MAX_CHUNK_SIZE}, not {chunk_size}")
 
 
 def _check_device(device: str) -> None:

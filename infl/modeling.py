@@ -34,7 +34,14 @@ __all__ = [
 _MLP_CHILDREN = ("mlp", "feed_forward", "ffn")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 _VOCABULARY_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model", "vocab.txt")  # one of them holds the vocabulary
-_TOKENIZER_FILES = (*_VOCABULARY_FILES, "tokenizer_config.json", "special_tokens_map.json", "merges.txt")
+# everything AutoTokenizer reads: added_tokens.json changes the vocabulary too
+_TOKENIZER_FILES = (
+    *_VOCABULARY_FILES,
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "merges.txt",
+    "added_tokens.json",
+)
 
 
 def _is_gguf(path: Path) -> bool:

@@ -155,7 +155,12 @@ CASES = {  # name: (arguments from (workdir, tmp_path), exit code, part of the m
         "dampin",
     ),
     # 4. option values out of range: usage errors, found before any model or file is read
-    "chunk size 0": (lambda w, t: _no_model(t, "--chunk-size", "0"), 2, "--chunk-size must be >= 1"),
+    "chunk size 0": (lambda w, t: _no_model(t, "--chunk-size", "0"), 2, "--chunk-size must be between 1 and"),
+    "chunk size past memory": (
+        lambda w, t: _no_model(t, "--chunk-size", "99999999999999"),
+        2,
+        "--chunk-size must be between 1 and 1048576",
+    ),
     "batch size 0": (lambda w, t: _no_model(t, "--batch-size", "0"), 2, "--batch-size must be >= 1"),
     "max length 1": (lambda w, t: _no_model(t, "--max-length", "1"), 2, "--max-length must be >= 2"),
     "negative damping": (lambda w, t: _no_model(t, "--damping", "-1"), 2, "--damping must be >= 0"),
@@ -174,7 +179,7 @@ CASES = {  # name: (arguments from (workdir, tmp_path), exit code, part of the m
             "0",
         ],
         2,
-        "--chunk-size must be >= 1",
+        "--chunk-size must be between 1 and",
     ),
     "k 0": (lambda w, t: ["topk", "--scores", t / "no-scores.zarr", "-k", "0"], 2, "-k must be >= 1"),
     "negative train size": (

@@ -465,3 +465,14 @@ def test_odd_output_paths_get_one_line_errors_and_nothing_is_written(workdir, tm
         assert message in one_line_error(infl(*fit, out)), out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file.zarr", "link.zarr", "real.zarr"]  # no lock files
     assert not any((tmp_path / "real.zarr").iterdir())
+
+
+def test_added_tokens_are_part_of_the_tokenizer_fingerprint(workdir, tmp_path):
+    import shutil
+
+    from infl import modeling
+
+    model = shutil.copytree(workdir / "gpt2", tmp_path / "gpt2")
+    before = modeling.tokenizer_fingerprint(model)
+    (model / "added_tokens.json").write_text('{"<new>": 9999}')
+    assert modeling.tokenizer_fingerprint(model) != before
