@@ -397,3 +397,29 @@ def test_a_nan_in_one_modules_gradients_alone_is_one_line(workdir, tmp_path, mon
     message = single_error(infl(*_fit(workdir, tmp_path), "--quiet"), 1, "text")
     assert "non-finite activation or gradient in module transformer.h." in message
     assert not (tmp_path / "out.zarr" / "COMPLETE.json").exists()
+
+
+def test_csv_cells_that_a_spreadsheet_would_run_get_an_apostrophe(workdir, tmp_path):
+    import csv
+    import io
+
+    ids = ["=1+1", "+cmd", "-x", "@sum"]
+    corpus = write_jsonl(tmp_path / "c.jsonl", [{"id": i, "text": "=" + t} for i, t in zip(ids, SENTENCES)])
+    queries = write_jsonl(tmp_path / "q.jsonl", [{**QUERIES[0], "id": "=q"}])
+    scores = pipeline(workdir / "gpt2", corpus, queries, tmp_path)
+    assert infl("export", "--scores", scores, "--out", tmp_path / "e.csv").exit_code == 0
+    outputs = {
+        "topk": infl("topk", "--scores", scores, "-k", "4", "--format", "csv").stdout,
+        "layerwise": infl("layerwise", "--scores", scores, "-k", "4", "--format", "csv").stdout,
+        "compare": infl("compare", "--scores", scores, "-k", "4", "--format", "csv").stdout,
+        "export": (tmp_path / "e.csv").read_text(),
+    }
+    for name, text in outputs.items():
+        rows = list(csv.reader(io.StringIO(text)))
+        assert len(rows) > 1, (name, text)
+        for row in rows[1:]:
+            for cell in row:
+                if cell[:1] in ("=", "+", "-", "@"):
+                    float(cell)  # a negative score is a number, written as one
+        cells = {cell for row in rows[1:] for cell in row}
+        assert cells & {"'=1+1", "'+cmd", "'-x", "'@sum"}, (name, text)  # the ids, quoted

@@ -18,6 +18,7 @@ from rich.text import Text
 from infl.analysis.results import Hit, LayerTable, QueryInfo, Topk
 
 __all__ = [
+    "csv_cell",
     "TOPK",
     "LAYERWISE",
     "SPARSITY",
@@ -69,6 +70,16 @@ def _preview(text: str) -> str:
 def _id(value: str) -> str:
     """An id on one line: a newline or tab (any unprintable character) is shown escaped, as repr would."""
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in value)
+
+
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value):
+    """A text cell of a CSV file: one a spreadsheet would read as a formula (it starts with =, +, -,
+    @, a tab or a carriage return) gets a leading apostrophe, OWASP's convention for CSV injection.
+    Numbers are written as they are."""
+    return "'" + value if isinstance(value, str) and value.startswith(_FORMULA_START) else value
 
 
 _MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]|~])")
@@ -265,13 +276,13 @@ def _topk_csv(result: Topk, unit: str) -> str:
     for h in result.hits:
         writer.writerow(
             [
-                h.query_id,
+                csv_cell(h.query_id),
                 h.rank,
-                h.train_id,
+                csv_cell(h.train_id),
                 f"{h.score:.6g}",
                 "" if h.share != h.share else f"{h.share:.6g}",
                 *([f"{h.refined:.6g}"] if refined else []),
-                h.text,
+                csv_cell(h.text),
             ]
         )
     return out.getvalue()
@@ -402,7 +413,7 @@ def _layers_csv(tables: list[LayerTable], unit: str) -> str:
     for t in tables:
         for i, layer in enumerate(t.layers):
             for j, train_id in enumerate(t.train_ids):
-                writer.writerow([t.query_id, layer, train_id, j + 1, f"{t.values[i, j]:.6g}"])
+                writer.writerow([csv_cell(t.query_id), layer, csv_cell(train_id), j + 1, f"{t.values[i, j]:.6g}"])
     return out.getvalue()
 
 
@@ -571,7 +582,7 @@ def _compare_csv(c, unit: str) -> str:
     writer.writerow(["train_id", "query_id", f"influence [{unit}]", "rank"])
     for i, train_id in enumerate(c.train_ids):
         for j, query_id in enumerate(c.query_ids):
-            writer.writerow([train_id, query_id, f"{c.values[i, j]:.6g}", int(c.ranks[i, j])])
+            writer.writerow([csv_cell(train_id), csv_cell(query_id), f"{c.values[i, j]:.6g}", int(c.ranks[i, j])])
     return out.getvalue()
 
 

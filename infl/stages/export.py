@@ -22,6 +22,7 @@ from infl.artifacts.scores import ScoresArtifact
 from infl.config import ExportConfig
 from infl.console import progress
 from infl.errors import BadInput
+from infl.report import csv_cell
 
 __all__ = ["Exported", "run", "ids_path"]
 
@@ -146,11 +147,11 @@ class _Csv(_Writer):
     def open(self, exported: Exported, provenance: dict) -> None:
         self.file = self.temporary[self.outputs[0]].open("w", newline="", encoding="utf-8")
         self.rows = csv.writer(self.file)
-        self.rows.writerow(["train_id", *(f"{name} [{exported.unit}]" for name in _column_names(exported))])
+        self.rows.writerow(["train_id", *(csv_cell(f"{name} [{exported.unit}]") for name in _column_names(exported))])
 
     def write(self, train_ids: list[str], values: np.ndarray) -> None:
         text = values.reshape(len(train_ids), -1).astype(str).tolist()  # numpy's shortest float32 repr
-        self.rows.writerows([train_id, *row] for train_id, row in zip(train_ids, text))
+        self.rows.writerows([csv_cell(train_id), *row] for train_id, row in zip(train_ids, text))
 
     def close(self) -> None:
         if self.file is not None:
