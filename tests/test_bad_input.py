@@ -423,3 +423,20 @@ def test_csv_cells_that_a_spreadsheet_would_run_get_an_apostrophe(workdir, tmp_p
                     float(cell)  # a negative score is a number, written as one
         cells = {cell for row in rows[1:] for cell in row}
         assert cells & {"'=1+1", "'+cmd", "'-x", "'@sum"}, (name, text)  # the ids, quoted
+
+
+def test_dollar_signs_in_ids_are_drawn_as_text(workdir, tmp_path):
+    """matplotlib reads `$...$` as mathtext and fails on `$\\frac$`: every figure draws it literally."""
+    ids = ["$\\frac$", "$x$", "plain", "a $ b"]
+    corpus = write_jsonl(tmp_path / "c.jsonl", [{"id": i, "text": t} for i, t in zip(ids, SENTENCES)])
+    queries = write_jsonl(tmp_path / "q.jsonl", [{**QUERIES[0], "id": "$\\frac{q}$"}])
+    scores = pipeline(workdir / "gpt2", corpus, queries, tmp_path)
+    for args in (
+        ["layerwise", "--scores", scores, "-k", "4", "--png", tmp_path / "layers.png"],
+        ["compare", "--scores", scores, "-k", "4", "--png", tmp_path / "compare.png"],
+        ["sparsity", "--scores", scores, "--tail", "10", "--png", tmp_path / "sparsity"],
+    ):
+        result = infl(*args)
+        assert result.exit_code == 0, result.output
+    assert (tmp_path / "layers.png").read_bytes().startswith(b"\x89PNG")
+    assert (tmp_path / "compare.png").read_bytes().startswith(b"\x89PNG")

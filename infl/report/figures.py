@@ -3,6 +3,7 @@ with its power-law fit, and layer x sequence heatmaps."""
 
 from __future__ import annotations
 
+import functools
 import io
 
 import numpy as np
@@ -21,6 +22,20 @@ def _pyplot():
     return plt
 
 
+def _literal_text(draw):
+    """Draw with every label literal: an id or query holding `$...$` is text, not matplotlib
+    mathtext (which fails on `$\\frac$`), without changing the caller's own rcParams after."""
+
+    @functools.wraps(draw)
+    def drawn(*args, **kwargs):
+        import matplotlib
+
+        with matplotlib.rc_context({"text.parse_math": False}):
+            return draw(*args, **kwargs)
+
+    return drawn
+
+
 def _png(fig) -> bytes:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
@@ -28,6 +43,7 @@ def _png(fig) -> bytes:
     return buffer.getvalue()
 
 
+@_literal_text
 def ccdf_png(values: np.ndarray, fit, unit: str) -> bytes:
     """P(X >= x) of the positive scores on log-log axes (the paper's Fig. 8), with the power law
     fitted above xmin drawn through the tail."""
@@ -54,6 +70,7 @@ def ccdf_png(values: np.ndarray, fit, unit: str) -> bytes:
     return _png(fig)
 
 
+@_literal_text
 def layer_heatmap_png(tables, unit: str) -> bytes:
     """One panel per query: layers (rows) x its top sequences (columns), colours symmetric about zero."""
     plt = _pyplot()
@@ -78,6 +95,7 @@ def _clip(text: str, width: int = 14) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
+@_literal_text
 def compare_heatmap_png(c, unit: str) -> bytes:
     """The top sequences of one query (rows) against each query (columns), each column scaled to
     its own largest magnitude (queries differ in scale), the values written in the cells."""
