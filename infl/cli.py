@@ -419,7 +419,12 @@ def _finish(call: Callable[[], object], quiet: bool, every_rank: bool = True, ou
         full = e.errno in (errno.ENOSPC, errno.EDQUOT)
         log_error(
             f"cannot write {out or e.filename or 'the output'}: {e.strerror}",
-            "free some space and run the same command again: it resumes where it stopped" if full else "",
+            (
+                "free some space and run the same command again"
+                + (": it resumes where it stopped" if every_rank else "")  # a stage; export starts over
+            )
+            if full
+            else "",
             1,
         )
         raise typer.Exit(1) from None

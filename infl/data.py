@@ -242,14 +242,14 @@ def read_corpus(
                 locators.append((index, start, end))
         elif fmt == "lines":
             for number, start, end, line in _lines(whole, piece.start, stop):
-                text = _decode(path, line).rstrip("\r\n")
+                text = _decode(path, line, start, number).rstrip("\r\n")
                 if text.strip():
                     ids.append(f"{path.name}:{number}")
                     texts[len(tokens)] = text
                     tokens.append(None)
                     locators.append((index, start, end))
         else:
-            text = _decode(path, data)
+            text = _decode(path, data, piece.start)
             encoding = _encode(tokenizer, text, add_special_tokens=False, return_offsets_mapping=True)
             token_ids, offsets = encoding["input_ids"], encoding["offset_mapping"]
             for w, lo in enumerate(range(0, len(token_ids), max_length)):
@@ -276,11 +276,14 @@ def read_corpus(
     return Corpus(shards, ids, tokens, np.asarray(locators, dtype=np.int64).reshape(-1, 3), n_truncated, text_field)
 
 
-def _decode(path: Path, data: bytes) -> str:
+def _decode(path: Path, data: bytes, offset: int = 0, line: int | None = None) -> str:
+    """`data`, read from byte `offset` of the file (on `line`), as text; a bad byte is named by its
+    offset in the file."""
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise BadInput(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
+        where = f"{path}:{line}" if line is not None else str(path)
+        raise BadInput(f"{where}: not UTF-8 text ({e.reason} at byte {offset + e.start} of the file)") from e
 
 
 def read_text(shard: Shard, start: int, end: int, text_field: str = "text") -> str:

@@ -440,3 +440,10 @@ def test_dollar_signs_in_ids_are_drawn_as_text(workdir, tmp_path):
         assert result.exit_code == 0, result.output
     assert (tmp_path / "layers.png").read_bytes().startswith(b"\x89PNG")
     assert (tmp_path / "compare.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_a_bad_byte_of_a_text_file_is_named_by_its_line_and_offset(workdir, tmp_path):
+    text = tmp_path / "c.txt"
+    text.write_bytes(b"the cat sat\nthe do\xffg ran\n")
+    message = single_error(infl(*_fit(workdir, tmp_path, text), "--quiet"), 1, "text")
+    assert "c.txt:2: not UTF-8 text" in message and "at byte 18 of the file" in message

@@ -194,9 +194,9 @@ def test_a_failed_export_leaves_no_file_behind(scored, tmp_path, monkeypatch):
     monkeypatch.setattr(ScoresArtifact, "_read", fail_on_the_second_chunk)
     for fmt in ("csv", "parquet", "npy"):
         calls.clear()
-        assert "No space left" in one_line_error(
-            infl("export", "--scores", scored / "s.zarr", "--out", tmp_path / f"s.{fmt}")
-        )
+        result = infl("export", "--scores", scored / "s.zarr", "--out", tmp_path / f"s.{fmt}")
+        assert "No space left" in one_line_error(result)
+        assert "run the same command again" in result.output and "resumes" not in result.output  # it starts over
     assert list(tmp_path.iterdir()) == []
 
 
