@@ -524,9 +524,10 @@ def _unit(train_size: Optional[int]) -> str:
 def _answer(result, render, unit: str, png: Optional[Path], figure: str) -> None:
     """A reading command's answer on stdout, and with --png its figure (a renderer of infl.report.figures)."""
     if png is not None:
+        from infl.outputs import PNG_MARKER, write_file
         from infl.report import figures
 
-        png.write_bytes(getattr(figures, figure)(result, unit))
+        write_file(png, getattr(figures, figure)(result, unit), PNG_MARKER, None, "--png")
     sys.stdout.write(render(result, unit))
 
 

@@ -643,6 +643,7 @@ class ReportConfig(_Options):
     tail: int = _tail()
     batch_size: int = option(8, help=_BATCH)  # for the per-token influence of the hits
     device: str = _device()
+    force: bool = option(False, help="Replace --out even if infl did not write it.")
 
     def __post_init__(self) -> None:
         super().__post_init__()

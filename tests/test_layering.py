@@ -41,6 +41,7 @@ ALLOWED = {
     "report/page": {"jinja2", "markupsafe", "infl.report"},
     "console": {"rich"},
     "errors": set(),
+    "outputs": {"infl.errors"},  # the rule of every file written beside artifacts
     "hashing": set(),
     "noop": {"infl.hashing"},  # up to date before torch, zarr or transformers load
     "api": {"numpy", "infl.artifacts", "infl.errors", "infl.analysis", "infl.config", "infl.report", "infl.stages"},
@@ -58,6 +59,7 @@ ALLOWED = {
         "infl.report",
         "infl.stages",
         "infl.demo",
+        "infl.outputs",
     },
 }
 

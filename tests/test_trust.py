@@ -425,3 +425,37 @@ def test_an_artifact_of_another_schema_is_refused_with_a_way_out(workdir, copy):
     read = infl("topk", "--scores", copy / "s.zarr")
     assert "schema 1" in one_line_error(read) and "--force" in read.output
     assert infl(*fit, "--force").exit_code == 0
+
+
+def test_files_beside_artifacts_follow_one_rule(made, tmp_path):
+    """Figures and the report page (infl.outputs): never into an artifact, never through a link,
+    never over a file infl did not write unless --force; a folder or a missing parent is one line."""
+    scores = made / "s.zarr"
+    stamp = (scores / "zarr.json").read_bytes()
+    inside = infl("layerwise", "--scores", scores, "--png", scores / "zarr.json")
+    assert "is inside the artifact" in one_line_error(inside)
+    assert (scores / "zarr.json").read_bytes() == stamp
+    assert "is inside the artifact" in one_line_error(infl("sparsity", "--scores", scores, "--png", scores / "figs"))
+    assert not (scores / "figs").exists()
+    mine = tmp_path / "mine.png"
+    mine.write_bytes(b"a user's own file")
+    (tmp_path / "link.png").symlink_to(mine)
+    for png, message in (
+        (mine, "exists and was not written by infl"),
+        (tmp_path / "link.png", "is a symbolic link"),
+        (tmp_path, "is a directory"),
+        (tmp_path / "no" / "x.png", "no folder"),
+    ):
+        assert message in one_line_error(infl("compare", "--scores", scores, "--png", png)), png
+    assert mine.read_bytes() == b"a user's own file"
+    ours = tmp_path / "ours.png"
+    for _ in range(2):  # a figure infl wrote is replaced by the next run's
+        assert infl("layerwise", "--scores", scores, "--png", ours).exit_code == 0
+    assert ours.read_bytes().startswith(b"\x89PNG") and not list(tmp_path.glob(".*.tmp"))
+    page = tmp_path / "page.html"
+    page.write_text("<html>a user's page</html>")
+    refused = infl("report", "--scores", scores, "--out", page)
+    assert "exists and was not written by infl" in one_line_error(refused) and "--force" in refused.output
+    assert infl("report", "--scores", scores, "--out", page, "--force").exit_code == 0
+    assert infl("report", "--scores", scores, "--out", page).exit_code == 0  # its own page: replaced
+    assert '<meta name="generator" content="infl">' in page.read_text()

@@ -38,7 +38,7 @@ def _literal_text(draw):
 
 def _png(fig) -> bytes:
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight", metadata={"Software": "infl"})  # outputs.PNG_MARKER
     _pyplot().close(fig)
     return buffer.getvalue()
 

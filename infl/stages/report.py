@@ -4,7 +4,6 @@ concentration of influence with a 1-CDF figure per query."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from infl.analysis.results import layer_tables
@@ -12,6 +11,7 @@ from infl.analysis.sparsity import sparsity
 from infl.artifacts.scores import ScoresArtifact
 from infl.config import ReportConfig, TopkConfig
 from infl.errors import BadInput
+from infl.outputs import HTML_MARKER, write_file
 from infl.report import SHARE_NOTE, column_format, percent
 from infl.stages import topk
 
@@ -105,7 +105,7 @@ def run(cfg: ReportConfig, unit: str) -> Path:
             ],
         }
     )
-    _write_new(cfg.out, html)
+    write_file(cfg.out, html.encode("utf-8"), HTML_MARKER, cfg.force)
     return cfg.out
 
 
@@ -123,11 +123,3 @@ def _filtering(scores: ScoresArtifact) -> str:
 
 def _number(x: float, spec: str) -> str:
     return "–" if x != x else format(x, spec)
-
-
-def _write_new(path: Path, text: str) -> None:
-    """Write the page whole (a temporary file renamed over it): a killed run leaves the old page."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)

@@ -17,8 +17,10 @@ def run(cfg: SparsityConfig, unit: str) -> list[Sparsity]:
     scale = 1.0 / cfg.train_size if cfg.train_size else 1.0
     rows = query_rows(scores, cfg.query)
     if cfg.png is not None:
+        from infl.outputs import PNG_MARKER, check_folder, write_file
         from infl.report.figures import ccdf_png
 
+        check_folder(cfg.png, "--png")
         cfg.png.mkdir(parents=True, exist_ok=True)
     names = _file_names([q for _, q in rows])
     out = []
@@ -28,7 +30,7 @@ def run(cfg: SparsityConfig, unit: str) -> list[Sparsity]:
             values = scores.total(row) * scale
             out.append(sparsity(query_id, values, cfg.tail))
             if cfg.png is not None:
-                (cfg.png / name).write_bytes(ccdf_png(values, out[-1], unit))
+                write_file(cfg.png / name, ccdf_png(values, out[-1], unit), PNG_MARKER, None, "--png")
             bar.advance(task)
     return out
 

@@ -1,0 +1,75 @@
+"""Files infl writes beside its artifacts (figures, the HTML report), by one rule: a file is written
+whole to a temporary file in its folder and renamed into place, so a failure leaves nothing behind;
+never through a symbolic link, never into an artifact, and never over a file infl did not make
+(each kind of file carries a marker of its maker: a PNG's Software text, the page's generator tag)
+unless --force. A directory where a file is expected and a missing folder are one line each."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from infl.errors import BadInput
+
+__all__ = ["PNG_MARKER", "HTML_MARKER", "write_file", "check_folder"]
+
+PNG_MARKER = b"Software\x00infl"  # the tEXt chunk figures write (savefig metadata)
+HTML_MARKER = b'<meta name="generator" content="infl">'
+_HEAD = 1 << 16  # where a marker is looked for
+
+
+def write_file(path: Path, data: bytes, marker: bytes, force: bool | None = False, option: str = "--out") -> None:
+    """Write `data` to `path` under the rule above; `marker` is what a file infl made of this kind
+    holds in its first 64 KiB (a file that holds it may be replaced without --force). `force` None:
+    the command has no --force."""
+    path = Path(path)
+    if path.is_symlink():
+        raise BadInput(f"{option} {path} is a symbolic link: infl writes only the file it names, never through a link")
+    if path.is_dir():
+        raise BadInput(f"{option} {path} is a directory: name a file")
+    if not path.parent.is_dir():
+        raise BadInput(f"{option} {path}: no folder {path.parent}", hint="create it first")
+    inside = _artifact_around(path.parent)
+    if inside is not None:
+        raise BadInput(f"{option} {path} is inside the artifact {inside}: infl never writes other files into one")
+    if path.exists() and not force and not _made_by_infl(path, marker):
+        raise BadInput(
+            f"{option} {path} exists and was not written by infl",
+            hint="remove it or name another file" if force is None else "pass --force to replace it",
+        )
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(temporary, "xb") as f:
+            f.write(data)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def check_folder(folder: Path, option: str) -> None:
+    """A folder infl may write files into (creating it if need be): not a file, not a link, not
+    inside an artifact."""
+    folder = Path(folder)
+    if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+        raise BadInput(f"{option} {folder} is not a folder")
+    inside = _artifact_around(folder)
+    if inside is not None:
+        raise BadInput(f"{option} {folder} is inside the artifact {inside}: infl never writes other files into one")
+
+
+def _made_by_infl(path: Path, marker: bytes) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return marker in f.read(_HEAD)
+    except OSError:
+        return False
+
+
+def _artifact_around(folder: Path) -> Path | None:
+    """The Zarr artifact (a folder with zarr.json) that holds `folder`, if any."""
+    folder = folder.resolve()
+    for candidate in (folder, *folder.parents):
+        if (candidate / "zarr.json").is_file():
+            return candidate
+    return None
