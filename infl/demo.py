@@ -22,6 +22,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
 
 from infl.console import log, progress
+from infl.errors import BadInput
 
 __all__ = ["build_demo", "passages", "retrain", "SIZES"]
 
@@ -218,8 +219,16 @@ def build_demo(out: Path, size: str = "default", seed: int = 0) -> Path:
         if {k: cached.get(k) for k in recipe} == recipe:
             log(f"demo ({size}) already built in {out}")
             return out
-    meta.unlink(missing_ok=True)  # DEMO.json marks a finished build
+    building = out / "DEMO.building"  # marks a build under way: its files are make-demo's to replace
+    theirs = [p.name for p in (out / "model", out / "corpus.jsonl", out / "queries.jsonl") if p.exists()]
+    if theirs and not meta.exists() and not building.exists():
+        raise BadInput(
+            f"{out} holds {', '.join(theirs)}, which make-demo did not write: it never replaces them",
+            hint="choose another --out",
+        )
     out.mkdir(parents=True, exist_ok=True)
+    building.touch()
+    meta.unlink(missing_ok=True)  # DEMO.json marks a finished build
     log(f"building the {size} demo in {out}: {len(corpus)} passages of the Python docs")
 
     start = time.perf_counter()
@@ -257,5 +266,6 @@ def build_demo(out: Path, size: str = "default", seed: int = 0) -> Path:
     meta.write_text(
         json.dumps({**recipe, "final_loss": round(loss, 4), "train_seconds": round(seconds, 1)}, indent=2) + "\n"
     )
+    building.unlink()
     log(f"demo ({size}) built in {seconds:.0f}s: vocab {len(tokenizer)}, final training loss {loss:.3f}")
     return out

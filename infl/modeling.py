@@ -111,6 +111,10 @@ def _from_pretrained(cls, path: Path, what: str, **kwargs):
         raise BadInput(f"cannot read {path}: {str(e).splitlines()[0]}", hint="pip install 'infl[gguf]'") from e
     except (OSError, ValueError) as e:
         raise BadInput(f"cannot load {what} from {path}: {str(e).splitlines()[0]}") from e
+    except Exception as e:  # a truncated or damaged weights file: safetensors' own error type
+        if type(e).__name__ != "SafetensorError":
+            raise
+        raise BadInput(f"cannot load {what} from {path}: damaged weights ({str(e).splitlines()[0]})") from e
 
 
 def load_model(path: Path, device: str = "cpu", dtype: str = "float32") -> nn.Module:

@@ -447,3 +447,19 @@ def test_a_bad_byte_of_a_text_file_is_named_by_its_line_and_offset(workdir, tmp_
     text.write_bytes(b"the cat sat\nthe do\xffg ran\n")
     message = single_error(infl(*_fit(workdir, tmp_path, text), "--quiet"), 1, "text")
     assert "c.txt:2: not UTF-8 text" in message and "at byte 18 of the file" in message
+
+
+def test_a_truncated_weights_file_is_one_line(workdir, tmp_path):
+    model = shutil.copytree(workdir / "gpt2", tmp_path / "gpt2")
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    message = single_error(infl(*_fit(workdir, tmp_path, model=model), "--quiet"), 1, "text")
+    assert "cannot load" in message and "damaged weights" in message
+
+
+def test_make_demo_never_replaces_files_it_did_not_write(tmp_path):
+    (tmp_path / "corpus.jsonl").write_text('{"id": "mine", "text": "my own corpus"}\n')
+    message = single_error(infl("make-demo", "--out", tmp_path, "--size", "test", "--quiet"), 1, "text")
+    assert "corpus.jsonl, which make-demo did not write" in message
+    assert (tmp_path / "corpus.jsonl").read_text() == '{"id": "mine", "text": "my own corpus"}\n'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.jsonl"]
