@@ -13,6 +13,7 @@ from torch import Tensor
 from infl import data
 from infl.capture import Tap, tap
 from infl.curvature.base import Curvature, precondition
+from infl.errors import BadInput
 from infl.gradients import capture_batch, sequence_grads
 from infl.runtime import Runtime
 from infl.scoring import QueryBank
@@ -47,6 +48,12 @@ def sweep(
         input_ids, mask, labels = data.collate(
             [tokens[i] for i in batch], rt.pad_id, rt.device, None if n_ignore is None else [n_ignore[i] for i in batch]
         )
+        if int(input_ids.max()) >= rt.n_embeddings:  # the embedding would fail with an IndexError
+            raise BadInput(
+                f"token id {int(input_ids.max())} is past the model's {rt.n_embeddings} embeddings: "
+                "its tokenizer holds tokens the model was not trained with",
+                hint="remove the added tokens (added_tokens.json) or resize the model's embeddings",
+            )
         loss = capture_batch(
             rt.model,
             tapped,

@@ -31,6 +31,12 @@ class Runtime:
         return self.tokenizer.pad_token_id or 0
 
     @property
+    def n_embeddings(self) -> int:
+        """Token ids the model can embed: a tokenizer with more (an added_tokens.json the model
+        was not resized for) makes ids past them."""
+        return self.model.get_input_embeddings().num_embeddings
+
+    @property
     def modules(self) -> list[str]:
         return [spec.name for spec in self.specs]
 

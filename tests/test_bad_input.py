@@ -463,3 +463,14 @@ def test_make_demo_never_replaces_files_it_did_not_write(tmp_path):
     assert "corpus.jsonl, which make-demo did not write" in message
     assert (tmp_path / "corpus.jsonl").read_text() == '{"id": "mine", "text": "my own corpus"}\n'
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.jsonl"]
+
+
+def test_a_token_past_the_models_embeddings_is_one_line(workdir, tmp_path):
+    """An added_tokens.json the model was not resized for: the embedding would raise IndexError."""
+    from transformers import AutoTokenizer
+
+    model = shutil.copytree(workdir / "gpt2", tmp_path / "gpt2")
+    (model / "added_tokens.json").write_text(json.dumps({"zzz": len(AutoTokenizer.from_pretrained(model))}))
+    corpus = write_jsonl(tmp_path / "c.jsonl", [{"id": "a", "text": "the zzz cat"}])
+    message = single_error(infl(*_fit(workdir, tmp_path, corpus, model=model), "--quiet"), 1, "text")
+    assert "is past the model's" in message and "embeddings" in message
