@@ -66,11 +66,16 @@ def _source(path: Path) -> tuple[str, dict]:
     return (str(path.parent), {"gguf_file": path.name}) if _is_gguf(path) else (str(path), {})
 
 
-def _keep_gguf_metadata() -> None:
-    """transformers parses a GGUF file's metadata (its whole vocabulary, one element at a time)
-    anew for the config, for the tokenizer and for the model: about 10 s each on SmolLM2's 49k
-    tokens, most of a stage's start. Keep each file's parse for this process (copies are handed
-    out: the callers edit what they get)."""
+def _patch_gguf_loader() -> None:
+    """Two fixes to transformers' GGUF loader, made once per process.
+
+    It parses a GGUF file's metadata (its whole vocabulary, one element at a time) anew for the
+    config, for the tokenizer and for the model: about 10 s each on SmolLM2's 49k tokens, most of a
+    stage's start. Each file's parse is kept (copies are handed out: the callers edit what they get).
+
+    It draws a tqdm bar of its own while it dequantises the tensors, which disable_progress_bar()
+    does not reach: silenced, so that stderr holds infl's lines only (one JSON object per line
+    under --log-format json, nothing but errors under --quiet)."""
     import transformers.modeling_gguf_pytorch_utils as gguf_utils
 
     original = gguf_utils.load_gguf_checkpoint
@@ -88,23 +93,13 @@ def _keep_gguf_metadata() -> None:
 
     load_gguf_checkpoint._keeps_metadata = True
     gguf_utils.load_gguf_checkpoint = load_gguf_checkpoint
-
-
-def _quiet_gguf_progress() -> None:
-    """transformers draws a tqdm bar of its own while it dequantises a GGUF file's tensors, which
-    disable_progress_bar() does not reach: stderr holds infl's lines only (one JSON object per
-    line under --log-format json, nothing but errors under --quiet)."""
-    import transformers.modeling_gguf_pytorch_utils as gguf_utils
-
-    if not isinstance(gguf_utils.tqdm, functools.partial):
-        gguf_utils.tqdm = functools.partial(gguf_utils.tqdm, disable=True)
+    gguf_utils.tqdm = functools.partial(gguf_utils.tqdm, disable=True)
 
 
 def _from_pretrained(cls, path: Path, what: str, **kwargs):
     where, extra = _source(path)
     if extra:
-        _keep_gguf_metadata()
-        _quiet_gguf_progress()
+        _patch_gguf_loader()
     try:
         return cls.from_pretrained(where, local_files_only=True, **extra, **kwargs)
     except ImportError as e:  # reading GGUF needs the gguf package (and accelerate for the weights)

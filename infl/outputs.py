@@ -11,7 +11,7 @@ from pathlib import Path
 
 from infl.errors import BadInput
 
-__all__ = ["PNG_MARKER", "HTML_MARKER", "write_file", "check_folder"]
+__all__ = ["PNG_MARKER", "HTML_MARKER", "write_file", "check_folder", "store_around"]
 
 PNG_MARKER = b"Software\x00infl"  # the tEXt chunk figures write (savefig metadata)
 HTML_MARKER = b'<meta name="generator" content="infl">'
@@ -29,7 +29,7 @@ def write_file(path: Path, data: bytes, marker: bytes, force: bool | None = Fals
         raise BadInput(f"{option} {path} is a directory: name a file")
     if not path.parent.is_dir():
         raise BadInput(f"{option} {path}: no folder {path.parent}", hint="create it first")
-    inside = _artifact_around(path.parent)
+    inside = store_around(path.parent)
     if inside is not None:
         raise BadInput(f"{option} {path} is inside the artifact {inside}: infl never writes other files into one")
     if path.exists() and not force and not _made_by_infl(path, marker):
@@ -53,7 +53,7 @@ def check_folder(folder: Path, option: str) -> None:
     folder = Path(folder)
     if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
         raise BadInput(f"{option} {folder} is not a folder")
-    inside = _artifact_around(folder)
+    inside = store_around(folder)
     if inside is not None:
         raise BadInput(f"{option} {folder} is inside the artifact {inside}: infl never writes other files into one")
 
@@ -66,8 +66,9 @@ def _made_by_infl(path: Path, marker: bytes) -> bool:
         return False
 
 
-def _artifact_around(folder: Path) -> Path | None:
-    """The Zarr artifact (a folder with zarr.json) that holds `folder`, if any."""
+def store_around(folder: Path) -> Path | None:
+    """The Zarr store (an infl artifact: a folder with zarr.json) that is or holds `folder`, if any;
+    symbolic links followed, so that a link into a store is inside it too."""
     folder = folder.resolve()
     for candidate in (folder, *folder.parents):
         if (candidate / "zarr.json").is_file():

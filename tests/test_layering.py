@@ -11,7 +11,7 @@ import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "infl"
 CURVATURE = {"torch", "infl.curvature"}
-ARTIFACTS = {"zarr", "numpy", "infl.__version__", "infl.errors", "infl.hashing", "infl.artifacts"}
+ARTIFACTS = {"zarr", "numpy", "infl.__version__", "infl.errors", "infl.hashing", "infl.outputs", "infl.artifacts"}
 ALLOWED = {
     "curvature/__init__": {"infl.errors"},  # the registry: no torch
     **{f"curvature/{p.stem}": CURVATURE for p in (PKG / "curvature").glob("*.py") if p.stem != "__init__"},

@@ -37,6 +37,7 @@ from infl import __version__, hashing
 from infl.artifacts import integrity
 from infl.artifacts.identity import Identity, changed_keys, fingerprint, jsonable, semantic_fields, without_locations
 from infl.errors import ArtifactLocked, BadInput, IncompatibleArtifact
+from infl.outputs import store_around
 
 __all__ = [
     "SCHEMA",
@@ -48,8 +49,6 @@ __all__ = [
     "kind_class",
     "command_of",
     "fingerprint",
-    "identity_fingerprint",
-    "fingerprinted",
     "semantic_fields",
     "jsonable",
     "changed_keys",
@@ -67,17 +66,6 @@ SCHEMA = 2  # 2: per-chunk digests, a manifest in COMPLETE.json, fingerprints wi
 COMPLETE = "COMPLETE.json"
 _COMPRESSOR = BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
 _DAMAGED_HINT = "run `infl verify` on it, then the stage again"
-
-
-def identity_fingerprint(attrs: dict) -> str:
-    """The fingerprint of what a stored artifact is made from (its root attributes), by the one
-    recipe (`Identity`): its identity attributes, without locations."""
-    return Identity.of(attrs).fingerprint
-
-
-def fingerprinted(attrs: dict) -> dict:
-    """What the fingerprint of a stored artifact covers (its identity attributes, without locations)."""
-    return Identity.of(attrs).covered()
 
 
 _KINDS: dict[str, type[Artifact]] = {}  # filled by Artifact.__init_subclass__
@@ -138,7 +126,7 @@ def check_out(path: Path) -> None:
         raise BadInput(f"--out {path} is a symlink: give the artifact's real path")
     if path.exists() and not path.is_dir():
         raise BadInput(f"--out {path} exists and is not a directory")
-    inside = next((p for p in path.absolute().parents if (p / "zarr.json").is_file()), None)
+    inside = store_around(path.absolute().parent)
     if inside is not None:  # writing there would change that store (an infl artifact's manifest)
         raise BadInput(f"--out {path} is inside the Zarr store {inside}", hint="put artifacts side by side")
 
