@@ -185,18 +185,19 @@ def _launch(n: int, args) -> subprocess.Popen:
     )
 
 
-def _wait_for(until, timeout: float = 240.0) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline and not until():
+def _wait_for(until, timeout: float = 240.0, launcher: subprocess.Popen | None = None) -> None:
+    start = time.monotonic()  # a wall clock stepped by the host must not end the wait
+    while time.monotonic() < start + timeout and not until():
+        assert launcher is None or launcher.poll() is None, f"the group ended first (exit {launcher.returncode})"
         time.sleep(0.02)
-    assert until(), "timed out"
+    assert until(), f"timed out after {time.monotonic() - start:.0f} s"
 
 
 def test_a_killed_rank_leaves_finished_chunks_and_one_process_completes_them(workdir, corpus, reference, tmp_path):
     args = stages(workdir, corpus, reference)[2][:-2] + ["--chunk-size", "2", "--out", tmp_path / "s.zarr"]
     launcher = _launch(2, args)
     out = tmp_path / "s.zarr"
-    _wait_for(lambda: len(list((out / "done" / "c").glob("*/*"))) >= 6)
+    _wait_for(lambda: len(list((out / "done" / "c").glob("*/*"))) >= 6, launcher=launcher)
     os.kill(_rank_pids(launcher)[1], signal.SIGKILL)
     assert launcher.wait(timeout=120) != 0  # torchrun stops the group
     done = np.asarray(artifacts.open_group(out)["done"][...])[0]
@@ -249,9 +250,9 @@ def test_a_killed_group_resumes_its_fit_with_any_number_of_processes(long_fit, t
     out = tmp_path / "f.zarr"
     args = [*reference_args[:-6], "--out", out, *reference_args[-4:]]
     launcher = _launch(2, args)
-    _wait_for(lambda: len(_rank_pids(launcher)) == 2)
+    _wait_for(lambda: len(_rank_pids(launcher)) == 2, launcher=launcher)
     workers = list(_rank_pids(launcher).values())
-    _wait_for(lambda: _fit_progress(out, kill_in) >= 24)  # both ranks have checkpointed chunks of this pass
+    _wait_for(lambda: _fit_progress(out, kill_in) >= 24, launcher=launcher)  # both ranks checkpointed in this pass
     for pid in [*workers, launcher.pid]:  # the workers have sessions of their own
         os.kill(pid, signal.SIGKILL)
     launcher.wait()

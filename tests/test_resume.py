@@ -18,8 +18,8 @@ from infl import artifacts
 def kill_when(args, until, timeout: float = 120.0) -> None:
     """Run `infl ARGS` in a subprocess and SIGKILL it (and its children) as soon as `until()` holds."""
     proc = subprocess.Popen([sys.executable, "-m", "infl", *map(str, args), "--quiet"], start_new_session=True)
-    deadline = time.time() + timeout
-    while time.time() < deadline and not until():
+    deadline = time.monotonic() + timeout  # a wall clock stepped by the host must not end the wait
+    while time.monotonic() < deadline and not until():
         time.sleep(0.01)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
