@@ -64,6 +64,27 @@ def test_float32_preconditioning_agrees_with_float64():
     assert float(((got.double() * G).sum() - (expected * G).sum()).abs() / (expected * G).sum().abs()) < 1e-5
 
 
+def test_a_covariance_summed_in_bands_is_the_whole_product_once_completed():
+    """Wide factors are summed below the diagonal only, in bands (a last band shorter): completed by
+    `symmetric`, they are x^T x of every batch, and `lambda_update` adds each sequence's squares."""
+    torch.manual_seed(0)
+    D = 2 * curvature.BAND + 5
+    cov = torch.zeros(D, D, dtype=torch.float64)
+    batches = [torch.randn(7, D) for _ in range(3)]
+    for x in batches:
+        curvature.covariance_update(cov, x)
+    explicit = sum(x.double().T @ x.double() for x in batches)
+    torch.testing.assert_close(curvature.symmetric(cov), explicit, rtol=1e-5, atol=1e-4)
+    assert not torch.equal(cov, curvature.symmetric(cov))  # the upper triangle was skipped
+
+    a, s = torch.randn(3, 4, 6, dtype=torch.float64), torch.randn(3, 4, 5, dtype=torch.float64)
+    Q_A, Q_S = torch.linalg.qr(torch.randn(6, 6, dtype=torch.float64))[0], torch.linalg.qr(torch.randn(5, 5))[0]
+    Lambda = torch.zeros(5, 6, dtype=torch.float64)
+    lambda_update(Lambda, a, s, Q_A, Q_S.double())
+    rotated = Q_S.double().T @ (s.transpose(1, 2) @ a) @ Q_A
+    torch.testing.assert_close(Lambda, (rotated**2).sum(0))
+
+
 def test_one_token_ekfac_inverse_is_the_exact_gauss_newton_inverse():
     """One sequence with one token and one sampled label: G = vec(s a^T) vec(s a^T)^T exactly, and
     EK-FAC's damped inverse must equal the explicit inverse of G + damping I."""

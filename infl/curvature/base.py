@@ -38,6 +38,7 @@ __all__ = [
     "relative_damping",
     "precondition",
     "rotate",
+    "symmetric",
     "damped_in_eigenbasis",
     "from_eigenbasis",
 ]
@@ -104,17 +105,37 @@ class Strategy:
         return Curvature(arrays["Lambda"], damping, arrays.get("Q_A"), arrays.get("Q_S"))
 
 
+# Rows per band of a dense covariance update: x^T x is symmetric, so only the bands' products up to
+# the diagonal are formed, (k + 1) / 2k of the full GEMM's flops and float64 additions for k bands
+# (5/8 for 1536 coordinates: 6.2 ms against 10.3 ms a batch of 512 tokens on 2 cores).
+BAND = 384
+
+
 def covariance_update(cov: Tensor, x: Tensor) -> None:
     """cov += x^T x, or only its diagonal blocks: cov [D, b] holds the rows of the b x b blocks
     (b = D: the whole matrix; see `diagonal_blocks`), never forming the full x^T x.
-    x: [N, D]; padded rows must already be zero."""
+    x: [N, D]; padded rows must already be zero.
+
+    A whole matrix gets its lower triangle only (and parts of the upper one, never read):
+    `symmetric` completes it once the sum is done."""
     D, b = cov.shape
     if b == D:
-        cov += (x.T @ x).to(cov.dtype)  # the GEMM in x's precision, the sum in the accumulator's
+        for lo in range(0, D, BAND):  # the GEMM in x's precision, the sum in the accumulator's
+            hi = min(lo + BAND, D)
+            cov[lo:hi, :hi] += (x[:, lo:hi].T @ x[:, :hi]).to(cov.dtype)
         return
     K = -(-D // b)
     xb = _pad(x, K * b).reshape(-1, K, b).transpose(0, 1)  # [K, N, b]
     cov += (xb.mT @ xb).reshape(K * b, b)[:D].to(cov.dtype)
+
+
+def symmetric(cov: Tensor) -> Tensor:
+    """The symmetric matrix whose lower triangle is cov's (what `covariance_update` sums); the rows
+    of diagonal blocks [D, b] are summed whole and returned as they are."""
+    if cov.shape[0] != cov.shape[1]:
+        return cov
+    lower = cov.tril()
+    return lower + lower.tril(-1).mT
 
 
 def eigh(cov: Tensor) -> tuple[Tensor, Tensor]:

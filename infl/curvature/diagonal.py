@@ -18,7 +18,8 @@ class Diagonal(Strategy):
 
     def update(self, pass_name: str, sums: dict[str, Tensor], a: Tensor, s: Tensor, factors: dict[str, Tensor]) -> None:
         """Lambda_sum += sum_b DW_b^2."""
-        sums["Lambda_sum"] += (s.transpose(1, 2) @ a).square().sum(0).to(sums["Lambda_sum"].dtype)
+        for dw in (s.transpose(1, 2) @ a).to(sums["Lambda_sum"].dtype):  # as ekfac.lambda_update
+            sums["Lambda_sum"].addcmul_(dw, dw)
 
     def end_pass(self, pass_name: str, sums: dict[str, Tensor], n_tokens: int, n_sequences: int) -> dict[str, Tensor]:
         return {"Lambda": sums["Lambda_sum"] / n_sequences}

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from infl.curvature import check_blocks
-from infl.curvature.base import Strategy, block_size, covariance_update, factor_eigh
+from infl.curvature.base import Strategy, block_size, covariance_update, factor_eigh, symmetric
 
 __all__ = ["KFAC"]
 
@@ -37,6 +37,7 @@ class KFAC(Strategy):
         covariance_update(sums["S_sum"], s.flatten(0, 1))
 
     def end_pass(self, pass_name: str, sums: dict[str, Tensor], n_tokens: int, n_sequences: int) -> dict[str, Tensor]:
+        sums = {**sums, "A_sum": symmetric(sums["A_sum"]), "S_sum": symmetric(sums["S_sum"])}
         eig_A, Q_A = factor_eigh(sums["A_sum"] / n_tokens)
         eig_S, Q_S = factor_eigh(sums["S_sum"] / n_sequences)
         return {**sums, "Q_A": Q_A, "eig_A": eig_A, "Q_S": Q_S, "eig_S": eig_S, "Lambda": torch.outer(eig_S, eig_A)}
