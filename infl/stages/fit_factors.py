@@ -332,13 +332,14 @@ class _Fit:
                 if rows is not None:
                     index.write(lo // C, rows, self.corpus.ids[lo:hi])
                 added.append([lo, hi])
-                self.art.save_progress(
-                    g.rank,
-                    generation,
-                    {m: {k: t.cpu().numpy() for k, t in keys.items()} for m, keys in sums.items()},
-                    added,
-                    n_tokens,
-                )
+                if (lo, hi) != tuple(mine[-1]):  # after the last, the sums are reduced and written: a kill redoes it
+                    self.art.save_progress(
+                        g.rank,
+                        generation,
+                        {m: {k: t.cpu().numpy() for k, t in keys.items()} for m, keys in sums.items()},
+                        added,
+                        n_tokens,
+                    )
         count = torch.tensor([n_tokens], dtype=torch.int64)
         g.all_reduce_sum(count, *(t for keys in sums.values() for t in keys.values()))
         return sums, int(count)
