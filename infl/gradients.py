@@ -79,7 +79,7 @@ def low_rank(P: Tensor, rank: int, method: str = "exact", seed: int = 0) -> tupl
         U, sigma, Vh = torch.linalg.svd(x, full_matrices=False)
         V = Vh.T
     U, sigma, V = U[:, :r], sigma[:r], V[:, :r]
-    total = float(x.double().square().sum())
+    total = float(torch.linalg.vector_norm(x, dtype=torch.float64)) ** 2
     kept = min(1.0, (float(sigma.double().square().sum()) / total) ** 0.5) if total > 0 else 1.0
     return U.to(P.dtype), sigma.to(P.dtype), V.to(P.dtype), kept
 

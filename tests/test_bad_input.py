@@ -474,3 +474,25 @@ def test_a_token_past_the_models_embeddings_is_one_line(workdir, tmp_path):
     corpus = write_jsonl(tmp_path / "c.jsonl", [{"id": "a", "text": "the zzz cat"}])
     message = single_error(infl(*_fit(workdir, tmp_path, corpus, model=model), "--quiet"), 1, "text")
     assert "is past the model's" in message and "embeddings" in message
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_non_finite_query_gradient_is_one_line_naming_the_query(workdir, tmp_path, monkeypatch, value):
+    """A NaN or inf in one module's preconditioned gradient of one query (the loss finite):
+    build-query names that query and writes no queries artifact."""
+    from infl.stages import build_query
+
+    assert infl(*_fit(workdir, tmp_path), "--quiet").exit_code == 0
+    damped = build_query.damped_in_eigenbasis
+
+    def poisoned(a, s, curvature):
+        X = damped(a, s, curvature)
+        X[1, 0, 0] = value  # the second query of the batch, in batch order
+        return X
+
+    monkeypatch.setattr(build_query, "damped_in_eigenbasis", poisoned)
+    queries = workdir / "queries.jsonl"
+    args = ["build-query", "--factors", tmp_path / "out.zarr", "--queries", queries, "--out", tmp_path / "q.zarr"]
+    message = single_error(infl(*args, "--batch-size", "2", "--quiet"), 1, "text")
+    assert re.search(r"query '.+': non-finite gradient", message), message
+    assert not (tmp_path / "q.zarr" / "COMPLETE.json").exists()
