@@ -170,6 +170,12 @@ _FAILED = False  # a collective failed: tearing the group down could hang (NCCL)
 
 def _leave() -> None:
     if dist.is_initialized() and not _FAILED:
+        # every rank at its exit before any tears its connections down: a rank that left while the
+        # main one was still publishing aborted once in gloo's teardown ("terminate called")
+        try:
+            dist.barrier(group=_OBJECTS)
+        except RuntimeError:
+            return
         dist.destroy_process_group()
 
 
