@@ -459,3 +459,43 @@ def test_files_beside_artifacts_follow_one_rule(made, tmp_path):
     assert infl("report", "--scores", scores, "--out", page, "--force").exit_code == 0
     assert infl("report", "--scores", scores, "--out", page).exit_code == 0  # its own page: replaced
     assert '<meta name="generator" content="infl">' in page.read_text()
+
+
+def test_force_removes_only_what_infl_wrote_in_an_artifact(workdir, copy):
+    """`--force` recomputes an artifact made from other inputs: infl's own files go, a user's notes
+    inside it (beside the arrays, in a subgroup) stay as they were, and the new artifact is sound."""
+    from infl import artifacts
+
+    notes = {copy / "f.zarr" / "NOTES.txt": "why this fit\n", copy / "f.zarr" / "modules" / "seen.md": "x\n"}
+    for path, text in notes.items():
+        path.write_text(text)
+    args = ["fit-factors", "--model", workdir / "gpt2", "--corpus", workdir / "corpus.jsonl", "--out", copy / "f.zarr"]
+    refused = infl(*args, "--damping", "0.5")
+    assert refused.exit_code == 1 and "other inputs" in refused.output
+    result = infl(*args, "--damping", "0.5", "--force")
+    assert result.exit_code == 0, result.output
+    assert {path: path.read_text() for path in notes} == notes
+    fitted = artifacts.open_complete(copy / "f.zarr", "factors")
+    assert all(m["damping"] == 0.5 for m in (fitted[f"modules/{n}"].attrs for n in fitted.attrs["modules"]))
+    assert infl("verify", copy / "f.zarr").exit_code == 0
+    scored = infl("score", "--queries", copy / "q.zarr", "--corpus", workdir / "corpus.jsonl", "--out", copy / "s.zarr")
+    assert scored.exit_code == 1  # its parent changed: refused, not silently reused
+    (copy / "s.zarr" / "README").write_text("mine\n")
+    assert (
+        infl(
+            "build-query",
+            "--factors",
+            copy / "f.zarr",
+            "--queries",
+            workdir / "queries.jsonl",
+            "--out",
+            copy / "q.zarr",
+            "--force",
+        ).exit_code
+        == 0
+    )
+    again = infl(
+        "score", "--queries", copy / "q.zarr", "--corpus", workdir / "corpus.jsonl", "--out", copy / "s.zarr", "--force"
+    )
+    assert again.exit_code == 0, again.output
+    assert (copy / "s.zarr" / "README").read_text() == "mine\n"

@@ -205,6 +205,38 @@ def writing(path: Path) -> Iterator[None]:
             fcntl.lockf(f, fcntl.LOCK_UN, 1, 1)
 
 
+def remove_own(path: Path) -> None:
+    """Remove what infl wrote in the artifact at `path`: its Zarr nodes (every array's folder
+    whole, every group's zarr.json), COMPLETE.json and the temporary files of interrupted writes,
+    then the folders left empty. A file a user put beside them stays, and so does its folder."""
+    own = {"zarr.json", COMPLETE, f".{COMPLETE}.tmp"}
+
+    def walk(folder: Path) -> bool:  # whether anything of a user's is left in it
+        if (folder / "zarr.json").is_file() and _node_type(folder) == "array":
+            shutil.rmtree(folder)
+            return False
+        kept = False
+        for entry in list(folder.iterdir()):
+            if entry.is_dir() and not entry.is_symlink():
+                kept |= walk(entry)
+            elif entry.name in own or entry.name.endswith(".partial"):
+                entry.unlink()
+            else:
+                kept = True
+        if not kept and folder != path:
+            folder.rmdir()
+        return kept
+
+    walk(path)
+
+
+def _node_type(folder: Path) -> str | None:
+    try:
+        return json.loads((folder / "zarr.json").read_text()).get("node_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 class State:
     ABSENT, PARTIAL, COMPLETE = "absent", "partial", "complete"
 
@@ -328,7 +360,7 @@ class Artifact:
                 hint="pass --force to recompute it",
             )
         if force:
-            shutil.rmtree(path)
+            remove_own(path)
             return State.ABSENT
         if old.get("fingerprint") == attrs["fingerprint"]:
             if (path / COMPLETE).is_file():
@@ -352,7 +384,7 @@ class Artifact:
     def create(cls, path: Path, attrs: dict):
         """A new, empty artifact with its root attributes (in the group's first write)."""
         if path.exists():
-            shutil.rmtree(path)
+            remove_own(path)
         meta = {
             "kind": cls.kind,
             "schema": SCHEMA,
@@ -361,7 +393,8 @@ class Artifact:
             "created": _now(),
             **attrs,
         }
-        return cls(path, zarr.open_group(str(path), mode="w", attributes=jsonable(meta)))
+        # not open_group(mode="w"): it empties the folder, a user's files with it
+        return cls(path, zarr.create_group(str(path), attributes=jsonable(meta), overwrite=False))
 
     def publish(self) -> None:
         """Write COMPLETE.json atomically (temp file, fsync, rename): the artifact is finished, with

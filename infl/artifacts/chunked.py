@@ -3,12 +3,11 @@ chunk of sequences at a time, a `done` marker per chunk, and growth with new cor
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
 
-from infl.artifacts import Artifact, read_attrs
+from infl.artifacts import Artifact, read_attrs, remove_own
 from infl.errors import IncompatibleArtifact
 
 __all__ = ["ChunkedArtifact"]
@@ -29,7 +28,7 @@ class ChunkedArtifact(Artifact):
         if old is None or old.get("kind") != cls.kind or old.get("base_fingerprint") != base:
             return None
         if not cls.open_for_writing(path).started:  # its first run died while creating it
-            shutil.rmtree(path)
+            remove_own(path)
             return None
         return old
 
