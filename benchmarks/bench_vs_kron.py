@@ -41,6 +41,7 @@ sys.path.insert(0, str(HERE))
 import readme_block  # noqa: E402
 from bench_real import gguf_path, write_inputs  # noqa: E402
 
+CLI = ["-m", "infl"]  # `python -m infl ...`: the venv's interpreter, whatever PATH holds
 DEFAULTS = {  # sequences, queries, max length, batch size
     "demo": (None, 8, None, 16),  # None: every sequence of the demo corpus; the model's context
     "smollm2": (128, 16, 128, 8),
@@ -78,10 +79,6 @@ def step(label: str, args: list, log: Path) -> float:
         sys.exit("\n".join([f"{label} failed (exit {rc}): python {' '.join(map(str, args))}", *tail]))
     print(f" {wall:.1f} s", file=sys.stderr, flush=True)
     return wall
-
-
-def cli_args() -> list[str]:
-    return ["-m", "infl"]
 
 
 def mean_spearman(a: np.ndarray, b: np.ndarray) -> float:
@@ -159,7 +156,7 @@ def main() -> None:
 
     # what every stage process pays before its first batch, each its own process
     startup = {
-        "`infl fit-factors --help`": [*cli_args(), "fit-factors", "--help"],
+        "`infl fit-factors --help`": [*CLI, "fit-factors", "--help"],
         "imports of a fit (torch, transformers, infl's fit stage)": [
             "-c",
             "import torch, transformers, infl.cli, infl.stages.fit_factors",
@@ -183,7 +180,6 @@ def main() -> None:
         f, q, s = run / "factors.zarr", run / "queries.zarr", run / "scores.zarr"
         fi, idx, qi, si = run / "factors-i.zarr", run / "index.zarr", run / "queries-i.zarr", run / "scores-i.zarr"
         kron_scores, kron_times = run / "kronfluence.npy", run / "kronfluence.json"
-        cli = cli_args()
         plan = {
             "kronfluence": [
                 (
@@ -199,22 +195,22 @@ def main() -> None:
             "exact": [
                 (
                     "infl fit-factors",
-                    [*cli, "fit-factors", "--model", model, "--corpus", corpus, "--out", f, *lengths, *common, "-q"],
+                    [*CLI, "fit-factors", "--model", model, "--corpus", corpus, "--out", f, *lengths, *common, "-q"],
                 ),
                 (
                     "infl build-query",
-                    [*cli, "build-query", "--factors", f, "--queries", queries, "--out", q, *common, "-q"],
+                    [*CLI, "build-query", "--factors", f, "--queries", queries, "--out", q, *common, "-q"],
                 ),
                 (
                     "infl score",
-                    [*cli, "score", "--queries", q, "--corpus", corpus, "--out", s, *lengths, *common, "-q"],
+                    [*CLI, "score", "--queries", q, "--corpus", corpus, "--out", s, *lengths, *common, "-q"],
                 ),
             ],
             "index": [
                 (
                     "infl fit-factors --index",
                     [
-                        *cli,
+                        *CLI,
                         "fit-factors",
                         *("--model", model, "--corpus", corpus, "--out", fi, "--index", idx),
                         *lengths,
@@ -224,9 +220,9 @@ def main() -> None:
                 ),
                 (
                     "infl build-query",
-                    [*cli, "build-query", "--factors", fi, "--queries", queries, "--out", qi, *common, "-q"],
+                    [*CLI, "build-query", "--factors", fi, "--queries", queries, "--out", qi, *common, "-q"],
                 ),
-                ("infl score --index", [*cli, "score", "--index", idx, "--queries", qi, "--out", si, "-q"]),
+                ("infl score --index", [*CLI, "score", "--index", idx, "--queries", qi, "--out", si, "-q"]),
             ],
             "plain": [
                 (

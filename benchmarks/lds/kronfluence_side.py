@@ -20,30 +20,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import readme_block
+from kron_pipeline import as_linear, make_task  # the one kronfluence Task and Linear rewrite of both benchmarks
 from lds import lds, spearman
 
 from infl import artifacts, data, modeling
 from infl.config import FitConfig, QueryConfig, ScoreConfig
 from infl.stages import build_query, fit_factors, score
-
-
-def as_linear(model: nn.Module, names: list[str]) -> nn.Module:
-    """Replace HF Conv1D (weight [I, O]) by nn.Linear (weight [O, I]): kronfluence tracks Linear only."""
-    for name in names:
-        parent_name, child = name.rsplit(".", 1)
-        conv = model.get_submodule(name)
-        linear = nn.Linear(conv.weight.shape[0], conv.weight.shape[1])
-        with torch.no_grad():
-            linear.weight.copy_(conv.weight.T)
-            linear.bias.copy_(conv.bias)
-        setattr(model.get_submodule(parent_name), child, linear)
-    return model
 
 
 class Padded(torch.utils.data.Dataset):
@@ -63,43 +49,6 @@ class Padded(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         return self.rows[i]
-
-
-def make_task(modules: list[str]):
-    from kronfluence.task import Task
-
-    class LanguageModeling(Task):
-        """Summed token loss per sequence; labels sampled from the model when `sample` (true Fisher)."""
-
-        def _loss(self, batch, model, labels):
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
-            return F.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum"
-            ), logits
-
-        def compute_train_loss(self, batch, model, sample=False):
-            if not sample:
-                return self._loss(batch, model, batch["labels"])[0]
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
-            with torch.no_grad():
-                sampled = torch.multinomial(torch.softmax(logits, -1).reshape(-1, logits.shape[-1]), 1).view(
-                    logits.shape[:2]
-                )
-                sampled = sampled.masked_fill(batch["labels"][:, 1:] == -100, -100)
-            return F.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), sampled.reshape(-1), ignore_index=-100, reduction="sum"
-            )
-
-        def compute_measurement(self, batch, model):
-            return self._loss(batch, model, batch["labels"])[0]  # -log p(completion): the query's loss
-
-        def get_influence_tracked_modules(self):
-            return modules
-
-        def get_attention_mask(self, batch):
-            return batch["attention_mask"]
-
-    return LanguageModeling()
 
 
 def main() -> None:
