@@ -212,7 +212,7 @@ def remove_own(path: Path) -> None:
     own = {"zarr.json", COMPLETE, f".{COMPLETE}.tmp"}
 
     def walk(folder: Path) -> bool:  # whether anything of a user's is left in it
-        if (folder / "zarr.json").is_file() and _node_type(folder) == "array":
+        if _node_type(folder) == "array":
             shutil.rmtree(folder)
             return False
         kept = False
@@ -231,6 +231,7 @@ def remove_own(path: Path) -> None:
 
 
 def _node_type(folder: Path) -> str | None:
+    """The node_type of the zarr.json in `folder`; None without one (or with one unreadable)."""
     try:
         return json.loads((folder / "zarr.json").read_text()).get("node_type")
     except (OSError, ValueError, AttributeError):
