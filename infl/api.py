@@ -79,6 +79,16 @@ class ScoresView:
         return self._scores.modules
 
     @property
+    def estimate(self) -> str | None:
+        """What makes these scores estimates, in one line (scored from a sketched index; see
+        `standard_error()`), or None when they are exact."""
+        return self._scores.estimate
+
+    def standard_error(self, query: str) -> np.ndarray | None:
+        """[N] one standard error of each of a query's estimated scores (None: exact scores)."""
+        return self._scores.stderr(self._row(query), np.arange(self._scores.n_sequences))
+
+    @property
     def unit(self) -> str:
         """The unit of `total()` and `per_module()` (divide by the training set size N for one copy)."""
         return _unit(None)

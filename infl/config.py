@@ -283,10 +283,21 @@ def _chunk_size() -> Any:
 
 def _index_dim(semantic: bool = True) -> Any:
     return option(
-        4096,
+        0,
         semantic=semantic,
         parse=parse_dim,
-        help="Index: eigenbasis coordinates kept per module, or 'full' (exact scores).",
+        help="Index: eigenbasis coordinates kept exactly per module (the largest eigenvalues; the rest "
+        "is sketched), or 'full' (exact scores).",
+    )
+
+
+def _index_bytes(semantic: bool = True) -> Any:
+    return option(
+        64 * 2**10,
+        semantic=semantic,
+        parse=lambda value: parse_bytes(value, "--index-bytes"),
+        help="Index: bytes per sequence (64KiB, ...), exact coordinates and sketch together (not with "
+        "--index-dim full).",
     )
 
 
@@ -394,6 +405,7 @@ class FitConfig(_Run):
         "in the eigenvalue pass for ekfac, after the fit for kfac.",
     )
     index_dim: int | None = _index_dim(semantic=False)  # the index's; they do not change the factors
+    index_bytes: int = _index_bytes(semantic=False)
     index_dtype: str = _index_dtype(semantic=False)
     blocks: int = option(1, help="Split A and S into K diagonal blocks each (memory / K, eigendecompositions / K^2).")
     partitions: int | None = _runtime(
@@ -436,6 +448,7 @@ class FitConfig(_Run):
             out=self.index,
             model=self.model,
             index_dim=self.index_dim,
+            index_bytes=self.index_bytes,
             index_dtype=self.index_dtype,
             max_length=self.max_length,
             split=self.split,
@@ -481,7 +494,8 @@ class IndexConfig(_Run):
     corpus: tuple[Path, ...] = _corpus()
     out: Path = _location(help="Index artifact to write (.zarr).")
     model: Path | None = _model_elsewhere("factors")
-    index_dim: int | None = _index_dim()  # coordinates kept per module; None: all of them (exact scores)
+    index_dim: int | None = _index_dim()  # coordinates kept exactly per module; None: all of them (exact scores)
+    index_bytes: int = _index_bytes()
     index_dtype: str = _index_dtype()
     max_length: int | None = _max_length()
     split: str = _split()
@@ -493,8 +507,8 @@ class IndexConfig(_Run):
         super().__post_init__()
         if not self.corpus:
             raise BadInput("--corpus names no file")
-        if self.index_dim is not None and self.index_dim < 1:
-            raise BadInput(f"--index-dim must be >= 1 or 'full', not {self.index_dim}")
+        if self.index_dim is not None and self.index_dim < 0:
+            raise BadInput(f"--index-dim must be >= 0 or 'full', not {self.index_dim}")
         _check_reading(self.max_length, self.chunk_size)
 
 

@@ -154,7 +154,9 @@ def compressed_gradients(
     def consume(batch, name, a, s):
         if name in compress:
             values = compress[name](a, s).float().cpu()
-            out.setdefault(name, torch.zeros(len(tokens), values.shape[1]))[batch] = values
+            if name not in out:  # not setdefault: that would zero a new [n, K] for every batch
+                out[name] = torch.zeros(len(tokens), values.shape[1])
+            out[name][batch] = values
 
     with tap(rt.model, rt.specs) as tapped:
         for batch, _, _ in sweep(rt, tapped, tokens, consume):

@@ -21,12 +21,31 @@ with G_q the query's gradient, so P_q = Q_S c_q Q_A^T. Two ways to keep K number
   damping). The best K-term approximation of each sequence: the error is at most |v_q| times the
   norm of what the sequence drops.
 
+The index stores, per module, an exact head (the `top` coordinates, K of them: 0 by default, all
+of them for exact scores) and a sketch of the rest, the tail T, that makes the score an unbiased
+estimate whatever the byte budget:
+
+    score = sum_H c_q g_z  +  <S(c_q w), S(g_z / w)>,   restricted to T in the sketch
+
+S is a CountSketch (m buckets; coordinate j goes to bucket h(j) with sign sigma(j), both from
+4-wise independent polynomial hashes of a seed), so E_S[<S x, S y>] = <x, y> for any x, y, and the
+error's variance is about |x|^2 |y|^2 / m. Any positive weights w keep the estimate unbiased; the
+variance is smallest when both sides are equally spread, which the whitening
+w = sqrt(eig_S eig_A + 0.1 mean(eig_S eig_A)) does in expectation: the K-FAC eigenvalues are the
+mean of g_z^2 and the query's c_q scales as 1 / (curvature + damping). They are known after the
+covariance pass, so the eigenvalue pass can write the index. The sketch's entries are stored in 4
+bits, rounded up or down at random (a hashed dither, the same on every run) so that rounding is
+unbiased too: at equal bytes four times as many buckets as float16 entries, for 1 % more variance
+per entry. A module's share of the sketch bytes follows its effective dimension,
+sum over T of k / (k + 0.1 mean k), k = eig_S eig_A, the number of directions its gradients spread over.
+
 Bases are dense or blocked (curvature.base.basis_right takes either). Tensors in, tensors out; no files.
 """
 
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -46,6 +65,15 @@ __all__ = [
     "projected_queries",
     "sparse_coordinates",
     "sparse_scores",
+    "SKETCH_LEVELS",
+    "ModuleSketch",
+    "module_sketch",
+    "sketch_sizes",
+    "index_rows",
+    "sketch_queries",
+    "quantize",
+    "dequantize",
+    "sketch_scores",
 ]
 
 
@@ -53,6 +81,8 @@ def top_coordinates(Lambda: Tensor, k: int) -> Tensor:
     """Flat indices (row-major over [O, I]) of the k largest eigenvalues, ascending (ties: lower index)."""
     flat = Lambda.reshape(-1).double()
     k = min(k, flat.numel())
+    if k in (0, flat.numel()):  # none or all: no sort of a million eigenvalues per module
+        return torch.arange(k, dtype=torch.int64, device=flat.device)
     order = torch.sort(flat, descending=True, stable=True).indices[:k]
     return torch.sort(order).values
 
@@ -83,6 +113,8 @@ def low_rank_query_coordinates(U: Tensor, sigma: Tensor, V: Tensor, Q_A: Tensor,
     O, I, R = U.shape[1], V.shape[1], U.shape[2]
     left = basis_left(Q_S.mT.to(torch.float64), U.to(torch.float64)) * sigma.to(torch.float64)[:, None, :]  # [Q, O, R]
     right = basis_left(Q_A.mT.to(torch.float64), V.to(torch.float64))  # [Q, I, R]
+    if len(flat) == O * I:  # every coordinate (the sketch's queries): one batched product, in U's dtype
+        return (left.to(U.dtype) @ right.to(U.dtype).mT).flatten(1)[:, flat]
     rows, cols = flat // I, flat % I
     out = torch.empty(U.shape[0], len(flat), dtype=torch.float64, device=U.device)
     for q in range(U.shape[0]):  # one query at a time: [K, R] or [O, I] at most
@@ -149,3 +181,164 @@ def sparse_scores(v: Tensor, values: Tensor, indices: Tensor) -> Tensor:
             size=(N, v.shape[1]),
         )
         return (rows @ v.T).T
+
+
+# -- the sketched tail ----------------------------------------------------------------------------
+
+SKETCH_LEVELS = 7  # 4-bit entries: q in [-7, 7] times a scale per row, stored as q + 7, two per byte
+_P = 2**31 - 1  # a Mersenne prime: polynomial hashes mod P stay below 2^62 in int64
+_MASK = 2**64 - 1
+
+
+def _splitmix(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK
+    return x ^ (x >> 31)
+
+
+def _coefficients(seed: int, position: int, stream: int) -> list[int]:
+    """A degree-3 polynomial's coefficients mod P (a 4-wise independent hash family), from the
+    seed, the module's position and the hash's purpose: plain integer arithmetic, the same on
+    every platform and torch version, so that an index and its queries always agree."""
+    key = _splitmix((seed << 40) ^ (position << 8) ^ stream)
+    out = []
+    for _ in range(4):
+        key = _splitmix(key)
+        out.append(key % _P)
+    out[0] = out[0] or 1
+    return out
+
+
+def _hash(x: Tensor, coefficients: list[int]) -> Tensor:
+    """((c0 x + c1) x + c2) x + c3 mod P for int64 x >= 0: every product stays below 2^62."""
+    x = x % _P
+    h = torch.full_like(x, coefficients[0])
+    for c in coefficients[1:]:
+        h = (h * x + c) % _P
+    return h
+
+
+@dataclass
+class ModuleSketch:
+    """One module's index layout: the head's flat coordinates and, for the tail, each coordinate's
+    bucket and the weights that sketch a gradient (sigma / w) and a query (sigma w), zero on the head."""
+
+    head: Tensor  # [K] int64 flat coordinates, ascending
+    m: int  # buckets (even; 0: no tail)
+    bucket: Tensor  # [D] int32 (12 bytes per coordinate in all: 10 MB for a 576 x 1536 module)
+    gradient_weights: Tensor  # [D] float32
+    query_weights: Tensor  # [D] float32
+    position: int
+    seed: int
+
+
+def _kfac_eigenvalues(eig_S: Tensor, eig_A: Tensor) -> Tensor:
+    return torch.outer(eig_S.double(), eig_A.double()).reshape(-1)
+
+
+def module_sketch(eig_S: Tensor, eig_A: Tensor, head: Tensor, m: int, seed: int, position: int) -> ModuleSketch:
+    """The sketch of a module whose head is `head` (flat coordinates) and tail has m buckets."""
+    k = _kfac_eigenvalues(eig_S, eig_A)
+    damping = 0.1 * float(k.mean())
+    w = (k + damping).sqrt() if damping > 0 else torch.ones_like(k)
+    tail = torch.ones_like(k)
+    tail[head] = 0.0
+    coords = torch.arange(len(k), dtype=torch.int64)
+    bucket = (_hash(coords, _coefficients(seed, position, 0)) % max(m, 1)).int()
+    sign = (_hash(coords, _coefficients(seed, position, 1)) % 2).double() * 2 - 1
+    return ModuleSketch(head, m, bucket, (sign * tail / w).float(), (sign * tail * w).float(), position, seed)
+
+
+def sketch_sizes(
+    eigenvalues: dict[str, tuple[Tensor, Tensor]], heads: dict[str, Tensor], budget: int, head_bytes: int
+) -> dict[str, int]:
+    """Buckets per module within `budget` bytes per sequence: the heads (`head_bytes` per
+    coordinate, and a 4-byte scale per module that has one) first, the rest shared by the modules' effective
+    dimensions, each at least 2 buckets and at most its tail's size (rounded up to even).
+    ValueError when the budget leaves a sketched module no byte."""
+    tails, spread = {}, {}
+    for name, (eig_S, eig_A) in eigenvalues.items():
+        k = _kfac_eigenvalues(eig_S, eig_A)
+        keep = torch.ones_like(k, dtype=torch.bool)
+        keep[heads[name]] = False
+        tails[name] = int(keep.sum())
+        damping = 0.1 * float(k.mean())
+        spread[name] = float((k[keep] / (k[keep] + damping)).sum()) if damping > 0 else float(keep.sum())
+    fixed = sum(len(h) * head_bytes + 4 for h in heads.values() if len(h)) + 4 * sum(1 for n in tails if tails[n])
+    left = budget - fixed
+    sketched = [n for n in tails if tails[n]]
+    if sketched and left < len(sketched):
+        raise ValueError(
+            f"--index-bytes {budget} is too small: the heads and scales take {fixed} bytes per sequence "
+            f"and each of the {len(sketched)} modules' sketches needs at least 1 more"
+        )
+    total = sum(spread[n] for n in sketched) or 1.0
+    sizes = {}
+    for name in eigenvalues:
+        if not tails[name]:
+            sizes[name] = 0
+            continue
+        share = left * (spread[name] / total if total else 1 / len(sketched))
+        sizes[name] = min(max(2, 2 * int(share)), tails[name] + tails[name] % 2)
+    return sizes
+
+
+def index_rows(a: Tensor, s: Tensor, Q_A: Tensor, Q_S: Tensor, sketch: ModuleSketch) -> Tensor:
+    """A batch's index row in one module, [B, K + m]: the rotated gradient g_b = Q_S^T DW_b Q_A
+    at the head's coordinates, then the tail's sketch S(g_b / w) (unquantized)."""
+    rotated = (basis_right(s, Q_S.to(s.dtype)).transpose(1, 2) @ basis_right(a, Q_A.to(a.dtype))).flatten(1)
+    head = rotated[:, sketch.head.to(rotated.device)]
+    if not sketch.m:
+        return head
+    weighted = rotated * sketch.gradient_weights.to(rotated.device, rotated.dtype)
+    sums = torch.zeros(rotated.shape[0], sketch.m, dtype=rotated.dtype, device=rotated.device)
+    # int64 indices: index_add_ with int32 ones takes a path 13x slower on CPU
+    return torch.cat([head, sums.index_add_(1, sketch.bucket.to(rotated.device, torch.int64), weighted)], 1)
+
+
+def sketch_queries(c: Tensor, sketch: ModuleSketch) -> Tensor:
+    """S(c_q w) over the tail, from the queries' coordinates c [Q, D] (every coordinate) -> [Q, m]."""
+    weighted = c * sketch.query_weights.to(c.device, c.dtype)
+    sums = torch.zeros(c.shape[0], sketch.m, dtype=c.dtype, device=c.device)
+    return sums.index_add_(1, sketch.bucket.to(c.device, torch.int64), weighted)
+
+
+_GOLDEN = (5**0.5 - 1) / 2
+
+
+def _dither(rows: Tensor, m: int, seed: int, position: int) -> Tensor:
+    """Uniform [0, 1) per (row, bucket), float32: a Weyl sequence frac(key_row + frac(j phi)) from
+    a hashed key per row, so each entry is uniform over the key, and the same for a row however
+    the corpus was split into runs, ranks or appended shards (the key hashes the row's place in
+    the index)."""
+    key = (_hash(rows.to(torch.int64), _coefficients(seed, position, 2)).double() / _P).float()
+    steps = torch.frac(torch.arange(m, dtype=torch.float64, device=rows.device) * _GOLDEN).float()
+    return torch.frac(key[:, None] + steps[None, :])
+
+
+def quantize(x: Tensor, rows: Tensor, seed: int, position: int) -> tuple[Tensor, Tensor]:
+    """Sketch rows x [n, m] (m even) as 4-bit entries, two per byte [n, m / 2] uint8, and a scale
+    per row [n] float32: q = floor(x / scale + dither), so that E[q scale] = x. `rows`: the
+    rows' places in the index [n]."""
+    x = x.float()
+    scale = x.abs().amax(1) / SKETCH_LEVELS
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = (x / scale[:, None]).add_(_dither(rows, x.shape[1], seed, position).to(x.device)).floor_()
+    nibbles = q.clamp_(-SKETCH_LEVELS, SKETCH_LEVELS).add_(SKETCH_LEVELS).to(torch.uint8)
+    return nibbles[:, 0::2] | (nibbles[:, 1::2] << 4), scale
+
+
+def dequantize(packed: Tensor, scale: Tensor) -> Tensor:
+    """quantize's rows back, [n, m] float32."""
+    nibbles = torch.stack([packed & 15, packed >> 4], 2).flatten(1).float() - SKETCH_LEVELS
+    return nibbles * scale.float()[:, None]
+
+
+def sketch_scores(sq: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
+    """<S(c_q w), S(g_z / w)> and an estimate of its variance, |c_q w|^2 |g_z / w|^2 / m over the
+    tail with |.|^2 read from the sketches themselves (unbiased for it): sketched queries sq
+    [Q, m] and dequantized rows [N, m] -> ([Q, N], [Q, N]) in sq's dtype."""
+    rows = rows.to(sq.dtype)
+    variance = (sq * sq).sum(1)[:, None] * (rows * rows).sum(1)[None, :] / sq.shape[1]
+    return sq @ rows.T, variance

@@ -106,48 +106,71 @@ def test_a_full_index_gives_the_exact_scores(workdir, built, tmp_path):
     assert infl("verify", tmp_path / "float16.zarr").exit_code == 0
     info = json.loads(infl("info", tmp_path / "s-float16.zarr", "--format", "json").stdout)
     assert info["provenance"]["index_fingerprint"] == artifacts.read_attrs(tmp_path / "float16.zarr")["fingerprint"]
-    assert "top-eigen" in info["facts"]["scored from"]
+    assert "all exact coordinates" in info["facts"]["scored from"] and info["facts"]["values"] == "exact"
+    assert "estimate" not in json.loads(top.stdout)[0] and "standard_error" not in json.loads(top.stdout)[0]
 
 
-def test_a_small_index_is_the_explicit_sum_over_its_coordinates(workdir, built, tmp_path):
-    """K = 7 per module: sum over the 7 largest eig_S x eig_A of (Q_S^T G_q Q_A / (Lambda + damping))
-    times (Q_S^T DW_z Q_A), with autograd's DW_z and the rank-2 query's U diag(sigma) V^T."""
-    assert (
-        infl(
-            "index",
-            "--factors",
-            built / "f.zarr",
-            "--corpus",
-            workdir / "corpus.jsonl",
-            "--out",
-            tmp_path / "i.zarr",
-            "--index-dim",
-            "7",
-            "--index-dtype",
-            "float32",
-        ).exit_code
-        == 0
+def test_a_small_index_is_its_head_plus_the_explicit_sketch_of_its_tail(workdir, built, tmp_path):
+    """K = 7 exact coordinates per module (the 7 largest eig_S x eig_A) and 4-bit CountSketches
+    of the rest, against the explicit formula with autograd's DW_z and the rank-2 query's
+    U diag(sigma) V^T: head sum_H c g, plus sum_b (sum_{j in b} sigma_j c_j w_j) (sum_{j in b} sigma_j g_j / w_j)
+    with the stored (rounded) sketch, which is within one rounding step of the explicit one."""
+    budget = "3000"  # bytes per sequence: 7 float32 per module, the rest sketched
+    args = ["--index-dim", "7", "--index-dtype", "float32", "--index-bytes", budget]
+    index = infl(
+        "index",
+        "--factors",
+        built / "f.zarr",
+        "--corpus",
+        workdir / "corpus.jsonl",
+        "--out",
+        tmp_path / "i.zarr",
+        *args,
     )
-    assert (
-        infl(
-            "score", "--index", tmp_path / "i.zarr", "--queries", built / "q.zarr", "--out", tmp_path / "s.zarr"
-        ).exit_code
-        == 0
-    )
+    assert index.exit_code == 0, index.output
+    scored = infl("score", "--index", tmp_path / "i.zarr", "--queries", built / "q.zarr", "--out", tmp_path / "s.zarr")
+    assert scored.exit_code == 0, scored.output
     got = scores_of(tmp_path / "s.zarr")["per_module"]  # [M, Q, N]
 
+    from infl import indexing
+    from infl.artifacts.index import IndexArtifact
+    from infl.stages import index_rows
+
+    art = IndexArtifact.open(tmp_path / "i.zarr")
+    assert art.bytes_per_sequence() <= int(budget)
     factors, queries = FactorsArtifact.open(built / "f.zarr"), QueriesArtifact.open(built / "q.zarr")
     model, tokenizer = modeling.load_model(workdir / "gpt2").double(), make_tokenizer()
     train = [autograd_grads(model, factors.modules, tokenizer(t)["input_ids"]) for t in SENTENCES]
     for m, name in enumerate(factors.modules):
         f = {k: torch.from_numpy(v).double() for k, v in factors.read_module(name).items()}
-        largest = np.argsort(-np.outer(f["eig_S"], f["eig_A"]).ravel(), kind="stable")[:7]
+        kfac = np.outer(f["eig_S"], f["eig_A"]).ravel()
+        largest = np.argsort(-kfac, kind="stable")[:7]
+        assert sorted(art.coordinates(name).tolist()) == sorted(largest.tolist())
         q = {k: torch.from_numpy(v).double() for k, v in queries.preconditioned(name).items()}
         P = q["U"] @ torch.diag_embed(q["sigma"]) @ q["V"].transpose(1, 2)  # [Q, O, I], preconditioned
-        c = (f["Q_S"].T @ P @ f["Q_A"]).flatten(1)[:, largest]
-        g = torch.stack([(f["Q_S"].T @ z[name] @ f["Q_A"]).flatten()[largest] for z in train])
-        expected = (c @ g.T).numpy()
+        c = (f["Q_S"].T @ P @ f["Q_A"]).flatten(1)  # [Q, D]
+        g = torch.stack([(f["Q_S"].T @ z[name] @ f["Q_A"]).flatten() for z in train])  # [N, D]
+        head = (c[:, largest] @ g[:, largest].T).numpy()
+        # the tail's sketch, from its definition: whitening, buckets and signs of the recorded hashes
+        sketch = index_rows.module_sketch(art, name, f["eig_S"], f["eig_A"])
+        w = np.sqrt(kfac + 0.1 * kfac.mean())
+        tail = np.ones(len(kfac), dtype=bool)
+        tail[largest] = False
+        sign = np.sign(sketch.query_weights.numpy())  # +-1 on the tail, 0 on the head
+        assert (sign[tail] != 0).all() and (sign[~tail] == 0).all()
+        np.testing.assert_allclose(np.abs(sketch.query_weights.numpy()[tail]), w[tail], rtol=1e-6)
+        explicit_g = np.zeros((len(train), sketch.m))
+        np.add.at(explicit_g.T, sketch.bucket.numpy(), (g.numpy() * sign / w).T)
+        explicit_c = np.zeros((c.shape[0], sketch.m))
+        np.add.at(explicit_c.T, sketch.bucket.numpy(), (c.numpy() * sign * w).T)
+        rows = art.rows(name, 0, len(train))
+        stored = indexing.dequantize(torch.from_numpy(rows["sketch"]), torch.from_numpy(rows["sketch_scale"])).double()
+        step = rows["sketch_scale"][:, None].astype(np.float64)
+        assert (np.abs(stored.numpy() - explicit_g) <= step * (1 + 1e-3) + 1e-6 * np.abs(explicit_g).max()).all()
+        expected = head + explicit_c @ stored.numpy().T
         np.testing.assert_allclose(got[m], expected, rtol=2e-3, atol=2e-4 * np.abs(expected).max(), err_msg=name)
+    top = json.loads(infl("topk", "--scores", tmp_path / "s.zarr", "-k", "2", "--format", "json").stdout)
+    assert all("estimated from the index" in r["estimate"] and r["standard_error"] > 0 for r in top)
 
 
 def test_appended_shards_and_a_killed_build_give_the_one_shot_index(workdir, built, tmp_path):
@@ -306,7 +329,7 @@ def test_an_index_needs_an_eigenbasis_and_reports_its_size(workdir, tmp_path):
             "--factors",
             tmp_path / "f.zarr",
             "--index-dim",
-            "0",
+            "-1",
             "--corpus",
             workdir / "corpus.jsonl",
             "--out",
@@ -328,13 +351,33 @@ def test_info_reports_bytes_per_sequence(workdir, built, tmp_path):
             tmp_path / "i.zarr",
             "--index-dim",
             "10",
+            "--index-bytes",
+            "2000",
         ).exit_code
         == 0
     )
     facts = json.loads(infl("info", tmp_path / "i.zarr", "--format", "json").stdout)["facts"]
     modules = FactorsArtifact.open(built / "f.zarr").modules
-    assert facts["bytes per sequence"].startswith(f"{len(modules) * (10 * 2 + 4)} ")  # float16 values and a scale
-    assert facts["coordinates per module"] == "10"
+    heads = len(modules) * (10 * 2 + 4)  # float16 values and a scale per module
+    sketches = int(facts["bytes per sequence"].split()[0]) - heads
+    assert facts["exact coordinates per module"] == "10" and 0 < sketches and heads + sketches <= 2000
+    low, high = (int(x) for x in facts["sketch buckets per module"].split()[::2][:2])
+    assert 2 <= low <= high and sketches >= len(modules) * (low // 2 + 4)  # 4 bits per bucket, a scale per module
+    too_small = infl(
+        "index",
+        "--factors",
+        built / "f.zarr",
+        "--corpus",
+        workdir / "corpus.jsonl",
+        "--out",
+        tmp_path / "j.zarr",
+        "--index-dim",
+        "10",
+        "--index-bytes",
+        "100",
+    )
+    assert too_small.exit_code == 1 and "--index-bytes 100 is too small" in too_small.output
+    assert not (tmp_path / "j.zarr").exists()
 
 
 @pytest.mark.parametrize("strategy", ["ekfac", "kfac"])
@@ -453,3 +496,35 @@ def test_scores_refuse_an_index_rebuilt_on_fewer_shards_and_options_it_would_ign
     for extra in (["--model", workdir / "gpt2"], ["--text-field", "body"]):
         ignored = infl(*scored[:-1], tmp_path / "t.zarr", *extra)
         assert ignored.exit_code == 2 and "--index" in ignored.output, ignored.output
+
+
+def test_scores_from_a_sketched_index_are_labelled_estimates_everywhere(workdir, built, tmp_path):
+    """topk (every format), info, report, export and the Python API say the values are estimates,
+    and carry standard errors; the exact answer of the same queries says nothing of the kind."""
+    index = infl(
+        "index", "--factors", built / "f.zarr", "--corpus", workdir / "corpus.jsonl", "--out", tmp_path / "i.zarr"
+    )
+    assert index.exit_code == 0, index.output
+    scores = tmp_path / "s.zarr"
+    assert infl("score", "--index", tmp_path / "i.zarr", "--queries", built / "q.zarr", "--out", scores).exit_code == 0
+    for fmt in ("table", "csv", "markdown", "html"):
+        shown = infl("topk", "--scores", scores, "-k", "3", "--format", fmt).stdout
+        assert "estimated from the index" in shown and "s.e." in shown, fmt
+        assert "estimated" not in infl("topk", "--scores", built / "s.zarr", "-k", "3", "--format", fmt).stdout, fmt
+    info = json.loads(infl("info", scores, "--format", "json").stdout)["facts"]
+    assert info["values"].startswith("estimated from the index")
+    assert infl("report", "--scores", scores, "--out", tmp_path / "r.html", "-k", "2").exit_code == 0
+    assert "estimated from the index" in (tmp_path / "r.html").read_text()
+    assert infl("export", "--scores", scores, "--out", tmp_path / "e.csv").exit_code == 0
+    assert "estimates" in (tmp_path / "e.csv").read_text().splitlines()[0]
+
+    import infl as api
+
+    view, exact = api.open_scores(scores), api.open_scores(built / "s.zarr")
+    assert view.estimate.startswith("estimated from the index") and exact.estimate is None
+    query = view.query_ids[0]
+    errors = view.standard_error(query)
+    assert errors.shape == view.total(query).shape and (errors > 0).all() and exact.standard_error(query) is None
+    # one standard error is what it says: most exact scores lie within 3 of them of their estimates
+    inside = np.abs(view.total(query) - exact.total(query)) <= 3 * errors
+    assert inside.mean() > 0.8, inside.mean()

@@ -2,6 +2,7 @@
 exact EK-FAC scores on a tiny model (issue #9, step 1: the math)."""
 
 import numpy as np
+import pytest
 import torch
 from conftest import SENTENCES, make_tokenizer
 from test_scoring_math import random_batch
@@ -153,3 +154,69 @@ def test_low_rank_queries_and_float16_rows_give_the_same_coordinates_and_scores(
     assert bool(
         (error <= 1e-3 * c.norm(dim=1)[:, None] * rows.norm(dim=1)[None, :]).all()
     )  # relative to each row's size
+
+
+def _sketched_scores(a, s, curv, P, seed: int, head: torch.Tensor, m: int) -> torch.Tensor:
+    """Index scores of a head plus a 4-bit sketch of the tail, with this sketch seed: [Q, B]."""
+    eig_S, eig_A = curv.Lambda.sum(1), curv.Lambda.sum(0)  # any positive eigenvalues will do
+    sketch = indexing.module_sketch(eig_S, eig_A, head, m, seed, position=3)
+    rows = indexing.index_rows(a, s, curv.Q_A, curv.Q_S, sketch)
+    c = indexing.query_coordinates(P, curv.Q_A, curv.Q_S, torch.arange(curv.Lambda.numel()))
+    got = c[:, head] @ rows[:, : len(head)].T
+    if m:
+        packed, scale = indexing.quantize(rows[:, len(head) :], torch.arange(len(rows)) + 100, seed, 3)
+        got = got + indexing.sketch_scores(indexing.sketch_queries(c, sketch), indexing.dequantize(packed, scale))[0]
+    return got
+
+
+def test_head_and_sketch_are_unbiased_and_exact_when_the_head_holds_everything():
+    a, s = random_batch()
+    curv = random_curvature()
+    P = precondition(torch.randn(2, 6, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(3)), curv)
+    exact = torch.einsum("qoi,boi->qb", P, sequence_grads(a, s))
+    everything = torch.arange(42)
+    torch.testing.assert_close(_sketched_scores(a, s, curv, P, 0, everything, 0), exact)
+    head = indexing.top_coordinates(curv.Lambda, 5)
+    draws = torch.stack([_sketched_scores(a, s, curv, P, seed, head, 8) for seed in range(3000)])  # [seeds, Q, B]
+    mean, error = draws.mean(0), draws.std(0) / len(draws) ** 0.5
+    assert (draws.std(0) > 0.05 * exact.abs()).any()  # a real sketch: single draws are off
+    assert ((mean - exact).abs() <= 4 * error).all(), (mean - exact) / error  # within 4 standard errors of the mean
+    # the standard error the scores report is an estimate of the draws' spread (within a factor of 2 here)
+    sketch = indexing.module_sketch(curv.Lambda.sum(1), curv.Lambda.sum(0), head, 8, 0, 3)
+    rows = indexing.index_rows(a, s, curv.Q_A, curv.Q_S, sketch)[:, 5:]
+    c = indexing.query_coordinates(P, curv.Q_A, curv.Q_S, torch.arange(42))
+    stored = indexing.dequantize(*indexing.quantize(rows, torch.arange(len(rows)), 0, 3))
+    reported = indexing.sketch_scores(indexing.sketch_queries(c, sketch), stored.double())[1]
+    ratio = reported.sqrt().mean() / draws.std(0).mean()
+    assert 0.5 < float(ratio) < 2, ratio
+
+
+def test_quantized_sketch_rounding_is_unbiased_and_bounded():
+    x = torch.randn(3, 10, generator=torch.Generator().manual_seed(9), dtype=torch.float64) * torch.tensor(
+        [[1e-4], [1.0], [1e4]], dtype=torch.float64
+    )
+    draws = []
+    for offset in range(2000):  # the dither of other rows: each is uniform over the row's key
+        packed, scale = indexing.quantize(x, torch.arange(3) + 7 * offset, 0, 0)
+        assert packed.dtype == torch.uint8 and packed.shape == (3, 5)
+        back = indexing.dequantize(packed, scale).double()
+        assert ((back - x).abs() <= scale[:, None].double() * (1 + 1e-5)).all()  # one rounding step at most
+        draws.append(back)
+    mean = torch.stack(draws).mean(0)
+    assert ((mean - x).abs() <= 0.05 * scale[:, None].double()).all()
+    packed, scale = indexing.quantize(torch.zeros(2, 4), torch.arange(2), 0, 0)
+    assert (indexing.dequantize(packed, scale) == 0).all() and (scale == 1).all()
+
+
+def test_sketch_sizes_follow_the_budget_and_each_modules_effective_dimension():
+    flat = torch.ones(20)
+    steep = torch.tensor([1.0] + [1e-6] * 19)  # one direction: an effective dimension near 2 (of 400)
+    eigenvalues = {"flat": (flat, flat), "steep": (steep, steep)}
+    heads = {"flat": torch.arange(0), "steep": torch.arange(0)}
+    sizes = indexing.sketch_sizes(eigenvalues, heads, 1000, 2)
+    assert sizes["flat"] > 20 * sizes["steep"] and all(m % 2 == 0 and m >= 2 for m in sizes.values())
+    assert sum(m // 2 + 4 for m in sizes.values()) <= 1000
+    sizes = indexing.sketch_sizes(eigenvalues, {"flat": torch.arange(400), "steep": torch.arange(3)}, 10**6, 2)
+    assert sizes == {"flat": 0, "steep": 398}  # no tail, no sketch; never more buckets than the tail
+    with pytest.raises(ValueError, match="too small"):
+        indexing.sketch_sizes(eigenvalues, {"flat": torch.arange(100), "steep": torch.arange(0)}, 200, 2)

@@ -122,6 +122,7 @@ def test_semantic_marks_are_kept():
     assert semantic(config.QueryConfig) == {"rank", "svd"}
     assert semantic(config.IndexConfig) == {
         "index_dim",
+        "index_bytes",
         "index_dtype",
         "max_length",
         "split",

@@ -33,7 +33,7 @@ from infl.demo import build_demo, retrain
 from infl.stages import build_query, fit_factors, index, score
 
 STRATEGIES = [("identity", 32), ("diagonal", 32), ("kfac", 32), ("ekfac", 32), ("ekfac", None)]
-INDEX_SIZES = (4096, 16384, None)  # `score --index` with the ekfac factors and rank-32 queries
+INDEX_SIZES = ("64KiB", "128KiB", None)  # `score --index` with the ekfac factors and rank-32 queries; None: full
 
 
 def load_corpus(demo: Path) -> list[dict]:
@@ -149,21 +149,21 @@ def evaluate(demo: Path, out: Path, readme: bool, batch_size: int) -> str:
         )
         score.run(ScoreConfig(queries=d / "q.zarr", corpus=(corpus_file,), out=d / "s.zarr", batch_size=batch_size))
         lines.append(row(strategy, rank, d / "s.zarr", t1 - t0, time.perf_counter() - t1))
-    for K in INDEX_SIZES:  # fit s: building the index; score s: scoring from it
-        d = out / f"index-{K or 'full'}"
+    for size in INDEX_SIZES:  # fit s: building the index; score s: scoring from it
+        d = out / f"index-{size or 'full'}"
         t0 = time.perf_counter()
         index.run(
             IndexConfig(
                 factors=out / "ekfac.f.zarr",
                 corpus=(corpus_file,),
                 out=d / "i.zarr",
-                index_dim=K,
+                **({"index_bytes": size} if size else {"index_dim": None}),
                 batch_size=batch_size,
             )
         )
         t1 = time.perf_counter()
         score.run(ScoreConfig(queries=out / "ekfac-32" / "q.zarr", index=d / "i.zarr", out=d / "s.zarr"))
-        lines.append(row(f"ekfac, index K = {K or 'full'}", 32, d / "s.zarr", t1 - t0, time.perf_counter() - t1))
+        lines.append(row(f"ekfac, index {size or 'full'}", 32, d / "s.zarr", t1 - t0, time.perf_counter() - t1))
     seconds = sum(o["seconds"] for o in outcomes)
     header = (
         f"{len(outcomes)} retrained models on random halves of {len(corpus)} sequences "

@@ -25,6 +25,7 @@ class Hit:
     share: float = float("nan")  # of the query's total influence of the same sign (see QueryInfo)
     tokens: tuple[tuple[str, float], ...] | None = None  # (text piece, influence) per token
     refined: float | None = None  # the full-rank score, with --refine
+    stderr: float | None = None  # one standard error of `score`, when it is an estimate (from an index)
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,7 @@ class QueryInfo:
 class Topk:
     queries: list[QueryInfo]
     hits: list[Hit]
+    estimate: str | None = None  # what makes the scores estimates, in one line (None: exact)
 
     def of(self, query_id: str) -> list[Hit]:
         return [h for h in self.hits if h.query_id == query_id]

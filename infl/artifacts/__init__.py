@@ -523,7 +523,7 @@ class Artifact:
             chunks=chunks,
             dtype=dtype,
             fill_value=fill_value,
-            compressors=_COMPRESSOR if np.dtype(dtype).kind == "f" else "auto",
+            compressors=_COMPRESSOR if np.dtype(dtype).kind in "fu" else "auto",  # numbers: blosc lz4, fast to decode
             config={"write_empty_chunks": True},
         )
         integrity.digest_array(self.group, array, create=True)

@@ -2,12 +2,14 @@
 infl.indexing), so that new queries are scored with a matrix product instead of a corpus pass.
 
 Layout:
-  attrs        kind, schema, config, provenance (model, factors, corpus shards), base_fingerprint,
-               fingerprint, modules, compression
-  modules/<name>/coordinates [K] int64    flat indices (row-major over [O, I]) in the module's
-                                          Kronecker eigenbasis, the same for every sequence
-  modules/<name>/values [N, K]            float16 (or float32): Q_S^T DW Q_A there, / scale
-  modules/<name>/scale [N] float32        each sequence's largest magnitude in this module
+  attrs        kind, schema, config, provenance (model, factors, corpus shards, sketch seed),
+               base_fingerprint, fingerprint, modules
+  modules/<name>/coordinates [K] int64    the head: flat indices (row-major over [O, I]) in the
+                                          module's Kronecker eigenbasis, the same for every sequence
+  modules/<name>/values [N, K]            float16 (or float32): Q_S^T DW Q_A there, / scale (K > 0)
+  modules/<name>/scale [N] float32        each sequence's largest magnitude in the head
+  modules/<name>/sketch [N, m / 2] uint8  the tail's 4-bit CountSketch, two entries per byte (m > 0)
+  modules/<name>/sketch_scale [N] float32 each sequence's sketch scale (see infl.indexing.quantize)
   train_ids [N], locators [N, 3]; done [chunks]: a chunk's rows and digests, then its done bit
 
 Chunked along the sequences like scores: a chunk of sequences is the unit of work, of resume and
@@ -20,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from infl.artifacts import State, check_appended_shards
+from infl.artifacts import State, check_appended_shards, integrity
 from infl.artifacts.chunked import ChunkedArtifact
 from infl.errors import IncompatibleArtifact
 
@@ -34,17 +36,25 @@ class IndexLayout:
         self,
         modules: list[str],
         coordinates: dict[str, np.ndarray],
+        sketch_sizes: dict[str, int],
         train_ids: list[str],
         locators: np.ndarray,
         chunk_size: int,
         dtype: str,
     ):
         self.modules, self.coordinates, self.train_ids = modules, coordinates, train_ids
+        self.sketch_sizes = sketch_sizes
         self.locators, self.chunk_size, self.dtype = locators, chunk_size, dtype
 
     @property
     def n_chunks(self) -> int:
         return -(-len(self.train_ids) // self.chunk_size)
+
+
+def _row_arrays(K: int, m: int, dtype: str) -> list[tuple[str, str, int, str]]:
+    """A module's per-sequence arrays (rows, their scales, width, dtype) for a head of K
+    coordinates and a sketch of m buckets."""
+    return [("values", "scale", K, dtype)] * (K > 0) + [("sketch", "sketch_scale", m // 2, "uint8")] * (m > 0)
 
 
 class IndexArtifact(ChunkedArtifact):
@@ -70,8 +80,11 @@ class IndexArtifact(ChunkedArtifact):
             return None
         if status == State.PARTIAL and cls.open_for_writing(path).started:
             art = cls.open_for_writing(path)
-            # a growth killed midway, and these are the inputs from before it: values are resized first
-            rows = {art.group[f"modules/{layout.modules[0]}/values"].shape[0], art.group["train_ids"].shape[0]}
+            # a growth killed midway, and these are the inputs from before it: rows are resized first
+            rows = {
+                art.group[f"modules/{layout.modules[0]}/{art.row_arrays(layout.modules[0])[0][0]}"].shape[0],
+                art.group["train_ids"].shape[0],
+            }
             if rows != {len(layout.train_ids)}:
                 art._conform(layout, min(*rows, len(layout.train_ids)))
             return art
@@ -84,10 +97,11 @@ class IndexArtifact(ChunkedArtifact):
         N, C = len(layout.train_ids), layout.chunk_size
         for name in layout.modules:
             where = art._sub(f"modules/{name}")
-            K = len(layout.coordinates[name])
+            K, m = len(layout.coordinates[name]), layout.sketch_sizes[name]
             art._write("coordinates", np.asarray(layout.coordinates[name], dtype=np.int64), where=where)
-            art._create("values", (N, K), (C, K), layout.dtype, 0, where=where)
-            art._create("scale", (N,), (C,), "float32", float("nan"), where=where)
+            for rows, scale, width, dtype in _row_arrays(K, m, layout.dtype):
+                art._create(rows, (N, width), (C, width), dtype, 0, where=where)
+                art._create(scale, (N,), (C,), "float32", float("nan"), where=where)
         art._write("train_ids", np.array(layout.train_ids, dtype=object), chunks=(C,))
         art._write("locators", layout.locators, chunks=(C, 3))
         art._create("done", (layout.n_chunks,), (1,), "bool", False)  # last: ready
@@ -99,12 +113,18 @@ class IndexArtifact(ChunkedArtifact):
         N, C = len(layout.train_ids), layout.chunk_size
         for name in layout.modules:
             where = self.group[f"modules/{name}"]
-            self._resize("values", (N, len(layout.coordinates[name])), where)
-            self._resize("scale", (N,), where)
+            for rows, scale, width, _ in _row_arrays(len(layout.coordinates[name]), layout.sketch_sizes[name], ""):
+                self._resize(rows, (N, width), where)
+                self._resize(scale, (N,), where)
         self._conform_rows(layout.train_ids, layout.locators, N_valid)
         self.group["done"].resize((layout.n_chunks,))
         if N != N_valid:
             self.group["done"][min(N, N_valid) // C :] = False  # a partly filled chunk is computed again
+
+    def problem(self) -> str:
+        if "sketch_seed" not in self.provenance:  # before issue #23: the head alone, biased low
+            return "it was built by an earlier infl, whose index scores dropped every coordinate past its top K"
+        return super().problem()
 
     # -- units of work --------------------------------------------------------------------------
 
@@ -112,14 +132,16 @@ class IndexArtifact(ChunkedArtifact):
         """The chunks not done."""
         return np.flatnonzero(~self.done_mask()).tolist()
 
-    def write_chunk(self, c: int, rows: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
-        """One chunk of sequences: per module its encoded values [n, K] and scales [n] with their
-        digests, then the done bit."""
+    def write_chunk(self, c: int, rows: dict[str, tuple[np.ndarray, ...]]) -> None:
+        """One chunk of sequences: per module its encoded head values [n, K], their scales [n],
+        its packed sketch [n, m / 2] and their scales [n], with their digests, then the done bit."""
         C = self.config["chunk_size"]
-        for name, (values, scale) in rows.items():
-            n = slice(c * C, c * C + len(scale))
-            self._put(f"modules/{name}/values", (n,), values)
-            self._put(f"modules/{name}/scale", (n,), np.asarray(scale, dtype=np.float32))
+        for name, (values, scale, sketch, sketch_scale) in rows.items():
+            n = slice(c * C, c * C + len(scale if sketch_scale is None else sketch_scale))
+            arrays = {"values": values, "scale": scale, "sketch": sketch, "sketch_scale": sketch_scale}
+            for row_name, scale_name, _, _ in self.row_arrays(name):
+                self._put(f"modules/{name}/{row_name}", (n,), arrays[row_name])
+                self._put(f"modules/{name}/{scale_name}", (n,), np.asarray(arrays[scale_name], dtype=np.float32))
         self.group["done"][c] = True  # last: done only once its rows and digests are on disk
 
     # -- read view ------------------------------------------------------------------------------
@@ -127,24 +149,43 @@ class IndexArtifact(ChunkedArtifact):
     def coordinates(self, name: str) -> np.ndarray:
         return self._read(f"modules/{name}/coordinates")
 
-    def rows(self, name: str, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
-        """Encoded values [hi - lo, K] and scales [hi - lo] of sequences lo..hi in one module."""
-        return self._read(f"modules/{name}/values", slice(lo, hi)), self._read(f"modules/{name}/scale", slice(lo, hi))
+    def sketch_size(self, name: str) -> int:
+        """Buckets of the module's sketch (0: no tail)."""
+        sketch = integrity.member(self.group[f"modules/{name}"], "sketch")
+        return 0 if sketch is None else 2 * sketch.shape[1]
+
+    def row_arrays(self, name: str) -> list[tuple[str, str, int, str]]:
+        values = integrity.member(self.group[f"modules/{name}"], "values")
+        dtype = "float16" if values is None else str(values.dtype)
+        return _row_arrays(0 if values is None else values.shape[1], self.sketch_size(name), dtype)
+
+    def rows(self, name: str, lo: int, hi: int) -> dict[str, np.ndarray]:
+        """Sequences lo..hi in one module: name -> array, for the arrays it has (`values`, `scale`,
+        `sketch`, `sketch_scale`)."""
+        out = {}
+        for rows, scale, _, _ in self.row_arrays(name):
+            out[rows] = self._read(f"modules/{name}/{rows}", slice(lo, hi))
+            out[scale] = self._read(f"modules/{name}/{scale}", slice(lo, hi))
+        return out
 
     def bytes_per_sequence(self) -> int:
-        """What one sequence adds to the index (values and scales, before compression)."""
+        """What one sequence adds to the index (head, sketch and their scales, before compression)."""
         total = 0
         for name in self.modules:
-            values = self.group[f"modules/{name}/values"]
-            total += values.shape[1] * values.dtype.itemsize + 4
+            for _, _, width, dtype in self.row_arrays(name):
+                total += width * np.dtype(dtype).itemsize + 4
         return total
 
     def facts(self) -> dict:
         per_sequence = self.bytes_per_sequence()
-        dims = {self.group[f"modules/{name}/values"].shape[1] for name in self.modules}
+        heads = {self.group[f"modules/{name}/coordinates"].shape[0] for name in self.modules}
+        sketches = [self.sketch_size(name) for name in self.modules]
         return {
-            "coordinates per module": ", ".join(map(str, sorted(dims))),
-            "bytes per sequence": f"{per_sequence} (values and scales, before compression)",
+            "exact coordinates per module": ", ".join(map(str, sorted(heads))),
+            "sketch buckets per module": f"{min(sketches)} to {max(sketches)} (4 bits each)"
+            if max(sketches)
+            else "none: exact scores",
+            "bytes per sequence": f"{per_sequence} (before compression)",
             "per million sequences": f"{per_sequence * 1e6 / 2**30:.1f} GiB",
             "compression": self.provenance["compression"],
         }
@@ -172,4 +213,5 @@ class IndexArtifact(ChunkedArtifact):
 
     @staticmethod
     def _sequence_axis(name: str) -> int | None:
-        return 0 if name.startswith("modules/") and name.rsplit("/", 1)[-1] in ("values", "scale") else None
+        last = name.rsplit("/", 1)[-1]
+        return 0 if name.startswith("modules/") and last in ("values", "scale", "sketch", "sketch_scale") else None

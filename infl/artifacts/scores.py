@@ -4,6 +4,7 @@ Layout:
   attrs        kind, schema, config, provenance (corpus shards, parents), base_fingerprint,
                fingerprint, query_blocks, modules, unit
   total [Q, N], per_module [M, Q, N] float32; per_token [Q, N, T] bfloat16 bits (optional)
+  stderr [Q, N] float32: scores estimated from a sketched index, one standard error of each total
   query_ids [Q], train_ids [N], locators [N, 3] (corpus shard, start, end)
   done [query blocks, chunks]: a cell (a block of queries x a chunk of sequences) is written, then
   the digests of the Zarr chunks it touched, then its done bit
@@ -25,7 +26,7 @@ from infl.errors import IncompatibleArtifact
 
 __all__ = ["ScoresArtifact", "Layout", "read_bf16_bits"]
 
-CHUNKED = ("total", "per_module", "per_token")
+CHUNKED = ("total", "per_module", "per_token", "stderr")
 UNIT = "nats per unit upweight (d log p(completion) / d epsilon); divide by N for one copy"
 
 
@@ -42,9 +43,11 @@ class Layout:
         chunk_size: int,
         per_token: bool,
         max_length: int,
+        estimate: bool = False,
     ):
         self.query_ids, self.blocks, self.modules, self.train_ids = query_ids, blocks, modules, train_ids
         self.locators, self.chunk_size, self.per_token, self.max_length = locators, chunk_size, per_token, max_length
+        self.estimate = estimate  # the scores are estimates: their standard errors are stored too
 
     @property
     def n_chunks(self) -> int:
@@ -93,6 +96,8 @@ class ScoresArtifact(ChunkedArtifact):
         if layout.per_token:
             per_token = art._create("per_token", (Q, N, T), (Q, C, T), "uint16", 0)
             per_token.attrs["logical_dtype"] = "bfloat16"  # zarr has no bfloat16: its bits as uint16
+        if layout.estimate:
+            art._create("stderr", (Q, N), (Q, C), "float32", float("nan"))
         art._write("query_ids", np.array(layout.query_ids, dtype=object))
         art._write("train_ids", np.array(layout.train_ids, dtype=object), chunks=(C,))
         art._write("locators", layout.locators, chunks=(C, 3))
@@ -148,10 +153,16 @@ class ScoresArtifact(ChunkedArtifact):
         ]
 
     def write_cell(
-        self, b: int, c: int, per_module: np.ndarray, total: np.ndarray, per_token: np.ndarray | None = None
+        self,
+        b: int,
+        c: int,
+        per_module: np.ndarray,
+        total: np.ndarray,
+        per_token: np.ndarray | None = None,
+        stderr: np.ndarray | None = None,
     ) -> None:
         """One query block x one chunk: the scores per module [M, q, n] and in total [q, n] (and
-        per-token terms [q, n, T]) with their digests, then the done bit."""
+        per-token terms [q, n, T], standard errors [q, n]) with their digests, then the done bit."""
         blocks, C = self.group.attrs["query_blocks"], self.group.attrs["config"]["chunk_size"]
         q, n = slice(blocks[b], blocks[b + 1]), slice(c * C, c * C + per_module.shape[2])
         self._put("per_module", (slice(None), q, n), per_module)
@@ -160,6 +171,8 @@ class ScoresArtifact(ChunkedArtifact):
             padded = np.zeros((q.stop - q.start, n.stop - n.start, self.group["per_token"].shape[2]), dtype=np.float32)
             padded[:, :, : per_token.shape[2]] = per_token
             self._put("per_token", (q, n), _to_bf16_bits(padded))
+        if stderr is not None:
+            self._put("stderr", (q, n), stderr)
         self.group["done"][b, c] = True  # last: done only once its scores and digests are on disk
 
     # -- read view ------------------------------------------------------------------------------
@@ -172,8 +185,22 @@ class ScoresArtifact(ChunkedArtifact):
     def has_per_token(self) -> bool:
         return "per_token" in self.group
 
+    @property
+    def estimate(self) -> str | None:
+        """What makes these scores estimates, in one line (None: they are exact)."""
+        if "stderr" not in self.group:
+            return None
+        return (
+            f"estimated from the index {self.provenance['index']} (unbiased, 4-bit sketch of "
+            f"{self.config['index_bytes']} bytes per sequence), ± one standard error"
+        )
+
     def query_ids(self) -> list[str]:
         return self._strings("query_ids")
+
+    def stderr(self, row: int, columns: np.ndarray) -> np.ndarray | None:
+        """[len(columns)] standard errors of one query's estimated scores (None: exact scores)."""
+        return self._read("stderr", (row, columns)).astype(np.float64) if "stderr" in self.group else None
 
     def total(self, row: int) -> np.ndarray:
         """[N] scores of one query (float64)."""
@@ -196,14 +223,16 @@ class ScoresArtifact(ChunkedArtifact):
     def facts(self) -> dict:
         if "index" not in self.provenance:
             return {}
+        exact = self.config["index_dim"]
         return {
-            "scored from": f"the index {self.provenance['index']} ({self.config['index_dim'] or 'all'} coordinates "
-            f"per module, {self.config['index_dtype']}): {self.provenance['compression']}"
+            "scored from": f"the index {self.provenance['index']} ({'all' if exact is None else exact} exact "
+            f"coordinates per module): {self.provenance['compression']}",
+            "values": "exact" if self.estimate is None else self.estimate,
         }
 
     @staticmethod
     def _sequence_axis(name: str) -> int | None:
-        return {"total": 1, "per_module": 2, "per_token": 1}.get(name)
+        return {"total": 1, "per_module": 2, "per_token": 1, "stderr": 1}.get(name)
 
 
 def _to_bf16_bits(values: np.ndarray) -> np.ndarray:

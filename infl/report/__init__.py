@@ -120,7 +120,7 @@ def _log_p(info: QueryInfo) -> str:
     return "" if info.log_p is None else f"log p = {info.log_p:.3f}"
 
 
-def _hit_row(h: Hit, info: QueryInfo, unit: str) -> dict:
+def _hit_row(h: Hit, info: QueryInfo, unit: str, estimate: str | None) -> dict:
     """A hit as a flat record: what the query asked, then the hit (one JSON object per line)."""
     row = {
         "query_id": h.query_id,
@@ -134,8 +134,10 @@ def _hit_row(h: Hit, info: QueryInfo, unit: str) -> dict:
         "unit": unit,
         "text": h.text,
     }
-    if h.refined is not None:
-        row["refined_score"] = h.refined
+    if estimate is not None:
+        row["estimate"] = estimate
+    for _, key, value in _extras([h]):
+        row[key] = value(h)
     if h.tokens is not None:
         row["tokens"] = [[piece, value] for piece, value in h.tokens]
     return row
@@ -144,7 +146,23 @@ def _hit_row(h: Hit, info: QueryInfo, unit: str) -> dict:
 def topk_records(result: Topk, unit: str) -> list[dict]:
     """The flat records of `infl topk --format json` (and of the Python API's `topk`)."""
     info = {q.query_id: q for q in result.queries}
-    return [_hit_row(h, info[h.query_id], unit) for h in result.hits]
+    return [_hit_row(h, info[h.query_id], unit, result.estimate) for h in result.hits]
+
+
+def _extras(hits: list[Hit]) -> list[tuple[str, str, Callable[[Hit], float | None]]]:
+    """The optional number columns of a topk answer, (title, record key, a hit's value): the
+    full-rank scores of --refine, the standard errors of estimated scores."""
+    out = []
+    if any(h.refined is not None for h in hits):
+        out.append(("full rank", "refined_score", lambda h: h.refined))
+    if any(h.stderr is not None for h in hits):
+        out.append(("± s.e.", "standard_error", lambda h: h.stderr))
+    return out
+
+
+def _estimate_line(result: Topk) -> str:
+    """Said under every topk answer made of estimates, in every format but JSON (a field there)."""
+    return f"Estimates: {_id(result.estimate)}; exact values: infl topk --refine N" if result.estimate else ""
 
 
 # Token shading: a token's influence relative to the largest |influence| among its sequence's tokens.
@@ -261,7 +279,7 @@ def _topk_jsonl(result: Topk, unit: str) -> str:
 def _topk_csv(result: Topk, unit: str) -> str:
     out = io.StringIO()
     writer = csv.writer(out)
-    refined = any(h.refined is not None for h in result.hits)
+    extras = _extras(result.hits)
     writer.writerow(
         [
             "query_id",
@@ -269,7 +287,7 @@ def _topk_csv(result: Topk, unit: str) -> str:
             "train_id",
             f"influence [{unit}]",
             "share of same-sign total",
-            *([f"full-rank influence [{unit}]"] if refined else []),
+            *(f"{title} [{unit}]" for title, _, _ in extras),
             "text",
         ]
     )
@@ -281,31 +299,36 @@ def _topk_csv(result: Topk, unit: str) -> str:
                 csv_cell(h.train_id),
                 f"{h.score:.6g}",
                 "" if h.share != h.share else f"{h.share:.6g}",
-                *([f"{h.refined:.6g}"] if refined else []),
+                *(f"{value(h):.6g}" for _, _, value in extras),
                 csv_cell(h.text),
             ]
         )
+    if result.estimate:
+        writer.writerow([csv_cell(_estimate_line(result))])
     return out.getvalue()
 
 
-def _numbers(hits: list[Hit]) -> tuple:
-    """The formats of the influence and full-rank columns of one query's table."""
-    return column_format([h.score for h in hits]), column_format([h.refined for h in hits])
+def _numbers(hits: list[Hit]) -> tuple[Callable[[float], str], list[tuple[str, Callable[[Hit], str]]]]:
+    """One query's influence format, and its optional columns: (title, a hit's cell)."""
+    extras = []
+    for title, _, value in _extras(hits):
+        fmt = column_format([value(h) for h in hits])
+        extras.append((title, lambda h, fmt=fmt, value=value: fmt(value(h))))
+    return column_format([h.score for h in hits]), extras
 
 
 def _topk_markdown(result: Topk, unit: str) -> str:
-    refined = any(h.refined is not None for h in result.hits)
-    out = []
+    out = [f"**{_markdown(_estimate_line(result))}.**\n"] if result.estimate else []
     for info in result.queries:
         hits = result.of(info.query_id)
-        score, full = _numbers(hits)
-        head = f"influence ({unit}) | share" + (" | full rank" if refined else "")
+        score, extras = _numbers(hits)
+        head = f"influence ({unit}) | share" + "".join(f" | {title}" for title, _ in extras)
         out.append(
             f"### {_markdown(_id(info.query_id))}\n\n{_markdown(_query_line(info))}\n\n"
-            f"| rank | train id | {head} | text |\n|---:|---|---:|---:|{'---:|' if refined else ''}---|"
+            f"| rank | train id | {head} | text |\n|---:|---|---:|---:|{'---:|' * len(extras)}---|"
         )
         for h in hits:
-            number = f"{score(h.score)} | {percent(h.share)}" + (f" | {full(h.refined)}" if refined else "")
+            number = f"{score(h.score)} | {percent(h.share)}" + "".join(f" | {cell(h)}" for _, cell in extras)
             text = _html_tokens(h.tokens).replace("|", "&#124;") if h.tokens else _markdown(_preview(h.text))
             out.append(f"| {h.rank} | {_markdown(_id(h.train_id))} | {number} | {text.replace(chr(10), ' ')} |")
         out.append("")
@@ -316,15 +339,18 @@ def _topk_markdown(result: Topk, unit: str) -> str:
 
 
 def _topk_html(result: Topk, unit: str) -> str:
-    refined = any(h.refined is not None for h in result.hits)
     out = ["<!doctype html><meta charset='utf-8'><body style='font-family:sans-serif'>"]
+    if result.estimate:
+        out.append(f"<p><b>{html.escape(_estimate_line(result))}.</b></p>")
     for info in result.queries:
         hits = result.of(info.query_id)
-        score, full = _numbers(hits)
+        score, extras = _numbers(hits)
         out.append(
             f"<h3>{html.escape(info.query_id)}</h3><p>{html.escape(_query_line(info))}</p>"
             "<table border='1' cellpadding='4'><tr><th>rank</th><th>train id</th>"
-            f"<th>influence ({html.escape(unit)})</th><th>share</th>{'<th>full rank</th>' if refined else ''}<th>text</th></tr>"
+            f"<th>influence ({html.escape(unit)})</th><th>share</th>"
+            + "".join(f"<th>{html.escape(title)}</th>" for title, _ in extras)
+            + "<th>text</th></tr>"
         )
         for h in hits:
             cells = [
@@ -332,7 +358,7 @@ def _topk_html(result: Topk, unit: str) -> str:
                 html.escape(h.train_id),
                 score(h.score),
                 percent(h.share),
-                *([full(h.refined)] if refined else []),
+                *(cell(h) for _, cell in extras),
                 _html_tokens(h.tokens) if h.tokens else html.escape(h.text),
             ]
             out.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
@@ -344,29 +370,29 @@ def _topk_html(result: Topk, unit: str) -> str:
 
 
 def _topk_table(result: Topk, unit: str) -> str:
-    refined = any(h.refined is not None for h in result.hits)
     tokens = any(h.tokens for h in result.hits)
     screen = Console()
     colours = screen.color_system if screen.is_terminal else None
-    out = []
+    out = [Text(_estimate_line(result), style="bold yellow")] if result.estimate else []
     for info in result.queries:
         hits = result.of(info.query_id)
-        score, full = _numbers(hits)
+        score, extras = _numbers(hits)
         out.append(Text(_query_line(info), style="bold"))
         table = Table(show_lines=tokens)
         table.add_column("rank", justify="right")
         table.add_column("train id", overflow="fold")
         table.add_column("influence", justify="right")
         table.add_column("share", justify="right")
-        if refined:
-            table.add_column("full rank", justify="right")
+        for title, _ in extras:
+            table.add_column(title, justify="right")
         table.add_column("text", overflow="fold", ratio=1)
         for h in hits:
-            numbers = [score(h.score), percent(h.share)] + ([full(h.refined)] if refined else [])
             table.add_row(
                 str(h.rank),
                 Text(_id(h.train_id)),
-                *numbers,
+                score(h.score),
+                percent(h.share),
+                *(cell(h) for _, cell in extras),
                 _rich_tokens(h.tokens, colours) if h.tokens else Text(_preview(h.text)),
             )
         out.append(table)

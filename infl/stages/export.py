@@ -49,12 +49,15 @@ def run(cfg: ExportConfig, unit: str) -> Exported:
     writer = WRITERS[cfg.format](cfg.out)
     _check_free(writer.outputs, cfg.force)  # before any work: a refusal costs nothing
     scores = ScoresArtifact.open(cfg.scores)
+    if scores.estimate is not None:  # in every file's unit (CSV headers, metadata) and in the message
+        unit = f"{unit}, estimates (one standard error each: infl.open_scores(...).standard_error)"
     exported = Exported(cfg.out, scores.n_sequences, scores.query_ids(), scores.modules if cfg.per_module else [], unit)
     provenance = {
         "scores": str(cfg.scores.absolute()),
         "fingerprint": scores.fingerprint,
         "unit": unit,
         "train_size": cfg.train_size,
+        "estimate": scores.estimate,  # None: exact scores
     }
     N, C = scores.n_sequences, scores.config["chunk_size"]
     cfg.out.parent.mkdir(parents=True, exist_ok=True)

@@ -248,7 +248,7 @@ class _Fit:
 
         if not self.g.from_main(prepare):
             return None
-        bases = {name: {k: factors[name][k] for k in ("Q_A", "Q_S")} for name in self.rt.modules}
+        bases = {name: {k: factors[name][k] for k in ("Q_A", "Q_S", "eig_A", "eig_S")} for name in self.rt.modules}
         return index_rows.IndexRows(IndexArtifact.open_for_writing(cfg.out), bases, self.rt.device, cfg.index_dtype)
 
     def _factors_so_far(self, part: list[ModuleSpec]) -> dict[str, dict[str, torch.Tensor]]:
@@ -303,7 +303,9 @@ class _Fit:
 
         def consume_data(batch, module, a, s):
             values = index.compress[module](a, s).float().cpu()
-            rows.setdefault(module, torch.zeros(hi - lo, values.shape[1]))[batch] = values
+            if module not in rows:
+                rows[module] = torch.zeros(hi - lo, values.shape[1])
+            rows[module][batch] = values
 
         with progress() as bar, tap(rt.model, part) as tapped:
             task = bar.add_task(label, total=sum(hi - lo for lo, hi in mine))

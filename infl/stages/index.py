@@ -2,7 +2,8 @@
 sequence, so that `score --index` answers new queries without the model or another corpus pass.
 
 Per module the index keeps the K coordinates of Q_S^T DW_z Q_A with the largest K-FAC eigenvalues
-(the same coordinates for every sequence, see infl.indexing), float16 with a scale per sequence.
+exactly (the same coordinates for every sequence; none by default), and a 4-bit sketch of the
+rest within --index-bytes, from which scores are unbiased estimates (see infl.indexing).
 Gradients use the data labels, as `score` does. Ranks take disjoint chunks; a chunk's rows are
 written before its `done` bit, so a killed run resumes where it stopped with the same rows, and
 new corpus shards add rows to a finished index.
@@ -111,8 +112,9 @@ class Index(base.WritingStage):
         corpus = self.planned_corpus or self._corpus(plan.corpus, rt.tokenizer, plan.max_length)
         growth.check_unchanged(corpus, plan.shards)
         factors = FactorsArtifact.open(cfg.factors)
+        arrays = ("Q_A", "Q_S", "eig_A", "eig_S")
         bases = {
-            name: {k: torch.from_numpy(v).to(device) for k, v in factors.read_module(name, ("Q_A", "Q_S")).items()}
+            name: {k: torch.from_numpy(v).to(device) for k, v in factors.read_module(name, arrays).items()}
             for name in plan.modules
         }
         rows = index_rows.IndexRows(IndexArtifact.open_for_writing(cfg.out), bases, device, cfg.index_dtype)

@@ -5,10 +5,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["COMPRESSION", "index_identity", "index_layout", "IndexRows"]
+__all__ = ["COMPRESSION", "index_identity", "index_layout", "module_sketch", "IndexRows"]
 
 # how the index compresses, recorded in its provenance and in that of the scores made from it
-COMPRESSION = "top-eigen: the K coordinates of Q_S^T DW Q_A with the largest K-FAC eigenvalues, scaled per sequence"
+COMPRESSION = (
+    "head + sketch: Q_S^T DW Q_A exactly at the K coordinates with the largest K-FAC eigenvalues, "
+    "and a 4-bit CountSketch of the rest, whitened by the K-FAC eigenvalues (unbiased)"
+)
+SKETCH_SEED = 0  # recorded in the index; the hashes are plain integer arithmetic (infl.indexing)
 
 
 def index_identity(cfg, factors_attrs: dict, model_dir: Path):
@@ -33,6 +37,7 @@ def index_identity(cfg, factors_attrs: dict, model_dir: Path):
         # may differ in sign or within near-equal eigenvalues, and the index lives in that basis
         "factors_uid": factors_attrs["uid"],
         "compression": COMPRESSION,
+        "sketch_seed": SKETCH_SEED,
         "max_length": max_length,
         "dtype": fprov["dtype"],
     }
@@ -40,45 +45,86 @@ def index_identity(cfg, factors_attrs: dict, model_dir: Path):
 
 
 def index_layout(cfg, eigenvalues: dict[str, dict], corpus):
-    """The index's shape (an IndexLayout): per module the coordinates of its largest eig_S x eig_A
-    (`eigenvalues`: name -> {"eig_S", "eig_A"} tensors), a row per sequence."""
+    """The index's shape (an IndexLayout): per module its head, the coordinates of its largest
+    eig_S x eig_A (`eigenvalues`: name -> {"eig_S", "eig_A"} tensors), and its sketch's buckets
+    within --index-bytes; a row per sequence."""
+    import numpy as np
+
     from infl import indexing
     from infl.artifacts.index import IndexLayout
+    from infl.errors import BadInput
 
-    coordinates = {}
+    heads = {}
     for name, eig in eigenvalues.items():
         k = eig["eig_S"].numel() * eig["eig_A"].numel() if cfg.index_dim is None else cfg.index_dim
-        coordinates[name] = indexing.index_coordinates(eig["eig_S"], eig["eig_A"], k).cpu().numpy()
-    return IndexLayout(list(eigenvalues), coordinates, corpus.ids, corpus.locators, cfg.chunk_size, cfg.index_dtype)
+        heads[name] = indexing.index_coordinates(eig["eig_S"], eig["eig_A"], k).cpu()
+    try:
+        sizes = indexing.sketch_sizes(
+            {name: (eig["eig_S"].cpu(), eig["eig_A"].cpu()) for name, eig in eigenvalues.items()},
+            heads,
+            cfg.index_bytes,
+            np.dtype(cfg.index_dtype).itemsize,
+        )
+    except ValueError as e:
+        raise BadInput(str(e), hint="raise --index-bytes, or lower --index-dim") from None
+    return IndexLayout(
+        list(eigenvalues),
+        {name: head.numpy() for name, head in heads.items()},
+        sizes,
+        corpus.ids,
+        corpus.locators,
+        cfg.chunk_size,
+        cfg.index_dtype,
+    )
+
+
+def module_sketch(art, name: str, eig_S, eig_A):
+    """The indexing.ModuleSketch of module `name` of the index `art` (an IndexArtifact), from the
+    eigenvalues of the factors it was built with."""
+    import torch
+
+    from infl import indexing
+
+    head = torch.from_numpy(art.coordinates(name))
+    seed, position = art.provenance["sketch_seed"], art.modules.index(name)
+    return indexing.module_sketch(eig_S, eig_A, head, art.sketch_size(name), seed, position)
 
 
 class IndexRows:
     """The compression of one rank's chunks into index rows (`compress`), and their commit."""
 
-    def __init__(self, art, bases: dict[str, dict], device: str, dtype: str):
+    def __init__(self, art, factors: dict[str, dict], device: str, dtype: str):
+        """`factors`: name -> {"Q_A", "Q_S", "eig_A", "eig_S"} tensors of the fit the index is in."""
         import torch
 
         from infl import indexing
 
         self.art, self.dtype = art, getattr(torch, dtype)
-        self.compress = {}
-        for name, Q in bases.items():
-            flat = torch.from_numpy(art.coordinates(name)).to(device)
-            self.compress[name] = lambda a, s, Q=Q, flat=flat: indexing.eigen_coordinates(
-                a, s, Q["Q_A"], Q["Q_S"], flat
-            )
+        self.compress, self.sketches = {}, {}
+        for name, f in factors.items():
+            sketch = module_sketch(art, name, f["eig_S"].cpu(), f["eig_A"].cpu())
+            self.sketches[name] = sketch
+            self.compress[name] = lambda a, s, f=f, sketch=sketch: indexing.index_rows(a, s, f["Q_A"], f["Q_S"], sketch)
 
     def write(self, c: int, rows: dict, ids: list[str]) -> None:
-        """Chunk c's rows (name -> [n, K] float32 tensors): checked finite, encoded, written, marked done."""
+        """Chunk c's rows (name -> [n, K + m] float32 tensors, head then sketch): checked finite,
+        encoded, written, marked done."""
         import torch
 
         from infl import indexing
         from infl.errors import BadInput
 
         for name, values in rows.items():
-            bad = (~torch.isfinite(values)).any(1).nonzero().flatten()
+            bad = (~torch.isfinite(values.sum(1))).nonzero().flatten()  # a NaN or inf in a row reaches its sum
             if len(bad):
                 raise BadInput(f"non-finite gradient for training sequence {ids[int(bad[0])]!r} in module {name}")
-        self.art.write_chunk(
-            c, {name: tuple(t.numpy() for t in indexing.encode(values, self.dtype)) for name, values in rows.items()}
-        )
+        C = self.art.config["chunk_size"]
+        places = torch.arange(c * C, c * C + len(next(iter(rows.values()))))  # the rows' places in the index
+        encoded = {}
+        for name, values in rows.items():
+            sketch = self.sketches[name]
+            head, tail = values[:, : len(sketch.head)], values[:, len(sketch.head) :]
+            head = indexing.encode(head, self.dtype) if len(sketch.head) else (None, None)
+            tail = indexing.quantize(tail, places, sketch.seed, sketch.position) if sketch.m else (None, None)
+            encoded[name] = tuple(None if x is None else x.numpy() for x in (*head, *tail))
+        self.art.write_chunk(c, encoded)

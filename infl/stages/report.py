@@ -75,6 +75,7 @@ def run(cfg: ReportConfig, unit: str) -> Path:
         ("queries", f"{queries.path}: {len(queries.ids())} queries, rank {queries.config.get('rank')}"),
         ("corpus scored", ", ".join(f"{s['path']} ({s['n_records']} records)" for s in scores.provenance["corpus"])),
         ("max length", f"{scores.provenance['max_length']} tokens, model in {scores.provenance['dtype']}"),
+        ("values", "exact" if scores.estimate is None else f"{scores.estimate}; exact values: infl topk --refine N"),
     ]
     html = page.render_page(
         {

@@ -29,7 +29,7 @@ from infl.driver import Group, Outcome
 from infl.driver import run as drive
 from infl.errors import BadInput, IncompatibleArtifact
 from infl.runtime import Runtime
-from infl.stages import base, growth, loaders
+from infl.stages import base, growth, index_rows, loaders
 
 __all__ = ["run", "Score"]
 
@@ -86,7 +86,12 @@ class Score(base.WritingStage):
         max_length = provenance["max_length"]
         config = semantic_fields(cfg)
         if index is not None:  # the corpus was read as the index read it
-            config.update({k: index.config[k] for k in ("split", "text_field", "id_field", "index_dim", "index_dtype")})
+            config.update(
+                {
+                    k: index.config[k]
+                    for k in ("split", "text_field", "id_field", "index_dim", "index_bytes", "index_dtype")
+                }
+            )
         identity = Identity(ScoresArtifact, config, provenance)  # all but what may grow: shards, query blocks
         old = ScoresArtifact.grown_from(cfg.out, identity.base_fingerprint, cfg.force)
         grown = {"query_blocks": blocks}
@@ -106,8 +111,17 @@ class Score(base.WritingStage):
         if not cfg.self_influence:
             grown["queries_fingerprint"] = source.fingerprint
         attrs = identity.grown(**grown).attrs
+        estimate = index is not None and any(index.sketch_size(name) for name in index.modules)
         layout = Layout(
-            query_ids, blocks, source.modules, corpus.ids, corpus.locators, cfg.chunk_size, cfg.per_token, max_length
+            query_ids,
+            blocks,
+            source.modules,
+            corpus.ids,
+            corpus.locators,
+            cfg.chunk_size,
+            cfg.per_token,
+            max_length,
+            estimate,
         )
         art = ScoresArtifact.prepare(cfg.out, attrs, old, layout, cfg.force)
         if art is None:
@@ -206,7 +220,7 @@ class Score(base.WritingStage):
             for c, todo in mine:
                 lo, hi = c * C, min((c + 1) * C, N)
                 rows = [q for b in todo for q in range(blocks[b], blocks[b + 1])]
-                block, terms = scorer.scores(todo, rows, lo, hi, lambda n: bar.advance(task, n))
+                block, terms, stderr = scorer.scores(todo, rows, lo, hi, lambda n: bar.advance(task, n))
                 _check_finite(block, scorer.ids(lo, hi))  # [M, rows, hi - lo], [rows, hi - lo, T_batch]
                 at = 0
                 for b in todo:
@@ -214,7 +228,12 @@ class Score(base.WritingStage):
                     at = part.stop
                     cell = block[:, part]  # [M, q, n]
                     art.write_cell(
-                        b, c, cell.numpy(), cell.sum(0).numpy(), terms[part].numpy() if cfg.per_token else None
+                        b,
+                        c,
+                        cell.numpy(),
+                        cell.sum(0).numpy(),
+                        terms[part].numpy() if cfg.per_token else None,
+                        None if stderr is None else stderr[part].numpy(),
                     )
 
     def publish(self, plan: ScorePlan, results: list) -> Outcome:
@@ -246,13 +265,14 @@ class _FromModel:
     def ids(self, lo: int, hi: int) -> list[str]:
         return self.corpus.ids[lo:hi]
 
-    def scores(self, todo, rows, lo, hi, advance) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def scores(self, todo, rows, lo, hi, advance) -> tuple[torch.Tensor, torch.Tensor | None, None]:
+        """Per-module scores [M, q, n], per-token terms (or None), and no standard errors: exact."""
         tokens = self.corpus.tokens[lo:hi]
         if self.cfg.self_influence:
-            return engine.self_influence(self.rt, self.curv, tokens, advance)
+            return (*engine.self_influence(self.rt, self.curv, tokens, advance), None)
         if todo not in self.banks:
             self.banks[todo] = self._bank(rows)
-        return engine.score_sequences(self.rt, self.banks[todo], tokens, self.cfg.per_token, advance)
+        return (*engine.score_sequences(self.rt, self.banks[todo], tokens, self.cfg.per_token, advance), None)
 
     def _bank(self, rows: list[int]):
         """The queries of `rows`, low-rank ones expanded within 1 GiB or what --memory-budget leaves."""
@@ -275,47 +295,64 @@ class _FromModel:
 
 
 class _FromIndex:
-    """Scores of a chunk from the index rows of its sequences: one matrix product per module, with
-    the queries moved to the index's coordinates (c_q = Q_S^T P_q Q_A there); no model."""
+    """Scores of a chunk from the index rows of its sequences, no model: per module the exact head,
+    c_q at the head's coordinates times the stored values, plus the sketched tail's unbiased
+    estimate, <S(c_q w), S(g_z / w)> (see infl.indexing), with c_q = Q_S^T P_q Q_A in the index's
+    eigenbases."""
 
     def __init__(self, cfg: ScoreConfig, device: str):
         self.index, self.device = IndexArtifact.open(cfg.index), device
         self.queries = QueriesArtifact.open(cfg.queries)
         factors = self.index.factors()  # c_q must be taken in the index's own eigenbases
-        self.bases = {
-            name: {k: torch.from_numpy(v).to(device) for k, v in factors.read_module(name, ("Q_A", "Q_S")).items()}
-            for name in self.queries.modules
-        }
-        self.flat = {name: torch.from_numpy(self.index.coordinates(name)).to(device) for name in self.queries.modules}
-        self.banks: dict[tuple[int, ...], dict[str, torch.Tensor]] = {}
+        self.bases, self.sketches = {}, {}
+        for name in self.queries.modules:
+            f = {k: torch.from_numpy(v) for k, v in factors.read_module(name, ("Q_A", "Q_S", "eig_A", "eig_S")).items()}
+            self.bases[name] = {k: f[k].to(device) for k in ("Q_A", "Q_S")}
+            self.sketches[name] = index_rows.module_sketch(self.index, name, f["eig_S"], f["eig_A"])
+        self.banks: dict[tuple[int, ...], dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
 
     def ids(self, lo: int, hi: int) -> list[str]:
         return self.index.train_ids(np.arange(lo, hi))
 
-    def _bank(self, rows: list[int]) -> dict[str, torch.Tensor]:
+    def bank(self, rows: list[int]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Per module the queries' head coordinates [Q, K] and sketched tail [Q, m]."""
         bank = {}
         for name in self.queries.modules:
             stored = {
                 k: torch.from_numpy(v).to(self.device) for k, v in self.queries.preconditioned(name, rows).items()
             }
-            Q, flat = self.bases[name], self.flat[name]
+            Q, sketch = self.bases[name], self.sketches[name]
+            every = torch.arange(len(sketch.bucket), device=self.device)
             if "P" in stored:
-                bank[name] = indexing.query_coordinates(stored["P"], Q["Q_A"], Q["Q_S"], flat)
+                c = indexing.query_coordinates(stored["P"], Q["Q_A"], Q["Q_S"], every)
             else:
-                bank[name] = indexing.low_rank_query_coordinates(
-                    stored["U"], stored["sigma"], stored["V"], Q["Q_A"], Q["Q_S"], flat
+                c = indexing.low_rank_query_coordinates(
+                    stored["U"], stored["sigma"], stored["V"], Q["Q_A"], Q["Q_S"], every
                 )
+            tail = indexing.sketch_queries(c.float(), sketch) if sketch.m else None
+            bank[name] = (c[:, sketch.head.to(self.device)].float(), tail)
         return bank
 
-    def scores(self, todo, rows, lo, hi, advance) -> tuple[torch.Tensor, None]:
+    def scores(self, todo, rows, lo, hi, advance) -> tuple[torch.Tensor, None, torch.Tensor | None]:
+        """Per-module scores [M, q, n], no per-token terms, and each total's standard error
+        [q, n] (None when no module is sketched: exact scores)."""
         if todo not in self.banks:
-            self.banks[todo] = self._bank(rows)
-        out = []
-        for name, c in self.banks[todo].items():
-            values, scale = (torch.from_numpy(x).to(self.device) for x in self.index.rows(name, lo, hi))
-            out.append(indexing.index_scores(c.float(), values, scale).cpu())
+            self.banks[todo] = self.bank(rows)
+        out, variance = [], None
+        for name, (head, tail) in self.banks[todo].items():
+            stored = {k: torch.from_numpy(x).to(self.device) for k, x in self.index.rows(name, lo, hi).items()}
+            total = torch.zeros(head.shape[0], hi - lo, device=self.device)
+            if "values" in stored:
+                total += indexing.index_scores(head, stored["values"], stored["scale"])
+            if tail is not None:
+                scores, more = indexing.sketch_scores(
+                    tail, indexing.dequantize(stored["sketch"], stored["sketch_scale"])
+                )
+                total += scores
+                variance = more if variance is None else variance + more  # independent sketches: variances add
+            out.append(total.cpu())
         advance(hi - lo)
-        return torch.stack(out), None
+        return torch.stack(out), None, None if variance is None else variance.sqrt().cpu()
 
 
 def _check_finite(block: torch.Tensor, ids: list[str]) -> None:

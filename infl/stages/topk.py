@@ -107,6 +107,8 @@ def run(cfg: TopkConfig) -> Topk:
             full = dict(zip(candidates[row][0].tolist(), refined[row].tolist()))
         top = top[: cfg.k]
         texts = texts_of(scores, top) if cfg.text else [""] * len(top)
+        errors = scores.stderr(row, np.sort(top))
+        stderr = {} if errors is None else dict(zip(np.sort(top).tolist(), errors.tolist()))
         for rank, (i, train_id, text) in enumerate(zip(top.tolist(), scores.train_ids(top), texts), 1):
             score = float(totals[i]) * scale
             hits.append(
@@ -119,9 +121,11 @@ def run(cfg: TopkConfig) -> Topk:
                     text,
                     share=share_of(score, info.positive_total, info.negative_total),
                     refined=full[i] * scale if cfg.refine else None,
+                    stderr=stderr[i] * scale if i in stderr else None,
                 )
             )
-    return Topk(infos, _with_tokens(scores, hits, rows, scale, model) if cfg.tokens else hits)
+    hits = _with_tokens(scores, hits, rows, scale, model) if cfg.tokens else hits
+    return Topk(infos, hits, scores.estimate)
 
 
 def _asked(scores: ScoresArtifact) -> dict[str, tuple[str, str, float]]:
