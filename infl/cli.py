@@ -29,6 +29,7 @@ import yaml
 from typer.core import TyperGroup
 
 from infl import config as options
+from infl import outputs
 from infl.config import (
     CandidatesConfig,
     CompareConfig,
@@ -487,7 +488,7 @@ def plan(cfg: PlanConfig, format: str) -> None:
 
     def call():
         planned = stage.run(cfg)
-        sys.stdout.write(json.dumps(planned, indent=1) + "\n" if format == "json" else render_plan(planned))
+        outputs.show(json.dumps(planned, indent=1) + "\n" if format == "json" else render_plan(planned))
 
     _finish(call, False, every_rank=False)
 
@@ -528,7 +529,7 @@ def _answer(result, render, unit: str, png: Optional[Path], figure: str) -> None
         from infl.report import figures
 
         write_file(png, getattr(figures, figure)(result, unit), PNG_MARKER, None, "--png")
-    sys.stdout.write(render(result, unit))
+    outputs.show(render(result, unit))
 
 
 @_command("topk", TopkConfig, _format(FORMATS["topk"]), _QUIET, _CONFIG)
@@ -543,7 +544,7 @@ def topk(cfg: TopkConfig, format: str, quiet: bool) -> None:
     from infl.stages import topk as stage
 
     def call():
-        sys.stdout.write(TOPK[format](stage.run(cfg), _unit(cfg.train_size)))
+        outputs.show(TOPK[format](stage.run(cfg), _unit(cfg.train_size)))
 
     _finish(call, quiet, every_rank=False)
 
@@ -590,7 +591,7 @@ def report_command(cfg: ReportConfig, quiet: bool) -> None:
     from infl.stages import report as stage
 
     def call():
-        typer.echo(stage.run(cfg, _unit(cfg.train_size)))  # the page's path: the command's result
+        outputs.show(f"{stage.run(cfg, _unit(cfg.train_size))}\n")  # the page's path: the command's result
 
     _finish(call, quiet, every_rank=False)
 
@@ -630,7 +631,7 @@ def sparsity_command(cfg: SparsityConfig, format: str, quiet: bool) -> None:
 
     def call():
         unit = _unit(cfg.train_size)
-        sys.stdout.write(SPARSITY[format](stage.run(cfg, unit), unit))
+        outputs.show(SPARSITY[format](stage.run(cfg, unit), unit))
 
     _finish(call, quiet, every_rank=False)
 
@@ -687,7 +688,7 @@ def info(artifact: Path, format: str) -> None:
 
     def call():
         described = stage.run(artifact)
-        sys.stdout.write(json.dumps(described, indent=1) + "\n" if format == "json" else render_info(described))
+        outputs.show(json.dumps(described, indent=1) + "\n" if format == "json" else render_info(described))
 
     _finish(call, False, every_rank=False)
 
@@ -726,7 +727,7 @@ def verify(artifact: Path, format: str, quiet: bool) -> None:
         if not report.bad:
             lines.append(f"{artifact}: sound ({report.checked} arrays checked, every chunk against its checksum)")
         if not quiet:
-            sys.stdout.write(
+            outputs.show(
                 json.dumps(asdict(report), indent=1) + "\n" if format == "json" else "".join(f"{x}\n" for x in lines)
             )
         if report.bad:

@@ -17,6 +17,8 @@ from rich.progress import (
 )
 from rich.text import Text
 
+from infl.outputs import printable
+
 __all__ = ["err", "is_main_process", "progress", "set_quiet", "set_json_logs", "log", "log_error"]
 
 err = Console(stderr=True, soft_wrap=True)
@@ -55,7 +57,8 @@ def log(message: str) -> None:
     if _json:
         _emit("info", message)
     else:
-        err.print(Text(message), highlight=False)  # a Text: paths and ids are shown as written, never as markup
+        # a Text: paths and ids are shown as written, never as markup, control characters escaped
+        err.print(Text(printable(message)), highlight=False)
 
 
 def log_error(message: str, hint: str = "", exit_code: int = 1) -> None:
@@ -65,9 +68,9 @@ def log_error(message: str, hint: str = "", exit_code: int = 1) -> None:
     if _json:
         _emit("error", message, hint=hint, exit_code=exit_code)
         return
-    err.print(Text.assemble(("error:", "red"), " ", message), highlight=False)
+    err.print(Text.assemble(("error:", "red"), " ", printable(message)), highlight=False)
     if hint:
-        err.print(Text(f"hint: {hint}", style="dim"), highlight=False)
+        err.print(Text(f"hint: {printable(hint)}", style="dim"), highlight=False)
 
 
 def progress() -> Progress:

@@ -2,16 +2,45 @@
 whole to a temporary file in its folder and renamed into place, so a failure leaves nothing behind;
 never through a symbolic link, never into an artifact, and never over a file infl did not make
 (each kind of file carries a marker of its maker: a PNG's Software text, the page's generator tag)
-unless --force. A directory where a file is expected and a missing folder are one line each."""
+unless --force. A directory where a file is expected and a missing folder are one line each.
+
+And text from data (training texts, ids, queries, paths) reaches no terminal, file or log with a raw
+control character in it: `printable` is the one escaping function, applied where text leaves infl
+(`show` for what commands print, `infl.report.as_text` for tables, `infl.console` for logs and
+errors, the report page's template, `csv_cell`)."""
 
 from __future__ import annotations
 
 import os
+import re
+import sys
 from pathlib import Path
 
 from infl.errors import BadInput
 
-__all__ = ["PNG_MARKER", "HTML_MARKER", "write_file", "check_folder", "store_around"]
+__all__ = ["PNG_MARKER", "HTML_MARKER", "printable", "show", "write_file", "check_folder", "store_around"]
+
+# Unicode's control characters (category Cc): C0, DEL and C1 (0x9b is a terminal's CSI on its own)
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
+def printable(text: str, keep: str = "") -> str:
+    """`text` with every control character but those in `keep` written as its escape \\u00XX (ESC as
+    \\u001b), which is also valid inside a JSON string: nothing in it can move a cursor, clear a
+    screen, retitle a window or ring a bell."""
+    return _CONTROL.sub(lambda m: m.group() if m.group() in keep else f"\\u{ord(m.group()):04x}", text)
+
+
+class Rendered(str):
+    """Text that infl.report.as_text rendered, its data already escaped segment by segment (it may
+    hold the terminal styles rich writes, which `show` must leave alone)."""
+
+
+def show(text: str) -> None:
+    """Print a command's result on stdout: lines of text, data escaped by `printable` (newlines,
+    and CSV's carriage returns, kept), unless it was rendered by infl.report.as_text."""
+    sys.stdout.write(text if isinstance(text, Rendered) else printable(text, keep="\n\r"))
+
 
 PNG_MARKER = b"Software\x00infl"  # the tEXt chunk figures write (savefig metadata)
 HTML_MARKER = b'<meta name="generator" content="infl">'

@@ -496,3 +496,82 @@ def test_a_non_finite_query_gradient_is_one_line_naming_the_query(workdir, tmp_p
     message = single_error(infl(*args, "--batch-size", "2", "--quiet"), 1, "text")
     assert re.search(r"query '.+': non-finite gradient", message), message
     assert not (tmp_path / "q.zarr" / "COMPLETE.json").exists()
+
+
+# ESC sequences that clear the screen and home the cursor, retitle a window (ended by BEL), and a
+# C1 CSI (0x9b) that some terminals read as ESC [
+HOSTILE = "\x1b[2J\x1b[H\x1b]0;owned\x07\x9b31m"
+
+
+def _raw_controls(text: str) -> set[str]:
+    """Control characters other than a newline (and CSV's carriage return)."""
+    return {c for c in text if (c < " " or "\x7f" <= c <= "\x9f") and c not in "\n\r"}
+
+
+def test_no_control_character_from_data_reaches_any_output(workdir, tmp_path):
+    """Every command that prints or writes text, run on a corpus and queries whose ids, texts and
+    paths carry terminal control sequences: none reaches stdout, stderr, or a written text file.
+    A command added to the CLI fails this test until it is run here."""
+    import infl.cli as cli
+
+    folder = tmp_path / f"d{HOSTILE}"
+    folder.mkdir()
+    corpus = write_jsonl(
+        folder / "c.jsonl", [{"id": f"s{i}{HOSTILE}", "text": HOSTILE + t} for i, t in enumerate(SENTENCES)]
+    )
+    queries = write_jsonl(
+        folder / "q.jsonl",
+        [{**q, "id": f"{q['id']}{HOSTILE}", "prompt": HOSTILE + q["prompt"]} for q in QUERIES[:2]],
+    )
+    scores = pipeline(workdir / "gpt2", corpus, queries, folder)
+    q0 = f"{QUERIES[0]['id']}{HOSTILE}"
+    runs = {
+        "fit-factors": [["fit-factors", "--model", workdir / "gpt2", "--corpus", corpus, "--out", folder / "f.zarr"]],
+        "build-query": [
+            ["build-query", "--factors", folder / "f.zarr", "--queries", queries, "--out", folder / "q.zarr"]
+        ],
+        "score": [["score", "--queries", folder / "q.zarr", "--corpus", corpus, "--out", scores]],
+        "plan": [["plan", "--model", workdir / "gpt2"]],
+        "index": [["index", "--factors", folder / "f.zarr", "--corpus", corpus, "--out", folder / "i.zarr"]],
+        "candidates": [
+            [
+                "candidates",
+                "--model",
+                workdir / "gpt2",
+                "--queries",
+                queries,
+                "--corpus",
+                corpus,
+                "--out",
+                folder / "c.zarr",
+                "--top",
+                "3",
+            ]
+        ],
+        "topk": [
+            ["topk", "--scores", scores, "-k", "3", "--format", fmt, *extra]
+            for fmt in ("table", "json", "jsonl", "csv", "markdown", "html")
+            for extra in ([], ["--tokens"])
+        ],
+        "layerwise": [["layerwise", "--scores", scores, "-k", "3", "--format", f] for f in ("table", "json", "csv")],
+        "compare": [
+            ["compare", "--scores", scores, "-k", "3", "--top-of", q0, "--format", f] for f in ("table", "csv")
+        ],
+        "sparsity": [["sparsity", "--scores", scores, "--tail", "10", "--format", f] for f in ("table", "json")],
+        "report": [["report", "--scores", scores, "--out", folder / "r.html", "-k", "2"]],
+        "export": [["export", "--scores", scores, "--out", folder / f"e.{f}"] for f in ("csv", "npy")],
+        "make-demo": [["make-demo", "--out", corpus, "--size", "test"]],  # a file, not a folder: one line naming it
+        "info": [["info", p] for p in (folder / "f.zarr", folder / "q.zarr", scores, folder / "i.zarr")],
+        "verify": [["verify", scores]],
+    }
+    assert set(runs) == {c.name for c in cli.app.registered_commands}, "run every command here"
+    for args in (args for invocations in runs.values() for args in invocations):
+        result = infl(*args)
+        assert result.exit_code in (0, 1), (args, result.output)  # an error is fine; its message is checked too
+        assert not _raw_controls(result.stdout + result.stderr), (args, result.output)
+    missing = infl("topk", "--scores", folder / f"none{HOSTILE}.zarr")  # a path in an error message
+    assert missing.exit_code == 1 and not _raw_controls(missing.output)
+    unknown = infl("topk", "--scores", scores, "--query", f"nope{HOSTILE}")  # an id in an error, and the known ones
+    assert unknown.exit_code == 1 and not _raw_controls(unknown.output)
+    for written in [*folder.glob("*.html"), *folder.glob("*.csv"), *folder.glob("*.json"), *folder.glob("demo/*.j*")]:
+        assert not _raw_controls(written.read_text()), written

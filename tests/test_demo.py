@@ -97,9 +97,9 @@ def test_lds_harness_runs_end_to_end(demo, tmp_path):
         "kfac",
         "ekfac",
         "ekfac",
-        "ekfac, index K = 4096",
-        "ekfac, index K = 16384",
-        "ekfac, index K = full",
+        "ekfac, index 64KiB",
+        "ekfac, index 128KiB",
+        "ekfac, index full",
     ]
     for row in rows:
         lds = float(row.split("|")[3])

@@ -36,12 +36,12 @@ ALLOWED = {
         for p in (PKG / "analysis").glob("*.py")
     },
     "analysis/sparsity": {"numpy", "powerlaw"},  # maximum-likelihood fits, no files
-    "report/__init__": {"rich", "numpy", "infl.analysis"},
+    "report/__init__": {"rich", "numpy", "infl.analysis", "infl.outputs"},
     "report/figures": {"numpy", "matplotlib", "infl.report"},
-    "report/page": {"jinja2", "markupsafe", "infl.report"},
-    "console": {"rich"},
+    "report/page": {"jinja2", "markupsafe", "infl.report", "infl.outputs"},
+    "console": {"rich", "infl.outputs"},  # printable: the one escaping of text from data
     "errors": set(),
-    "outputs": {"infl.errors"},  # the rule of every file written beside artifacts
+    "outputs": {"infl.errors"},  # the rule of every file written beside artifacts, and of printed text
     "hashing": set(),
     "noop": {"infl.hashing"},  # up to date before torch, zarr or transformers load
     "api": {"numpy", "infl.artifacts", "infl.errors", "infl.analysis", "infl.config", "infl.report", "infl.stages"},

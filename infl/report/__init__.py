@@ -12,10 +12,12 @@ from collections.abc import Callable
 
 import numpy as np
 from rich.console import Console
+from rich.segment import Segment
 from rich.table import Table
 from rich.text import Text
 
 from infl.analysis.results import Hit, LayerTable, QueryInfo, Topk
+from infl.outputs import Rendered, printable
 
 __all__ = [
     "csv_cell",
@@ -43,15 +45,28 @@ def unit_name(train_size: int | None) -> str:
     return f"nats per copy (N = {train_size})" if train_size else "nats per unit upweight"
 
 
-def as_text(*renderables) -> str:
-    """Rich renderables as the text a terminal would show (plain when stdout is not a terminal)."""
+class _Escaped:
+    """A renderable whose text segments pass through `printable` (data: rich keeps its own styles
+    and cursor controls apart, in the segments' style and control fields)."""
+
+    def __init__(self, renderable):
+        self.renderable = renderable
+
+    def __rich_console__(self, console, options):
+        for segment in console.render(self.renderable, options):
+            yield segment if segment.control else Segment(printable(segment.text, keep="\n"), segment.style)
+
+
+def as_text(*renderables) -> Rendered:
+    """Rich renderables as the text a terminal would show (plain when stdout is not a terminal),
+    every control character from data escaped."""
     screen = Console()
     console = Console(
         file=io.StringIO(), width=screen.width, force_terminal=screen.is_terminal, color_system=screen.color_system
     )
     for r in renderables:
-        console.print(r)
-    return console.file.getvalue()
+        console.print(_Escaped(r))
+    return Rendered(console.file.getvalue())
 
 
 def _clip(text: str) -> str:
@@ -76,10 +91,13 @@ _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 
 def csv_cell(value):
-    """A text cell of a CSV file: one a spreadsheet would read as a formula (it starts with =, +, -,
-    @, a tab or a carriage return) gets a leading apostrophe, OWASP's convention for CSV injection.
-    Numbers are written as they are."""
-    return "'" + value if isinstance(value, str) and value.startswith(_FORMULA_START) else value
+    """A text cell of a CSV file: control characters escaped (newlines kept, quoted), and one a
+    spreadsheet would read as a formula (it starts with =, +, -, @) gets a leading apostrophe,
+    OWASP's convention for CSV injection. Numbers are written as they are."""
+    if not isinstance(value, str):
+        return value
+    value = printable(value, keep="\n")  # a newline stays inside its quoted cell; other controls are escaped
+    return "'" + value if value.startswith(_FORMULA_START) else value
 
 
 _MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]|~])")
@@ -88,7 +106,7 @@ _MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]|~])")
 def _markdown(value: str) -> str:
     """Literal text in a Markdown table cell or heading: raw HTML escaped, Markdown syntax and the
     cell separator `|` backslash-escaped, whitespace (newlines too) collapsed to single spaces."""
-    return _MARKDOWN_SPECIAL.sub(r"\\\1", html.escape(" ".join(value.split()), quote=False))
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", html.escape(printable(" ".join(value.split())), quote=False))
 
 
 def column_format(values) -> Callable[[float], str]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 from importlib import resources
 
+from infl.outputs import printable
 from infl.report import _html_tokens, html_legend
 
 __all__ = ["render_page", "png_url_data", "token_html", "legend_html"]
@@ -33,5 +34,13 @@ def render_page(context: dict) -> str:
     import jinja2
 
     template = (resources.files("infl.report") / "templates" / "report.html.j2").read_text(encoding="utf-8")
-    environment = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
+    from markupsafe import Markup
+
+    def finalize(value):  # every value the page shows: control characters from data escaped
+        if not isinstance(value, str):
+            return value
+        escaped = printable(value, keep="\n")
+        return Markup(escaped) if isinstance(value, Markup) else escaped
+
+    environment = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined, finalize=finalize)
     return environment.from_string(template).render(**context)
