@@ -575,3 +575,11 @@ def test_no_control_character_from_data_reaches_any_output(workdir, tmp_path):
     assert unknown.exit_code == 1 and not _raw_controls(unknown.output)
     for written in [*folder.glob("*.html"), *folder.glob("*.csv"), *folder.glob("*.json"), *folder.glob("demo/*.j*")]:
         assert not _raw_controls(written.read_text()), written
+
+
+def test_sparsity_figures_of_ids_that_sanitize_alike_never_share_a_file():
+    from infl.stages.sparsity import _file_names
+
+    names = _file_names(["a/b", "a_b", "a?b", "../x", "", "q1"])
+    assert len(set(names)) == len(names) and all("/" not in n and not n.startswith(".") for n in names)
+    assert names[-1] == "q1.ccdf.png"
