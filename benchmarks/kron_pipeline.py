@@ -113,9 +113,36 @@ def make_task(modules: list[str]):
     return LanguageModeling()
 
 
-def main() -> None:
+def ekfac_analyzer(model: nn.Module, modules: list[str], output_dir: Path):
+    """kronfluence's Analyzer of `model` with `modules` (GPT-2's Conv1D rewritten as nn.Linear) tracked."""
     from kronfluence.analyzer import Analyzer, prepare_model
-    from kronfluence.arguments import FactorArguments, ScoreArguments
+
+    task = make_task(modules)
+    return Analyzer(
+        "kf",
+        prepare_model(as_linear(model, modules), task),
+        task,
+        cpu=True,
+        disable_tqdm=True,
+        output_dir=str(output_dir),
+    )
+
+
+def fit_ekfac(analyzer, train_set, batch_size: int) -> None:
+    """kronfluence's EK-FAC fit, as both benchmarks run it."""
+    from kronfluence.arguments import FactorArguments
+
+    analyzer.fit_all_factors(
+        "ekfac",
+        train_set,
+        per_device_batch_size=batch_size,
+        factor_args=FactorArguments(strategy="ekfac"),
+        overwrite_output_dir=True,
+    )
+
+
+def main() -> None:
+    from kronfluence.arguments import ScoreArguments
     from kronfluence.utils.dataset import DataLoaderKwargs
 
     parser = argparse.ArgumentParser()
@@ -141,18 +168,10 @@ def main() -> None:
     train_set = Sequences([corpus.tokens[i] for i in order], [0] * len(order))
     query_set = Sequences(queries.tokens, queries.n_prompt)
 
-    task = make_task(modules)
-    model = prepare_model(as_linear(model, modules), task)
-    analyzer = Analyzer("kf", model, task, cpu=True, disable_tqdm=True, output_dir=str(args.out))
+    analyzer = ekfac_analyzer(model, modules, args.out)
     analyzer.set_dataloader_kwargs(DataLoaderKwargs(collate_fn=partial(collate, pad_id=tokenizer.pad_token_id or 0)))
     t1 = time.perf_counter()
-    analyzer.fit_all_factors(
-        "ekfac",
-        train_set,
-        per_device_batch_size=args.batch_size,
-        factor_args=FactorArguments(strategy="ekfac"),
-        overwrite_output_dir=True,
-    )
+    fit_ekfac(analyzer, train_set, args.batch_size)
     t2 = time.perf_counter()
     analyzer.compute_pairwise_scores(
         "scores",

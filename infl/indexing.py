@@ -56,6 +56,7 @@ __all__ = [
     "top_coordinates",
     "index_coordinates",
     "eigen_coordinates",
+    "rotated_gradients",
     "query_coordinates",
     "low_rank_query_coordinates",
     "encode",
@@ -97,8 +98,12 @@ def eigen_coordinates(a: Tensor, s: Tensor, Q_A: Tensor, Q_S: Tensor, flat: Tens
     (zero on padding) -> [B, K]. The rotated gradient is formed whole with one batched GEMM
     (2T(O b_S + I b_A) + 2TOI flops per sequence, b_S, b_A the bases' block sizes: O, I when dense),
     then gathered: gathering token products coordinate by coordinate costs fewer flops but runs far slower."""
-    rotated = basis_right(s, Q_S.to(s.dtype)).transpose(1, 2) @ basis_right(a, Q_A.to(a.dtype))  # [B, O, I]
-    return rotated.flatten(1)[:, flat]
+    return rotated_gradients(a, s, Q_A, Q_S)[:, flat]
+
+
+def rotated_gradients(a: Tensor, s: Tensor, Q_A: Tensor, Q_S: Tensor) -> Tensor:
+    """g_b = Q_S^T DW_b Q_A of every sequence, flattened row-major: a: [B, T, I], s: [B, T, O] -> [B, O I]."""
+    return (basis_right(s, Q_S.to(s.dtype)).transpose(1, 2) @ basis_right(a, Q_A.to(a.dtype))).flatten(1)
 
 
 def query_coordinates(P: Tensor, Q_A: Tensor, Q_S: Tensor, flat: Tensor) -> Tensor:
@@ -161,9 +166,7 @@ def projected_queries(P: Tensor, R_A: Tensor, R_S: Tensor) -> Tensor:
 def sparse_coordinates(a: Tensor, s: Tensor, Q_A: Tensor, Q_S: Tensor, whiten: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """Each sequence's k largest whitened eigenbasis coordinates: values [B, k] and flat indices
     [B, k] (by decreasing magnitude). `whiten`: [O, I] = (Lambda + damping)^-1/2."""
-    u = (basis_right(s, Q_S.to(s.dtype)).transpose(1, 2) @ basis_right(a, Q_A.to(a.dtype))).flatten(1) * whiten.reshape(
-        -1
-    ).to(a.dtype)
+    u = rotated_gradients(a, s, Q_A, Q_S) * whiten.reshape(-1).to(a.dtype)
     indices = u.abs().topk(min(k, u.shape[1]), dim=1).indices
     return u.gather(1, indices), indices
 
@@ -233,14 +236,15 @@ class ModuleSketch:
     seed: int
 
 
-def _kfac_eigenvalues(eig_S: Tensor, eig_A: Tensor) -> Tensor:
-    return torch.outer(eig_S.double(), eig_A.double()).reshape(-1)
+def _kfac_eigenvalues(eig_S: Tensor, eig_A: Tensor) -> tuple[Tensor, float]:
+    """The K-FAC eigenvalues k = eig_S eig_A, flat [O I], and the whitening's damping 0.1 mean(k)."""
+    k = torch.outer(eig_S.double(), eig_A.double()).reshape(-1)
+    return k, 0.1 * float(k.mean())
 
 
 def module_sketch(eig_S: Tensor, eig_A: Tensor, head: Tensor, m: int, seed: int, position: int) -> ModuleSketch:
     """The sketch of a module whose head is `head` (flat coordinates) and tail has m buckets."""
-    k = _kfac_eigenvalues(eig_S, eig_A)
-    damping = 0.1 * float(k.mean())
+    k, damping = _kfac_eigenvalues(eig_S, eig_A)
     w = (k + damping).sqrt() if damping > 0 else torch.ones_like(k)
     tail = torch.ones_like(k)
     tail[head] = 0.0
@@ -259,11 +263,10 @@ def sketch_sizes(
     ValueError when the budget leaves a sketched module no byte."""
     tails, spread = {}, {}
     for name, (eig_S, eig_A) in eigenvalues.items():
-        k = _kfac_eigenvalues(eig_S, eig_A)
+        k, damping = _kfac_eigenvalues(eig_S, eig_A)
         keep = torch.ones_like(k, dtype=torch.bool)
         keep[heads[name]] = False
         tails[name] = int(keep.sum())
-        damping = 0.1 * float(k.mean())
         spread[name] = float((k[keep] / (k[keep] + damping)).sum()) if damping > 0 else float(keep.sum())
     fixed = sum(len(h) * head_bytes + 4 for h in heads.values() if len(h)) + 4 * sum(1 for n in tails if tails[n])
     left = budget - fixed
@@ -279,15 +282,14 @@ def sketch_sizes(
         if not tails[name]:
             sizes[name] = 0
             continue
-        share = left * (spread[name] / total if total else 1 / len(sketched))
-        sizes[name] = min(max(2, 2 * int(share)), tails[name] + tails[name] % 2)
+        sizes[name] = min(max(2, 2 * int(left * spread[name] / total)), tails[name] + tails[name] % 2)
     return sizes
 
 
 def index_rows(a: Tensor, s: Tensor, Q_A: Tensor, Q_S: Tensor, sketch: ModuleSketch) -> Tensor:
     """A batch's index row in one module, [B, K + m]: the rotated gradient g_b = Q_S^T DW_b Q_A
     at the head's coordinates, then the tail's sketch S(g_b / w) (unquantized)."""
-    rotated = (basis_right(s, Q_S.to(s.dtype)).transpose(1, 2) @ basis_right(a, Q_A.to(a.dtype))).flatten(1)
+    rotated = rotated_gradients(a, s, Q_A, Q_S)
     head = rotated[:, sketch.head.to(rotated.device)]
     if not sketch.m:
         return head

@@ -15,6 +15,11 @@ from infl.artifacts.factors import FactorsArtifact
 from infl.artifacts.queries import QueriesArtifact
 
 
+def build_index(factors, corpus, out, *options):
+    """`infl index` of `corpus` with `factors` into `out` (the CLI's result)."""
+    return infl("index", "--factors", factors, "--corpus", corpus, "--out", out, *options)
+
+
 def scores_of(path) -> dict[str, np.ndarray]:
     group = artifacts.open_complete(path, "scores")
     return {k: np.asarray(group[k][...]) for k in ("total", "per_module", "train_ids", "query_ids")}
@@ -66,13 +71,9 @@ def built(workdir, tmp_path_factory):
 
 def test_a_full_index_gives_the_exact_scores(workdir, built, tmp_path):
     for dtype, rtol in (("float32", 1e-5), ("float16", 2e-3)):
-        index = infl(
-            "index",
-            "--factors",
+        index = build_index(
             built / "f.zarr",
-            "--corpus",
             workdir / "corpus.jsonl",
-            "--out",
             tmp_path / f"{dtype}.zarr",
             "--index-dim",
             "full",
@@ -117,16 +118,7 @@ def test_a_small_index_is_its_head_plus_the_explicit_sketch_of_its_tail(workdir,
     with the stored (rounded) sketch, which is within one rounding step of the explicit one."""
     budget = "3000"  # bytes per sequence: 7 float32 per module, the rest sketched
     args = ["--index-dim", "7", "--index-dtype", "float32", "--index-bytes", budget]
-    index = infl(
-        "index",
-        "--factors",
-        built / "f.zarr",
-        "--corpus",
-        workdir / "corpus.jsonl",
-        "--out",
-        tmp_path / "i.zarr",
-        *args,
-    )
+    index = build_index(built / "f.zarr", workdir / "corpus.jsonl", tmp_path / "i.zarr", *args)
     assert index.exit_code == 0, index.output
     scored = infl("score", "--index", tmp_path / "i.zarr", "--queries", built / "q.zarr", "--out", tmp_path / "s.zarr")
     assert scored.exit_code == 0, scored.output
@@ -223,18 +215,7 @@ def test_refine_reranks_an_index_answer_with_exact_scores(workdir, built, tmp_pa
     """A small index ranks roughly; `topk --refine N` rescores its N best with the model (full-rank
     queries, as for any scores artifact), so the refined scores are the exact answer's."""
     assert (
-        infl(
-            "index",
-            "--factors",
-            built / "f.zarr",
-            "--corpus",
-            workdir / "corpus.jsonl",
-            "--out",
-            tmp_path / "i.zarr",
-            "--index-dim",
-            "3",
-        ).exit_code
-        == 0
+        build_index(built / "f.zarr", workdir / "corpus.jsonl", tmp_path / "i.zarr", "--index-dim", "3").exit_code == 0
     )
     assert (
         infl(
@@ -254,12 +235,7 @@ def test_refine_reranks_an_index_answer_with_exact_scores(workdir, built, tmp_pa
 
 
 def test_new_queries_score_only_their_block(workdir, built, tmp_path):
-    assert (
-        infl(
-            "index", "--factors", built / "f.zarr", "--corpus", workdir / "corpus.jsonl", "--out", tmp_path / "i.zarr"
-        ).exit_code
-        == 0
-    )
+    assert build_index(built / "f.zarr", workdir / "corpus.jsonl", tmp_path / "i.zarr").exit_code == 0
     more = write_jsonl(
         tmp_path / "more.jsonl", [{"id": "q-more", "prompt": "The dog", "completion": " ran across the park."}]
     )
@@ -285,12 +261,7 @@ def test_new_queries_score_only_their_block(workdir, built, tmp_path):
 
 
 def test_score_index_refuses_an_index_of_other_factors_naming_both(workdir, built, tmp_path):
-    assert (
-        infl(
-            "index", "--factors", built / "f.zarr", "--corpus", workdir / "corpus.jsonl", "--out", tmp_path / "i.zarr"
-        ).exit_code
-        == 0
-    )
+    assert build_index(built / "f.zarr", workdir / "corpus.jsonl", tmp_path / "i.zarr").exit_code == 0
     (tmp_path / "other").mkdir()
     other = pipeline(workdir, tmp_path / "other", "gpt2", "--damping", "0.5")  # same model and corpus, other factors
     result = infl("score", "--index", tmp_path / "i.zarr", "--queries", other / "q.zarr", "--out", tmp_path / "s.zarr")
@@ -319,35 +290,19 @@ def test_score_index_refuses_an_index_of_other_factors_naming_both(workdir, buil
 
 def test_an_index_needs_an_eigenbasis_and_reports_its_size(workdir, tmp_path):
     pipeline(workdir, tmp_path, "gpt2", "--strategy", "diagonal")
-    result = infl(
-        "index", "--factors", tmp_path / "f.zarr", "--corpus", workdir / "corpus.jsonl", "--out", tmp_path / "i.zarr"
-    )
+    result = build_index(tmp_path / "f.zarr", workdir / "corpus.jsonl", tmp_path / "i.zarr")
     assert result.exit_code == 1 and "eigenbasis" in result.output and not (tmp_path / "i.zarr").exists()
     assert (
-        infl(
-            "index",
-            "--factors",
-            tmp_path / "f.zarr",
-            "--index-dim",
-            "-1",
-            "--corpus",
-            workdir / "corpus.jsonl",
-            "--out",
-            tmp_path / "i.zarr",
-        ).exit_code
+        build_index(tmp_path / "f.zarr", workdir / "corpus.jsonl", tmp_path / "i.zarr", "--index-dim", "-1").exit_code
         == 2
     )
 
 
 def test_info_reports_bytes_per_sequence(workdir, built, tmp_path):
     assert (
-        infl(
-            "index",
-            "--factors",
+        build_index(
             built / "f.zarr",
-            "--corpus",
             workdir / "corpus.jsonl",
-            "--out",
             tmp_path / "i.zarr",
             "--index-dim",
             "10",
@@ -363,18 +318,8 @@ def test_info_reports_bytes_per_sequence(workdir, built, tmp_path):
     assert facts["exact coordinates per module"] == "10" and 0 < sketches and heads + sketches <= 2000
     low, high = (int(x) for x in facts["sketch buckets per module"].split()[::2][:2])
     assert 2 <= low <= high and sketches >= len(modules) * (low // 2 + 4)  # 4 bits per bucket, a scale per module
-    too_small = infl(
-        "index",
-        "--factors",
-        built / "f.zarr",
-        "--corpus",
-        workdir / "corpus.jsonl",
-        "--out",
-        tmp_path / "j.zarr",
-        "--index-dim",
-        "10",
-        "--index-bytes",
-        "100",
+    too_small = build_index(
+        built / "f.zarr", workdir / "corpus.jsonl", tmp_path / "j.zarr", "--index-dim", "10", "--index-bytes", "100"
     )
     assert too_small.exit_code == 1 and "--index-bytes 100 is too small" in too_small.output
     assert not (tmp_path / "j.zarr").exists()
@@ -408,13 +353,9 @@ def test_an_index_written_during_the_fit_is_the_one_infl_index_writes(workdir, t
     assert ("4 of 4 chunks done" in fused.output) == (strategy == "ekfac")  # nothing left for the index stage
     again = infl(*fit, "--index", tmp_path / "fused.zarr")
     assert again.exit_code == 0 and again.output.count("is up to date") == 2
-    alone = infl(
-        "index",
-        "--factors",
+    alone = build_index(
         tmp_path / "f.zarr",
-        "--corpus",
         corpus,
-        "--out",
         tmp_path / "alone.zarr",
         "--chunk-size",
         "8",
@@ -440,12 +381,7 @@ def test_an_index_refuses_factors_fitted_again(workdir, built, tmp_path):
     factors = tmp_path / "f.zarr"
     fit = ["fit-factors", "--model", workdir / "gpt2", "--corpus", workdir / "corpus.jsonl", "--out", factors]
     assert infl(*fit).exit_code == 0
-    assert (
-        infl(
-            "index", "--factors", factors, "--corpus", workdir / "corpus.jsonl", "--out", tmp_path / "i.zarr"
-        ).exit_code
-        == 0
-    )
+    assert build_index(factors, workdir / "corpus.jsonl", tmp_path / "i.zarr").exit_code == 0
     assert infl(*fit, "--force").exit_code == 0  # the same inputs, fitted again in place
     result = infl("score", "--index", tmp_path / "i.zarr", "--queries", built / "q.zarr", "--out", tmp_path / "s.zarr")
     assert result.exit_code == 1 and "fitted again" in result.output, result.output
@@ -501,9 +437,7 @@ def test_scores_refuse_an_index_rebuilt_on_fewer_shards_and_options_it_would_ign
 def test_scores_from_a_sketched_index_are_labelled_estimates_everywhere(workdir, built, tmp_path):
     """topk (every format), info, report, export and the Python API say the values are estimates,
     and carry standard errors; the exact answer of the same queries says nothing of the kind."""
-    index = infl(
-        "index", "--factors", built / "f.zarr", "--corpus", workdir / "corpus.jsonl", "--out", tmp_path / "i.zarr"
-    )
+    index = build_index(built / "f.zarr", workdir / "corpus.jsonl", tmp_path / "i.zarr")
     assert index.exit_code == 0, index.output
     scores = tmp_path / "s.zarr"
     assert infl("score", "--index", tmp_path / "i.zarr", "--queries", built / "q.zarr", "--out", scores).exit_code == 0

@@ -24,7 +24,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import readme_block
-from kron_pipeline import as_linear, make_task  # the one kronfluence Task and Linear rewrite of both benchmarks
+from kron_pipeline import (
+    ekfac_analyzer,
+    fit_ekfac,
+)  # the one kronfluence Task, Linear rewrite and fit of both benchmarks
 from lds import lds, spearman
 
 from infl import artifacts, data, modeling
@@ -52,8 +55,7 @@ class Padded(torch.utils.data.Dataset):
 
 
 def main() -> None:
-    from kronfluence.analyzer import Analyzer, prepare_model
-    from kronfluence.arguments import FactorArguments, ScoreArguments
+    from kronfluence.arguments import ScoreArguments
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--demo", type=Path, default=Path("runs/demo"))
@@ -73,17 +75,9 @@ def main() -> None:
     train_set = Padded(corpus.tokens, [0] * len(corpus.tokens), width, pad)
     query_set = Padded(queries.tokens, queries.n_prompt, width, pad)
 
-    task = make_task(modules)
-    model = prepare_model(as_linear(model, modules), task)
-    analyzer = Analyzer("kf", model, task, cpu=True, disable_tqdm=True, output_dir=str(out / "kronfluence"))
+    analyzer = ekfac_analyzer(model, modules, out / "kronfluence")
     t0 = time.perf_counter()
-    analyzer.fit_all_factors(
-        "ekfac",
-        train_set,
-        per_device_batch_size=args.batch_size,
-        factor_args=FactorArguments(strategy="ekfac"),
-        overwrite_output_dir=True,
-    )
+    fit_ekfac(analyzer, train_set, args.batch_size)
     t1 = time.perf_counter()
     timings, kf = {"fit": t1 - t0}, {}
     for rank in (32, None):
