@@ -12,7 +12,8 @@ correlation with the exact scores over the whole corpus, the mean top-10 overlap
 sequence, and the time to score all queries from the index (the exact pass over the corpus for
 comparison is below the table). `sketch, whitened, 4-bit` is what `infl index` stores since issue
 #23: a CountSketch of the gradient divided by sqrt(eig_S eig_A + 0.1 mean), 4 K buckets of 4 bits
-(the bytes of `top, float16`), unbiased.
+(the bytes of `top, float16`), unbiased, the first of them private to the largest eig_S x eig_A
+(as many as infl.indexing's rule gives).
 """
 
 from __future__ import annotations
@@ -154,34 +155,32 @@ def main() -> None:
         rows.append((K, "top, float16", *metrics(got16.double().numpy(), exact), kept * 2 + 4 * len(rt.modules), None))
         rows.append((K, "sparse", *metrics(got_sparse.double().numpy(), exact), kept * 8, sparse_s))
         # the index's own form at the bytes of `top, float16`: a whitened 4-bit CountSketch of 4 K buckets
-        sketch = {
-            n: indexing.module_sketch(
-                eigenvalues[n]["eig_S"], eigenvalues[n]["eig_A"], torch.arange(0), 4 * K, seed=0, position=m
-            )
-            for m, n in enumerate(rt.modules)
-        }
+        sketch = {}
+        for m, n in enumerate(rt.modules):
+            eig = (eigenvalues[n]["eig_S"], eigenvalues[n]["eig_A"])
+            # one module's budget: 4 K buckets (2 K bytes) and its two scales, with the index's own split
+            buckets, private = indexing.sketch_sizes({n: eig}, {n: torch.arange(0)}, 2 * K + 8, 2)[n]
+            sketch[n] = indexing.module_sketch(*eig, torch.arange(0), buckets, private, seed=0, position=m)
         rows_sketched = engine.compressed_gradients(
             rt,
             {n: (lambda a, s, n=n: indexing.index_rows(a, s, curv[n].Q_A, curv[n].Q_S, sketch[n])) for n in rt.modules},
             corpus.tokens,
         )
         places = torch.arange(len(corpus.tokens))
-        got_sketch = sum(
-            indexing.sketch_scores(
-                indexing.sketch_queries(
-                    indexing.query_coordinates(P[n], curv[n].Q_A, curv[n].Q_S, torch.arange(curv[n].Lambda.numel())),
-                    sketch[n],
-                ),
-                indexing.dequantize(*indexing.quantize(rows_sketched[n], places, 0, m)),
+        got_sketch = 0
+        for m, n in enumerate(rt.modules):
+            c = indexing.query_coordinates(P[n], curv[n].Q_A, curv[n].Q_S, torch.arange(curv[n].Lambda.numel()))
+            packed, scale = indexing.quantize(rows_sketched[n], places, 0, m, sketch[n].private)
+            stored = indexing.dequantize(packed, scale, sketch[n].private)
+            got_sketch += indexing.sketch_scores(
+                indexing.sketch_queries(c, sketch[n]), stored, scale, sketch[n].private
             )[0]
-            for m, n in enumerate(rt.modules)
-        )
         rows.append(
             (
                 K,
                 "sketch, whitened, 4-bit (the index)",
                 *metrics(got_sketch.double().numpy(), exact),
-                kept * 2 + 4 * len(rt.modules),
+                kept * 2 + 8 * len(rt.modules),
                 None,
             )
         )

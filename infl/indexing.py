@@ -39,6 +39,13 @@ unbiased too: at equal bytes four times as many buckets as float16 entries, for 
 per entry. A module's share of the sketch bytes follows its effective dimension,
 sum over T of k / (k + 0.1 mean k), k = eig_S eig_A, the number of directions its gradients spread over.
 
+Within a module's m buckets, the first p hold one coordinate each: the tail's p largest K-FAC
+eigenvalues, whose whitened values carry a share e = k / (k + 0.1 mean k) near 1 of a gradient's
+expected square. They never collide, so the CountSketch of the remaining coordinates has their
+energy only: the variance (sum of e past p)^2 / (m - p) is smallest at the p that
+_private_buckets finds (what it gains: benchmarks/README.md, "Gradient index"). Private buckets are rounded with a scale of their
+own, since single coordinates are heavier-tailed than the sums the other buckets hold.
+
 Bases are dense or blocked (curvature.base.basis_right takes either). Tensors in, tensors out; no files.
 """
 
@@ -116,10 +123,11 @@ def low_rank_query_coordinates(U: Tensor, sigma: Tensor, V: Tensor, Q_A: Tensor,
     """c_q = Q_S^T U diag(sigma) V^T Q_A at the flat indices, from rank-R queries (U: [Q, O, R],
     sigma: [Q, R], V: [Q, I, R]) -> [Q, K], without forming [Q, O, I] when K R is smaller."""
     O, I, R = U.shape[1], V.shape[1], U.shape[2]
+    if len(flat) == O * I:  # every coordinate (the sketch's queries): batched products in U's dtype
+        left = basis_left(Q_S.mT.to(U.dtype), U) * sigma.to(U.dtype)[:, None, :]
+        return (left @ basis_left(Q_A.mT.to(V.dtype), V).mT).flatten(1)[:, flat]
     left = basis_left(Q_S.mT.to(torch.float64), U.to(torch.float64)) * sigma.to(torch.float64)[:, None, :]  # [Q, O, R]
     right = basis_left(Q_A.mT.to(torch.float64), V.to(torch.float64))  # [Q, I, R]
-    if len(flat) == O * I:  # every coordinate (the sketch's queries): one batched product, in U's dtype
-        return (left.to(U.dtype) @ right.to(U.dtype).mT).flatten(1)[:, flat]
     rows, cols = flat // I, flat % I
     out = torch.empty(U.shape[0], len(flat), dtype=torch.float64, device=U.device)
     for q in range(U.shape[0]):  # one query at a time: [K, R] or [O, I] at most
@@ -225,10 +233,13 @@ def _hash(x: Tensor, coefficients: list[int]) -> Tensor:
 @dataclass
 class ModuleSketch:
     """One module's index layout: the head's flat coordinates and, for the tail, each coordinate's
-    bucket and the weights that sketch a gradient (sigma / w) and a query (sigma w), zero on the head."""
+    bucket and the weights that sketch a gradient (sigma / w) and a query (sigma w), zero on the
+    head. The first `private` buckets hold one coordinate each (the tail's largest K-FAC
+    eigenvalues, sign +1); the other m - private are a CountSketch of the rest."""
 
     head: Tensor  # [K] int64 flat coordinates, ascending
     m: int  # buckets (even; 0: no tail)
+    private: int  # buckets [0, private) hold one coordinate each
     bucket: Tensor  # [D] int32 (12 bytes per coordinate in all: 10 MB for a 576 x 1536 module)
     gradient_weights: Tensor  # [D] float32
     query_weights: Tensor  # [D] float32
@@ -242,35 +253,78 @@ def _kfac_eigenvalues(eig_S: Tensor, eig_A: Tensor) -> tuple[Tensor, float]:
     return k, 0.1 * float(k.mean())
 
 
-def module_sketch(eig_S: Tensor, eig_A: Tensor, head: Tensor, m: int, seed: int, position: int) -> ModuleSketch:
-    """The sketch of a module whose head is `head` (flat coordinates) and tail has m buckets."""
+def _tail_order(k: Tensor, head: Tensor) -> Tensor:
+    """The tail's coordinates (all but `head`), by decreasing K-FAC eigenvalue (ties: lower index)."""
+    keep = torch.ones_like(k, dtype=torch.bool)
+    keep[head] = False
+    tail = keep.nonzero().flatten()
+    return tail[torch.sort(k[tail], descending=True, stable=True).indices]
+
+
+def _largest(k: Tensor, head: Tensor, p: int) -> Tensor:
+    """The tail's p coordinates of largest k (ties: lower index), ascending: _tail_order's first
+    p, found in linear time (a module has a million coordinates, a score process 90 modules)."""
+    if p == 0:
+        return torch.zeros(0, dtype=torch.int64)
+    k = k.clone()
+    k[head] = -torch.inf
+    threshold = torch.kthvalue(-k, p).values.neg()
+    above = (k > threshold).nonzero().flatten()
+    tied = (k == threshold).nonzero().flatten()[: p - len(above)]
+    return torch.sort(torch.cat([above, tied])).values
+
+
+def module_sketch(
+    eig_S: Tensor, eig_A: Tensor, head: Tensor, m: int, private: int, seed: int, position: int
+) -> ModuleSketch:
+    """The sketch of a module whose head is `head` (flat coordinates) and tail has m buckets, the
+    first `private` of them one coordinate's each."""
     k, damping = _kfac_eigenvalues(eig_S, eig_A)
     w = (k + damping).sqrt() if damping > 0 else torch.ones_like(k)
     tail = torch.ones_like(k)
     tail[head] = 0.0
     coords = torch.arange(len(k), dtype=torch.int64)
-    bucket = (_hash(coords, _coefficients(seed, position, 0)) % max(m, 1)).int()
+    rest = m - private
+    bucket = private + _hash(coords, _coefficients(seed, position, 0)) % rest if rest else torch.zeros_like(coords)
     sign = (_hash(coords, _coefficients(seed, position, 1)) % 2).double() * 2 - 1
-    return ModuleSketch(head, m, bucket, (sign * tail / w).float(), (sign * tail * w).float(), position, seed)
+    own = _largest(k, head, private)
+    bucket[own], sign[own] = torch.arange(private), 1.0
+    return ModuleSketch(
+        head, m, private, bucket.int(), (sign * tail / w).float(), (sign * tail * w).float(), position, seed
+    )
+
+
+def _private_buckets(e: Tensor, M: int) -> int:
+    """How many of M buckets to give one coordinate each, the tail's coordinates sorted by
+    decreasing share e = k / (k + damping) of a whitened gradient's expected square (see the
+    module docstring). With p private buckets the estimate's variance is about
+    (sum of e past p)^2 / (M - p) from the CountSketch of the rest, plus rounding's, small next
+    to it: p minimizes the first, and every coordinate gets its own when they all fit. Even below
+    that, so that the rest stays even."""
+    if M >= len(e):
+        return len(e)
+    rest = e.sum() - torch.cat([e.new_zeros(1), e.cumsum(0)])[: M - 1]  # p = 0 .. M - 2
+    variance = rest**2 / (M - torch.arange(M - 1, dtype=e.dtype))
+    return 2 * (int(variance[::2].argmin()))
 
 
 def sketch_sizes(
     eigenvalues: dict[str, tuple[Tensor, Tensor]], heads: dict[str, Tensor], budget: int, head_bytes: int
-) -> dict[str, int]:
-    """Buckets per module within `budget` bytes per sequence: the heads (`head_bytes` per
-    coordinate, and a 4-byte scale per module that has one) first, the rest shared by the modules' effective
-    dimensions, each at least 2 buckets and at most its tail's size (rounded up to even).
+) -> dict[str, tuple[int, int]]:
+    """Buckets per module within `budget` bytes per sequence, and how many of them are private:
+    the heads (`head_bytes` per coordinate, and a 4-byte scale per module that has one) first,
+    the rest shared by the modules' effective dimensions, each at least 2 buckets and at most its
+    tail's size (rounded up to even), with two 4-byte scales per sketch.
     ValueError when the budget leaves a sketched module no byte."""
     tails, spread = {}, {}
     for name, (eig_S, eig_A) in eigenvalues.items():
         k, damping = _kfac_eigenvalues(eig_S, eig_A)
-        keep = torch.ones_like(k, dtype=torch.bool)
-        keep[heads[name]] = False
-        tails[name] = int(keep.sum())
-        spread[name] = float((k[keep] / (k[keep] + damping)).sum()) if damping > 0 else float(keep.sum())
-    fixed = sum(len(h) * head_bytes + 4 for h in heads.values() if len(h)) + 4 * sum(1 for n in tails if tails[n])
+        order = _tail_order(k, heads[name])
+        tails[name] = k[order] / (k[order] + damping) if damping > 0 else torch.ones_like(k[order])
+        spread[name] = float(tails[name].sum())
+    sketched = [n for n in tails if len(tails[n])]
+    fixed = sum(len(h) * head_bytes + 4 for h in heads.values() if len(h)) + 8 * len(sketched)
     left = budget - fixed
-    sketched = [n for n in tails if tails[n]]
     if sketched and left < len(sketched):
         raise ValueError(
             f"--index-bytes {budget} is too small: the heads and scales take {fixed} bytes per sequence "
@@ -278,11 +332,12 @@ def sketch_sizes(
         )
     total = sum(spread[n] for n in sketched) or 1.0
     sizes = {}
-    for name in eigenvalues:
-        if not tails[name]:
-            sizes[name] = 0
+    for name, e in tails.items():
+        if not len(e):
+            sizes[name] = (0, 0)
             continue
-        sizes[name] = min(max(2, 2 * int(left * spread[name] / total)), tails[name] + tails[name] % 2)
+        m = min(max(2, 2 * int(left * spread[name] / total)), len(e) + len(e) % 2)
+        sizes[name] = (m, _private_buckets(e, m))
     return sizes
 
 
@@ -319,28 +374,37 @@ def _dither(rows: Tensor, m: int, seed: int, position: int) -> Tensor:
     return torch.frac(key[:, None] + steps[None, :])
 
 
-def quantize(x: Tensor, rows: Tensor, seed: int, position: int) -> tuple[Tensor, Tensor]:
-    """Sketch rows x [n, m] (m even) as 4-bit entries, two per byte [n, m / 2] uint8, and a scale
-    per row [n] float32: q = floor(x / scale + dither), so that E[q scale] = x. `rows`: the
-    rows' places in the index [n]."""
+def quantize(x: Tensor, rows: Tensor, seed: int, position: int, private: int) -> tuple[Tensor, Tensor]:
+    """Sketch rows x [n, m] (m even) as 4-bit entries, two per byte [n, m / 2] uint8, and two
+    scales per row [n, 2] float32, one for the private buckets x[:, :private] (single
+    coordinates, heavier-tailed) and one for the rest: q = floor(x / scale + dither), so that
+    E[q scale] = x. `rows`: the rows' places in the index [n]."""
     x = x.float()
-    scale = x.abs().amax(1) / SKETCH_LEVELS
+    parts = (x[:, :private], x[:, private:])
+    scale = torch.stack([p.abs().amax(1) if p.shape[1] else p.new_zeros(len(p)) for p in parts], 1) / SKETCH_LEVELS
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = (x / scale[:, None]).add_(_dither(rows, x.shape[1], seed, position).to(x.device)).floor_()
+    per_entry = torch.repeat_interleave(scale, torch.tensor([private, x.shape[1] - private]), dim=1)
+    q = (x / per_entry).add_(_dither(rows, x.shape[1], seed, position).to(x.device)).floor_()
     nibbles = q.clamp_(-SKETCH_LEVELS, SKETCH_LEVELS).add_(SKETCH_LEVELS).to(torch.uint8)
     return nibbles[:, 0::2] | (nibbles[:, 1::2] << 4), scale
 
 
-def dequantize(packed: Tensor, scale: Tensor) -> Tensor:
+def dequantize(packed: Tensor, scale: Tensor, private: int) -> Tensor:
     """quantize's rows back, [n, m] float32."""
     nibbles = torch.stack([packed & 15, packed >> 4], 2).flatten(1).float() - SKETCH_LEVELS
-    return nibbles * scale.float()[:, None]
+    scale = scale.float()
+    return nibbles * torch.repeat_interleave(scale, torch.tensor([private, nibbles.shape[1] - private]), dim=1)
 
 
-def sketch_scores(sq: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
-    """<S(c_q w), S(g_z / w)> and an estimate of its variance, |c_q w|^2 |g_z / w|^2 / m over the
-    tail with |.|^2 read from the sketches themselves (unbiased for it): sketched queries sq
-    [Q, m] and dequantized rows [N, m] -> ([Q, N], [Q, N]) in sq's dtype."""
-    rows = rows.to(sq.dtype)
-    variance = (sq * sq).sum(1)[:, None] * (rows * rows).sum(1)[None, :] / sq.shape[1]
+def sketch_scores(sq: Tensor, rows: Tensor, scale: Tensor, private: int) -> tuple[Tensor, Tensor]:
+    """<S(c_q w), S(g_z / w)> and an estimate of its variance: sketched queries sq [Q, m],
+    dequantized rows [N, m] and their scales [N, 2] -> ([Q, N], [Q, N]) in sq's dtype. The
+    variance is the CountSketch's, |c_q w|^2 |g_z / w|^2 / m' over the hashed buckets (m' of
+    them) with |.|^2 read from the sketches themselves (unbiased for it), plus the rounding's,
+    sum over buckets of sq^2 scale^2 / 6 (a uniform dither's mean variance)."""
+    rows, scale = rows.to(sq.dtype), scale.to(sq.dtype)
+    hashed_q, hashed_z = sq[:, private:], rows[:, private:]
+    variance = (hashed_q * hashed_q).sum(1)[:, None] * (hashed_z * hashed_z).sum(1)[None, :] / max(hashed_q.shape[1], 1)
+    energy = torch.stack([(sq[:, :private] ** 2).sum(1), (hashed_q**2).sum(1)], 1)  # [Q, 2]
+    variance += energy @ (scale * scale).T / 6
     return sq @ rows.T, variance

@@ -151,13 +151,19 @@ def test_a_small_index_is_its_head_plus_the_explicit_sketch_of_its_tail(workdir,
         sign = np.sign(sketch.query_weights.numpy())  # +-1 on the tail, 0 on the head
         assert (sign[tail] != 0).all() and (sign[~tail] == 0).all()
         np.testing.assert_allclose(np.abs(sketch.query_weights.numpy()[tail]), w[tail], rtol=1e-6)
+        # the private buckets: the tail's largest K-FAC eigenvalues, one each, in coordinate order
+        p = sketch.private
+        own = np.sort(np.argsort(-np.where(tail, kfac, -np.inf), kind="stable")[:p])
+        assert p > 0 and (sketch.bucket.numpy()[own] == np.arange(p)).all() and (sign[own] == 1).all()
+        assert (sketch.bucket.numpy()[np.setdiff1d(np.flatnonzero(tail), own)] >= p).all()
         explicit_g = np.zeros((len(train), sketch.m))
         np.add.at(explicit_g.T, sketch.bucket.numpy(), (g.numpy() * sign / w).T)
         explicit_c = np.zeros((c.shape[0], sketch.m))
         np.add.at(explicit_c.T, sketch.bucket.numpy(), (c.numpy() * sign * w).T)
         rows = art.rows(name, 0, len(train))
-        stored = indexing.dequantize(torch.from_numpy(rows["sketch"]), torch.from_numpy(rows["sketch_scale"])).double()
-        step = rows["sketch_scale"][:, None].astype(np.float64)
+        scales = torch.from_numpy(rows["sketch_scale"])
+        stored = indexing.dequantize(torch.from_numpy(rows["sketch"]), scales, p).double()
+        step = np.repeat(rows["sketch_scale"].astype(np.float64), [p, sketch.m - p], axis=1)
         assert (np.abs(stored.numpy() - explicit_g) <= step * (1 + 1e-3) + 1e-6 * np.abs(explicit_g).max()).all()
         expected = head + explicit_c @ stored.numpy().T
         np.testing.assert_allclose(got[m], expected, rtol=2e-3, atol=2e-4 * np.abs(expected).max(), err_msg=name)
@@ -385,6 +391,21 @@ def test_an_index_refuses_factors_fitted_again(workdir, built, tmp_path):
     assert infl(*fit, "--force").exit_code == 0  # the same inputs, fitted again in place
     result = infl("score", "--index", tmp_path / "i.zarr", "--queries", built / "q.zarr", "--out", tmp_path / "s.zarr")
     assert result.exit_code == 1 and "fitted again" in result.output, result.output
+
+
+def test_an_index_of_an_earlier_format_is_refused_in_one_line(workdir, built, tmp_path):
+    """Indexes from before issue #23 (no sketch) and before private buckets (one sketch scale per
+    row) read differently: scoring with them is refused, never misread."""
+    import zarr
+
+    assert build_index(built / "f.zarr", workdir / "corpus.jsonl", tmp_path / "i.zarr").exit_code == 0
+    name = FactorsArtifact.open(built / "f.zarr").modules[0]
+    group = zarr.open_group(tmp_path / "i.zarr" / "modules" / name)
+    old = group.create_array("sketch_scale", shape=(len(SENTENCES),), dtype="float32", overwrite=True)
+    old[...] = 1.0
+    result = infl("score", "--index", tmp_path / "i.zarr", "--queries", built / "q.zarr", "--out", tmp_path / "s.zarr")
+    assert result.exit_code == 1 and "one sketch scale per row" in result.output, result.output
+    assert len(result.output.strip().splitlines()) <= 2 and not (tmp_path / "s.zarr").exists()
 
 
 def test_a_damaged_index_chunk_is_never_served_and_verify_has_it_recomputed(workdir, built, tmp_path):

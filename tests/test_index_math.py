@@ -156,16 +156,22 @@ def test_low_rank_queries_and_float16_rows_give_the_same_coordinates_and_scores(
     )  # relative to each row's size
 
 
-def _sketched_scores(a, s, curv, P, seed: int, head: torch.Tensor, m: int) -> torch.Tensor:
-    """Index scores of a head plus a 4-bit sketch of the tail, with this sketch seed: [Q, B]."""
+def _sketched_scores(
+    a, s, curv, P, seed: int, head: torch.Tensor, m: int, private: int = 0, rounded: bool = True
+) -> torch.Tensor:
+    """Index scores of a head plus a 4-bit sketch of the tail (`private` buckets of one
+    coordinate each), with this sketch seed: [Q, B]."""
     eig_S, eig_A = curv.Lambda.sum(1), curv.Lambda.sum(0)  # any positive eigenvalues will do
-    sketch = indexing.module_sketch(eig_S, eig_A, head, m, seed, position=3)
+    sketch = indexing.module_sketch(eig_S, eig_A, head, m, private, seed, position=3)
     rows = indexing.index_rows(a, s, curv.Q_A, curv.Q_S, sketch)
     c = indexing.query_coordinates(P, curv.Q_A, curv.Q_S, torch.arange(curv.Lambda.numel()))
     got = c[:, head] @ rows[:, : len(head)].T
     if m:
-        packed, scale = indexing.quantize(rows[:, len(head) :], torch.arange(len(rows)) + 100, seed, 3)
-        got = got + indexing.sketch_scores(indexing.sketch_queries(c, sketch), indexing.dequantize(packed, scale))[0]
+        tail, scale = rows[:, len(head) :], torch.ones(len(rows), 2)
+        if rounded:
+            packed, scale = indexing.quantize(tail, torch.arange(len(rows)) + 100, seed, 3, private)
+            tail = indexing.dequantize(packed, scale, private)
+        got = got + indexing.sketch_scores(indexing.sketch_queries(c, sketch), tail, scale, private)[0]
     return got
 
 
@@ -177,35 +183,44 @@ def test_head_and_sketch_are_unbiased_and_exact_when_the_head_holds_everything()
     everything = torch.arange(42)
     torch.testing.assert_close(_sketched_scores(a, s, curv, P, 0, everything, 0), exact)
     head = indexing.top_coordinates(curv.Lambda, 5)
-    draws = torch.stack([_sketched_scores(a, s, curv, P, seed, head, 8) for seed in range(3000)])  # [seeds, Q, B]
-    mean, error = draws.mean(0), draws.std(0) / len(draws) ** 0.5
-    assert (draws.std(0) > 0.05 * exact.abs()).any()  # a real sketch: single draws are off
-    assert ((mean - exact).abs() <= 4 * error).all(), (mean - exact) / error  # within 4 standard errors of the mean
-    # the standard error the scores report is an estimate of the draws' spread (within a factor of 2 here)
-    sketch = indexing.module_sketch(curv.Lambda.sum(1), curv.Lambda.sum(0), head, 8, 0, 3)
-    rows = indexing.index_rows(a, s, curv.Q_A, curv.Q_S, sketch)[:, 5:]
+    # every tail coordinate in a bucket of its own: exact before rounding (float32 weights), for any seed
+    torch.testing.assert_close(
+        _sketched_scores(a, s, curv, P, 7, head, 38, 37, rounded=False), exact, rtol=1e-5, atol=0
+    )
     c = indexing.query_coordinates(P, curv.Q_A, curv.Q_S, torch.arange(42))
-    stored = indexing.dequantize(*indexing.quantize(rows, torch.arange(len(rows)), 0, 3))
-    reported = indexing.sketch_scores(indexing.sketch_queries(c, sketch), stored.double())[1]
-    ratio = reported.sqrt().mean() / draws.std(0).mean()
-    assert 0.5 < float(ratio) < 2, ratio
+    for private in (0, 4):  # a CountSketch of the whole tail, or of what 4 private buckets leave
+        draws = torch.stack([_sketched_scores(a, s, curv, P, seed, head, 10, private) for seed in range(3000)])
+        mean, error = draws.mean(0), draws.std(0) / len(draws) ** 0.5  # draws: [seeds, Q, B]
+        assert (draws.std(0) > 0.05 * exact.abs()).any()  # a real sketch: single draws are off
+        assert ((mean - exact).abs() <= 4 * error).all(), (mean - exact) / error  # within 4 standard errors
+        # the standard error the scores report is an estimate of the draws' spread (within a factor of 2 here)
+        sketch = indexing.module_sketch(curv.Lambda.sum(1), curv.Lambda.sum(0), head, 10, private, 0, 3)
+        rows = indexing.index_rows(a, s, curv.Q_A, curv.Q_S, sketch)[:, 5:]
+        packed, scale = indexing.quantize(rows, torch.arange(len(rows)), 0, 3, private)
+        stored = indexing.dequantize(packed, scale, private).double()
+        reported = indexing.sketch_scores(indexing.sketch_queries(c, sketch), stored, scale, private)[1]
+        ratio = reported.sqrt().mean() / draws.std(0).mean()
+        assert 0.5 < float(ratio) < 2, ratio
 
 
 def test_quantized_sketch_rounding_is_unbiased_and_bounded():
     x = torch.randn(3, 10, generator=torch.Generator().manual_seed(9), dtype=torch.float64) * torch.tensor(
         [[1e-4], [1.0], [1e4]], dtype=torch.float64
     )
+    x[:, :4] *= 1e-3  # private buckets: a scale of their own
     draws = []
     for offset in range(2000):  # the dither of other rows: each is uniform over the row's key
-        packed, scale = indexing.quantize(x, torch.arange(3) + 7 * offset, 0, 0)
-        assert packed.dtype == torch.uint8 and packed.shape == (3, 5)
-        back = indexing.dequantize(packed, scale).double()
-        assert ((back - x).abs() <= scale[:, None].double() * (1 + 1e-5)).all()  # one rounding step at most
+        packed, scale = indexing.quantize(x, torch.arange(3) + 7 * offset, 0, 0, 4)
+        assert packed.dtype == torch.uint8 and packed.shape == (3, 5) and scale.shape == (3, 2)
+        back = indexing.dequantize(packed, scale, 4).double()
+        step = torch.cat([scale[:, :1].expand(3, 4), scale[:, 1:].expand(3, 6)], 1).double()
+        assert ((back - x).abs() <= step * (1 + 1e-5)).all()  # one rounding step at most
+        assert (step[:, 0] < 1e-2 * step[:, -1]).all()
         draws.append(back)
     mean = torch.stack(draws).mean(0)
-    assert ((mean - x).abs() <= 0.05 * scale[:, None].double()).all()
-    packed, scale = indexing.quantize(torch.zeros(2, 4), torch.arange(2), 0, 0)
-    assert (indexing.dequantize(packed, scale) == 0).all() and (scale == 1).all()
+    assert ((mean - x).abs() <= 0.05 * step).all()
+    packed, scale = indexing.quantize(torch.zeros(2, 4), torch.arange(2), 0, 0, 0)
+    assert (indexing.dequantize(packed, scale, 0) == 0).all() and (scale == 1).all()
 
 
 def test_sketch_sizes_follow_the_budget_and_each_modules_effective_dimension():
@@ -214,9 +229,28 @@ def test_sketch_sizes_follow_the_budget_and_each_modules_effective_dimension():
     eigenvalues = {"flat": (flat, flat), "steep": (steep, steep)}
     heads = {"flat": torch.arange(0), "steep": torch.arange(0)}
     sizes = indexing.sketch_sizes(eigenvalues, heads, 1000, 2)
-    assert sizes["flat"] > 20 * sizes["steep"] and all(m % 2 == 0 and m >= 2 for m in sizes.values())
-    assert sum(m // 2 + 4 for m in sizes.values()) <= 1000
+    m = {name: size[0] for name, size in sizes.items()}
+    assert m["flat"] > 20 * m["steep"] and all(b % 2 == 0 and b >= 2 for b in m.values())
+    assert sum(b // 2 + 8 for b in m.values()) <= 1000
     sizes = indexing.sketch_sizes(eigenvalues, {"flat": torch.arange(400), "steep": torch.arange(3)}, 10**6, 2)
-    assert sizes == {"flat": 0, "steep": 398}  # no tail, no sketch; never more buckets than the tail
+    assert sizes == {"flat": (0, 0), "steep": (398, 397)}  # no tail, no sketch; every coordinate its own bucket
     with pytest.raises(ValueError, match="too small"):
         indexing.sketch_sizes(eigenvalues, {"flat": torch.arange(100), "steep": torch.arange(0)}, 200, 2)
+
+
+def test_private_buckets_go_to_the_largest_eigenvalues_when_they_lower_the_variance():
+    e = torch.tensor([1.0] * 10 + [0.01] * 990, dtype=torch.float64)  # ten directions hold the energy
+    assert indexing._private_buckets(e, 40) == 10  # those ten each get a bucket: the rest is nearly empty
+    assert indexing._private_buckets(e, 2000) == 1000  # everything fits
+    assert indexing._private_buckets(torch.ones(1000, dtype=torch.float64), 40) == 0  # flat: no gain
+    steep, flat = torch.tensor([1.0, 1e-6, 1e-6]), torch.ones(3)
+    sketch = indexing.module_sketch(steep, flat, torch.arange(0), 6, 2, seed=0, position=1)
+    # the two largest K-FAC eigenvalues are coordinates 0, 1 and 2 (a tie: the lower ones): buckets 0 and 1
+    assert sketch.bucket[:2].tolist() == [0, 1] and (sketch.bucket[2:] >= 2).all() and (sketch.bucket < 6).all()
+    assert (sketch.query_weights[:2] > 0).all()
+    g = torch.Generator().manual_seed(5)
+    for _ in range(50):  # the linear-time selection is the sorted order's first p, ties included
+        k = torch.randint(0, 4, (60,), generator=g).double()
+        head = torch.randperm(60, generator=g)[: int(torch.randint(0, 10, (), generator=g))]
+        p = int(torch.randint(0, 61 - len(head), (), generator=g))
+        assert torch.equal(indexing._largest(k, head, p), torch.sort(indexing._tail_order(k, head)[:p]).values)

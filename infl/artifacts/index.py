@@ -8,8 +8,10 @@ Layout:
                                           module's Kronecker eigenbasis, the same for every sequence
   modules/<name>/values [N, K]            float16 (or float32): Q_S^T DW Q_A there, / scale (K > 0)
   modules/<name>/scale [N] float32        each sequence's largest magnitude in the head
-  modules/<name>/sketch [N, m / 2] uint8  the tail's 4-bit CountSketch, two entries per byte (m > 0)
-  modules/<name>/sketch_scale [N] float32 each sequence's sketch scale (see infl.indexing.quantize)
+  modules/<name>/sketch [N, m / 2] uint8  the tail's 4-bit sketch, two entries per byte (m > 0)
+  modules/<name>/sketch_scale [N, 2] float32  each sequence's scales of the private buckets and of
+                                          the others (see infl.indexing.quantize)
+  modules/<name>/private [1] int64        how many of the m buckets hold one coordinate each (m > 0)
   train_ids [N], locators [N, 3]; done [chunks]: a chunk's rows and digests, then its done bit
 
 Chunked along the sequences like scores: a chunk of sequences is the unit of work, of resume and
@@ -36,7 +38,7 @@ class IndexLayout:
         self,
         modules: list[str],
         coordinates: dict[str, np.ndarray],
-        sketch_sizes: dict[str, int],
+        sketch_sizes: dict[str, tuple[int, int]],
         train_ids: list[str],
         locators: np.ndarray,
         chunk_size: int,
@@ -51,10 +53,10 @@ class IndexLayout:
         return -(-len(self.train_ids) // self.chunk_size)
 
 
-def _row_arrays(K: int, m: int, dtype: str) -> list[tuple[str, str, int, str]]:
-    """A module's per-sequence arrays (rows, their scales, width, dtype) for a head of K
-    coordinates and a sketch of m buckets."""
-    return [("values", "scale", K, dtype)] * (K > 0) + [("sketch", "sketch_scale", m // 2, "uint8")] * (m > 0)
+def _row_arrays(K: int, m: int, dtype: str) -> list[tuple[str, str, int, str, tuple[int, ...]]]:
+    """A module's per-sequence arrays (rows, their scales, width, dtype, a row's scales' shape)
+    for a head of K coordinates and a sketch of m buckets."""
+    return [("values", "scale", K, dtype, ())] * (K > 0) + [("sketch", "sketch_scale", m // 2, "uint8", (2,))] * (m > 0)
 
 
 class IndexArtifact(ChunkedArtifact):
@@ -97,11 +99,13 @@ class IndexArtifact(ChunkedArtifact):
         N, C = len(layout.train_ids), layout.chunk_size
         for name in layout.modules:
             where = art._sub(f"modules/{name}")
-            K, m = len(layout.coordinates[name]), layout.sketch_sizes[name]
+            K, (m, private) = len(layout.coordinates[name]), layout.sketch_sizes[name]
             art._write("coordinates", np.asarray(layout.coordinates[name], dtype=np.int64), where=where)
-            for rows, scale, width, dtype in _row_arrays(K, m, layout.dtype):
+            if m:
+                art._write("private", np.asarray([private], dtype=np.int64), where=where)
+            for rows, scale, width, dtype, per_row in _row_arrays(K, m, layout.dtype):
                 art._create(rows, (N, width), (C, width), dtype, 0, where=where)
-                art._create(scale, (N,), (C,), "float32", float("nan"), where=where)
+                art._create(scale, (N, *per_row), (C, *per_row), "float32", float("nan"), where=where)
         art._write("train_ids", np.array(layout.train_ids, dtype=object), chunks=(C,))
         art._write("locators", layout.locators, chunks=(C, 3))
         art._create("done", (layout.n_chunks,), (1,), "bool", False)  # last: ready
@@ -113,9 +117,10 @@ class IndexArtifact(ChunkedArtifact):
         N, C = len(layout.train_ids), layout.chunk_size
         for name in layout.modules:
             where = self.group[f"modules/{name}"]
-            for rows, scale, width, _ in _row_arrays(len(layout.coordinates[name]), layout.sketch_sizes[name], ""):
+            K, (m, _) = len(layout.coordinates[name]), layout.sketch_sizes[name]
+            for rows, scale, width, _, per_row in _row_arrays(K, m, ""):
                 self._resize(rows, (N, width), where)
-                self._resize(scale, (N,), where)
+                self._resize(scale, (N, *per_row), where)
         self._conform_rows(layout.train_ids, layout.locators, N_valid)
         self.group["done"].resize((layout.n_chunks,))
         if N != N_valid:
@@ -124,6 +129,8 @@ class IndexArtifact(ChunkedArtifact):
     def problem(self) -> str:
         if "sketch_seed" not in self.provenance:  # before issue #23: the head alone, biased low
             return "it was built by an earlier infl, whose index scores dropped every coordinate past its top K"
+        if any(self.group[f"modules/{n}/sketch_scale"].ndim == 1 for n in self.modules if self.sketch_size(n)[0]):
+            return "it was built by an earlier infl, with one sketch scale per row: build it again"
         return super().problem()
 
     # -- units of work --------------------------------------------------------------------------
@@ -139,7 +146,7 @@ class IndexArtifact(ChunkedArtifact):
         for name, (values, scale, sketch, sketch_scale) in rows.items():
             n = slice(c * C, c * C + len(scale if sketch_scale is None else sketch_scale))
             arrays = {"values": values, "scale": scale, "sketch": sketch, "sketch_scale": sketch_scale}
-            for row_name, scale_name, _, _ in self.row_arrays(name):
+            for row_name, scale_name, _, _, _ in self.row_arrays(name):
                 self._put(f"modules/{name}/{row_name}", (n,), arrays[row_name])
                 self._put(f"modules/{name}/{scale_name}", (n,), np.asarray(arrays[scale_name], dtype=np.float32))
         self.group["done"][c] = True  # last: done only once its rows and digests are on disk
@@ -149,21 +156,24 @@ class IndexArtifact(ChunkedArtifact):
     def coordinates(self, name: str) -> np.ndarray:
         return self._read(f"modules/{name}/coordinates")
 
-    def sketch_size(self, name: str) -> int:
-        """Buckets of the module's sketch (0: no tail)."""
+    def sketch_size(self, name: str) -> tuple[int, int]:
+        """Buckets of the module's sketch (0: no tail) and how many of them are private."""
         sketch = integrity.member(self.group[f"modules/{name}"], "sketch")
-        return 0 if sketch is None else 2 * sketch.shape[1]
+        if sketch is None:
+            return 0, 0
+        private = integrity.member(self.group[f"modules/{name}"], "private")
+        return 2 * sketch.shape[1], 0 if private is None else int(self._read(f"modules/{name}/private")[0])
 
-    def row_arrays(self, name: str) -> list[tuple[str, str, int, str]]:
+    def row_arrays(self, name: str) -> list[tuple[str, str, int, str, tuple[int, ...]]]:
         values = integrity.member(self.group[f"modules/{name}"], "values")
         dtype = "float16" if values is None else str(values.dtype)
-        return _row_arrays(0 if values is None else values.shape[1], self.sketch_size(name), dtype)
+        return _row_arrays(0 if values is None else values.shape[1], self.sketch_size(name)[0], dtype)
 
     def rows(self, name: str, lo: int, hi: int) -> dict[str, np.ndarray]:
         """Sequences lo..hi in one module: name -> array, for the arrays it has (`values`, `scale`,
         `sketch`, `sketch_scale`)."""
         out = {}
-        for rows, scale, _, _ in self.row_arrays(name):
+        for rows, scale, _, _, _ in self.row_arrays(name):
             out[rows] = self._read(f"modules/{name}/{rows}", slice(lo, hi))
             out[scale] = self._read(f"modules/{name}/{scale}", slice(lo, hi))
         return out
@@ -172,18 +182,20 @@ class IndexArtifact(ChunkedArtifact):
         """What one sequence adds to the index (head, sketch and their scales, before compression)."""
         total = 0
         for name in self.modules:
-            for _, _, width, dtype in self.row_arrays(name):
-                total += width * np.dtype(dtype).itemsize + 4
+            for _, _, width, dtype, per_row in self.row_arrays(name):
+                total += width * np.dtype(dtype).itemsize + 4 * int(np.prod(per_row))
         return total
 
     def facts(self) -> dict:
         per_sequence = self.bytes_per_sequence()
         heads = {self.group[f"modules/{name}/coordinates"].shape[0] for name in self.modules}
         sketches = [self.sketch_size(name) for name in self.modules]
+        buckets, private = [m for m, _ in sketches], [p for _, p in sketches]
         return {
             "exact coordinates per module": ", ".join(map(str, sorted(heads))),
-            "sketch buckets per module": f"{min(sketches)} to {max(sketches)} (4 bits each)"
-            if max(sketches)
+            "sketch buckets per module": f"{min(buckets)} to {max(buckets)} (4 bits each), "
+            f"{min(private)} to {max(private)} of them one coordinate's"
+            if max(buckets)
             else "none: exact scores",
             "bytes per sequence": f"{per_sequence} (before compression)",
             "per million sequences": f"{per_sequence * 1e6 / 2**30:.1f} GiB",

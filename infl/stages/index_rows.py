@@ -10,7 +10,8 @@ __all__ = ["COMPRESSION", "index_identity", "index_layout", "module_sketch", "In
 # how the index compresses, recorded in its provenance and in that of the scores made from it
 COMPRESSION = (
     "head + sketch: Q_S^T DW Q_A exactly at the K coordinates with the largest K-FAC eigenvalues, "
-    "and a 4-bit CountSketch of the rest, whitened by the K-FAC eigenvalues (unbiased)"
+    "and a 4-bit CountSketch of the rest, whitened by the K-FAC eigenvalues (unbiased), "
+    "whose first buckets hold the largest of them one each"
 )
 SKETCH_SEED = 0  # recorded in the index; the hashes are plain integer arithmetic (infl.indexing)
 
@@ -87,7 +88,8 @@ def module_sketch(art, name: str, eig_S, eig_A):
 
     head = torch.from_numpy(art.coordinates(name))
     seed, position = art.provenance["sketch_seed"], art.modules.index(name)
-    return indexing.module_sketch(eig_S, eig_A, head, art.sketch_size(name), seed, position)
+    m, private = art.sketch_size(name)
+    return indexing.module_sketch(eig_S, eig_A, head, m, private, seed, position)
 
 
 class IndexRows:
@@ -125,6 +127,10 @@ class IndexRows:
             sketch = self.sketches[name]
             head, tail = values[:, : len(sketch.head)], values[:, len(sketch.head) :]
             head = indexing.encode(head, self.dtype) if len(sketch.head) else (None, None)
-            tail = indexing.quantize(tail, places, sketch.seed, sketch.position) if sketch.m else (None, None)
+            tail = (
+                indexing.quantize(tail, places, sketch.seed, sketch.position, sketch.private)
+                if sketch.m
+                else (None, None)
+            )
             encoded[name] = tuple(None if x is None else x.numpy() for x in (*head, *tail))
         self.art.write_chunk(c, encoded)

@@ -111,7 +111,7 @@ class Score(base.WritingStage):
         if not cfg.self_influence:
             grown["queries_fingerprint"] = source.fingerprint
         attrs = identity.grown(**grown).attrs
-        estimate = index is not None and any(index.sketch_size(name) for name in index.modules)
+        estimate = index is not None and any(index.sketch_size(name)[0] for name in index.modules)
         layout = Layout(
             query_ids,
             blocks,
@@ -340,13 +340,17 @@ class _FromIndex:
             self.banks[todo] = self.bank(rows)
         out, variance = [], None
         for name, (head, tail) in self.banks[todo].items():
+            private = self.sketches[name].private
             stored = {k: torch.from_numpy(x).to(self.device) for k, x in self.index.rows(name, lo, hi).items()}
             total = torch.zeros(head.shape[0], hi - lo, device=self.device)
             if "values" in stored:
                 total += indexing.index_scores(head, stored["values"], stored["scale"])
             if tail is not None:
                 scores, more = indexing.sketch_scores(
-                    tail, indexing.dequantize(stored["sketch"], stored["sketch_scale"])
+                    tail,
+                    indexing.dequantize(stored["sketch"], stored["sketch_scale"], private),
+                    stored["sketch_scale"],
+                    private,
                 )
                 total += scores
                 variance = more if variance is None else variance + more  # independent sketches: variances add
