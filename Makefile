@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# The CPU wheel first (it lies on the build machine's disk); GPU users keep their own CUDA build.
 	$(PY) -m pip install -q torch==2.13.0 || $(PY) -m pip install -q "torch>=2.4"
-	$(PY) -m pip install -q -e ".[dev,analysis]"
+	$(PY) -m pip install -q -e ".[dev,analysis,corpora]"
 	touch $@
 
 setup: $(VENV)/.installed

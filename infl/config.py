@@ -249,7 +249,9 @@ _DTYPES = ("float32", "bfloat16")
 
 def _corpus(default: Any = MISSING, note: str = "") -> Any:
     return _location(
-        default, help="Training corpus: .jsonl (id, text) or .txt files; repeatable, or as arguments." + note
+        default,
+        help="Training corpus: .jsonl (id, text), .jsonl.gz, .jsonl.zst, .parquet or .txt files, a directory "
+        "of them or a datasets save_to_disk directory, or a quoted glob; repeatable, or as arguments." + note,
     )
 
 

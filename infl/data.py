@@ -1,23 +1,26 @@
 """Corpus and query readers, tokenisation, truncation and batching.
 
-A corpus is one or more shards: JSONL (one record per line, `id` and `text` fields, names
-configurable) or plain text (one sequence per line, or the whole file cut into windows of
-`max_length` tokens). Every record keeps a locator (shard, start, end) so reports can show its
-text later without copying the corpus into the scores artifact.
+A corpus is one or more shards (infl.corpora: JSONL, compressed or not, Parquet, a datasets
+directory, or plain text, one sequence per line or the whole file cut into windows of
+`max_length` tokens), records with `id` and `text` fields (names configurable). Every record keeps
+a locator (shard, start, end) so reports can show its text later without copying the corpus into
+the scores artifact.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from array import array
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from infl import corpora
 from infl.errors import BadInput
-from infl.hashing import note_file
+from infl.hashing import cached_file_sha256, note_file
 
 if TYPE_CHECKING:  # only `collate` needs torch: reading texts back (topk, infl.api) does not
     import torch
@@ -32,8 +35,9 @@ __all__ = [
     "read_corpus",
     "read_queries",
     "read_text",
+    "read_texts",
     "collate",
-    "shard_format",
+    "TokenTable",
     "file_sha256",
     "add_query",
     "token_pieces",
@@ -89,8 +93,8 @@ def appended(path: Path, end: int) -> Piece | None:
 class Corpus:
     shards: list[Shard]
     ids: list[str]
-    tokens: list[list[int]]
-    locators: np.ndarray  # [N, 3] int64: shard index, start, end (bytes; characters for windows)
+    tokens: TokenTable
+    locators: np.ndarray  # [N, 3] int64: shard index, start, end (bytes; characters for windows; rows)
     n_truncated: int = 0
     text_field: str = "text"
 
@@ -103,7 +107,7 @@ class Corpus:
         return Corpus(
             self.shards,
             [self.ids[i] for i in rows],
-            [self.tokens[i] for i in rows],
+            self.tokens.take(rows),
             self.locators[rows],
             0,
             self.text_field,
@@ -117,14 +121,6 @@ class Queries:
     completions: list[str]
     tokens: list[list[int]]
     n_prompt: list[int] = field(default_factory=list)  # tokens before the completion starts
-
-
-def shard_format(path: Path, split: str) -> str:
-    if path.suffix in (".jsonl", ".json"):
-        return "jsonl"
-    if split not in ("lines", "windows"):
-        raise BadInput(f"--split must be 'lines' or 'windows', not {split!r}")
-    return split
 
 
 def file_sha256(path: Path) -> str:
@@ -202,6 +198,85 @@ def _record_id(path: Path, number: int, record: dict, name: str) -> str:
     return _unicode(path, number, name, str(value))
 
 
+class TokenTable:
+    """The token ids of many sequences in two arrays, ids end to end (int32) and where each
+    sequence starts (int64): 4 bytes a token and 8 a sequence, where lists of Python ints take
+    about 36 a token. Indexing gives lists, as the model's batches are built from."""
+
+    def __init__(self, flat: np.ndarray, offsets: np.ndarray):
+        self.flat, self.offsets = flat, offsets
+
+    @classmethod
+    def of(cls, sequences: list[list[int]]) -> TokenTable:
+        lengths = np.fromiter((len(t) for t in sequences), dtype=np.int64, count=len(sequences))
+        flat = np.fromiter((i for t in sequences for i in t), dtype=np.int32, count=int(lengths.sum()))
+        return cls(flat, np.concatenate([[0], np.cumsum(lengths)]))
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, key):
+        if isinstance(key, slice):
+            return [self[i] for i in range(*key.indices(len(self)))]
+        return self.flat[self.offsets[key] : self.offsets[key + 1]].tolist()
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def first(self, n: int) -> TokenTable:
+        """The first n sequences (views of these arrays)."""
+        return TokenTable(self.flat[: self.offsets[n]], self.offsets[: n + 1])
+
+    def take(self, rows: np.ndarray) -> TokenTable:
+        """These sequences only, in this order."""
+        return TokenTable.of([self[int(i)] for i in rows])
+
+
+class _Tokens:
+    """A TokenTable built as records are read: texts are tokenised a batch at a time (the fast
+    tokenizer's batch call), truncated to max_length, and kept as int32, so that reading a corpus
+    holds its tokens and one batch of texts, never every text or Python ints."""
+
+    BATCH = 2048
+
+    def __init__(self, tokenizer, max_length: int):
+        self.tokenizer, self.max_length = tokenizer, max_length
+        self.texts: list[str] = []
+        self.parts: list[np.ndarray] = []
+        self.lengths: list[np.ndarray] = []
+        self.n_truncated = 0
+
+    def text(self, text: str) -> None:
+        self.texts.append(text)
+        if len(self.texts) >= self.BATCH:
+            self._flush()
+
+    def tokens(self, token_ids: list[int]) -> None:
+        self._flush()
+        self._add([token_ids])
+
+    def _flush(self) -> None:
+        if self.texts:
+            self._add(_encode(self.tokenizer, self.texts, add_special_tokens=True)["input_ids"])
+            self.texts = []
+
+    def _add(self, sequences: list[list[int]]) -> None:
+        self.n_truncated += sum(len(t) > self.max_length for t in sequences)
+        table = TokenTable.of([t[: self.max_length] for t in sequences])
+        self.parts.append(table.flat)
+        self.lengths.append(table.lengths)
+
+    def table(self) -> TokenTable:
+        self._flush()
+        lengths = np.concatenate(self.lengths) if self.lengths else np.zeros(0, dtype=np.int64)
+        flat = np.concatenate(self.parts) if self.parts else np.zeros(0, dtype=np.int32)
+        return TokenTable(flat, np.concatenate([[0], np.cumsum(lengths)]))
+
+
 def read_corpus(
     paths: list[Path | Piece],
     tokenizer,
@@ -210,44 +285,57 @@ def read_corpus(
     text_field: str = "text",
     id_field: str = "id",
 ) -> Corpus:
-    """Read, tokenise and truncate every shard (a file, or a `Piece` of one); ids must be unique
-    across shards."""
+    """Read, tokenise and truncate every shard (a file, or a `Piece` of one: see infl.corpora for
+    the formats); ids must be unique across shards."""
     shards: list[Shard] = []
     ids: list[str] = []
-    tokens: list[list[int] | None] = []  # None until the texts are tokenised in one batch below
-    texts: dict[int, str] = {}  # record position -> text
-    locators: list[tuple[int, int, int]] = []
+    tokens = _Tokens(tokenizer, max_length)
+    locators = array("q")  # shard, start, end of each record
     files: dict[Path, bytes] = {}  # a grown file is several pieces: read once
     for index, piece in enumerate(paths):
         piece = piece if isinstance(piece, Piece) else Piece(Path(piece))
         path = piece.path
-        if path not in files:
-            files[path] = _read_bytes(path)
-        whole = files[path]
-        stop = None if piece.size is None else piece.start + piece.size
-        data = whole[piece.start : stop]
-        fmt = shard_format(path, split)
+        if not path.is_file():
+            raise BadInput(f"{path}: no such file")
+        fmt = corpora.format_of(path, split)
         before = len(ids)
-        if fmt == "jsonl":
-            for number, start, end, line in _lines(whole, piece.start, stop):
+
+        def add(sequence_id: str, text: str, start: int, end: int) -> None:
+            ids.append(sequence_id)
+            tokens.text(text)
+            locators.extend((index, start, end))
+
+        if fmt in ("jsonl", "lines", "windows"):  # plain files: read whole, pieces of them by byte range
+            if path not in files:
+                files[path] = _read_bytes(path)
+            whole = files[path]
+            stop = None if piece.size is None else piece.start + piece.size
+            data = whole[piece.start : stop]
+            size, sha256 = len(data), hashlib.sha256(data).hexdigest()
+        else:  # compressed streams and tables: whole files, read as they stream
+            size, sha256 = path.stat().st_size, cached_file_sha256(path)
+        if fmt in ("jsonl", "jsonl.gz", "jsonl.zst"):
+            lines = _lines(whole, piece.start, stop) if fmt == "jsonl" else corpora.stream_lines(path, fmt)
+            for number, start, end, line in lines:
                 if not line.strip():
                     continue
                 record = _json_record(path, number, line)
-                ids.append(_record_id(path, number, record, id_field))
                 text = _field(path, number, record, text_field)
                 if not text.strip():  # no tokens to score (a blank line of a .txt file is skipped instead)
                     raise BadInput(f"{path}:{number}: field {text_field!r} is empty")
-                texts[len(tokens)] = text
-                tokens.append(None)
-                locators.append((index, start, end))
+                add(_record_id(path, number, record, id_field), text, start, end)
+        elif fmt in corpora.TABLES:
+            for row, sequence_id, text in corpora.table_records(path, fmt, text_field, id_field):
+                where = f"row {row}"
+                text = _field(path, where, {text_field: text}, text_field)
+                if not text.strip():
+                    raise BadInput(f"{path}:{where}: field {text_field!r} is empty")
+                add(_record_id(path, row, {id_field: sequence_id}, id_field), text, row, row + 1)
         elif fmt == "lines":
             for number, start, end, line in _lines(whole, piece.start, stop):
                 text = _decode(path, line, start, number).rstrip("\r\n")
                 if text.strip():
-                    ids.append(f"{path.name}:{number}")
-                    texts[len(tokens)] = text
-                    tokens.append(None)
-                    locators.append((index, start, end))
+                    add(f"{path.name}:{number}", text, start, end)
         else:
             text = _decode(path, data, piece.start)
             encoding = _encode(tokenizer, text, add_special_tokens=False, return_offsets_mapping=True)
@@ -255,11 +343,9 @@ def read_corpus(
             for w, lo in enumerate(range(0, len(token_ids), max_length)):
                 hi = min(lo + max_length, len(token_ids))
                 ids.append(f"{path.name}:w{w}")
-                tokens.append(token_ids[lo:hi])
-                locators.append((index, offsets[lo][0], offsets[hi - 1][1]))
-        shards.append(
-            Shard(str(path.resolve()), len(data), hashlib.sha256(data).hexdigest(), fmt, len(ids) - before, piece.start)
-        )
+                tokens.tokens(token_ids[lo:hi])
+                locators.extend((index, offsets[lo][0], offsets[hi - 1][1]))
+        shards.append(Shard(str(path.resolve()), size, sha256, fmt, len(ids) - before, piece.start))
     if not ids:
         raise BadInput(f"the corpus {', '.join(map(str, paths))} holds no sequence")
     seen: set[str] = set()
@@ -267,13 +353,9 @@ def read_corpus(
         if sequence_id in seen:
             raise BadInput(f"training sequence id {sequence_id!r} appears twice in the corpus")
         seen.add(sequence_id)
-    if texts:
-        encoded = _encode(tokenizer, list(texts.values()), add_special_tokens=True)["input_ids"]
-        for position, token_ids in zip(texts, encoded):
-            tokens[position] = token_ids
-    n_truncated = sum(len(t) > max_length for t in tokens)
-    tokens = [t[:max_length] for t in tokens]
-    return Corpus(shards, ids, tokens, np.asarray(locators, dtype=np.int64).reshape(-1, 3), n_truncated, text_field)
+    table = tokens.table()
+    locators = np.frombuffer(locators, dtype=np.int64).reshape(-1, 3).copy()
+    return Corpus(shards, ids, table, locators, tokens.n_truncated, text_field)
 
 
 def _decode(path: Path, data: bytes, offset: int = 0, line: int | None = None) -> str:
@@ -288,20 +370,34 @@ def _decode(path: Path, data: bytes, offset: int = 0, line: int | None = None) -
 
 def read_text(shard: Shard, start: int, end: int, text_field: str = "text") -> str:
     """The text of one record, read back through its locator."""
+    return read_texts(shard, [(start, end)], text_field)[0]
+
+
+def read_texts(shard: Shard, spans: list[tuple[int, int]], text_field: str = "text") -> list[str]:
+    """The texts of records of one shard, read back through their locators (start, end): by
+    offset from plain files, in one pass over a compressed stream or a table."""
     path = Path(shard.path)
     if not path.is_file():
-        return f"<{path} is gone>"
+        return [f"<{path} is gone>"] * len(spans)
+    changed = f"<{path} changed since it was scored>"
+    if shard.format in ("jsonl.gz", "jsonl.zst", *corpora.TABLES):
+        return [changed if t is None else t for t in corpora.read_spans(path, shard.format, spans, text_field)]
     if shard.format == "windows":  # offsets are characters of the decoded bytes, as scored (no newline translation)
-        return _decode(path, path.read_bytes())[start:end]
+        text = _decode(path, path.read_bytes())
+        return [text[start:end] for start, end in spans]
+    out = []
     with path.open("rb") as f:
-        f.seek(start)
-        line = f.read(end - start)
-    if shard.format == "jsonl":
-        try:
-            return json.loads(line)[text_field]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            return f"<{path} changed since it was scored>"
-    return line.decode("utf-8", errors="replace").rstrip("\r\n")
+        for start, end in spans:
+            f.seek(start)
+            line = f.read(end - start)
+            if shard.format == "lines":
+                out.append(line.decode("utf-8", errors="replace").rstrip("\r\n"))
+                continue
+            try:
+                out.append(json.loads(line)[text_field])
+            except (json.JSONDecodeError, KeyError, TypeError):
+                out.append(changed)
+    return out
 
 
 def read_queries(path: Path, tokenizer, max_length: int, start: int = 0) -> Queries:

@@ -46,6 +46,7 @@ ALLOWED = {
     "noop": {"infl.hashing"},  # up to date before torch, zarr or transformers load
     "api": {"numpy", "infl.artifacts", "infl.errors", "infl.analysis", "infl.config", "infl.report", "infl.stages"},
     "config": {"infl.errors", "infl.curvature"},
+    "corpora": {"pyarrow", "zstandard", "infl.errors", "infl.hashing"},  # formats: no torch, no tokenizer
     "cli": {
         "typer",
         "yaml",

@@ -425,8 +425,13 @@ def test_the_memory_notes_every_input_the_full_check_reads(workdir, tmp_path, me
     log = tmp_path / "opened.json"
     record = noop._record_path(Path(args[-1]))
     record.unlink(missing_ok=True)
+    scratch = tmp_path / "scratch"  # the temporary directory, which imports probe (dill, torch.utils.data)
+    scratch.mkdir()
     done = subprocess.run(
-        [sys.executable, "-c", AUDITED_RUN, log, stage, *map(str, args)], capture_output=True, text=True
+        [sys.executable, "-c", AUDITED_RUN, log, stage, *map(str, args)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TMPDIR": str(scratch)},
     )
     assert done.returncode == 0 and "up to date" in done.stderr, done.stderr
     noted = json.loads(record.read_text())
@@ -443,6 +448,7 @@ def test_the_memory_notes_every_input_the_full_check_reads(workdir, tmp_path, me
         "/etc",
         "/usr",
         tempfile.gettempdir() + "/torchinductor",
+        str(scratch),
     ]
     unnoted = [
         p

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from infl import curvature, data, engine, modeling, planning
+from infl import corpora, curvature, data, engine, modeling, planning
 from infl.artifacts import Identity, State, semantic_fields
 from infl.artifacts.factors import FactorsArtifact, PassState
 from infl.artifacts.index import IndexArtifact
@@ -75,7 +75,12 @@ class FitFactors(base.WritingStage):
     def _corpus(self, max_length: int) -> data.Corpus:
         cfg = self.cfg
         return data.read_corpus(
-            list(cfg.corpus), modeling.load_tokenizer(cfg.model), max_length, cfg.split, cfg.text_field, cfg.id_field
+            list(corpora.expand(cfg.corpus)),
+            modeling.load_tokenizer(cfg.model),
+            max_length,
+            cfg.split,
+            cfg.text_field,
+            cfg.id_field,
         )
 
     def plan(self) -> FitPlan | Outcome:
@@ -164,7 +169,10 @@ class _Fit:
 
     def __init__(self, art: FactorsArtifact, rt: Runtime, corpus: data.Corpus, n: int, cfg: FitConfig, g: Group):
         self.art, self.rt, self.corpus, self.cfg, self.g = art, rt, corpus, cfg, g
-        self.tokens, self.seeds = corpus.tokens[:n], [base.sequence_seed(cfg.seed, corpus.ids[i]) for i in range(n)]
+        self.tokens, self.seeds = (
+            corpus.tokens.first(n),
+            [base.sequence_seed(cfg.seed, corpus.ids[i]) for i in range(n)],
+        )
 
     def run(self, strategy, index_attrs: dict | None) -> None:
         parts = self._partitions(strategy)
@@ -210,7 +218,7 @@ class _Fit:
         if cfg.partitions is not None:
             count = cfg.partitions
         elif cfg.memory_budget is not None:
-            length = max(map(len, self.tokens))
+            length = int(self.tokens.lengths.max())
             activations = planning.activation_bytes(
                 planning.skeleton(self.rt.model.config, cfg.dtype), cfg.batch_size, length
             )

@@ -27,7 +27,11 @@ def _found(path: Path, requested: tuple[Path, ...]) -> Path:
 
 def corpus_paths(old: dict | None, requested: tuple[Path, ...]) -> tuple[Path, ...]:
     """The shards a chunked artifact is computed over: those it already holds (`old`: its
-    attributes, or None), in their order, then the requested ones it does not hold."""
+    attributes, or None), in their order, then the requested ones it does not hold (directories
+    and patterns expanded to their shards: infl.corpora)."""
+    from infl.corpora import expand
+
+    requested = expand(requested)
     held = [_found(Path(shard["path"]), requested) for shard in old["provenance"]["corpus"]] if old else []
     stored = {str(p) for p in held}
     return tuple(held) + tuple(p for p in requested if str(p.resolve()) not in stored)
@@ -37,8 +41,12 @@ def corpus_pieces(old: dict | None, requested: tuple[Path, ...]) -> tuple:
     """The shards a chunked artifact (scores, index) is computed over: those it already holds, in
     their order, each read as the bytes it held (their sha256 is checked against the held ones);
     then the lines appended since to a file it holds, as a shard of their own; then the requested
-    files it does not hold. A file that changed otherwise is read whole, so the check refuses it."""
+    files it does not hold. A file that changed otherwise is read whole, so the check refuses it.
+    Directories and patterns stand for their shards (infl.corpora)."""
+    from infl.corpora import expand
     from infl.data import Piece, appended
+
+    requested = expand(requested)
 
     held = (
         [
@@ -52,7 +60,9 @@ def corpus_pieces(old: dict | None, requested: tuple[Path, ...]) -> tuple:
     for path, start, size, _ in held:
         end[path] = max(end.get(path, 0), start + size)
     grown = {path: appended(path, at) for path, at in end.items()}
-    lines = {path for path, _, _, fmt in held if fmt != "windows"}  # windows of a longer text are other windows
+    # lines appended to a plain file are new records; windows of a longer text are other windows,
+    # and a compressed stream or a table that changed is another file (its sha256 refuses it)
+    lines = {path for path, _, _, fmt in held if fmt in ("jsonl", "lines")}
     pieces = [
         Piece(path, start, size if (path in lines and grown[path]) or not _longer(path, end[path]) else None)
         for path, start, size, _ in held

@@ -100,7 +100,7 @@ class Score(base.WritingStage):
             corpus = data.Corpus(
                 [data.Shard(**shard) for shard in index.provenance["corpus"]],
                 index.all_train_ids(),
-                [],
+                data.TokenTable.of([]),  # scored from the index: no tokens read
                 index.all_locators(),
             )
             grown["index_fingerprint"] = index.fingerprint
@@ -280,7 +280,7 @@ class _FromModel:
         if budget is None:
             return loaders.query_bank(self.source, self.rt.device, rows)
         bank = loaders.query_bank(self.source, self.rt.device, rows, expand_bytes=0)
-        length = max(map(len, self.corpus.tokens), default=1)
+        length = int(self.corpus.tokens.lengths.max(initial=1))
         bank.expand(
             planning.expand_room(
                 budget,

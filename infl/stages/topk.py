@@ -36,12 +36,12 @@ def _records(scores: ScoresArtifact, indices: np.ndarray) -> list[tuple[str, boo
     shards = [data.Shard(**s) for s in scores.provenance["corpus"]]
     text_field = scores.config.get("text_field", "text")
     locators = scores.locators(indices)
-    for shard in sorted({shard for shard, _, _ in locators}):
+    texts = {}
+    for shard in sorted({int(shard) for shard, _, _ in locators}):
         _check_shard(shards[shard], scores)
-    return [
-        (data.read_text(shards[shard], start, end, text_field), shards[shard].format == "windows")
-        for shard, start, end in locators
-    ]
+        spans = [(int(start), int(end)) for s, start, end in locators if s == shard]
+        texts |= {(shard, *span): text for span, text in zip(spans, data.read_texts(shards[shard], spans, text_field))}
+    return [(texts[(int(s), int(a), int(b))], shards[int(s)].format == "windows") for s, a, b in locators]
 
 
 def _check_shard(shard: data.Shard, scores: ScoresArtifact) -> None:

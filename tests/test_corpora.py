@@ -1,0 +1,177 @@
+"""Corpora as they ship (issue #24): compressed JSONL, Parquet, datasets directories, directories
+and patterns of shards, read to the same sequences and scores; what is not a corpus refused in one
+line."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import numpy as np
+import pytest
+from conftest import SENTENCES, make_tokenizer, write_jsonl
+from test_cli import infl, one_line_error, pipeline
+from test_resume import kill_when
+
+from infl import artifacts, data
+
+pa = pytest.importorskip("pyarrow")
+pq = pytest.importorskip("pyarrow.parquet")
+zstandard = pytest.importorskip("zstandard")
+datasets = pytest.importorskip("datasets")
+
+ROWS = [{"id": f"s{i}", "text": t} for i, t in enumerate(SENTENCES)]
+
+
+def write_format(kind: str, where, rows=ROWS):
+    """`rows` written as a corpus of this kind under `where`; the path to give --corpus."""
+    where.mkdir(parents=True, exist_ok=True)
+    lines = "".join(json.dumps(r) + "\n" for r in rows).encode()
+    if kind == "jsonl":
+        return write_jsonl(where / "c.jsonl", rows)
+    if kind == "jsonl.gz":
+        (where / "c.jsonl.gz").write_bytes(gzip.compress(lines))
+        return where / "c.jsonl.gz"
+    if kind == "jsonl.zst":
+        (where / "c.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(lines))
+        return where / "c.jsonl.zst"
+    if kind == "parquet":  # a directory of two files, of several row groups each
+        (where / "p").mkdir()
+        half = len(rows) // 2
+        for name, part in (("part-0.parquet", rows[:half]), ("part-1.parquet", rows[half:])):
+            pq.write_table(pa.Table.from_pylist(part), where / "p" / name, row_group_size=4)
+        return where / "p"
+    if kind == "dataset":
+        datasets.Dataset.from_list(rows).save_to_disk(str(where / "d"), num_shards=2)
+        return where / "d"
+    raise ValueError(kind)
+
+
+KINDS = ("jsonl", "jsonl.gz", "jsonl.zst", "parquet", "dataset")
+
+
+@pytest.fixture(scope="module")
+def built(workdir, tmp_path_factory):
+    return pipeline(workdir, tmp_path_factory.mktemp("corpora"))
+
+
+def test_every_format_gives_the_same_sequences_scores_and_texts(workdir, built, tmp_path):
+    tokenizer = make_tokenizer()
+    reference = None
+    for kind in KINDS:
+        path = write_format(kind, tmp_path / kind)
+        corpus = data.read_corpus(list(data_files(path)), tokenizer, 32)
+        assert corpus.ids == [r["id"] for r in ROWS], kind
+        assert list(corpus.tokens) == [tokenizer(r["text"])["input_ids"] for r in ROWS], kind
+        out = tmp_path / f"{kind}.zarr"
+        scored = infl("score", "--queries", built / "q.zarr", "--corpus", path, "--out", out)
+        assert scored.exit_code == 0, scored.output
+        total = np.asarray(artifacts.open_complete(out, "scores")["total"][...])
+        top = infl("topk", "--scores", out, "-k", "12", "--format", "json")
+        assert top.exit_code == 0, (kind, top.output)
+        shown = json.loads(top.stdout)
+        texts = {h["train_id"]: h["text"] for h in shown}
+        assert texts == {r["id"]: r["text"] for r in ROWS}, kind  # read back through each format's locators
+        if reference is None:
+            reference = total
+        np.testing.assert_array_equal(total, reference, err_msg=kind)  # bit for bit
+
+
+def data_files(path):
+    from infl import corpora
+
+    return corpora.expand((path,))
+
+
+@pytest.mark.parametrize("kind", ["jsonl.gz", "jsonl.zst", "parquet", "dataset"])
+def test_an_edited_record_is_refused_in_every_format(workdir, built, tmp_path, kind):
+    path = write_format(kind, tmp_path / "a")
+    out = tmp_path / "s.zarr"
+    assert infl("score", "--queries", built / "q.zarr", "--corpus", path, "--out", out).exit_code == 0
+    edited = [dict(r, text=r["text"].replace("cat", "dog")) for r in ROWS]
+    moved = write_format(kind, tmp_path / "b", edited)
+    for old, new in zip(data_files(path), data_files(moved)):  # the same names, other bytes
+        old.write_bytes(new.read_bytes())
+    line = one_line_error(infl("topk", "--scores", out))
+    assert "changed since it was scored" in line
+    again = infl("score", "--queries", built / "q.zarr", "--corpus", path, "--out", out)
+    assert again.exit_code == 1 and "corpus" in again.output, again.output
+
+
+def test_what_is_not_a_corpus_gets_one_line(workdir, built, tmp_path):
+    score = ["score", "--queries", built / "q.zarr", "--out", tmp_path / "s.zarr", "--corpus"]
+    csv = tmp_path / "c.csv"
+    csv.write_text("id,text\n" + "".join(f"s{i},{t}\n" for i, t in enumerate(SENTENCES)))
+    assert "is not a corpus format infl reads" in one_line_error(infl(*score, csv))
+    empty = tmp_path / "empty.parquet"
+    pq.write_table(pa.table({"id": pa.array([], pa.string()), "text": pa.array([], pa.string())}), empty)
+    assert "holds no sequence" in one_line_error(infl(*score, empty))
+    other = tmp_path / "other.parquet"
+    pq.write_table(pa.Table.from_pylist([{"id": "a", "body": "the cat"}]), other)
+    line = one_line_error(infl(*score, other))
+    assert "no column 'text'" in line and "body" in line
+    nulls = tmp_path / "nulls.parquet"
+    pq.write_table(pa.Table.from_pylist([{"id": "a", "text": "the cat"}, {"id": "b", "text": None}]), nulls)
+    assert "row 1" in one_line_error(infl(*score, nulls))
+    dataset = write_format("dataset", tmp_path / "ds")
+    for arrow in dataset.glob("*.arrow"):
+        arrow.unlink()
+    assert "is missing" in one_line_error(infl(*score, dataset))
+    (tmp_path / "bare").mkdir()
+    (tmp_path / "bare" / "data-00000-of-00001.arrow").write_bytes(b"")
+    assert "without the state.json" in one_line_error(infl(*score, tmp_path / "bare"))
+    mixed = write_format("parquet", tmp_path / "mixed")
+    (mixed / "notes.md").write_text("not a shard")
+    assert "notes.md" in one_line_error(infl(*score, mixed))
+    assert "nothing-*.parquet: no such file" in one_line_error(infl(*score, tmp_path / "nothing-*.parquet"))
+    broken = tmp_path / "broken.jsonl.gz"
+    broken.write_bytes(gzip.compress(b'{"id": "a", "text": "the cat"}\n')[:-9])
+    assert "not a readable gz stream" in one_line_error(infl(*score, broken))
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_a_pattern_names_the_shards_it_matches_and_more_shards_grow_the_scores(workdir, built, tmp_path):
+    first = write_format("parquet", tmp_path / "a")
+    pattern = tmp_path / "a" / "p" / "*.parquet"
+    out = tmp_path / "s.zarr"
+    scored = infl("score", "--queries", built / "q.zarr", "--corpus", str(pattern), "--out", out)
+    assert scored.exit_code == 0, scored.output
+    again = infl("score", "--queries", built / "q.zarr", "--corpus", first, "--out", out)  # the directory
+    assert again.exit_code == 0 and "up to date" in again.output, again.output
+    more = [{"id": f"t{i}", "text": t} for i, t in enumerate(SENTENCES[:5])]
+    pq.write_table(pa.Table.from_pylist(more), first / "part-2.parquet")
+    grown = infl("score", "--queries", built / "q.zarr", "--corpus", str(pattern), "--out", out)
+    assert grown.exit_code == 0 and "adding 5 sequences" in grown.output, grown.output
+    ids = artifacts.open_complete(out, "scores")["train_ids"][...].tolist()
+    assert ids == [r["id"] for r in ROWS] + [r["id"] for r in more]
+    # remembered as up to date (infl.noop), and a shard added to the directory is seen as a change
+    assert "up to date" in infl("score", "--queries", built / "q.zarr", "--corpus", first, "--out", out).output
+    pq.write_table(pa.Table.from_pylist([{"id": "u0", "text": SENTENCES[0]}]), first / "part-3.parquet")
+    last = infl("score", "--queries", built / "q.zarr", "--corpus", first, "--out", out)
+    assert last.exit_code == 0 and "adding 1 sequences" in last.output, last.output
+
+
+def test_a_killed_score_over_a_parquet_directory_resumes_to_identical_scores(workdir, built, tmp_path):
+    rows = [{"id": f"s{i}", "text": SENTENCES[i % 12] + f" {i % 7}"} for i in range(240)]
+    path = write_format("parquet", tmp_path / "c", rows)
+    args = ["score", "--queries", built / "q.zarr", "--corpus", path, "--chunk-size", "4", "--batch-size", "2"]
+    assert infl(*args, "--out", tmp_path / "ref.zarr").exit_code == 0
+    out = tmp_path / "killed.zarr"
+    kill_when([*args, "--out", out], lambda: len(list((out / "done" / "c").glob("*/*"))) >= 5)
+    assert not (out / "COMPLETE.json").exists()
+    resumed = infl(*args, "--out", out)
+    assert resumed.exit_code == 0 and "chunks done" in resumed.output, resumed.output
+    ref, got = artifacts.open_complete(tmp_path / "ref.zarr", "scores"), artifacts.open_complete(out, "scores")
+    for key in ("total", "per_module"):
+        np.testing.assert_array_equal(np.asarray(got[key][...]), np.asarray(ref[key][...]))
+
+
+def test_tokens_are_held_as_int32_arrays_not_python_lists(tmp_path):
+    tokenizer = make_tokenizer()
+    rows = [{"id": f"s{i}", "text": SENTENCES[i % 12]} for i in range(5000)]
+    corpus = data.read_corpus([write_jsonl(tmp_path / "many.jsonl", rows)], tokenizer, 4)
+    assert corpus.tokens.flat.dtype == np.int32 and len(corpus.tokens) == 5000
+    assert corpus.tokens.flat.nbytes == 4 * int(corpus.tokens.lengths.sum())
+    assert corpus.n_truncated == sum(len(tokenizer(r["text"])["input_ids"]) > 4 for r in rows)
+    assert corpus.tokens[7] == tokenizer(rows[7]["text"])["input_ids"][:4]
+    assert corpus.subset(np.array([3, 1])).tokens[:] == [corpus.tokens[3], corpus.tokens[1]]
