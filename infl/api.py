@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from infl.artifacts.scores import ScoresArtifact
-from infl.errors import BadInput
+from infl.errors import BadInput, IncompatibleArtifact
 
 __all__ = ["open_scores", "info", "ScoresView"]
 
@@ -49,10 +49,21 @@ class ScoresView:
 
     def __init__(self, scores: ScoresArtifact):
         self._scores = scores
+        self._state = _state(scores.path)  # the artifact as it was opened: every read checks it still is
+
+    def _pinned(self) -> ScoresArtifact:
+        """The artifact, refused once it is no longer what was opened (a run appending to it or
+        recomputing it: its rows and ids may have moved), rather than a mix of two states."""
+        if _state(self.path) != self._state:
+            raise IncompatibleArtifact(
+                f"{self.path} changed since this view was opened (another run wrote it)",
+                hint="open it again: infl.open_scores(path)",
+            )
+        return self._scores
 
     def __repr__(self) -> str:
         what = "self-influence" if self.is_self else f"{len(self.query_ids)} queries"
-        return f"<ScoresView {self.path}: {what} x {self._scores.n_sequences} sequences, {len(self.modules)} modules>"
+        return f"<ScoresView {self.path}: {what} x {self._pinned().n_sequences} sequences, {len(self.modules)} modules>"
 
     @property
     def path(self) -> Path:
@@ -61,32 +72,33 @@ class ScoresView:
     @property
     def is_self(self) -> bool:
         """Whether these are self-influence scores (`infl score --self`): one row per sequence, no queries."""
-        return self._scores.is_self
+        return self._pinned().is_self
 
     @cached_property
     def query_ids(self) -> list[str]:
         """The rows of `total()`, in order."""
-        return self._scores.query_ids()
+        return self._pinned().query_ids()
 
     @cached_property
     def train_ids(self) -> list[str]:
         """The columns of `total()`: training sequence ids, in corpus order (a position is an index here)."""
-        return self._scores.all_train_ids()
+        return self._pinned().all_train_ids()
 
     @cached_property
     def modules(self) -> list[str]:
         """The rows of `per_module()`: the tracked modules, in order."""
-        return self._scores.modules
+        return self._pinned().modules
 
     @property
     def estimate(self) -> str | None:
         """What makes these scores estimates, in one line (scored from a sketched index; see
         `standard_error()`), or None when they are exact."""
-        return self._scores.estimate
+        return self._pinned().estimate
 
     def standard_error(self, query: str) -> np.ndarray | None:
         """[N] one standard error of each of a query's estimated scores (None: exact scores)."""
-        return self._scores.stderr(self._row(query), np.arange(self._scores.n_sequences))
+        scores = self._pinned()
+        return scores.stderr(self._row(query), np.arange(scores.n_sequences))
 
     @property
     def unit(self) -> str:
@@ -96,15 +108,18 @@ class ScoresView:
     def total(self, query: str | None = None) -> np.ndarray:
         """Scores, float64: [N] for one query id, or [Q, N] for all (rows as `query_ids`)."""
         if query is None:
-            return self._scores.columns(0, self._scores.n_sequences).astype(np.float64)
-        return self._scores.total(self._row(query))
+            scores = self._pinned()
+            return scores.columns(0, scores.n_sequences).astype(np.float64)
+        return self._pinned().total(self._row(query))
 
     def per_module(self, query: str | None = None) -> np.ndarray:
         """Scores per tracked module, float64: [M, N] for one query id, or [M, Q, N] for all; they
         sum over modules to `total()` up to float32 rounding."""
         if query is None:
-            return self._scores.columns(0, self._scores.n_sequences, per_module=True).astype(np.float64)
-        return self._scores.per_module(self._row(query), np.arange(self._scores.n_sequences))
+            scores = self._pinned()
+            return scores.columns(0, scores.n_sequences, per_module=True).astype(np.float64)
+        scores = self._pinned()
+        return scores.per_module(self._row(query), np.arange(scores.n_sequences))
 
     def texts(self, positions) -> list[str]:
         """The training texts at these positions (indices into `train_ids`), read back from the
@@ -112,12 +127,12 @@ class ScoresView:
         from infl.stages.topk import texts_of
 
         indices = np.asarray(positions, dtype=np.int64).reshape(-1)
-        N = self._scores.n_sequences
+        N = self._pinned().n_sequences
         if ((indices < 0) | (indices >= N)).any():
             raise BadInput(
                 f"position {int(indices[(indices < 0) | (indices >= N)][0])} is outside the {N} scored sequences"
             )
-        return texts_of(self._scores, indices)
+        return texts_of(self._pinned(), indices)
 
     def topk(
         self,
@@ -156,6 +171,7 @@ class ScoresView:
             device=device,
             text=text,
         )
+        self._pinned()
         return topk_records(stage.run(cfg), _unit(train_size))
 
     def queries(self) -> list[dict]:
@@ -164,10 +180,23 @@ class ScoresView:
         its gradient the low-rank modules keep (`kept_min`, `kept_mean`); [] for self-influence."""
         if self.is_self:
             return []
-        return self._scores.parent("queries").listing()
+        return self._pinned().parent("queries").listing()
 
     def _row(self, query: str) -> int:
         from infl.analysis.results import query_rows
 
-        ((row, _),) = query_rows(self._scores, (query,))
+        ((row, _),) = query_rows(self._pinned(), (query,))
         return row
+
+
+def _state(path: Path) -> tuple:
+    """What says a finished artifact is the one opened: its COMPLETE.json (rewritten by every run
+    that finishes it, removed while one works on it) and its root attributes' fingerprint."""
+    from infl.artifacts import COMPLETE, read_attrs
+
+    try:
+        complete = (path / COMPLETE).read_bytes()
+    except OSError:
+        complete = None
+    attrs = read_attrs(path) or {}
+    return complete, attrs.get("fingerprint"), attrs.get("uid")

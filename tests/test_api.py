@@ -165,3 +165,22 @@ def test_the_package_lists_its_api():
     assert infl.open_scores is infl.api.open_scores and infl.ScoresView is infl.api.ScoresView
     with pytest.raises(AttributeError):
         infl.no_such_name
+
+
+def test_a_view_is_pinned_to_the_artifact_it_opened(workdir, tmp_path):
+    """A view opened before a run appends to its artifact refuses every read after (its rows and
+    ids have moved), never a mix of the two states; opened again, it reads the grown artifact."""
+    from conftest import SENTENCES, write_jsonl
+
+    pipeline(workdir, tmp_path)
+    view = infl.open_scores(tmp_path / "s.zarr")
+    before = view.total()
+    more = write_jsonl(tmp_path / "more.jsonl", [{"id": f"m{i}", "text": t} for i, t in enumerate(SENTENCES[:3])])
+    score = ["score", "--queries", tmp_path / "q.zarr", "--out", tmp_path / "s.zarr"]
+    assert cli(*score, "--corpus", workdir / "corpus.jsonl", "--corpus", more).exit_code == 0
+    for read in (view.total, lambda: view.per_module(view.query_ids[0]), lambda: view.texts([0]), view.topk):
+        with pytest.raises(IncompatibleArtifact, match="changed since this view was opened"):
+            read()
+    again = infl.open_scores(tmp_path / "s.zarr")
+    assert again.total().shape == (before.shape[0], before.shape[1] + 3)
+    np.testing.assert_array_equal(again.total()[:, : before.shape[1]], before)

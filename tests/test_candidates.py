@@ -165,3 +165,63 @@ def test_score_takes_only_the_candidates_and_topk_ranks_each_query_among_its_own
             "body",
         )
     )  # the corpus read another way than the candidates'
+
+
+def test_candidates_of_other_query_texts_under_the_same_ids_are_refused(workdir, tmp_path):
+    """Lists are matched to queries by their text, not by their id alone (issue #28, class 5)."""
+    from conftest import QUERIES
+
+    pipeline(workdir, tmp_path)
+    other = write_jsonl(tmp_path / "other.jsonl", [dict(q, completion=" the river flows") for q in QUERIES])
+    cand = ["candidates", "--model", workdir / "gpt2", "--corpus", workdir / "corpus.jsonl", "--top", "3"]
+    assert infl(*cand, "--queries", other, "--out", tmp_path / "c.zarr").exit_code == 0
+    score = ["score", "--queries", tmp_path / "q.zarr", "--corpus", workdir / "corpus.jsonl", "--out", tmp_path / "x"]
+    line = one_line_error(infl(*score, "--candidates", tmp_path / "c.zarr"))
+    assert f"made the candidates of query {QUERIES[0]['id']!r} from another text of it" in line
+    assert infl(*cand, "--queries", workdir / "queries.jsonl", "--out", tmp_path / "c2.zarr").exit_code == 0
+    assert infl(*score, "--candidates", tmp_path / "c2.zarr").exit_code == 0
+
+
+def test_under_candidates_shares_and_sparsity_are_among_each_querys_own(workdir, tmp_path):
+    """topk ranks a query among its own candidates: sparsity (and the report, which uses it) takes
+    its shares over the same sequences, so the top sequence's share and the top 1 % agree."""
+    pipeline(workdir, tmp_path)
+    cand = ["candidates", "--model", workdir / "gpt2", "--queries", workdir / "queries.jsonl"]
+    assert infl(*cand, "--corpus", workdir / "corpus.jsonl", "--top", "3", "--out", tmp_path / "c.zarr").exit_code == 0
+    scored = [
+        "score",
+        "--queries",
+        tmp_path / "q.zarr",
+        "--corpus",
+        workdir / "corpus.jsonl",
+        "--candidates",
+        tmp_path / "c.zarr",
+        "--out",
+        tmp_path / "sc.zarr",
+    ]
+    assert infl(*scored).exit_code == 0
+    hits = json.loads(infl("topk", "--scores", tmp_path / "sc.zarr", "-k", "1", "--format", "json").stdout)
+    shares = json.loads(infl("sparsity", "--scores", tmp_path / "sc.zarr", "--format", "json").stdout)
+    assert len(hits) == len(shares) == 3
+    for hit, row in zip(hits, shares):
+        assert row["query_id"] == hit["query_id"] and row["n_sequences"] == 3
+        if hit["score"] > 0:
+            assert math.isclose(row["top_1"], hit["share"], rel_tol=1e-5), (row, hit)
+
+
+def test_a_failed_candidates_run_takes_the_fixed_file_or_another_one_next_time(workdir, tmp_path):
+    from conftest import SENTENCES
+
+    rows = [{"id": f"s{i}", "text": t} for i, t in enumerate(SENTENCES)]
+    bad = tmp_path / "c.jsonl"
+    bad.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"id": broken\n')
+    cand = ["candidates", "--model", workdir / "gpt2", "--queries", workdir / "queries.jsonl", "--top", "2"]
+    assert "malformed JSON" in one_line_error(infl(*cand, "--corpus", bad, "--out", tmp_path / "a.zarr"))
+    write_jsonl(bad, rows)  # fixed in place
+    fixed = infl(*cand, "--corpus", bad, "--out", tmp_path / "a.zarr")
+    assert fixed.exit_code == 0 and "of 12 sequences" in fixed.output, fixed.output
+    bad.write_text(bad.read_text() + '{"id": broken\n')
+    assert "malformed JSON" in one_line_error(infl(*cand, "--corpus", bad, "--out", tmp_path / "b.zarr"))
+    other = write_jsonl(tmp_path / "other.jsonl", rows[:5])
+    instead = infl(*cand, "--corpus", other, "--out", tmp_path / "b.zarr")  # another file: that one alone
+    assert instead.exit_code == 0 and "of 5 sequences" in instead.output, instead.output

@@ -37,7 +37,7 @@ ALLOWED = {
     },
     "analysis/sparsity": {"numpy", "powerlaw"},  # maximum-likelihood fits, no files
     "report/__init__": {"rich", "numpy", "infl.analysis", "infl.outputs"},
-    "report/figures": {"numpy", "matplotlib", "infl.report"},
+    "report/figures": {"numpy", "matplotlib", "infl.report", "infl.outputs"},
     "report/page": {"jinja2", "markupsafe", "infl.report", "infl.outputs"},
     "console": {"rich", "infl.outputs"},  # printable: the one escaping of text from data
     "errors": set(),

@@ -116,3 +116,29 @@ def test_the_report_renders_in_a_real_browser(report, tmp_path):
     pixels = matplotlib.image.imread(shot)[..., :3]
     assert pixels.std() > 0.05  # not blank: text, tables and figures were painted
     assert (pixels < 0.5).mean() > 0.01  # dark text on the white page
+
+
+def test_figures_draw_control_characters_of_ids_as_escapes(monkeypatch):
+    """Every text a figure draws passes outputs.printable, whichever figure and wherever the text
+    sits (title, tick, label): checked on the figure as it is saved, and no warning carries a raw one."""
+    import warnings
+
+    from matplotlib.figure import Figure
+    from matplotlib.text import Text
+
+    from infl.analysis.results import LayerTable
+    from infl.report import figures
+
+    drawn = []
+    save = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: drawn.extend(fig.findobj(Text)) or save(fig, *a, **k))
+    hostile = "id\x1b[2J\x1b]0;title\x07"
+    table = LayerTable(hostile, ["transformer.h.0.mlp"], [hostile, "s1"], [1.0, 0.5], np.array([[1.0, 0.5]]))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        png = figures.layer_heatmap_png([table], "unit")
+    assert png.startswith(b"\x89PNG")
+    texts = [t.get_text() for t in drawn]
+    assert any("\\u001b[2J" in t for t in texts), texts  # drawn, as its escape
+    assert not any(ch in t for t in texts for ch in "\x1b\x07")
+    assert not any(ch in str(w.message) for w in caught for ch in "\x1b\x07")

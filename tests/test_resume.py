@@ -67,6 +67,36 @@ def test_a_second_writer_is_refused_with_exit_75(workdir, tmp_path):
     assert result.exit_code == 0, result.output  # released when the holder is done
 
 
+HOLD_LOCK = """
+import sys, time
+from pathlib import Path
+from infl import artifacts
+with artifacts.lock(Path(sys.argv[1])):
+    print("held", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_an_artifact_another_run_rewrites_is_read_by_no_one_exit_75(workdir, tmp_path):
+    """fit-factors --force rewrites the factors under its lock: build-query refuses to read them
+    meanwhile (exit 75, naming the holder), never a traceback or a mix of two fits."""
+    pipeline(workdir, tmp_path)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(tmp_path / "f.zarr")], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        build = ["build-query", "--factors", tmp_path / "f.zarr", "--queries", workdir / "queries.jsonl"]
+        line = one_line_error(infl(*build, "--out", tmp_path / "q2.zarr"), code=75)
+        assert f"f.zarr is being written by pid {holder.pid}" in line
+        layers = infl("layerwise", "--scores", tmp_path / "s.zarr", "--format", "json")  # reads no factors
+        assert layers.exit_code == 0, layers.output
+    finally:
+        holder.kill()
+        holder.wait()
+    assert infl(*build, "--out", tmp_path / "q2.zarr").exit_code == 0  # the holder is gone
+
+
 def test_a_run_waits_for_writers_of_an_earlier_run(workdir, tmp_path):
     """Ranks of a group whose main rank died may still write for a moment: a new run refuses."""
     pipeline(workdir, tmp_path)

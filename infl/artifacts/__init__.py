@@ -140,6 +140,34 @@ def _lock_path(path: Path) -> Path:
     return lock_path
 
 
+_HELD: set[str] = set()  # the lock files this process holds (its own outputs)
+
+
+def being_written(path: Path) -> str | None:
+    """Who holds another run's lock on the artifact at `path` (it rewrites it: read nothing of it
+    now), or None. Never creates the lock file."""
+    lock_path = path.with_name(path.name + ".lock")
+    if str(lock_path.absolute()) in _HELD:
+        return None
+    try:
+        f = open(lock_path)
+    except OSError:
+        return None
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return f.read().strip() or "another process"
+        fcntl.flock(f, fcntl.LOCK_UN)
+    return None
+
+
+def _check_not_being_written(path: Path) -> None:
+    holder = being_written(path)
+    if holder is not None:
+        raise ArtifactLocked(f"{path} is being written by {holder}", hint="retry when that run is done")
+
+
 @contextmanager
 def lock(path: Path, wait: bool = False) -> Iterator[None]:
     """Hold `<artifact>.lock` (flock) while writing the artifact: a second run fails at once with
@@ -175,9 +203,11 @@ def lock(path: Path, wait: bool = False) -> Iterator[None]:
         f.truncate()
         f.write(f"pid {os.getpid()} on {socket.gethostname()}")
         f.flush()
+        _HELD.add(str(lock_path.absolute()))
         try:
             yield
         finally:
+            _HELD.discard(str(lock_path.absolute()))
             try:
                 fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 1)  # no rank of this run writes any more
                 lock_path.unlink(missing_ok=True)
@@ -319,7 +349,9 @@ class Artifact:
     @classmethod
     def open(cls, path: Path):
         """A finished artifact of this kind, read only, whose attributes are those it was finished
-        with (they, and the set of its arrays, match the manifest digest in COMPLETE.json)."""
+        with (they, and the set of its arrays, match the manifest digest in COMPLETE.json);
+        refused while another run rewrites it."""
+        _check_not_being_written(path)
         art = cls(path, open_complete(path, cls.kind))
         hashing.note_artifact(path)
         problem = art.problem()
@@ -555,6 +587,7 @@ class Artifact:
         try:
             return (self.group if where is None else where)[name]
         except KeyError:
+            _check_not_being_written(self.path)  # rewritten since it was opened, not damaged
             raise IncompatibleArtifact(f"{self.path}: array {name} is missing", hint=_DAMAGED_HINT) from None
         except (ValueError, OSError, TypeError) as e:  # a damaged zarr.json of the array
             raise IncompatibleArtifact(
@@ -607,9 +640,11 @@ class Artifact:
                 return integrity.checked_read(self.group, self.uid, array, index)
             except integrity.Damaged as e:
                 if attempt == 2:
+                    _check_not_being_written(self.path)
                     raise IncompatibleArtifact(f"{self.path}/{e}", hint=_DAMAGED_HINT) from None
                 time.sleep(0.05)
             except (RuntimeError, ValueError, KeyError, OSError) as e:  # undecodable chunk, or broken metadata
+                _check_not_being_written(self.path)
                 raise IncompatibleArtifact(
                     f"{self.path}/{array.path} is damaged ({type(e).__name__}: {e})", hint=_DAMAGED_HINT
                 ) from None

@@ -7,6 +7,7 @@ Layout:
                      tokenizer, queries file, corpus shards by sha256), base_fingerprint, fingerprint,
                      n_records (per shard, once read)
   query_ids [Q]      str
+  query_digests [Q]  str: sha256 of each query's prompt and completion, the text its list was made from
   indices [Q, n]     int64: positions in the corpus (its shards in order, their records in order), best first
   bm25 [Q, n]        float32: their scores
   terms/<k>/offsets [records + 1] int64, terms/<k>/ids [nnz] int32: shard k's documents' distinct
@@ -16,18 +17,24 @@ Layout:
 from __future__ import annotations
 
 import hashlib
+import json
 
 import numpy as np
 
 from infl.artifacts import Artifact, integrity
 from infl.errors import IncompatibleArtifact
 
-__all__ = ["CandidatesArtifact", "rows_digest"]
+__all__ = ["CandidatesArtifact", "rows_digest", "query_digest"]
 
 
 def rows_digest(rows: np.ndarray) -> str:
     """What identifies a selection of corpus positions (recorded by the scores made on it)."""
     return hashlib.sha256(np.asarray(rows, dtype=np.int64).tobytes()).hexdigest()
+
+
+def query_digest(prompt: str, completion: str) -> str:
+    """What identifies a query's text (its candidates are made from it), whatever its id."""
+    return hashlib.sha256(json.dumps([prompt, completion]).encode()).hexdigest()
 
 
 class CandidatesArtifact(Artifact):
@@ -57,8 +64,9 @@ class CandidatesArtifact(Artifact):
         self._write("offsets", offsets, where=where)
         where.attrs["sha256"] = sha256  # last: terms are used only once whole
 
-    def write_lists(self, query_ids: list[str], indices: np.ndarray, scores: np.ndarray) -> None:
+    def write_lists(self, query_ids: list[str], digests: list[str], indices: np.ndarray, scores: np.ndarray) -> None:
         self._write("query_ids", np.array(query_ids, dtype=object))
+        self._write("query_digests", np.array(digests, dtype=object))
         self._write("indices", indices.astype(np.int64))
         self._write("bm25", scores.astype(np.float32))
 
@@ -89,6 +97,17 @@ class CandidatesArtifact(Artifact):
             )
         return self._read("indices", ids.index(query_id))
 
+    def check_queries(self, texts: list[tuple[str, str, str]]) -> None:
+        """Each of these queries (id, prompt, completion) has candidates made from this very text,
+        not from another query under its id."""
+        held = dict(zip(self.query_ids(), self._strings("query_digests")))
+        for query_id, prompt, completion in texts:
+            if query_id in held and held[query_id] != query_digest(prompt, completion):
+                raise IncompatibleArtifact(
+                    f"{self.path} made the candidates of query {query_id!r} from another text of it",
+                    hint="build the candidates with the queries file the scores' queries were built from",
+                )
+
     def union(self, query_ids: list[str]) -> np.ndarray:
         """The corpus positions that are a candidate of any of `query_ids`, in corpus order."""
         return np.unique(np.concatenate([self.of(q) for q in query_ids])) if query_ids else np.zeros(0, np.int64)
@@ -116,4 +135,6 @@ class CandidatesArtifact(Artifact):
             or self.group["indices"].shape[0] != self.group["query_ids"].shape[0]
         ):
             return "its candidate lists are missing or incomplete"
+        if "query_digests" not in self.group:  # before issue #28: lists matched to queries by id alone
+            return "it was built by an earlier infl, which did not record the query texts its lists were made from"
         return ""

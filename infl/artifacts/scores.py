@@ -202,6 +202,22 @@ class ScoresArtifact(ChunkedArtifact):
         """[len(columns)] standard errors of one query's estimated scores (None: exact scores)."""
         return self._read("stderr", (row, columns)).astype(np.float64) if "stderr" in self.group else None
 
+    def own_columns(self, rows) -> dict[int, np.ndarray] | None:
+        """Scores made with `score --candidates`: per query row (rows: (row, query id) pairs), the
+        columns of its own candidates (the artifact holds the union of every query's); None for
+        scores of the whole corpus."""
+        if "candidates" not in self.provenance:
+            return None
+        from infl.artifacts.candidates import rows_digest
+
+        candidates = self.parent("candidates")
+        union = candidates.union(self.query_ids())
+        if rows_digest(union) != self.provenance["candidate_rows"]:
+            raise IncompatibleArtifact(
+                f"{candidates.path} no longer selects the sequences {self.path} holds", hint=f"recompute {self.path}"
+            )
+        return {row: np.searchsorted(union, np.sort(candidates.of(q))) for row, q in rows}
+
     def total(self, row: int) -> np.ndarray:
         """[N] scores of one query (float64)."""
         return self._read("total", (row, slice(None))).astype(np.float64)

@@ -8,6 +8,7 @@ import io
 
 import numpy as np
 
+from infl.outputs import printable
 from infl.report import short_names
 
 __all__ = ["ccdf_png", "layer_heatmap_png", "compare_heatmap_png"]
@@ -36,7 +37,20 @@ def _literal_text(draw):
     return drawn
 
 
-def _png(fig) -> bytes:
+def _png(fig, tight: bool = False) -> bytes:
+    """The figure as PNG, every text in it escaped first (ids and queries are data: a control
+    character is drawn as its escape, and never reaches a warning about a missing glyph)."""
+    from matplotlib.text import Text
+    from matplotlib.ticker import FixedFormatter, FuncFormatter
+
+    for text in fig.findobj(Text):
+        text.set_text(printable(text.get_text()))
+    for axis in (axis for ax in fig.axes for axis in (ax.xaxis, ax.yaxis)):
+        formatter = axis.get_major_formatter()
+        if isinstance(formatter, (FixedFormatter, FuncFormatter)):  # labels given as text: drawn anew each time
+            axis.set_major_formatter(FuncFormatter(lambda x, pos, f=formatter: printable(f(x, pos))))
+    if tight:
+        fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight", metadata={"Software": "infl"})  # outputs.PNG_MARKER
     _pyplot().close(fig)
@@ -87,8 +101,7 @@ def layer_heatmap_png(tables, unit: str) -> bytes:
         )
         ax.set_title(f"query {table.query_id}", fontsize=9)
         fig.colorbar(image, ax=ax, label=unit, shrink=0.9)
-    fig.tight_layout()
-    return _png(fig)
+    return _png(fig, tight=True)
 
 
 def _clip(text: str, width: int = 14) -> str:
@@ -118,5 +131,4 @@ def compare_heatmap_png(c, unit: str) -> bytes:
     ax.set_xticks(range(len(c.query_ids)), [_clip(q) for q in c.query_ids], rotation=30, ha="right", fontsize=7)
     ax.set_yticks(range(len(c.train_ids)), [_clip(t) for t in c.train_ids], fontsize=7)
     ax.set_title(f"top sequences of query {_clip(c.top_of, 24)} ({unit})", fontsize=8)
-    fig.tight_layout()
-    return _png(fig)
+    return _png(fig, tight=True)

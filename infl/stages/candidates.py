@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from infl import data, lexical, modeling
-from infl.artifacts import Identity, State, check_appended_shards, read_attrs, semantic_fields
-from infl.artifacts.candidates import CandidatesArtifact
+from infl.artifacts import COMPLETE, Identity, State, check_appended_shards, read_attrs, semantic_fields
+from infl.artifacts.candidates import CandidatesArtifact, query_digest
 from infl.config import CandidatesConfig
 from infl.console import log, progress
 from infl.driver import Group, Outcome
@@ -51,11 +51,12 @@ class Candidates(base.WritingStage):
         }
         identity = Identity(CandidatesArtifact, config, provenance)
         old = read_attrs(cfg.out) if cfg.out.exists() and not cfg.force else None
-        grows = (
+        same = (
             old is not None
             and old.get("kind") == CandidatesArtifact.kind
             and old.get("base_fingerprint") == identity.base_fingerprint
         )
+        grows = same and (cfg.out / COMPLETE).is_file()  # only finished lists hold shards to grow from
         paths = growth.corpus_paths(old if grows else None, cfg.corpus)
         # shards by content alone: how many records each holds is known once it is read
         shards = [{"path": str(p.resolve()), "sha256": _sha256(p, "corpus file")} for p in paths]
@@ -63,6 +64,11 @@ class Candidates(base.WritingStage):
         if grows and attrs["fingerprint"] != old["fingerprint"]:
             check_appended_shards(cfg.out, old, attrs)
             log(f"adding {len(paths) - len(old['provenance']['corpus'])} corpus shard(s) to {cfg.out}")
+            return CandidatesPlan(attrs, paths, True, started)
+        if same and not grows and old["fingerprint"] != attrs["fingerprint"]:
+            # a run that stopped before its lists (a bad shard, a kill): what it kept is each shard's
+            # terms, keyed by the shard's sha256, so the corpus given now is read, reusing them
+            log(f"{cfg.out} was left unfinished on other corpus files: computing it on these")
             return CandidatesPlan(attrs, paths, True, started)
         status = CandidatesArtifact.state(cfg.out, attrs, cfg.force)
         if status == State.COMPLETE:
@@ -98,7 +104,8 @@ class Candidates(base.WritingStage):
             indices, scores = lexical.top_candidates(
                 documents, [lexical.presence(t) for t in queries.tokens], cfg.top, lambda: bar.advance(task)
             )
-        art.write_lists(queries.ids, indices, scores)
+        digests = [query_digest(p, c) for p, c in zip(queries.prompts, queries.completions)]
+        art.write_lists(queries.ids, digests, indices, scores)
         art.update_attrs({**attrs, "n_records": counts})  # last: the artifact now describes these shards
 
     def publish(self, plan: CandidatesPlan, results: list) -> Outcome:

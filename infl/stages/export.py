@@ -202,9 +202,10 @@ class _Parquet(_Writer):
 
 
 class _Npy(_Writer):
-    """A float32 array [N, Q] (per module [N, Q, M]), filled chunk by chunk through a memory map,
-    and beside it `ids_path(out)`: the JSON of its train ids, query ids, modules, unit and source,
-    train ids last so that they are written chunk by chunk too. An .npy holds no strings that
+    """A float32 array [N, Q] (per module [N, Q, M]), its header then its rows written chunk by
+    chunk as plain file writes (a full disk is an OSError, where a memory map's store would die of
+    SIGBUS), and beside it `ids_path(out)`: the JSON of its train ids, query ids, modules, unit and
+    source, train ids last so that they are written chunk by chunk too. An .npy holds no strings that
     `numpy.load(mmap_mode="r")` can map, and a mapped array is what a corpus larger than memory needs."""
 
     def __init__(self, out: Path):
@@ -212,11 +213,13 @@ class _Npy(_Writer):
         self.array, self.ids = None, None
 
     def open(self, exported: Exported, provenance: dict) -> None:
-        from numpy.lib.format import open_memmap
+        from numpy.lib import format as npy
 
         out, ids = self.outputs
         shape = (exported.n_sequences, len(exported.query_ids), *([len(exported.modules)] if exported.modules else []))
-        self.array = open_memmap(self.temporary[out], mode="w+", dtype=np.float32, shape=shape)
+        self.array = self.temporary[out].open("wb")
+        header = {"descr": npy.dtype_to_descr(np.dtype("<f4")), "fortran_order": False, "shape": shape}
+        npy.write_array_header_1_0(self.array, header)
         self.row = 0
         self.ids = self.temporary[ids].open("w", encoding="utf-8")
         head = {
@@ -230,14 +233,14 @@ class _Npy(_Writer):
         self.ids.write(json.dumps(head)[:-1] + ', "train_ids": [')
 
     def write(self, train_ids: list[str], values: np.ndarray) -> None:
-        self.array[self.row : self.row + len(values)] = values
+        self.array.write(np.ascontiguousarray(values, dtype="<f4").tobytes())  # rows in order, as chunks come
         self.ids.write((", " if self.row else "") + ", ".join(json.dumps(t) for t in train_ids))
         self.row += len(values)
 
     def close(self) -> None:
         if self.array is not None:
-            self.array.flush()
-            self.array = None  # unmapped once no reference is left
+            self.array.close()
+            self.array = None
         if self.ids is not None:
             if not self.ids.closed:
                 self.ids.write("]}\n")

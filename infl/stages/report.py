@@ -37,7 +37,9 @@ def run(cfg: ReportConfig, unit: str) -> Path:
             device=cfg.device,
         )
     )
-    totals = [scores.total(row) * scale for row in range(len(scores.query_ids()))]  # each query's scores, read once
+    rows = list(enumerate(scores.query_ids()))
+    own = scores.own_columns(rows)  # under --candidates each query's shares are among its own, as topk ranks it
+    totals = [scores.total(row)[own[row] if own else slice(None)] * scale for row, _ in rows]  # read once
     concentration = [sparsity(q.query_id, values, cfg.tail) for q, values in zip(answer.queries, totals)]
     entries = []
     for q, conc in zip(answer.queries, concentration):

@@ -199,6 +199,7 @@ class Score(base.WritingStage):
             {"split": cfg.split, "text_field": cfg.text_field, "id_field": cfg.id_field},
             source.provenance["tokenizer_fingerprint"],
         )
+        candidates.check_queries(source.all_texts())
         rows = candidates.union(source.ids())
         if corpus.n_truncated:
             log(f"{corpus.n_truncated} of {len(corpus.ids)} sequences of the corpus truncated to {max_length} tokens")

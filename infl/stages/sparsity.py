@@ -16,6 +16,7 @@ def run(cfg: SparsityConfig, unit: str) -> list[Sparsity]:
     scores = ScoresArtifact.open(cfg.scores)
     scale = 1.0 / cfg.train_size if cfg.train_size else 1.0
     rows = query_rows(scores, cfg.query)
+    own = scores.own_columns(rows)
     if cfg.png is not None:
         from infl.outputs import PNG_MARKER, check_folder, write_file
         from infl.report.figures import ccdf_png
@@ -27,7 +28,7 @@ def run(cfg: SparsityConfig, unit: str) -> list[Sparsity]:
     with progress() as bar:
         task = bar.add_task("power-law fits", total=len(rows))
         for (row, query_id), name in zip(rows, names):
-            values = scores.total(row) * scale
+            values = scores.total(row)[own[row] if own else slice(None)] * scale  # its own candidates, if any
             out.append(sparsity(query_id, values, cfg.tail))
             if cfg.png is not None:
                 write_file(cfg.png / name, ccdf_png(values, out[-1], unit), PNG_MARKER, None, "--png")

@@ -11,11 +11,10 @@ import numpy as np
 
 from infl import data, hashing
 from infl.analysis.results import Hit, QueryInfo, Topk, query_rows, select, share_of
-from infl.artifacts.candidates import rows_digest
 from infl.artifacts.scores import ScoresArtifact
 from infl.config import TopkConfig
 from infl.console import log, progress
-from infl.errors import BadInput, IncompatibleArtifact
+from infl.errors import BadInput
 from infl.stages import base, loaders
 
 # The modules that need torch (engine, modeling, runtime, scoring, curvature) are imported by the
@@ -142,20 +141,15 @@ def _asked(scores: ScoresArtifact) -> dict[str, tuple[str, str, float]]:
 
 def lexical_columns(scores: ScoresArtifact, rows) -> dict[int, np.ndarray] | None:
     """Scores made with `score --candidates`: per query row, the columns of its own candidates
-    (the artifact holds the union of every query's); None for scores of the whole corpus."""
-    if "candidates" not in scores.provenance:
-        return None
-    candidates = scores.parent("candidates")
-    union = candidates.union(scores.query_ids())
-    if rows_digest(union) != scores.provenance["candidate_rows"]:
-        raise IncompatibleArtifact(
-            f"{candidates.path} no longer selects the sequences {scores.path} holds", hint=f"recompute {scores.path}"
+    (ScoresArtifact.own_columns), said once; None for scores of the whole corpus."""
+    own = scores.own_columns(rows)
+    if own is not None:
+        candidates = scores.parent("candidates")
+        log(
+            f"each query is ranked among its own {candidates.group['indices'].shape[1]} TF-IDF candidates "
+            f"(of {candidates.n_sequences} sequences; {scores.group['total'].shape[1]} scored for all queries)"
         )
-    log(
-        f"each query is ranked among its own {candidates.group['indices'].shape[1]} TF-IDF candidates "
-        f"(of {candidates.n_sequences} sequences; {len(union)} scored for all queries)"
-    )
-    return {row: np.searchsorted(union, np.sort(candidates.of(q))) for row, q in rows}
+    return own
 
 
 class _Model:
