@@ -483,3 +483,13 @@ def test_scores_from_a_sketched_index_are_labelled_estimates_everywhere(workdir,
     # one standard error is what it says: most exact scores lie within 3 of them of their estimates
     inside = np.abs(view.total(query) - exact.total(query)) <= 3 * errors
     assert inside.mean() > 0.8, inside.mean()
+
+
+def test_index_force_on_another_corpus_says_nothing_changed(workdir, built, tmp_path):
+    """--force on other corpus files rebuilds from them alone, without naming the old shards."""
+    first = write_jsonl(tmp_path / "c150.jsonl", [{"id": f"a{i}", "text": t} for i, t in enumerate(SENTENCES)])
+    other = write_jsonl(tmp_path / "other.jsonl", [{"id": f"b{i}", "text": t} for i, t in enumerate(SENTENCES[:5])])
+    assert build_index(built / "f.zarr", first, tmp_path / "i.zarr").exit_code == 0
+    rebuilt = build_index(built / "f.zarr", other, tmp_path / "i.zarr", "--force")
+    assert rebuilt.exit_code == 0 and "changed" not in rebuilt.output and "c150" not in rebuilt.output, rebuilt.output
+    assert index_arrays(tmp_path / "i.zarr")["train_ids"].tolist() == [f"b{i}" for i in range(5)]

@@ -152,6 +152,7 @@ def being_written(path: Path) -> str | None:
     try:
         f = open(lock_path)
     except OSError:
+        hashing.note_absent(lock_path)  # one appearing there is a change (infl.noop)
         return None
     with f:
         try:
@@ -159,6 +160,7 @@ def being_written(path: Path) -> str | None:
         except BlockingIOError:
             return f.read().strip() or "another process"
         fcntl.flock(f, fcntl.LOCK_UN)
+    hashing.note_file(lock_path)  # a lock file no one holds (a run's last rank left it): as it is now
     return None
 
 

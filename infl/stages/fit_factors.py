@@ -18,11 +18,12 @@ from __future__ import annotations
 import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from infl import corpora, curvature, data, engine, modeling, planning
-from infl.artifacts import Identity, State, semantic_fields
+from infl.artifacts import Identity, State, refresh_stamp, semantic_fields
 from infl.artifacts.factors import FactorsArtifact, PassState
 from infl.artifacts.index import IndexArtifact
 from infl.capture import ModuleSpec, tap
@@ -72,10 +73,10 @@ class FitFactors(base.WritingStage):
 
         return self._both(writing)
 
-    def _corpus(self, max_length: int) -> data.Corpus:
+    def _corpus(self, max_length: int, pieces: tuple | None = None) -> data.Corpus:
         cfg = self.cfg
         return data.read_corpus(
-            list(corpora.expand(cfg.corpus)),
+            list(pieces or corpora.expand(cfg.corpus)),
             modeling.load_tokenizer(cfg.model),
             max_length,
             cfg.split,
@@ -86,7 +87,14 @@ class FitFactors(base.WritingStage):
     def plan(self) -> FitPlan | Outcome:
         cfg, started = self.cfg, time.perf_counter()
         max_length = _max_length(cfg.max_length, modeling.context_length(cfg.model))
-        corpus = self._corpus(max_length)
+        old = _finished(cfg.out) if not cfg.force else None
+        requested = corpora.expand(cfg.corpus)
+        if old is not None and not {s["path"] for s in old["provenance"]["corpus"]} <= {
+            str(p.resolve()) for p in requested
+        }:
+            old = None  # not the files it was fitted on: read as given, and compared as always
+        # a finished fit's files are read as it held them, then what was added since (_fitted_on_part)
+        corpus = self._corpus(max_length, growth.corpus_pieces(old, requested) if old else None)
         provenance = {
             "model": str(cfg.model.resolve()),
             "model_fingerprint": modeling.model_fingerprint(cfg.model),
@@ -96,6 +104,15 @@ class FitFactors(base.WritingStage):
             "dtype": cfg.dtype,
         }
         attrs = Identity(FactorsArtifact, semantic_fields(cfg), provenance).attrs
+        part = _fitted_on_part(old, attrs) if old is not None else None
+        if part is not None:
+            refresh_stamp(cfg.out)
+            also = f"; extend {cfg.index} with `infl index`" if cfg.index is not None else ""
+            return Outcome(
+                f"{cfg.out} is up to date: fitted on {part[0]:,} of the corpus's {part[1]:,} sequences "
+                f"(more data refines a curvature estimate little: pass --force to refit on all of them{also})",
+                up_to_date=True,
+            )
         state = FactorsArtifact.state(cfg.out, attrs, cfg.force)
         if state == State.COMPLETE:
             FactorsArtifact.open_for_writing(cfg.out).discard_checkpoints()  # a kill right after COMPLETE
@@ -365,3 +382,29 @@ def _check_finite(sums: dict[str, dict[str, torch.Tensor]]) -> None:
                 f"non-finite activation or gradient in module {module} while fitting",
                 hint="check the model weights and --dtype",
             )
+
+
+def _finished(out: Path) -> dict | None:
+    """The root attributes of a finished fit at `out`, or None."""
+    from infl.artifacts import COMPLETE, read_attrs
+
+    attrs = read_attrs(out) if (out / COMPLETE).is_file() else None
+    return attrs if attrs and attrs.get("kind") == FactorsArtifact.kind else None
+
+
+def _fitted_on_part(old: dict, attrs: dict) -> tuple[int, int] | None:
+    """(sequences fitted, sequences now) when `old` is a fit of the same model and options on the
+    first shards of a corpus that has grown since (new shards, or lines appended to a file): its
+    factors stand, since fitted factors estimate a curvature that new data does not invalidate.
+    None for anything else (the same corpus, or another one: the usual checks decide)."""
+    from infl.artifacts import without_locations
+
+    held, now = old["provenance"]["corpus"], attrs["provenance"]["corpus"]
+    rest = lambda a: without_locations(  # noqa: E731
+        FactorsArtifact, {"config": a["config"], "provenance": {**a["provenance"], "corpus": None}}
+    )
+    if len(now) <= len(held) or rest(old) != rest(attrs):
+        return None
+    if [s["sha256"] for s in now[: len(held)]] != [s["sha256"] for s in held]:
+        return None
+    return old["n_sequences"], sum(s["n_records"] for s in now)
