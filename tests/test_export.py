@@ -240,3 +240,14 @@ def test_a_query_named_train_id_is_refused_as_a_parquet_column(tmp_path):
     with pytest.raises(BadInput, match="two columns would be named 'train_id'"):
         writer.open(Exported(tmp_path / "s.parquet", 1, ["train_id"], [], "nats per unit upweight"), {})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_npy_is_written_by_plain_writes_not_a_memory_map(scored, tmp_path, monkeypatch):
+    """A store into a memory-mapped file on a full disk kills the process with SIGBUS: the .npy is
+    written as a header and rows by ordinary writes, whose failure is the OSError handled above."""
+    import numpy.lib.format as npy
+
+    monkeypatch.setattr(npy, "open_memmap", lambda *a, **k: pytest.fail("the .npy was memory-mapped"))
+    assert infl("export", "--scores", scored / "s.zarr", "--out", tmp_path / "s.npy").exit_code == 0
+    art = ScoresArtifact.open(scored / "s.zarr")
+    np.testing.assert_array_equal(np.load(tmp_path / "s.npy"), art.columns(0, art.n_sequences).T)
