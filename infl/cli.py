@@ -305,11 +305,12 @@ def _png(help: str) -> _Param:
 
 def _cli_type(hint, parse) -> Any:
     """What the command line reads for a field of this type: text for a parsed field (the config
-    parses it), a repeatable option for a tuple, the type itself otherwise (optional or not)."""
-    if parse is not None:
-        return str
+    parses it), a repeatable option for a tuple (parsed whole, so that no value given is dropped),
+    the type itself otherwise (optional or not)."""
     if get_origin(hint) is tuple:
         return list[get_args(hint)[0]]
+    if parse is not None:
+        return str
     if get_origin(hint) in (Union, types.UnionType):
         (hint,) = [a for a in get_args(hint) if a is not type(None)]
     return hint

@@ -180,9 +180,10 @@ def parse_dim(value: str | int) -> int | None:
 
 
 def parse_ids(value: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
-    """Query ids: a comma-separated string ('q1,q1_fr') or a sequence of them."""
-    items = value.split(",") if isinstance(value, str) else value
-    return tuple(item.strip() for item in items if item.strip())
+    """Query ids, given either way and never dropped: a comma-separated string ('q1,q1_fr'), or a
+    sequence of them (an option repeated: `--query q1 --query q2,q3`)."""
+    values = [value] if isinstance(value, str) else value
+    return tuple(item.strip() for v in values for item in v.split(",") if item.strip())
 
 
 _UNITS = {
@@ -351,7 +352,7 @@ def _k(default: int) -> Any:
 
 
 def _query() -> Any:
-    return option((), help="Only this query id (repeatable).")
+    return option((), parse=parse_ids, help="Only these query ids (repeatable, or comma-separated).")
 
 
 def _negative() -> Any:
@@ -674,7 +675,9 @@ class CompareConfig(_Options):
     """Whose top sequences, against which queries, in which unit."""
 
     scores: Path = _scores()
-    queries: tuple[str, ...] = option((), parse=parse_ids, help="Comma-separated query ids to compare (default: all).")
+    queries: tuple[str, ...] = option(
+        (), parse=parse_ids, help="Query ids to compare, repeatable or comma-separated (default: all)."
+    )
     top_of: str | None = option(None, help="Rank the sequences by this query (default: the first of --queries).")
     k: int = _k(10)
     negative: bool = _negative()

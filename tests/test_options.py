@@ -211,3 +211,23 @@ def test_config_sections_are_derived_and_unknown_keys_refused(tmp_path):
     assert unknown.exit_code == 2 and "unknown keys in section 'export': ['per_modul']" in unknown.output
     run.write_text(yaml.safe_dump({"topk": {"scores": "s.zarr", "k": 0}}))
     assert "-k must be >= 1" in runner.invoke(cli.app, ["topk", "-c", str(run)]).output
+
+
+def test_every_query_id_option_takes_both_forms_and_drops_no_value(monkeypatch):
+    """`--query a,b --query c` (and `--queries`) is three ids on every command that takes them,
+    never the last one alone (issue #27, item 10): the config each command builds from its line."""
+    taking = {
+        name: field
+        for name, cls in cli.CONFIG_OF.items()
+        for field in dataclasses.fields(cls)
+        if field.metadata.get("parse") is config.parse_ids
+    }
+    assert {"topk", "compare", "layerwise", "sparsity"} <= set(taking)
+    for name, field in taking.items():
+        built = []
+        cls = cli.CONFIG_OF[name]
+        parse = cls.__post_init__
+        monkeypatch.setattr(cls, "__post_init__", lambda self, parse=parse: built.append(self) or parse(self))
+        flag = config.flags(field)[0]
+        runner.invoke(cli.app, [name, "--scores", "s.zarr", flag, "q1,q2", flag, "q3"])
+        assert built and getattr(built[0], field.name) == ("q1", "q2", "q3"), name
