@@ -277,7 +277,7 @@ def _text_field() -> Any:
 
 
 def _id_field() -> Any:
-    return option("id", help="JSONL field holding the id (line number when absent).")
+    return option("id", help="Field holding the id (absent: FILE:LINE, or FILE:ROW in a table).")
 
 
 def _chunk_size() -> Any:
