@@ -210,7 +210,12 @@ class TokenTable:
     def of(cls, sequences: list[list[int]]) -> TokenTable:
         lengths = np.fromiter((len(t) for t in sequences), dtype=np.int64, count=len(sequences))
         flat = np.fromiter((i for t in sequences for i in t), dtype=np.int32, count=int(lengths.sum()))
-        return cls(flat, np.concatenate([[0], np.cumsum(lengths)]))
+        return cls.of_lengths(flat, lengths)
+
+    @classmethod
+    def of_lengths(cls, flat: np.ndarray, lengths: np.ndarray) -> TokenTable:
+        """Sequences of these lengths, end to end in `flat`."""
+        return cls(flat, np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
 
     @property
     def lengths(self) -> np.ndarray:
@@ -274,7 +279,7 @@ class _Tokens:
         self._flush()
         lengths = np.concatenate(self.lengths) if self.lengths else np.zeros(0, dtype=np.int64)
         flat = np.concatenate(self.parts) if self.parts else np.zeros(0, dtype=np.int32)
-        return TokenTable(flat, np.concatenate([[0], np.cumsum(lengths)]))
+        return TokenTable.of_lengths(flat, lengths)
 
 
 def read_corpus(

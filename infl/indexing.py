@@ -383,8 +383,11 @@ def quantize(x: Tensor, rows: Tensor, seed: int, position: int, private: int) ->
     parts = (x[:, :private], x[:, private:])
     scale = torch.stack([p.abs().amax(1) if p.shape[1] else p.new_zeros(len(p)) for p in parts], 1) / SKETCH_LEVELS
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    per_entry = torch.repeat_interleave(scale, torch.tensor([private, x.shape[1] - private]), dim=1)
-    q = (x / per_entry).add_(_dither(rows, x.shape[1], seed, position).to(x.device)).floor_()
+    q = (
+        (x / _per_entry(scale, x.shape[1], private))
+        .add_(_dither(rows, x.shape[1], seed, position).to(x.device))
+        .floor_()
+    )
     nibbles = q.clamp_(-SKETCH_LEVELS, SKETCH_LEVELS).add_(SKETCH_LEVELS).to(torch.uint8)
     return nibbles[:, 0::2] | (nibbles[:, 1::2] << 4), scale
 
@@ -392,8 +395,12 @@ def quantize(x: Tensor, rows: Tensor, seed: int, position: int, private: int) ->
 def dequantize(packed: Tensor, scale: Tensor, private: int) -> Tensor:
     """quantize's rows back, [n, m] float32."""
     nibbles = torch.stack([packed & 15, packed >> 4], 2).flatten(1).float() - SKETCH_LEVELS
-    scale = scale.float()
-    return nibbles * torch.repeat_interleave(scale, torch.tensor([private, nibbles.shape[1] - private]), dim=1)
+    return nibbles * _per_entry(scale.float(), nibbles.shape[1], private)
+
+
+def _per_entry(scale: Tensor, m: int, private: int) -> Tensor:
+    """A row's two scales [n, 2] spread over its m entries [n, m]: the first over the private buckets."""
+    return torch.repeat_interleave(scale, torch.tensor([private, m - private]), dim=1)
 
 
 def sketch_scores(sq: Tensor, rows: Tensor, scale: Tensor, private: int) -> tuple[Tensor, Tensor]:

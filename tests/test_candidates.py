@@ -99,34 +99,20 @@ def test_candidates_grown_by_a_shard_equal_those_built_at_once_and_reuse_old_ter
     assert "changed since" in one_line_error(infl(*base, "--corpus", first, second, "--out", tmp_path / "grown.zarr"))
 
 
-def test_score_takes_only_the_candidates_and_topk_ranks_each_query_among_its_own(workdir, tmp_path):
-    pipeline(workdir, tmp_path)  # f.zarr, q.zarr, s.zarr: the whole corpus scored
-    cand = [
-        "candidates",
-        "--model",
-        workdir / "gpt2",
-        "--queries",
-        workdir / "queries.jsonl",
-        "--corpus",
-        workdir / "corpus.jsonl",
-        "--top",
-        "3",
-        "--out",
-        tmp_path / "c.zarr",
-    ]
-    assert infl(*cand).exit_code == 0
-    result = infl(
-        "score",
-        "--queries",
-        tmp_path / "q.zarr",
-        "--corpus",
-        workdir / "corpus.jsonl",
-        "--candidates",
-        tmp_path / "c.zarr",
-        "--out",
-        tmp_path / "sc.zarr",
-    )
+def scored_candidates(workdir, tmp_path):
+    """The pipeline (f.zarr, q.zarr, s.zarr: the whole corpus scored), each query's top 3 BM25
+    candidates (c.zarr) and the scores of only those (sc.zarr): the CLI result of that score."""
+    pipeline(workdir, tmp_path)
+    cand = ["candidates", "--model", workdir / "gpt2", "--queries", workdir / "queries.jsonl"]
+    assert infl(*cand, "--corpus", workdir / "corpus.jsonl", "--top", "3", "--out", tmp_path / "c.zarr").exit_code == 0
+    score = ["score", "--queries", tmp_path / "q.zarr", "--corpus", workdir / "corpus.jsonl"]
+    result = infl(*score, "--candidates", tmp_path / "c.zarr", "--out", tmp_path / "sc.zarr")
     assert result.exit_code == 0, result.output
+    return result
+
+
+def test_score_takes_only_the_candidates_and_topk_ranks_each_query_among_its_own(workdir, tmp_path):
+    result = scored_candidates(workdir, tmp_path)
     assert "TF-IDF candidate" in result.output
     group = artifacts.open_complete(tmp_path / "c.zarr", "candidates")
     indices = np.asarray(group["indices"][...])
@@ -185,21 +171,7 @@ def test_candidates_of_other_query_texts_under_the_same_ids_are_refused(workdir,
 def test_under_candidates_shares_and_sparsity_are_among_each_querys_own(workdir, tmp_path):
     """topk ranks a query among its own candidates: sparsity (and the report, which uses it) takes
     its shares over the same sequences, so the top sequence's share and the top 1 % agree."""
-    pipeline(workdir, tmp_path)
-    cand = ["candidates", "--model", workdir / "gpt2", "--queries", workdir / "queries.jsonl"]
-    assert infl(*cand, "--corpus", workdir / "corpus.jsonl", "--top", "3", "--out", tmp_path / "c.zarr").exit_code == 0
-    scored = [
-        "score",
-        "--queries",
-        tmp_path / "q.zarr",
-        "--corpus",
-        workdir / "corpus.jsonl",
-        "--candidates",
-        tmp_path / "c.zarr",
-        "--out",
-        tmp_path / "sc.zarr",
-    ]
-    assert infl(*scored).exit_code == 0
+    scored_candidates(workdir, tmp_path)
     hits = json.loads(infl("topk", "--scores", tmp_path / "sc.zarr", "-k", "1", "--format", "json").stdout)
     shares = json.loads(infl("sparsity", "--scores", tmp_path / "sc.zarr", "--format", "json").stdout)
     assert len(hits) == len(shares) == 3

@@ -129,7 +129,7 @@ class IndexArtifact(ChunkedArtifact):
     def problem(self) -> str:
         if "sketch_seed" not in self.provenance:  # before issue #23: the head alone, biased low
             return "it was built by an earlier infl, whose index scores dropped every coordinate past its top K"
-        if any(self.group[f"modules/{n}/sketch_scale"].ndim == 1 for n in self.modules if self.sketch_size(n)[0]):
+        if any(self.group[f"modules/{n}/sketch_scale"].ndim == 1 for n in self.modules if self._buckets(n)):
             return "it was built by an earlier infl, with one sketch scale per row: build it again"
         return super().problem()
 
@@ -156,18 +156,21 @@ class IndexArtifact(ChunkedArtifact):
     def coordinates(self, name: str) -> np.ndarray:
         return self._read(f"modules/{name}/coordinates")
 
+    def _buckets(self, name: str) -> int:
+        """Buckets of the module's sketch (0: no tail), from its array's shape."""
+        sketch = integrity.member(self.group[f"modules/{name}"], "sketch")
+        return 0 if sketch is None else 2 * sketch.shape[1]
+
     def sketch_size(self, name: str) -> tuple[int, int]:
         """Buckets of the module's sketch (0: no tail) and how many of them are private."""
-        sketch = integrity.member(self.group[f"modules/{name}"], "sketch")
-        if sketch is None:
-            return 0, 0
-        private = integrity.member(self.group[f"modules/{name}"], "private")
-        return 2 * sketch.shape[1], 0 if private is None else int(self._read(f"modules/{name}/private")[0])
+        m = self._buckets(name)
+        private = integrity.member(self.group[f"modules/{name}"], "private") if m else None
+        return m, 0 if private is None else int(self._read(f"modules/{name}/private")[0])
 
     def row_arrays(self, name: str) -> list[tuple[str, str, int, str, tuple[int, ...]]]:
         values = integrity.member(self.group[f"modules/{name}"], "values")
         dtype = "float16" if values is None else str(values.dtype)
-        return _row_arrays(0 if values is None else values.shape[1], self.sketch_size(name)[0], dtype)
+        return _row_arrays(0 if values is None else values.shape[1], self._buckets(name), dtype)
 
     def rows(self, name: str, lo: int, hi: int) -> dict[str, np.ndarray]:
         """Sequences lo..hi in one module: name -> array, for the arrays it has (`values`, `scale`,

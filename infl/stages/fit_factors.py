@@ -94,7 +94,7 @@ class FitFactors(base.WritingStage):
         }:
             old = None  # not the files it was fitted on: read as given, and compared as always
         # a finished fit's files are read as it held them, then what was added since (_fitted_on_part)
-        corpus = self._corpus(max_length, growth.corpus_pieces(old, requested) if old else None)
+        corpus = self._corpus(max_length, growth.corpus_pieces(old, requested) if old else requested)
         provenance = {
             "model": str(cfg.model.resolve()),
             "model_fingerprint": modeling.model_fingerprint(cfg.model),
