@@ -30,7 +30,7 @@ from pathlib import Path
 from infl.errors import BadInput
 from infl.hashing import note_file, note_listing
 
-__all__ = ["FORMATS", "expand", "format_of", "stream_lines", "table_records", "read_spans"]
+__all__ = ["FORMATS", "expand", "format_of", "file_lines", "stream_lines", "table_records", "SpanReader"]
 
 _SUFFIXES = {
     ".jsonl": "jsonl",
@@ -47,6 +47,8 @@ _SUFFIXES = {
 FORMATS = ".jsonl, .jsonl.gz, .jsonl.zst, .parquet (or a directory of them), a datasets save_to_disk directory, .txt"
 TABLES = ("parquet", "arrow")
 _BATCH_ROWS = 4096  # rows per record batch read from a table: memory O(batch), not O(file)
+_BLOCK = 8 << 20  # bytes of a plain file read at a time
+_GAP = 1 << 20  # records of a plain file closer than this are read in one read
 
 
 def _suffix(path: Path) -> str:
@@ -109,6 +111,53 @@ def _directory(directory: Path) -> list[Path]:
     for f in files:
         format_of(f)  # a file of another format is refused, never skipped
     return files
+
+
+def _blocks(f, start: int, stop: int | None) -> Iterator[tuple[int, bytes]]:
+    """(offset, bytes) blocks covering bytes [start, stop) of an open file, each but the last
+    ending with a \\n: no line, and no \\r\\n, is split between two blocks."""
+    f.seek(start)
+    at, carry = start, b""
+    while True:
+        want = _BLOCK if stop is None else min(_BLOCK, stop - start)
+        data = f.read(want) if want > 0 else b""
+        start += len(data)
+        if not data:
+            if carry:
+                yield at, carry
+            return
+        carry += data
+        cut = carry.rfind(b"\n") + 1
+        if cut:
+            yield at, carry[:cut]
+            at, carry = at + cut, carry[cut:]
+
+
+def _ends(block: bytes) -> int:
+    """How many lines end in `block` (as bytes.splitlines ends them: \\n, \\r\\n or a lone \\r)."""
+    return block.count(b"\n") + block.count(b"\r") - block.count(b"\r\n")
+
+
+def file_lines(
+    path: Path, start: int = 0, stop: int | None = None, digest=None
+) -> Iterator[tuple[int, int, int, bytes]]:
+    """(line number, start, end, line bytes) of every line of bytes [start, stop) of a plain file,
+    read a block at a time, numbered as in the whole file; `digest` (a hashlib object) takes every
+    byte of the range. A first fragment that only ends the line before `start` (the file grew
+    after a last line with no newline, or between \\r and \\n) keeps that line's number."""
+    note_file(path)
+    with path.open("rb") as f:
+        number = sum(_ends(block) for _, block in _blocks(f, 0, start)) if start else 0
+        if start:
+            f.seek(start - 1)
+            number -= f.read(2) == b"\r\n"  # that \\r\\n ends one line, counted once the \\n is read
+        for at, block in _blocks(f, start, stop):
+            if digest is not None:
+                digest.update(block)
+            for line in block.splitlines(keepends=True):
+                number += 1
+                yield number, at, at + len(line), line
+                at += len(line)
 
 
 def stream_lines(path: Path, fmt: str) -> Iterator[tuple[int, int, int, bytes]]:
@@ -178,25 +227,100 @@ def table_records(path: Path, fmt: str, text_field: str, id_field: str) -> Itera
             row += 1
 
 
-def read_spans(path: Path, fmt: str, spans: list[tuple[int, int]], text_field: str) -> list[str | None]:
-    """The texts at these locators of a compressed JSONL or table shard, in one pass over it
-    (None where a record no longer parses)."""
-    wanted: dict[tuple[int, int], str | None] = dict.fromkeys(spans)
-    if fmt in TABLES:
-        rows, last = {start for start, _ in spans}, max(start for start, _ in spans)
-        for row, _, text in table_records(path, fmt, text_field, text_field):  # the text column only
-            if row in rows:
-                wanted[(row, row + 1)] = text if isinstance(text, str) else None
-            if row >= last:
-                break
-        return [wanted[s] for s in spans]
-    last = max(end for _, end in spans)
-    for _, start, end, line in stream_lines(path, fmt):
-        if (start, end) in wanted:
+class SpanReader:
+    """Texts of one shard at their locators (start, end), for records asked for in any order and
+    read in as few passes as the format allows: a plain file by offsets (records close together
+    in one read), a compressed stream by a cursor that moves forward (reopened for an earlier
+    record), a Parquet file from the row group holding the first record asked for, an Arrow file
+    memory-mapped. None where a record no longer parses (the shard changed). Memory: the records
+    asked for and one read, record batch or block."""
+
+    def __init__(self, path: Path, fmt: str, text_field: str):
+        self.path, self.fmt, self.text_field = path, fmt, text_field
+        self._cursor = None  # (position of the next record, iterator) of a stream or table
+        self._table = None
+
+    def texts(self, spans: list[tuple[int, int]]) -> list[str | None]:
+        if not spans:
+            return []
+        if self.fmt in ("jsonl", "lines"):
+            found = self._plain(sorted(set(spans)))
+        elif self.fmt == "arrow":
+            found = self._arrow(sorted(set(spans)))
+        else:
+            found = self._forward(sorted(set(spans)))
+        return [found.get(s) for s in spans]
+
+    def _text(self, line: bytes) -> str | None:
+        if self.fmt == "lines":
+            return line.decode("utf-8", errors="replace").rstrip("\r\n")
+        try:
+            text = json.loads(line)[self.text_field]
+        except (ValueError, KeyError, TypeError):
+            return None
+        return text if isinstance(text, str) else None
+
+    def _plain(self, spans: list[tuple[int, int]]) -> dict:
+        found = {}
+        with self.path.open("rb") as f:
+            run = [spans[0]]
+            for span in [*spans[1:], None]:
+                if span is not None and span[0] - run[-1][1] < _GAP:
+                    run.append(span)
+                    continue
+                f.seek(run[0][0])
+                data = f.read(max(end for _, end in run) - run[0][0])
+                for start, end in run:
+                    found[(start, end)] = self._text(data[start - run[0][0] : end - run[0][0]])
+                run = [span]
+        return found
+
+    def _arrow(self, spans: list[tuple[int, int]]) -> dict:
+        if self._table is None:  # memory-mapped: only the pages of the rows read are touched
+            pa = _needs("pyarrow", self.fmt)
             try:
-                wanted[(start, end)] = json.loads(line)[text_field]
-            except (ValueError, KeyError, TypeError):
-                pass
-        if end >= last:
-            break
-    return [wanted[s] for s in spans]
+                self._table = pa.ipc.open_stream(pa.memory_map(str(self.path))).read_all()
+            except (pa.ArrowException, OSError) as e:
+                raise BadInput(f"{self.path}: not a readable arrow file ({e})") from None
+        column = self._table.column(self.text_field) if self.text_field in self._table.schema.names else None
+        found = {}
+        for start, end in spans:
+            value = column[start].as_py() if column is not None and start < len(column) else None
+            found[(start, end)] = value if isinstance(value, str) else None
+        return found
+
+    def _records(self, first: int):
+        """(position, start, end, text) from the record at or before `first`: a stream's lines
+        from its beginning, a Parquet file's rows from the row group holding row `first`."""
+        if self.fmt != "parquet":
+            for _, start, end, line in stream_lines(self.path, self.fmt):
+                yield start, start, end, self._text(line)
+            return
+        pq = _needs("pyarrow.parquet", self.fmt)
+        table = pq.ParquetFile(self.path)
+        row, groups = 0, []
+        for g in range(table.metadata.num_row_groups):
+            n = table.metadata.row_group(g).num_rows
+            if row + n > first or groups:
+                groups.append(g)
+            else:
+                row += n
+        if self.text_field not in table.schema_arrow.names or not groups:
+            return
+        for batch in table.iter_batches(batch_size=_BATCH_ROWS, row_groups=groups, columns=[self.text_field]):
+            for text in batch.column(0).to_pylist():
+                yield row, row, row + 1, text if isinstance(text, str) else None
+                row += 1
+
+    def _forward(self, spans: list[tuple[int, int]]) -> dict:
+        wanted, found = set(spans), {}
+        if self._cursor is None or self._cursor[0] > spans[0][0]:
+            self._cursor = [spans[0][0], self._records(spans[0][0])]
+        last = spans[-1][0]
+        for position, start, end, text in self._cursor[1]:
+            self._cursor[0] = position + 1
+            if (start, end) in wanted:
+                found[(start, end)] = text
+            if position >= last:
+                break
+        return found

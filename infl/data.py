@@ -20,7 +20,7 @@ import numpy as np
 
 from infl import corpora
 from infl.errors import BadInput
-from infl.hashing import cached_file_sha256, note_file
+from infl.hashing import cached_file_sha256, note_file, range_sha256, stat_key
 
 if TYPE_CHECKING:  # only `collate` needs torch: reading texts back (topk, infl.api) does not
     import torch
@@ -32,6 +32,10 @@ __all__ = [
     "appended",
     "Corpus",
     "Queries",
+    "plan_corpus",
+    "CorpusReader",
+    "IdTable",
+    "TokenizedCorpus",
     "read_corpus",
     "read_queries",
     "read_text",
@@ -89,13 +93,50 @@ def appended(path: Path, end: int) -> Piece | None:
     return Piece(path, end, size - end) if at_line_start else None  # its size now: every rank reads the same
 
 
+class IdTable:
+    """Many short strings in two arrays, their UTF-8 bytes end to end and where each starts (int64):
+    a million ids take the bytes of their text and 8 more each, not a Python object each."""
+
+    def __init__(self, flat: bytes | bytearray = b"", offsets: np.ndarray | None = None):
+        self.flat = bytes(flat)
+        self.offsets = np.zeros(1, dtype=np.int64) if offsets is None else offsets
+
+    @classmethod
+    def of(cls, strings) -> IdTable:
+        encoded = [s.encode("utf-8") for s in strings]
+        lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
+        return cls(b"".join(encoded), np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, key):
+        if isinstance(key, slice):
+            return [self[i] for i in range(*key.indices(len(self)))]
+        key = int(key)
+        return self.flat[self.offsets[key] : self.offsets[key + 1]].decode("utf-8")
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def take(self, rows: np.ndarray) -> IdTable:
+        return IdTable.of(self[int(i)] for i in rows)
+
+    def array(self, lo: int = 0, hi: int | None = None) -> np.ndarray:
+        """Ids lo..hi as the object array zarr writes."""
+        return np.array(self[lo : len(self) if hi is None else hi], dtype=object)
+
+
 @dataclass
 class Corpus:
+    """A corpus as planned: its shards, each sequence's id and locator (shard, start, end), no
+    text and no tokens (CorpusReader reads those a chunk at a time). `stats` is each shard file's
+    stat_key when it was read and hashed: a reader finding it so knows the bytes are those hashed."""
+
     shards: list[Shard]
-    ids: list[str]
-    tokens: TokenTable
+    ids: IdTable
     locators: np.ndarray  # [N, 3] int64: shard index, start, end (bytes; characters for windows; rows)
-    n_truncated: int = 0
+    stats: list[list[int]]
     text_field: str = "text"
 
     def provenance(self) -> list[dict]:
@@ -104,14 +145,15 @@ class Corpus:
 
     def subset(self, rows: np.ndarray) -> Corpus:
         """These sequences only, in this order (the shards stay: locators point into them)."""
-        return Corpus(
-            self.shards,
-            [self.ids[i] for i in rows],
-            self.tokens.take(rows),
-            self.locators[rows],
-            0,
-            self.text_field,
-        )
+        return Corpus(self.shards, self.ids.take(rows), self.locators[rows], self.stats, self.text_field)
+
+
+@dataclass
+class TokenizedCorpus(Corpus):
+    """A corpus read whole, its tokens held (small corpora, tests)."""
+
+    tokens: TokenTable | None = None
+    n_truncated: int = 0
 
 
 @dataclass
@@ -134,20 +176,6 @@ def _read_bytes(path: Path) -> bytes:
         raise BadInput(f"{path}: no such file")
     note_file(path)  # before reading: a change after this shows (infl.noop)
     return path.read_bytes()
-
-
-def _lines(whole: bytes, start: int = 0, stop: int | None = None):
-    """(line number, start byte, end byte, line bytes) for every line of `whole[start:stop]`,
-    numbered as in the whole file, whose lines end as bytes.splitlines ends them (\\n, \\r\\n or
-    a lone \\r). A first fragment that only ends the line before `start` (the file grew after a
-    last line with no newline, or between \\r and \\n) keeps that line's number."""
-    # lines ended before it, counted within bounds (a slice would copy the prefix, gigabytes maybe)
-    number = whole.count(b"\n", 0, start) + whole.count(b"\r", 0, start) - whole.count(b"\r\n", 0, start)
-    number -= whole.endswith(b"\r", 0, start) and whole[start : start + 1] == b"\n"  # that \\r\\n ends one line
-    for line in whole[start:stop].splitlines(keepends=True):
-        number += 1
-        yield number, start, start + len(line), line
-        start += len(line)
 
 
 def _json_record(path: Path, number: int, line: bytes) -> dict:
@@ -241,45 +269,175 @@ class TokenTable:
         return TokenTable.of([self[int(i)] for i in rows])
 
 
-class _Tokens:
-    """A TokenTable built as records are read: texts are tokenised a batch at a time (the fast
-    tokenizer's batch call), truncated to max_length, and kept as int32, so that reading a corpus
-    holds its tokens and one batch of texts, never every text or Python ints."""
+def _plain_pieces(path: Path, piece: Piece, digest) -> None:
+    """Feed a plain shard's bytes to `digest` without parsing them (the windows format)."""
+    with path.open("rb") as f:
+        f.seek(piece.start)
+        left = piece.size
+        while left is None or left > 0:
+            block = f.read(1 << 20 if left is None else min(left, 1 << 20))
+            if not block:
+                return
+            digest.update(block)
+            left = None if left is None else left - len(block)
 
-    BATCH = 2048
 
-    def __init__(self, tokenizer, max_length: int):
-        self.tokenizer, self.max_length = tokenizer, max_length
-        self.texts: list[str] = []
-        self.parts: list[np.ndarray] = []
-        self.lengths: list[np.ndarray] = []
-        self.n_truncated = 0
+def _windows(path: Path, tokenizer, max_length: int) -> tuple[list[int], list[tuple[int, int]]]:
+    """A text file's tokens (no special tokens) and the characters each covers: its windows are
+    max_length of them at a time."""
+    text = _decode(path, _read_bytes(path))
+    encoding = _encode(tokenizer, text, add_special_tokens=False, return_offsets_mapping=True)
+    return encoding["input_ids"], encoding["offset_mapping"]
 
-    def text(self, text: str) -> None:
-        self.texts.append(text)
-        if len(self.texts) >= self.BATCH:
-            self._flush()
 
-    def tokens(self, token_ids: list[int]) -> None:
-        self._flush()
-        self._add([token_ids])
+def plan_corpus(
+    paths: list[Path | Piece],
+    split: str = "lines",
+    text_field: str = "text",
+    id_field: str = "id",
+    tokenizer=None,
+    max_length: int | None = None,
+) -> Corpus:
+    """One pass over every shard (a file, or a `Piece` of one: see infl.corpora for the formats)
+    that checks each record, hashes the shard and keeps each sequence's id and locator, never its
+    text or tokens; ids must be unique across shards. The tokenizer and max_length are needed only
+    by text split into windows (a window is max_length tokens)."""
+    shards: list[Shard] = []
+    ids, id_ends, hashes = bytearray(), array("q", [0]), array("Q")
+    locators = array("q")  # shard, start, end of each record
+    stats = []
 
-    def _flush(self) -> None:
-        if self.texts:
-            self._add(_encode(self.tokenizer, self.texts, add_special_tokens=True)["input_ids"])
-            self.texts = []
+    def add(index: int, sequence_id: str, start: int, end: int) -> None:
+        encoded = sequence_id.encode("utf-8")
+        ids.extend(encoded)
+        id_ends.append(len(ids))
+        hashes.append(int.from_bytes(hashlib.blake2b(encoded, digest_size=8).digest(), "little"))
+        locators.extend((index, start, end))
 
-    def _add(self, sequences: list[list[int]]) -> None:
-        self.n_truncated += sum(len(t) > self.max_length for t in sequences)
-        table = TokenTable.of([t[: self.max_length] for t in sequences])
-        self.parts.append(table.flat)
-        self.lengths.append(table.lengths)
+    for index, piece in enumerate(paths):
+        piece = piece if isinstance(piece, Piece) else Piece(Path(piece))
+        path = piece.path
+        if not path.is_file():
+            raise BadInput(f"{path}: no such file")
+        fmt = corpora.format_of(path, split)
+        before = len(id_ends)
+        stat = path.stat()
+        digest = hashlib.sha256()
+        stop = None if piece.size is None else piece.start + piece.size
+        if fmt in ("jsonl", "jsonl.gz", "jsonl.zst"):
+            lines = (
+                corpora.file_lines(path, piece.start, stop, digest)
+                if fmt == "jsonl"
+                else corpora.stream_lines(path, fmt)
+            )
+            for number, start, end, line in lines:
+                if not line.strip():
+                    continue
+                record = _json_record(path, number, line)
+                text = _field(path, number, record, text_field)
+                if not text.strip():  # no tokens to score (a blank line of a .txt file is skipped instead)
+                    raise BadInput(f"{path}:{number}: field {text_field!r} is empty")
+                add(index, _record_id(path, number, record, id_field), start, end)
+        elif fmt in corpora.TABLES:
+            for row, sequence_id, text in corpora.table_records(path, fmt, text_field, id_field):
+                where = f"row {row}"
+                text = _field(path, where, {text_field: text}, text_field)
+                if not text.strip():
+                    raise BadInput(f"{path}:{where}: field {text_field!r} is empty")
+                add(index, _record_id(path, row, {id_field: sequence_id}, id_field), row, row + 1)
+        elif fmt == "lines":
+            for number, start, end, line in corpora.file_lines(path, piece.start, stop, digest):
+                text = _decode(path, line, start, number).rstrip("\r\n")
+                if text.strip():
+                    add(index, f"{path.name}:{number}", start, end)
+        else:
+            _plain_pieces(path, piece, digest)
+            token_ids, offsets = _windows(path, tokenizer, max_length)
+            for w, lo in enumerate(range(0, len(token_ids), max_length)):
+                hi = min(lo + max_length, len(token_ids))
+                add(index, f"{path.name}:w{w}", offsets[lo][0], offsets[hi - 1][1])
+        if fmt in ("jsonl", "lines", "windows"):  # the bytes just read
+            size, sha256 = (stat.st_size if stop is None else stop) - piece.start, digest.hexdigest()
+        else:  # compressed streams and tables: whole files
+            size, sha256 = stat.st_size, cached_file_sha256(path)
+        if stat_key(path.stat()) != stat_key(stat):
+            raise BadInput(f"corpus shard {path} changed while it was being read")
+        stats.append(stat_key(stat))
+        shards.append(Shard(str(path.resolve()), size, sha256, fmt, len(id_ends) - before, piece.start))
+    if len(id_ends) == 1:
+        raise BadInput(f"the corpus {', '.join(map(str, paths))} holds no sequence")
+    table = IdTable(ids, np.frombuffer(id_ends, dtype=np.int64).copy())
+    _check_unique(table, np.frombuffer(hashes, dtype=np.uint64))
+    locators = np.frombuffer(locators, dtype=np.int64).reshape(-1, 3).copy()
+    return Corpus(shards, table, locators, stats, text_field)
 
-    def table(self) -> TokenTable:
-        self._flush()
-        lengths = np.concatenate(self.lengths) if self.lengths else np.zeros(0, dtype=np.int64)
-        flat = np.concatenate(self.parts) if self.parts else np.zeros(0, dtype=np.int32)
-        return TokenTable.of_lengths(flat, lengths)
+
+def _check_unique(ids: IdTable, hashes: np.ndarray) -> None:
+    """Every id once: ids whose 64-bit hashes collide are compared (8 bytes a sequence, no set of strings)."""
+    order = np.argsort(hashes, kind="stable")
+    same = np.flatnonzero(hashes[order][1:] == hashes[order][:-1])
+    for k in same:
+        first, second = sorted((int(order[k]), int(order[k + 1])))
+        if ids[first] == ids[second]:
+            raise BadInput(f"training sequence id {ids[first]!r} appears twice in the corpus")
+
+
+class CorpusReader:
+    """The tokens of a planned corpus's sequences, read through their locators a chunk at a time
+    and tokenised with the fast tokenizer in one batch call, truncated to max_length. Each shard
+    is first checked to be the file that was hashed: its stat_key as planned, or else (another
+    machine's copy) its sha256 again. Memory: the chunk, and one shard's reader."""
+
+    def __init__(self, corpus: Corpus, tokenizer, max_length: int):
+        self.corpus, self.tokenizer, self.max_length = corpus, tokenizer, max_length
+        self.truncated = np.zeros(len(corpus.ids), dtype=bool)  # rows read longer than max_length
+        self._readers: dict[int, object] = {}
+
+    @property
+    def n_truncated(self) -> int:
+        return int(self.truncated.sum())
+
+    def tokens(self, lo: int, hi: int) -> list[list[int]]:
+        """Token ids of sequences lo..hi (rows of the corpus as planned)."""
+        locators = self.corpus.locators[lo:hi]
+        out: list[list[int] | None] = [None] * (hi - lo)
+        for k in np.unique(locators[:, 0]):
+            at = np.flatnonzero(locators[:, 0] == k)
+            for i, t in zip(at, self._shard_tokens(int(k), [(int(s), int(e)) for _, s, e in locators[at]])):
+                out[i] = t
+        for i, t in enumerate(out):
+            self.truncated[lo + i] = len(t) > self.max_length
+        return [t[: self.max_length] for t in out]
+
+    def _shard_tokens(self, k: int, spans: list[tuple[int, int]]) -> list[list[int]]:
+        shard = self.corpus.shards[k]
+        path = Path(shard.path)
+        self._check(k, path)
+        if shard.format == "windows":
+            if k not in self._readers:
+                self._readers = {k: _windows(path, self.tokenizer, self.max_length)}  # one text file held at a time
+            token_ids, offsets = self._readers[k]
+            L, window = self.max_length, {offsets[lo][0]: lo for lo in range(0, len(token_ids), self.max_length)}
+            return [token_ids[window[start] : window[start] + L] for start, _ in spans]
+        if k not in self._readers:
+            self._readers = {k: corpora.SpanReader(path, shard.format, self.corpus.text_field)}
+        texts = self._readers[k].texts(spans)
+        if any(t is None for t in texts):
+            raise BadInput(f"corpus shard {path} changed while this run was reading it")
+        return _encode(self.tokenizer, texts, add_special_tokens=True)["input_ids"]
+
+    def _check(self, k: int, path: Path) -> None:
+        if path.is_file() and stat_key(path.stat()) == self.corpus.stats[k]:
+            return
+        shard = self.corpus.shards[k]
+        if path.is_file():  # touched, or another machine's copy: its bytes, hashed again
+            plain = shard.format in ("jsonl", "lines", "windows")
+            whole = not plain or (shard.start == 0 and shard.size == path.stat().st_size)
+            stat = stat_key(path.stat())
+            if (cached_file_sha256(path) if whole else range_sha256(path, shard.start, shard.size)) == shard.sha256:
+                self.corpus.stats[k] = stat
+                return
+        raise BadInput(f"corpus shard {path} changed while this run was reading it")
 
 
 def read_corpus(
@@ -289,78 +447,12 @@ def read_corpus(
     split: str = "lines",
     text_field: str = "text",
     id_field: str = "id",
-) -> Corpus:
-    """Read, tokenise and truncate every shard (a file, or a `Piece` of one: see infl.corpora for
-    the formats); ids must be unique across shards."""
-    shards: list[Shard] = []
-    ids: list[str] = []
-    tokens = _Tokens(tokenizer, max_length)
-    locators = array("q")  # shard, start, end of each record
-    files: dict[Path, bytes] = {}  # a grown file is several pieces: read once
-    for index, piece in enumerate(paths):
-        piece = piece if isinstance(piece, Piece) else Piece(Path(piece))
-        path = piece.path
-        if not path.is_file():
-            raise BadInput(f"{path}: no such file")
-        fmt = corpora.format_of(path, split)
-        before = len(ids)
-
-        def add(sequence_id: str, text: str, start: int, end: int) -> None:
-            ids.append(sequence_id)
-            tokens.text(text)
-            locators.extend((index, start, end))
-
-        if fmt in ("jsonl", "lines", "windows"):  # plain files: read whole, pieces of them by byte range
-            if path not in files:
-                files[path] = _read_bytes(path)
-            whole = files[path]
-            stop = None if piece.size is None else piece.start + piece.size
-            data = whole[piece.start : stop]
-            size, sha256 = len(data), hashlib.sha256(data).hexdigest()
-        else:  # compressed streams and tables: whole files, read as they stream
-            size, sha256 = path.stat().st_size, cached_file_sha256(path)
-        if fmt in ("jsonl", "jsonl.gz", "jsonl.zst"):
-            lines = _lines(whole, piece.start, stop) if fmt == "jsonl" else corpora.stream_lines(path, fmt)
-            for number, start, end, line in lines:
-                if not line.strip():
-                    continue
-                record = _json_record(path, number, line)
-                text = _field(path, number, record, text_field)
-                if not text.strip():  # no tokens to score (a blank line of a .txt file is skipped instead)
-                    raise BadInput(f"{path}:{number}: field {text_field!r} is empty")
-                add(_record_id(path, number, record, id_field), text, start, end)
-        elif fmt in corpora.TABLES:
-            for row, sequence_id, text in corpora.table_records(path, fmt, text_field, id_field):
-                where = f"row {row}"
-                text = _field(path, where, {text_field: text}, text_field)
-                if not text.strip():
-                    raise BadInput(f"{path}:{where}: field {text_field!r} is empty")
-                add(_record_id(path, row, {id_field: sequence_id}, id_field), text, row, row + 1)
-        elif fmt == "lines":
-            for number, start, end, line in _lines(whole, piece.start, stop):
-                text = _decode(path, line, start, number).rstrip("\r\n")
-                if text.strip():
-                    add(f"{path.name}:{number}", text, start, end)
-        else:
-            text = _decode(path, data, piece.start)
-            encoding = _encode(tokenizer, text, add_special_tokens=False, return_offsets_mapping=True)
-            token_ids, offsets = encoding["input_ids"], encoding["offset_mapping"]
-            for w, lo in enumerate(range(0, len(token_ids), max_length)):
-                hi = min(lo + max_length, len(token_ids))
-                ids.append(f"{path.name}:w{w}")
-                tokens.tokens(token_ids[lo:hi])
-                locators.extend((index, offsets[lo][0], offsets[hi - 1][1]))
-        shards.append(Shard(str(path.resolve()), size, sha256, fmt, len(ids) - before, piece.start))
-    if not ids:
-        raise BadInput(f"the corpus {', '.join(map(str, paths))} holds no sequence")
-    seen: set[str] = set()
-    for sequence_id in ids:
-        if sequence_id in seen:
-            raise BadInput(f"training sequence id {sequence_id!r} appears twice in the corpus")
-        seen.add(sequence_id)
-    table = tokens.table()
-    locators = np.frombuffer(locators, dtype=np.int64).reshape(-1, 3).copy()
-    return Corpus(shards, ids, table, locators, tokens.n_truncated, text_field)
+) -> TokenizedCorpus:
+    """A corpus planned and read whole, its tokens held (small corpora, tests)."""
+    corpus = plan_corpus(paths, split, text_field, id_field, tokenizer, max_length)
+    reader = CorpusReader(corpus, tokenizer, max_length)
+    tokens = TokenTable.of(reader.tokens(0, len(corpus.ids)))
+    return TokenizedCorpus(**vars(corpus), tokens=tokens, n_truncated=reader.n_truncated)
 
 
 def _decode(path: Path, data: bytes, offset: int = 0, line: int | None = None) -> str:
@@ -379,38 +471,24 @@ def read_text(shard: Shard, start: int, end: int, text_field: str = "text") -> s
 
 
 def read_texts(shard: Shard, spans: list[tuple[int, int]], text_field: str = "text") -> list[str]:
-    """The texts of records of one shard, read back through their locators (start, end): by
-    offset from plain files, in one pass over a compressed stream or a table."""
+    """The texts of records of one shard, read back through their locators (start, end)."""
     path = Path(shard.path)
     if not path.is_file():
         return [f"<{path} is gone>"] * len(spans)
-    changed = f"<{path} changed since it was scored>"
-    if shard.format in ("jsonl.gz", "jsonl.zst", *corpora.TABLES):
-        return [changed if t is None else t for t in corpora.read_spans(path, shard.format, spans, text_field)]
     if shard.format == "windows":  # offsets are characters of the decoded bytes, as scored (no newline translation)
         text = _decode(path, path.read_bytes())
         return [text[start:end] for start, end in spans]
-    out = []
-    with path.open("rb") as f:
-        for start, end in spans:
-            f.seek(start)
-            line = f.read(end - start)
-            if shard.format == "lines":
-                out.append(line.decode("utf-8", errors="replace").rstrip("\r\n"))
-                continue
-            try:
-                out.append(json.loads(line)[text_field])
-            except (json.JSONDecodeError, KeyError, TypeError):
-                out.append(changed)
-    return out
+    changed = f"<{path} changed since it was scored>"
+    return [changed if t is None else t for t in corpora.SpanReader(path, shard.format, text_field).texts(spans)]
 
 
 def read_queries(path: Path, tokenizer, max_length: int, start: int = 0) -> Queries:
     """`{"id", "prompt", "completion"}` per line from byte `start` (the lines appended after the
     queries already built), tokenised (see add_query)."""
-    whole = _read_bytes(path)
+    if not path.is_file():
+        raise BadInput(f"{path}: no such file")
     queries = Queries([], [], [], [], [])
-    for number, _, _, line in _lines(whole, start):
+    for number, _, _, line in corpora.file_lines(path, start):
         if not line.strip():
             continue
         record = _json_record(path, number, line)

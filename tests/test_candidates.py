@@ -7,6 +7,7 @@ import json
 import math
 
 import numpy as np
+import pytest
 from conftest import write_jsonl
 from test_cli import infl, one_line_error, pipeline
 
@@ -40,10 +41,40 @@ def test_bm25_equals_the_formula_with_presence_only_counts():
 
 def test_top_candidates_are_the_best_scores_with_ties_to_the_earlier_sequence():
     documents = [lexical.presence(d) for d in ([1, 2], [3], [1, 2], [4], [1], [1, 2])]
-    indices, _scores = lexical.top_candidates(documents, [lexical.presence([1, 2])], 2)
-    assert indices.tolist() == [[0, 2]]  # 0, 2 and 5 tie: the earliest two
-    everything, _ = lexical.top_candidates(documents, [lexical.presence([1, 2])], 100)
+    for rows in (1, 2, 100):  # ties kept across the blocks documents stream in
+        indices, _scores = lexical.top_candidates(
+            lambda: lexical.blocks_of(documents, rows), [lexical.presence([1, 2])], 2
+        )
+        assert indices.tolist() == [[0, 2]], rows  # 0, 2 and 5 tie: the earliest two
+    everything, _ = lexical.top_candidates(lambda: lexical.blocks_of(documents, 4), [lexical.presence([1, 2])], 100)
     assert everything.shape == (1, 6) and sorted(everything[0].tolist()) == list(range(6))
+
+
+def test_streamed_bm25_equals_bm25s_over_blocks():
+    """The streamed scorer gives bm25s's lucene BM25 scores (presence-only documents and queries),
+    and the same top lists however the documents are cut into blocks."""
+    bm25s = pytest.importorskip("bm25s")
+    from bm25s.tokenization import Tokenized
+
+    rng = np.random.default_rng(1)
+    documents = [lexical.presence(rng.integers(0, 200, rng.integers(1, 60))) for _ in range(300)]
+    queries = [lexical.presence(rng.integers(0, 220, 15)) for _ in range(7)]
+    index = bm25s.BM25(k1=lexical.K1, b=lexical.B, method="lucene")
+    vocabulary = sorted({int(t) for d in documents for t in d})
+    position = {t: i for i, t in enumerate(vocabulary)}
+    index.index(
+        Tokenized(
+            ids=[[position[int(t)] for t in d] for d in documents], vocab={str(t): i for t, i in position.items()}
+        ),
+        show_progress=False,
+    )
+    expected = np.stack([index.get_scores([str(int(t)) for t in q if int(t) in position]) for q in queries])
+    np.testing.assert_allclose(lexical.bm25_scores(documents, queries), expected, rtol=1e-5, atol=1e-6)
+    reference = lexical.top_candidates(lambda: lexical.blocks_of(documents, 300), queries, 20)
+    for rows in (1, 7, 64):
+        got = lexical.top_candidates(lambda: lexical.blocks_of(documents, rows), queries, 20)
+        np.testing.assert_array_equal(got[0], reference[0])
+        np.testing.assert_allclose(got[1], reference[1], rtol=1e-6)
 
 
 def _corpus_tokens(workdir, path):
@@ -86,8 +117,8 @@ def test_candidates_grown_by_a_shard_equal_those_built_at_once_and_reuse_old_ter
     base = ["candidates", "--model", workdir / "gpt2", "--queries", workdir / "queries.jsonl", "--top", "5"]
     assert infl(*base, "--corpus", first, "--out", tmp_path / "grown.zarr").exit_code == 0
     read = []
-    original = data.read_corpus
-    monkeypatch.setattr(data, "read_corpus", lambda paths, *a, **k: (read.extend(paths), original(paths, *a, **k))[1])
+    original = data.plan_corpus
+    monkeypatch.setattr(data, "plan_corpus", lambda paths, *a, **k: (read.extend(paths), original(paths, *a, **k))[1])
     grown = infl(*base, "--corpus", first, second, "--out", tmp_path / "grown.zarr")
     assert grown.exit_code == 0 and "adding 1 corpus shard" in grown.output, grown.output
     assert read == [second]  # the first shard's terms were kept, not read again

@@ -327,7 +327,7 @@ def test_text_corpora_by_lines_and_by_windows(workdir, tmp_path):
     txt.write_text("\n".join(SENTENCES[:6]) + "\n\n")  # a blank line is no sequence
     tokenizer = make_tokenizer()
     lines = data.read_corpus([txt], tokenizer, 32)
-    assert lines.ids == [f"notes.txt:{i}" for i in range(1, 7)]
+    assert list(lines.ids) == [f"notes.txt:{i}" for i in range(1, 7)]
     windows = data.read_corpus([txt], tokenizer, 5, split="windows")
     n_tokens = sum(len(tokenizer(s)["input_ids"]) for s in SENTENCES[:6])
     assert [len(t) for t in windows.tokens] == [5] * (n_tokens // 5) + ([n_tokens % 5] if n_tokens % 5 else [])

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from test_cli import infl, one_line_error, pipeline
 from test_resume import kill_when
 
 from infl import artifacts, data
+from infl.errors import BadInput
 
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
@@ -61,7 +63,7 @@ def test_every_format_gives_the_same_sequences_scores_and_texts(workdir, built, 
     for kind in KINDS:
         path = write_format(kind, tmp_path / kind)
         corpus = data.read_corpus(list(data_files(path)), tokenizer, 32)
-        assert corpus.ids == [r["id"] for r in ROWS], kind
+        assert list(corpus.ids) == [r["id"] for r in ROWS], kind
         assert list(corpus.tokens) == [tokenizer(r["text"])["input_ids"] for r in ROWS], kind
         out = tmp_path / f"{kind}.zarr"
         scored = infl("score", "--queries", built / "q.zarr", "--corpus", path, "--out", out)
@@ -166,12 +168,36 @@ def test_a_killed_score_over_a_parquet_directory_resumes_to_identical_scores(wor
         np.testing.assert_array_equal(np.asarray(got[key][...]), np.asarray(ref[key][...]))
 
 
-def test_tokens_are_held_as_int32_arrays_not_python_lists(tmp_path):
+def test_a_plan_holds_compact_arrays_and_a_reader_reads_any_rows_of_any_format(tmp_path):
+    """The plan keeps ids and locators only (no text, no tokens: two arrays each); a reader gives
+    any rows' tokens, in any order and subset, from every format, and counts what it truncated."""
     tokenizer = make_tokenizer()
-    rows = [{"id": f"s{i}", "text": SENTENCES[i % 12]} for i in range(5000)]
-    corpus = data.read_corpus([write_jsonl(tmp_path / "many.jsonl", rows)], tokenizer, 4)
-    assert corpus.tokens.flat.dtype == np.int32 and len(corpus.tokens) == 5000
-    assert corpus.tokens.flat.nbytes == 4 * int(corpus.tokens.lengths.sum())
-    assert corpus.n_truncated == sum(len(tokenizer(r["text"])["input_ids"]) > 4 for r in rows)
-    assert corpus.tokens[7] == tokenizer(rows[7]["text"])["input_ids"][:4]
-    assert corpus.subset(np.array([3, 1])).tokens[:] == [corpus.tokens[3], corpus.tokens[1]]
+    rows = [{"id": f"s{i}", "text": SENTENCES[i % 12] + f" {i}"} for i in range(5000)]
+    for kind in ("jsonl", "jsonl.gz", "parquet"):
+        corpus = data.plan_corpus(list(data_files(write_format(kind, tmp_path / kind, rows))))
+        assert isinstance(corpus.ids.flat, bytes) and corpus.ids.offsets.dtype == np.int64, kind
+        assert corpus.locators.dtype == np.int64 and not hasattr(corpus, "tokens"), kind
+        assert corpus.ids[4321] == "s4321" and len(corpus.ids) == 5000, kind
+        reader = data.CorpusReader(corpus, tokenizer, 4)
+        spans = ((4990, 5000), (0, 3), (2499, 2501), (10, 12), (0, 3))  # backwards too: streams reopen
+        for lo, hi in spans:
+            assert reader.tokens(lo, hi) == [tokenizer(r["text"])["input_ids"][:4] for r in rows[lo:hi]], kind
+        read = {i for lo, hi in spans for i in range(lo, hi)}  # each row counted once, however often read
+        assert reader.n_truncated == sum(len(tokenizer(rows[i]["text"])["input_ids"]) > 4 for i in read), kind
+        picked = corpus.subset(np.array([4000, 7, 2600]))
+        assert data.CorpusReader(picked, tokenizer, 64).tokens(0, 3) == [
+            tokenizer(rows[i]["text"])["input_ids"] for i in (4000, 7, 2600)
+        ], kind
+
+
+def test_a_shard_changed_after_planning_is_refused_and_a_touched_one_is_hashed_again(tmp_path):
+    tokenizer = make_tokenizer()
+    path = write_jsonl(tmp_path / "c.jsonl", ROWS)
+    corpus = data.plan_corpus([path])
+    os.utime(path, ns=(1, 1))  # same bytes, another stat: hashed again, and read
+    assert data.CorpusReader(corpus, tokenizer, 32).tokens(0, 2) == [
+        tokenizer(r["text"])["input_ids"] for r in ROWS[:2]
+    ]
+    write_jsonl(path, [{**ROWS[0], "text": "an edit"}] + ROWS[1:])
+    with pytest.raises(BadInput, match="changed while this run was reading it"):
+        data.CorpusReader(corpus, tokenizer, 32).tokens(0, 2)

@@ -16,7 +16,7 @@ ALLOWED = {
     "curvature/__init__": {"infl.errors"},  # the registry: no torch
     **{f"curvature/{p.stem}": CURVATURE for p in (PKG / "curvature").glob("*.py") if p.stem != "__init__"},
     "scoring": {"torch"},
-    "lexical": {"numpy", "bm25s"},  # BM25 over token ids: no files, no torch
+    "lexical": {"numpy", "scipy"},  # BM25 over token ids: no files, no torch
     "indexing": {"torch", "infl.curvature.base"},  # bases dense or blocked
     "capture": {"torch"},
     "gradients": {"torch", "infl.capture", "infl.curvature"},

@@ -26,6 +26,8 @@ from infl.errors import IncompatibleArtifact
 
 __all__ = ["CandidatesArtifact", "rows_digest", "query_digest"]
 
+_TERMS_CHUNK = 1 << 20  # term ids per stored chunk (4 MB)
+
 
 def rows_digest(rows: np.ndarray) -> str:
     """What identifies a selection of corpus positions (recorded by the scores made on it)."""
@@ -45,24 +47,52 @@ class CandidatesArtifact(Artifact):
 
     # -- writing (the main rank) ----------------------------------------------------------------
 
-    def shard_terms(self, k: int, sha256: str) -> list[np.ndarray] | None:
-        """The distinct terms of the documents of shard k, if a run stored them whole for a shard
-        with this content (None otherwise)."""
+    def shard_terms(self, k: int, sha256: str) -> int | None:
+        """How many documents shard k has, if a run stored their terms whole for a shard with this
+        content (None otherwise)."""
         group = integrity.member(self.group, f"terms/{k}")
         if group is None or group.attrs.get("sha256") != sha256 or "offsets" not in group:
             return None
-        offsets = self._read(f"terms/{k}/offsets")
-        return np.split(self._read(f"terms/{k}/ids"), offsets[1:-1])
+        return group["offsets"].shape[0] - 1
 
-    def write_shard_terms(self, k: int, sha256: str, documents: list[np.ndarray]) -> None:
+    def write_shard_terms(self, k: int, sha256: str, blocks) -> int:
+        """Store the distinct terms of shard k's documents, given as blocks (lists of int32 arrays),
+        appended a few MB at a time; how many documents it holds."""
         where = self._sub(f"terms/{k}")
         where.attrs.pop("sha256", None)
-        offsets = np.concatenate([[0], np.cumsum([len(d) for d in documents])]).astype(np.int64)
-        self._write(
-            "ids", np.concatenate(documents).astype(np.int32) if documents else np.zeros(0, np.int32), where=where
-        )
-        self._write("offsets", offsets, where=where)
+        for name, dtype in (("ids", np.int32), ("offsets", np.int64)):
+            if name in where:
+                del where[name]
+                del where[name + integrity.SUFFIX]
+            self._create(name, (0,), (_TERMS_CHUNK,), dtype, 0, where=where)
+        self._set_rows("offsets", 0, np.zeros(1, np.int64), where=where)
+        n_docs, n_ids, held = 0, 0, []
+
+        def flush():
+            nonlocal n_docs, n_ids
+            if not held:
+                return
+            lengths = np.fromiter(map(len, held), dtype=np.int64, count=len(held))
+            self._set_rows("ids", n_ids, np.concatenate(held).astype(np.int32), where=where)
+            self._set_rows("offsets", n_docs + 1, n_ids + np.cumsum(lengths), where=where)
+            n_docs, n_ids = n_docs + len(held), n_ids + int(lengths.sum())
+            held.clear()
+
+        for block in blocks:
+            held += block
+            if sum(map(len, held)) >= _TERMS_CHUNK:
+                flush()
+        flush()
         where.attrs["sha256"] = sha256  # last: terms are used only once whole
+        return n_docs
+
+    def term_blocks(self, k: int, rows: int):
+        """Shard k's documents' terms, `rows` documents at a time: (offsets from 0, term ids)."""
+        offsets = self._read(f"terms/{k}/offsets")
+        for lo in range(0, len(offsets) - 1, rows):
+            hi = min(lo + rows, len(offsets) - 1)
+            ids = self._read(f"terms/{k}/ids", (slice(int(offsets[lo]), int(offsets[hi])),))
+            yield offsets[lo : hi + 1] - offsets[lo], ids
 
     def write_lists(self, query_ids: list[str], digests: list[str], indices: np.ndarray, scores: np.ndarray) -> None:
         self._write("query_ids", np.array(query_ids, dtype=object))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-__all__ = ["WritingStage", "model_dir_for", "sequence_seed"]
+__all__ = ["WritingStage", "model_dir_for", "sequence_seed", "log_truncated"]
 
 
 class WritingStage:
@@ -14,7 +14,6 @@ class WritingStage:
 
     def __init__(self, cfg):
         self.cfg = cfg
-        self.planned_corpus = None  # what the main rank read while planning, if it reads a corpus
 
     def lock(self):
         """Held by the main rank for the whole run: one run per artifact."""
@@ -58,3 +57,12 @@ def sequence_seed(*parts) -> int:
     """A seed of its own for what `parts` name (a seed and a sequence id; a query id and a module):
     independent of order, batching, rank and resume."""
     return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:8], "little") >> 1
+
+
+def log_truncated(n: int, max_length: int) -> None:
+    """Say how many of the sequences this run read were cut to max_length tokens (counted as
+    each rank tokenised its chunks: the plan reads no text)."""
+    if n:
+        from infl.console import log
+
+        log(f"{n:,} of the sequences read in this run were truncated to {max_length} tokens")

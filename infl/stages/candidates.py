@@ -83,26 +83,37 @@ class Candidates(base.WritingStage):
         art.unpublish()
         tokenizer = modeling.load_tokenizer(cfg.model)
         max_length = attrs["config"]["max_length"]
-        documents, counts = [], []
+        counts = []
+        statistics = lexical.Statistics()
         with progress() as bar:
             task = bar.add_task("terms", total=len(plan.corpus))
             for k, (path, shard) in enumerate(zip(plan.corpus, attrs["provenance"]["corpus"])):
-                terms = art.shard_terms(k, shard["sha256"]) if plan.reuse else None
-                if terms is None:
-                    corpus = data.read_corpus([path], tokenizer, max_length, cfg.split, cfg.text_field, cfg.id_field)
+                n = art.shard_terms(k, shard["sha256"]) if plan.reuse else None
+                if n is None:
+                    corpus = data.plan_corpus([path], cfg.split, cfg.text_field, cfg.id_field, tokenizer, max_length)
                     if corpus.shards[0].sha256 != shard["sha256"]:
                         raise BadInput(f"corpus shard {path} changed while this run was starting")
-                    terms = [lexical.presence(t) for t in corpus.tokens]
-                    art.write_shard_terms(k, shard["sha256"], terms)
-                documents += terms
-                counts.append(len(terms))
+                    n = art.write_shard_terms(k, shard["sha256"], _terms(corpus, tokenizer, max_length))
+                for block in art.term_blocks(k, _BLOCK_ROWS):
+                    statistics.add(block)
+                counts.append(n)
                 bar.advance(task)
             queries = data.read_queries(cfg.queries, tokenizer, max_length)
             if not queries.ids:
                 raise BadInput(f"{cfg.queries} holds no query")
-            task = bar.add_task("BM25", total=len(queries.ids))
+            rows = max(256, (1 << 22) // len(queries.ids))  # a block's scores [rows, Q] stay within 32 MB
+
+            def blocks():
+                for k in range(len(counts)):
+                    yield from art.term_blocks(k, rows)
+
+            task = bar.add_task("BM25", total=statistics.n_documents)
             indices, scores = lexical.top_candidates(
-                documents, [lexical.presence(t) for t in queries.tokens], cfg.top, lambda: bar.advance(task)
+                blocks,
+                [lexical.presence(t) for t in queries.tokens],
+                cfg.top,
+                statistics,
+                lambda n: bar.advance(task, n),
             )
         digests = [query_digest(p, c) for p, c in zip(queries.prompts, queries.completions)]
         art.write_lists(queries.ids, digests, indices, scores)
@@ -116,6 +127,16 @@ class Candidates(base.WritingStage):
             f"wrote {self.cfg.out}: the top {n[1]} of {art.n_sequences} sequences for each of {n[0]} queries "
             f"({time.perf_counter() - plan.started:.1f} s)"
         )
+
+
+_BLOCK_ROWS = 4096  # documents tokenised, or read back, at a time
+
+
+def _terms(corpus: data.Corpus, tokenizer, max_length: int):
+    """A planned shard's documents' distinct terms, a block at a time (lists of int32 arrays)."""
+    reader = data.CorpusReader(corpus, tokenizer, max_length)
+    for lo in range(0, len(corpus.ids), _BLOCK_ROWS):
+        yield [lexical.presence(t) for t in reader.tokens(lo, min(lo + _BLOCK_ROWS, len(corpus.ids)))]
 
 
 def _sha256(path: Path, what: str) -> str:

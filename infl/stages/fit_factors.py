@@ -49,7 +49,7 @@ def run(cfg: FitConfig) -> Outcome:
 class FitPlan:
     max_length: int
     n_sequences: int  # the first n sequences of the corpus are fitted
-    shards: tuple[str, ...]  # sha256 of each corpus shard, as planned
+    corpus: data.Corpus  # as planned: ids and locators (every rank reads its chunks)
     started: float
     index_attrs: dict | None  # the index the eigenvalue pass also writes (--index)
 
@@ -75,13 +75,13 @@ class FitFactors(base.WritingStage):
 
     def _corpus(self, max_length: int, pieces: tuple | None = None) -> data.Corpus:
         cfg = self.cfg
-        return data.read_corpus(
+        return data.plan_corpus(
             list(pieces or corpora.expand(cfg.corpus)),
-            modeling.load_tokenizer(cfg.model),
-            max_length,
             cfg.split,
             cfg.text_field,
             cfg.id_field,
+            modeling.load_tokenizer(cfg.model),
+            max_length,
         )
 
     def plan(self) -> FitPlan | Outcome:
@@ -131,16 +131,12 @@ class FitFactors(base.WritingStage):
                     "--chunk-size), another --index, or rebuild it alone: infl index ... --force",
                 ) from None
         n = len(corpus.ids) if cfg.max_sequences is None else min(cfg.max_sequences, len(corpus.ids))
-        if corpus.n_truncated:
-            log(f"{corpus.n_truncated} of {len(corpus.ids)} sequences truncated to {max_length} tokens")
-        self.planned_corpus = corpus  # the main rank need not read it twice
-        return FitPlan(max_length, n, tuple(s.sha256 for s in corpus.shards), started, index)
+        return FitPlan(max_length, n, corpus, started, index)
 
-    def run(self, plan: FitPlan, g: Group) -> None:
+    def run(self, plan: FitPlan, g: Group) -> int:
         cfg = self.cfg
         rt = Runtime.load(cfg.model, cfg.modules, g.device(cfg.device), cfg.dtype, cfg.batch_size)
-        corpus = self.planned_corpus or self._corpus(plan.max_length)
-        growth.check_unchanged(corpus, plan.shards)
+        corpus = plan.corpus
         n = plan.n_sequences
         g.from_main(self._begin, rt.specs, n)
         art = FactorsArtifact.open_for_writing(cfg.out)
@@ -148,8 +144,9 @@ class FitFactors(base.WritingStage):
             f"fitting {cfg.strategy} on {n} sequences, {len(rt.specs)} modules of {cfg.model}"
             + (f", {g.world} processes" if g.world > 1 else "")
         )
-        fit = _Fit(art, rt, corpus, n, cfg, g)
+        fit = _Fit(art, rt, corpus, n, plan.max_length, cfg, g)
         fit.run(curvature.get(cfg.strategy, cfg.blocks), plan.index_attrs)
+        return fit.reader.n_truncated
 
     def _begin(self, specs: list[ModuleSpec], n: int) -> None:
         art = FactorsArtifact.open_for_writing(self.cfg.out)
@@ -166,6 +163,7 @@ class FitFactors(base.WritingStage):
         art = FactorsArtifact.open_for_writing(self.cfg.out)
         art.publish()
         art.discard_checkpoints()  # after COMPLETE: a kill while deleting leaves harmless leftovers
+        base.log_truncated(sum(results), plan.max_length)
         return Outcome(
             f"wrote {self.cfg.out}: {self.cfg.strategy} factors for {len(art.modules)} modules "
             f"({time.perf_counter() - plan.started:.1f} s)"
@@ -184,12 +182,15 @@ class _Fit:
     """The passes of one fit on this rank: its share of the chunks, the group's sums, the factors
     of the modules it owns."""
 
-    def __init__(self, art: FactorsArtifact, rt: Runtime, corpus: data.Corpus, n: int, cfg: FitConfig, g: Group):
-        self.art, self.rt, self.corpus, self.cfg, self.g = art, rt, corpus, cfg, g
-        self.tokens, self.seeds = (
-            corpus.tokens.first(n),
-            [base.sequence_seed(cfg.seed, corpus.ids[i]) for i in range(n)],
-        )
+    def __init__(
+        self, art: FactorsArtifact, rt: Runtime, corpus: data.Corpus, n: int, max_length: int, cfg: FitConfig, g: Group
+    ):
+        self.art, self.rt, self.corpus, self.n, self.cfg, self.g = art, rt, corpus, n, cfg, g
+        self.reader, self.max_length = data.CorpusReader(corpus, rt.tokenizer, max_length), max_length
+
+    def _seeds(self, lo: int, hi: int) -> list[int]:
+        """Each sequence's own seed for its sampled labels: the same whatever reads it, and when."""
+        return [base.sequence_seed(self.cfg.seed, sequence_id) for sequence_id in self.corpus.ids[lo:hi]]
 
     def run(self, strategy, index_attrs: dict | None) -> None:
         parts = self._partitions(strategy)
@@ -215,9 +216,9 @@ class _Fit:
                         self._write(
                             strategy,
                             spec,
-                            strategy.end_pass(name, module_sums, n_tokens, len(self.tokens)),
+                            strategy.end_pass(name, module_sums, n_tokens, self.n),
                             last,
-                            {"n_tokens": n_tokens, "n_sequences": len(self.tokens)},
+                            {"n_tokens": n_tokens, "n_sequences": self.n},
                             name,
                         )
                     del module_sums
@@ -226,7 +227,7 @@ class _Fit:
             self.g.from_main(self.art.finish_pass, name)
         if not strategy.passes:
             for spec in self.g.mine(self.rt.specs):
-                self._write(strategy, spec, {}, True, {"n_sequences": len(self.tokens)}, None)
+                self._write(strategy, spec, {}, True, {"n_sequences": self.n}, None)
         self.g.barrier()
 
     def _partitions(self, strategy) -> list[list[ModuleSpec]]:
@@ -235,9 +236,8 @@ class _Fit:
         if cfg.partitions is not None:
             count = cfg.partitions
         elif cfg.memory_budget is not None:
-            length = int(self.tokens.lengths.max())
-            activations = planning.activation_bytes(
-                planning.skeleton(self.rt.model.config, cfg.dtype), cfg.batch_size, length
+            activations = planning.activation_bytes(  # at the longest a sequence is read: no text is read yet
+                planning.skeleton(self.rt.model.config, cfg.dtype), cfg.batch_size, self.max_length
             )
             count = planning.fit_partitions(
                 planning.process_bytes(),
@@ -300,7 +300,7 @@ class _Fit:
         After each chunk the rank's running sums are checkpointed, so a killed run (with any
         number of ranks) resumes from what every rank had finished. With `index`, each chunk's
         index rows (data-label gradients from the same forward) are committed before that."""
-        g, rt, n, C = self.g, self.rt, len(self.tokens), self.cfg.chunk_size
+        g, rt, n, C = self.g, self.rt, self.n, self.cfg.chunk_size
         kept = {}
 
         def begin():
@@ -344,9 +344,9 @@ class _Fit:
                 for batch, mask, loss in engine.sweep(
                     rt,
                     tapped,
-                    self.tokens[lo:hi],
+                    self.reader.tokens(lo, hi),
                     consume,
-                    seeds=self.seeds[lo:hi],
+                    seeds=self._seeds(lo, hi),
                     consume_data=consume_data if rows is not None else None,
                 ):
                     if not torch.isfinite(loss).all():

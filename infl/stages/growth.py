@@ -2,14 +2,13 @@
 candidates) is computed over. Those it holds come first, in their order, each found at its
 recorded path or, if it is no longer there, as the requested file of the same name (the corpus
 moved: its sha256 is checked against the held one, as a shard's always is); then what was
-appended to them; then the requested files it does not hold. And a check that every rank reads the
-shards the main rank planned with."""
+appended to them; then the requested files it does not hold."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["corpus_paths", "corpus_pieces", "check_unchanged"]
+__all__ = ["corpus_paths", "corpus_pieces"]
 
 
 def _found(path: Path, requested: tuple[Path, ...]) -> Path:
@@ -73,12 +72,3 @@ def corpus_pieces(old: dict | None, requested: tuple[Path, ...]) -> tuple:
 
 def _longer(path: Path, end: int) -> bool:
     return path.is_file() and path.stat().st_size > end
-
-
-def check_unchanged(corpus, planned: tuple[str, ...]) -> None:
-    """A rank read the corpus shards the main rank planned with (their sha256)."""
-    from infl.errors import BadInput
-
-    for shard, sha in zip(corpus.shards, planned, strict=True):
-        if shard.sha256 != sha:
-            raise BadInput(f"corpus shard {shard.path} changed while this run was starting")

@@ -38,8 +38,7 @@ def run(cfg: IndexConfig) -> Outcome:
 @dataclass(frozen=True)
 class IndexPlan:
     model_dir: Path
-    corpus: tuple[Path, ...]  # every shard, old ones first
-    shards: tuple[str, ...]  # their sha256, as planned
+    corpus: data.Corpus  # every sequence, old shards first, as planned (ids and locators)
     max_length: int
     dtype: str
     modules: list[str]
@@ -78,18 +77,14 @@ class Index(base.WritingStage):
             log(
                 f"adding {len(corpus.ids) - n_old} sequences from {len(paths) - len(old_shards)} new corpus shard(s) to {cfg.out}"
             )
-        if corpus.n_truncated:
-            log(f"{corpus.n_truncated} of {len(corpus.ids)} sequences truncated to {max_length} tokens")
         pending = art.pending()
-        self.planned_corpus = corpus
         log(
             f"indexing {len(corpus.ids)} sequences over {len(factors.modules)} modules, "
             f"{art.bytes_per_sequence()} bytes each ({layout.n_chunks - len(pending)} of {layout.n_chunks} chunks done)"
         )
         return IndexPlan(
             model_dir,
-            paths,
-            tuple(s.sha256 for s in corpus.shards),
+            corpus,
             max_length,
             factors.provenance["dtype"],
             factors.modules,
@@ -99,18 +94,18 @@ class Index(base.WritingStage):
 
     def _corpus(self, paths, tokenizer, max_length: int) -> data.Corpus:
         cfg = self.cfg
-        return data.read_corpus(list(paths), tokenizer, max_length, cfg.split, cfg.text_field, cfg.id_field)
+        return data.plan_corpus(list(paths), cfg.split, cfg.text_field, cfg.id_field, tokenizer, max_length)
 
-    def run(self, plan: IndexPlan, g: Group) -> None:
+    def run(self, plan: IndexPlan, g: Group) -> int:
         """Every rank: compress the gradients of its chunks and commit each one (rows, digests, done bit)."""
         cfg = self.cfg
         mine = g.mine(plan.pending)
         if not mine:  # e.g. the fit's eigenvalue pass wrote every chunk
-            return
+            return 0
         device = g.device(cfg.device)
         rt = Runtime.load(plan.model_dir, plan.modules, device, plan.dtype, cfg.batch_size)
-        corpus = self.planned_corpus or self._corpus(plan.corpus, rt.tokenizer, plan.max_length)
-        growth.check_unchanged(corpus, plan.shards)
+        corpus = plan.corpus
+        reader = data.CorpusReader(corpus, rt.tokenizer, plan.max_length)
         factors = FactorsArtifact.open(cfg.factors)
         arrays = ("Q_A", "Q_S", "eig_A", "eig_S")
         bases = {
@@ -124,9 +119,10 @@ class Index(base.WritingStage):
             for c in mine:
                 lo, hi = c * C, min((c + 1) * C, N)
                 found = engine.compressed_gradients(
-                    rt, rows.compress, corpus.tokens[lo:hi], lambda n: bar.advance(task, n)
+                    rt, rows.compress, reader.tokens(lo, hi), lambda n: bar.advance(task, n)
                 )
                 rows.write(c, found, corpus.ids[lo:hi])
+        return reader.n_truncated
 
     def publish(self, plan: IndexPlan, results: list) -> Outcome:
         art = IndexArtifact.open_for_writing(self.cfg.out)
@@ -135,6 +131,7 @@ class Index(base.WritingStage):
                 f"{self.cfg.out}: {len(art.pending())} chunks were not indexed", hint="run the same command again"
             )
         art.publish()
+        base.log_truncated(sum(results), plan.max_length)
         return Outcome(
             f"wrote {self.cfg.out}: {art.n_sequences} sequences x {len(plan.modules)} modules, "
             f"{art.bytes_per_sequence()} bytes per sequence ({time.perf_counter() - plan.started:.1f} s)"

@@ -41,8 +41,7 @@ def run(cfg: ScoreConfig) -> Outcome:
 @dataclass(frozen=True)
 class ScorePlan:
     model_dir: Path | None  # None: scored from an index
-    corpus: tuple[Path, ...]  # every shard, old ones first
-    shards: tuple[str, ...]  # their sha256, as planned
+    corpus: data.Corpus  # the sequences to score, as planned (ids and locators; every rank reads its chunks)
     max_length: int
     dtype: str
     modules: list[str]
@@ -96,12 +95,11 @@ class Score(base.WritingStage):
         old = ScoresArtifact.grown_from(cfg.out, identity.base_fingerprint, cfg.force)
         grown = {"query_blocks": blocks}
         if index is not None:
-            paths = ()
             corpus = data.Corpus(
                 [data.Shard(**shard) for shard in index.provenance["corpus"]],
-                index.all_train_ids(),
-                data.TokenTable.of([]),  # scored from the index: no tokens read
+                data.IdTable.of(index.all_train_ids()),
                 index.all_locators(),
+                [],  # scored from the index: no text read
             )
             grown["index_fingerprint"] = index.fingerprint
         else:
@@ -136,18 +134,14 @@ class Score(base.WritingStage):
             if len(query_ids) > Q_old:
                 log(f"adding {len(query_ids) - Q_old} queries to {cfg.out}")
         pending = art.pending()
-        if corpus.n_truncated:
-            log(f"{corpus.n_truncated} of {len(corpus.ids)} sequences truncated to {max_length} tokens")
         what = "self-influence" if cfg.self_influence else f"{len(query_ids)} queries"
-        self.planned_corpus = corpus  # the main rank need not read it twice
         log(
             f"scoring {len(corpus.ids)} sequences x {what} over {len(source.modules)} modules"
             f"{f' from the index {cfg.index}' if index else ''} ({layout.n_chunks - len(pending)} of {layout.n_chunks} chunks done)"
         )
         return ScorePlan(
             model_dir,
-            paths,
-            tuple(s.sha256 for s in corpus.shards),
+            corpus,
             max_length,
             provenance["dtype"],
             source.modules,
@@ -187,9 +181,10 @@ class Score(base.WritingStage):
         }, model_dir
 
     def _corpus(self, paths, tokenizer, max_length: int) -> data.Corpus:
-        """The corpus to score: every sequence, or with --candidates the union of the queries' candidates."""
+        """The corpus to score, as planned: every sequence, or with --candidates the union of the
+        queries' candidates (only their texts are ever read)."""
         cfg = self.cfg
-        corpus = data.read_corpus(list(paths), tokenizer, max_length, cfg.split, cfg.text_field, cfg.id_field)
+        corpus = data.plan_corpus(list(paths), cfg.split, cfg.text_field, cfg.id_field, tokenizer, max_length)
         if cfg.candidates is None:
             return corpus
         candidates = CandidatesArtifact.open(cfg.candidates)
@@ -201,15 +196,14 @@ class Score(base.WritingStage):
         )
         candidates.check_queries(source.all_texts())
         rows = candidates.union(source.ids())
-        if corpus.n_truncated:
-            log(f"{corpus.n_truncated} of {len(corpus.ids)} sequences of the corpus truncated to {max_length} tokens")
         log(
             f"scoring the {len(rows)} of {len(corpus.ids)} sequences that are a TF-IDF candidate of a query ({cfg.candidates})"
         )
         return corpus.subset(rows)
 
-    def run(self, plan: ScorePlan, g: Group) -> None:
-        """Every rank: score its chunks and commit each one (data, checksum, done bit)."""
+    def run(self, plan: ScorePlan, g: Group) -> int:
+        """Every rank: score its chunks and commit each one (data, checksum, done bit); how many
+        of the sequences it read were truncated."""
         cfg = self.cfg
         device = g.device(cfg.device)
         scorer = _FromIndex(cfg, device) if cfg.index is not None else _FromModel(self, plan, device)
@@ -236,6 +230,7 @@ class Score(base.WritingStage):
                         terms[part].numpy() if cfg.per_token else None,
                         None if stderr is None else stderr[part].numpy(),
                     )
+        return scorer.n_truncated
 
     def publish(self, plan: ScorePlan, results: list) -> Outcome:
         art = ScoresArtifact.open_for_writing(self.cfg.out)
@@ -245,6 +240,7 @@ class Score(base.WritingStage):
                 f"{self.cfg.out}: {len(left)} chunks were not scored", hint="run the same command again"
             )
         art.publish()
+        base.log_truncated(sum(results), plan.max_length)
         return Outcome(
             f"wrote {self.cfg.out}: {plan.what} x {art.n_sequences} sequences "
             f"({time.perf_counter() - plan.started:.1f} s)"
@@ -257,8 +253,8 @@ class _FromModel:
     def __init__(self, stage: Score, plan: ScorePlan, device: str):
         cfg = self.cfg = stage.cfg
         self.rt = Runtime.load(plan.model_dir, plan.modules, device, plan.dtype, cfg.batch_size)
-        self.corpus = stage.planned_corpus or stage._corpus(plan.corpus, self.rt.tokenizer, plan.max_length)
-        growth.check_unchanged(self.corpus, plan.shards)
+        self.corpus, self.max_length = plan.corpus, plan.max_length
+        self.reader = data.CorpusReader(plan.corpus, self.rt.tokenizer, plan.max_length)
         self.source = stage._source()
         self.curv = loaders.curvatures(self.source, device) if cfg.self_influence else None
         self.banks: dict[tuple[int, ...], object] = {}  # query blocks pending together -> their QueryBank
@@ -266,9 +262,13 @@ class _FromModel:
     def ids(self, lo: int, hi: int) -> list[str]:
         return self.corpus.ids[lo:hi]
 
+    @property
+    def n_truncated(self) -> int:
+        return self.reader.n_truncated
+
     def scores(self, todo, rows, lo, hi, advance) -> tuple[torch.Tensor, torch.Tensor | None, None]:
         """Per-module scores [M, q, n], per-token terms (or None), and no standard errors: exact."""
-        tokens = self.corpus.tokens[lo:hi]
+        tokens = self.reader.tokens(lo, hi)
         if self.cfg.self_influence:
             return (*engine.self_influence(self.rt, self.curv, tokens, advance), None)
         if todo not in self.banks:
@@ -281,14 +281,13 @@ class _FromModel:
         if budget is None:
             return loaders.query_bank(self.source, self.rt.device, rows)
         bank = loaders.query_bank(self.source, self.rt.device, rows, expand_bytes=0)
-        length = int(self.corpus.tokens.lengths.max(initial=1))
         bank.expand(
             planning.expand_room(
                 budget,
                 self.rt.model,
                 self.rt.dtype,
                 self.cfg.batch_size,
-                length,
+                self.max_length,  # the longest a sequence is read (its texts are not read yet)
                 [spec.shape for spec in self.rt.specs],
             )
         )
@@ -300,6 +299,8 @@ class _FromIndex:
     c_q at the head's coordinates times the stored values, plus the sketched tail's unbiased
     estimate, <S(c_q w), S(g_z / w)> (see infl.indexing), with c_q = Q_S^T P_q Q_A in the index's
     eigenbases."""
+
+    n_truncated = 0  # no text is read
 
     def __init__(self, cfg: ScoreConfig, device: str):
         self.index, self.device = IndexArtifact.open(cfg.index), device
