@@ -455,6 +455,24 @@ def _write(command: str, module: str, cfg, quiet: bool) -> None:
     noop.remember(command, cfg)
 
 
+def _write_files(command: str, cfg, files: list[Path], run: Callable[[Any], object], quiet: bool) -> None:
+    """Run a command whose output is files (export, report) as a stage is run: up to date from
+    what its last run checked (infl.noop), and free to replace the files it remembers writing,
+    unchanged since, when its inputs changed; anything else there still needs --force."""
+    import dataclasses
+
+    from infl import hashing, noop
+
+    hashing.start_checking()
+    remembered = noop.fresh(command, cfg, files)
+    if remembered is not None:
+        _finish(lambda: remembered, quiet, every_rank=False)
+        return
+    own = not cfg.force and noop.written(command, cfg, files)
+    _finish(lambda: run(dataclasses.replace(cfg, force=True) if own else cfg), quiet, every_rank=False, out=cfg.out)
+    noop.remember(command, cfg, files)
+
+
 @_command("fit-factors", FitConfig, _MORE_CORPUS, _QUIET, _CONFIG)
 def fit_factors(cfg: FitConfig, quiet: bool) -> None:
     """Fit EK-FAC curvature factors on a corpus: the expensive step, done once per model.
@@ -591,10 +609,9 @@ def report_command(cfg: ReportConfig, quiet: bool) -> None:
     """
     from infl.stages import report as stage
 
-    def call():
-        outputs.show(f"{stage.run(cfg, _unit(cfg.train_size))}\n")  # the page's path: the command's result
-
-    _finish(call, quiet, every_rank=False)
+    _write_files("report", cfg, [cfg.out], lambda c: stage.run(c, _unit(c.train_size)), quiet)
+    if is_main_process():
+        outputs.show(f"{cfg.out}\n")  # the page's path: the command's result
 
 
 @_command(
@@ -653,7 +670,7 @@ def export_command(cfg: ExportConfig, quiet: bool) -> None:
     """
     from infl.stages import export as stage
 
-    _finish(lambda: stage.run(cfg, _unit(cfg.train_size)), quiet, every_rank=False, out=cfg.out)
+    _write_files("export", cfg, stage.outputs(cfg), lambda c: stage.run(c, _unit(c.train_size)), quiet)
 
 
 @_command(

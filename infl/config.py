@@ -281,7 +281,8 @@ def _id_field() -> Any:
 
 
 def _chunk_size() -> Any:
-    return option(512, help="Training sequences per chunk (unit of work and of resume).")
+    # how the work is cut, not what it computes: an artifact keeps the chunks it was made with
+    return option(512, semantic=False, help="Training sequences per chunk of a new artifact (unit of work and resume).")
 
 
 def _index_dim(semantic: bool = True) -> Any:

@@ -11,6 +11,7 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    ProgressColumn,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
@@ -73,11 +74,80 @@ def log_error(message: str, hint: str = "", exit_code: int = 1) -> None:
         err.print(Text(f"hint: {printable(hint)}", style="dim"), highlight=False)
 
 
-def progress() -> Progress:
+def _rate(done: float, seconds: float, unit: str) -> str:
+    if not seconds or not done:
+        return ""
+    per = done / seconds
+    return f"{per:,.1f} {unit}/s" if per >= 1 else f"{seconds / done:,.1f} s/{unit}"
+
+
+class _Rate(ProgressColumn):
+    """Throughput in the task's own unit (`unit=` of add_task: seq, query, module ...)."""
+
+    def render(self, task) -> Text:
+        return Text(
+            _rate(task.completed, task.elapsed or 0, task.fields.get("unit", "it")), style="progress.data.speed"
+        )
+
+
+class _Lines:
+    """Progress as plain lines, for a stderr that is no terminal (a log file, a cron mail): each
+    task's state every `EVERY` seconds and when it ends, never a bar's last frame."""
+
+    EVERY = 30.0
+
+    def __init__(self):
+        self.tasks: dict[int, dict] = {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for task in self.tasks.values():
+            if exc[0] is None and not task["said_end"]:
+                self._say(task)
+
+    def add_task(self, description: str, total: float | None = None, unit: str = "it", **_) -> int:
+        start = time.perf_counter()
+        self.tasks[len(self.tasks)] = dict(
+            description=description, total=total, unit=unit, done=0, start=start, said=start, said_end=False
+        )
+        return len(self.tasks) - 1
+
+    def advance(self, task_id: int, advance: float = 1) -> None:
+        self.update(task_id, advance=advance)
+
+    def update(self, task_id: int, advance: float = 0, description: str | None = None, **_) -> None:
+        task = self.tasks[task_id]
+        task["done"] += advance
+        if description is not None:
+            task["description"] = description
+        now = time.perf_counter()
+        if task["total"] is not None and task["done"] >= task["total"]:
+            self._say(task)
+            task["said_end"] = True
+        elif now - task["said"] >= self.EVERY:
+            self._say(task)
+            task["said"] = now
+
+    def _say(self, task: dict) -> None:
+        seconds = time.perf_counter() - task["start"]
+        total = f"/{task['total']:,.0f}" if task["total"] is not None else ""
+        rate = _rate(task["done"], seconds, task["unit"])
+        log(
+            f"{task['description']}: {task['done']:,.0f}{total} {task['unit']}, {seconds:.0f} s{', ' + rate if rate else ''}"
+        )
+
+
+def progress():
+    """Progress bars on a terminal; plain lines every 30 s where stderr is a file or a pipe."""
+    if not (_quiet or _json or not is_main_process()) and not err.is_terminal:
+        return _Lines()
     return Progress(
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
+        _Rate(),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         console=err,

@@ -47,7 +47,7 @@ _SUFFIXES = {
 FORMATS = ".jsonl, .jsonl.gz, .jsonl.zst, .parquet (or a directory of them), a datasets save_to_disk directory, .txt"
 TABLES = ("parquet", "arrow")
 _BATCH_ROWS = 4096  # rows per record batch read from a table: memory O(batch), not O(file)
-_BLOCK = 8 << 20  # bytes of a plain file read at a time
+_BLOCK = 1 << 20  # bytes of a plain file read at a time
 _GAP = 1 << 20  # records of a plain file closer than this are read in one read
 
 

@@ -2,9 +2,11 @@
 
 A corpus is one or more shards (infl.corpora: JSONL, compressed or not, Parquet, a datasets
 directory, or plain text, one sequence per line or the whole file cut into windows of
-`max_length` tokens), records with `id` and `text` fields (names configurable). Every record keeps
-a locator (shard, start, end) so reports can show its text later without copying the corpus into
-the scores artifact.
+`max_length` tokens), records with `id` and `text` fields (names configurable). It is read in two
+steps, so that memory does not grow with it: `plan_corpus` makes one pass that checks every record,
+hashes each shard and keeps each sequence's id and locator (shard, start, end) in compact arrays;
+a `CorpusReader` then reads and tokenises any rows through their locators, a chunk at a time, on
+whichever rank owns them. Reports read texts back through the same locators.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 from array import array
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -290,6 +293,70 @@ def _windows(path: Path, tokenizer, max_length: int) -> tuple[list[int], list[tu
     return encoding["input_ids"], encoding["offset_mapping"]
 
 
+def scan_shard(
+    piece: Path | Piece,
+    split: str = "lines",
+    text_field: str = "text",
+    id_field: str = "id",
+    tokenizer=None,
+    max_length: int | None = None,
+    done: dict | None = None,
+) -> Iterator[tuple[str, int, int, str | list[int]]]:
+    """(id, start, end, text) of every record of one shard (a file, or a `Piece` of one: see
+    infl.corpora for the formats), checked, in order, one block of the file in memory; a window
+    of a text file comes as its token ids (the tokenizer and max_length are needed only there).
+    At the end, `done` gets the shard's `Shard` and its file's `stat` as hashed."""
+    piece = piece if isinstance(piece, Piece) else Piece(Path(piece))
+    path = piece.path
+    if not path.is_file():
+        raise BadInput(f"{path}: no such file")
+    fmt = corpora.format_of(path, split)
+    stat, digest, n = path.stat(), hashlib.sha256(), 0
+    stop = None if piece.size is None else piece.start + piece.size
+    if fmt in ("jsonl", "jsonl.gz", "jsonl.zst"):
+        lines = (
+            corpora.file_lines(path, piece.start, stop, digest) if fmt == "jsonl" else corpora.stream_lines(path, fmt)
+        )
+        for number, start, end, line in lines:
+            if not line.strip():
+                continue
+            record = _json_record(path, number, line)
+            text = _field(path, number, record, text_field)
+            if not text.strip():  # no tokens to score (a blank line of a .txt file is skipped instead)
+                raise BadInput(f"{path}:{number}: field {text_field!r} is empty")
+            n += 1
+            yield _record_id(path, number, record, id_field), start, end, text
+    elif fmt in corpora.TABLES:
+        for row, sequence_id, text in corpora.table_records(path, fmt, text_field, id_field):
+            where = f"row {row}"
+            text = _field(path, where, {text_field: text}, text_field)
+            if not text.strip():
+                raise BadInput(f"{path}:{where}: field {text_field!r} is empty")
+            n += 1
+            yield _record_id(path, row, {id_field: sequence_id}, id_field), row, row + 1, text
+    elif fmt == "lines":
+        for number, start, end, line in corpora.file_lines(path, piece.start, stop, digest):
+            text = _decode(path, line, start, number).rstrip("\r\n")
+            if text.strip():
+                n += 1
+                yield f"{path.name}:{number}", start, end, text
+    else:
+        _plain_pieces(path, piece, digest)
+        token_ids, offsets = _windows(path, tokenizer, max_length)
+        for w, lo in enumerate(range(0, len(token_ids), max_length)):
+            hi = min(lo + max_length, len(token_ids))
+            n += 1
+            yield f"{path.name}:w{w}", offsets[lo][0], offsets[hi - 1][1], token_ids[lo:hi]
+    if fmt in ("jsonl", "lines", "windows"):  # the bytes just read
+        size, sha256 = (stat.st_size if stop is None else stop) - piece.start, digest.hexdigest()
+    else:  # compressed streams and tables: whole files
+        size, sha256 = stat.st_size, cached_file_sha256(path)
+    if stat_key(path.stat()) != stat_key(stat):
+        raise BadInput(f"corpus shard {path} changed while it was being read")
+    if done is not None:
+        done.update(shard=Shard(str(path.resolve()), size, sha256, fmt, n, piece.start), stat=stat_key(stat))
+
+
 def plan_corpus(
     paths: list[Path | Piece],
     split: str = "lines",
@@ -297,89 +364,89 @@ def plan_corpus(
     id_field: str = "id",
     tokenizer=None,
     max_length: int | None = None,
+    keep: np.ndarray | None = None,
 ) -> Corpus:
-    """One pass over every shard (a file, or a `Piece` of one: see infl.corpora for the formats)
-    that checks each record, hashes the shard and keeps each sequence's id and locator, never its
-    text or tokens; ids must be unique across shards. The tokenizer and max_length are needed only
-    by text split into windows (a window is max_length tokens)."""
+    """One pass over every shard (scan_shard) that checks each record, hashes the shard and keeps
+    each sequence's id and locator, never its text or tokens: of every sequence, or of the rows
+    `keep` (sorted positions in the whole corpus; those past its end are not there) only. Ids must be unique across the corpus (8
+    bytes a sequence to check it)."""
     shards: list[Shard] = []
     ids, id_ends, hashes = bytearray(), array("q", [0]), array("Q")
-    locators = array("q")  # shard, start, end of each record
+    locators = array("q")  # shard, start, end of each record kept
     stats = []
-
-    def add(index: int, sequence_id: str, start: int, end: int) -> None:
-        encoded = sequence_id.encode("utf-8")
-        ids.extend(encoded)
-        id_ends.append(len(ids))
-        hashes.append(int.from_bytes(hashlib.blake2b(encoded, digest_size=8).digest(), "little"))
-        locators.extend((index, start, end))
-
+    wanted = None if keep is None else iter(np.asarray(keep, dtype=np.int64).tolist())
+    next_kept, row = (None if wanted is None else next(wanted, -1)), 0
     for index, piece in enumerate(paths):
-        piece = piece if isinstance(piece, Piece) else Piece(Path(piece))
-        path = piece.path
-        if not path.is_file():
-            raise BadInput(f"{path}: no such file")
-        fmt = corpora.format_of(path, split)
-        before = len(id_ends)
-        stat = path.stat()
-        digest = hashlib.sha256()
-        stop = None if piece.size is None else piece.start + piece.size
-        if fmt in ("jsonl", "jsonl.gz", "jsonl.zst"):
-            lines = (
-                corpora.file_lines(path, piece.start, stop, digest)
-                if fmt == "jsonl"
-                else corpora.stream_lines(path, fmt)
-            )
-            for number, start, end, line in lines:
-                if not line.strip():
-                    continue
-                record = _json_record(path, number, line)
-                text = _field(path, number, record, text_field)
-                if not text.strip():  # no tokens to score (a blank line of a .txt file is skipped instead)
-                    raise BadInput(f"{path}:{number}: field {text_field!r} is empty")
-                add(index, _record_id(path, number, record, id_field), start, end)
-        elif fmt in corpora.TABLES:
-            for row, sequence_id, text in corpora.table_records(path, fmt, text_field, id_field):
-                where = f"row {row}"
-                text = _field(path, where, {text_field: text}, text_field)
-                if not text.strip():
-                    raise BadInput(f"{path}:{where}: field {text_field!r} is empty")
-                add(index, _record_id(path, row, {id_field: sequence_id}, id_field), row, row + 1)
-        elif fmt == "lines":
-            for number, start, end, line in corpora.file_lines(path, piece.start, stop, digest):
-                text = _decode(path, line, start, number).rstrip("\r\n")
-                if text.strip():
-                    add(index, f"{path.name}:{number}", start, end)
-        else:
-            _plain_pieces(path, piece, digest)
-            token_ids, offsets = _windows(path, tokenizer, max_length)
-            for w, lo in enumerate(range(0, len(token_ids), max_length)):
-                hi = min(lo + max_length, len(token_ids))
-                add(index, f"{path.name}:w{w}", offsets[lo][0], offsets[hi - 1][1])
-        if fmt in ("jsonl", "lines", "windows"):  # the bytes just read
-            size, sha256 = (stat.st_size if stop is None else stop) - piece.start, digest.hexdigest()
-        else:  # compressed streams and tables: whole files
-            size, sha256 = stat.st_size, cached_file_sha256(path)
-        if stat_key(path.stat()) != stat_key(stat):
-            raise BadInput(f"corpus shard {path} changed while it was being read")
-        stats.append(stat_key(stat))
-        shards.append(Shard(str(path.resolve()), size, sha256, fmt, len(id_ends) - before, piece.start))
-    if len(id_ends) == 1:
+        done: dict = {}
+        for sequence_id, start, end, _ in scan_shard(piece, split, text_field, id_field, tokenizer, max_length, done):
+            encoded = sequence_id.encode("utf-8")
+            hashes.append(_id_hash(encoded))
+            if next_kept is None or row == next_kept:
+                ids.extend(encoded)
+                id_ends.append(len(ids))
+                locators.extend((index, start, end))
+                next_kept = None if wanted is None else next(wanted, -1)
+            row += 1
+        shards.append(done["shard"])
+        stats.append(done["stat"])
+    if not hashes:
         raise BadInput(f"the corpus {', '.join(map(str, paths))} holds no sequence")
+    _check_unique(
+        np.frombuffer(hashes, dtype=np.uint64),
+        lambda: (r[0] for p in paths for r in scan_shard(p, split, text_field, id_field, tokenizer, max_length)),
+    )
     table = IdTable(ids, np.frombuffer(id_ends, dtype=np.int64).copy())
-    _check_unique(table, np.frombuffer(hashes, dtype=np.uint64))
-    locators = np.frombuffer(locators, dtype=np.int64).reshape(-1, 3).copy()
-    return Corpus(shards, table, locators, stats, text_field)
+    return Corpus(shards, table, np.frombuffer(locators, dtype=np.int64).reshape(-1, 3).copy(), stats, text_field)
 
 
-def _check_unique(ids: IdTable, hashes: np.ndarray) -> None:
-    """Every id once: ids whose 64-bit hashes collide are compared (8 bytes a sequence, no set of strings)."""
-    order = np.argsort(hashes, kind="stable")
-    same = np.flatnonzero(hashes[order][1:] == hashes[order][:-1])
-    for k in same:
-        first, second = sorted((int(order[k]), int(order[k + 1])))
-        if ids[first] == ids[second]:
-            raise BadInput(f"training sequence id {ids[first]!r} appears twice in the corpus")
+def token_blocks(
+    piece: Path | Piece,
+    tokenizer,
+    max_length: int,
+    split: str,
+    text_field: str,
+    id_field: str,
+    done: dict,
+    rows: int = 4096,
+) -> Iterator[list[list[int]]]:
+    """The tokens of every sequence of one shard, in order, `rows` at a time, truncated to
+    max_length: one pass with nothing kept (scan_shard), for work that reads a shard whole."""
+    batch: list = []
+    for _, _, _, text in scan_shard(piece, split, text_field, id_field, tokenizer, max_length, done):
+        batch.append(text)
+        if len(batch) == rows:
+            yield _tokenize(tokenizer, batch, max_length)
+            batch = []
+    if batch:
+        yield _tokenize(tokenizer, batch, max_length)
+
+
+def _tokenize(tokenizer, texts: list, max_length: int) -> list[list[int]]:
+    """Texts tokenised in one batch call (windows come as tokens already), truncated."""
+    strings = [t for t in texts if isinstance(t, str)]
+    encoded = iter(_encode(tokenizer, strings, add_special_tokens=True)["input_ids"] if strings else [])
+    return [(next(encoded) if isinstance(t, str) else t)[:max_length] for t in texts]
+
+
+def _check_unique(hashes: np.ndarray, ids_again) -> None:
+    """Every id once, checked on 64-bit hashes of the ids (8 bytes a sequence, no set of strings):
+    when two hashes are equal (a repeated id, or two ids once in 2^64 / N^2), `ids_again()` reads
+    the ids again and those of the equal hashes are compared."""
+    ordered = np.sort(hashes)
+    same = set(ordered[1:][ordered[1:] == ordered[:-1]].tolist())
+    if not same:
+        return
+    seen: dict[int, set[str]] = {}
+    for sequence_id in ids_again():
+        value = _id_hash(sequence_id.encode("utf-8"))
+        if value in same:
+            if sequence_id in seen.setdefault(value, set()):
+                raise BadInput(f"training sequence id {sequence_id!r} appears twice in the corpus")
+            seen[value].add(sequence_id)
+
+
+def _id_hash(encoded: bytes) -> int:
+    return int.from_bytes(hashlib.blake2b(encoded, digest_size=8).digest(), "little")
 
 
 class CorpusReader:

@@ -143,7 +143,7 @@ def _train(model: GPT2LMHeadModel, seqs: list[list[int]], pad: int, epochs: int,
     order = torch.Generator().manual_seed(seed)  # its own generator: the shuffle does not depend on init
     model.train()
     with progress() as bar:
-        task = bar.add_task("training the demo model", total=steps)
+        task = bar.add_task("training the demo model", total=steps, unit="step")
         for _ in range(epochs):
             total, count = 0.0, 0
             for batch in _batches(seqs, order):

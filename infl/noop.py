@@ -5,7 +5,8 @@ before torch and transformers are imported, if nothing it checked has changed si
 What it checked: every input file it hashed and every model directory it listed (by size,
 modification time, inode and change time: hashing.stat_key), every artifact it opened (by its
 COMPLETE.json, every zarr.json and its `done` marker: hashing.artifact_digest), the output itself
-the same way, and infl's own source files. Anything else, or any doubt, takes the full path;
+the same way (an output that is files, as export and report write, by their stat_key), and infl's
+own source files. Files it remembers writing, unchanged since, are its own to replace. Anything else, or any doubt, takes the full path;
 tests/test_outputs.py checks that the full check opens nothing this does not compare.
 INFL_NO_MEMORY=1 turns it off (every run checks in full). No torch, zarr or transformers here.
 """
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from infl import hashing
 
-__all__ = ["fresh", "remember", "Remembered"]
+__all__ = ["fresh", "remember", "written", "Remembered"]
 
 COMPLETE = "COMPLETE.json"
 KEEP = 1000  # records kept (one per output path)
@@ -64,8 +65,13 @@ def _stat(path: Path) -> list | None:
         return None
 
 
-def _state(stage: str, cfg) -> dict:
-    return {"options": _options(stage, cfg), "code": _code(), "output": hashing.artifact_digest(cfg.out)}
+def _output(cfg, files: list[Path] | None):
+    """The output as it is now: an artifact's digest, or each file's stat_key."""
+    return hashing.artifact_digest(cfg.out) if files is None else [_stat(path) for path in files]
+
+
+def _state(stage: str, cfg, files: list[Path] | None = None) -> dict:
+    return {"options": _options(stage, cfg), "code": _code(), "output": _output(cfg, files)}
 
 
 def _off() -> bool:
@@ -73,10 +79,10 @@ def _off() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 or os.environ.get("INFL_NO_MEMORY", "") not in ("", "0")
 
 
-def fresh(stage: str, cfg) -> Remembered | None:
+def fresh(stage: str, cfg, files: list[Path] | None = None) -> Remembered | None:
     """The run's answer if it is remembered as up to date and nothing it checked has changed;
     None otherwise (then the stage runs in full). Never with --force, and not while another run
-    holds the output's lock."""
+    holds the output's lock. `files`: the output is these files, not an artifact."""
     if _off() or getattr(cfg, "force", False):
         return None
     out = cfg.out
@@ -84,33 +90,52 @@ def fresh(stage: str, cfg) -> Remembered | None:
         if out.with_name(out.name + ".lock").exists():
             return None
         record = json.loads(_record_path(out).read_text())
-        if record["state"] != _state(stage, cfg):
+        if record["state"] != _state(stage, cfg, files):
             return None
         if any(_stat(Path(p)) != held for p, held in record["files"].items()):
             return None
         if any(hashing.artifact_digest(Path(p)) != held for p, held in record["artifacts"].items()):
             return None
-        os.utime(out / COMPLETE)  # the stamp make compares, as a full run refreshes it
+        if files is None:
+            os.utime(out / COMPLETE)  # the stamp make compares, as a full run refreshes it
+        else:  # the files themselves are what make compares: newer, and remembered so
+            for path in files:
+                os.utime(path)
+            record["state"]["output"] = _output(cfg, files)
+            _save(out, record)
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return Remembered(f"{out} is up to date")
 
 
-def remember(stage: str, cfg) -> None:
+def written(stage: str, cfg, files: list[Path]) -> bool:
+    """Whether these output files are the ones this stage last wrote at this path, unchanged
+    since (by their stat_key): its own to replace, whatever they were made from."""
+    try:
+        record = json.loads(_record_path(cfg.out).read_text())
+        return record["state"]["output"] == _output(cfg, files) and all(_stat(path) for path in files)
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def remember(stage: str, cfg, files: list[Path] | None = None) -> None:
     """After a run that left its output finished: what it checked, for the next run's `fresh`.
     A cache that cannot be written only costs time."""
     if _off():
         return
     checked = hashing.checked()
     try:
-        record = {"state": _state(stage, cfg), **checked}  # each as it was when it was checked
-        path = _record_path(cfg.out)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_suffix(f".{os.getpid()}.tmp")
-        temporary.write_text(json.dumps(record))
-        os.replace(temporary, path)
-        records = sorted(path.parent.glob("*.json"), key=lambda p: p.stat().st_mtime_ns)
-        for stale in records[:-KEEP]:  # the least recently written: one output each, bounded
-            stale.unlink(missing_ok=True)
+        _save(cfg.out, {"state": _state(stage, cfg, files), **checked})  # each as it was when it was checked
     except (OSError, ValueError):
         pass
+
+
+def _save(out: Path, record: dict) -> None:
+    path = _record_path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(f".{os.getpid()}.tmp")
+    temporary.write_text(json.dumps(record))
+    os.replace(temporary, path)
+    records = sorted(path.parent.glob("*.json"), key=lambda p: p.stat().st_mtime_ns)
+    for stale in records[:-KEEP]:  # the least recently written: one output each, bounded
+        stale.unlink(missing_ok=True)

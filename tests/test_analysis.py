@@ -132,3 +132,15 @@ def test_compare_shows_one_querys_top_sequences_against_the_others(workdir, tmp_
     assert "no query 'nope'" in one_line_error(infl("compare", "--scores", tmp_path / "s.zarr", "--top-of", "nope"))
     table = infl("compare", "--scores", tmp_path / "s.zarr", "-k", "2")
     assert table.exit_code == 0 and "#1" in table.stdout
+    assert "Spearman" in table.stdout and "top-2 overlap" in table.stdout
+    # each pair, over every sequence: the paper's cross-lingual number, checked against its definition
+    (pair,) = got["pairs"]
+    assert pair["queries"] == [first, second] and pair["n_sequences"] == total.shape[1]
+    ranks = [np.argsort(np.argsort(total[row])) for row in (1, 0)]  # no ties among these float scores
+    assert pair["spearman"] == pytest.approx(np.corrcoef(*ranks)[0, 1], abs=1e-9)
+    top_second = set(np.argsort(-total[0], kind="stable")[:4].tolist())
+    assert pair["top_4_overlap"] == len(set(top.tolist()) & top_second) / 4
+    report = infl("report", "--scores", tmp_path / "s.zarr", "--out", tmp_path / "r.html", "-k", "4")
+    assert report.exit_code == 0, report.output
+    page = (tmp_path / "r.html").read_text()
+    assert 'id="compare"' in page and f"{pair['spearman']:+.2f}" in page

@@ -11,7 +11,7 @@ import pytest
 from conftest import write_jsonl
 from test_cli import infl, one_line_error, pipeline
 
-from infl import artifacts, data, lexical, modeling
+from infl import artifacts, corpora, data, lexical, modeling
 
 
 def brute_force_bm25(documents: list[list[int]], query: list[int], k1=1.5, b=0.75) -> list[float]:
@@ -117,8 +117,8 @@ def test_candidates_grown_by_a_shard_equal_those_built_at_once_and_reuse_old_ter
     base = ["candidates", "--model", workdir / "gpt2", "--queries", workdir / "queries.jsonl", "--top", "5"]
     assert infl(*base, "--corpus", first, "--out", tmp_path / "grown.zarr").exit_code == 0
     read = []
-    original = data.plan_corpus
-    monkeypatch.setattr(data, "plan_corpus", lambda paths, *a, **k: (read.extend(paths), original(paths, *a, **k))[1])
+    original = data.token_blocks
+    monkeypatch.setattr(data, "token_blocks", lambda path, *a, **k: (read.append(path), original(path, *a, **k))[1])
     grown = infl(*base, "--corpus", first, second, "--out", tmp_path / "grown.zarr")
     assert grown.exit_code == 0 and "adding 1 corpus shard" in grown.output, grown.output
     assert read == [second]  # the first shard's terms were kept, not read again
@@ -142,13 +142,19 @@ def scored_candidates(workdir, tmp_path):
     return result
 
 
-def test_score_takes_only_the_candidates_and_topk_ranks_each_query_among_its_own(workdir, tmp_path):
+def test_score_takes_only_the_candidates_and_topk_ranks_each_query_among_its_own(workdir, tmp_path, monkeypatch):
     result = scored_candidates(workdir, tmp_path)
     assert "TF-IDF candidate" in result.output
     group = artifacts.open_complete(tmp_path / "c.zarr", "candidates")
     indices = np.asarray(group["indices"][...])
     union = np.unique(indices)
     full, part = (artifacts.open_complete(tmp_path / f"{n}.zarr", "scores") for n in ("s", "sc"))
+    read, texts = [], corpora.SpanReader.texts
+    monkeypatch.setattr(corpora.SpanReader, "texts", lambda self, spans: (read.extend(spans), texts(self, spans))[1])
+    again = ["--candidates", tmp_path / "c.zarr", "--out", tmp_path / "again.zarr"]
+    assert infl("score", "--queries", tmp_path / "q.zarr", "--corpus", workdir / "corpus.jsonl", *again).exit_code == 0
+    locators = np.asarray(full["locators"][...])
+    assert sorted(read) == sorted((int(s), int(e)) for _, s, e in locators[union])  # no other text is read
     train_ids = [str(t) for t in np.asarray(full["train_ids"][...])]
     assert [str(t) for t in np.asarray(part["train_ids"][...])] == [train_ids[i] for i in union]
     np.testing.assert_allclose(

@@ -8,8 +8,11 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from conftest import SENTENCES, write_jsonl
+
+from infl import artifacts
 
 MAKEFILE = """\
 INFL := {python} -m infl
@@ -49,3 +52,61 @@ def test_a_grown_corpus_keeps_its_factors_and_grows_its_scores(workdir, tmp_path
         text=True,
     )
     assert refit.returncode == 0 and "15 sequences" in refit.stderr, refit.stderr
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_how_the_work_is_cut_does_not_make_an_artifact_other(workdir, tmp_path):
+    """Scores made with --chunk-size 4 grow under the Makefile's plain command (its default chunk
+    size): the artifact keeps its chunks and says so; the result equals one run over the grown
+    corpus. A real difference beside a grown corpus is named alone."""
+    rows = [{"id": f"s{i}", "text": t} for i, t in enumerate(SENTENCES)]
+    write_jsonl(tmp_path / "corpus.jsonl", rows)
+    shutil.copy(workdir / "queries.jsonl", tmp_path / "queries.jsonl")
+    (tmp_path / "Makefile").write_text(MAKEFILE.format(python=sys.executable, model=workdir / "gpt2"))
+    make = ["make", "-s", "runs/s.zarr/COMPLETE.json"]
+    assert subprocess.run([*make[:-1], "runs/q.zarr/COMPLETE.json"], cwd=tmp_path).returncode == 0
+    infl = [sys.executable, "-m", "infl"]
+    score = [*infl, "score", "--queries", "runs/q.zarr", "--corpus", "corpus.jsonl"]
+    first = subprocess.run([*score, "--out", "runs/s.zarr", "--chunk-size", "4"], cwd=tmp_path)
+    assert first.returncode == 0
+    with (tmp_path / "corpus.jsonl").open("a") as f:
+        f.writelines(json.dumps({"id": f"new{i}", "text": SENTENCES[i]}) + "\n" for i in range(3))
+    grown = subprocess.run(make, cwd=tmp_path, capture_output=True, text=True)
+    assert grown.returncode == 0, grown.stderr
+    assert "keeps its chunks of 4 sequences" in grown.stderr and "adding 3 sequences" in grown.stderr
+    once = subprocess.run([*score, "--out", "runs/once.zarr", "--batch-size", "3"], cwd=tmp_path)
+    assert once.returncode == 0
+    a, b = (artifacts.open_complete(tmp_path / "runs" / n, "scores") for n in ("s.zarr", "once.zarr"))
+    np.testing.assert_allclose(np.asarray(a["total"][...]), np.asarray(b["total"][...]), rtol=1e-5, atol=1e-7)
+    with (tmp_path / "corpus.jsonl").open("a") as f:
+        f.write(json.dumps({"id": "newer", "text": SENTENCES[5]}) + "\n")
+    other = subprocess.run(
+        [*score, "--out", "runs/s.zarr", "--max-length", "8"], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert other.returncode == 1
+    assert "(changed: config.max_length)" in other.stderr, other.stderr  # the corpus grew too: not named
+
+
+def test_export_and_report_run_twice_are_up_to_date_and_replace_only_their_own_files(workdir, tmp_path, memory):
+    """Item 3: a second `export` or `report` with the same inputs is a no-op (exit 0, the file
+    untouched, no model loaded); with other options it replaces the file it wrote itself, without
+    --force; a file edited since is not its own any more."""
+    from test_cli import infl, pipeline
+
+    pipeline(workdir, tmp_path)
+    for command, out in (("export", tmp_path / "e.csv"), ("report", tmp_path / "r.html")):
+        args = [command, "--scores", tmp_path / "s.zarr", "--out", out]
+        assert infl(*args).exit_code == 0
+        written = out.read_bytes()
+        again = infl(*args)
+        assert again.exit_code == 0 and "up to date" in again.output, again.output
+        assert out.read_bytes() == written
+        other = infl(*args, "--train-size", "1000")
+        assert other.exit_code == 0, other.output
+        assert out.read_bytes() != written  # its own file, replaced
+        assert "up to date" in infl(*args, "--train-size", "1000").output
+    edited = tmp_path / "e.csv"
+    edited.write_bytes(edited.read_bytes() + b"mine\n")
+    refused = infl("export", "--scores", tmp_path / "s.zarr", "--out", edited)
+    assert refused.exit_code == 1 and "exists" in refused.output
+    assert edited.read_bytes().endswith(b"mine\n")

@@ -476,3 +476,28 @@ def test_added_tokens_are_part_of_the_tokenizer_fingerprint(workdir, tmp_path):
     before = modeling.tokenizer_fingerprint(model)
     (model / "added_tokens.json").write_text('{"<new>": 9999}')
     assert modeling.tokenizer_fingerprint(model) != before
+
+
+def test_progress_off_a_terminal_is_plain_lines_with_throughput_and_names_the_eigendecompositions(workdir, tmp_path):
+    """Item 12 of #27: a log file gets one plain line per finished loop (and one every 30 s),
+    with its throughput, never a progress bar's last frame; the gap between the fit's two passes
+    has a bar of its own that says what it does."""
+    import subprocess
+    import sys
+
+    fit = [sys.executable, "-m", "infl", "fit-factors", "--model", workdir / "gpt2", "--corpus"]
+    run = subprocess.run([*fit, workdir / "corpus.jsonl", "--out", tmp_path / "f.zarr"], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert "━" not in run.stderr  # no bar frame in a log
+    lines = run.stderr.splitlines()
+    assert any(line.startswith("covariances: 12/12 seq, ") and "seq/s" in line for line in lines), run.stderr
+    assert any(line.startswith("covariances: eigendecompositions: 4/4 module") for line in lines), run.stderr
+    assert any(line.startswith("eigenvalues: 12/12 seq") for line in lines), run.stderr
+
+
+def test_throughput_reads_per_second_or_seconds_per_item():
+    from infl.console import _rate
+
+    assert _rate(120, 4.0, "seq") == "30.0 seq/s"
+    assert _rate(2, 9.0, "module") == "4.5 s/module"
+    assert _rate(0, 3.0, "seq") == ""

@@ -131,6 +131,7 @@ def test_no_path_enters_a_fingerprint_of_any_kind(moved):
             "unit",
             "blocks",
             "n_records",
+            "chunk_size",  # how the rows are cut: kept, never fingerprinted
         }, name
 
 

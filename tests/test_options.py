@@ -128,14 +128,12 @@ def test_semantic_marks_are_kept():
         "split",
         "text_field",
         "id_field",
-        "chunk_size",
     }
     assert semantic(config.ScoreConfig) == {
         "max_length",
         "split",
         "text_field",
         "id_field",
-        "chunk_size",
         "per_token",
         "self_influence",
     }

@@ -478,8 +478,10 @@ def test_force_removes_only_what_infl_wrote_in_an_artifact(workdir, copy):
     fitted = artifacts.open_complete(copy / "f.zarr", "factors")
     assert all(m["damping"] == 0.5 for m in (fitted[f"modules/{n}"].attrs for n in fitted.attrs["modules"]))
     assert infl("verify", copy / "f.zarr").exit_code == 0
-    scored = infl("score", "--queries", copy / "q.zarr", "--corpus", workdir / "corpus.jsonl", "--out", copy / "s.zarr")
-    assert scored.exit_code == 1  # its parent changed: refused, not silently reused
+    rebuilt = infl(
+        "build-query", "--factors", copy / "f.zarr", "--queries", workdir / "queries.jsonl", "--out", copy / "q.zarr"
+    )
+    assert rebuilt.exit_code == 1 and "other inputs" in rebuilt.output  # its parent changed: refused, not reused
     (copy / "s.zarr" / "README").write_text("mine\n")
     assert (
         infl(

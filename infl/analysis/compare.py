@@ -11,7 +11,18 @@ from infl.analysis.results import query_rows, select
 from infl.artifacts.scores import ScoresArtifact
 from infl.errors import BadInput
 
-__all__ = ["Comparison", "compare"]
+__all__ = ["Comparison", "Pair", "compare", "pairs"]
+
+
+@dataclass(frozen=True)
+class Pair:
+    """Two queries' influence over the same sequences, in two numbers."""
+
+    a: str
+    b: str
+    spearman: float  # rank correlation of their scores over the sequences both have (nan: fewer than 3)
+    n_sequences: int  # how many that is
+    overlap: float  # |top k of a and top k of b| / k
 
 
 @dataclass(frozen=True)
@@ -22,6 +33,7 @@ class Comparison:
     indices: np.ndarray  # [k] positions of the rows in the scored corpus
     values: np.ndarray  # [k, queries] influence of each row on each query
     ranks: np.ndarray  # [k, queries] its rank among all scored sequences for that query (1 = most influential)
+    pairs: list[Pair]  # every pair of the queries, over every scored sequence
 
 
 def compare(
@@ -40,7 +52,25 @@ def compare(
     ranks = np.stack([_ranks(t, t[top], negative) for t in totals], axis=1)
     if not len(top):
         raise BadInput(f"{scores.path} holds no scored sequences")
-    return Comparison(top_of, [q for _, q in rows], scores.train_ids(top), top, values, ranks)
+    ids = [q for _, q in rows]
+    return Comparison(top_of, ids, scores.train_ids(top), top, values, ranks, pairs(ids, totals, k, negative))
+
+
+def pairs(query_ids: list[str], totals: list[np.ndarray], k: int, negative: bool) -> list[Pair]:
+    """Every pair of queries: the Spearman correlation of their scores over the sequences both
+    hold a finite score for (scipy), and the share of their top k they have in common."""
+    from scipy.stats import spearmanr
+
+    out = []
+    for i in range(len(query_ids)):
+        for j in range(i + 1, len(query_ids)):
+            a, b = totals[i], totals[j]
+            both = np.isfinite(a) & np.isfinite(b)
+            n = int(both.sum())
+            rho = float(spearmanr(a[both], b[both]).statistic) if n >= 3 else float("nan")
+            common = np.intersect1d(select(a, k, negative), select(b, k, negative))
+            out.append(Pair(query_ids[i], query_ids[j], rho, n, len(common) / max(min(k, len(a)), 1)))
+    return out
 
 
 def _ranks(all_values: np.ndarray, values: np.ndarray, negative: bool) -> np.ndarray:

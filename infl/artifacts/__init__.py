@@ -410,8 +410,14 @@ class Artifact:
             without_locations(cls, {"config": old.get("config", {}), "provenance": old.get("provenance", {})}),
             without_locations(cls, {"config": attrs.get("config", {}), "provenance": attrs.get("provenance", {})}),
         )
+        # what may grow (corpus shards, queries) is named only when nothing else differs: a grown
+        # corpus is no reason to refuse, and naming it beside the real difference misleads
+        real = [key for key in changed if key.split(".", 1)[-1].split(".")[0] not in cls.grows] or changed
+        options = {key.split(".")[1] for key in real if key.startswith("config.")}
+        # an option is named once, not again as the value it resolved to (max_length)
+        named = [key for key in real if not (key.startswith("provenance.") and key.split(".")[1] in options)]
         raise IncompatibleArtifact(
-            f"{path} was made from other inputs (changed: {', '.join(changed[:6]) or 'schema'})",
+            f"{path} was made from other inputs (changed: {', '.join(named[:6]) or 'schema'})",
             hint="pass --force to recompute it, or choose another --out",
         )
 

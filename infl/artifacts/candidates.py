@@ -26,7 +26,7 @@ from infl.errors import IncompatibleArtifact
 
 __all__ = ["CandidatesArtifact", "rows_digest", "query_digest"]
 
-_TERMS_CHUNK = 1 << 20  # term ids per stored chunk (4 MB)
+_TERMS_CHUNK = 1 << 18  # term ids per stored chunk (1 MB), and written at a time
 
 
 def rows_digest(rows: np.ndarray) -> str:

@@ -32,12 +32,27 @@ class ChunkedArtifact(Artifact):
             return None
         return old
 
+    @classmethod
+    def chunks_of(cls, path: Path, base: str, requested: int, force: bool) -> int:
+        """Sequences per chunk for a run that writes `path` with this base fingerprint: those of
+        the artifact it resumes or extends (chunks are how the work is cut, so another
+        --chunk-size does not make it another artifact), else `requested`."""
+        old = read_attrs(path) if path.exists() and not force else None
+        if old and old.get("kind") == cls.kind and old.get("base_fingerprint") == base and old.get("chunk_size"):
+            return int(old["chunk_size"])
+        return requested
+
     def _conform_rows(self, train_ids: list[str], locators: np.ndarray, N_valid: int) -> None:
         """train_ids and locators sized for N sequences, rows past N_valid (re)written. Idempotent."""
         for name, values in (("train_ids", np.array(train_ids, dtype=object)), ("locators", locators)):
             self._resize_rows(name, len(values))
             if len(values) > N_valid:
                 self._set_rows(name, N_valid, values[N_valid:])
+
+    @property
+    def chunk_size(self) -> int:
+        """Sequences per chunk, fixed when the artifact was made (in its config before #27)."""
+        return int(self.attrs.get("chunk_size") or self.config["chunk_size"])
 
     @property
     def started(self) -> bool:
@@ -96,7 +111,7 @@ class ChunkedArtifact(Artifact):
         marked not done and the artifact loses its COMPLETE stamp, so the next run of the stage
         that wrote it recomputes just them."""
         checked, bad = super().verify(on_progress)
-        C, N = self.config["chunk_size"], self.n_sequences
+        C, N = self.chunk_size, self.n_sequences
         for problem in bad:
             axis = self._sequence_axis(problem.get("array", ""))
             if axis is not None:

@@ -95,7 +95,7 @@ class IndexArtifact(ChunkedArtifact):
     @classmethod
     def _create_for(cls, path: Path, attrs: dict, layout: IndexLayout):
         art = cls.create(path, attrs)
-        art.update_attrs({"modules": layout.modules})
+        art.update_attrs({"modules": layout.modules, "chunk_size": layout.chunk_size})
         N, C = len(layout.train_ids), layout.chunk_size
         for name in layout.modules:
             where = art._sub(f"modules/{name}")
@@ -142,7 +142,7 @@ class IndexArtifact(ChunkedArtifact):
     def write_chunk(self, c: int, rows: dict[str, tuple[np.ndarray, ...]]) -> None:
         """One chunk of sequences: per module its encoded head values [n, K], their scales [n],
         its packed sketch [n, m / 2] and their scales [n], with their digests, then the done bit."""
-        C = self.config["chunk_size"]
+        C = self.chunk_size
         for name, (values, scale, sketch, sketch_scale) in rows.items():
             n = slice(c * C, c * C + len(scale if sketch_scale is None else sketch_scale))
             arrays = {"values": values, "scale": scale, "sketch": sketch, "sketch_scale": sketch_scale}

@@ -83,7 +83,7 @@ class ScoresArtifact(ChunkedArtifact):
     @classmethod
     def _create_for(cls, path: Path, attrs: dict, layout: Layout):
         art = cls.create(path, attrs)
-        art.update_attrs({"modules": layout.modules, "unit": UNIT})
+        art.update_attrs({"modules": layout.modules, "unit": UNIT, "chunk_size": layout.chunk_size})
         Q, N, M, T, C = (
             len(layout.query_ids),
             len(layout.train_ids),
@@ -163,7 +163,7 @@ class ScoresArtifact(ChunkedArtifact):
     ) -> None:
         """One query block x one chunk: the scores per module [M, q, n] and in total [q, n] (and
         per-token terms [q, n, T], standard errors [q, n]) with their digests, then the done bit."""
-        blocks, C = self.group.attrs["query_blocks"], self.group.attrs["config"]["chunk_size"]
+        blocks, C = self.group.attrs["query_blocks"], self.chunk_size
         q, n = slice(blocks[b], blocks[b + 1]), slice(c * C, c * C + per_module.shape[2])
         self._put("per_module", (slice(None), q, n), per_module)
         self._put("total", (q, n), total)

@@ -80,6 +80,7 @@ class Strategy:
     name: ClassVar[str]
     passes: ClassVar[tuple[str, ...]] = ()
     stored: ClassVar[tuple[str, ...]] = ("Lambda",)  # what `curvature` reads back
+    ending: ClassVar[dict[str, str]] = {}  # what end_pass does, where it takes a while (said in its progress bar)
 
     def sums(self, pass_name: str, shape: tuple[int, int]) -> dict[str, tuple[int, ...]]:
         """Shapes of a module's running sums in pass `pass_name`; shape is DW's [O, I]."""

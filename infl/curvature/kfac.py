@@ -6,6 +6,8 @@ stored as blocks [K, b, b] (see curvature.base)."""
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import Tensor
 
@@ -18,6 +20,7 @@ __all__ = ["KFAC"]
 class KFAC(Strategy):
     name = "kfac"
     passes = ("covariances",)
+    ending: ClassVar[dict[str, str]] = {"covariances": "eigendecompositions"}
     stored = ("Lambda", "Q_A", "Q_S")
 
     def __init__(self, blocks: int = 1):

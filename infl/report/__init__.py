@@ -613,9 +613,30 @@ def _compare_rows(c) -> list[dict]:
     ]
 
 
+def _pair_rows(c) -> list[dict]:
+    return [
+        {
+            "queries": [p.a, p.b],
+            "spearman": None if p.spearman != p.spearman else p.spearman,
+            "n_sequences": p.n_sequences,
+            f"top_{len(c.train_ids)}_overlap": p.overlap,
+        }
+        for p in c.pairs
+    ]
+
+
 def _compare_json(c, unit: str) -> str:
     return (
-        json.dumps({"top_of": c.top_of, "queries": c.query_ids, "unit": unit, "sequences": _compare_rows(c)}, indent=1)
+        json.dumps(
+            {
+                "top_of": c.top_of,
+                "queries": c.query_ids,
+                "unit": unit,
+                "sequences": _compare_rows(c),
+                "pairs": _pair_rows(c),
+            },
+            indent=1,
+        )
         + "\n"
     )
 
@@ -644,7 +665,26 @@ def _compare_table(c, unit: str) -> str:
     number = column_format(c.values.ravel().tolist())
     for i, train_id in enumerate(c.train_ids):
         table.add_row(Text(_id(train_id)), *(f"{number(v)} #{r}" for v, r in zip(c.values[i], c.ranks[i])))
-    return as_text(table)
+    return as_text(table) + (as_text(_pairs_table(c)) if c.pairs else "")
+
+
+def _pairs_table(c) -> Table:
+    """Each pair of queries over every scored sequence: how alike their rankings are."""
+    k = len(c.train_ids)
+    table = Table(
+        title=Text(
+            f"each pair of queries over the sequences both scored: Spearman rank correlation, and "
+            f"the share of their top {k} they have in common",
+            style="table.title",
+        )
+    )
+    for name, justify in (("query", "left"), ("query", "left"), ("Spearman ρ", "right"), ("sequences", "right")):
+        table.add_column(name, justify=justify, overflow="fold")
+    table.add_column(f"top-{k} overlap", justify="right")
+    for p in c.pairs:
+        rho = "–" if p.spearman != p.spearman else f"{p.spearman:+.2f}"
+        table.add_row(Text(_id(p.a)), Text(_id(p.b)), rho, f"{p.n_sequences:,}", f"{p.overlap:.0%}")
+    return table
 
 
 COMPARE = {"table": _compare_table, "json": _compare_json, "csv": _compare_csv}

@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-__all__ = ["WritingStage", "model_dir_for", "sequence_seed", "log_truncated"]
+__all__ = ["WritingStage", "model_dir_for", "sequence_seed", "say_chunks", "log_truncated"]
 
 
 class WritingStage:
@@ -57,6 +57,14 @@ def sequence_seed(*parts) -> int:
     """A seed of its own for what `parts` name (a seed and a sequence id; a query id and a module):
     independent of order, batching, rank and resume."""
     return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:8], "little") >> 1
+
+
+def say_chunks(out: Path, kept: int, requested: int) -> None:
+    """An artifact keeps the chunks it was made with: say so when --chunk-size asked for others."""
+    if kept != requested:
+        from infl.console import log
+
+        log(f"{out} keeps its chunks of {kept} sequences (--chunk-size {requested} is for a new artifact)")
 
 
 def log_truncated(n: int, max_length: int) -> None:

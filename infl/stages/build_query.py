@@ -153,7 +153,7 @@ class BuildQuery(base.WritingStage):
         mine = g.mine(plan.units)
         out = []
         with progress() as bar:
-            task = bar.add_task("query gradients", total=sum(hi - lo for lo, hi in mine))
+            task = bar.add_task("query gradients", total=sum(hi - lo for lo, hi in mine), unit="query")
             for lo, hi in mine:
                 ids, kept = queries.ids[lo:hi], {}
 

@@ -86,14 +86,13 @@ class Candidates(base.WritingStage):
         counts = []
         statistics = lexical.Statistics()
         with progress() as bar:
-            task = bar.add_task("terms", total=len(plan.corpus))
+            task = bar.add_task("terms", total=len(plan.corpus), unit="shard")
             for k, (path, shard) in enumerate(zip(plan.corpus, attrs["provenance"]["corpus"])):
                 n = art.shard_terms(k, shard["sha256"]) if plan.reuse else None
                 if n is None:
-                    corpus = data.plan_corpus([path], cfg.split, cfg.text_field, cfg.id_field, tokenizer, max_length)
-                    if corpus.shards[0].sha256 != shard["sha256"]:
-                        raise BadInput(f"corpus shard {path} changed while this run was starting")
-                    n = art.write_shard_terms(k, shard["sha256"], _terms(corpus, tokenizer, max_length))
+                    n = art.write_shard_terms(
+                        k, shard["sha256"], self._terms(path, shard["sha256"], tokenizer, max_length)
+                    )
                 for block in art.term_blocks(k, _BLOCK_ROWS):
                     statistics.add(block)
                 counts.append(n)
@@ -101,13 +100,13 @@ class Candidates(base.WritingStage):
             queries = data.read_queries(cfg.queries, tokenizer, max_length)
             if not queries.ids:
                 raise BadInput(f"{cfg.queries} holds no query")
-            rows = max(256, (1 << 22) // len(queries.ids))  # a block's scores [rows, Q] stay within 32 MB
+            rows = max(256, min(_BLOCK_ROWS, (1 << 22) // len(queries.ids)))  # a block's scores within 32 MB
 
             def blocks():
                 for k in range(len(counts)):
                     yield from art.term_blocks(k, rows)
 
-            task = bar.add_task("BM25", total=statistics.n_documents)
+            task = bar.add_task("BM25", total=statistics.n_documents, unit="seq")
             indices, scores = lexical.top_candidates(
                 blocks,
                 [lexical.presence(t) for t in queries.tokens],
@@ -118,6 +117,18 @@ class Candidates(base.WritingStage):
         digests = [query_digest(p, c) for p, c in zip(queries.prompts, queries.completions)]
         art.write_lists(queries.ids, digests, indices, scores)
         art.update_attrs({**attrs, "n_records": counts})  # last: the artifact now describes these shards
+
+    def _terms(self, path: Path, sha256: str, tokenizer, max_length: int):
+        """A shard's documents' distinct terms, a block at a time (lists of int32 arrays), read in
+        one pass that keeps nothing; refused at its end if the shard is not the one planned with
+        (before its terms count as stored)."""
+        cfg, done = self.cfg, {}
+        for tokens in data.token_blocks(
+            path, tokenizer, max_length, cfg.split, cfg.text_field, cfg.id_field, done, _BLOCK_ROWS
+        ):
+            yield [lexical.presence(t) for t in tokens]
+        if done["shard"].sha256 != sha256:
+            raise BadInput(f"corpus shard {path} changed while this run was reading it")
 
     def publish(self, plan: CandidatesPlan, results: list) -> Outcome:
         art = CandidatesArtifact.open_for_writing(self.cfg.out)
@@ -130,13 +141,6 @@ class Candidates(base.WritingStage):
 
 
 _BLOCK_ROWS = 4096  # documents tokenised, or read back, at a time
-
-
-def _terms(corpus: data.Corpus, tokenizer, max_length: int):
-    """A planned shard's documents' distinct terms, a block at a time (lists of int32 arrays)."""
-    reader = data.CorpusReader(corpus, tokenizer, max_length)
-    for lo in range(0, len(corpus.ids), _BLOCK_ROWS):
-        yield [lexical.presence(t) for t in reader.tokens(lo, min(lo + _BLOCK_ROWS, len(corpus.ids)))]
 
 
 def _sha256(path: Path, what: str) -> str:

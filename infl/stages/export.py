@@ -45,6 +45,11 @@ class Exported:
         )
 
 
+def outputs(cfg: ExportConfig) -> list[Path]:
+    """The files an export writes: --out, and any file beside it."""
+    return WRITERS[cfg.format](cfg.out).outputs
+
+
 def run(cfg: ExportConfig, unit: str) -> Exported:
     writer = WRITERS[cfg.format](cfg.out)
     _check_free(writer.outputs, cfg.force)  # before any work: a refusal costs nothing
@@ -59,12 +64,12 @@ def run(cfg: ExportConfig, unit: str) -> Exported:
         "train_size": cfg.train_size,
         "estimate": scores.estimate,  # None: exact scores
     }
-    N, C = scores.n_sequences, scores.config["chunk_size"]
+    N, C = scores.n_sequences, scores.chunk_size
     cfg.out.parent.mkdir(parents=True, exist_ok=True)
     try:
         writer.open(exported, provenance)
         with progress() as bar:
-            task = bar.add_task(f"export {cfg.format}", total=-(-N // C))
+            task = bar.add_task(f"export {cfg.format}", total=-(-N // C), unit="chunk")
             for start in range(0, N, C):
                 stop = min(start + C, N)
                 writer.write(scores.train_ids(np.arange(start, stop)), _values(scores, start, stop, cfg))

@@ -50,6 +50,7 @@ class FitPlan:
     max_length: int
     n_sequences: int  # the first n sequences of the corpus are fitted
     corpus: data.Corpus  # as planned: ids and locators (every rank reads its chunks)
+    chunk_size: int  # sequences between checkpoints (an --index's own chunks)
     started: float
     index_attrs: dict | None  # the index the eigenvalue pass also writes (--index)
 
@@ -118,20 +119,23 @@ class FitFactors(base.WritingStage):
             FactorsArtifact.open_for_writing(cfg.out).discard_checkpoints()  # a kill right after COMPLETE
             return Outcome(f"{cfg.out} is up to date", up_to_date=True)
         art = FactorsArtifact.for_fit(cfg.out, attrs, state)  # weights are loaded only now, by every rank
-        index = None
+        index, chunk_size = None, cfg.chunk_size
         if cfg.index is not None:  # refused now, not after a pass, if another artifact is in the way
             identity = index_rows.index_identity(cfg.index_config(), art.attrs, cfg.model)
+            # the fit's chunks are the index's, so that each chunk's rows come from its forward pass
+            chunk_size = IndexArtifact.chunks_of(cfg.index, identity.base_fingerprint, cfg.chunk_size, cfg.force)
+            base.say_chunks(cfg.index, chunk_size, cfg.chunk_size)
             index = identity.grown(corpus=corpus.provenance()).attrs
             try:
                 IndexArtifact.state(cfg.index, index, cfg.force)
             except IncompatibleArtifact as e:  # --force here would refit the factors too
                 raise IncompatibleArtifact(
                     str(e),
-                    hint="pass the index options it was made with (--index-dim, --index-dtype, "
-                    "--chunk-size), another --index, or rebuild it alone: infl index ... --force",
+                    hint="pass the index options it was made with (--index-dim, --index-bytes, "
+                    "--index-dtype), another --index, or rebuild it alone: infl index ... --force",
                 ) from None
         n = len(corpus.ids) if cfg.max_sequences is None else min(cfg.max_sequences, len(corpus.ids))
-        return FitPlan(max_length, n, corpus, started, index)
+        return FitPlan(max_length, n, corpus, chunk_size, started, index)
 
     def run(self, plan: FitPlan, g: Group) -> int:
         cfg = self.cfg
@@ -144,7 +148,7 @@ class FitFactors(base.WritingStage):
             f"fitting {cfg.strategy} on {n} sequences, {len(rt.specs)} modules of {cfg.model}"
             + (f", {g.world} processes" if g.world > 1 else "")
         )
-        fit = _Fit(art, rt, corpus, n, plan.max_length, cfg, g)
+        fit = _Fit(art, rt, corpus, n, plan.max_length, plan.chunk_size, cfg, g)
         fit.run(curvature.get(cfg.strategy, cfg.blocks), plan.index_attrs)
         return fit.reader.n_truncated
 
@@ -183,9 +187,18 @@ class _Fit:
     of the modules it owns."""
 
     def __init__(
-        self, art: FactorsArtifact, rt: Runtime, corpus: data.Corpus, n: int, max_length: int, cfg: FitConfig, g: Group
+        self,
+        art: FactorsArtifact,
+        rt: Runtime,
+        corpus: data.Corpus,
+        n: int,
+        max_length: int,
+        chunk_size: int,
+        cfg: FitConfig,
+        g: Group,
     ):
         self.art, self.rt, self.corpus, self.n, self.cfg, self.g = art, rt, corpus, n, cfg, g
+        self.chunk_size = chunk_size
         self.reader, self.max_length = data.CorpusReader(corpus, rt.tokenizer, max_length), max_length
 
     def _seeds(self, lo: int, hi: int) -> list[int]:
@@ -209,19 +222,25 @@ class _Fit:
                 sums, n_tokens = self._pass(strategy, name, part, label, factors, rows)
                 last = index == len(strategy.passes) - 1
                 owned = {spec.name for spec in self.g.mine(part)}  # this rank computes and writes their factors
-                for spec in part:  # each module's sums and bases freed once written: the peak is all sums and one eigh
-                    module_sums = {k: t.cpu() for k, t in sums.pop(spec.name).items()}
-                    factors.pop(spec.name, None)
-                    if spec.name in owned:
-                        self._write(
-                            strategy,
-                            spec,
-                            strategy.end_pass(name, module_sums, n_tokens, self.n),
-                            last,
-                            {"n_tokens": n_tokens, "n_sequences": self.n},
-                            name,
-                        )
-                    del module_sums
+                ending = strategy.ending.get(name)  # the covariances' end: the eigendecompositions, minutes maybe
+                with progress() as bar:
+                    task = bar.add_task(f"{label}: {ending}", total=len(owned), unit="module") if ending else None
+                    # each module's sums and bases freed once written: the peak is all sums and one eigh
+                    for spec in part:
+                        module_sums = {k: t.cpu() for k, t in sums.pop(spec.name).items()}
+                        factors.pop(spec.name, None)
+                        if spec.name in owned:
+                            self._write(
+                                strategy,
+                                spec,
+                                strategy.end_pass(name, module_sums, n_tokens, self.n),
+                                last,
+                                {"n_tokens": n_tokens, "n_sequences": self.n},
+                                name,
+                            )
+                            if task is not None:
+                                bar.advance(task)
+                        del module_sums
                 del rows  # before the next sweep allocates its own
                 self.g.barrier()
             self.g.from_main(self.art.finish_pass, name)
@@ -268,7 +287,7 @@ class _Fit:
 
         def prepare() -> bool:
             eigenvalues = {name: {k: factors[name][k].cpu() for k in ("eig_S", "eig_A")} for name in self.rt.modules}
-            layout = index_rows.index_layout(cfg, eigenvalues, self.corpus)
+            layout = index_rows.index_layout(cfg, eigenvalues, self.corpus, self.chunk_size)
             return IndexArtifact.prepare(cfg.out, attrs, None, layout, False) is not None
 
         if not self.g.from_main(prepare):
@@ -300,7 +319,7 @@ class _Fit:
         After each chunk the rank's running sums are checkpointed, so a killed run (with any
         number of ranks) resumes from what every rank had finished. With `index`, each chunk's
         index rows (data-label gradients from the same forward) are committed before that."""
-        g, rt, n, C = self.g, self.rt, self.n, self.cfg.chunk_size
+        g, rt, n, C = self.g, self.rt, self.n, self.chunk_size
         kept = {}
 
         def begin():
@@ -333,7 +352,7 @@ class _Fit:
             rows[module][batch] = values
 
         with progress() as bar, tap(rt.model, part) as tapped:
-            task = bar.add_task(label, total=sum(hi - lo for lo, hi in mine))
+            task = bar.add_task(label, total=sum(hi - lo for lo, hi in mine), unit="seq")
             for lo, hi in mine:
                 # an index chunk aligned with this one and not written yet (by a run killed before its checkpoint)
                 rows = (

@@ -40,6 +40,7 @@ class IndexPlan:
     model_dir: Path
     corpus: data.Corpus  # every sequence, old shards first, as planned (ids and locators)
     max_length: int
+    chunk_size: int  # the artifact's
     dtype: str
     modules: list[str]
     pending: list[int]
@@ -67,12 +68,14 @@ class Index(base.WritingStage):
             name: {k: torch.from_numpy(v) for k, v in factors.read_module(name, ("eig_S", "eig_A")).items()}
             for name in factors.modules
         }
-        layout = index_rows.index_layout(cfg, eigenvalues, corpus)
+        chunk_size = IndexArtifact.chunks_of(cfg.out, identity.base_fingerprint, cfg.chunk_size, cfg.force)
+        layout = index_rows.index_layout(cfg, eigenvalues, corpus, chunk_size)
         old_shards = old["provenance"]["corpus"] if old else []
         n_old = sum(s["n_records"] for s in old_shards)
         art = IndexArtifact.prepare(cfg.out, attrs, old, layout, cfg.force)
         if art is None:
             return Outcome(f"{cfg.out} is up to date", up_to_date=True)
+        base.say_chunks(cfg.out, chunk_size, cfg.chunk_size)
         if old and len(corpus.ids) > n_old:
             log(
                 f"adding {len(corpus.ids) - n_old} sequences from {len(paths) - len(old_shards)} new corpus shard(s) to {cfg.out}"
@@ -86,6 +89,7 @@ class Index(base.WritingStage):
             model_dir,
             corpus,
             max_length,
+            chunk_size,
             factors.provenance["dtype"],
             factors.modules,
             pending,
@@ -113,9 +117,9 @@ class Index(base.WritingStage):
             for name in plan.modules
         }
         rows = index_rows.IndexRows(IndexArtifact.open_for_writing(cfg.out), bases, device, cfg.index_dtype)
-        C, N = cfg.chunk_size, len(corpus.ids)
+        C, N = plan.chunk_size, len(corpus.ids)
         with progress() as bar:
-            task = bar.add_task("index", total=sum(min(C, N - c * C) for c in mine))
+            task = bar.add_task("index", total=sum(min(C, N - c * C) for c in mine), unit="seq")
             for c in mine:
                 lo, hi = c * C, min((c + 1) * C, N)
                 found = engine.compressed_gradients(

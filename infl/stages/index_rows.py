@@ -45,7 +45,7 @@ def index_identity(cfg, factors_attrs: dict, model_dir: Path):
     return Identity(IndexArtifact, semantic_fields(cfg), provenance)
 
 
-def index_layout(cfg, eigenvalues: dict[str, dict], corpus):
+def index_layout(cfg, eigenvalues: dict[str, dict], corpus, chunk_size: int):
     """The index's shape (an IndexLayout): per module its head, the coordinates of its largest
     eig_S x eig_A (`eigenvalues`: name -> {"eig_S", "eig_A"} tensors), and its sketch's buckets
     within --index-bytes; a row per sequence."""
@@ -74,7 +74,7 @@ def index_layout(cfg, eigenvalues: dict[str, dict], corpus):
         sizes,
         corpus.ids,
         corpus.locators,
-        cfg.chunk_size,
+        chunk_size,
         cfg.index_dtype,
     )
 
@@ -120,7 +120,7 @@ class IndexRows:
             bad = (~torch.isfinite(values.sum(1))).nonzero().flatten()  # a NaN or inf in a row reaches its sum
             if len(bad):
                 raise BadInput(f"non-finite gradient for training sequence {ids[int(bad[0])]!r} in module {name}")
-        C = self.art.config["chunk_size"]
+        C = self.art.chunk_size
         places = torch.arange(c * C, c * C + len(next(iter(rows.values()))))  # the rows' places in the index
         encoded = {}
         for name, values in rows.items():

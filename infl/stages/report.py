@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from infl.analysis.compare import pairs
 from infl.analysis.results import layer_tables
 from infl.analysis.sparsity import sparsity
 from infl.artifacts.scores import ScoresArtifact
@@ -91,6 +92,19 @@ def run(cfg: ReportConfig, unit: str) -> Path:
             "layers_png": page.png_url_data(
                 figures.layer_heatmap_png(layer_tables(scores, (), cfg.k, False, scale), unit)
             ),
+            "pairs_k": cfg.k,
+            "pairs": [
+                {
+                    "a": p.a,
+                    "b": p.b,
+                    "spearman": "–" if p.spearman != p.spearman else f"{p.spearman:+.2f}",
+                    "n": f"{p.n_sequences:,}",
+                    "overlap": f"{p.overlap:.0%}",
+                }
+                for p in pairs(
+                    [q for _, q in rows], [scores.total(row) for row, _ in rows], cfg.k, False
+                )  # over every scored sequence, as `compare` takes them
+            ],
             "sparsity": [
                 {
                     "query_id": s.query_id,

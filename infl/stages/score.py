@@ -43,6 +43,7 @@ class ScorePlan:
     model_dir: Path | None  # None: scored from an index
     corpus: data.Corpus  # the sequences to score, as planned (ids and locators; every rank reads its chunks)
     max_length: int
+    chunk_size: int  # the artifact's
     dtype: str
     modules: list[str]
     blocks: list[int]
@@ -110,13 +111,14 @@ class Score(base.WritingStage):
             grown["queries_fingerprint"] = source.fingerprint
         attrs = identity.grown(**grown).attrs
         estimate = index is not None and any(index.sketch_size(name)[0] for name in index.modules)
+        chunk_size = ScoresArtifact.chunks_of(cfg.out, identity.base_fingerprint, cfg.chunk_size, cfg.force)
         layout = Layout(
             query_ids,
             blocks,
             source.modules,
             corpus.ids,
             corpus.locators,
-            cfg.chunk_size,
+            chunk_size,
             cfg.per_token,
             max_length,
             estimate,
@@ -124,6 +126,7 @@ class Score(base.WritingStage):
         art = ScoresArtifact.prepare(cfg.out, attrs, old, layout, cfg.force)
         if art is None:
             return Outcome(f"{cfg.out} is up to date", up_to_date=True)
+        base.say_chunks(cfg.out, chunk_size, cfg.chunk_size)
         if old and old["fingerprint"] != attrs["fingerprint"]:
             N_old, Q_old = sum(s["n_records"] for s in old["provenance"]["corpus"]), old["query_blocks"][-1]
             if len(corpus.ids) > N_old:
@@ -143,6 +146,7 @@ class Score(base.WritingStage):
             model_dir,
             corpus,
             max_length,
+            chunk_size,
             provenance["dtype"],
             source.modules,
             blocks,
@@ -184,22 +188,22 @@ class Score(base.WritingStage):
         """The corpus to score, as planned: every sequence, or with --candidates the union of the
         queries' candidates (only their texts are ever read)."""
         cfg = self.cfg
-        corpus = data.plan_corpus(list(paths), cfg.split, cfg.text_field, cfg.id_field, tokenizer, max_length)
+        reading = (cfg.split, cfg.text_field, cfg.id_field, tokenizer, max_length)
         if cfg.candidates is None:
-            return corpus
+            return data.plan_corpus(list(paths), *reading)
         candidates = CandidatesArtifact.open(cfg.candidates)
         source = self._source()
+        rows = candidates.union(source.ids())
+        corpus = data.plan_corpus(list(paths), *reading, keep=rows)  # only their ids and locators are kept
         candidates.check_corpus(
             [shard.to_dict() for shard in corpus.shards],
             {"split": cfg.split, "text_field": cfg.text_field, "id_field": cfg.id_field},
             source.provenance["tokenizer_fingerprint"],
         )
         candidates.check_queries(source.all_texts())
-        rows = candidates.union(source.ids())
-        log(
-            f"scoring the {len(rows)} of {len(corpus.ids)} sequences that are a TF-IDF candidate of a query ({cfg.candidates})"
-        )
-        return corpus.subset(rows)
+        total = sum(shard.n_records for shard in corpus.shards)
+        log(f"scoring the {len(rows)} of {total} sequences that are a TF-IDF candidate of a query ({cfg.candidates})")
+        return corpus
 
     def run(self, plan: ScorePlan, g: Group) -> int:
         """Every rank: score its chunks and commit each one (data, checksum, done bit); how many
@@ -208,10 +212,10 @@ class Score(base.WritingStage):
         device = g.device(cfg.device)
         scorer = _FromIndex(cfg, device) if cfg.index is not None else _FromModel(self, plan, device)
         art = ScoresArtifact.open_for_writing(cfg.out)
-        C, N, blocks = cfg.chunk_size, plan.n_sequences, plan.blocks
+        C, N, blocks = plan.chunk_size, plan.n_sequences, plan.blocks
         mine = g.mine(plan.pending)
         with progress() as bar:
-            task = bar.add_task("score", total=sum(min(C, N - c * C) for c, _ in mine))
+            task = bar.add_task("score", total=sum(min(C, N - c * C) for c, _ in mine), unit="seq")
             for c, todo in mine:
                 lo, hi = c * C, min((c + 1) * C, N)
                 rows = [q for b in todo for q in range(blocks[b], blocks[b + 1])]

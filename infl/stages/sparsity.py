@@ -26,7 +26,7 @@ def run(cfg: SparsityConfig, unit: str) -> list[Sparsity]:
     names = _file_names([q for _, q in rows])
     out = []
     with progress() as bar:
-        task = bar.add_task("power-law fits", total=len(rows))
+        task = bar.add_task("power-law fits", total=len(rows), unit="fit")
         for (row, query_id), name in zip(rows, names):
             values = scores.total(row)[own[row] if own else slice(None)] * scale  # its own candidates, if any
             out.append(sparsity(query_id, values, cfg.tail))

@@ -196,7 +196,7 @@ def _with_tokens(scores: ScoresArtifact, hits: list[Hit], rows, scale: float, mo
         bank = loaders.query_bank(scores.parent("queries"), rt.device, wanted)  # the asked ones
         row_of = {query_id: wanted.index(row) for row, query_id in rows}
         with progress() as bar:
-            task = bar.add_task("token influence", total=len(indices))
+            task = bar.add_task("token influence", total=len(indices), unit="seq")
             _, token_terms = engine.score_sequences(
                 rt, bank, [pieces[i][0] for i in indices], per_token=True, on_batch=lambda n: bar.advance(task, n)
             )  # [Q, n, T]
@@ -239,7 +239,7 @@ def _refine(scores: ScoresArtifact, rows, candidates: dict[int, np.ndarray], rt:
         ids for ids, _ in _tokens_of(scores, rt.tokenizer, scores.provenance["max_length"], np.asarray(indices))
     ]
     with progress() as bar:
-        task = bar.add_task("refine at full rank", total=len(indices))
+        task = bar.add_task("refine at full rank", total=len(indices), unit="seq")
         per_module, _ = engine.score_sequences(rt, bank, token_lists, on_batch=lambda n: bar.advance(task, n))
     total = per_module.sum(0).double().numpy()  # [len(rows), n]
     column = {i: j for j, i in enumerate(indices)}

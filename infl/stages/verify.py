@@ -51,6 +51,6 @@ def run(path: Path) -> Report:
         except integrity.Unreadable:
             total = None  # verify names the node
         with progress() as bar:
-            task = bar.add_task("verify", total=total)
+            task = bar.add_task("verify", total=total, unit="chunk")
             checked, bad = art.verify(lambda: bar.advance(task), repair=writable)
     return Report(str(path), attrs["kind"], checked, bad, repaired=writable)
