@@ -74,8 +74,24 @@ def test_sparsity_command_reports_each_query_from_its_scores(workdir, tmp_path):
         assert (tmp_path / "figs" / f"{row['query_id']}.ccdf.png").read_bytes().startswith(PNG)
     table = infl("sparsity", "--scores", tmp_path / "s.zarr")
     assert table.exit_code == 0 and "top 10%" in table.stdout
+    # what 'top 1 %' of 12 sequences is (1 sequence; 10 %: 2), and a tail of a dozen points flagged
+    assert "% (1)" in table.stdout and "% (2)" in table.stdout
     assert "no query 'nope'" in one_line_error(infl("sparsity", "--scores", tmp_path / "s.zarr", "--query", "nope"))
     assert infl("sparsity", "--scores", tmp_path / "s.zarr", "--tail", "3").exit_code == 2
+
+
+def test_a_power_law_fitted_on_a_short_tail_is_flagged():
+    """Item 8 of #27: alpha from 13 points is printed with a caveat; from 500, without."""
+    from infl.analysis.sparsity import Sparsity
+    from infl.report import SPARSITY
+
+    def row(query_id, n_tail):
+        return Sparsity(query_id, 150, 80, 0.4, 0.7, 1.8, 0.02, 0.05, n_tail, (1.0, 0.2), (0.5, 0.4))
+
+    short = " ".join(SPARSITY["table"]([row("whale_en", 13), row("etna", 500)], "nats").split())
+    assert "13 !" in short and "500 !" not in short
+    assert "fewer than 50 points (whale_en): its alpha is unreliable" in short
+    assert "unreliable" not in SPARSITY["table"]([row("etna", 500)], "nats")
 
 
 def test_short_names_drop_what_every_name_shares_but_stay_distinct():

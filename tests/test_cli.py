@@ -297,6 +297,8 @@ def test_self_influence_from_the_command_line(workdir, tmp_path):
         tmp_path / "self.zarr",
     )
     assert result.exit_code == 0, result.output
+    table = infl("topk", "--scores", tmp_path / "self.zarr", "--self", "-k", "3")
+    assert "of the total self-influence" in table.stdout and "query's total" not in table.stdout  # its own caption
     rows = json.loads(infl("topk", "--scores", tmp_path / "self.zarr", "--self", "-k", "3", "--format", "json").stdout)
     assert [r["query_id"] for r in rows] == ["self"] * 3 and rows[0]["score"] >= rows[2]["score"] > 0
     assert "not self-influence" in one_line_error(infl("topk", "--scores", tmp_path / "s.zarr", "--self"))
@@ -501,3 +503,17 @@ def test_throughput_reads_per_second_or_seconds_per_item():
     assert _rate(120, 4.0, "seq") == "30.0 seq/s"
     assert _rate(2, 9.0, "module") == "4.5 s/module"
     assert _rate(0, 3.0, "seq") == ""
+
+
+def test_a_completion_glued_to_its_prompt_gets_a_notice(workdir, tmp_path):
+    """Item 8 of #27: 'The capital of France is' + 'Paris' scores 'isParis'; one line says so."""
+    pipeline(workdir, tmp_path)
+    queries = tmp_path / "glued.jsonl"
+    queries.write_text(
+        '{"id": "glued", "prompt": "The capital of France is", "completion": "Paris"}\n'
+        '{"id": "spaced", "prompt": "The capital of France is", "completion": " Paris"}\n'
+    )
+    built = infl("build-query", "--factors", tmp_path / "f.zarr", "--queries", queries, "--out", tmp_path / "g.zarr")
+    assert built.exit_code == 0, built.output
+    notice = [line for line in built.output.splitlines() if line.startswith("notice:")]
+    assert len(notice) == 1 and "'glued'" in notice[0] and "'spaced'" not in notice[0]

@@ -46,6 +46,7 @@ class Topk:
     queries: list[QueryInfo]
     hits: list[Hit]
     estimate: str | None = None  # what makes the scores estimates, in one line (None: exact)
+    is_self: bool = False  # self-influence: each sequence against itself
 
     def of(self, query_id: str) -> list[Hit]:
         return [h for h in self.hits if h.query_id == query_id]

@@ -7,6 +7,7 @@ import csv
 import html
 import io
 import json
+import math
 import re
 from collections.abc import Callable
 
@@ -284,6 +285,11 @@ def _query_line(info: QueryInfo) -> str:
 
 
 SHARE_NOTE = "share: of the query's total positive influence (of its total negative influence for a negative score)"
+SELF_SHARE_NOTE = "share: of the total self-influence of every scored sequence"
+
+
+def _share_note(result) -> str:
+    return SELF_SHARE_NOTE if result.is_self else SHARE_NOTE
 
 
 def _topk_json(result: Topk, unit: str) -> str:
@@ -350,7 +356,7 @@ def _topk_markdown(result: Topk, unit: str) -> str:
             text = _html_tokens(h.tokens).replace("|", "&#124;") if h.tokens else _markdown(_preview(h.text))
             out.append(f"| {h.rank} | {_markdown(_id(h.train_id))} | {number} | {text.replace(chr(10), ' ')} |")
         out.append("")
-    out.append(_markdown(SHARE_NOTE) + ".")
+    out.append(_markdown(_share_note(result)) + ".")
     if any(h.tokens for h in result.hits):
         out.append("\n" + html_legend())
     return "\n".join(out) + "\n"
@@ -381,7 +387,7 @@ def _topk_html(result: Topk, unit: str) -> str:
             ]
             out.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
         out.append("</table>")
-    out.append(f"<p>{html.escape(SHARE_NOTE)}.</p>")
+    out.append(f"<p>{html.escape(_share_note(result))}.</p>")
     if any(h.tokens for h in result.hits):
         out.append(html_legend())
     return "\n".join(out) + "\n"
@@ -414,7 +420,7 @@ def _topk_table(result: Topk, unit: str) -> str:
                 _rich_tokens(h.tokens, colours) if h.tokens else Text(_preview(h.text)),
             )
         out.append(table)
-    out.append(Text(f"influence in {unit}; {SHARE_NOTE}", style="dim"))
+    out.append(Text(f"influence in {unit}; {_share_note(result)}", style="dim"))
     if tokens:
         out.append(_token_legend(colours))
     return as_text(*out)
@@ -569,13 +575,13 @@ def _sparsity_table(rows, unit: str) -> str:
         fitted = r.alpha == r.alpha
         table.add_row(
             Text(_id(r.query_id)),
-            f"{r.top_1:.1%}",
-            f"{r.top_10:.1%}",
+            f"{r.top_1:.1%} ({top_count(0.01, r.n_sequences)})",
+            f"{r.top_10:.1%} ({top_count(0.1, r.n_sequences)})",
             *(
                 (
                     f"{r.alpha:.2f}",
                     f"{r.xmin:.3g}",
-                    f"{r.n_tail}",
+                    f"{r.n_tail}{' !' if r.n_tail < SMALL_TAIL else ''}",
                     f"{r.ks:.3f}",
                     f"{_beats(r.vs_exponential)}, {_beats(r.vs_lognormal)}",
                 )
@@ -587,10 +593,28 @@ def _sparsity_table(rows, unit: str) -> str:
         "top k%: the share of the positive influence that the k% most influential sequences hold. "
         "alpha: p(x) ~ x^-alpha above x_min, fitted by maximum likelihood on the tail (the sequences above "
         "x_min; KS: their distance from the fit). beats: the log-likelihood ratio's verdict at p < 0.05 "
-        "(--format json gives R and p).",
+        "(--format json gives R and p). (n): how many sequences the top k% is.",
         style="dim",
     )
-    return as_text(table, note)
+    small = [r.query_id for r in rows if r.alpha == r.alpha and r.n_tail < SMALL_TAIL]
+    caveat = (
+        Text(
+            f"!: a tail of fewer than {SMALL_TAIL} points ({', '.join(map(_id, small))}): its alpha is "
+            "unreliable (score more sequences, or read the top shares instead)",
+            style="yellow",
+        )
+        if small
+        else Text("")
+    )
+    return as_text(table, note, caveat)
+
+
+SMALL_TAIL = 50  # fewer points than this in a power law's tail: its alpha is noise (Clauset et al. 2009)
+
+
+def top_count(fraction: float, n: int) -> int:
+    """How many sequences 'the top fraction' of n is (as analysis.sparsity.top_shares counts them)."""
+    return max(1, math.ceil(fraction * n))
 
 
 def _beats(pair: tuple[float, float]) -> str:

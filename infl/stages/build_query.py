@@ -84,6 +84,13 @@ class BuildQuery(base.WritingStage):
             return Outcome(f"{cfg.out} is up to date (it holds every query of {cfg.queries})", up_to_date=True)
         if held:
             log(f"{cfg.queries} grew: appending its {len(queries.ids)} new queries to {cfg.out}")
+        glued = [q for q, p, c in zip(queries.ids, queries.prompts, queries.completions) if _glued(p, c)]
+        if glued:  # a notice, not a refusal: "wh" + "ale" may be meant
+            log(
+                f"notice: {len(glued)} queries' completions start right after their prompt's last letter, with "
+                f"no space ({', '.join(map(repr, glued[:3]))}{' ...' if len(glued) > 3 else ''}): the completion "
+                "is then the end of the prompt's last word; put the space at the completion's start if one was meant"
+            )
         if built.appending:
             clash = sorted(set(queries.ids) & set(QueriesArtifact.open_for_writing(cfg.out).ids()))
             if clash:
@@ -227,3 +234,8 @@ def _compressed(
         "V": V.cpu().numpy(),
         "kept": np.asarray(kept, dtype=np.float32),
     }
+
+
+def _glued(prompt: str, completion: str) -> bool:
+    """The completion continues the prompt's last word: a letter or digit on both sides of the join."""
+    return bool(prompt) and bool(completion) and prompt[-1].isalnum() and completion[0].isalnum()

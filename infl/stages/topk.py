@@ -124,7 +124,7 @@ def run(cfg: TopkConfig) -> Topk:
                 )
             )
     hits = _with_tokens(scores, hits, rows, scale, model) if cfg.tokens else hits
-    return Topk(infos, hits, scores.estimate)
+    return Topk(infos, hits, scores.estimate, scores.is_self)
 
 
 def _asked(scores: ScoresArtifact) -> dict[str, tuple[str, str, float]]:
