@@ -466,7 +466,25 @@ class FitConfig(_Run):
 
 
 @dataclass(frozen=True, kw_only=True)
-class QueryConfig(_Run):
+class _QueryReading:
+    """How a queries file is read: declared once, for build-query and candidates (which must read
+    it alike)."""
+
+    query_id_field: str = option("id", help="Queries' field holding the id.")
+    prompt_field: str = option("prompt", help="Queries' field holding the prompt.")
+    completion_field: str = option("completion", help="Queries' field holding the completion (what is measured).")
+    chat_template: bool = option(
+        False, help="Put each prompt in the tokenizer's chat template, as a user turn (instruction-tuned models)."
+    )
+
+    def query_fields(self):
+        from infl.data import QueryFields
+
+        return QueryFields(self.query_id_field, self.prompt_field, self.completion_field, self.chat_template)
+
+
+@dataclass(frozen=True, kw_only=True)
+class QueryConfig(_Run, _QueryReading):
     factors: Path = _location(help="Factors artifact from fit-factors.")
     queries: Path = _location(help='JSONL with {"id", "prompt", "completion"} per line.')
     out: Path = _location(help="Queries artifact to write (.zarr).")
@@ -625,7 +643,7 @@ class LayerwiseConfig(_Options):
 
 
 @dataclass(frozen=True, kw_only=True)
-class CandidatesConfig(_Options):
+class CandidatesConfig(_Options, _QueryReading):
     """Lexical candidates: the model's tokenizer, the queries file, the corpus, how many to keep."""
 
     model: Path = _location(help="Model directory or .gguf file: its tokenizer makes the terms.")

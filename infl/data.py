@@ -41,6 +41,8 @@ __all__ = [
     "TokenizedCorpus",
     "read_corpus",
     "read_queries",
+    "QueryFields",
+    "chat_prompt",
     "read_text",
     "read_texts",
     "collate",
@@ -191,9 +193,11 @@ def _json_record(path: Path, number: int, line: bytes) -> dict:
     return record
 
 
-def _field(path: Path, number: int, record: dict, name: str) -> str:
+def _field(
+    path: Path, number: int, record: dict, name: str, hint: str = "name the fields with --text-field and --id-field"
+) -> str:
     if name not in record:
-        raise BadInput(f"{path}:{number}: no {name!r} field", hint="set the field name with --text-field/--id-field")
+        raise BadInput(f"{path}:{number}: no {name!r} field", hint=hint)
     value = record[name]
     if not isinstance(value, str):
         raise BadInput(f"{path}:{number}: field {name!r} must be a string, got {type(value).__name__}")
@@ -549,9 +553,34 @@ def read_texts(shard: Shard, spans: list[tuple[int, int]], text_field: str = "te
     return [changed if t is None else t for t in corpora.SpanReader(path, shard.format, text_field).texts(spans)]
 
 
-def read_queries(path: Path, tokenizer, max_length: int, start: int = 0) -> Queries:
-    """`{"id", "prompt", "completion"}` per line from byte `start` (the lines appended after the
-    queries already built), tokenised (see add_query)."""
+@dataclass(frozen=True)
+class QueryFields:
+    """How a queries file is read: its field names, and whether the prompt goes through the
+    tokenizer's chat template (an instruction-tuned model reads its prompts so)."""
+
+    id: str = "id"
+    prompt: str = "prompt"
+    completion: str = "completion"
+    chat_template: bool = False
+
+    HINT = "name the fields with --query-id-field, --prompt-field and --completion-field"
+
+
+def chat_prompt(tokenizer, prompt: str) -> str:
+    """The prompt as a user turn in the tokenizer's own chat template, the assistant's turn opened."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise BadInput("--chat-template: this model's tokenizer has no chat template")
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+    )
+
+
+def read_queries(
+    path: Path, tokenizer, max_length: int, start: int = 0, fields: QueryFields = QueryFields()
+) -> Queries:
+    """`{"id", "prompt", "completion"}` per line (names: `fields`) from byte `start` (the lines
+    appended after the queries already built), tokenised (see add_query); with a chat template,
+    the prompt is the templated one, as the model reads it (and as it is stored and shown)."""
     if not path.is_file():
         raise BadInput(f"{path}: no such file")
     queries = Queries([], [], [], [], [])
@@ -559,22 +588,41 @@ def read_queries(path: Path, tokenizer, max_length: int, start: int = 0) -> Quer
         if not line.strip():
             continue
         record = _json_record(path, number, line)
-        query_id = _record_id(path, number, record, "id")
-        prompt, completion = _field(path, number, record, "prompt"), _field(path, number, record, "completion")
-        add_query(queries, query_id, prompt, completion, tokenizer, max_length, where=f"{path}:{number}: ")
+        query_id = _record_id(path, number, record, fields.id)
+        prompt = _field(path, number, record, fields.prompt, QueryFields.HINT)
+        completion = _field(path, number, record, fields.completion, QueryFields.HINT)
+        if fields.chat_template:
+            prompt = chat_prompt(tokenizer, prompt)
+        add_query(
+            queries,
+            query_id,
+            prompt,
+            completion,
+            tokenizer,
+            max_length,
+            where=f"{path}:{number}: ",
+            special=not fields.chat_template,  # the template writes the model's special tokens itself
+        )
     if not queries.ids and not start:  # appended blank lines hold none, and need none
         raise BadInput(f"{path} holds no query")
     return queries
 
 
 def add_query(
-    queries: Queries, query_id: str, prompt: str, completion: str, tokenizer, max_length: int, where: str = ""
+    queries: Queries,
+    query_id: str,
+    prompt: str,
+    completion: str,
+    tokenizer,
+    max_length: int,
+    where: str = "",
+    special: bool = True,
 ) -> None:
     """Tokenise prompt + completion as one text (as the model would read it); the completion is
     every token that ends after the prompt's last character."""
     if not completion:
         raise BadInput(f"{where}query {query_id!r} has an empty completion")
-    encoding = _encode(tokenizer, prompt + completion, add_special_tokens=True, return_offsets_mapping=True)
+    encoding = _encode(tokenizer, prompt + completion, add_special_tokens=special, return_offsets_mapping=True)
     token_ids = encoding["input_ids"]
     ends = [end for _, end in encoding["offset_mapping"]]
     n_prompt = next((i for i, end in enumerate(ends) if end > len(prompt)), len(token_ids))

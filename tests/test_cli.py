@@ -517,3 +517,39 @@ def test_a_completion_glued_to_its_prompt_gets_a_notice(workdir, tmp_path):
     assert built.exit_code == 0, built.output
     notice = [line for line in built.output.splitlines() if line.startswith("notice:")]
     assert len(notice) == 1 and "'glued'" in notice[0] and "'spaced'" not in notice[0]
+
+
+def test_query_fields_are_named_as_the_file_has_them_and_prompts_may_take_the_chat_template(workdir, tmp_path):
+    """Item 9 of #27: a queries file with its own field names is read with --query-id-field,
+    --prompt-field and --completion-field (and a missing one's hint names them); --chat-template
+    wraps each prompt in the tokenizer's own template, or is refused in one line without one."""
+    from conftest import make_tokenizer
+
+    from infl import data
+
+    pipeline(workdir, tmp_path)
+    own = tmp_path / "own.jsonl"
+    own.write_text('{"qid": "capital", "question": "The capital of France is", "answer": " Paris"}\n')
+    base = ["build-query", "--factors", tmp_path / "f.zarr", "--queries", own]
+    missing = infl(*base, "--out", tmp_path / "q1.zarr")
+    assert missing.exit_code == 1 and "no 'prompt' field" in missing.output and "--prompt-field" in missing.output
+    names = ["--query-id-field", "qid", "--prompt-field", "question", "--completion-field", "answer"]
+    built = infl(*base, *names, "--out", tmp_path / "q2.zarr")
+    assert built.exit_code == 0, built.output
+    assert infl("info", tmp_path / "q2.zarr").exit_code == 0
+    refused = infl(*base, *names, "--chat-template", "--out", tmp_path / "q3.zarr")
+    assert refused.exit_code == 1 and "has no chat template" in refused.output
+    tokenizer = make_tokenizer()
+    tokenizer.chat_template = (
+        "{% for m in messages %}[user] {{ m['content'] }}{% endfor %}{% if add_generation_prompt %} [bot]{% endif %}"
+    )
+    fields = data.QueryFields("qid", "question", "answer", chat_template=True)
+    queries = data.read_queries(own, tokenizer, 64, fields=fields)
+    assert queries.ids == ["capital"] and queries.prompts == ["[user] The capital of France is [bot]"]
+    assert (
+        queries.tokens[0]
+        == tokenizer("[user] The capital of France is [bot] Paris", add_special_tokens=False)["input_ids"]
+    )
+    plain = data.read_queries(own, tokenizer, 64, fields=data.QueryFields("qid", "question", "answer"))
+    completion = lambda q: q.tokens[0][q.n_prompt[0] :]  # noqa: E731
+    assert completion(queries) == completion(plain)  # the same completion tokens are measured

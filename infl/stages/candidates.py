@@ -97,7 +97,7 @@ class Candidates(base.WritingStage):
                     statistics.add(block)
                 counts.append(n)
                 bar.advance(task)
-            queries = data.read_queries(cfg.queries, tokenizer, max_length)
+            queries = data.read_queries(cfg.queries, tokenizer, max_length, fields=cfg.query_fields())
             if not queries.ids:
                 raise BadInput(f"{cfg.queries} holds no query")
             rows = max(256, min(_BLOCK_ROWS, (1 << 22) // len(queries.ids)))  # a block's scores within 32 MB
