@@ -78,13 +78,27 @@ def test_info_lists_every_query(scored, workdir):
 
 def test_one_number_format_per_column():
     wide = column_format([37630.2, 1841.0, -12.5])
-    assert [wide(v) for v in (37630.2, 1841.0, -12.5)] == ["37630", "1841", "-12"]
+    assert [wide(v) for v in (37630.2, 1841.0, -12.5)] == ["37,630", "1,841", "-12"]
+    # one value past 1e5 no longer turns the column scientific (#27, item 6): separators instead
+    large = column_format([22.15, 81712.3, 7003.0])
+    assert [large(v) for v in (22.15, 81712.3, 7003.0)] == ["22", "81,712", "7,003"]
+    xmin = column_format([0.42, 0.0491, 9.0])  # sparsity's x_min column: one format, not .3g each
+    assert [xmin(v) for v in (0.42, 0.0491, 9.0)] == ["0.420", "0.049", "9.000"]
     small = column_format([0.0123, 0.00045])
     assert [small(v) for v in (0.0123, 0.00045)] == ["0.01230", "0.00045"]
     tiny = column_format([3.2e-7, -1e-9])
     assert all("e" in tiny(v) for v in (3.2e-7, -1e-9))
     assert column_format([float("nan"), 2.0])(float("nan")) == "–"
     assert column_format([1841.0, -0.2])(-0.2) == "0"  # rounded to zero: never "-0"
+
+
+def test_topk_uses_one_number_format_for_every_query_of_a_table():
+    """Item 6 of #27: a query of small scores and one of large ones print alike, not one in
+    scientific notation and the next in fixed point."""
+    infos = [QueryInfo(q, "p", " c", -1.0, 1, 1.0, 0.0) for q in ("small", "large")]
+    hits = [Hit("small", 1, "s1", 0, 0.00042, "x", share=1.0), Hit("large", 1, "s2", 1, 81712.3, "y", share=1.0)]
+    table = TOPK["table"](Topk(infos, hits), "nats")
+    assert "81,712" in table and " 0 " in table and "e-04" not in table and "e+04" not in table
 
 
 def _shaded() -> Topk:

@@ -111,21 +111,22 @@ def _markdown(value: str) -> str:
 
 
 def column_format(values) -> Callable[[float], str]:
-    """One number format for a whole column, so that 3.763e+04 never stands beside 1841: fixed
-    point with four significant digits for the largest magnitude when it lies in [0.001, 100000),
-    scientific with four significant digits for every value otherwise."""
+    """One number format for a whole column (or table), so that 3.763e+04 never stands beside
+    1841: fixed point with thousands separators, as many decimals as give the largest magnitude
+    four significant digits (81,712 beside 22; 0.4213 beside 0.0491), when it lies in [0.001,
+    10^12); scientific with four significant digits for every value otherwise."""
     finite = [abs(v) for v in values if v is not None and np.isfinite(v)]
     top = max(finite, default=0.0)
     if top == 0.0:
         return lambda v: "–" if v is None or not np.isfinite(v) else "0"
     exponent = int(np.floor(np.log10(top)))
-    spec = f".{max(0, 3 - exponent)}f" if -3 <= exponent < 5 else ".3e"
+    spec = f",.{max(0, 3 - exponent)}f" if -3 <= exponent < 12 else ".3e"
 
     def fmt(v) -> str:
         if v is None or not np.isfinite(v):
             return "–"
         text = format(v, spec)
-        return text[1:] if text.startswith("-") and float(text) == 0 else text  # rounded to zero: no sign
+        return text[1:] if text.startswith("-") and float(text.replace(",", "")) == 0 else text  # rounded to 0: no sign
 
     return fmt
 
@@ -333,7 +334,8 @@ def _topk_csv(result: Topk, unit: str) -> str:
 
 
 def _numbers(hits: list[Hit]) -> tuple[Callable[[float], str], list[tuple[str, Callable[[Hit], str]]]]:
-    """One query's influence format, and its optional columns: (title, a hit's cell)."""
+    """The influence format of these hits (every query of a table: one format for the whole
+    column), and their optional columns: (title, a hit's cell)."""
     extras = []
     for title, _, value in _extras(hits):
         fmt = column_format([value(h) for h in hits])
@@ -343,9 +345,9 @@ def _numbers(hits: list[Hit]) -> tuple[Callable[[float], str], list[tuple[str, C
 
 def _topk_markdown(result: Topk, unit: str) -> str:
     out = [f"**{_markdown(_estimate_line(result))}.**\n"] if result.estimate else []
+    score, extras = _numbers(result.hits)  # one format for the column, whichever query a row is of
     for info in result.queries:
         hits = result.of(info.query_id)
-        score, extras = _numbers(hits)
         head = f"influence ({unit}) | share" + "".join(f" | {title}" for title, _ in extras)
         out.append(
             f"### {_markdown(_id(info.query_id))}\n\n{_markdown(_query_line(info))}\n\n"
@@ -366,9 +368,9 @@ def _topk_html(result: Topk, unit: str) -> str:
     out = ["<!doctype html><meta charset='utf-8'><body style='font-family:sans-serif'>"]
     if result.estimate:
         out.append(f"<p><b>{html.escape(_estimate_line(result))}.</b></p>")
+    score, extras = _numbers(result.hits)  # one format for the column, whichever query a row is of
     for info in result.queries:
         hits = result.of(info.query_id)
-        score, extras = _numbers(hits)
         out.append(
             f"<h3>{html.escape(info.query_id)}</h3><p>{html.escape(_query_line(info))}</p>"
             "<table border='1' cellpadding='4'><tr><th>rank</th><th>train id</th>"
@@ -398,9 +400,9 @@ def _topk_table(result: Topk, unit: str) -> str:
     screen = Console()
     colours = screen.color_system if screen.is_terminal else None
     out = [Text(_estimate_line(result), style="bold yellow")] if result.estimate else []
+    score, extras = _numbers(result.hits)  # one format for the column, whichever query a row is of
     for info in result.queries:
         hits = result.of(info.query_id)
-        score, extras = _numbers(hits)
         out.append(Text(_query_line(info), style="bold"))
         table = Table(show_lines=tokens)
         table.add_column("rank", justify="right")
@@ -571,6 +573,7 @@ def _sparsity_table(rows, unit: str) -> str:
         ("power law beats exp, lognormal", "left"),
     ):
         table.add_column(name, justify=justify, overflow="fold")
+    xmin = column_format([r.xmin for r in rows if r.alpha == r.alpha])
     for r in rows:
         fitted = r.alpha == r.alpha
         table.add_row(
@@ -580,7 +583,7 @@ def _sparsity_table(rows, unit: str) -> str:
             *(
                 (
                     f"{r.alpha:.2f}",
-                    f"{r.xmin:.3g}",
+                    xmin(r.xmin),
                     f"{r.n_tail}{' !' if r.n_tail < SMALL_TAIL else ''}",
                     f"{r.ks:.3f}",
                     f"{_beats(r.vs_exponential)}, {_beats(r.vs_lognormal)}",

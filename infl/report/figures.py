@@ -112,17 +112,23 @@ def _clip(text: str, width: int = 14) -> str:
 def compare_heatmap_png(c, unit: str) -> bytes:
     """The top sequences of one query (rows) against each query (columns), each column scaled to
     its own largest magnitude (queries differ in scale), the values written in the cells."""
+    from infl.report import column_format
+
     plt = _pyplot()
     bound = np.abs(c.values).max(axis=0)
     shade = c.values / np.where(bound > 0, bound, 1.0)
-    fig, ax = plt.subplots(figsize=(1.1 * len(c.query_ids) + 2.5, 0.32 * len(c.train_ids) + 1.4))
-    ax.imshow(shade, cmap="RdBu_r", vmin=-1, vmax=1, aspect="auto", interpolation="nearest")
+    fig, ax = plt.subplots(figsize=(1.1 * len(c.query_ids) + 3.5, 0.32 * len(c.train_ids) + 1.4))
+    image = ax.imshow(shade, cmap="RdBu_r", vmin=-1, vmax=1, aspect="auto", interpolation="nearest")
+    bar = fig.colorbar(image, ax=ax, fraction=0.05, pad=0.02)
+    bar.set_label("influence / its column's largest |influence|", fontsize=7)
+    bar.ax.tick_params(labelsize=6)
+    numbers = [column_format(c.values[:, j].tolist()) for j in range(shade.shape[1])]  # a format per column
     for i in range(shade.shape[0]):
         for j in range(shade.shape[1]):
             ax.text(
                 j,
                 i,
-                f"{c.values[i, j]:.2g}",
+                numbers[j](c.values[i, j]),
                 ha="center",
                 va="center",
                 fontsize=6,
