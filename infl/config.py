@@ -636,6 +636,11 @@ class LayerwiseConfig(_Options):
     query: tuple[str, ...] = _query()
     negative: bool = _negative()
     train_size: int | None = _train_size()  # report per-copy nats: influence / N
+    by: str = option(
+        "layer",
+        choices={"layer": "each layer's tracked modules summed", "module": "each tracked module"},
+        help="Rows: {choices}.",
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -9,6 +9,7 @@ import pytest
 from test_cli import infl, one_line_error, pipeline
 
 from infl import artifacts
+from infl.analysis.results import LayerTable, layer_of
 from infl.analysis.sparsity import power_law, sparsity, top_shares
 from infl.report import short_names
 
@@ -110,6 +111,43 @@ def test_layerwise_draws_a_heatmap_and_shows_short_layer_names(workdir, tmp_path
     assert result.exit_code == 0, result.output
     assert (tmp_path / "layers.png").read_bytes().startswith(PNG)
     assert "h.0 " in result.stdout and "transformer.h.0" not in result.stdout
+
+
+def test_layerwise_by_module_sums_to_by_layer_and_fits_80_columns(workdir, tmp_path, monkeypatch):
+    """Item 5 of #27: a per-module view whose modules add up to their layer; at 80 columns the
+    table's header holds ranks only, every id whole in the legend below; a figure of many queries
+    is a grid, not a strip, with distinct labels."""
+    import matplotlib.image
+
+    from infl.report import figures
+
+    pipeline(workdir, tmp_path)
+    args = ["layerwise", "--scores", tmp_path / "s.zarr", "-k", "4", "--format", "json"]
+    by_layer, by_module = (json.loads(infl(*args, "--by", by).stdout) for by in ("layer", "module"))
+    for layers, modules in zip(by_layer, by_module):
+        assert modules["by"] == "module" and len(modules["layers"]) > len(layers["layers"])
+        summed = {}
+        for name, row in zip(modules["layers"], modules["values"]):
+            layer = layer_of(name)
+            summed[layer] = np.add(summed.get(layer, 0.0), row)
+        for name, row in zip(layers["layers"], layers["values"]):
+            np.testing.assert_allclose(summed[name], row, rtol=1e-5, atol=1e-9)
+    monkeypatch.setenv("COLUMNS", "80")
+    table = infl("layerwise", "--scores", tmp_path / "s.zarr", "-k", "4", "--by", "module")
+    assert table.exit_code == 0, table.output
+    assert max(map(len, table.stdout.splitlines())) <= 80
+    for t in by_module:
+        assert all(f"#{j + 1} {train_id}" in table.stdout for j, train_id in enumerate(t["train_ids"]))
+    assert figures.labels(["specialnames/16", "specialnames/17", "x"]) == ["specialnames/16", "specialnames/17", "x"]
+    long = ["sequence-types/specialnames/16", "sequence-types/specialnames/17"]
+    assert len(set(figures.labels(long))) == 2 and all(len(label) <= 16 for label in figures.labels(long))
+    many = [
+        LayerTable(f"q{i}", ["h.0", "h.1", "h.2", "h.3"], [f"doc/{j}" for j in range(10)], [1.0] * 10, np.ones((4, 10)))
+        for i in range(8)
+    ]
+    (tmp_path / "many.png").write_bytes(figures.layer_heatmap_png(many, "nats"))
+    height, width = matplotlib.image.imread(tmp_path / "many.png").shape[:2]
+    assert height < 1.5 * width  # a grid of panels, not a 477 x 2279 strip
 
 
 def test_compare_shows_one_querys_top_sequences_against_the_others(workdir, tmp_path):

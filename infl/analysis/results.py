@@ -61,10 +61,11 @@ def share_of(score: float, positive_total: float, negative_total: float) -> floa
 @dataclass(frozen=True)
 class LayerTable:
     query_id: str
-    layers: list[str]  # row labels, e.g. "transformer.h.3"
+    layers: list[str]  # row labels: layers ("transformer.h.3") or, by module, modules
     train_ids: list[str]  # column labels, best first
     totals: list[float]
-    values: np.ndarray  # [layers, sequences]: summed influence of the layer's tracked modules
+    values: np.ndarray  # [rows, sequences]: summed influence of the row's tracked modules
+    by: str = "layer"  # what a row is: a layer, or a module
 
 
 def select(row: np.ndarray, k: int, negative: bool) -> np.ndarray:
@@ -96,14 +97,15 @@ def layer_of(module: str) -> str:
 
 
 def layer_tables(
-    scores: ScoresArtifact, wanted: tuple[str, ...], k: int, negative: bool, scale: float
+    scores: ScoresArtifact, wanted: tuple[str, ...], k: int, negative: bool, scale: float, by: str = "layer"
 ) -> list[LayerTable]:
-    """Per query: the summed influence of each layer's modules on its top-k sequences."""
+    """Per query: the summed influence of each layer's modules (or, `by` module, of each module)
+    on its top-k sequences."""
     modules = scores.modules
-    layers = list(dict.fromkeys(layer_of(m) for m in modules))
+    layers = list(dict.fromkeys(layer_of(m) for m in modules)) if by == "layer" else list(modules)
     membership = np.zeros((len(layers), len(modules)))
     for j, m in enumerate(modules):
-        membership[layers.index(layer_of(m)), j] = 1.0
+        membership[layers.index(layer_of(m) if by == "layer" else m), j] = 1.0
     tables = []
     for row, query_id in query_rows(scores, wanted):
         totals = scores.total(row) * scale
@@ -112,6 +114,6 @@ def layer_tables(
         order = np.argsort(-totals[top] if not negative else totals[top], kind="stable")
         top, per_module = top[order], per_module[:, order]
         tables.append(
-            LayerTable(query_id, layers, scores.train_ids(top), totals[top].tolist(), membership @ per_module)
+            LayerTable(query_id, layers, scores.train_ids(top), totals[top].tolist(), membership @ per_module, by)
         )
     return tables

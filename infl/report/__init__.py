@@ -444,6 +444,7 @@ def _layers_json(tables: list[LayerTable], unit: str) -> str:
             [
                 {
                     "query_id": t.query_id,
+                    "by": t.by,
                     "layers": t.layers,
                     "train_ids": t.train_ids,
                     "totals": t.totals,
@@ -461,7 +462,7 @@ def _layers_json(tables: list[LayerTable], unit: str) -> str:
 def _layers_csv(tables: list[LayerTable], unit: str) -> str:
     out = io.StringIO()
     writer = csv.writer(out)
-    writer.writerow(["query_id", "layer", "train_id", "rank", f"influence [{unit}]"])
+    writer.writerow(["query_id", tables[0].by if tables else "layer", "train_id", "rank", f"influence [{unit}]"])
     for t in tables:
         for i, layer in enumerate(t.layers):
             for j, train_id in enumerate(t.train_ids):
@@ -484,26 +485,30 @@ def short_names(names: list[str]) -> list[str]:
 
 
 def _layer_title(t: LayerTable, unit: str) -> str:
-    return f"query {_id(t.query_id)}: influence by layer ({unit})"
+    return f"query {_id(t.query_id)}: influence by {t.by} ({unit})"
 
 
 def _layers_table(tables: list[LayerTable], unit: str) -> str:
+    """Rows: layers (or modules); columns: the top sequences by rank (#1, #2 ...), named in a
+    legend below, so that the table fits 80 columns whatever the ids."""
     out = []
     for t in tables:
         table = Table(title=Text(_layer_title(t, unit), style="table.title"))
-        table.add_column("layer")
-        for j, train_id in enumerate(t.train_ids):
-            table.add_column(Text(f"#{j + 1} {_id(train_id)}"), justify="right", overflow="fold")
-        scale = float(np.abs(t.values).max()) or 1.0
+        table.add_column(t.by)
+        for j in range(len(t.train_ids)):
+            table.add_column(f"#{j + 1}", justify="right")
         number = column_format([*t.values.ravel().tolist(), *t.totals])
         for i, layer in enumerate(short_names(t.layers)):
             cells = []
-            for v in t.values[i]:
-                strong = abs(v) / scale > 0.5
+            for v, scale in zip(t.values[i], np.abs(t.values).max(axis=0)):
+                strong = scale > 0 and abs(v) / scale > 0.5  # as the heatmap: within its own column
                 cells.append(Text(number(v), style=("red" if v > 0 else "blue") if strong else ""))
             table.add_row(Text(layer), *cells)
         table.add_row(Text("total", style="bold"), *(Text(number(v), style="bold") for v in t.totals))
-        out.append(table)
+        legend = Text("  ".join(f"#{j + 1} {_id(train_id)}" for j, train_id in enumerate(t.train_ids)), style="dim")
+        out += [table, legend]
+    if tables:
+        out.append(Text("coloured: more than half of its column's largest magnitude (red raises log p)", style="dim"))
     return as_text(*out)
 
 
@@ -512,7 +517,7 @@ def _layers_markdown(tables: list[LayerTable], unit: str) -> str:
     for t in tables:
         number = column_format([*t.values.ravel().tolist(), *t.totals])
         head = " | ".join(f"#{j + 1} {_markdown(_id(train_id))}" for j, train_id in enumerate(t.train_ids))
-        out.append(f"### {_markdown(_layer_title(t, unit))}\n\n| layer | {head} |\n|---|{'---:|' * len(t.train_ids)}")
+        out.append(f"### {_markdown(_layer_title(t, unit))}\n\n| {t.by} | {head} |\n|---|{'---:|' * len(t.train_ids)}")
         for layer, values in zip(short_names(t.layers), t.values):
             out.append(f"| {_markdown(layer)} | " + " | ".join(number(v) for v in values) + " |")
         out.append("| **total** | " + " | ".join(f"**{number(v)}**" for v in t.totals) + " |\n")
@@ -525,7 +530,7 @@ def _layers_html(tables: list[LayerTable], unit: str) -> str:
         number = column_format([*t.values.ravel().tolist(), *t.totals])
         scale = float(np.abs(t.values).max()) or 1.0
         out.append(
-            f"<h3>{html.escape(_layer_title(t, unit))}</h3><table border='1' cellpadding='4'><tr><th>layer</th>"
+            f"<h3>{html.escape(_layer_title(t, unit))}</h3><table border='1' cellpadding='4'><tr><th>{t.by}</th>"
             + "".join(f"<th>#{j + 1} {html.escape(train_id)}</th>" for j, train_id in enumerate(t.train_ids))
             + "</tr>"
         )

@@ -11,7 +11,7 @@ import numpy as np
 from infl.outputs import printable
 from infl.report import short_names
 
-__all__ = ["ccdf_png", "layer_heatmap_png", "compare_heatmap_png"]
+__all__ = ["ccdf_png", "layer_heatmap_png", "compare_heatmap_png", "labels"]
 
 
 def _pyplot():
@@ -86,26 +86,52 @@ def ccdf_png(values: np.ndarray, fit, unit: str) -> bytes:
 
 @_literal_text
 def layer_heatmap_png(tables, unit: str) -> bytes:
-    """One panel per query: layers (rows) x its top sequences (columns), colours symmetric about zero."""
+    """One panel per query, up to three side by side: layers or modules (rows) x its top sequences
+    (columns, best first). Each column is scaled to its own largest magnitude, so that every
+    sequence's split across the rows shows, not only the first one's (the colour bar says so)."""
     plt = _pyplot()
     n = len(tables)
     rows = max(len(t.layers) for t in tables)
     cols = max(len(t.train_ids) for t in tables)
-    fig, axes = plt.subplots(n, 1, figsize=(max(4.0, 0.45 * cols + 2.2), n * (0.3 * rows + 1.4)), squeeze=False)
-    for ax, table in zip(axes[:, 0], tables):
-        bound = float(np.abs(table.values).max()) or 1.0
-        image = ax.imshow(table.values, cmap="RdBu_r", vmin=-bound, vmax=bound, aspect="auto", interpolation="nearest")
+    across = min(n, 3)
+    down = -(-n // across)
+    width, height = max(3.6, 0.38 * cols + 2.4), 0.28 * rows + 2.2
+    fig, axes = plt.subplots(down, across, figsize=(across * width, down * height), squeeze=False)
+    for ax in axes.ravel()[n:]:
+        ax.axis("off")
+    for ax, table in zip(axes.ravel(), tables):
+        bound = np.abs(table.values).max(axis=0)
+        shade = table.values / np.where(bound > 0, bound, 1.0)
+        image = ax.imshow(shade, cmap="RdBu_r", vmin=-1, vmax=1, aspect="auto", interpolation="nearest")
         ax.set_yticks(range(len(table.layers)), short_names(table.layers), fontsize=7)
-        ax.set_xticks(
-            range(len(table.train_ids)), [_clip(t) for t in table.train_ids], rotation=60, ha="right", fontsize=7
-        )
-        ax.set_title(f"query {table.query_id}", fontsize=9)
-        fig.colorbar(image, ax=ax, label=unit, shrink=0.9)
+        ax.set_xticks(range(len(table.train_ids)), labels(table.train_ids), rotation=60, ha="right", fontsize=7)
+        ax.set_xlabel("its top sequences, best first", fontsize=7)
+        ax.set_ylabel(table.by, fontsize=7)
+        ax.set_title(f"query {_clip(table.query_id, 30)} ({unit})", fontsize=8)
+        bar = fig.colorbar(image, ax=ax, shrink=0.9)
+        bar.set_label("influence / its column's largest |influence|", fontsize=6)
+        bar.ax.tick_params(labelsize=6)
     return _png(fig, tight=True)
 
 
+def labels(ids: list[str], width: int = 16) -> list[str]:
+    """Readable labels that stay distinct: an id longer than `width` keeps its start and its end
+    around '…' ('specialnames/16' and 'specialnames/17' never both read 'specialnames/…'), and
+    ids that would still read alike keep more of both."""
+    distinct = len(set(ids))
+    for w in range(width, max(map(len, ids), default=0) + 1):
+        out = [_clip(i, w) for i in ids]
+        if len(set(out)) == distinct:
+            return out
+    return list(ids)
+
+
 def _clip(text: str, width: int = 14) -> str:
-    return text if len(text) <= width else text[: width - 1] + "…"
+    """At most `width` characters: its start and its end around '…'."""
+    if len(text) <= width:
+        return text
+    head = (width - 1) // 2
+    return text[:head] + "…" + text[len(text) - (width - 1 - head) :]
 
 
 @_literal_text
@@ -134,7 +160,7 @@ def compare_heatmap_png(c, unit: str) -> bytes:
                 fontsize=6,
                 color="white" if abs(shade[i, j]) > 0.6 else "black",
             )
-    ax.set_xticks(range(len(c.query_ids)), [_clip(q) for q in c.query_ids], rotation=30, ha="right", fontsize=7)
-    ax.set_yticks(range(len(c.train_ids)), [_clip(t) for t in c.train_ids], fontsize=7)
+    ax.set_xticks(range(len(c.query_ids)), labels(c.query_ids), rotation=30, ha="right", fontsize=7)
+    ax.set_yticks(range(len(c.train_ids)), labels(c.train_ids), fontsize=7)
     ax.set_title(f"top sequences of query {_clip(c.top_of, 24)} ({unit})", fontsize=8)
     return _png(fig, tight=True)

@@ -11,4 +11,4 @@ __all__ = ["run"]
 
 def run(cfg: LayerwiseConfig) -> list[LayerTable]:
     scale = 1.0 / cfg.train_size if cfg.train_size else 1.0
-    return layer_tables(ScoresArtifact.open(cfg.scores), cfg.query, cfg.k, cfg.negative, scale)
+    return layer_tables(ScoresArtifact.open(cfg.scores), cfg.query, cfg.k, cfg.negative, scale, cfg.by)
