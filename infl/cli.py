@@ -541,6 +541,15 @@ def _unit(train_size: Optional[int]) -> str:
     return unit_name(train_size)
 
 
+def _view_unit(cfg) -> str:
+    """The unit of a view of scores (layerwise, compare, sparsity), saying when they are estimates:
+    every view of index-made scores says so, in its title or legend, as topk does."""
+    from infl.artifacts.scores import ScoresArtifact
+
+    unit = _unit(cfg.train_size)
+    return unit + ", estimates from an index" if ScoresArtifact.open(cfg.scores).estimate else unit
+
+
 def _answer(result, render, unit: str, png: Optional[Path], figure: str) -> None:
     """A reading command's answer on stdout, and with --png its figure (a renderer of infl.report.figures)."""
     if png is not None:
@@ -585,7 +594,7 @@ def layerwise(cfg: LayerwiseConfig, format: str, png: Optional[Path], quiet: boo
     from infl.stages import layerwise as stage
 
     def call():
-        _answer(stage.run(cfg), LAYERWISE[format], _unit(cfg.train_size), png, "layer_heatmap_png")
+        _answer(stage.run(cfg), LAYERWISE[format], _view_unit(cfg), png, "layer_heatmap_png")
 
     _finish(call, quiet, every_rank=False)
 
@@ -632,7 +641,7 @@ def compare_command(cfg: CompareConfig, format: str, png: Optional[Path], quiet:
     from infl.stages import compare as stage
 
     def call():
-        _answer(stage.run(cfg), COMPARE[format], _unit(cfg.train_size), png, "compare_heatmap_png")
+        _answer(stage.run(cfg), COMPARE[format], _view_unit(cfg), png, "compare_heatmap_png")
 
     _finish(call, quiet, every_rank=False)
 
@@ -648,7 +657,7 @@ def sparsity_command(cfg: SparsityConfig, format: str, quiet: bool) -> None:
     from infl.stages import sparsity as stage
 
     def call():
-        unit = _unit(cfg.train_size)
+        unit = _view_unit(cfg)
         outputs.show(SPARSITY[format](stage.run(cfg, unit), unit))
 
     _finish(call, quiet, every_rank=False)

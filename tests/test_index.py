@@ -472,6 +472,14 @@ def test_scores_from_a_sketched_index_are_labelled_estimates_everywhere(workdir,
     assert "estimated from the index" in (tmp_path / "r.html").read_text()
     assert infl("export", "--scores", scores, "--out", tmp_path / "e.csv").exit_code == 0
     assert "estimates" in (tmp_path / "e.csv").read_text().splitlines()[0]
+    for view in ("layerwise", "compare", "sparsity"):  # every view (#27, item 4), in its title or legend
+        for fmt in ("table", "json"):
+            shown = infl(view, "--scores", scores, "-k", "2", "--format", fmt) if view != "sparsity" else None
+            shown = shown or infl(view, "--scores", scores, "--format", fmt)
+            assert shown.exit_code == 0, (view, fmt, shown.output)
+            assert "estimates from an index" in " ".join(shown.stdout.split()), (view, fmt)
+            exact = infl(view, "--scores", built / "s.zarr", "--format", fmt)
+            assert "estimates" not in exact.stdout, (view, fmt)
 
     import infl as api
 
