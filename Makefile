@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 INFL   := $(VENV)/bin/infl
 DEMO   ?= runs/demo
 
-.PHONY: setup demo test test-fast lint bench clean
+.PHONY: setup demo test test-fast lint bench clean readme-examples
 .DELETE_ON_ERROR:
 
 $(VENV)/.installed: pyproject.toml
@@ -59,6 +59,10 @@ test: setup $(VENV)/.checkpoint lint
 # the everyday suite: everything but the tests marked slow (torchrun, retraining harness)
 test-fast: setup
 	$(PYTEST) -m "not slow"
+
+# the README's worked examples, rewritten from a run of their commands on the demo (tests/test_readme.py checks them)
+readme-examples: demo
+	$(PY) tests/readme_examples.py
 
 lint: setup
 	$(VENV)/bin/ruff format --check --quiet .

@@ -124,8 +124,9 @@ class _Lines:
             task["description"] = description
         now = time.perf_counter()
         if task["total"] is not None and task["done"] >= task["total"]:
-            self._say(task)
-            task["said_end"] = True
+            if not task["said_end"]:
+                self._say(task)
+                task["said_end"] = True
         elif now - task["said"] >= self.EVERY:
             self._say(task)
             task["said"] = now

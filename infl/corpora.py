@@ -48,7 +48,8 @@ FORMATS = ".jsonl, .jsonl.gz, .jsonl.zst, .parquet (or a directory of them), a d
 TABLES = ("parquet", "arrow")
 _BATCH_ROWS = 4096  # rows per record batch read from a table: memory O(batch), not O(file)
 _BLOCK = 1 << 20  # bytes of a plain file read at a time
-_GAP = 1 << 20  # records of a plain file closer than this are read in one read
+_GAP = 1 << 20  # records of a plain file closer than this are read in one read ...
+_RUN = 8 << 20  # ... of at most this many bytes (or one record)
 
 
 def _suffix(path: Path) -> str:
@@ -117,20 +118,22 @@ def _blocks(f, start: int, stop: int | None) -> Iterator[tuple[int, bytes]]:
     """(offset, bytes) blocks covering bytes [start, stop) of an open file, each but the last
     ending with a \\n: no line, and no \\r\\n, is split between two blocks."""
     f.seek(start)
-    at, carry = start, b""
+    at, parts = start, []  # what was read since the last \\n: joined once one comes (never copied per block)
     while True:
         want = _BLOCK if stop is None else min(_BLOCK, stop - start)
         data = f.read(want) if want > 0 else b""
         start += len(data)
         if not data:
-            if carry:
-                yield at, carry
+            if parts:
+                yield at, b"".join(parts)
             return
-        carry += data
-        cut = carry.rfind(b"\n") + 1
-        if cut:
-            yield at, carry[:cut]
-            at, carry = at + cut, carry[cut:]
+        cut = data.rfind(b"\n") + 1
+        if not cut:
+            parts.append(data)
+            continue
+        block = b"".join([*parts, data[:cut]])
+        yield at, block
+        at, parts = at + len(block), [data[cut:]] if cut < len(data) else []
 
 
 def _ends(block: bytes) -> int:
@@ -265,7 +268,7 @@ class SpanReader:
         with self.path.open("rb") as f:
             run = [spans[0]]
             for span in [*spans[1:], None]:
-                if span is not None and span[0] - run[-1][1] < _GAP:
+                if span is not None and span[0] - run[-1][1] < _GAP and span[1] - run[0][0] <= _RUN:
                     run.append(span)
                     continue
                 f.seek(run[0][0])

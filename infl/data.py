@@ -119,6 +119,9 @@ class IdTable:
         if isinstance(key, slice):
             return [self[i] for i in range(*key.indices(len(self)))]
         key = int(key)
+        if not -len(self) <= key < len(self):
+            raise IndexError(key)
+        key %= len(self)
         return self.flat[self.offsets[key] : self.offsets[key + 1]].decode("utf-8")
 
     def __iter__(self):

@@ -127,7 +127,15 @@ def top_candidates(
         at = np.arange(start, start + len(scores))
         for q in range(len(queries)):
             kept_scores, kept_at = best[q]
-            best[q] = _best(np.concatenate([kept_scores, scores[:, q]]), np.concatenate([kept_at, at]), top)
+            column = scores[:, q]
+            if len(kept_scores) >= top:  # full: only what beats its worst can enter (a tie loses to the earlier)
+                new = np.flatnonzero(column > kept_scores[-1])
+                if not len(new):
+                    continue
+                column, where = column[new], at[new]
+            else:
+                where = at
+            best[q] = _best(np.concatenate([kept_scores, column]), np.concatenate([kept_at, where]), top)
         start += len(scores)
         on_block(len(scores))
     n = min(top, statistics.n_documents)

@@ -110,3 +110,28 @@ def test_export_and_report_run_twice_are_up_to_date_and_replace_only_their_own_f
     refused = infl("export", "--scores", tmp_path / "s.zarr", "--out", edited)
     assert refused.exit_code == 1 and "exists" in refused.output
     assert edited.read_bytes().endswith(b"mine\n")
+
+
+def test_scores_of_an_earlier_infl_that_fingerprinted_the_chunk_size_are_named_so(workdir, tmp_path):
+    """An artifact made when --chunk-size was an input is refused with what happened, not as if the
+    user had changed an option."""
+    from test_cli import infl, one_line_error, pipeline
+
+    pipeline(workdir, tmp_path)
+    meta_path = tmp_path / "s.zarr" / "zarr.json"
+    meta = json.loads(meta_path.read_text())
+    attrs = meta["attributes"]
+    identity = artifacts.Identity.of(attrs)
+    identity.config = {**identity.config, "chunk_size": 512}  # as an earlier infl wrote it
+    attrs.update({k: v for k, v in identity.attrs.items() if k in ("config", "base_fingerprint", "fingerprint")})
+    meta_path.write_text(json.dumps(meta))
+    score = [
+        "score",
+        "--queries",
+        tmp_path / "q.zarr",
+        "--corpus",
+        workdir / "corpus.jsonl",
+        "--out",
+        tmp_path / "s.zarr",
+    ]
+    assert "earlier infl, which counted --chunk-size" in one_line_error(infl(*score))

@@ -61,15 +61,19 @@ def pairs(query_ids: list[str], totals: list[np.ndarray], k: int, negative: bool
     hold a finite score for (scipy), and the share of their top k they have in common."""
     from scipy.stats import spearmanr
 
+    finite = [np.isfinite(t) for t in totals]
+    tops = [set(top[np.isfinite(t[top])].tolist()) for t, top in ((t, select(t, k, negative)) for t in totals)]
     out = []
     for i in range(len(query_ids)):
         for j in range(i + 1, len(query_ids)):
-            a, b = totals[i], totals[j]
-            both = np.isfinite(a) & np.isfinite(b)
+            both = finite[i] & finite[j]
             n = int(both.sum())
-            rho = float(spearmanr(a[both], b[both]).statistic) if n >= 3 else float("nan")
-            common = np.intersect1d(select(a, k, negative), select(b, k, negative))
-            out.append(Pair(query_ids[i], query_ids[j], rho, n, len(common) / max(min(k, len(a)), 1)))
+            a, b = totals[i][both], totals[j][both]
+            spread = n >= 3 and np.ptp(a) > 0 and np.ptp(b) > 0  # a constant has no ranking to correlate
+            rho = float(spearmanr(a, b).statistic) if spread else float("nan")
+            out.append(
+                Pair(query_ids[i], query_ids[j], rho, n, len(tops[i] & tops[j]) / max(min(k, len(totals[i])), 1))
+            )
     return out
 
 

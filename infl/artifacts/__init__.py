@@ -416,6 +416,11 @@ class Artifact:
         options = {key.split(".")[1] for key in real if key.startswith("config.")}
         # an option is named once, not again as the value it resolved to (max_length)
         named = [key for key in real if not (key.startswith("provenance.") and key.split(".")[1] in options)]
+        if named == ["config.chunk_size"] and "chunk_size" not in attrs.get("config", {}):
+            raise IncompatibleArtifact(
+                f"{path} was made by an earlier infl, which counted --chunk-size among an artifact's inputs",
+                hint="pass --force to recompute it once (chunks are now kept, never compared)",
+            )
         raise IncompatibleArtifact(
             f"{path} was made from other inputs (changed: {', '.join(named[:6]) or 'schema'})",
             hint="pass --force to recompute it, or choose another --out",

@@ -100,7 +100,7 @@ class Candidates(base.WritingStage):
             queries = data.read_queries(cfg.queries, tokenizer, max_length, fields=cfg.query_fields())
             if not queries.ids:
                 raise BadInput(f"{cfg.queries} holds no query")
-            rows = max(256, min(_BLOCK_ROWS, (1 << 22) // len(queries.ids)))  # a block's scores within 32 MB
+            rows = max(16, min(_BLOCK_ROWS, (1 << 22) // len(queries.ids)))  # a block's [rows, Q] float64: 32 MB
 
             def blocks():
                 for k in range(len(counts)):

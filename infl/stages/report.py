@@ -18,6 +18,8 @@ from infl.stages import topk
 
 __all__ = ["run"]
 
+PAIRS_UP_TO = 16  # queries whose every pair the page compares (120 rows); more: `infl compare --queries`
+
 
 def run(cfg: ReportConfig, unit: str) -> Path:
     from infl.report import figures, page
@@ -101,10 +103,13 @@ def run(cfg: ReportConfig, unit: str) -> Path:
                     "n": f"{p.n_sequences:,}",
                     "overlap": f"{p.overlap:.0%}",
                 }
-                for p in pairs(
-                    [q for _, q in rows], [scores.total(row) for row, _ in rows], cfg.k, False
+                for p in (
+                    pairs([q for _, q in rows], [scores.total(row) for row, _ in rows], cfg.k, False)
+                    if len(rows) <= PAIRS_UP_TO
+                    else []
                 )  # over every scored sequence, as `compare` takes them
             ],
+            "pairs_left_out": len(rows) > PAIRS_UP_TO,
             "sparsity": [
                 {
                     "query_id": s.query_id,
