@@ -207,6 +207,8 @@ def _load_config(ctx: typer.Context, path: Optional[Path]) -> Optional[Path]:
     if unknown:
         raise typer.BadParameter(f"unknown keys in section {ctx.info_name!r}: {unknown}")
     for key, value in section.items():  # relative paths are the config file's, wherever infl runs
+        if getattr(params[key], "multiple", False) and value is not None and not isinstance(value, list):
+            value = section[key] = [value]  # a repeatable option given once ("queries: q0,q3,q7")
         if _takes_paths(params[key]) and value is not None:
             resolve = lambda v: os.path.normpath(path.parent / str(v))  # noqa: E731  (an absolute v stays)
             section[key] = [resolve(v) for v in value] if isinstance(value, list) else resolve(value)

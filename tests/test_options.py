@@ -211,7 +211,7 @@ def test_config_sections_are_derived_and_unknown_keys_refused(tmp_path):
     assert "-k must be >= 1" in runner.invoke(cli.app, ["topk", "-c", str(run)]).output
 
 
-def test_every_query_id_option_takes_both_forms_and_drops_no_value(monkeypatch):
+def test_every_query_id_option_takes_both_forms_and_drops_no_value(monkeypatch, tmp_path):
     """`--query a,b --query c` (and `--queries`) is three ids on every command that takes them,
     never the last one alone (issue #27, item 10): the config each command builds from its line."""
     taking = {
@@ -229,3 +229,10 @@ def test_every_query_id_option_takes_both_forms_and_drops_no_value(monkeypatch):
         flag = config.flags(field)[0]
         runner.invoke(cli.app, [name, "--scores", "s.zarr", flag, "q1,q2", flag, "q3"])
         assert built and getattr(built[0], field.name) == ("q1", "q2", "q3"), name
+        # and in a config file, a string or a list (sample_configs/demo.yaml: `queries: q0,q3,q7`)
+        for value, expected in (("q1,q2", ("q1", "q2")), (["q1", "q2,q3"], ("q1", "q2", "q3"))):
+            built.clear()
+            path = tmp_path / f"{name}.yaml"
+            path.write_text(yaml.safe_dump({name: {field.name: value, "scores": "s.zarr"}}))
+            result = runner.invoke(cli.app, [name, "-c", str(path)])
+            assert built and getattr(built[0], field.name) == expected, (name, value, result.output)
