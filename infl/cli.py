@@ -544,12 +544,9 @@ def _unit(train_size: Optional[int]) -> str:
 
 
 def _view_unit(cfg) -> str:
-    """The unit of a view of scores (layerwise, compare, sparsity), saying when they are estimates:
-    every view of index-made scores says so, in its title or legend, as topk does."""
-    from infl.artifacts.scores import ScoresArtifact
+    from infl.stages.base import view_unit
 
-    unit = _unit(cfg.train_size)
-    return unit + ", estimates from an index" if ScoresArtifact.open(cfg.scores).estimate else unit
+    return view_unit(cfg.scores, _unit(cfg.train_size))
 
 
 def _answer(result, render, unit: str, png: Optional[Path], figure: str) -> None:

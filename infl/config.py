@@ -477,11 +477,6 @@ class _QueryReading:
         False, help="Put each prompt in the tokenizer's chat template, as a user turn (instruction-tuned models)."
     )
 
-    def query_fields(self):
-        from infl.data import QueryFields
-
-        return QueryFields(self.query_id_field, self.prompt_field, self.completion_field, self.chat_template)
-
 
 @dataclass(frozen=True, kw_only=True)
 class QueryConfig(_Run, _QueryReading):

@@ -568,6 +568,11 @@ class QueryFields:
 
     HINT = "name the fields with --query-id-field, --prompt-field and --completion-field"
 
+    @classmethod
+    def of(cls, cfg) -> QueryFields:
+        """As a command's options give them (build-query, candidates)."""
+        return cls(cfg.query_id_field, cfg.prompt_field, cfg.completion_field, cfg.chat_template)
+
 
 def chat_prompt(tokenizer, prompt: str) -> str:
     """The prompt as a user turn in the tokenizer's own chat template, the assistant's turn opened."""

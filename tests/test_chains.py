@@ -4,6 +4,7 @@ refit, and every stage of the chain stays a target make can rebuild or skip."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -135,3 +136,28 @@ def test_scores_of_an_earlier_infl_that_fingerprinted_the_chunk_size_are_named_s
         tmp_path / "s.zarr",
     ]
     assert "earlier infl, which counted --chunk-size" in one_line_error(infl(*score))
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_export_and_report_in_a_make_chain_rerun_as_no_ops(workdir, tmp_path, memory):
+    """Item 3 of #27 as make runs it: after `touch corpus.jsonl` one make reruns the whole chain,
+    export and report included, as no-ops (exit 0, files untouched but newer), and the next make
+    has nothing to do."""
+    write_jsonl(tmp_path / "corpus.jsonl", [{"id": f"s{i}", "text": t} for i, t in enumerate(SENTENCES)])
+    shutil.copy(workdir / "queries.jsonl", tmp_path / "queries.jsonl")
+    views = (
+        "runs/e.csv: runs/s.zarr/COMPLETE.json\n\t$(INFL) export --scores runs/s.zarr --out runs/e.csv\n"
+        "runs/r.html: runs/s.zarr/COMPLETE.json\n\t$(INFL) report --scores runs/s.zarr --out runs/r.html -k 2\n"
+    )
+    (tmp_path / "Makefile").write_text(MAKEFILE.format(python=sys.executable, model=workdir / "gpt2") + views)
+    make = ["make", "-s", "runs/e.csv", "runs/r.html"]
+    first = subprocess.run(make, cwd=tmp_path, capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr
+    written = {name: (tmp_path / "runs" / name).read_bytes() for name in ("e.csv", "r.html")}
+    os.utime(tmp_path / "corpus.jsonl")
+    again = subprocess.run(make, cwd=tmp_path, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    for name in ("e.csv", "r.html"):
+        assert f"runs/{name} is up to date" in again.stderr, again.stderr
+        assert (tmp_path / "runs" / name).read_bytes() == written[name]
+    assert subprocess.run([*make, "--question"], cwd=tmp_path).returncode == 0  # nothing left to do

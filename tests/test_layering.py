@@ -36,6 +36,7 @@ ALLOWED = {
         for p in (PKG / "analysis").glob("*.py")
     },
     "analysis/sparsity": {"numpy", "powerlaw"},  # maximum-likelihood fits, no files
+    "analysis/compare": {"numpy", "scipy", "infl.artifacts", "infl.errors", "infl.analysis"},  # Spearman's rho
     "report/__init__": {"rich", "numpy", "infl.analysis", "infl.outputs"},
     "report/figures": {"numpy", "matplotlib", "infl.report", "infl.outputs"},
     "report/page": {"jinja2", "markupsafe", "infl.report", "infl.outputs"},

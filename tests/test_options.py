@@ -119,7 +119,8 @@ def test_semantic_marks_are_kept():
         "dtype",
         "blocks",
     }
-    assert semantic(config.QueryConfig) == {"rank", "svd"}
+    reading_queries = {"query_id_field", "prompt_field", "completion_field", "chat_template"}
+    assert semantic(config.QueryConfig) == {"rank", "svd", *reading_queries}
     assert semantic(config.IndexConfig) == {
         "index_dim",
         "index_bytes",
@@ -137,7 +138,14 @@ def test_semantic_marks_are_kept():
         "per_token",
         "self_influence",
     }
-    assert semantic(config.CandidatesConfig) == {"top", "max_length", "split", "text_field", "id_field"}
+    assert semantic(config.CandidatesConfig) == {
+        "top",
+        "max_length",
+        "split",
+        "text_field",
+        "id_field",
+        *reading_queries,
+    }
 
 
 def test_choices_are_checked_and_listed_in_help():

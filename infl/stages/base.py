@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-__all__ = ["WritingStage", "model_dir_for", "sequence_seed", "say_chunks", "log_truncated"]
+__all__ = ["WritingStage", "model_dir_for", "sequence_seed", "view_unit", "say_chunks", "log_truncated"]
 
 
 class WritingStage:
@@ -57,6 +57,14 @@ def sequence_seed(*parts) -> int:
     """A seed of its own for what `parts` name (a seed and a sequence id; a query id and a module):
     independent of order, batching, rank and resume."""
     return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:8], "little") >> 1
+
+
+def view_unit(scores: Path, unit: str) -> str:
+    """The unit of a view of scores (layerwise, compare, sparsity), saying when they are estimates:
+    every view of index-made scores says so, in its title or legend, as topk does."""
+    from infl.artifacts.scores import ScoresArtifact
+
+    return unit + ", estimates from an index" if ScoresArtifact.open(scores).estimate else unit
 
 
 def say_chunks(out: Path, kept: int, requested: int) -> None:

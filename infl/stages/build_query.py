@@ -80,7 +80,7 @@ class BuildQuery(base.WritingStage):
                 f"{cfg.out} is up to date" + (f" (it holds {cfg.queries})" if built.appending else ""), up_to_date=True
             )
         queries = data.read_queries(
-            cfg.queries, modeling.load_tokenizer(model_dir), fprov["max_length"], held, cfg.query_fields()
+            cfg.queries, modeling.load_tokenizer(model_dir), fprov["max_length"], held, data.QueryFields.of(cfg)
         )
         if held and not queries.ids:  # it grew by blank lines only
             return Outcome(f"{cfg.out} is up to date (it holds every query of {cfg.queries})", up_to_date=True)
@@ -152,7 +152,11 @@ class BuildQuery(base.WritingStage):
         device = g.device(cfg.device)
         rt = Runtime.load(plan.model_dir, factors.modules, device, plan.attrs["provenance"]["dtype"], cfg.batch_size)
         queries = data.read_queries(
-            cfg.queries, rt.tokenizer, plan.attrs["provenance"]["max_length"], plan.queries_start, cfg.query_fields()
+            cfg.queries,
+            rt.tokenizer,
+            plan.attrs["provenance"]["max_length"],
+            plan.queries_start,
+            data.QueryFields.of(cfg),
         )
         if data.file_sha256(cfg.queries) != plan.queries_sha256:
             raise BadInput(f"{cfg.queries} changed while this run was starting")

@@ -97,7 +97,7 @@ class Candidates(base.WritingStage):
                     statistics.add(block)
                 counts.append(n)
                 bar.advance(task)
-            queries = data.read_queries(cfg.queries, tokenizer, max_length, fields=cfg.query_fields())
+            queries = data.read_queries(cfg.queries, tokenizer, max_length, fields=data.QueryFields.of(cfg))
             if not queries.ids:
                 raise BadInput(f"{cfg.queries} holds no query")
             rows = max(16, min(_BLOCK_ROWS, (1 << 22) // len(queries.ids)))  # a block's [rows, Q] float64: 32 MB
