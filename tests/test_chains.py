@@ -26,16 +26,29 @@ runs/s.zarr/COMPLETE.json: runs/q.zarr/COMPLETE.json corpus.jsonl
 """
 
 
+VIEWS = """\
+runs/e.csv: runs/s.zarr/COMPLETE.json
+\t$(INFL) export --scores runs/s.zarr --out runs/e.csv
+runs/r.html: runs/s.zarr/COMPLETE.json
+\t$(INFL) report --scores runs/s.zarr --out runs/r.html -k 2
+"""
+
+
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
-def test_a_grown_corpus_keeps_its_factors_and_grows_its_scores(workdir, tmp_path):
+def test_a_grown_corpus_keeps_its_factors_and_grows_its_scores(workdir, tmp_path, memory):
+    """Items 1 and 3 of #27 in one chain, as make runs it: appended lines extend the scores (the
+    factors stand), and export and report replace the files they wrote; after `touch corpus.jsonl`
+    one make reruns the whole chain as no-ops, export and report included, and the next has
+    nothing to do."""
     rows = [{"id": f"s{i}", "text": t} for i, t in enumerate(SENTENCES)]
     write_jsonl(tmp_path / "corpus.jsonl", rows)
     shutil.copy(workdir / "queries.jsonl", tmp_path / "queries.jsonl")
-    (tmp_path / "Makefile").write_text(MAKEFILE.format(python=sys.executable, model=workdir / "gpt2"))
-    make = ["make", "-s", "runs/s.zarr/COMPLETE.json"]
+    (tmp_path / "Makefile").write_text(MAKEFILE.format(python=sys.executable, model=workdir / "gpt2") + VIEWS)
+    make = ["make", "-s", "runs/e.csv", "runs/r.html"]
     first = subprocess.run(make, cwd=tmp_path, capture_output=True, text=True)
     assert first.returncode == 0, first.stderr
     factors = (tmp_path / "runs/f.zarr/zarr.json").read_bytes()
+    exported = (tmp_path / "runs/e.csv").read_bytes()
     with (tmp_path / "corpus.jsonl").open("a") as f:  # three lines appended, as a nightly job adds data
         f.writelines(json.dumps({"id": f"new{i}", "text": SENTENCES[i]}) + "\n" for i in range(3))
     grown = subprocess.run(make, cwd=tmp_path, capture_output=True, text=True)
@@ -43,8 +56,17 @@ def test_a_grown_corpus_keeps_its_factors_and_grows_its_scores(workdir, tmp_path
     assert "fitted on 12 of the corpus's 15 sequences" in grown.stderr and "--force" in grown.stderr
     assert (tmp_path / "runs/f.zarr/zarr.json").read_bytes() == factors  # not refitted
     assert "adding 3 sequences" in grown.stderr
-    again = subprocess.run([*make, "--question"], cwd=tmp_path)
-    assert again.returncode == 0  # every target up to date: the factors' stamp was refreshed
+    assert "wrote runs/e.csv: 15 sequences" in grown.stderr  # its own file, replaced without --force
+    assert (tmp_path / "runs/e.csv").read_bytes() != exported
+    assert subprocess.run([*make, "--question"], cwd=tmp_path).returncode == 0  # the stamps were refreshed
+    written = {name: (tmp_path / "runs" / name).read_bytes() for name in ("e.csv", "r.html")}
+    os.utime(tmp_path / "corpus.jsonl")
+    again = subprocess.run(make, cwd=tmp_path, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    for name in ("e.csv", "r.html"):
+        assert f"runs/{name} is up to date" in again.stderr, again.stderr
+        assert (tmp_path / "runs" / name).read_bytes() == written[name]
+    assert subprocess.run([*make, "--question"], cwd=tmp_path).returncode == 0  # nothing left to do
     refit = subprocess.run(
         [sys.executable, "-m", "infl", "fit-factors", "--model", workdir / "gpt2", "--corpus", "corpus.jsonl"]
         + ["--out", "runs/f.zarr", "--force"],
@@ -136,28 +158,3 @@ def test_scores_of_an_earlier_infl_that_fingerprinted_the_chunk_size_are_named_s
         tmp_path / "s.zarr",
     ]
     assert "earlier infl, which counted --chunk-size" in one_line_error(infl(*score))
-
-
-@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
-def test_export_and_report_in_a_make_chain_rerun_as_no_ops(workdir, tmp_path, memory):
-    """Item 3 of #27 as make runs it: after `touch corpus.jsonl` one make reruns the whole chain,
-    export and report included, as no-ops (exit 0, files untouched but newer), and the next make
-    has nothing to do."""
-    write_jsonl(tmp_path / "corpus.jsonl", [{"id": f"s{i}", "text": t} for i, t in enumerate(SENTENCES)])
-    shutil.copy(workdir / "queries.jsonl", tmp_path / "queries.jsonl")
-    views = (
-        "runs/e.csv: runs/s.zarr/COMPLETE.json\n\t$(INFL) export --scores runs/s.zarr --out runs/e.csv\n"
-        "runs/r.html: runs/s.zarr/COMPLETE.json\n\t$(INFL) report --scores runs/s.zarr --out runs/r.html -k 2\n"
-    )
-    (tmp_path / "Makefile").write_text(MAKEFILE.format(python=sys.executable, model=workdir / "gpt2") + views)
-    make = ["make", "-s", "runs/e.csv", "runs/r.html"]
-    first = subprocess.run(make, cwd=tmp_path, capture_output=True, text=True)
-    assert first.returncode == 0, first.stderr
-    written = {name: (tmp_path / "runs" / name).read_bytes() for name in ("e.csv", "r.html")}
-    os.utime(tmp_path / "corpus.jsonl")
-    again = subprocess.run(make, cwd=tmp_path, capture_output=True, text=True)
-    assert again.returncode == 0, again.stderr
-    for name in ("e.csv", "r.html"):
-        assert f"runs/{name} is up to date" in again.stderr, again.stderr
-        assert (tmp_path / "runs" / name).read_bytes() == written[name]
-    assert subprocess.run([*make, "--question"], cwd=tmp_path).returncode == 0  # nothing left to do
