@@ -81,13 +81,29 @@ def _rate(done: float, seconds: float, unit: str) -> str:
     return f"{per:,.1f} {unit}/s" if per >= 1 else f"{seconds / done:,.1f} s/{unit}"
 
 
+def _rates(done: float, tokens: float, seconds: float, unit: str) -> str:
+    """'12.5 seq/s, 3,210 tok/s': the task's unit, and tokens where the loop counts them."""
+    if not seconds:
+        return ""
+    return ", ".join(r for r in (_rate(done, seconds, unit), tokens and f"{tokens / seconds:,.0f} tok/s") if r)
+
+
 class _Rate(ProgressColumn):
-    """Throughput in the task's own unit (`unit=` of add_task: seq, query, module ...)."""
+    """Throughput in the task's own unit (`unit=` of add_task: seq, query, module ...), and in
+    tokens where the loop gives them (advance(..., tokens=)): sequences differ in length."""
 
     def render(self, task) -> Text:
-        return Text(
-            _rate(task.completed, task.elapsed or 0, task.fields.get("unit", "it")), style="progress.data.speed"
-        )
+        fields = task.fields
+        rates = _rates(task.completed, fields.get("tokens", 0), task.elapsed or 0, fields.get("unit", "it"))
+        return Text(rates, style="progress.data.speed")
+
+
+class _Bars(Progress):
+    """rich's bars, whose advance also counts tokens (a field the throughput column reads)."""
+
+    def advance(self, task_id, advance: float = 1, tokens: int = 0) -> None:
+        counted = next(task for task in self.tasks if task.id == task_id).fields.get("tokens", 0)
+        self.update(task_id, advance=advance, tokens=counted + tokens)
 
 
 class _Lines:
@@ -110,11 +126,12 @@ class _Lines:
     def add_task(self, description: str, total: float | None = None, unit: str = "it", **_) -> int:
         start = time.perf_counter()
         self.tasks[len(self.tasks)] = dict(
-            description=description, total=total, unit=unit, done=0, start=start, said=start, said_end=False
+            description=description, total=total, unit=unit, done=0, tokens=0, start=start, said=start, said_end=False
         )
         return len(self.tasks) - 1
 
-    def advance(self, task_id: int, advance: float = 1) -> None:
+    def advance(self, task_id: int, advance: float = 1, tokens: int = 0) -> None:
+        self.tasks[task_id]["tokens"] += tokens
         self.update(task_id, advance=advance)
 
     def update(self, task_id: int, advance: float = 0, description: str | None = None, **_) -> None:
@@ -134,7 +151,7 @@ class _Lines:
     def _say(self, task: dict) -> None:
         seconds = time.perf_counter() - task["start"]
         total = f"/{task['total']:,.0f}" if task["total"] is not None else ""
-        rate = _rate(task["done"], seconds, task["unit"])
+        rate = _rates(task["done"], task["tokens"], seconds, task["unit"])
         log(
             f"{task['description']}: {task['done']:,.0f}{total} {task['unit']}, {seconds:.0f} s{', ' + rate if rate else ''}"
         )
@@ -144,7 +161,7 @@ def progress():
     """Progress bars on a terminal; plain lines every 30 s where stderr is a file or a pipe."""
     if not (_quiet or _json or not is_main_process()) and not err.is_terminal:
         return _Lines()
-    return Progress(
+    return _Bars(
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),

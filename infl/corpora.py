@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from infl.errors import BadInput
-from infl.hashing import note_file, note_listing
+from infl.hashing import note_file, note_listing, stat_key
 
 __all__ = ["FORMATS", "expand", "format_of", "file_lines", "stream_lines", "table_records", "SpanReader"]
 
@@ -141,6 +141,28 @@ def _ends(block: bytes) -> int:
     return block.count(b"\n") + block.count(b"\r") - block.count(b"\r\n")
 
 
+# line ends before an offset of a file, by (path, stat_key) and offset: the pieces of a file grown
+# k times are counted from where the last piece ended, not from its start k times
+_LINE_ENDS: dict[tuple, dict[int, int]] = {}
+
+
+def _line_ends_before(f, key: tuple, start: int) -> int:
+    """How many lines end in bytes [0, start) of the open file (\\r\\n once)."""
+    known = _LINE_ENDS.setdefault(key, {0: 0})
+    since = max(offset for offset in known if offset <= start)
+    if since < start:  # a \\r\\n split at `since` had its \\r counted there: its \\n is not a line end
+        known[start] = known[since] + sum(_ends(block) for _, block in _blocks(f, since, start)) - _split_crlf(f, since)
+    return known[start]
+
+
+def _split_crlf(f, at: int) -> bool:
+    """Whether offset `at` falls between a \\r and its \\n (each then counted as a line end)."""
+    if at == 0:
+        return False
+    f.seek(at - 1)
+    return f.read(2) == b"\r\n"
+
+
 def file_lines(
     path: Path, start: int = 0, stop: int | None = None, digest=None
 ) -> Iterator[tuple[int, int, int, bytes]]:
@@ -150,17 +172,19 @@ def file_lines(
     after a last line with no newline, or between \\r and \\n) keeps that line's number."""
     note_file(path)
     with path.open("rb") as f:
-        number = sum(_ends(block) for _, block in _blocks(f, 0, start)) if start else 0
-        if start:
-            f.seek(start - 1)
-            number -= f.read(2) == b"\r\n"  # that \\r\\n ends one line, counted once the \\n is read
+        key = (str(path.resolve()), *stat_key(path.stat()))
+        ends, end, crlf = _line_ends_before(f, key, start), start, _split_crlf(f, start)
+        number = ends - crlf  # that \\r\\n ends one line: its \\n, read first here, has that line's number
         for at, block in _blocks(f, start, stop):
             if digest is not None:
                 digest.update(block)
+            ends += _ends(block) - (crlf and at == start)
+            end = at + len(block)
             for line in block.splitlines(keepends=True):
                 number += 1
                 yield number, at, at + len(line), line
                 at += len(line)
+        _LINE_ENDS[key][end] = ends  # read to its end: the next piece of this file starts here
 
 
 def stream_lines(path: Path, fmt: str) -> Iterator[tuple[int, int, int, bytes]]:

@@ -422,17 +422,18 @@ def token_blocks(
     for _, _, _, text in scan_shard(piece, split, text_field, id_field, tokenizer, max_length, done):
         batch.append(text)
         if len(batch) == rows:
-            yield _tokenize(tokenizer, batch, max_length)
+            yield [t[:max_length] for t in _tokenize(tokenizer, batch)]
             batch = []
     if batch:
-        yield _tokenize(tokenizer, batch, max_length)
+        yield [t[:max_length] for t in _tokenize(tokenizer, batch)]
 
 
-def _tokenize(tokenizer, texts: list, max_length: int) -> list[list[int]]:
-    """Texts tokenised in one batch call (windows come as tokens already), truncated."""
+def _tokenize(tokenizer, texts: list) -> list[list[int]]:
+    """Texts tokenised in one batch call, whole (windows come as tokens already): the one way a
+    corpus's texts become tokens."""
     strings = [t for t in texts if isinstance(t, str)]
     encoded = iter(_encode(tokenizer, strings, add_special_tokens=True)["input_ids"] if strings else [])
-    return [(next(encoded) if isinstance(t, str) else t)[:max_length] for t in texts]
+    return [next(encoded) if isinstance(t, str) else t for t in texts]
 
 
 def _check_unique(hashes: np.ndarray, ids_again) -> None:
@@ -471,6 +472,11 @@ class CorpusReader:
     def n_truncated(self) -> int:
         return int(self.truncated.sum())
 
+    def truncated_bits(self) -> np.ndarray:
+        """The rows read longer than max_length, a bit each (np.packbits): the ranks' bits are
+        OR-ed (base.log_truncated), so that a row read by two ranks, in two passes, counts once."""
+        return np.packbits(self.truncated)
+
     def tokens(self, lo: int, hi: int) -> list[list[int]]:
         """Token ids of sequences lo..hi (rows of the corpus as planned)."""
         locators = self.corpus.locators[lo:hi]
@@ -498,7 +504,7 @@ class CorpusReader:
         texts = self._readers[k].texts(spans)
         if any(t is None for t in texts):
             raise BadInput(f"corpus shard {path} changed while this run was reading it")
-        return _encode(self.tokenizer, texts, add_special_tokens=True)["input_ids"]
+        return _tokenize(self.tokenizer, texts)
 
     def _check(self, k: int, path: Path) -> None:
         if path.is_file() and stat_key(path.stat()) == self.corpus.stats[k]:

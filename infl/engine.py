@@ -1,6 +1,6 @@
 """The loop every stage shares: run the model over token sequences with the tracked modules tapped,
 batch by batch, and turn what was captured into gradients or scores. Tensors in, tensors out; no
-files, no progress bars (callers report progress through `on_batch`)."""
+files, no progress bars (callers report progress through `on_batch(sequences, tokens)`)."""
 
 from __future__ import annotations
 
@@ -72,7 +72,7 @@ def query_gradients(
     tokens: list[list[int]],
     n_prompt: list[int],
     each: Callable[[list[int], str, Tensor, Tensor], None] | None = None,
-    on_batch: Callable[[int], None] = lambda n: None,
+    on_batch: Callable[[int, int], None] = lambda n, tokens: None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Measurements f = log p(completion | prompt) [Q] and the gradients of -f per module.
 
@@ -88,9 +88,9 @@ def query_gradients(
         grads.setdefault(name, torch.zeros(len(tokens), *G.shape[1:]))[batch] = G.cpu()
 
     with tap(rt.model, rt.specs) as tapped:
-        for batch, _, loss in sweep(rt, tapped, tokens, each or keep, n_ignore=n_prompt):
+        for batch, mask, loss in sweep(rt, tapped, tokens, each or keep, n_ignore=n_prompt):
             measurement[batch] = -loss.double().cpu()
-            on_batch(len(batch))
+            on_batch(len(batch), int(mask.sum()))
     return measurement, grads
 
 
@@ -99,7 +99,7 @@ def score_sequences(
     bank: QueryBank,
     tokens: list[list[int]],
     per_token: bool = False,
-    on_batch: Callable[[int], None] = lambda n: None,
+    on_batch: Callable[[int, int], None] = lambda n, tokens: None,
 ) -> tuple[Tensor, Tensor | None]:
     """Influence of each sequence (data labels) on each query: per module [M, Q, n] and, if asked,
     per token [Q, n, T] with T the longest sequence (zero past a sequence's end)."""
@@ -115,8 +115,8 @@ def score_sequences(
             token_terms[:, batch, : terms.shape[2]] += terms.float().cpu()
 
     with tap(rt.model, rt.specs) as tapped:
-        for batch, _, _ in sweep(rt, tapped, tokens, consume):
-            on_batch(len(batch))
+        for batch, mask, _ in sweep(rt, tapped, tokens, consume):
+            on_batch(len(batch), int(mask.sum()))
     return per_module, token_terms
 
 
@@ -124,7 +124,7 @@ def self_influence(
     rt: Runtime,
     curvatures: dict[str, Curvature],
     tokens: list[list[int]],
-    on_batch: Callable[[int], None] = lambda n: None,
+    on_batch: Callable[[int, int], None] = lambda n, tokens: None,
 ) -> tuple[Tensor, None]:
     """Each sequence's influence on its own loss, grad L(z)^T (G + damping I)^-1 grad L(z),
     per module: [M, 1, n]. High values flag outliers and mislabeled data."""
@@ -136,8 +136,8 @@ def self_influence(
         out[row[name], 0, batch] = (precondition(dw, curvatures[name]) * dw).sum((1, 2)).float().cpu()
 
     with tap(rt.model, rt.specs) as tapped:
-        for batch, _, _ in sweep(rt, tapped, tokens, consume):
-            on_batch(len(batch))
+        for batch, mask, _ in sweep(rt, tapped, tokens, consume):
+            on_batch(len(batch), int(mask.sum()))
     return out, None
 
 
@@ -145,7 +145,7 @@ def compressed_gradients(
     rt: Runtime,
     compress: dict[str, Callable[[Tensor, Tensor], Tensor]],
     tokens: list[list[int]],
-    on_batch: Callable[[int], None] = lambda n: None,
+    on_batch: Callable[[int, int], None] = lambda n, tokens: None,
 ) -> dict[str, Tensor]:
     """Each sequence's gradient (data labels) compressed per module by `compress[name](a, s)`
     (a: [B, T, I], s: [B, T, O] -> [B, K]): name -> [n, K] (see infl.indexing)."""
@@ -159,6 +159,6 @@ def compressed_gradients(
             out[name][batch] = values
 
     with tap(rt.model, rt.specs) as tapped:
-        for batch, _, _ in sweep(rt, tapped, tokens, consume):
-            on_batch(len(batch))
+        for batch, mask, _ in sweep(rt, tapped, tokens, consume):
+            on_batch(len(batch), int(mask.sum()))
     return out

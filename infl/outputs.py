@@ -18,7 +18,7 @@ from pathlib import Path
 
 from infl.errors import BadInput
 
-__all__ = ["PNG_MARKER", "HTML_MARKER", "printable", "show", "write_file", "check_folder", "store_around"]
+__all__ = ["PNG_MARKER", "HTML_MARKER", "printable", "show", "write_file", "same_bytes", "check_folder", "store_around"]
 
 # Unicode's control characters (category Cc): C0, DEL and C1 (0x9b is a terminal's CSI on its own)
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
@@ -47,10 +47,11 @@ HTML_MARKER = b'<meta name="generator" content="infl">'
 _HEAD = 1 << 16  # where a marker is looked for
 
 
-def write_file(path: Path, data: bytes, marker: bytes, force: bool | None = False, option: str = "--out") -> None:
+def write_file(path: Path, data: bytes, marker: bytes, force: bool | None = False, option: str = "--out") -> bool:
     """Write `data` to `path` under the rule above; `marker` is what a file infl made of this kind
     holds in its first 64 KiB (a file that holds it may be replaced without --force). `force` None:
-    the command has no --force."""
+    the command has no --force. A file that already holds `data` is kept and only touched (for
+    make): False, as nothing was written."""
     path = Path(path)
     if path.is_symlink():
         raise BadInput(f"{option} {path} is a symbolic link: infl writes only the file it names, never through a link")
@@ -61,6 +62,9 @@ def write_file(path: Path, data: bytes, marker: bytes, force: bool | None = Fals
     inside = store_around(path.parent)
     if inside is not None:
         raise BadInput(f"{option} {path} is inside the artifact {inside}: infl never writes other files into one")
+    if same_bytes(path, data):
+        os.utime(path)
+        return False
     if path.exists() and not force and not _made_by_infl(path, marker):
         raise BadInput(
             f"{option} {path} exists and was not written by infl",
@@ -74,6 +78,17 @@ def write_file(path: Path, data: bytes, marker: bytes, force: bool | None = Fals
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
+    return True
+
+
+def same_bytes(path: Path, data: bytes) -> bool:
+    """Whether `path` is a plain file (not a link) that holds exactly `data`."""
+    try:
+        return (
+            not path.is_symlink() and path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data
+        )
+    except OSError:
+        return False
 
 
 def check_folder(folder: Path, option: str) -> None:

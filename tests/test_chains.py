@@ -110,10 +110,13 @@ def test_how_the_work_is_cut_does_not_make_an_artifact_other(workdir, tmp_path):
     assert "(changed: config.max_length)" in other.stderr, other.stderr  # the corpus grew too: not named
 
 
-def test_export_and_report_run_twice_are_up_to_date_and_replace_only_their_own_files(workdir, tmp_path, memory):
+def test_export_and_report_run_twice_are_up_to_date_and_replace_only_their_own_files(
+    workdir, tmp_path, memory, monkeypatch
+):
     """Item 3: a second `export` or `report` with the same inputs is a no-op (exit 0, the file
     untouched, no model loaded); with other options it replaces the file it wrote itself, without
-    --force; a file edited since is not its own any more."""
+    --force; a file edited since is not its own any more. Without the memory (INFL_NO_MEMORY=1)
+    the full check decides: a file that holds exactly what the run makes is up to date and kept."""
     from test_cli import infl, pipeline
 
     pipeline(workdir, tmp_path)
@@ -133,6 +136,21 @@ def test_export_and_report_run_twice_are_up_to_date_and_replace_only_their_own_f
     refused = infl("export", "--scores", tmp_path / "s.zarr", "--out", edited)
     assert refused.exit_code == 1 and "exists" in refused.output
     assert edited.read_bytes().endswith(b"mine\n")
+
+    monkeypatch.setenv("INFL_NO_MEMORY", "1")
+    for command, out in (("export", tmp_path / "n.npy"), ("report", tmp_path / "r.html")):
+        args = [command, "--scores", tmp_path / "s.zarr", "--out", out]
+        assert infl(*args).exit_code == 0
+        written = {path: (path.read_bytes(), path.stat().st_ino) for path in tmp_path.glob(out.stem + ".*")}
+        os.utime(out, (1, 1))  # an old stamp: make would rerun it
+        again = infl(*args)
+        assert again.exit_code == 0 and f"{out} is up to date" in again.output, again.output
+        assert {path: (path.read_bytes(), path.stat().st_ino) for path in written} == written  # not rewritten
+        assert out.stat().st_mtime > 1  # touched, for make
+    assert (
+        "exists"
+        in infl("export", "--scores", tmp_path / "s.zarr", "--out", tmp_path / "n.npy", "--train-size", "9").output
+    )
 
 
 def test_scores_of_an_earlier_infl_that_fingerprinted_the_chunk_size_are_named_so(workdir, tmp_path):

@@ -482,10 +482,11 @@ def test_added_tokens_are_part_of_the_tokenizer_fingerprint(workdir, tmp_path):
 
 def test_progress_off_a_terminal_is_plain_lines_with_throughput_and_names_the_eigendecompositions(workdir, tmp_path):
     """Item 12 of #27: a log file gets one plain line per finished loop (and one every 30 s),
-    with its throughput, never a progress bar's last frame; the gap between the fit's two passes
-    has a bar of its own that says what it does."""
-    import subprocess
-    import sys
+    with its throughput in sequences and tokens, never a progress bar's last frame; the gap
+    between the fit's two passes has a bar of its own that says what it does."""
+    import re
+
+    from transformers import AutoTokenizer
 
     fit = [sys.executable, "-m", "infl", "fit-factors", "--model", workdir / "gpt2", "--corpus"]
     run = subprocess.run([*fit, workdir / "corpus.jsonl", "--out", tmp_path / "f.zarr"], capture_output=True, text=True)
@@ -495,14 +496,26 @@ def test_progress_off_a_terminal_is_plain_lines_with_throughput_and_names_the_ei
     assert any(line.startswith("covariances: 12/12 seq, ") and "seq/s" in line for line in lines), run.stderr
     assert any(line.startswith("covariances: eigendecompositions: 4/4 module") for line in lines), run.stderr
     assert any(line.startswith("eigenvalues: 12/12 seq") for line in lines), run.stderr
+    # the tokens counted are the corpus's: tokens/s over sequences/s is its mean length
+    texts = [json.loads(line)["text"] for line in (workdir / "corpus.jsonl").read_text().splitlines()]
+    tokenizer = AutoTokenizer.from_pretrained(workdir / "gpt2")
+    mean_length = sum(len(tokenizer(text)["input_ids"]) for text in texts) / len(texts)
+    for line in lines:
+        if line.startswith(("covariances: 12/12", "eigenvalues: 12/12")):
+            per_sequence, per_token = re.search(r"([\d,.]+) seq/s, ([\d,]+) tok/s", line).groups()
+            ratio = float(per_token.replace(",", "")) / float(per_sequence.replace(",", ""))
+            assert ratio == pytest.approx(mean_length, rel=0.03), line
 
 
 def test_throughput_reads_per_second_or_seconds_per_item():
-    from infl.console import _rate
+    from infl.console import _rate, _rates
 
     assert _rate(120, 4.0, "seq") == "30.0 seq/s"
     assert _rate(2, 9.0, "module") == "4.5 s/module"
     assert _rate(0, 3.0, "seq") == ""
+    assert _rates(120, 48_000, 4.0, "seq") == "30.0 seq/s, 12,000 tok/s"
+    assert _rates(2, 0, 9.0, "module") == "4.5 s/module"
+    assert _rates(5, 100, 0, "seq") == ""
 
 
 def test_a_completion_glued_to_its_prompt_gets_a_notice(workdir, tmp_path):

@@ -5,6 +5,7 @@ line."""
 from __future__ import annotations
 
 import gzip
+import itertools
 import json
 import os
 
@@ -168,9 +169,12 @@ def test_a_killed_score_over_a_parquet_directory_resumes_to_identical_scores(wor
         np.testing.assert_array_equal(np.asarray(got[key][...]), np.asarray(ref[key][...]))
 
 
-def test_a_plan_holds_compact_arrays_and_a_reader_reads_any_rows_of_any_format(tmp_path):
+def test_a_plan_holds_compact_arrays_and_a_reader_reads_any_rows_of_any_format(tmp_path, capsys):
     """The plan keeps ids and locators only (no text, no tokens: two arrays each); a reader gives
-    any rows' tokens, in any order and subset, from every format, and counts what it truncated."""
+    any rows' tokens, in any order and subset, from every format, and counts what it truncated
+    (once, however many readers read it)."""
+    from infl.stages import base
+
     tokenizer = make_tokenizer()
     rows = [{"id": f"s{i}", "text": SENTENCES[i % 12] + f" {i}"} for i in range(5000)]
     for kind in ("jsonl", "jsonl.gz", "parquet"):
@@ -184,6 +188,12 @@ def test_a_plan_holds_compact_arrays_and_a_reader_reads_any_rows_of_any_format(t
             assert reader.tokens(lo, hi) == [tokenizer(r["text"])["input_ids"][:4] for r in rows[lo:hi]], kind
         read = {i for lo, hi in spans for i in range(lo, hi)}  # each row counted once, however often read
         assert reader.n_truncated == sum(len(tokenizer(rows[i]["text"])["input_ids"]) > 4 for i in read), kind
+        other = data.CorpusReader(corpus, tokenizer, 4)  # another rank, or a later pass: rows read twice
+        other.tokens(0, 20)
+        read |= set(range(20))
+        base.log_truncated([reader.truncated_bits(), other.truncated_bits(), None], 4)
+        n = sum(len(tokenizer(rows[i]["text"])["input_ids"]) > 4 for i in read)
+        assert f"{n:,} of the sequences read in this run were truncated" in capsys.readouterr().err, kind
         picked = corpus.subset(np.array([4000, 7, 2600]))
         assert data.CorpusReader(picked, tokenizer, 64).tokens(0, 3) == [
             tokenizer(rows[i]["text"])["input_ids"] for i in (4000, 7, 2600)
@@ -201,3 +211,33 @@ def test_a_shard_changed_after_planning_is_refused_and_a_touched_one_is_hashed_a
     write_jsonl(path, [{**ROWS[0], "text": "an edit"}] + ROWS[1:])
     with pytest.raises(BadInput, match="changed while this run was reading it"):
         data.CorpusReader(corpus, tokenizer, 32).tokens(0, 2)
+
+
+def test_the_pieces_of_a_grown_file_are_numbered_as_the_whole_file_and_counted_once(tmp_path, monkeypatch):
+    """A file grown k times is k pieces: each piece's lines keep the whole file's numbers (a \\r\\n
+    or a line cut at a piece's start included), and the lines before a piece are counted from
+    where the last piece ended, never from the file's start again."""
+    from infl import corpora
+
+    read = []
+    blocks = corpora._blocks
+    monkeypatch.setattr(corpora, "_blocks", lambda f, start, stop: read.append((start, stop)) or blocks(f, start, stop))
+    monkeypatch.setattr(corpora, "_BLOCK", 7)  # many blocks a piece
+    rng = np.random.default_rng(0)
+    for trial in range(40):
+        path = tmp_path / f"{trial}.txt"
+        path.write_bytes(
+            rng.choice(list(b"ab\r\n"), size=int(rng.integers(1, 60)), p=[0.3, 0.3, 0.2, 0.2])
+            .astype(np.uint8)
+            .tobytes()
+        )
+        whole = [number for number, *_ in corpora.file_lines(path)]
+        cuts = sorted({0, *rng.integers(0, path.stat().st_size, size=3).tolist(), path.stat().st_size})
+        corpora._LINE_ENDS.clear()
+        read.clear()
+        pieces = [[n for n, *_ in corpora.file_lines(path, lo, hi)] for lo, hi in itertools.pairwise(cuts)]
+        assert [r for r in read if r[0] == 0] == [(0, cuts[1])], (trial, read)  # the prefix never read again
+        numbers = [n for piece in pieces for n in piece]
+        # a line cut by a piece boundary is two fragments of one number; otherwise as in the whole file
+        assert sorted(set(numbers)) == whole, (trial, path.read_bytes(), cuts)
+        assert numbers == sorted(numbers)

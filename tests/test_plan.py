@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,35 +17,20 @@ def run(args) -> int:
     return _peak(args)
 
 
-# The process's own high-water mark (VmHWM, of the memory it execs into), read as it exits: a
-# child's ru_maxrss also counts the test process it was forked from (Linux records the parent's
-# high-water mark at exec), which late in a long test session is larger than the stage itself.
-PEAK = """
-import os, runpy, sys
-sys.argv = ["infl", *sys.argv[2:]]
-try:
-    runpy.run_module("infl", run_name="__main__")
-finally:
-    with open("/proc/self/status") as f:
-        peak = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-    with open(os.environ["INFL_TEST_PEAK"], "w") as f:
-        f.write(str(peak))
-"""
-
-
 def _peak(args) -> int:
+    """The stage's own peak RSS, as benchmarks/peak.py reads it (VmHWM at exit): a child's
+    ru_maxrss would also count this test process, which it was forked from."""
     import tempfile
 
     with tempfile.TemporaryDirectory() as scratch:
-        out = os.path.join(scratch, "peak")
         done = subprocess.run(
-            [sys.executable, "-c", PEAK, "-", *map(str, args), "--quiet"],
+            [sys.executable, Path(__file__).parents[1] / "benchmarks" / "peak.py", *map(str, args), "--quiet"],
             capture_output=True,
             text=True,
-            env={**os.environ, "INFL_TEST_PEAK": out},
+            env={**os.environ, "INFL_PEAK_DIR": scratch},
         )
         assert done.returncode == 0, done.stdout + done.stderr
-        with open(out) as f:
+        with open(os.path.join(scratch, "peak.0")) as f:
             return int(f.read())
 
 

@@ -75,9 +75,14 @@ def say_chunks(out: Path, kept: int, requested: int) -> None:
         log(f"{out} keeps its chunks of {kept} sequences (--chunk-size {requested} is for a new artifact)")
 
 
-def log_truncated(n: int, max_length: int) -> None:
-    """Say how many of the sequences this run read were cut to max_length tokens (counted as
-    each rank tokenised its chunks: the plan reads no text)."""
+def log_truncated(bits: list, max_length: int) -> None:
+    """Say how many of the sequences this run read were cut to max_length tokens, from each rank's
+    CorpusReader.truncated_bits (None: it read no text), marked as it tokenised its chunks (the
+    plan reads no text)."""
+    import numpy as np
+
+    read = [np.unpackbits(b) for b in bits if b is not None]
+    n = int(np.bitwise_or.reduce(read).sum()) if read else 0
     if n:
         from infl.console import log
 

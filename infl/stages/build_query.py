@@ -187,13 +187,16 @@ class BuildQuery(base.WritingStage):
                     art.write_rows(name, plan.start + lo, arrays)
 
                 measurement, _ = engine.query_gradients(
-                    rt, queries.tokens[lo:hi], queries.n_prompt[lo:hi], each=precondition_and_write
+                    rt,
+                    queries.tokens[lo:hi],
+                    queries.n_prompt[lo:hi],
+                    each=precondition_and_write,
+                    on_batch=lambda n, tokens: bar.advance(task, n, tokens),
                 )
                 bad = ~torch.isfinite(measurement)
                 if bad.any():
                     raise BadInput(f"query {ids[int(bad.nonzero()[0])]!r}: non-finite log-probability")
                 out.append((plan.start + lo, measurement.numpy(), kept))
-                bar.advance(task, hi - lo)
         return out
 
     def _curvature_room(self, rt: Runtime, queries, units) -> int | None:

@@ -4,12 +4,15 @@ written one chunk of training sequences at a time, so that a corpus larger than 
 One row per training sequence, in the artifact's order; one column per query, or with
 `per_module` one per query and module (the module varying fastest: `QUERY/MODULE`). The files are
 written as temporary files beside --out and renamed over it at the end, so a run that fails or is
-stopped leaves --out as it was; an existing --out is replaced only with --force.
+stopped leaves --out as it was; an existing --out is replaced only with --force, and one that
+already holds these bytes is left as it is: up to date (touched, for make).
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
+import filecmp
 import json
 import os
 from collections import Counter
@@ -36,9 +39,12 @@ class Exported:
     query_ids: list[str]
     modules: list[str]  # [] without --per-module
     unit: str
+    up_to_date: bool = False  # every output already held what this run wrote
 
     @property
     def message(self) -> str:
+        if self.up_to_date:
+            return f"{self.path} is up to date"
         modules = f" x {len(self.modules)} modules" if self.modules else ""
         return (
             f"wrote {self.path}: {self.n_sequences} sequences x {len(self.query_ids)} queries{modules}, in {self.unit}"
@@ -52,7 +58,7 @@ def outputs(cfg: ExportConfig) -> list[Path]:
 
 def run(cfg: ExportConfig, unit: str) -> Exported:
     writer = WRITERS[cfg.format](cfg.out)
-    _check_free(writer.outputs, cfg.force)  # before any work: a refusal costs nothing
+    _check_free(writer.outputs, True)  # before any work: a folder in the way costs nothing
     scores = ScoresArtifact.open(cfg.scores)
     if scores.estimate is not None:  # in every file's unit (CSV headers, metadata) and in the message
         unit = f"{unit}, estimates (one standard error each: infl.open_scores(...).standard_error)"
@@ -75,7 +81,12 @@ def run(cfg: ExportConfig, unit: str) -> Exported:
                 writer.write(scores.train_ids(np.arange(start, stop)), _values(scores, start, stop, cfg))
                 bar.advance(task)
         writer.close()
-        _check_free(writer.outputs, cfg.force)  # again: one may have appeared while we wrote
+        if writer.unchanged():
+            writer.discard()
+            for path in writer.outputs:
+                os.utime(path)
+            return dataclasses.replace(exported, up_to_date=True)
+        _check_free(writer.outputs, cfg.force)  # only now: a file that holds what we wrote is no clash
         writer.commit()
     except BaseException:
         writer.discard()
@@ -129,6 +140,14 @@ class _Writer:
 
     def close(self) -> None:
         raise NotImplementedError
+
+    def unchanged(self) -> bool:
+        """Whether every output is a plain file that holds exactly what was written (no link)."""
+        filecmp.clear_cache()  # its cache is keyed by whole seconds of mtime
+        return all(
+            not path.is_symlink() and path.is_file() and filecmp.cmp(self.temporary[path], path, shallow=False)
+            for path in self.outputs
+        )
 
     def commit(self) -> None:
         for path in reversed(self.outputs):

@@ -20,6 +20,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from infl import corpora, curvature, data, engine, modeling, planning
@@ -137,7 +138,7 @@ class FitFactors(base.WritingStage):
         n = len(corpus.ids) if cfg.max_sequences is None else min(cfg.max_sequences, len(corpus.ids))
         return FitPlan(max_length, n, corpus, chunk_size, started, index)
 
-    def run(self, plan: FitPlan, g: Group) -> int:
+    def run(self, plan: FitPlan, g: Group) -> np.ndarray:
         cfg = self.cfg
         rt = Runtime.load(cfg.model, cfg.modules, g.device(cfg.device), cfg.dtype, cfg.batch_size)
         corpus = plan.corpus
@@ -150,7 +151,7 @@ class FitFactors(base.WritingStage):
         )
         fit = _Fit(art, rt, corpus, n, plan.max_length, plan.chunk_size, cfg, g)
         fit.run(curvature.get(cfg.strategy, cfg.blocks), plan.index_attrs)
-        return fit.reader.n_truncated
+        return fit.reader.truncated_bits()
 
     def _begin(self, specs: list[ModuleSpec], n: int) -> None:
         art = FactorsArtifact.open_for_writing(self.cfg.out)
@@ -167,7 +168,7 @@ class FitFactors(base.WritingStage):
         art = FactorsArtifact.open_for_writing(self.cfg.out)
         art.publish()
         art.discard_checkpoints()  # after COMPLETE: a kill while deleting leaves harmless leftovers
-        base.log_truncated(sum(results), plan.max_length)
+        base.log_truncated(results, plan.max_length)
         return Outcome(
             f"wrote {self.cfg.out}: {self.cfg.strategy} factors for {len(art.modules)} modules "
             f"({time.perf_counter() - plan.started:.1f} s)"
@@ -372,8 +373,9 @@ class _Fit:
                         raise BadInput(
                             "non-finite loss or gradient while fitting", hint="check the model weights and --dtype"
                         )
-                    n_tokens += int(mask.sum())
-                    bar.advance(task, len(batch))
+                    tokens = int(mask.sum())
+                    n_tokens += tokens
+                    bar.advance(task, len(batch), tokens)
                 _check_finite(sums)  # before anything of this chunk is written
                 if rows is not None:
                     index.write(lo // C, rows, self.corpus.ids[lo:hi])

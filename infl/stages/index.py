@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from infl import curvature, data, engine, modeling
@@ -100,7 +101,7 @@ class Index(base.WritingStage):
         cfg = self.cfg
         return data.plan_corpus(list(paths), cfg.split, cfg.text_field, cfg.id_field, tokenizer, max_length)
 
-    def run(self, plan: IndexPlan, g: Group) -> int:
+    def run(self, plan: IndexPlan, g: Group) -> np.ndarray:
         """Every rank: compress the gradients of its chunks and commit each one (rows, digests, done bit)."""
         cfg = self.cfg
         mine = g.mine(plan.pending)
@@ -123,10 +124,10 @@ class Index(base.WritingStage):
             for c in mine:
                 lo, hi = c * C, min((c + 1) * C, N)
                 found = engine.compressed_gradients(
-                    rt, rows.compress, reader.tokens(lo, hi), lambda n: bar.advance(task, n)
+                    rt, rows.compress, reader.tokens(lo, hi), lambda n, tokens: bar.advance(task, n, tokens)
                 )
                 rows.write(c, found, corpus.ids[lo:hi])
-        return reader.n_truncated
+        return reader.truncated_bits()
 
     def publish(self, plan: IndexPlan, results: list) -> Outcome:
         art = IndexArtifact.open_for_writing(self.cfg.out)
@@ -135,7 +136,7 @@ class Index(base.WritingStage):
                 f"{self.cfg.out}: {len(art.pending())} chunks were not indexed", hint="run the same command again"
             )
         art.publish()
-        base.log_truncated(sum(results), plan.max_length)
+        base.log_truncated(results, plan.max_length)
         return Outcome(
             f"wrote {self.cfg.out}: {art.n_sequences} sequences x {len(plan.modules)} modules, "
             f"{art.bytes_per_sequence()} bytes per sequence ({time.perf_counter() - plan.started:.1f} s)"

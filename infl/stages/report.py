@@ -4,6 +4,7 @@ concentration of influence with a 1-CDF figure per query."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from infl.analysis.compare import pairs
@@ -16,12 +17,22 @@ from infl.outputs import HTML_MARKER, write_file
 from infl.report import SHARE_NOTE, column_format, percent
 from infl.stages import topk
 
-__all__ = ["run"]
+__all__ = ["run", "Page"]
 
 PAIRS_UP_TO = 16  # queries whose every pair the page compares (120 rows); more: `infl compare --queries`
 
 
-def run(cfg: ReportConfig, unit: str) -> Path:
+@dataclass(frozen=True)
+class Page:
+    path: Path
+    written: bool  # False: the file already held this page, and was kept
+
+    @property
+    def message(self) -> str:
+        return "" if self.written else f"{self.path} is up to date"
+
+
+def run(cfg: ReportConfig, unit: str) -> Page:
     from infl.report import figures, page
 
     scores = ScoresArtifact.open(cfg.scores)
@@ -127,8 +138,7 @@ def run(cfg: ReportConfig, unit: str) -> Path:
             ],
         }
     )
-    write_file(cfg.out, html.encode("utf-8"), HTML_MARKER, cfg.force)
-    return cfg.out
+    return Page(cfg.out, write_file(cfg.out, html.encode("utf-8"), HTML_MARKER, cfg.force))
 
 
 def _filtering(scores: ScoresArtifact) -> str:

@@ -205,9 +205,9 @@ class Score(base.WritingStage):
         log(f"scoring the {len(rows)} of {total} sequences that are a TF-IDF candidate of a query ({cfg.candidates})")
         return corpus
 
-    def run(self, plan: ScorePlan, g: Group) -> int:
-        """Every rank: score its chunks and commit each one (data, checksum, done bit); how many
-        of the sequences it read were truncated."""
+    def run(self, plan: ScorePlan, g: Group) -> np.ndarray | None:
+        """Every rank: score its chunks and commit each one (data, checksum, done bit); which of
+        the sequences it read were truncated (base.log_truncated)."""
         cfg = self.cfg
         device = g.device(cfg.device)
         scorer = _FromIndex(cfg, device) if cfg.index is not None else _FromModel(self, plan, device)
@@ -219,7 +219,7 @@ class Score(base.WritingStage):
             for c, todo in mine:
                 lo, hi = c * C, min((c + 1) * C, N)
                 rows = [q for b in todo for q in range(blocks[b], blocks[b + 1])]
-                block, terms, stderr = scorer.scores(todo, rows, lo, hi, lambda n: bar.advance(task, n))
+                block, terms, stderr = scorer.scores(todo, rows, lo, hi, lambda n, tokens: bar.advance(task, n, tokens))
                 _check_finite(block, scorer.ids(lo, hi))  # [M, rows, hi - lo], [rows, hi - lo, T_batch]
                 at = 0
                 for b in todo:
@@ -234,7 +234,7 @@ class Score(base.WritingStage):
                         terms[part].numpy() if cfg.per_token else None,
                         None if stderr is None else stderr[part].numpy(),
                     )
-        return scorer.n_truncated
+        return scorer.truncated_bits()
 
     def publish(self, plan: ScorePlan, results: list) -> Outcome:
         art = ScoresArtifact.open_for_writing(self.cfg.out)
@@ -244,7 +244,7 @@ class Score(base.WritingStage):
                 f"{self.cfg.out}: {len(left)} chunks were not scored", hint="run the same command again"
             )
         art.publish()
-        base.log_truncated(sum(results), plan.max_length)
+        base.log_truncated(results, plan.max_length)
         return Outcome(
             f"wrote {self.cfg.out}: {plan.what} x {art.n_sequences} sequences "
             f"({time.perf_counter() - plan.started:.1f} s)"
@@ -266,9 +266,8 @@ class _FromModel:
     def ids(self, lo: int, hi: int) -> list[str]:
         return self.corpus.ids[lo:hi]
 
-    @property
-    def n_truncated(self) -> int:
-        return self.reader.n_truncated
+    def truncated_bits(self):
+        return self.reader.truncated_bits()
 
     def scores(self, todo, rows, lo, hi, advance) -> tuple[torch.Tensor, torch.Tensor | None, None]:
         """Per-module scores [M, q, n], per-token terms (or None), and no standard errors: exact."""
@@ -304,7 +303,8 @@ class _FromIndex:
     estimate, <S(c_q w), S(g_z / w)> (see infl.indexing), with c_q = Q_S^T P_q Q_A in the index's
     eigenbases."""
 
-    n_truncated = 0  # no text is read
+    def truncated_bits(self) -> None:
+        return None  # no text is read
 
     def __init__(self, cfg: ScoreConfig, device: str):
         self.index, self.device = IndexArtifact.open(cfg.index), device
@@ -361,7 +361,7 @@ class _FromIndex:
                 total += scores
                 variance = more if variance is None else variance + more  # independent sketches: variances add
             out.append(total.cpu())
-        advance(hi - lo)
+        advance(hi - lo, 0)  # no model runs: sequences only
         return torch.stack(out), None, None if variance is None else variance.sqrt().cpu()
 
 

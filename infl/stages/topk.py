@@ -198,7 +198,11 @@ def _with_tokens(scores: ScoresArtifact, hits: list[Hit], rows, scale: float, mo
         with progress() as bar:
             task = bar.add_task("token influence", total=len(indices), unit="seq")
             _, token_terms = engine.score_sequences(
-                rt, bank, [pieces[i][0] for i in indices], per_token=True, on_batch=lambda n: bar.advance(task, n)
+                rt,
+                bank,
+                [pieces[i][0] for i in indices],
+                per_token=True,
+                on_batch=lambda n, tokens: bar.advance(task, n, tokens),
             )  # [Q, n, T]
         column = {i: j for j, i in enumerate(indices)}
         terms = {(h.query_id, h.index): token_terms[row_of[h.query_id], column[h.index]].numpy() for h in hits}
@@ -240,7 +244,9 @@ def _refine(scores: ScoresArtifact, rows, candidates: dict[int, np.ndarray], rt:
     ]
     with progress() as bar:
         task = bar.add_task("refine at full rank", total=len(indices), unit="seq")
-        per_module, _ = engine.score_sequences(rt, bank, token_lists, on_batch=lambda n: bar.advance(task, n))
+        per_module, _ = engine.score_sequences(
+            rt, bank, token_lists, on_batch=lambda n, tokens: bar.advance(task, n, tokens)
+        )
     total = per_module.sum(0).double().numpy()  # [len(rows), n]
     column = {i: j for j, i in enumerate(indices)}
     return {row: total[q, [column[i] for i in candidates[row].tolist()]] for q, (row, _) in enumerate(rows)}
