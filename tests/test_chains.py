@@ -36,15 +36,20 @@ runs/r.html: runs/s.zarr/COMPLETE.json
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
 def test_a_grown_corpus_keeps_its_factors_and_grows_its_scores(workdir, tmp_path, memory):
-    """Items 1 and 3 of #27 in one chain, as make runs it: appended lines extend the scores (the
-    factors stand), and export and report replace the files they wrote; after `touch corpus.jsonl`
-    one make reruns the whole chain as no-ops, export and report included, and the next has
-    nothing to do."""
+    """Items 1-3 of #27 in one chain, as make runs it: appended lines extend the scores (the
+    factors stand); scores first made with --chunk-size 4 grow under the Makefile's plain command
+    (how the work is cut makes no artifact other: it keeps its chunks and says so) to what one run
+    over the grown corpus gives; export and report replace the files they wrote. After `touch
+    corpus.jsonl` one make reruns the whole chain as no-ops, export and report included, and the
+    next has nothing to do. A real difference beside a grown corpus is named alone."""
     rows = [{"id": f"s{i}", "text": t} for i, t in enumerate(SENTENCES)]
     write_jsonl(tmp_path / "corpus.jsonl", rows)
     shutil.copy(workdir / "queries.jsonl", tmp_path / "queries.jsonl")
     (tmp_path / "Makefile").write_text(MAKEFILE.format(python=sys.executable, model=workdir / "gpt2") + VIEWS)
     make = ["make", "-s", "runs/e.csv", "runs/r.html"]
+    assert subprocess.run([*make[:2], "runs/q.zarr/COMPLETE.json"], cwd=tmp_path).returncode == 0
+    score = [sys.executable, "-m", "infl", "score", "--queries", "runs/q.zarr", "--corpus", "corpus.jsonl"]
+    assert subprocess.run([*score, "--out", "runs/s.zarr", "--chunk-size", "4"], cwd=tmp_path).returncode == 0
     first = subprocess.run(make, cwd=tmp_path, capture_output=True, text=True)
     assert first.returncode == 0, first.stderr
     factors = (tmp_path / "runs/f.zarr/zarr.json").read_bytes()
@@ -55,48 +60,19 @@ def test_a_grown_corpus_keeps_its_factors_and_grows_its_scores(workdir, tmp_path
     assert grown.returncode == 0, grown.stderr
     assert "fitted on 12 of the corpus's 15 sequences" in grown.stderr and "--force" in grown.stderr
     assert (tmp_path / "runs/f.zarr/zarr.json").read_bytes() == factors  # not refitted
-    assert "adding 3 sequences" in grown.stderr
+    assert "keeps its chunks of 4 sequences" in grown.stderr and "adding 3 sequences" in grown.stderr
     assert "wrote runs/e.csv: 15 sequences" in grown.stderr  # its own file, replaced without --force
     assert (tmp_path / "runs/e.csv").read_bytes() != exported
     assert subprocess.run([*make, "--question"], cwd=tmp_path).returncode == 0  # the stamps were refreshed
     written = {name: (tmp_path / "runs" / name).read_bytes() for name in ("e.csv", "r.html")}
     os.utime(tmp_path / "corpus.jsonl")
     again = subprocess.run(make, cwd=tmp_path, capture_output=True, text=True)
-    assert again.returncode == 0, again.stderr
+    assert again.returncode == 0 and again.stderr.count(" is up to date") == 5, again.stderr  # every target
     for name in ("e.csv", "r.html"):
         assert f"runs/{name} is up to date" in again.stderr, again.stderr
         assert (tmp_path / "runs" / name).read_bytes() == written[name]
     assert subprocess.run([*make, "--question"], cwd=tmp_path).returncode == 0  # nothing left to do
-    refit = subprocess.run(
-        [sys.executable, "-m", "infl", "fit-factors", "--model", workdir / "gpt2", "--corpus", "corpus.jsonl"]
-        + ["--out", "runs/f.zarr", "--force"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-    )
-    assert refit.returncode == 0 and "15 sequences" in refit.stderr, refit.stderr
 
-
-@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
-def test_how_the_work_is_cut_does_not_make_an_artifact_other(workdir, tmp_path):
-    """Scores made with --chunk-size 4 grow under the Makefile's plain command (its default chunk
-    size): the artifact keeps its chunks and says so; the result equals one run over the grown
-    corpus. A real difference beside a grown corpus is named alone."""
-    rows = [{"id": f"s{i}", "text": t} for i, t in enumerate(SENTENCES)]
-    write_jsonl(tmp_path / "corpus.jsonl", rows)
-    shutil.copy(workdir / "queries.jsonl", tmp_path / "queries.jsonl")
-    (tmp_path / "Makefile").write_text(MAKEFILE.format(python=sys.executable, model=workdir / "gpt2"))
-    make = ["make", "-s", "runs/s.zarr/COMPLETE.json"]
-    assert subprocess.run([*make[:-1], "runs/q.zarr/COMPLETE.json"], cwd=tmp_path).returncode == 0
-    infl = [sys.executable, "-m", "infl"]
-    score = [*infl, "score", "--queries", "runs/q.zarr", "--corpus", "corpus.jsonl"]
-    first = subprocess.run([*score, "--out", "runs/s.zarr", "--chunk-size", "4"], cwd=tmp_path)
-    assert first.returncode == 0
-    with (tmp_path / "corpus.jsonl").open("a") as f:
-        f.writelines(json.dumps({"id": f"new{i}", "text": SENTENCES[i]}) + "\n" for i in range(3))
-    grown = subprocess.run(make, cwd=tmp_path, capture_output=True, text=True)
-    assert grown.returncode == 0, grown.stderr
-    assert "keeps its chunks of 4 sequences" in grown.stderr and "adding 3 sequences" in grown.stderr
     once = subprocess.run([*score, "--out", "runs/once.zarr", "--batch-size", "3"], cwd=tmp_path)
     assert once.returncode == 0
     a, b = (artifacts.open_complete(tmp_path / "runs" / n, "scores") for n in ("s.zarr", "once.zarr"))
@@ -108,6 +84,14 @@ def test_how_the_work_is_cut_does_not_make_an_artifact_other(workdir, tmp_path):
     )
     assert other.returncode == 1
     assert "(changed: config.max_length)" in other.stderr, other.stderr  # the corpus grew too: not named
+    refit = subprocess.run(
+        [sys.executable, "-m", "infl", "fit-factors", "--model", workdir / "gpt2", "--corpus", "corpus.jsonl"]
+        + ["--out", "runs/f.zarr", "--force"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert refit.returncode == 0 and "16 sequences" in refit.stderr, refit.stderr
 
 
 def test_export_and_report_run_twice_are_up_to_date_and_replace_only_their_own_files(

@@ -134,13 +134,10 @@ def test_layerwise_markdown_and_html(scored):
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
-@pytest.mark.parametrize("remembered", [False, True], ids=["full-check", "from-memory"])
-def test_make_reruns_once_as_no_ops_then_does_nothing(workdir, tmp_path, request, remembered):
+def test_make_reruns_once_as_no_ops_then_does_nothing(workdir, tmp_path):
     """An up-to-date stage refreshes its stamp (COMPLETE.json): after `touch corpus.jsonl` one make
-    reruns the chain as no-ops and the next make has nothing to do, whether the stages answer
-    from a full check or from memory (infl.noop)."""
-    if remembered:
-        request.getfixturevalue("memory")
+    reruns the chain as no-ops from a full check and the next make has nothing to do (from
+    memory, infl.noop: tests/test_chains.py's chain)."""
     for name in ("corpus.jsonl", "queries.jsonl"):
         shutil.copy(workdir / name, tmp_path / name)
     infl_cmd = f"{sys.executable} -m infl"

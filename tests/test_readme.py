@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.slow
+@pytest.mark.solo  # the demo trains with every core, as make demo does: not beside a busy worker
 def test_the_readme_examples_are_what_the_demo_prints(tmp_path):
     text = readme_examples.README.read_text()
     examples = readme_examples.blocks(text)

@@ -101,12 +101,12 @@ class Index(base.WritingStage):
         cfg = self.cfg
         return data.plan_corpus(list(paths), cfg.split, cfg.text_field, cfg.id_field, tokenizer, max_length)
 
-    def run(self, plan: IndexPlan, g: Group) -> np.ndarray:
+    def run(self, plan: IndexPlan, g: Group) -> np.ndarray | None:
         """Every rank: compress the gradients of its chunks and commit each one (rows, digests, done bit)."""
         cfg = self.cfg
         mine = g.mine(plan.pending)
         if not mine:  # e.g. the fit's eigenvalue pass wrote every chunk
-            return 0
+            return None  # nothing read
         device = g.device(cfg.device)
         rt = Runtime.load(plan.model_dir, plan.modules, device, plan.dtype, cfg.batch_size)
         corpus = plan.corpus
