@@ -743,6 +743,8 @@ class ExportConfig(_Options):
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_view(1, self.train_size)
+        if str(self.out) == "-":  # a file named "-" is what nobody means, and stdout has no room for .npy's ids
+            raise BadInput("--out - : export writes a file, and - would be a file named -: name one")
         formats = ", ".join(EXPORT_SUFFIXES)
         named = next((f for f, suffixes in EXPORT_SUFFIXES.items() if self.out.suffix.lower() in suffixes), None)
         if self.format is None and named is None:

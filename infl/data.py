@@ -189,8 +189,10 @@ def _read_bytes(path: Path) -> bytes:
 def _json_record(path: Path, number: int, line: bytes) -> dict:
     try:
         record = json.loads(line)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BadInput(f"{path}:{number}: malformed JSON ({e.msg if hasattr(e, 'msg') else e})") from e
+    except json.JSONDecodeError as e:  # its msg may end in " at", the position given apart
+        raise BadInput(f"{path}:{number}: malformed JSON at column {e.colno}: {e.msg.removesuffix(' at')}") from e
+    except UnicodeDecodeError as e:
+        raise BadInput(f"{path}:{number}: malformed JSON ({e})") from e
     if not isinstance(record, dict):
         raise BadInput(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
     return record

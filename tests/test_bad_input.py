@@ -133,6 +133,11 @@ CASES = {  # name: (arguments from (workdir, tmp_path), exit code, part of the m
         2,
         "nested too deep",
     ),
+    "a raw tab inside a JSON string": (
+        lambda w, t: _fit(w, t, _raw(t / "c.jsonl", '{"id": "a", "text": "the\tcat"}\n')),
+        1,
+        "c.jsonl:1: malformed JSON at column 25: Invalid control character",
+    ),
     "lone surrogate in a text": (
         lambda w, t: _fit(w, t, _raw(t / "c.jsonl", '{"id": "a", "text": "the cat \\udc00"}\n')),
         1,
@@ -521,7 +526,7 @@ def test_no_control_character_from_data_reaches_any_output(workdir, tmp_path):
     )
     queries = write_jsonl(
         folder / "q.jsonl",
-        [{**q, "id": f"{q['id']}{HOSTILE}", "prompt": HOSTILE + q["prompt"]} for q in QUERIES[:2]],
+        [{**q, "id": f"{q['id']}{HOSTILE}", "prompt": HOSTILE + "\n" + q["prompt"]} for q in QUERIES[:2]],
     )
     scores = pipeline(workdir / "gpt2", corpus, queries, folder)
     q0 = f"{QUERIES[0]['id']}{HOSTILE}"
@@ -569,6 +574,8 @@ def test_no_control_character_from_data_reaches_any_output(workdir, tmp_path):
         result = infl(*args)
         assert result.exit_code in (0, 1), (args, result.output)  # an error is fine; its message is checked too
         assert not _raw_controls(result.stdout + result.stderr), (args, result.output)
+    header = "".join(infl("topk", "--scores", scores, "-k", "1").stdout.split("\n")[:3])  # wrapped at 80
+    assert "\\x1b[2J\\x1b[H" in header and "\\x9b31m\\n" + QUERIES[0]["prompt"] in header, header  # escaped once
     missing = infl("topk", "--scores", folder / f"none{HOSTILE}.zarr")  # a path in an error message
     assert missing.exit_code == 1 and not _raw_controls(missing.output)
     unknown = infl("topk", "--scores", scores, "--query", f"nope{HOSTILE}")  # an id in an error, and the known ones

@@ -151,7 +151,7 @@ def test_a_pattern_names_the_shards_it_matches_and_more_shards_grow_the_scores(w
     assert "up to date" in infl("score", "--queries", built / "q.zarr", "--corpus", first, "--out", out).output
     pq.write_table(pa.Table.from_pylist([{"id": "u0", "text": SENTENCES[0]}]), first / "part-3.parquet")
     last = infl("score", "--queries", built / "q.zarr", "--corpus", first, "--out", out)
-    assert last.exit_code == 0 and "adding 1 sequences" in last.output, last.output
+    assert last.exit_code == 0 and "adding 1 sequence to" in last.output, last.output
 
 
 def test_a_killed_score_over_a_parquet_directory_resumes_to_identical_scores(workdir, built, tmp_path):

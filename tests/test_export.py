@@ -211,6 +211,7 @@ def test_format_and_out_are_checked_as_usage(scored, tmp_path):
         infl("export", "--scores", scores, "--out", tmp_path / "s.csv", "--train-size", "0"), 2
     )
     assert "--out is required" in one_line_error(infl("export", "--scores", scores), 2)
+    assert "name one" in one_line_error(infl("export", "--scores", scores, "--out", "-", "--format", "csv"), 2)
     assert (
         infl("export", "--scores", scores, "--out", tmp_path / "s.dat", "--format", "csv").exit_code == 0
     )  # any name, given --format

@@ -263,6 +263,7 @@ def test_a_grown_corpus_file_is_scored_only_for_its_new_lines(workdir, tmp_path)
     with grows.open("a") as f:
         f.write("".join(json.dumps(r) + "\n" for r in rows[7:]))
     grown = infl(*common, "--out", tmp_path / "grown.zarr")
+    assert "its last chunk, 1 of them, is computed again" in grown.output, grown.output  # 7 = 2 x 3 + 1
     assert grown.exit_code == 0 and "adding 5 sequences" in grown.output and "2 of 4 chunks done" in grown.output, (
         grown.output
     )
@@ -285,7 +286,7 @@ def test_a_grown_corpus_file_is_scored_only_for_its_new_lines(workdir, tmp_path)
     assert infl(*lone, tmp_path / "odd.zarr").exit_code == 0
     with odd.open("ab") as f:
         f.write(b"\r\nin the park\r\n")
-    assert "adding 1 sequences" in infl(*lone, tmp_path / "odd.zarr").output
+    assert "adding 1 sequence to" in infl(*lone, tmp_path / "odd.zarr").output
     assert infl(*lone, tmp_path / "odd-scratch.zarr").exit_code == 0
     ids = [
         list(artifacts.open_complete(tmp_path / n, "scores")["train_ids"][...])

@@ -1,6 +1,7 @@
 """`infl report`: one self-contained HTML page, checked as text and, in a real headless Chromium,
 as a page: it loads without network or script errors, shows every section and is not blank."""
 
+import json
 import os
 import re
 import shutil
@@ -38,6 +39,21 @@ def test_the_report_is_one_self_contained_page_with_every_section(report, workdi
     measurement = np.asarray(artifacts.open_complete(report / "q.zarr", "queries")["measurement"][...])
     assert f"log p(completion) = {measurement[0]:.4g}" in page  # the stored measurement, printed
     assert page.count('<span title="') > 0  # token shading of the hits
+    assert "± s.e." not in page  # exact scores: no standard errors
+    # the concentration table as `infl sparsity` has it (#27 items 6, 8): how many sequences each top
+    # k % is, x_min in one format with its unit, and a small tail flagged
+    section = page[page.index('<section id="sparsity">') :]
+    fits = {
+        r["query_id"]: r for r in json.loads(infl("sparsity", "--scores", report / "s.zarr", "--format", "json").stdout)
+    }
+    for q in queries:
+        row = re.search(rf"<tr><td>{q}</td>(.*?)</tr>", section)[1]
+        assert "(1)</td>" in row and "(2)</td>" in row, row  # 1 % and 10 % of 12 sequences
+        if fits[q]["alpha"] is not None:  # every tail of 12 sequences is small
+            assert f"{fits[q]['n_tail']} !</td>" in row, row
+    flagged = [q for q in queries if fits[q]["alpha"] is not None]
+    note = section[section.index('<p class="note">') :]
+    assert all(q in note[: note.index("</p>")] for q in flagged) and ("unreliable" in note) == bool(flagged)
 
 
 def test_the_report_refuses_what_it_cannot_show(report, workdir, tmp_path):

@@ -70,10 +70,10 @@ def as_text(*renderables) -> Rendered:
     return Rendered(console.file.getvalue())
 
 
-def _clip(text: str) -> str:
-    """A prompt or completion as given (a leading space shows), on one line, cut to the preview length."""
-    text = _id(text)
-    return text if len(text) <= _PREVIEW else text[: _PREVIEW - 1] + "…"
+def _quoted(text: str) -> str:
+    """A prompt or completion as given, quoted as repr quotes it (a leading space shows, a newline
+    is \\n once), cut to the preview length."""
+    return repr(text if len(text) <= _PREVIEW else text[: _PREVIEW - 1] + "…")
 
 
 def _preview(text: str) -> str:
@@ -280,7 +280,7 @@ def _query_line(info: QueryInfo) -> str:
             f"query {_id(info.query_id)}: each sequence's influence on its own loss, among {info.n_sequences} sequences"
         )
     return (
-        f"query {_id(info.query_id)}: {_clip(info.prompt)!r} -> {_clip(info.completion)!r} ({_log_p(info)}; "
+        f"query {_id(info.query_id)}: {_quoted(info.prompt)} -> {_quoted(info.completion)} ({_log_p(info)}; "
         f"ranked among {info.n_sequences} sequences)"
     )
 
@@ -505,7 +505,8 @@ def _layers_table(tables: list[LayerTable], unit: str) -> str:
                 cells.append(Text(number(v), style=("red" if v > 0 else "blue") if strong else ""))
             table.add_row(Text(layer), *cells)
         table.add_row(Text("total", style="bold"), *(Text(number(v), style="bold") for v in t.totals))
-        legend = Text("  ".join(f"#{j + 1} {_id(train_id)}" for j, train_id in enumerate(t.train_ids)), style="dim")
+        # a line each: a rank is never wrapped apart from its id
+        legend = Text("\n".join(f"#{j + 1} {_id(train_id)}" for j, train_id in enumerate(t.train_ids)), style="dim")
         out += [table, legend]
     if tables:
         out.append(Text("coloured: more than half of its column's largest magnitude (red raises log p)", style="dim"))
@@ -773,7 +774,7 @@ def _queries_table(queries: list[dict]) -> Table:
         kept = "full" if q["kept_min"] is None else f"{q['kept_min']:.1%}"
         table.add_row(
             Text(_id(q["id"])),
-            Text(f"{_clip(q['prompt'])!r} -> {_clip(q['completion'])!r}"),
+            Text(f"{_quoted(q['prompt'])} -> {_quoted(q['completion'])}"),
             tokens,
             f"{q['log_p']:.3f}",
             kept,

@@ -72,7 +72,18 @@ def say_chunks(out: Path, kept: int, requested: int) -> None:
     if kept != requested:
         from infl.console import log
 
-        log(f"{out} keeps its chunks of {kept} sequences (--chunk-size {requested} is for a new artifact)")
+        log(f"{out} keeps its chunks of {kept} sequences, as it was made (--chunk-size cuts only a new artifact)")
+
+
+def say_added(out: Path, n_old: int, n_new: int, chunk_size: int) -> None:
+    """One line for a corpus that grew (new shards, or lines appended to a file): how many
+    sequences are added, and that a last chunk the old ones only partly filled is computed again."""
+    from infl.console import log
+
+    added = n_new - n_old
+    partial = n_old % chunk_size
+    again = f"; its last chunk, {partial:,} of them, is computed again with the new ones" if partial else ""
+    log(f"adding {added:,} sequence{'s' * (added != 1)} to {out} (new corpus shards or appended lines{again})")
 
 
 def log_truncated(bits: list, max_length: int) -> None:

@@ -88,10 +88,10 @@ class BuildQuery(base.WritingStage):
             log(f"{cfg.queries} grew: appending its {len(queries.ids)} new queries to {cfg.out}")
         glued = [q for q, p, c in zip(queries.ids, queries.prompts, queries.completions) if _glued(p, c)]
         if glued:  # a notice, not a refusal: "wh" + "ale" may be meant
+            named = f"{', '.join(map(repr, glued[:3]))}{' ...' if len(glued) > 3 else ''}"
             log(
-                f"notice: {len(glued)} queries' completions start right after their prompt's last letter, with "
-                f"no space ({', '.join(map(repr, glued[:3]))}{' ...' if len(glued) > 3 else ''}): the completion "
-                "is then the end of the prompt's last word; put the space at the completion's start if one was meant"
+                f"notice: completion glued to its prompt's last letter ({named}): it ends that word; "
+                "start the completion with a space if a new word was meant"
             )
         if built.appending:
             clash = sorted(set(queries.ids) & set(QueriesArtifact.open_for_writing(cfg.out).ids()))

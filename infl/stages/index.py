@@ -78,9 +78,7 @@ class Index(base.WritingStage):
             return Outcome(f"{cfg.out} is up to date", up_to_date=True)
         base.say_chunks(cfg.out, chunk_size, cfg.chunk_size)
         if old and len(corpus.ids) > n_old:
-            log(
-                f"adding {len(corpus.ids) - n_old} sequences from {len(paths) - len(old_shards)} new corpus shard(s) to {cfg.out}"
-            )
+            base.say_added(cfg.out, n_old, len(corpus.ids), chunk_size)
         pending = art.pending()
         log(
             f"indexing {len(corpus.ids)} sequences over {len(factors.modules)} modules, "

@@ -14,7 +14,7 @@ from infl.artifacts.scores import ScoresArtifact
 from infl.config import ReportConfig, TopkConfig
 from infl.errors import BadInput
 from infl.outputs import HTML_MARKER, write_file
-from infl.report import SHARE_NOTE, column_format, percent
+from infl.report import SHARE_NOTE, SMALL_TAIL, column_format, percent, top_count
 from infl.stages import topk
 
 __all__ = ["run", "Page"]
@@ -66,11 +66,13 @@ def run(cfg: ReportConfig, unit: str) -> Page:
                 "completion": q.completion,
                 "measurement": f"{q.log_p:.4g}",
                 "top_1": percent(conc.top_1),
+                "estimates": any(h.stderr is not None for h in hits),  # from an index: each with its standard error
                 "hits": [
                     {
                         "rank": h.rank,
                         "train_id": h.train_id,
                         "score": number(h.score),
+                        "stderr": "" if h.stderr is None else number(h.stderr),
                         "share": percent(h.share),
                         "text": page.token_html(h.tokens) if h.tokens else h.text,
                     }
@@ -78,6 +80,7 @@ def run(cfg: ReportConfig, unit: str) -> Page:
                 ],
             }
         )
+    xmin = column_format([s.xmin for s in concentration if s.alpha == s.alpha])  # one format down the column
     provenance = [
         ("scores", str(scores.path)),
         ("model", f"{scores.provenance['model']} (sha256 {scores.provenance['model_fingerprint'][:12]})"),
@@ -124,14 +127,16 @@ def run(cfg: ReportConfig, unit: str) -> Page:
             "sparsity": [
                 {
                     "query_id": s.query_id,
-                    "top_1": percent(s.top_1),
-                    "top_10": percent(s.top_10),
+                    "top_1": f"{percent(s.top_1)} ({top_count(0.01, s.n_sequences):,})",
+                    "top_10": f"{percent(s.top_10)} ({top_count(0.1, s.n_sequences):,})",
                     "alpha": _number(s.alpha, ".2f"),
-                    "xmin": _number(s.xmin, ".3g"),
-                    "n_tail": s.n_tail,
+                    "xmin": "–" if s.xmin != s.xmin else xmin(s.xmin),
+                    "n_tail": f"{s.n_tail:,}{' !' if s.alpha == s.alpha and s.n_tail < SMALL_TAIL else ''}",
                 }
                 for s in concentration
             ],
+            "small_tail": SMALL_TAIL,
+            "small_tails": ", ".join(s.query_id for s in concentration if s.alpha == s.alpha and s.n_tail < SMALL_TAIL),
             "ccdf_pngs": [
                 {"query_id": s.query_id, "data": page.png_url_data(figures.ccdf_png(values, s, unit))}
                 for values, s in zip(totals, concentration)

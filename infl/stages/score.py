@@ -130,10 +130,7 @@ class Score(base.WritingStage):
         if old and old["fingerprint"] != attrs["fingerprint"]:
             N_old, Q_old = sum(s["n_records"] for s in old["provenance"]["corpus"]), old["query_blocks"][-1]
             if len(corpus.ids) > N_old:
-                log(
-                    f"adding {len(corpus.ids) - N_old} sequences from {len(corpus.shards) - len(old['provenance']['corpus'])} "
-                    f"new corpus shard(s) to {cfg.out}"
-                )
+                base.say_added(cfg.out, N_old, len(corpus.ids), chunk_size)
             if len(query_ids) > Q_old:
                 log(f"adding {len(query_ids) - Q_old} queries to {cfg.out}")
         pending = art.pending()
