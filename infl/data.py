@@ -605,6 +605,8 @@ def read_queries(
             continue
         record = _json_record(path, number, line)
         query_id = _record_id(path, number, record, fields.id)
+        if "," in query_id:  # `--query a,b` names two queries: this one could never be named alone
+            raise BadInput(f"{path}:{number}: query id {query_id!r} holds a comma, which separates ids in --query")
         prompt = _field(path, number, record, fields.prompt, QueryFields.HINT)
         completion = _field(path, number, record, fields.completion, QueryFields.HINT)
         if fields.chat_template:

@@ -136,6 +136,7 @@ def test_layerwise_by_module_sums_to_by_layer_and_fits_80_columns(workdir, tmp_p
     table = infl("layerwise", "--scores", tmp_path / "s.zarr", "-k", "4", "--by", "module")
     assert table.exit_code == 0, table.output
     assert max(map(len, table.stdout.splitlines())) <= 80
+    assert "coloured:" not in table.stdout  # not a terminal: nothing is coloured, and no legend says so
     for t in by_module:
         assert all(f"#{j + 1} {train_id}" in table.stdout for j, train_id in enumerate(t["train_ids"]))
     assert figures.labels(["specialnames/16", "specialnames/17", "x"]) == ["specialnames/16", "specialnames/17", "x"]
@@ -150,7 +151,7 @@ def test_layerwise_by_module_sums_to_by_layer_and_fits_80_columns(workdir, tmp_p
     assert height < 1.5 * width  # a grid of panels, not a 477 x 2279 strip
 
 
-def test_compare_shows_one_querys_top_sequences_against_the_others(workdir, tmp_path):
+def test_compare_shows_one_querys_top_sequences_against_the_others(workdir, tmp_path, monkeypatch):
     pipeline(workdir, tmp_path)
     scores = artifacts.open_complete(tmp_path / "s.zarr", "scores")
     total = np.asarray(scores["total"][...])
@@ -184,8 +185,16 @@ def test_compare_shows_one_querys_top_sequences_against_the_others(workdir, tmp_
     assert [row["rank"][first] for row in got["sequences"]] == [1, 2, 3, 4]
     assert (tmp_path / "compare.png").read_bytes().startswith(PNG)
     assert "no query 'nope'" in one_line_error(infl("compare", "--scores", tmp_path / "s.zarr", "--top-of", "nope"))
+    monkeypatch.setenv("COLUMNS", "80")
     table = infl("compare", "--scores", tmp_path / "s.zarr", "-k", "2")
-    assert table.exit_code == 0 and "#1" in table.stdout
+    assert table.exit_code == 0 and max(map(len, table.stdout.splitlines())) <= 80, table.stdout
+    named = [
+        row["train_id"]
+        for row in json.loads(infl("compare", "--scores", tmp_path / "s.zarr", "-k", "2", "--format", "json").stdout)[
+            "sequences"
+        ]
+    ]
+    assert all(f"\n#{j + 1} {train_id}\n" in table.stdout for j, train_id in enumerate(named))  # the legend
     assert "Spearman" in table.stdout and "top-2 overlap" in table.stdout
     # each pair, over every sequence: the paper's cross-lingual number, checked against its definition
     (pair,) = got["pairs"]

@@ -234,6 +234,7 @@ def factors(workdir, tmp_path_factory):
 QUERY_CASES = {  # name: (rows of queries.jsonl, part of the message)
     "empty query id": ([QUERIES[0], {**QUERIES[1], "id": ""}], "q.jsonl:2: field 'id' is empty"),
     "blank query id": ([{**QUERIES[0], "id": "  "}], "q.jsonl:1: field 'id' is empty"),
+    "query id with a comma": ([{**QUERIES[0], "id": "a,b"}], "q.jsonl:1: query id 'a,b' holds a comma"),
     "empty prompt": (
         [{"id": "x", "prompt": "", "completion": " on the mat"}],
         "q.jsonl:1: query 'x' needs a non-empty prompt",

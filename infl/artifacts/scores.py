@@ -191,8 +191,8 @@ class ScoresArtifact(ChunkedArtifact):
         if "stderr" not in self.group:
             return None
         return (
-            f"estimated from the index {self.provenance['index']} (unbiased, 4-bit sketch of "
-            f"{self.config['index_bytes']} bytes per sequence), ± one standard error"
+            f"estimated from the index {self.provenance['index']} (unbiased, 4-bit sketch, at most "
+            f"{self.config['index_bytes']:,} bytes per sequence), ± one standard error"
         )
 
     def query_ids(self) -> list[str]:

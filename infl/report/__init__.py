@@ -508,7 +508,8 @@ def _layers_table(tables: list[LayerTable], unit: str) -> str:
         # a line each: a rank is never wrapped apart from its id
         legend = Text("\n".join(f"#{j + 1} {_id(train_id)}" for j, train_id in enumerate(t.train_ids)), style="dim")
         out += [table, legend]
-    if tables:
+    screen = Console()
+    if tables and screen.is_terminal and screen.color_system:  # off a terminal nothing is coloured
         out.append(Text("coloured: more than half of its column's largest magnitude (red raises log p)", style="dim"))
     return as_text(*out)
 
@@ -685,20 +686,24 @@ def _compare_csv(c, unit: str) -> str:
 
 
 def _compare_table(c, unit: str) -> str:
+    """Rows: the top sequences of the ranking query, as #1, #2 ... (named in a legend below, a line
+    each); columns: the queries, each cell the sequence's influence over its rank among all
+    sequences for that column's query: ids never fold, and a cell never breaks inside a number."""
     table = Table(
         title=Text(
             f"the top {len(c.train_ids)} sequences of query {_id(c.top_of)} against each query "
-            f"({unit}; #: rank among all sequences)",
+            f"({unit}; under each value, #: its rank among all sequences for that query)",
             style="table.title",
         )
     )
-    table.add_column("sequence", overflow="fold")
+    table.add_column("", overflow="fold")
     for query_id in c.query_ids:
         table.add_column(Text(_id(query_id)), justify="right", overflow="fold")
     number = column_format(c.values.ravel().tolist())
-    for i, train_id in enumerate(c.train_ids):
-        table.add_row(Text(_id(train_id)), *(f"{number(v)} #{r}" for v, r in zip(c.values[i], c.ranks[i])))
-    return as_text(table) + (as_text(_pairs_table(c)) if c.pairs else "")
+    for i in range(len(c.train_ids)):
+        table.add_row(f"#{i + 1}", *(f"{number(v)}\n#{r}" for v, r in zip(c.values[i], c.ranks[i])))
+    legend = Text("\n".join(f"#{i + 1} {_id(train_id)}" for i, train_id in enumerate(c.train_ids)), style="dim")
+    return as_text(table, legend) + (as_text(_pairs_table(c)) if c.pairs else "")
 
 
 def _pairs_table(c) -> Table:
