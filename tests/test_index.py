@@ -472,7 +472,13 @@ def test_scores_from_a_sketched_index_are_labelled_estimates_everywhere(workdir,
     page = (tmp_path / "r.html").read_text()
     assert "estimated from the index" in page and "<th>influence (estimate)</th><th>± s.e.</th>" in page
     assert infl("export", "--scores", scores, "--out", tmp_path / "e.csv").exit_code == 0
-    assert "estimates" in (tmp_path / "e.csv").read_text().splitlines()[0]
+    import csv
+
+    header, *rows = list(csv.reader((tmp_path / "e.csv").open()))
+    assert "estimates" in header[1]
+    exported_errors = {
+        name.split(" [")[0]: [float(r[i]) for r in rows] for i, name in enumerate(header) if " s.e. [" in name
+    }
     for view in ("layerwise", "compare", "sparsity"):  # every view (#27, item 4), in its title or legend
         for fmt in ("table", "json"):
             shown = infl(view, "--scores", scores, "-k", "2", "--format", fmt) if view != "sparsity" else None
@@ -488,6 +494,7 @@ def test_scores_from_a_sketched_index_are_labelled_estimates_everywhere(workdir,
     assert view.estimate.startswith("estimated from the index") and exact.estimate is None
     query = view.query_ids[0]
     errors = view.standard_error(query)
+    np.testing.assert_allclose(exported_errors[f"{query} s.e."], errors, rtol=1e-6)  # the file has them too
     assert errors.shape == view.total(query).shape and (errors > 0).all() and exact.standard_error(query) is None
     # one standard error is what it says: most exact scores lie within 3 of them of their estimates
     inside = np.abs(view.total(query) - exact.total(query)) <= 3 * errors

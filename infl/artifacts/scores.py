@@ -202,6 +202,10 @@ class ScoresArtifact(ChunkedArtifact):
         """[len(columns)] standard errors of one query's estimated scores (None: exact scores)."""
         return self._read("stderr", (row, columns)).astype(np.float64) if "stderr" in self.group else None
 
+    def standard_errors(self, start: int, stop: int) -> np.ndarray | None:
+        """Sequences start..stop of every query: [Q, n] standard errors (float32; None: exact scores)."""
+        return self._read("stderr", (slice(None), slice(start, stop))) if "stderr" in self.group else None
+
     def own_columns(self, rows) -> dict[int, np.ndarray] | None:
         """Scores made with `score --candidates`: per query row (rows: (row, query id) pairs), the
         columns of its own candidates (the artifact holds the union of every query's); None for

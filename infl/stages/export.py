@@ -39,6 +39,7 @@ class Exported:
     query_ids: list[str]
     modules: list[str]  # [] without --per-module
     unit: str
+    standard_errors: bool = False  # a `QUERY s.e.` column per query after the values (csv, parquet)
     up_to_date: bool = False  # every output already held what this run wrote
 
     @property
@@ -60,15 +61,24 @@ def run(cfg: ExportConfig, unit: str) -> Exported:
     writer = WRITERS[cfg.format](cfg.out)
     _check_free(writer.outputs, True)  # before any work: a folder in the way costs nothing
     scores = ScoresArtifact.open(cfg.scores)
-    if scores.estimate is not None:  # in every file's unit (CSV headers, metadata) and in the message
-        unit = f"{unit}, estimates (one standard error each: infl.open_scores(...).standard_error)"
-    exported = Exported(cfg.out, scores.n_sequences, scores.query_ids(), scores.modules if cfg.per_module else [], unit)
+    estimates = scores.estimate is not None
+    if estimates:  # in every file's unit (CSV headers, metadata) and in the message
+        unit = f"{unit}, estimates"
+    exported = Exported(
+        cfg.out,
+        scores.n_sequences,
+        scores.query_ids(),
+        scores.modules if cfg.per_module else [],
+        unit,
+        estimates and cfg.format != "npy",
+    )
     provenance = {
         "scores": str(cfg.scores.absolute()),
         "fingerprint": scores.fingerprint,
         "unit": unit,
         "train_size": cfg.train_size,
         "estimate": scores.estimate,  # None: exact scores
+        **({"standard_errors": "infl.open_scores(...).standard_error"} if estimates and cfg.format == "npy" else {}),
     }
     N, C = scores.n_sequences, scores.chunk_size
     cfg.out.parent.mkdir(parents=True, exist_ok=True)
@@ -78,7 +88,11 @@ def run(cfg: ExportConfig, unit: str) -> Exported:
             task = bar.add_task(f"export {cfg.format}", total=-(-N // C), unit="chunk")
             for start in range(0, N, C):
                 stop = min(start + C, N)
-                writer.write(scores.train_ids(np.arange(start, stop)), _values(scores, start, stop, cfg))
+                values = _values(scores, start, stop, cfg)
+                if exported.standard_errors:  # [n, columns] then [n, Q]: one row of the file each
+                    errors = _scaled(scores.standard_errors(start, stop).T, cfg)
+                    values = np.concatenate([values.reshape(len(values), -1), errors], axis=1)
+                writer.write(scores.train_ids(np.arange(start, stop)), values)
                 bar.advance(task)
         writer.close()
         if writer.unchanged():
@@ -97,7 +111,10 @@ def run(cfg: ExportConfig, unit: str) -> Exported:
 def _values(scores: ScoresArtifact, start: int, stop: int, cfg: ExportConfig) -> np.ndarray:
     """Sequences start..stop (one chunk of the artifact): [n, Q], or [n, Q, M] per module, float32.
     Every chunk read is checked against its digest."""
-    values = scores.columns(start, stop, cfg.per_module).T  # [n, Q] or [n, Q, M]
+    return _scaled(scores.columns(start, stop, cfg.per_module).T, cfg)  # [n, Q] or [n, Q, M]
+
+
+def _scaled(values: np.ndarray, cfg: ExportConfig) -> np.ndarray:
     if cfg.train_size:  # divided in float64, then rounded once to float32
         values = values.astype(np.float64) / cfg.train_size
     return np.ascontiguousarray(values, dtype=np.float32)
@@ -119,9 +136,8 @@ def ids_path(out: Path) -> Path:
 
 
 def _column_names(exported: Exported) -> list[str]:
-    if not exported.modules:
-        return list(exported.query_ids)
-    return [f"{q}/{m}" for q in exported.query_ids for m in exported.modules]
+    names = [f"{q}/{m}" for q in exported.query_ids for m in exported.modules] or list(exported.query_ids)
+    return names + ([f"{q} s.e." for q in exported.query_ids] if exported.standard_errors else [])
 
 
 class _Writer:
