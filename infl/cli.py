@@ -555,6 +555,9 @@ def _answer(result, render, unit: str, png: Optional[Path], figure: str) -> None
         from infl.outputs import PNG_MARKER, write_file
         from infl.report import figures
 
+        if png.suffix.lower() != ".png":  # a figure written over notes.txt is nobody's wish
+            raise BadInput(f"--png must name a .png file, not {png}")
+
         write_file(png, getattr(figures, figure)(result, unit), PNG_MARKER, None, "--png")
     outputs.show(render(result, unit))
 

@@ -52,14 +52,18 @@ def _emit(level: str, message: str, **extra) -> None:
     print(json.dumps(record), file=err.file, flush=True)
 
 
-def log(message: str) -> None:
+def log(message: str, level: str = "info") -> None:
+    """A line on stderr (main process, not --quiet); `level` "notice": a caveat to read, so said
+    (`notice: ...`, or the JSON record's level)."""
     if not is_main_process() or _quiet:
         return
     if _json:
-        _emit("info", message)
-    else:
-        # a Text: paths and ids are shown as written, never as markup, control characters escaped
-        err.print(Text(printable(message)), highlight=False)
+        _emit(level, message)
+        return
+    if level != "info":
+        message = f"{level}: {message}"
+    # a Text: paths and ids are shown as written, never as markup, control characters escaped
+    err.print(Text(printable(message)), highlight=False)
 
 
 def log_error(message: str, hint: str = "", exit_code: int = 1) -> None:
@@ -67,7 +71,7 @@ def log_error(message: str, hint: str = "", exit_code: int = 1) -> None:
     line (a multi-line message from a library is joined), as literal text (never markup)."""
     message = _rank_prefix() + " ".join(message.splitlines())
     if _json:
-        _emit("error", message, hint=hint, exit_code=exit_code)
+        _emit("error", message, **({"hint": hint} if hint else {}), exit_code=exit_code)
         return
     err.print(Text.assemble(("error:", "red"), " ", printable(message)), highlight=False)
     if hint:

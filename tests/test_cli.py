@@ -530,6 +530,10 @@ def test_a_completion_glued_to_its_prompt_gets_a_notice(workdir, tmp_path):
     assert built.exit_code == 0, built.output
     notice = [line for line in built.output.splitlines() if line.startswith("notice:")]
     assert len(notice) == 1 and "'glued'" in notice[0] and "'spaced'" not in notice[0]
+    build = ["build-query", "--factors", tmp_path / "f.zarr", "--queries", queries, "--out", tmp_path / "h.zarr"]
+    logged = infl("--log-format", "json", *build)
+    records = [json.loads(line) for line in logged.stderr.splitlines()]
+    assert [r["message"] for r in records if r["level"] == "notice"] == [notice[0].removeprefix("notice: ")]
 
 
 def test_query_fields_are_named_as_the_file_has_them_and_prompts_may_take_the_chat_template(workdir, tmp_path):

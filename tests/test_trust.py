@@ -433,17 +433,21 @@ def test_files_beside_artifacts_follow_one_rule(made, tmp_path):
     scores = made / "s.zarr"
     stamp = (scores / "zarr.json").read_bytes()
     inside = infl("layerwise", "--scores", scores, "--png", scores / "zarr.json")
-    assert "is inside the artifact" in one_line_error(inside)
+    assert "must name a .png file" in one_line_error(inside)
+    assert "is inside the artifact" in one_line_error(infl("layerwise", "--scores", scores, "--png", scores / "l.png"))
+    assert not (scores / "l.png").exists()
     assert (scores / "zarr.json").read_bytes() == stamp
     assert "is inside the artifact" in one_line_error(infl("sparsity", "--scores", scores, "--png", scores / "figs"))
     assert not (scores / "figs").exists()
     mine = tmp_path / "mine.png"
     mine.write_bytes(b"a user's own file")
+    (tmp_path / "folder.png").mkdir()
     (tmp_path / "link.png").symlink_to(mine)
     for png, message in (
         (mine, "exists and was not written by infl"),
         (tmp_path / "link.png", "is a symbolic link"),
-        (tmp_path, "is a directory"),
+        (tmp_path / "folder.png", "is a directory"),
+        (tmp_path / "notes.txt", "must name a .png file"),
         (tmp_path / "no" / "x.png", "no folder"),
     ):
         assert message in one_line_error(infl("compare", "--scores", scores, "--png", png)), png

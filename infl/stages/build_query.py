@@ -90,8 +90,9 @@ class BuildQuery(base.WritingStage):
         if glued:  # a notice, not a refusal: "wh" + "ale" may be meant
             named = f"{', '.join(map(repr, glued[:3]))}{' ...' if len(glued) > 3 else ''}"
             log(
-                f"notice: completion glued to its prompt's last letter ({named}): it ends that word; "
-                "start the completion with a space if a new word was meant"
+                f"completion glued to its prompt's last letter ({named}): it ends that word; "
+                "start the completion with a space if a new word was meant",
+                level="notice",
             )
         if built.appending:
             clash = sorted(set(queries.ids) & set(QueriesArtifact.open_for_writing(cfg.out).ids()))
