@@ -302,6 +302,7 @@ def test_self_influence_from_the_command_line(workdir, tmp_path):
     rows = json.loads(infl("topk", "--scores", tmp_path / "self.zarr", "--self", "-k", "3", "--format", "json").stdout)
     assert [r["query_id"] for r in rows] == ["self"] * 3 and rows[0]["score"] >= rows[2]["score"] > 0
     assert "not self-influence" in one_line_error(infl("topk", "--scores", tmp_path / "s.zarr", "--self"))
+    assert "holds self-influence" in one_line_error(infl("compare", "--scores", tmp_path / "self.zarr"))
     assert (
         infl("score", "--self", "--corpus", workdir / "corpus.jsonl", "--out", tmp_path / "x.zarr").exit_code == 2
     )  # usage

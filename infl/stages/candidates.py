@@ -79,10 +79,14 @@ class Candidates(base.WritingStage):
         if not g.main:
             return
         cfg, attrs = self.cfg, plan.attrs
-        art = CandidatesArtifact.open_for_writing(cfg.out) if plan.reuse else CandidatesArtifact.create(cfg.out, attrs)
-        art.unpublish()
         tokenizer = modeling.load_tokenizer(cfg.model)
         max_length = attrs["config"]["max_length"]
+        # the queries first: a bad one (or no chat template) is refused before any corpus is read
+        queries = data.read_queries(cfg.queries, tokenizer, max_length, fields=data.QueryFields.of(cfg))
+        if not queries.ids:
+            raise BadInput(f"{cfg.queries} holds no query")
+        art = CandidatesArtifact.open_for_writing(cfg.out) if plan.reuse else CandidatesArtifact.create(cfg.out, attrs)
+        art.unpublish()
         counts = []
         statistics = lexical.Statistics()
         with progress() as bar:
@@ -97,9 +101,6 @@ class Candidates(base.WritingStage):
                     statistics.add(block)
                 counts.append(n)
                 bar.advance(task)
-            queries = data.read_queries(cfg.queries, tokenizer, max_length, fields=data.QueryFields.of(cfg))
-            if not queries.ids:
-                raise BadInput(f"{cfg.queries} holds no query")
             rows = max(16, min(_BLOCK_ROWS, (1 << 22) // len(queries.ids)))  # a block's [rows, Q] float64: 32 MB
 
             def blocks():
