@@ -42,6 +42,8 @@ def test_topk_names_the_query_and_gives_each_hit_its_share(scored):
     table = infl("topk", "--scores", scored / "s.zarr", "-k", "2", "--query", "q-cat").stdout
     assert "'the cat sat' -> ' on the mat'" in table  # the leading space of the completion shows
     assert "log p = " in table and "share" in table
+    bare = infl("topk", "--scores", scored / "s.zarr", "-k", "2", "--query", "q-cat", "--no-text").stdout
+    assert "┃ text" in table and "text" not in bare.split("┃ share")[1].split("\n")[0]  # no empty column
 
 
 def test_topk_csv_names_the_unit(scored):

@@ -411,7 +411,9 @@ def _topk_table(result: Topk, unit: str) -> str:
         table.add_column("share", justify="right")
         for title, _ in extras:
             table.add_column(title, justify="right")
-        table.add_column("text", overflow="fold", ratio=1)
+        texts = any(h.text or h.tokens for h in hits)  # none with --no-text: no empty column
+        if texts:
+            table.add_column("text", overflow="fold", ratio=1)
         for h in hits:
             table.add_row(
                 str(h.rank),
@@ -419,7 +421,7 @@ def _topk_table(result: Topk, unit: str) -> str:
                 score(h.score),
                 percent(h.share),
                 *(cell(h) for _, cell in extras),
-                _rich_tokens(h.tokens, colours) if h.tokens else Text(_preview(h.text)),
+                *([_rich_tokens(h.tokens, colours) if h.tokens else Text(_preview(h.text))] if texts else []),
             )
         out.append(table)
     out.append(Text(f"influence in {unit}; {_share_note(result)}", style="dim"))
@@ -607,16 +609,12 @@ def _sparsity_table(rows, unit: str) -> str:
         style="dim",
     )
     small = [r.query_id for r in rows if r.alpha == r.alpha and r.n_tail < SMALL_TAIL]
-    caveat = (
-        Text(
-            f"!: a tail of fewer than {SMALL_TAIL} points ({', '.join(map(_id, small))}): its alpha is "
-            "unreliable (score more sequences, or read the top shares instead)",
-            style="yellow",
-        )
-        if small
-        else Text("")
+    caveat = Text(
+        f"!: a tail of fewer than {SMALL_TAIL} points ({', '.join(map(_id, small))}): its alpha is "
+        "unreliable (score more sequences, or read the top shares instead)",
+        style="yellow",
     )
-    return as_text(table, note, caveat)
+    return as_text(table, note, *([caveat] if small else []))
 
 
 SMALL_TAIL = 50  # fewer points than this in a power law's tail: its alpha is noise (Clauset et al. 2009)
