@@ -472,3 +472,18 @@ def test_the_memory_notes_every_input_the_full_check_reads(workdir, tmp_path, me
         and not any(os.path.realpath(p).startswith(i) or os.path.abspath(p).startswith(i) for i in ignored)
     ]
     assert unnoted == [], unnoted
+
+
+def test_a_character_split_over_byte_tokens_is_shaded_whole():
+    """Byte-level BPE spells 'á' in two tokens, the first covering no text of its own: token
+    shading shows one piece 'á' holding both influences, never an empty {+} marker."""
+    from infl import data
+    from infl.demo import _tokenizer
+    from infl.stages.topk import _whole_characters
+
+    tokenizer = _tokenizer(["the cat sat on the mat"] * 5, 300)  # no merge of á's two bytes
+    ids, pieces = data.token_pieces("jamás", tokenizer, 64)
+    assert len(ids) == 6 and "" in pieces
+    shaded = _whole_characters(zip(pieces, map(float, range(len(pieces)))))
+    assert [text for text, _ in shaded] == ["j", "a", "m", "á", "s"]
+    assert sum(v for _, v in shaded) == sum(range(len(pieces))) and shaded[3] == ("á", 3.0 + 4.0)

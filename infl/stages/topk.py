@@ -210,8 +210,24 @@ def _with_tokens(scores: ScoresArtifact, hits: list[Hit], rows, scale: float, mo
     for h in hits:
         ids, texts = pieces[h.index]
         values = terms[(h.query_id, h.index)][: len(ids)] * scale
-        out.append(replace(h, tokens=tuple(zip(texts, (float(v) for v in values)))))
+        out.append(replace(h, tokens=_whole_characters(zip(texts, (float(v) for v in values)))))
     return out
+
+
+def _whole_characters(pieces) -> tuple[tuple[str, float], ...]:
+    """(text, influence) per token, where a token that covers no text of its own (a byte of a
+    character another token ends, a special token) joins the next one, their influences summed:
+    nothing is shown as an empty piece, and the sum over pieces is the sequence's."""
+    out, carried = [], 0.0
+    for text, value in pieces:
+        if not text:
+            carried += value
+            continue
+        out.append((text, value + carried))
+        carried = 0.0
+    if carried and out:
+        out[-1] = (out[-1][0], out[-1][1] + carried)
+    return tuple(out)
 
 
 def _refine(scores: ScoresArtifact, rows, candidates: dict[int, np.ndarray], rt: Runtime) -> dict[int, np.ndarray]:
