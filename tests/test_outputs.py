@@ -487,3 +487,13 @@ def test_a_character_split_over_byte_tokens_is_shaded_whole():
     shaded = _whole_characters(zip(pieces, map(float, range(len(pieces)))))
     assert [text for text, _ in shaded] == ["j", "a", "m", "á", "s"]
     assert sum(v for _, v in shaded) == sum(range(len(pieces))) and shaded[3] == ("á", 3.0 + 4.0)
+
+
+def test_factors_of_an_edited_corpus_name_the_file_that_was_edited(workdir, tmp_path):
+    """Appended lines keep the factors (#27 item 1); an edited line is another corpus, and the
+    refusal says which file was edited rather than only 'provenance.corpus'."""
+    corpus = write_jsonl(tmp_path / "c.jsonl", [{"id": f"s{i}", "text": t} for i, t in enumerate(SENTENCES)])
+    fit = ["fit-factors", "--model", workdir / "gpt2", "--corpus", corpus, "--out", tmp_path / "f.zarr"]
+    assert infl(*fit).exit_code == 0
+    corpus.write_text(corpus.read_text().replace("the cat", "the dog"))
+    assert f"edited since, not only grown: {corpus.resolve()}" in one_line_error(infl(*fit))

@@ -421,8 +421,11 @@ class Artifact:
                 f"{path} was made by an earlier infl, which counted --chunk-size among an artifact's inputs",
                 hint="pass --force to recompute it once (chunks are now kept, never compared)",
             )
+        edited = _edited_shards(old.get("provenance", {}), attrs.get("provenance", {}))
         raise IncompatibleArtifact(
-            f"{path} was made from other inputs (changed: {', '.join(named[:6]) or 'schema'})",
+            f"{path} was made from other inputs (changed: {', '.join(named[:6]) or 'schema'}"
+            + (f"; edited since, not only grown: {', '.join(edited[:3])}" if edited else "")
+            + ")",
             hint="pass --force to recompute it, or choose another --out",
         )
 
@@ -757,3 +760,14 @@ def describe(path: Path) -> dict:
         "provenance": provenance,
         "parents": {k: provenance[k] for k in (*kind.parents, *kind.locations) if k in provenance} if kind else {},
     }
+
+
+def _edited_shards(old: dict, new: dict) -> list[str]:
+    """The corpus files whose bytes from the same start differ between two provenances (an edit,
+    where appended lines would have kept the held bytes and added a shard)."""
+    now = {(s["path"], s.get("start", 0)): s for s in new.get("corpus", [])}
+    return [
+        s["path"]
+        for s in old.get("corpus", [])
+        if (s["path"], s.get("start", 0)) in now and now[(s["path"], s.get("start", 0))]["sha256"] != s["sha256"]
+    ]

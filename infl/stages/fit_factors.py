@@ -112,7 +112,7 @@ class FitFactors(base.WritingStage):
             also = f"; extend {cfg.index} with `infl index`" if cfg.index is not None else ""
             return Outcome(
                 f"{cfg.out} is up to date: fitted on {part[0]:,} of the corpus's {part[1]:,} sequences "
-                f"(more data refines a curvature estimate little: pass --force to refit on all of them{also})",
+                f"(new data changes a curvature estimate little; --force refits on all{also})",
                 up_to_date=True,
             )
         state = FactorsArtifact.state(cfg.out, attrs, cfg.force)
