@@ -202,7 +202,7 @@ def test_compare_shows_one_querys_top_sequences_against_the_others(workdir, tmp_
     ranks = [np.argsort(np.argsort(total[row])) for row in (1, 0)]  # no ties among these float scores
     assert pair["spearman"] == pytest.approx(np.corrcoef(*ranks)[0, 1], abs=1e-9)
     top_second = set(np.argsort(-total[0], kind="stable")[:4].tolist())
-    assert pair["top_4_overlap"] == len(set(top.tolist()) & top_second) / 4
+    assert pair["k"] == 4 and pair["top_k_overlap"] == len(set(top.tolist()) & top_second) / 4
     report = infl("report", "--scores", tmp_path / "s.zarr", "--out", tmp_path / "r.html", "-k", "4")
     assert report.exit_code == 0, report.output
     page = (tmp_path / "r.html").read_text()

@@ -651,7 +651,8 @@ def _pair_rows(c) -> list[dict]:
             "queries": [p.a, p.b],
             "spearman": None if p.spearman != p.spearman else p.spearman,
             "n_sequences": p.n_sequences,
-            f"top_{len(c.train_ids)}_overlap": p.overlap,
+            "k": len(c.train_ids),  # a key of its own, so that -k never renames the next one
+            "top_k_overlap": p.overlap,
         }
         for p in c.pairs
     ]
