@@ -18,7 +18,7 @@ from pathlib import Path
 
 from infl.errors import BadInput
 
-__all__ = ["PNG_MARKER", "HTML_MARKER", "printable", "show", "write_file", "same_bytes", "check_folder", "store_around"]
+__all__ = ["PNG_MARKER", "HTML_MARKER", "printable", "show", "write_file", "check_folder", "store_around"]
 
 # Unicode's control characters (category Cc): C0, DEL and C1 (0x9b is a terminal's CSI on its own)
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
@@ -62,7 +62,7 @@ def write_file(path: Path, data: bytes, marker: bytes, force: bool | None = Fals
     inside = store_around(path.parent)
     if inside is not None:
         raise BadInput(f"{option} {path} is inside the artifact {inside}: infl never writes other files into one")
-    if same_bytes(path, data):
+    if _same_bytes(path, data):
         os.utime(path)
         return False
     if path.exists() and not force and not _made_by_infl(path, marker):
@@ -81,7 +81,7 @@ def write_file(path: Path, data: bytes, marker: bytes, force: bool | None = Fals
     return True
 
 
-def same_bytes(path: Path, data: bytes) -> bool:
+def _same_bytes(path: Path, data: bytes) -> bool:
     """Whether `path` is a plain file (not a link) that holds exactly `data`."""
     try:
         return (

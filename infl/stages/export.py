@@ -70,7 +70,7 @@ def run(cfg: ExportConfig, unit: str) -> Exported:
         scores.query_ids(),
         scores.modules if cfg.per_module else [],
         unit,
-        estimates and cfg.format != "npy",
+        standard_errors=estimates and cfg.format != "npy",
     )
     provenance = {
         "scores": str(cfg.scores.absolute()),
