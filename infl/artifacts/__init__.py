@@ -421,7 +421,13 @@ class Artifact:
                 f"{path} was made by an earlier infl, which counted --chunk-size among an artifact's inputs",
                 hint="pass --force to recompute it once (chunks are now kept, never compared)",
             )
-        edited = _edited_shards(old.get("provenance", {}), attrs.get("provenance", {}))
+        # the corpus alone differs: grown files were read as the bytes held plus new pieces, so a
+        # held piece whose bytes differ was edited (with other options a file is read whole)
+        edited = (
+            _edited_shards(old.get("provenance", {}), attrs.get("provenance", {}))
+            if named == ["provenance.corpus"]
+            else []
+        )
         raise IncompatibleArtifact(
             f"{path} was made from other inputs (changed: {', '.join(named[:6]) or 'schema'}"
             + (f"; edited since, not only grown: {', '.join(edited[:3])}" if edited else "")
