@@ -58,6 +58,12 @@ class _Escaped:
             yield segment if segment.control else Segment(printable(segment.text, keep="\n"), segment.style)
 
 
+def _colours() -> str | None:
+    """The colour system of stdout as as_text renders for it (None: not a terminal, no colour)."""
+    screen = Console()
+    return screen.color_system if screen.is_terminal else None
+
+
 def as_text(*renderables) -> Rendered:
     """Rich renderables as the text a terminal would show (plain when stdout is not a terminal),
     every control character from data escaped."""
@@ -397,8 +403,7 @@ def _topk_html(result: Topk, unit: str) -> str:
 
 def _topk_table(result: Topk, unit: str) -> str:
     tokens = any(h.tokens for h in result.hits)
-    screen = Console()
-    colours = screen.color_system if screen.is_terminal else None
+    colours = _colours()
     out = [Text(_estimate_line(result), style="bold yellow")] if result.estimate else []
     score, extras = _numbers(result.hits)  # one format for the column, whichever query a row is of
     for info in result.queries:
@@ -510,8 +515,7 @@ def _layers_table(tables: list[LayerTable], unit: str) -> str:
         # a line each: a rank is never wrapped apart from its id
         legend = Text("\n".join(f"#{j + 1} {_id(train_id)}" for j, train_id in enumerate(t.train_ids)), style="dim")
         out += [table, legend]
-    screen = Console()
-    if tables and screen.is_terminal and screen.color_system:  # off a terminal nothing is coloured
+    if tables and _colours():  # off a terminal nothing is coloured
         out.append(Text("coloured: more than half of its column's largest magnitude (red raises log p)", style="dim"))
     return as_text(*out)
 
@@ -582,24 +586,17 @@ def _sparsity_table(rows, unit: str) -> str:
         ("power law beats exp, lognormal", "left"),
     ):
         table.add_column(name, justify=justify, overflow="fold")
-    xmin = column_format([r.xmin for r in rows if r.alpha == r.alpha])
-    for r in rows:
+    for r, cells in zip(rows, sparsity_cells(rows)):
         fitted = r.alpha == r.alpha
         table.add_row(
             Text(_id(r.query_id)),
-            f"{r.top_1:.1%} ({top_count(0.01, r.n_sequences)})",
-            f"{r.top_10:.1%} ({top_count(0.1, r.n_sequences)})",
-            *(
-                (
-                    f"{r.alpha:.2f}",
-                    xmin(r.xmin),
-                    f"{r.n_tail}{' !' if r.n_tail < SMALL_TAIL else ''}",
-                    f"{r.ks:.3f}",
-                    f"{_beats(r.vs_exponential)}, {_beats(r.vs_lognormal)}",
-                )
-                if fitted
-                else ("–",) * 5
-            ),
+            cells["top_1"],
+            cells["top_10"],
+            cells["alpha"],
+            cells["xmin"],
+            cells["n_tail"],
+            f"{r.ks:.3f}" if fitted else "–",
+            f"{_beats(r.vs_exponential)}, {_beats(r.vs_lognormal)}" if fitted else "–",
         )
     note = Text(
         "top k%: the share of the positive influence that the k% most influential sequences hold. "
@@ -608,7 +605,7 @@ def _sparsity_table(rows, unit: str) -> str:
         "(--format json gives R and p). (n): how many sequences the top k% is.",
         style="dim",
     )
-    small = [r.query_id for r in rows if r.alpha == r.alpha and r.n_tail < SMALL_TAIL]
+    small = [r.query_id for r in rows if small_tail(r)]
     caveat = Text(
         f"!: a tail of fewer than {SMALL_TAIL} points ({', '.join(map(_id, small))}): its alpha is "
         "unreliable (score more sequences, or read the top shares instead)",
@@ -618,6 +615,31 @@ def _sparsity_table(rows, unit: str) -> str:
 
 
 SMALL_TAIL = 50  # fewer points than this in a power law's tail: its alpha is noise (Clauset et al. 2009)
+
+
+def small_tail(r) -> bool:
+    """A power law was fitted, on fewer than SMALL_TAIL points: flagged wherever it is shown."""
+    return r.alpha == r.alpha and r.n_tail < SMALL_TAIL
+
+
+def sparsity_cells(rows) -> list[dict[str, str]]:
+    """Each fit's cells as the sparsity table and the report page both show them: the top shares
+    with how many sequences they are, alpha, x_min in one format down the column and the tail,
+    flagged `!` when small ('–' where no power law was fitted)."""
+    xmin = column_format([r.xmin for r in rows if r.alpha == r.alpha])
+    cells = []
+    for r in rows:
+        fitted = r.alpha == r.alpha
+        cells.append(
+            {
+                "top_1": f"{percent(r.top_1)} ({top_count(0.01, r.n_sequences):,})",
+                "top_10": f"{percent(r.top_10)} ({top_count(0.1, r.n_sequences):,})",
+                "alpha": f"{r.alpha:.2f}" if fitted else "–",
+                "xmin": xmin(r.xmin) if fitted else "–",
+                "n_tail": f"{r.n_tail:,}{' !' if small_tail(r) else ''}" if fitted else "–",
+            }
+        )
+    return cells
 
 
 def top_count(fraction: float, n: int) -> int:

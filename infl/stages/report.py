@@ -14,7 +14,7 @@ from infl.artifacts.scores import ScoresArtifact
 from infl.config import ReportConfig, TopkConfig
 from infl.errors import BadInput
 from infl.outputs import HTML_MARKER, write_file
-from infl.report import SHARE_NOTE, SMALL_TAIL, column_format, percent, top_count
+from infl.report import SHARE_NOTE, SMALL_TAIL, column_format, percent, small_tail, sparsity_cells
 from infl.stages import topk
 
 __all__ = ["run", "Page"]
@@ -80,7 +80,6 @@ def run(cfg: ReportConfig, unit: str) -> Page:
                 ],
             }
         )
-    xmin = column_format([s.xmin for s in concentration if s.alpha == s.alpha])  # one format down the column
     provenance = [
         ("scores", str(scores.path)),
         ("model", f"{scores.provenance['model']} (sha256 {scores.provenance['model_fingerprint'][:12]})"),
@@ -125,18 +124,10 @@ def run(cfg: ReportConfig, unit: str) -> Page:
             ],
             "pairs_left_out": len(rows) > PAIRS_UP_TO,
             "sparsity": [
-                {
-                    "query_id": s.query_id,
-                    "top_1": f"{percent(s.top_1)} ({top_count(0.01, s.n_sequences):,})",
-                    "top_10": f"{percent(s.top_10)} ({top_count(0.1, s.n_sequences):,})",
-                    "alpha": _number(s.alpha, ".2f"),
-                    "xmin": "–" if s.xmin != s.xmin else xmin(s.xmin),
-                    "n_tail": f"{s.n_tail:,}{' !' if s.alpha == s.alpha and s.n_tail < SMALL_TAIL else ''}",
-                }
-                for s in concentration
+                {"query_id": s.query_id, **cells} for s, cells in zip(concentration, sparsity_cells(concentration))
             ],
             "small_tail": SMALL_TAIL,
-            "small_tails": ", ".join(s.query_id for s in concentration if s.alpha == s.alpha and s.n_tail < SMALL_TAIL),
+            "small_tails": ", ".join(s.query_id for s in concentration if small_tail(s)),
             "ccdf_pngs": [
                 {"query_id": s.query_id, "data": page.png_url_data(figures.ccdf_png(values, s, unit))}
                 for values, s in zip(totals, concentration)
@@ -156,7 +147,3 @@ def _filtering(scores: ScoresArtifact) -> str:
         f"candidates by BM25 ({candidates.path}), and only the {scores.n_sequences} sequences that are a candidate "
         f"of some query (of {candidates.n_sequences}) were scored; the concentration below is over those."
     )
-
-
-def _number(x: float, spec: str) -> str:
-    return "–" if x != x else format(x, spec)
